@@ -1,0 +1,49 @@
+"""Typed errors. Every error says what is wrong and what to do about it."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PostquantError(Exception):
+    """Base class of every error postquant raises on purpose."""
+
+
+class RecipeError(PostquantError, ValueError):
+    """A recipe field is missing, out of range or of the wrong type."""
+
+
+class UnknownNameError(PostquantError, KeyError):
+    """An unknown model, method, dataset or axis name (the message suggests close names)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedModelError(PostquantError, ValueError):
+    """The model has nothing postquant can quantize, or a layer it cannot handle."""
+
+
+class NonFiniteWeightError(PostquantError, ValueError):
+    """A weight holds NaN or Inf values."""
+
+
+class DataError(PostquantError, ValueError):
+    """Data (evaluation or calibration) is missing, empty, mis-shaped or laid out wrongly."""
+
+
+class CheckpointError(PostquantError, ValueError):
+    """A checkpoint is missing, corrupt, untrusted (not weights-only) or for another architecture."""
+
+
+class OutputError(PostquantError, OSError):
+    """An output path cannot be written."""
+
+
+def unknown_name(kind: str, name: str, known: Iterable[str]) -> UnknownNameError:
+    """Build an `UnknownNameError` for `name`, suggesting the closest of `known`."""
+    known = sorted(known)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return UnknownNameError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(known)}.")
