@@ -1,0 +1,133 @@
+"""The one public verb: ``quantize(model, recipe, calib=None, example_inputs=None)``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from postquant.calib import ActRanges, as_calibration, calibrate_from_data, calibrate_reference_noise
+from postquant.errors import DataError
+from postquant.grids import fit_uniform_grid
+from postquant.model import fold_batchnorm, set_module
+from postquant.nn import QuantizedLayer
+from postquant.plan import LayerPlan, check_finite, make_plan
+from postquant.recipe import Method, Recipe
+from postquant.rounding import nearest_codes, squant_codes
+
+log = logging.getLogger(__name__)
+
+
+def weight_codes(method: Method, x: torch.Tensor, qmin: int, qmax: int, recipe: Recipe) -> torch.Tensor:
+    """Integer codes for integer-domain weights `x` by the recipe's rounding method."""
+    if method is Method.SQUANT:
+        return squant_codes(x, qmin, qmax, recipe.squant_mode)
+    return nearest_codes(x, qmin, qmax)
+
+
+def quantize_weights(
+    model: nn.Module, plan: dict[str, LayerPlan], recipe: Recipe
+) -> dict[str, QuantizedLayer]:
+    """Replace every planned layer of `model` (in place) by a `QuantizedLayer` with the recipe's codes."""
+    done: dict[str, QuantizedLayer] = {}
+    for name, lp in plan.items():
+        if lp.w_bits is None:
+            continue
+        layer = model.get_submodule(name)
+        w = layer.weight.detach()
+        grid = fit_uniform_grid(
+            w,
+            lp.w_bits,
+            recipe.granularity,
+            symmetric=recipe.symmetric,
+            range_method=recipe.w_range,
+            group_size=recipe.group_size,
+        )
+        codes = weight_codes(recipe.method, grid.to_int(w), grid.qmin, grid.qmax, recipe)
+        qlayer = QuantizedLayer(layer, grid, codes)
+        set_module(model, name, qlayer)
+        done[name] = qlayer
+    return done
+
+
+def quantize(
+    model: nn.Module,
+    recipe: Recipe | dict[str, Any] | str | Path | None = None,
+    calib: Any = None,
+    example_inputs: Any = None,
+) -> nn.Module:
+    """Quantize a trained float model after training; the original is not modified.
+
+    Args:
+        model: any ``nn.Module`` built from Conv1d/Conv2d/Linear layers (subclasses count).
+        recipe: a `Recipe`, a dict of its fields, or the path of a YAML recipe.
+        calib: calibration data (a DataLoader, an iterable of batches, a tensor, or a callable
+            ``forward_loop(model)``); needed for activation ranges unless a data-free rule is chosen.
+        example_inputs: one batch the model accepts; data-free methods use it for input shapes and
+            BatchNorm folding uses it to verify the fold.
+
+    Returns:
+        An ordinary ``nn.Module`` (a copy of `model`) whose layers are `QuantizedLayer`s.
+    """
+    start = time.perf_counter()
+    recipe = Recipe.coerce(recipe)
+    torch.manual_seed(recipe.seed)
+    plan = make_plan(model, recipe)  # validates the layer set before any work
+    check_finite(model, list(plan))
+    batches = as_calibration(calib, recipe.calib_size) if calib is not None else None
+    if example_inputs is None and isinstance(batches, list):
+        example_inputs = batches[0]
+
+    qmodel = copy.deepcopy(model).eval()
+    if recipe.fold_bn:
+        if example_inputs is None:
+            log.info("BatchNorm not folded: pass example_inputs or calib so the fold can be verified")
+        else:
+            qmodel, _ = fold_batchnorm(qmodel, example_inputs)
+    layers = quantize_weights(qmodel, plan, recipe)
+
+    a_bits = {name: plan[name].a_bits for name in layers if plan[name].a_bits is not None}
+    if a_bits:
+        act_layers = {name: layers[name] for name in a_bits}
+        _calibrate_activations(qmodel, act_layers, a_bits, recipe, batches, example_inputs)  # type: ignore[arg-type]
+    qmodel.postquant_recipe = recipe  # type: ignore[assignment]
+    log.info(
+        "quantized %d layers (%s, W%s A%s) in %.3f s",
+        len(layers),
+        recipe.method.value,
+        recipe.w_bits,
+        recipe.a_bits,
+        time.perf_counter() - start,
+    )
+    return qmodel
+
+
+def _calibrate_activations(
+    qmodel: nn.Module,
+    layers: dict[str, QuantizedLayer],
+    a_bits: dict[str, int],
+    recipe: Recipe,
+    batches: Any,
+    example_inputs: Any,
+) -> None:
+    rule = recipe.act_ranges
+    if rule is ActRanges.AUTO:
+        rule = ActRanges.CALIB if batches is not None else ActRanges.SQUANT_NOISE
+    if rule is ActRanges.CALIB:
+        if batches is None:
+            raise DataError(
+                "activation quantization with act_ranges='calib' needs calibration data: pass calib=..., "
+                "or choose a data-free rule (act_ranges='squant-noise')"
+            )
+        calibrate_from_data(qmodel, layers, a_bits, batches, recipe.a_observer, recipe.a_percentile)
+        return
+    if example_inputs is None:
+        raise DataError(
+            "data-free activation ranges need example_inputs=... (one batch, for the input shape)"
+        )
+    calibrate_reference_noise(qmodel, layers, a_bits, example_inputs, seed=recipe.seed)

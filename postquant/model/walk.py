@@ -1,0 +1,56 @@
+"""Finding quantizable layers by fully-qualified name, with ignore patterns."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Iterator
+
+from torch import nn
+
+from postquant.nn import QUANTIZABLE, QuantizedLayer
+
+
+def matches(name: str, module: nn.Module, pattern: str) -> bool:
+    """Whether a layer matches a pattern.
+
+    A pattern is a glob on the fully-qualified name (``"layer1.*"``, ``"fc"``), a type name
+    (``"Linear"``, ``"type:Conv2d"``; subclasses count), or ``"re:<regex>"`` matched against the name.
+    """
+    if pattern.startswith("re:"):
+        import re
+
+        return re.search(pattern[3:], name) is not None
+    if pattern.startswith("type:"):
+        pattern = pattern[5:]
+        return any(cls.__name__ == pattern for cls in type(module).__mro__)
+    if fnmatch.fnmatchcase(name, pattern):
+        return True
+    return any(cls.__name__ == pattern for cls in type(module).__mro__ if cls is not nn.Module)
+
+
+def quantizable_layers(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str, nn.Module]:
+    """Conv1d/Conv2d/Linear layers (subclasses included) by name, in registration order, minus `ignore`."""
+    ignore = list(ignore)
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, QUANTIZABLE) and not any(matches(name, m, p) for p in ignore)
+    }
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    """The `QuantizedLayer`s of a quantized model, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted `name` (works inside ModuleList/Sequential too)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def walk_children(module: nn.Module) -> Iterator[tuple[str, nn.Module, list[tuple[str, nn.Module]]]]:
+    """Yield (prefix, parent, its direct children) for every module, depth first."""
+    for prefix, parent in module.named_modules():
+        yield prefix, parent, list(parent.named_children())

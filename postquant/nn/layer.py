@@ -1,0 +1,59 @@
+"""The quantized layer: integer weight codes on a grid, an optional input quantizer, the float op."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from postquant.grids import UniformGrid, grid_from_state, grid_state
+from postquant.nn.act import ActQuantizer
+
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+
+
+class QuantizedLayer(nn.Module):
+    """A Conv1d/Conv2d/Linear (or a subclass, e.g. TF-"same"-padded convs) with quantized weights.
+
+    It keeps the float module without its weight (`inner`) and runs it on the dequantized weight, so the
+    forward is *exactly* ``inner(act_quant(x))`` with ``weight = grid.dequantize(codes)``: whatever the
+    float module does around its weight (static padding, groups, dilation) is preserved.
+    """
+
+    def __init__(
+        self, layer: nn.Module, grid: UniformGrid, codes: torch.Tensor, act_quant: ActQuantizer | None = None
+    ) -> None:
+        super().__init__()
+        inner = copy.deepcopy(layer)
+        del inner.weight
+        self.inner = inner
+        self.act_quant = act_quant
+        self.grid_config, tensors = grid_state(grid)
+        for key, value in tensors.items():
+            self.register_buffer(f"grid_{key}", value.detach().clone())
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("weight", grid.dequantize(codes.to(torch.int32)), persistent=False)
+
+    @property
+    def grid(self) -> UniformGrid:
+        tensors = {k.removeprefix("grid_"): v for k, v in self.named_buffers() if k.startswith("grid_")}
+        return grid_from_state(self.grid_config, tensors)
+
+    @property
+    def bits(self) -> int:
+        return int(self.grid_config["bits"])  # type: ignore[call-overload]
+
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """Replace the integer codes (and the cached dequantized weight)."""
+        self.codes = codes.to(torch.int8)
+        self.weight = self.grid.dequantize(codes.to(torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        return functional_call(self.inner, {"weight": self.weight}, (x,))
+
+    def extra_repr(self) -> str:
+        return f"w_bits={self.bits}, granularity={self.grid_config['granularity']}"

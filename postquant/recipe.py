@@ -1,0 +1,130 @@
+"""Recipes: a typed, validated description of one quantization run (YAML in, YAML out)."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from postquant.calib.act_ranges import ActRanges
+from postquant.calib.observers import Observer
+from postquant.errors import OutputError, RecipeError, unknown_name
+from postquant.grids import Granularity, RangeMethod
+from postquant.rounding.squant import SquantMode
+
+
+class Method(enum.StrEnum):
+    """How integer codes are chosen."""
+
+    RTN = "rtn"  # nearest rounding
+    SQUANT = "squant"  # data-free flips (ALGORITHMS.md 2.2)
+
+
+Bits = int
+
+
+class LayerOverride(BaseModel):
+    """Settings for the layers a pattern matches; unset fields inherit from the recipe.
+
+    ``w_bits: null`` keeps the layer's weights float (the layer is skipped); ``a_bits: null`` keeps its
+    input float.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    w_bits: int | None = Field(default=None, ge=2, le=8)
+    a_bits: int | None = Field(default=None, ge=2, le=8)
+
+
+def _default_overrides() -> dict[str, LayerOverride]:
+    # The reference convention (SQuant, BRECQ): the image input of the first layer stays float and the
+    # input of the last layer is 8-bit.
+    return {"@first": LayerOverride(a_bits=None), "@last": LayerOverride(a_bits=8)}
+
+
+class Recipe(BaseModel):
+    """One quantization run. Every field has a default; `w_bits` and `method` are the usual choices."""
+
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, validate_assignment=True)
+
+    method: Method = Method.RTN
+    w_bits: int = Field(default=4, ge=2, le=8, description="weight bits, 2..8")
+    a_bits: int | None = Field(default=None, ge=2, le=8, description="activation bits, null = weight-only")
+    granularity: Granularity = Granularity.CHANNEL
+    group_size: int = Field(default=128, ge=1, description="inputs per group for granularity 'group'")
+    symmetric: bool = False
+    w_range: RangeMethod = Field(default=RangeMethod.MINMAX, description="weight range: minmax or mse search")
+    act_ranges: ActRanges = ActRanges.AUTO
+    a_observer: Observer = Observer.MINMAX
+    a_percentile: float = Field(default=99.99, gt=50, le=100)
+    ignore: list[str] = Field(default_factory=list, description="names, globs, 'type:Name' or 're:...'")
+    overrides: dict[str, LayerOverride] = Field(
+        default_factory=_default_overrides,
+        description="pattern -> settings; '@first' and '@last' are the first and last quantizable layers",
+    )
+    fold_bn: bool = True
+    squant_mode: SquantMode = SquantMode.EKC
+    calib_size: int = Field(default=1024, ge=1)
+    seed: int = 0
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _known_method(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in {m.value for m in Method}:
+            raise ValueError(str(unknown_name("method", v, [m.value for m in Method])))
+        return v
+
+    @classmethod
+    def coerce(cls, recipe: Recipe | dict[str, Any] | str | Path | None = None, **changes: Any) -> Recipe:
+        """A recipe from a Recipe, a dict of fields, or a YAML file path; `changes` override fields."""
+        if recipe is None:
+            data: dict[str, Any] = {}
+        elif isinstance(recipe, Recipe):
+            data = recipe.model_dump(exclude_unset=True)
+        elif isinstance(recipe, dict):
+            data = dict(recipe)
+        elif isinstance(recipe, str | Path):
+            data = _read_yaml(Path(recipe))
+        else:
+            raise RecipeError(f"a recipe is a Recipe, a dict or a YAML path, not {type(recipe).__name__}")
+        data.update(changes)
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise RecipeError(_explain(exc)) from None
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """The recipe as YAML text; also written to `path` when given."""
+        text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        if path is not None:
+            try:
+                Path(path).write_text(text)
+            except OSError as exc:
+                raise OutputError(f"cannot write the recipe to {path}: {exc.strerror}") from exc
+        return text
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe file {path} must hold a mapping of fields, e.g. 'w_bits: 4'")
+    return data
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "recipe"
+        ctx = err.get("ctx", {})
+        if "error" in ctx and isinstance(ctx["error"], Exception):
+            lines.append(f"{where}: {ctx['error']}")
+        else:
+            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+    return "invalid recipe: " + "; ".join(lines)

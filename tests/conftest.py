@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny models built here, and the location of the shared data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from postquant.paths import shared_path
+
+
+class TinyCNN(nn.Module):
+    """Conv-BN-ReLU x2, a depthwise conv, a grouped conv, global pooling and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)  # depthwise
+        self.bn2 = nn.BatchNorm2d(8)
+        self.conv3 = nn.Conv2d(8, 16, 1, groups=2)  # grouped 1x1
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.conv3(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def make_tiny_cnn(seed: int = 0) -> TinyCNN:
+    torch.manual_seed(seed)
+    model = TinyCNN()
+    for bn in (model.bn1, model.bn2):  # non-trivial running statistics
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_cnn() -> TinyCNN:
+    return make_tiny_cnn()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(16, 3, 12, 12)
+
+
+def require_shared(*parts: str):
+    """The shared path, or a clear skip when the shared data is truly absent."""
+    path = shared_path(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path}; set POSTQUANT_SHARED to the folder holding it")
+    return path

@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import postquant
+from postquant.errors import DataError, NonFiniteWeightError, UnsupportedModelError
+from postquant.eval import sqnr_db
+from postquant.model import quantized_layers
+from postquant.nn import QuantizedLayer
+from postquant.plan import make_plan
+from postquant.recipe import Recipe
+
+
+def test_quantize_leaves_original_alone_and_returns_plain_module(tiny_cnn, images):
+    before = copy.deepcopy(tiny_cnn.state_dict())
+    q = postquant.quantize(tiny_cnn, {"w_bits": 4}, example_inputs=images)
+    assert isinstance(q, nn.Module) and q is not tiny_cnn
+    for k, v in tiny_cnn.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert set(quantized_layers(q)) == {"conv1", "conv2", "conv3", "fc"}
+    assert all(isinstance(m, nn.Identity) for m in (q.bn1, q.bn2))  # folded
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_more_bits_less_error(tiny_cnn, images, bits):
+    with torch.no_grad():
+        ref = tiny_cnn(images)
+        lo = postquant.quantize(tiny_cnn, {"w_bits": bits}, example_inputs=images)(images)
+        hi = postquant.quantize(tiny_cnn, {"w_bits": min(bits + 2, 8)}, example_inputs=images)(images)
+    if bits < 8:
+        assert sqnr_db(ref, hi) > sqnr_db(ref, lo)
+    assert sqnr_db(ref, postquant.quantize(tiny_cnn, {"w_bits": 8}, example_inputs=images)(images)) > 30
+
+
+def test_weight_only_codes_equal_nearest_rounding(tiny_cnn, images):
+    q = postquant.quantize(tiny_cnn, {"w_bits": 3, "fold_bn": False})
+    layer = q.conv2
+    assert isinstance(layer, QuantizedLayer)
+    w = tiny_cnn.conv2.weight.detach()
+    assert torch.equal(layer.codes.int(), layer.grid.nearest(w))
+    assert layer.act_quant is None
+
+
+def test_first_last_policy_and_overrides(tiny_cnn, images):
+    r = Recipe.coerce(
+        {
+            "w_bits": 4,
+            "a_bits": 4,
+            "overrides": {
+                "@first": {"a_bits": None},
+                "@last": {"a_bits": 8, "w_bits": 8},
+                "conv3": {"w_bits": None},
+            },
+        }
+    )
+    plan = make_plan(tiny_cnn, r)
+    assert (plan["conv1"].w_bits, plan["conv1"].a_bits) == (4, None)
+    assert (plan["conv2"].w_bits, plan["conv2"].a_bits) == (4, 4)
+    assert plan["conv3"].w_bits is None
+    assert (plan["fc"].w_bits, plan["fc"].a_bits) == (8, 8)
+    q = postquant.quantize(tiny_cnn, r, calib=images)
+    assert isinstance(q.conv3, nn.Conv2d) and not isinstance(q.conv3, QuantizedLayer)
+    assert q.conv1.act_quant is None and q.conv2.act_quant.bits == 4 and q.fc.act_quant.bits == 8
+
+
+def test_weight_only_recipe_never_quantizes_activations(tiny_cnn):
+    plan = make_plan(tiny_cnn, Recipe(w_bits=4))
+    assert all(p.a_bits is None for p in plan.values())
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "mse"])
+def test_activation_calibration_from_data(tiny_cnn, images, observer):
+    q = postquant.quantize(tiny_cnn, {"w_bits": 8, "a_bits": 8, "a_observer": observer}, calib=images)
+    assert q.conv2.act_quant is not None
+    with torch.no_grad():
+        assert sqnr_db(tiny_cnn(images), q(images)) > 20
+
+
+def test_data_free_noise_rule_needs_only_example_inputs(tiny_cnn, images):
+    q = postquant.quantize(tiny_cnn, {"method": "squant", "w_bits": 4, "a_bits": 4}, example_inputs=images)
+    assert q.conv2.act_quant is not None and q.conv1.act_quant is None
+    q2 = postquant.quantize(tiny_cnn, {"method": "squant", "w_bits": 4, "a_bits": 4}, example_inputs=images)
+    assert torch.equal(q(images), q2(images))  # seeded: same result twice
+
+
+def test_calib_rule_without_data_is_a_clear_error(tiny_cnn, images):
+    with pytest.raises(DataError, match="calib"):
+        postquant.quantize(tiny_cnn, {"w_bits": 4, "a_bits": 4, "act_ranges": "calib"}, example_inputs=images)
+
+
+def test_model_without_quantizable_layers():
+    with pytest.raises(UnsupportedModelError, match="no Conv1d, Conv2d or Linear"):
+        postquant.quantize(nn.Sequential(nn.ReLU()), {"w_bits": 4})
+
+
+def test_ignore_everything_is_an_error(tiny_cnn):
+    with pytest.raises(UnsupportedModelError, match="excluded"):
+        postquant.quantize(tiny_cnn, {"w_bits": 4, "ignore": ["*"]})
+
+
+def test_nan_weights_are_named(tiny_cnn):
+    with torch.no_grad():
+        tiny_cnn.conv2.weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(NonFiniteWeightError, match=r"conv2\.weight"):
+        postquant.quantize(tiny_cnn, {"w_bits": 4})
+
+
+@pytest.mark.parametrize(
+    "calib,match",
+    [
+        ([], "empty"),
+        (torch.empty(0, 3, 8, 8), "empty"),
+        ([[1, 2]], "batch 0"),
+        ([torch.full((2, 3, 12, 12), float("nan"))], "NaN"),
+    ],
+)
+def test_bad_calibration_data(tiny_cnn, calib, match):
+    with pytest.raises(DataError, match=match):
+        postquant.quantize(tiny_cnn, {"w_bits": 4, "a_bits": 8}, calib=calib)
+
+
+def test_calibration_accepts_loader_pairs_and_forward_loop(tiny_cnn, images):
+    labels = torch.zeros(len(images), dtype=torch.long)
+    pairs = [(images[:8], labels[:8]), (images[8:], labels[8:])]
+    q1 = postquant.quantize(tiny_cnn, {"w_bits": 8, "a_bits": 8}, calib=pairs)
+    q2 = postquant.quantize(
+        tiny_cnn,
+        {"w_bits": 8, "a_bits": 8},
+        calib=lambda m: [m(images[:8]), m(images[8:])],
+        example_inputs=images[:8],
+    )
+    assert torch.equal(q1.conv2.act_quant.scale, q2.conv2.act_quant.scale)
+
+
+def test_calib_size_limits_samples(images):
+    from postquant.calib import collect_batches
+
+    batches = collect_batches(list(torch.split(images, 4)), limit=6)
+    assert [b.shape[0] for b in batches] == [4, 2]
+    assert torch.equal(torch.cat(batches), images[:6])

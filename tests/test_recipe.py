@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+
+from postquant.errors import RecipeError, UnknownNameError
+from postquant.recipe import Method, Recipe
+
+
+def test_defaults_and_dict_and_yaml_round_trip(tmp_path):
+    r = Recipe.coerce({"method": "squant", "w_bits": 3, "a_bits": 4, "ignore": ["fc"]})
+    assert r.method is Method.SQUANT and r.w_bits == 3 and r.a_bits == 4
+    path = tmp_path / "r.yaml"
+    r.to_yaml(path)
+    again = Recipe.coerce(path)
+    assert again == r
+
+
+def test_changes_override_a_yaml_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("w_bits: 6\nmethod: rtn\n")
+    assert Recipe.coerce(path, w_bits=3).w_bits == 3
+
+
+@pytest.mark.parametrize(
+    "field,value,msg",
+    [
+        ("w_bits", 1, "w_bits"),
+        ("w_bits", 9, "w_bits"),
+        ("a_bits", 16, "a_bits"),
+        ("granularity", "row", "granularity"),
+        ("nonsense", 1, "nonsense"),
+        ("group_size", 0, "group_size"),
+    ],
+)
+def test_bad_fields_name_the_field(field, value, msg):
+    with pytest.raises(RecipeError, match=msg):
+        Recipe.coerce({field: value})
+
+
+def test_unknown_method_suggests_close_names():
+    with pytest.raises(RecipeError, match="squant"):
+        Recipe.coerce({"method": "squnt"})
+    with pytest.raises((RecipeError, UnknownNameError)):
+        Recipe.coerce({"method": "gptq-xyz"})
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        Recipe.coerce(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(RecipeError, match="mapping"):
+        Recipe.coerce(bad)
