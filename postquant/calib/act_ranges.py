@@ -24,6 +24,7 @@ class ActRanges(enum.StrEnum):
     AUTO = "auto"  # calibration data when given, else the data-free default
     CALIB = "calib"  # observers over calibration data
     SQUANT_NOISE = "squant-noise"  # SQuant reference: one pass of uniform noise, range = s * std
+    BN_NOISE = "bn-noise"  # data-free: noise whose activations are re-standardised to the BN statistics
 
 
 # The reference's multiplier s by activation bits (12/14/25 at 4/6/8 bits; other widths interpolated).
@@ -32,7 +33,7 @@ NOISE_STD_MULTIPLIER = {2: 12.0, 3: 12.0, 4: 12.0, 5: 13.0, 6: 14.0, 7: 19.5, 8:
 
 @contextlib.contextmanager
 def input_hooks(
-    layers: dict[str, QuantizedLayer], fn: Callable[[str, QuantizedLayer, torch.Tensor], None]
+    layers: dict[str, nn.Module], fn: Callable[[str, nn.Module, torch.Tensor], None]
 ) -> Iterator[None]:
     """Call ``fn(name, layer, input)`` before every forward of each layer; hooks always go away."""
     handles = [
@@ -76,13 +77,22 @@ def calibrate_from_data(
         layer.act_quant = ActQuantizer(bits, *observers[name].range(bits))
 
 
+def _positive_std(x: torch.Tensor) -> torch.Tensor:
+    """Unbiased std of the positive elements of `x` (as ``x[x > 0].std()``, without the slow gather)."""
+    mask = x > 0
+    count = mask.sum()
+    mean = torch.where(mask, x, 0).sum() / count
+    var = torch.where(mask, (x - mean).square(), 0).sum() / (count - 1)
+    return var.sqrt()
+
+
 def reference_noise_range(x: torch.Tensor, bits: int) -> tuple[float, float]:
     """SQuant's data-free range for one activation tensor (ALGORITHMS.md 2.2)."""
     s = NOISE_STD_MULTIPLIER[bits]
     x = x.detach().float()
     if x.min() >= 0:
-        pos = x[x > 0]
-        alpha = s * pos.std().item() if pos.numel() > 1 else x.max().item()
+        count = int((x > 0).sum())
+        alpha = s * _positive_std(x).item() if count > 1 else x.max().item()
         if bits < 6:
             alpha = min(alpha, x.max().item())
         return 0.0, alpha
@@ -119,3 +129,59 @@ def calibrate_reference_noise(
         layer.act_quant = None
     with input_hooks(layers, install):
         forward_all(model, [noise])
+
+
+@contextlib.contextmanager
+def bn_matched(model: nn.Module) -> Iterator[int]:
+    """Inside this context every BatchNorm's *input* is re-standardised, per channel, to its running mean
+    and variance, so that noise flowing through the float model has the first two moments real data had
+    (ZeroQ's statistics, without any optimisation). Yields the number of BatchNorm layers."""
+    bns = [
+        m for m in model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) and m.track_running_stats
+    ]
+
+    def restandardise(
+        bn: nn.modules.batchnorm._BatchNorm, args: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor]:
+        x = args[0]
+        dims = [d for d in range(x.dim()) if d != 1]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        mean, std = x.mean(dim=dims, keepdim=True), x.std(dim=dims, keepdim=True).clamp(min=1e-6)
+        target_std = torch.sqrt(bn.running_var + bn.eps).reshape(shape)
+        return ((x - mean) / std * target_std + bn.running_mean.reshape(shape),)
+
+    handles = [bn.register_forward_pre_hook(restandardise) for bn in bns]
+    try:
+        yield len(bns)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def bn_noise_ranges(
+    float_model: nn.Module,
+    names: dict[str, int],
+    example: Any,
+    observer: Observer | str,
+    seed: int = 0,
+    n: int = 256,
+) -> dict[str, tuple[float, float]]:
+    """Data-free activation ranges from the *float* model (before BN folding).
+
+    Standard-normal noise shaped like `example` (the scale of normalised inputs) is run through the float
+    model with every BatchNorm input re-standardised to the BN's running statistics (`bn_matched`); the
+    inputs of the layers in `names` (name -> bits) are observed with `observer`.
+    """
+    if not isinstance(example, torch.Tensor):
+        raise TypeError("the bn-noise rule needs tensor inputs; pass calibration data instead")
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, *example.shape[1:], generator=generator, dtype=example.dtype)
+    observers = {name: RangeObserver(observer, seed=seed) for name in names}
+    layers = {name: float_model.get_submodule(name) for name in names}
+    with bn_matched(float_model) as n_bn:
+        if n_bn == 0:
+            log.warning("bn-noise: the model has no BatchNorm; activations come from plain Gaussian noise")
+        with input_hooks(layers, lambda name, _, x: observers[name].update(x)):  # type: ignore[arg-type]
+            forward_all(float_model.eval(), list(torch.split(noise, 64)))
+    return {name: observers[name].range(bits) for name, bits in names.items() if observers[name].seen}

@@ -12,31 +12,12 @@ import torch
 from torch import nn
 
 from postquant.errors import DataError
+from postquant.eval.run import run_model
 
 log = logging.getLogger(__name__)
 
 Batch = Any  # a Tensor, a tuple/list of positional tensors, or a dict of keyword tensors
 ForwardLoop = Callable[[nn.Module], None]
-
-
-def run_model(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Call `model` on one batch and return its main output tensor.
-
-    Dicts are passed as keywords, tuples/lists as positional arguments, anything else as the one
-    argument. Hugging Face outputs give ``last_hidden_state`` (or ``logits``); tuples give their first item.
-    """
-    if isinstance(batch, dict):
-        out = model(**batch)
-    elif isinstance(batch, tuple | list):
-        out = model(*batch)
-    else:
-        out = model(batch)
-    for key in ("logits", "last_hidden_state"):
-        if hasattr(out, key):
-            return getattr(out, key)
-    if isinstance(out, tuple | list):
-        return out[0]
-    return out
 
 
 def batch_size_of(batch: Batch) -> int:

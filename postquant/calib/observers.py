@@ -13,6 +13,7 @@ class Observer(enum.StrEnum):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
     MSE = "mse"
+    STD = "std"  # SQuant's rule: alpha = s * std (ALGORITHMS.md 2.2), capped at the max below 6 bits
 
 
 class RangeObserver:
@@ -49,7 +50,7 @@ class RangeObserver:
             sample = self._subsample(x, 1 << 22)
             q = torch.quantile(sample, torch.tensor([1 - self.percentile / 100, self.percentile / 100]))
             self._pct.append((q[0].item(), q[1].item()))
-        elif self.kind is Observer.MSE:
+        elif self.kind in (Observer.MSE, Observer.STD):
             self._samples.append(self._subsample(x, self.sample_size))
 
     def _subsample(self, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -71,6 +72,10 @@ class RangeObserver:
             lo = sum(p[0] for p in self._pct) / len(self._pct)
             hi = sum(p[1] for p in self._pct) / len(self._pct)
             return min(lo, 0.0) if self.lo < 0 else 0.0, hi
+        if self.kind is Observer.STD:
+            from postquant.calib.act_ranges import reference_noise_range
+
+            return reference_noise_range(torch.cat(self._samples), bits)
         return self._mse_range(bits)
 
     def _mse_range(self, bits: int) -> tuple[float, float]:

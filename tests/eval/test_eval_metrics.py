@@ -1,0 +1,125 @@
+"""Metrics against scipy / numpy references, and their invariants."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from postquant.eval import average_ranks, pearson, spearman, sqnr_db, topk_accuracy
+
+finite = st.floats(-1e6, 1e6, allow_nan=False, width=64)
+# Few distinct values, so ties are common.
+tied = st.integers(-3, 3).map(float)
+
+
+@st.composite
+def paired(draw, elements):
+    n = draw(st.integers(2, 60))
+    a = draw(st.lists(elements, min_size=n, max_size=n))
+    b = draw(st.lists(elements, min_size=n, max_size=n))
+    return np.array(a), np.array(b)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(paired(finite), paired(tied)))
+def test_spearman_matches_scipy(pair):
+    a, b = pair
+    assume(np.ptp(a) > 0 and np.ptp(b) > 0)  # scipy gives NaN (with a warning) for constant input
+    assert spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b).statistic, abs=1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(paired(finite), paired(tied)))
+def test_pearson_matches_scipy(pair):
+    a, b = pair
+    assume(np.ptp(a) > 0 and np.ptp(b) > 0)
+    assert pearson(a, b) == pytest.approx(scipy.stats.pearsonr(a, b).statistic, abs=1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(tied, min_size=1, max_size=50))
+def test_average_ranks_match_scipy(values):
+    x = np.array(values)
+    np.testing.assert_array_equal(average_ranks(x), scipy.stats.rankdata(x, method="average"))
+
+
+def test_spearman_edge_cases():
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))  # constant
+    assert math.isnan(spearman([1.0], [2.0]))
+    assert math.isnan(spearman([1, float("nan"), 3], [1, 2, 3]))
+    assert spearman(torch.tensor([1.0, 2.0, 3.0]), [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="equal length"):
+        spearman([1, 2], [1, 2, 3])
+
+
+@st.composite
+def logits_and_labels(draw):
+    n, c = draw(st.integers(1, 40)), draw(st.integers(2, 12))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    logits = np.stack([rng.permutation(c) for _ in range(n)]).astype(np.float32)  # distinct per row
+    logits += rng.normal(0, 0.1, (n, 1)).astype(np.float32)
+    labels = rng.integers(0, c, n)
+    return logits, labels
+
+
+@settings(max_examples=150, deadline=None)
+@given(logits_and_labels(), st.lists(st.integers(1, 15), min_size=1, max_size=3, unique=True))
+def test_topk_matches_numpy_argsort(data, ks):
+    logits, labels = data
+    order = np.argsort(-logits, axis=1)
+    expected = {
+        f"top{k}": 100.0 * np.mean([labels[i] in order[i, :k] for i in range(len(labels))]) for k in ks
+    }
+    got = topk_accuracy(torch.from_numpy(logits), torch.from_numpy(labels), ks)
+    assert got == pytest.approx(expected)
+
+
+def test_topk_ties_and_nans_count_as_wrong():
+    labels = torch.tensor([0, 1, 2])
+    assert topk_accuracy(torch.zeros(3, 10), labels, ks=(1, 5)) == {"top1": 0.0, "top5": 0.0}
+    assert topk_accuracy(torch.zeros(3, 10), labels, ks=(10,)) == {"top10": 100.0}
+    logits = torch.eye(3)
+    logits[1, 0] = float("nan")
+    assert topk_accuracy(logits, labels, ks=(1,))["top1"] == pytest.approx(200 / 3)
+    with pytest.raises(ValueError, match=r"\(N, C\) logits"):
+        topk_accuracy(torch.zeros(3), labels)
+
+
+arrays = hnp.arrays(np.float64, st.integers(1, 50), elements=st.floats(-1e3, 1e3, allow_nan=False))
+
+
+def test_sqnr_known_value():
+    ref = torch.ones(100)
+    assert sqnr_db(ref, ref * 0.9) == pytest.approx(20.0)  # 10 log10(100 / 1)
+    assert sqnr_db(ref, ref.clone()) == math.inf
+    assert sqnr_db(torch.zeros(3), torch.zeros(3)) == math.inf
+    assert sqnr_db(torch.zeros(3), torch.ones(3)) == -math.inf
+    with pytest.raises(ValueError, match="same shape"):
+        sqnr_db(torch.zeros(3), torch.zeros(4))
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays)
+def test_sqnr_equal_is_inf(x):
+    t = torch.from_numpy(x)
+    assert sqnr_db(t, t.clone()) == math.inf
+
+
+@settings(max_examples=100, deadline=None)
+@given(arrays, st.integers(0, 2**31 - 1), st.floats(1e-3, 1e3))
+def test_sqnr_scale_invariant(x, seed, scale):
+    ref = torch.from_numpy(x)
+    assume(float(ref.square().sum()) > 0)
+    noise = torch.from_numpy(np.random.default_rng(seed).normal(0, 1.0, x.shape))
+    cand = ref + noise
+    assert sqnr_db(scale * ref, scale * cand) == pytest.approx(sqnr_db(ref, cand), abs=1e-6)
+    assert sqnr_db(ref, ref + 0.5 * noise) == pytest.approx(sqnr_db(ref, cand) + 20 * math.log10(2), abs=1e-6)
