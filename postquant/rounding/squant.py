@@ -1,0 +1,431 @@
+"""SQuant rounding: data-free flips of nearest-rounding decisions (ALGORITHMS.md 2.2).
+
+SQuant (Guo et al., "SQuant: On-the-Fly Data-Free Quantization via Diagonal Hessian Approximation",
+ICLR 2022) approximates the loss increase of a layer by a Hessian made of three parts: element-wise (E),
+one constant block per kernel (K) and one per output channel (C). It minimises them one after the other by
+"Constrained Absolute Sum of Error" (CASE) flipping: round to nearest (E), then inside every kernel, and then
+inside every output channel, flip the ``k = round(|sum of errors|)`` elements whose errors are closest to 0.5
+to their other neighbouring integer, and hand one candidate over to the coarser stage (paper Sec. 3.3, Alg. 1).
+
+This is a vectorised restatement of the reference's pure-PyTorch path, bit-exact with its integer outputs.
+``shared/golden/squant/README.md`` states that behaviour: round-half-to-even everywhere, the tie breaking of
+its sorts, the ``order[-1]`` hand-off of a group whose error sum is exactly 0, and no-op flips of elements that
+are not candidates. Nothing loops over kernels or channels in Python. Channels are independent, so a layer is
+processed in blocks of whole output channels that fit in the CPU cache; that only saves memory traffic.
+
+How the reference's sorts are reproduced without sorting every row:
+
+* Kernel stage, kernels of at most 16 elements. The reference's ``torch.sort(descending=True)`` is an
+  insertion sort on rows this short, so it is stable. Each element gets an int32 key: its priority's float
+  bits rounded up to a multiple of 16, plus ``15 - index``. Keys are unique within a kernel and, where two
+  priorities do not share a key class, ordered like the stable sort. A sorting network whose comparators
+  are elementwise max / min of whole columns of the (kernels, kh*kw) key matrix orders all kernels at once,
+  down to the positions the stage needs. The few kernels where a shared positive key class touches such a
+  position, or which flip more than two elements, are redone with exact stable ranks.
+* Kernel stage, larger kernels (5x5, 7x7): ``torch.sort`` of the very same rows as the reference.
+* Channel stage. It is the last stage, so only the set of the first k elements of the order matters. Where
+  the k-th and (k+1)-th largest priorities differ, that set is ``{priority > (k+1)-th largest}``, however
+  ties are ordered, and ``torch.topk`` finds it. After a kernel stage only the one hand-off per kernel has a
+  nonzero priority, so the top-k runs on an (OC, IC) matrix. The rare channels with a tie at the boundary are
+  sorted in full with ``torch.sort``, as in the reference, so its tie order is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import itertools
+
+import torch
+
+from postquant.errors import NonFiniteWeightError
+
+__all__ = ["SquantMode", "squant_codes"]
+
+# Elements per block of output channels; the intermediates of a block stay in the CPU cache.
+_BLOCK_ELEMENTS = 1 << 18
+# Rows of up to this length are insertion-sorted (stably) by the reference's std::sort.
+_STABLE_SORT_MAX = 16
+# The kernel stage's sorting network orders positions 0 .. _FAST_K + 1; kernels flipping more elements
+# (|error sum| > 2.5, rare) take the exact path.
+_FAST_K = 2
+
+
+class SquantMode(enum.StrEnum):
+    """Which SQuant stages run after nearest rounding (the ablation of the paper, Table 4)."""
+
+    E = "e"  # nearest rounding only (round half to even, clamp)
+    EK = "ek"  # + kernel stage
+    EC = "ec"  # + output-channel stage
+    EKC = "ekc"  # kernel stage, then output-channel stage: full SQuant
+
+
+def _parse_mode(mode: SquantMode | str) -> SquantMode:
+    if isinstance(mode, SquantMode):
+        return mode
+    try:
+        return SquantMode(str(mode).lower())
+    except ValueError:
+        valid = ", ".join(repr(m.value) for m in SquantMode)
+        raise ValueError(f"unknown SQuant mode {mode!r}; valid modes are {valid}") from None
+
+
+def squant_codes(
+    x: torch.Tensor, tmin: int, tmax: int, mode: SquantMode | str = SquantMode.EKC
+) -> torch.Tensor:
+    """Integer codes of the integer-domain weight `x` chosen by SQuant's CASE flipping (ICLR 2022, Alg. 1).
+
+    Args:
+        x: integer-domain values ``S * w - Z`` shaped like a weight: (OC, IC, kh, kw) conv, (OC, IC, k) conv1d
+            or (OC, IC) linear. Any float dtype; the computation is float32, like the reference.
+        tmin, tmax: the integer range of the codes, e.g. -8 and 7 at 4 bits.
+        mode: ``"e"`` nearest rounding, ``"ek"`` kernel stage only, ``"ec"`` channel stage only, ``"ekc"``
+            kernel then channel stage (full SQuant). The kernel stage is skipped for kernels of one element
+            (Linear, 1x1 conv).
+
+    Returns:
+        torch.int32 codes of the shape of `x`, in ``[tmin, tmax]``, at most one step from ``round(x)``
+        (before the clamp). An empty `x` gives an empty result.
+
+    Raises:
+        ValueError: for an unknown mode, ``tmin > tmax`` or a non-empty `x` with fewer than 2 dimensions.
+        NonFiniteWeightError: (a ValueError) if `x` holds NaN or Inf.
+    """
+    mode = _parse_mode(mode)
+    tmin, tmax = int(tmin), int(tmax)
+    if tmin > tmax:
+        raise ValueError(f"empty integer range: tmin={tmin} > tmax={tmax}")
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=torch.int32, device=x.device)
+    if x.dim() < 2:
+        raise ValueError(
+            f"SQuant needs a weight of at least 2 dims (OC, IC, ...), got shape {tuple(x.shape)}"
+        )
+    x3 = x.detach().reshape(x.shape[0], x.shape[1], -1).to(torch.float32).contiguous()  # (OC, IC, L)
+    if not bool(torch.isfinite(x3.sum())) and not bool(torch.isfinite(x3).all()):  # a sum is cheap
+        raise NonFiniteWeightError("SQuant input holds NaN or Inf values; check the weight and its grid")
+
+    out = torch.empty(x3.shape, dtype=torch.int32, device=x3.device)  # (OC, IC, L)
+    oc, ic, klen = x3.shape
+    kernel = mode in (SquantMode.EK, SquantMode.EKC) and klen > 1
+    channel = mode in (SquantMode.EC, SquantMode.EKC)
+    for c0, c1 in _channel_blocks(oc, ic * klen):  # blocks of whole output channels, for cache locality only
+        xb, ob = x3[c0:c1], out[c0:c1]  # (n, IC, L)
+        if kernel:
+            ks = _kernel_stage(xb.view(-1, klen), tmin, tmax)
+            ob.view(-1, klen).copy_(ks.r.clamp_(tmin, tmax))
+            if channel:
+                n = xb.shape[0]
+                s = ks.e.view(n, -1).sum(-1)  # (n,) float32 channel sums after the kernel stage
+                _channel_stage_handoffs(
+                    xb, ob, s, ks.h_pos.view(n, ic), ks.h_pri.view(n, ic), ks.h_up.view(n, ic), tmin, tmax
+                )
+        elif channel:
+            _channel_stage_full(xb, ob, tmin, tmax)
+        else:
+            ob.copy_(torch.round(xb).clamp_(tmin, tmax))
+    return out.view(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def _channel_blocks(oc: int, per_channel: int) -> list[tuple[int, int]]:
+    """[start, stop) of blocks of about _BLOCK_ELEMENTS elements, none of a single channel if oc > 1.
+
+    A float32 sum over the rows of a one-row tensor may be split across threads, which changes its
+    rounding; with two rows or more torch sums each row in one piece, like the reference's sum over all
+    channels at once.
+    """
+    block = max(2, _BLOCK_ELEMENTS // per_channel)
+    bounds = [*range(0, oc, block), oc]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return list(itertools.pairwise(bounds))
+
+
+def _direction(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group: flip up (sum < 0; a zero sum flips down), ``k = round_half_even(|s|)`` and the step +-1."""
+    up = s < 0
+    k = s.abs().round().to(torch.int64)
+    step = up.to(torch.float32).mul_(2).sub_(1)
+    return up, k, step
+
+
+def _priority_bits(
+    e0: torch.Tensor, r0: torch.Tensor, step: torch.Tensor, tmin: int, tmax: int
+) -> torch.Tensor:
+    """Float32 bits (as int32, +0 for non-candidates) of the priority in the group's direction list.
+
+    The priority is |e0| (``e0 = r0 - x``, ``r0 = round(x)``) for a candidate, else 0. Up candidates
+    (step +1) have ``x > r0`` and ``x < tmax``; down candidates (step -1) ``x < r0`` and ``x > tmin``. With
+    ``lim`` the bound of the direction, ``min(-step * e0, step * (lim - r0))`` is |e0| for a candidate and
+    <= 0 otherwise (both terms are exact). `step` broadcasts against `e0`.
+    """
+    lim_step = (step + 1).mul_(0.5 * (tmax + tmin)).sub_(tmin)  # tmax for up, -tmin for down
+    d = e0 * -step
+    torch.minimum(d, torch.addcmul(lim_step, r0, step, value=-1), out=d)
+    return d.view(torch.int32).clamp_min_(0)  # negative floats (and -0.0) have negative bits
+
+
+def _priority(e0: torch.Tensor, r0: torch.Tensor, step: torch.Tensor, tmin: int, tmax: int) -> torch.Tensor:
+    """The priority of `_priority_bits` as float32 (>= +0)."""
+    return _priority_bits(e0, r0, step, tmin, tmax).view(torch.float32)
+
+
+def _new_rounding(x: torch.Tensor, step: torch.Tensor, tmin: int, tmax: int) -> torch.Tensor:
+    """Rounding of flipped elements: one step from round(x) for a candidate of that direction, else round(x)."""
+    r0 = torch.round(x)
+    return r0 + step * (_priority(r0 - x, r0, step, tmin, tmax) > 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernel stage
+
+
+@dataclasses.dataclass
+class _KernelResult:
+    """The kernel stage's output: rounding and error of every element, and each kernel's hand-off."""
+
+    r: torch.Tensor  # (G, L) rounding after the flips (not clamped yet)
+    e: torch.Tensor  # (G, L) error the reference carries on (0 after a no-op flip)
+    h_pos: torch.Tensor  # (G,) index of the hand-off inside its kernel
+    h_pri: torch.Tensor  # (G,) its priority for the channel stage
+    h_up: torch.Tensor  # (G,) True: it joins the up list, False: the down list
+
+
+def _kernel_stage(xg: torch.Tensor, tmin: int, tmax: int) -> _KernelResult:
+    """The kernel stage on the kernels `xg` (G, L): flips, and the hand-off for the channel stage."""
+    klen = xg.shape[1]
+    r = torch.round(xg)
+    e = r - xg
+    s = e.sum(1)  # (G,) the reference's float32 reduction over each kernel
+    if klen > _STABLE_SORT_MAX:
+        return _kernel_stage_ranked(xg, s, tmin, tmax, stable=False)
+    up, k, step = _direction(s)
+    st = step.unsqueeze(1)
+    pbits = _priority_bits(e, r, st, tmin, tmax)  # (G, L)
+    tiebreak = torch.arange(15, 15 - klen, -1, dtype=torch.int32, device=xg.device)  # earlier index wins
+    key = pbits.add_(15).bitwise_and_(-16).bitwise_or_(tiebreak)  # unique in a kernel; class = ceil(bits/16)
+    # The order of every kernel down to position _FAST_K + 1 (descending keys), framed by sentinel rows:
+    # position t of the order is row t + 2. Kernels with a larger k are redone below.
+    big = k > _FAST_K
+    srt = _sort_columns(key, min(_FAST_K + 2, klen), head=(_INT32_MAX - 16, _INT32_MAX), tail=-1)
+    k = k.clamp(max=_FAST_K)
+
+    # Positions k-2 .. k+1 of the order: the flip threshold (k-1), the hand-off (k-1 or k), and the
+    # neighbours whose key class must differ for the key order to be the stable order.
+    near = srt.gather(0, k + torch.arange(4, device=xg.device).unsqueeze(1))  # (4, G)
+    cls = near >> 4
+    clash = ((cls[1:] == cls[:-1]) & (cls[1:] > 0)).any(0) | big
+    # Flips: the first k of the order, i.e. keys >= the key at k-1 (INT32_MAX when k == 0). Key class 0 is
+    # priority 0, a no-op flip (r stays, e becomes 0): those rare kernels are redone below.
+    thr = near[1]
+    clash |= thr < 16
+    flip = torch.sub(key, (thr - 1).unsqueeze(1)).clamp_(0, 1)  # (G, L) int32: 1 where key >= thr
+    delta = flip.mul_(step.view(torch.int32).unsqueeze(1)).view(torch.float32)  # float bits of 0 or +-1.0
+    r += delta
+    e += delta  # e0 + step, as the reference's up_error / down_error
+
+    # Hand-off: overshoot (k >= |s|) -> order[k-1] (order[-1] if k == 0) into the opposite list;
+    # undershoot -> order[k] into the same list. Its priority is |current error|.
+    over = k >= s.abs()
+    hv = torch.where(over, near[1], near[2])
+    zero = (s == 0).nonzero().squeeze(1)  # k == 0 and overshoot: order[-1], the smallest key
+    if zero.numel():
+        low = torch.topk(key[zero], 2, dim=1, largest=False).values >> 4  # classes of order[-1], order[-2]
+        hv[zero] = key[zero].amin(1)
+        clash[zero] |= (low[:, 0] == low[:, 1]) & (low[:, 0] > 0)
+    h_pos = (15 - (hv & 15)).to(torch.int64)
+    h_pri = e.gather(1, h_pos.unsqueeze(1)).squeeze(1).abs_()
+    result = _KernelResult(r, e, h_pos, h_pri, up ^ over)
+
+    redo = clash.nonzero().squeeze(1)  # two priorities of one key class at a position that matters
+    if redo.numel():
+        exact = _kernel_stage_ranked(xg[redo], s[redo], tmin, tmax, stable=True)
+        for name in ("r", "e", "h_pos", "h_pri", "h_up"):
+            getattr(result, name)[redo] = getattr(exact, name)
+    return result
+
+
+_INT32_MAX = 2**31 - 1
+# Best known sorting network for 9 inputs (25 comparators in 7 layers; Floyd), for the 3x3 kernel.
+_NETWORK_9 = tuple(
+    pair
+    for layer in (
+        ((0, 3), (1, 7), (2, 5), (4, 8)),
+        ((0, 7), (2, 4), (3, 8), (5, 6)),
+        ((0, 2), (1, 3), (4, 5), (7, 8)),
+        ((1, 4), (3, 6), (5, 7)),
+        ((0, 1), (2, 4), (3, 5), (6, 8)),
+        ((2, 3), (4, 5), (6, 7)),
+        ((1, 2), (3, 4), (5, 6)),
+    )
+    for pair in layer
+)
+
+
+@functools.cache
+def _sorting_network(n: int) -> tuple[tuple[int, int], ...]:
+    """Comparators (i, j), i < j, of a sorting network for n inputs: the best known one for 9, else
+    Batcher's odd-even merge sort (padded to a power of two, then pruned)."""
+    if n == 9:
+        return _NETWORK_9
+    size = 1 << max(0, (n - 1).bit_length())
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p) and i + j + k < n:
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return tuple(pairs)
+
+
+@functools.cache
+def _selection_plan(n: int, top: int) -> tuple[tuple[int, int, bool, bool], ...]:
+    """The sorting network for n inputs pruned to what the first `top` outputs need: (i, j, max?, min?)."""
+    need, plan = set(range(top)), []
+    for i, j in reversed(_sorting_network(n)):
+        hi, lo = i in need, j in need
+        if hi or lo:
+            plan.append((i, j, hi, lo))
+            need |= {i, j}
+    return tuple(reversed(plan))
+
+
+def _sort_columns(keys: torch.Tensor, top: int, head: tuple[int, ...], tail: int) -> torch.Tensor:
+    """The `top` largest keys of every row of `keys` (G, L), in descending order, by a sorting network over
+    its L columns. Returns them transposed, (len(head) + top + 1, G), between constant rows `head` and `tail`.
+    """
+    g, n = keys.shape
+    cols = list(keys.unbind(1))  # strided views; the first comparators write contiguous (G,) rows
+    for i, j, hi, lo in _selection_plan(n, top):
+        a, b = cols[i], cols[j]
+        if hi:
+            cols[i] = torch.maximum(a, b)
+        if lo:
+            cols[j] = torch.minimum(a, b)
+    frame = [torch.full((g,), v, dtype=keys.dtype, device=keys.device) for v in (*head, tail)]
+    return torch.stack([*frame[:-1], *cols[:top], frame[-1]])
+
+
+def _kernel_stage_ranked(
+    xg: torch.Tensor, s: torch.Tensor, tmin: int, tmax: int, stable: bool
+) -> _KernelResult:
+    """The kernel stage from explicit ranks: stable ranks, or those of ``torch.sort`` as in the reference.
+
+    Used for kernels longer than 16 elements (``stable=False``) and for the kernels the key classes of
+    `_kernel_stage` cannot order (``stable=True``). `s` (G,) are the kernels' error sums.
+    """
+    g, klen = xg.shape
+    r0 = torch.round(xg)
+    e0 = r0 - xg
+    up, k, step = _direction(s)
+    st = step.unsqueeze(1)
+    pbits = _priority_bits(e0, r0, st, tmin, tmax)  # (G, L)
+    if stable:
+        key = pbits.to(torch.int64) * 16 + torch.arange(15, 15 - klen, -1, device=xg.device)
+        rank = (key.unsqueeze(1) > key.unsqueeze(2)).sum(2)  # (G, L): how many keys are above
+    else:
+        order = torch.sort(pbits.view(torch.float32), dim=1, descending=True).indices  # the reference's rows
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(klen, device=xg.device).expand(g, klen)
+        )
+    flip = rank < k.unsqueeze(1)
+    cand = pbits > 0
+    e = torch.where(flip, torch.where(cand, e0 + st, 0.0), e0)
+    r = torch.where(flip & cand, r0 + st, r0)
+    over = k >= s.abs()
+    target = torch.where(over, torch.where(k == 0, klen - 1, k - 1), k)
+    h_pos = (rank == target.unsqueeze(1)).to(torch.int8).argmax(1)
+    h_pri = e.gather(1, h_pos.unsqueeze(1)).squeeze(1).abs()
+    return _KernelResult(r, e, h_pos, h_pri, up ^ over)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Channel stage
+
+
+def _boundary(p: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows of `p` (R, M): the value at position k of the descending order, and whether the first k
+    elements are not determined by value alone (a tie across positions k-1 and k)."""
+    kmax = int(k.max())
+    top = torch.topk(p, min(kmax + 1, p.shape[1]), dim=1).values  # (R, K) descending
+    kk = k.clamp(max=top.shape[1] - 1).unsqueeze(1)
+    v_k = top.gather(1, kk).squeeze(1)
+    v_prev = top.gather(1, (kk - 1).clamp(min=0)).squeeze(1)
+    ambiguous = (k > 0) & ((k >= p.shape[1]) | (v_prev == v_k))
+    return v_k, ambiguous
+
+
+def _channel_stage_full(xb: torch.Tensor, ob: torch.Tensor, tmin: int, tmax: int) -> None:
+    """Channel stage on the initial priorities of every element (mode "ec", or Linear / 1x1 conv)."""
+    n = xb.shape[0]
+    xr = xb.reshape(n, -1)  # (n, IC*L)
+    r = torch.round(xr)
+    e = r - xr
+    _, k, step = _direction(e.sum(-1))  # (n,)
+    if int(k.max()) > 0:
+        p = _priority(e, r, step.unsqueeze(1), tmin, tmax)  # (n, IC*L)
+        v_k, ambiguous = _boundary(p, k)
+        take = (k > 0) & ~ambiguous
+        flip = (p > v_k.unsqueeze(1)) & take.unsqueeze(1)  # p > v_k >= 0: real candidates
+        r = torch.addcmul(r, flip, step.unsqueeze(1))
+        if bool(ambiguous.any()):
+            rows = ambiguous.nonzero().squeeze(1)
+            ridx, cols = _first_k_sorted(p[rows], k[rows])
+            r[rows[ridx], cols] = _new_rounding(xr[rows[ridx], cols], step[rows[ridx]], tmin, tmax)
+    ob.view(n, -1).copy_(r.clamp_(tmin, tmax))
+
+
+def _channel_stage_handoffs(
+    xb: torch.Tensor,
+    ob: torch.Tensor,
+    s: torch.Tensor,
+    h_pos: torch.Tensor,
+    h_pri: torch.Tensor,
+    h_up: torch.Tensor,
+    tmin: int,
+    tmax: int,
+) -> None:
+    """Channel stage after a kernel stage; only the one hand-off per kernel has a nonzero priority.
+
+    `s` (n,) is each channel's current error sum; `h_pos`, `h_pri`, `h_up` (n, IC) give each kernel's
+    hand-off: its index in the kernel, priority and list. A flip sets the element to its initial rounding
+    moved one step if it was an initial candidate of that direction, else to its initial rounding.
+    """
+    n, ic, klen = xb.shape
+    up, k, step = _direction(s)  # (n,)
+    if int(k.max()) == 0:
+        return
+    pri = h_pri * (h_up == up.unsqueeze(1))  # (n, IC): the nonzero entries of the direction's list
+    v_k, ambiguous = _boundary(pri, k)
+    flip = (pri > v_k.unsqueeze(1)) & ((k > 0) & ~ambiguous).unsqueeze(1)  # (n, IC)
+    rows = flip.view(-1).nonzero().squeeze(1)  # flat kernel ids
+    if rows.numel():
+        cols = h_pos.view(-1)[rows]
+        new = _new_rounding(xb.view(-1, klen)[rows, cols], step[rows // ic], tmin, tmax)
+        ob.view(-1, klen)[rows, cols] = new.clamp_(tmin, tmax).to(torch.int32)
+    if bool(ambiguous.any()):
+        chans = ambiguous.nonzero().squeeze(1)
+        full = torch.zeros(chans.numel(), ic, klen, dtype=torch.float32, device=xb.device)
+        full.scatter_(2, h_pos[chans].unsqueeze(2), pri[chans].unsqueeze(2))  # the reference's priority rows
+        ridx, cols = _first_k_sorted(full.view(chans.numel(), -1), k[chans])
+        rows_c = chans[ridx]
+        new = _new_rounding(xb.reshape(n, -1)[rows_c, cols], step[rows_c], tmin, tmax)
+        ob.view(n, -1)[rows_c, cols] = new.clamp_(tmin, tmax).to(torch.int32)
+
+
+def _first_k_sorted(p: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of the first k elements of ``torch.sort(p, descending=True)`` of each row of `p`, the
+    very call of the reference, so that equal priorities are taken in its order."""
+    order = torch.sort(p, dim=1, descending=True).indices[:, : int(k.max())]  # (R, kmax)
+    ridx, pos = (torch.arange(order.shape[1], device=p.device) < k.unsqueeze(1)).nonzero(as_tuple=True)
+    return ridx, order[ridx, pos]

@@ -1,0 +1,334 @@
+"""Tests of SQuant rounding (ALGORITHMS.md 2.2): golden vectors, invariants, edge cases.
+
+The golden vectors in ``shared/golden/squant/`` are the integer outputs of the reference implementation
+(README there). Every case must match integer for integer, including the cases where a stable sort would
+break a tie differently from the reference's ``torch.sort``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from postquant.errors import NonFiniteWeightError
+from postquant.paths import shared_path
+from postquant.rounding.squant import SquantMode, squant_codes
+
+GOLDEN = shared_path("golden", "squant")
+GOLDEN_FILES = ("edge_cases", "efficientnet_lite0_layers", "random_layers", "resnet20_layers")
+GOLDEN_CASES = 269  # README: 36 + 33 + 140 + 60
+MODES = {
+    "squant-e": SquantMode.E,
+    "squant-k": SquantMode.EK,
+    "squant-c": SquantMode.EC,
+    "squant": SquantMode.EKC,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Golden vectors
+
+
+@functools.cache
+def _golden(stem: str) -> dict[str, np.ndarray]:
+    with np.load(GOLDEN / f"{stem}.npz") as d:
+        return {key: d[key] for key in d.files}
+
+
+def _golden_params() -> list:
+    params = []
+    for stem in GOLDEN_FILES:
+        path = GOLDEN / f"{stem}.npz"
+        if not path.is_file():
+            reason = f"SQuant golden vectors not found at {path}; set POSTQUANT_SHARED to the shared folder"
+            params.append(
+                pytest.param(None, None, None, id=f"{stem}:missing", marks=pytest.mark.skip(reason=reason))
+            )
+            continue
+        with np.load(path) as d:
+            index = zip(d["index/tensor"], d["index/mode"], d["index/name"], strict=True)
+            for tid, mode, name in index:
+                short = re.sub(r"[^\w.\[\]*-]+", "_", str(name))[:40].strip("_")
+                params.append(pytest.param(stem, str(tid), str(mode), id=f"{stem}:{tid}:{short}:{mode}"))
+    return params
+
+
+@pytest.mark.parametrize(("stem", "tid", "mode"), _golden_params())
+def test_golden_case_bit_exact(stem: str, tid: str, mode: str) -> None:
+    """Every integer equals the reference's, for all modes (stable-sort-equal or not)."""
+    d = _golden(stem)
+    x = torch.from_numpy(d[f"{tid}/x"])
+    q = squant_codes(x, int(d[f"{tid}/tmin"]), int(d[f"{tid}/tmax"]), MODES[mode])
+    expected = torch.from_numpy(d[f"{tid}/q_{mode}"])
+    assert q.dtype == torch.int32 and q.shape == expected.shape
+    mismatches = int((q != expected).sum())
+    assert mismatches == 0, f"{mismatches} of {q.numel()} codes differ from the reference"
+
+
+def test_golden_set_is_complete() -> None:
+    """All four files are there with the 269 cases of the README (guards against a silently smaller set)."""
+    missing = [stem for stem in GOLDEN_FILES if not (GOLDEN / f"{stem}.npz").is_file()]
+    if missing:
+        pytest.skip(
+            f"SQuant golden vectors {missing} not found in {GOLDEN}; set POSTQUANT_SHARED to the shared folder"
+        )
+    n_cases = sum(len(_golden(stem)["index/case"]) for stem in GOLDEN_FILES)
+    unstable = sum(int((~_golden(stem)["index/stable_sort_equal"]).sum()) for stem in GOLDEN_FILES)
+    assert n_cases == GOLDEN_CASES
+    assert unstable == 12  # 7 Lite0 + 5 edge cases where only the reference's own tie order matches
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers: the reference grid, and a literal per-group restatement of the algorithm
+
+
+def reference_grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, int, int]:
+    """x = S * w - Z with the reference's per-output-channel min/max grid, all in float32 (golden README)."""
+    w = w.float()
+    flat = w.reshape(w.shape[0], -1)
+    mn, mx = flat.amin(1), flat.amax(1)
+    scale = (2.0**bits - 1) / torch.clamp(mx - mn, min=1e-8)
+    zero = torch.round(scale * mn) + 2.0 ** (bits - 1)
+    view = (-1,) + (1,) * (w.dim() - 1)
+    return scale.view(view) * w - zero.view(view), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def loop_squant(x: torch.Tensor, tmin: int, tmax: int, mode: str) -> torch.Tensor:
+    """SQuant one group at a time, a literal restatement of the golden README's description (slow)."""
+    x3 = x.float().reshape(x.shape[0], x.shape[1], -1)
+    r = x3.round()
+    e = r - x3
+    zeros = torch.zeros_like(e)
+    up = (e < 0) & (x3 < tmax)
+    down = (e > 0) & (x3 > tmin)
+    lists = {  # direction -> (rounding after a flip, error after a flip, priority)
+        True: (torch.where(up, r + 1, r), torch.where(up, e + 1, zeros), torch.where(up, e.abs(), zeros)),
+        False: (
+            torch.where(down, r - 1, r),
+            torch.where(down, e - 1, zeros),
+            torch.where(down, e.abs(), zeros),
+        ),
+    }
+
+    def stage(shape: tuple[int, ...], clear: bool) -> None:
+        ev, rv = e.view(shape), r.view(shape)
+        sums = ev.sum(-1)
+        orders = {
+            d: torch.sort(lists[d][2].view(shape), dim=-1, descending=True).indices for d in (True, False)
+        }
+        if clear:
+            for d in (True, False):
+                lists[d][2].zero_()
+        for a in range(shape[0]):
+            for b in range(shape[1]):
+                s = sums[a, b]
+                d = bool(s < 0)
+                number, error = lists[d][0].view(shape), lists[d][1].view(shape)
+                order, k = orders[d][a, b], int(s.abs().round())
+                idx = order[:k]
+                ev[a, b, idx] = error[a, b, idx]
+                rv[a, b, idx] = number[a, b, idx]
+                j, target = (order[k - 1], not d) if k >= s.abs() else (order[k], d)
+                lists[target][2].view(shape)[a, b, j] = ev[a, b, j].abs()
+
+    if mode in ("ek", "ekc") and x3.shape[2] > 1:
+        stage(tuple(x3.shape), clear=True)
+    if mode in ("ec", "ekc"):
+        stage((1, x3.shape[0], x3[0].numel()), clear=False)
+    return r.clamp(tmin, tmax).to(torch.int32).view(x.shape)
+
+
+def _sums(err: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    return err.reshape(shape).sum(-1).abs()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Properties on random layers
+
+SHAPES = [
+    (6, 4, 3, 3),
+    (5, 3, 2, 2),
+    (4, 2, 5, 5),
+    (3, 2, 7, 7),
+    (7, 12),
+    (5, 8, 1, 1),
+    (6, 1, 3, 3),
+    (4, 5, 3),
+]
+
+
+@st.composite
+def layers(
+    draw: st.DrawFn, repeated: st.SearchStrategy[bool] = st.booleans()
+) -> tuple[torch.Tensor, int, int]:
+    """x on the reference grid of random weights; `repeated` weights give many exactly tied priorities."""
+    shape = draw(st.sampled_from(SHAPES))
+    bits = draw(st.integers(2, 8))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    w = torch.randn(shape, generator=gen) * 0.05
+    if draw(repeated):
+        w = torch.round(w * 60) / 60  # repeated values
+    return reference_grid(w, bits)
+
+
+@settings(max_examples=50, deadline=None)
+@given(layers(), st.sampled_from(list(SquantMode)))
+def test_equals_per_group_restatement(layer: tuple[torch.Tensor, int, int], mode: SquantMode) -> None:
+    """The vectorised codes equal a one-group-at-a-time restatement, ties and clamping included."""
+    x, tmin, tmax = layer
+    assert torch.equal(squant_codes(x, tmin, tmax, mode), loop_squant(x, tmin, tmax, mode.value))
+
+
+@settings(max_examples=50, deadline=None)
+@given(layers(), st.sampled_from(list(SquantMode)))
+def test_codes_in_range_and_one_step_from_nearest(
+    layer: tuple[torch.Tensor, int, int], mode: SquantMode
+) -> None:
+    x, tmin, tmax = layer
+    q = squant_codes(x, tmin, tmax, mode)
+    assert q.dtype == torch.int32 and q.shape == x.shape
+    assert int(q.min()) >= tmin and int(q.max()) <= tmax
+    assert int((q - torch.round(x).to(torch.int32)).abs().max()) <= 1
+    if mode is SquantMode.E:
+        assert torch.equal(q, torch.round(x).clamp(tmin, tmax).to(torch.int32))
+
+
+@settings(max_examples=50, deadline=None)
+@given(layers(repeated=st.just(False)))
+def test_error_sum_bounds(layer: tuple[torch.Tensor, int, int]) -> None:
+    """CASE bounds (ALGORITHMS.md 2.2): |kernel sum| <= 0.5 after K alone, |channel sum| <= 0.5 after C
+    (alone or after K), |kernel sum| <= 1 after K+C.
+
+    They hold exactly when x lies inside [tmin, tmax]: then every element with a negative (positive) error is
+    an up (down) candidate, so a group needing k flips has k candidates, and no code is clamped. The
+    reference grid puts x up to 0.5 outside, so x is clipped here first. Continuous random weights also
+    avoid groups whose float32 error sum is exactly 0 (their `order[-1]` hand-off can be a no-op flip).
+    """
+    x, tmin, tmax = layer
+    x = x.clamp(tmin, tmax)
+    oc, ic = x.shape[0], x.shape[1]
+    kernels, channels = (oc, ic, -1), (oc, -1)
+    tol = 1e-4
+
+    def err(mode: SquantMode) -> torch.Tensor:
+        return squant_codes(x, tmin, tmax, mode).double() - x.double()
+
+    if x[0, 0].numel() > 1:
+        assert float(_sums(err(SquantMode.EK), kernels).max()) <= 0.5 + tol
+    assert float(_sums(err(SquantMode.EC), channels).max()) <= 0.5 + tol
+    e = err(SquantMode.EKC)
+    assert float(_sums(e, channels).max()) <= 0.5 + tol
+    assert float(_sums(e, kernels).max()) <= 1 + tol
+    assert float(e.abs().max()) < 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Edge cases
+
+
+def test_empty_tensor_gives_empty_codes() -> None:
+    for shape in [(0,), (0, 3, 3, 3), (4, 0)]:
+        q = squant_codes(torch.empty(shape), -8, 7)
+        assert q.shape == shape and q.dtype == torch.int32
+
+
+@pytest.mark.parametrize("mode", list(SquantMode), ids=lambda m: m.value)
+def test_zero_and_constant_channels(mode: SquantMode) -> None:
+    """All-zero and constant channels (error sums exactly 0) give finite codes equal to nearest rounding."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 4, 3, 3, generator=gen) * 0.05
+    w[1] = 0.0
+    w[2] = 0.0123
+    x, tmin, tmax = reference_grid(w, 4)
+    q = squant_codes(x, tmin, tmax, mode)
+    assert torch.equal(q[1:3], torch.round(x[1:3]).clamp(tmin, tmax).to(torch.int32))
+    assert torch.equal(q, loop_squant(x, tmin, tmax, mode.value))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_raises(bad: float) -> None:
+    x = torch.zeros(4, 3, 3, 3)
+    x[2, 1, 0, 0] = bad
+    with pytest.raises(NonFiniteWeightError, match="NaN or Inf"):
+        squant_codes(x, -8, 7)
+    with pytest.raises(ValueError):  # NonFiniteWeightError is a ValueError
+        squant_codes(x, -8, 7, "e")
+
+
+def test_huge_finite_values_are_not_reported_as_non_finite() -> None:
+    x = torch.full((2, 3, 3, 3), 3e38)  # their float32 sum overflows, the values do not
+    assert int(squant_codes(x, -8, 7).min()) == 7
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(10, 12), (6, 8, 1, 1), (6, 5, 3), (8, 1, 3, 3)],
+    ids=["linear", "conv1x1", "conv1d", "depthwise"],
+)
+def test_layer_shapes(shape: tuple[int, ...]) -> None:
+    """Linear and 1x1 skip the kernel stage; conv1d and depthwise kernels are the trailing dims."""
+    gen = torch.Generator().manual_seed(1)
+    x, tmin, tmax = reference_grid(torch.randn(shape, generator=gen), 3)
+    codes = {mode: squant_codes(x, tmin, tmax, mode) for mode in SquantMode}
+    for mode, q in codes.items():
+        assert q.shape == shape
+        assert torch.equal(q, loop_squant(x, tmin, tmax, mode.value))
+    if len(shape) == 2 or shape[2:] == (1, 1):
+        assert torch.equal(codes[SquantMode.EK], codes[SquantMode.E])
+        assert torch.equal(codes[SquantMode.EKC], codes[SquantMode.EC])
+    else:
+        assert not torch.equal(codes[SquantMode.EK], codes[SquantMode.E])
+
+
+def test_mode_accepts_enum_and_string_and_rejects_unknown() -> None:
+    x, tmin, tmax = reference_grid(torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(2)), 4)
+    q = squant_codes(x, tmin, tmax, SquantMode.EKC)
+    assert torch.equal(q, squant_codes(x, tmin, tmax, "ekc"))
+    assert torch.equal(q, squant_codes(x, tmin, tmax))  # full SQuant is the default
+    with pytest.raises(ValueError, match="'e', 'ek', 'ec', 'ekc'"):
+        squant_codes(x, tmin, tmax, "kc")
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="tmin"):
+        squant_codes(torch.zeros(2, 2, 3, 3), 7, -8)
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        squant_codes(torch.zeros(5), -8, 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_any_float_dtype_is_computed_in_float32(dtype: torch.dtype) -> None:
+    x, tmin, tmax = reference_grid(torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(3)), 4)
+    x = x.to(dtype)
+    assert torch.equal(squant_codes(x, tmin, tmax), squant_codes(x.float(), tmin, tmax))
+
+
+def test_large_layer_matches_restatement_on_sampled_channels() -> None:
+    """A layer large enough for several blocks of channels: every channel is independent, so the
+    codes of a few channels equal those of the same channels rounded alone."""
+    gen = torch.Generator().manual_seed(4)
+    x, tmin, tmax = reference_grid(torch.randn(300, 128, 3, 3, generator=gen) * 0.05, 4)
+    q = squant_codes(x, tmin, tmax)
+    for c in (0, 150, 299):
+        assert torch.equal(q[c : c + 1], squant_codes(x[c : c + 1], tmin, tmax))
+    assert torch.equal(q[:2], loop_squant(x[:2], tmin, tmax, "ekc"))
+
+
+@pytest.mark.parametrize("oc", [1, 2, 3, 5, 229, 455])
+def test_channel_blocks_never_hold_a_single_channel(oc: int) -> None:
+    """Channel sums must not run over a one-row tensor: torch may split such a sum across threads, which
+    changes its float32 rounding (the reference sums all channels at once)."""
+    from postquant.rounding.squant import _channel_blocks
+
+    for per_channel in (1152, 4608, 1 << 16, 1 << 20):
+        blocks = _channel_blocks(oc, per_channel)
+        assert blocks[0][0] == 0 and blocks[-1][1] == oc
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks))
+        assert all(c1 - c0 >= min(2, oc) for c0, c1 in blocks)
