@@ -114,13 +114,18 @@ class CachedEval:
 
 
 def _row_id(model: str, row: dict[str, Any]) -> str:
+    if row.get("a_bits") is None:  # weight-only: the activation rule plays no part
+        row = {k: v for k, v in row.items() if k not in ("act_ranges", "a_observer")}
     return model + ":" + ",".join(f"{k}={v}" for k, v in sorted(row.items()))
 
 
-def run(models: list[str], suites: list[str], json_path: Path, limit: int | None) -> list[dict[str, Any]]:
+def run(
+    models: list[str], suites: list[str], json_path: Path, limit: int | None
+) -> dict[str, dict[str, Any]]:
     done: dict[str, dict[str, Any]] = json.loads(json_path.read_text()) if json_path.exists() else {}
     for name in models:
-        todo = [(s, r) for s in suites for r in _suite_rows(s, name) if _row_id(name, r) not in done]
+        todo = {_row_id(name, r): (s, r) for s in suites for r in _suite_rows(s, name)}
+        todo = [v for k, v in todo.items() if k not in done]
         fp_id = f"{name}:fp32"
         if not todo and fp_id in done:
             continue
@@ -149,15 +154,15 @@ def run(models: list[str], suites: list[str], json_path: Path, limit: int | None
             }
             log.info("%s %s: %.2f (%.2f s)", name, row, res.value, seconds)
             json_path.write_text(json.dumps(done, indent=1))
-    return list(done.values())
+    return done
 
 
 def _bits(r: dict[str, Any]) -> str:
     return f"W{r['w_bits']}A{r['a_bits']}" if r.get("a_bits") else f"W{r['w_bits']} (weights only)"
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    fp = {r["model"]: r for r in rows if r["suite"] == "fp32"}
+def markdown(done: dict[str, dict[str, Any]], limit: int | None) -> str:
+    fp = {r["model"]: r for r in done.values() if r["suite"] == "fp32"}
     titles = {
         "rtn": "Nearest rounding (RTN), activation ranges from 256 calibration samples (min/max)",
         "squant": "SQuant vs RTN, data-free (RTN uses the same activation rule)",
@@ -165,7 +170,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     }
     out = []
     for suite, title in titles.items():
-        sel = [r for r in rows if r["suite"] == suite]
+        sel = [
+            done[_row_id(m, r)] | {"label": r["label"]}
+            for m in fp
+            for r in _suite_rows(suite, m)
+            if _row_id(m, r) in done
+        ]
         if not sel:
             continue
         out += [
@@ -182,6 +192,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             )
         out.append("")
     metrics = ", ".join(f"{m}: {r['metric']} on {r['n']} samples" for m, r in fp.items())
+    if limit:
+        metrics += (
+            f" (--limit {limit}: samples spread evenly over the set; FP32 measured on the same samples)"
+        )
     out.append(
         f"Metrics: {metrics}. Times are wall-clock on a shared 2-core CPU and include activation calibration."
     )
@@ -197,13 +211,20 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate on N samples (default: all)")
     parser.add_argument("--json", type=Path, default=RESULTS / "accuracy.json")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy.md")
+    parser.add_argument(
+        "--merge", type=Path, nargs="*", default=[], help="JSON results of other runs to include"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     suites = ["rtn", "squant", "ablation"] if args.suite == "all" else [args.suite]
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    rows = run(args.models, suites, args.json, args.limit)
-    args.out.write_text(markdown(rows))
+    for extra in args.merge:  # results of other runs (e.g. one process per model)
+        if extra.exists():
+            done = json.loads(args.json.read_text()) if args.json.exists() else {}
+            args.json.write_text(json.dumps({**json.loads(extra.read_text()), **done}, indent=1))
+    done = run(args.models, suites, args.json, args.limit)
+    args.out.write_text(markdown(done, args.limit))
     log.info("wrote %s", args.out)
 
 

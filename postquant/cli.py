@@ -10,11 +10,14 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from postquant.errors import OutputError, PostquantError
+from postquant.errors import OutputError, PostquantError, RecipeError
+
+CHECKPOINT_SUBDIR = "checkpoint"  # inside a run directory written by `quantize --out`
 
 app = typer.Typer(
     help="postquant: quantize trained PyTorch models to 2-8 bits after training.\n\n"
@@ -84,7 +87,9 @@ def quantize(
     model: Annotated[
         str, typer.Argument(help="zoo name (see `postquant models`) or module:factory[@weights]")
     ],
-    method: Annotated[str, typer.Option(help="rtn | squant")] = "rtn",
+    method: Annotated[
+        str, typer.Option(help="rtn | squant | adaround | brecq | qdrop | learned (learned rounding)")
+    ] = "rtn",
     w_bits: Annotated[int, typer.Option(help="weight bits, 2..8")] = 4,
     a_bits: Annotated[int | None, typer.Option(help="activation bits, 2..8 (omit for weight-only)")] = None,
     recipe: Annotated[Path | None, typer.Option(help="YAML recipe; command-line options override it")] = None,
@@ -96,13 +101,22 @@ def quantize(
         Path | None, typer.Option(help="calibration data (default: the model's own set)")
     ] = None,
     calib_size: Annotated[int | None, typer.Option(help="number of calibration samples")] = None,
-    limit: Annotated[int | None, typer.Option(help="evaluate on the first N samples only")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="evaluate on N samples spread evenly over the set")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    iters: Annotated[
+        int | None, typer.Option(help="learned rounding: optimisation steps per unit (overrides the preset)")
+    ] = None,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="learned rounding: save finished units here and resume from them")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="directory for the recipe and results")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the results as JSON here")] = None,
+    report: Annotated[bool, typer.Option(help="with --out: also write an HTML report")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Quantize MODEL and print its metric beside FP32."""
+    """Quantize MODEL and print its metric beside FP32 (--out DIR also saves the packed checkpoint)."""
     _setup_logging(verbose)
     try:
         _quantize(
@@ -121,6 +135,9 @@ def quantize(
             seed,
             out,
             json_path,
+            iters,
+            checkpoint_dir,
+            report,
         )
     except PostquantError as exc:
         _fail(exc)
@@ -142,9 +159,11 @@ def _quantize(
     seed: int | None,
     out: Path | None,
     json_path: Path | None,
+    iters: int | None = None,
+    checkpoint_dir: Path | None = None,
+    report: bool = False,
 ) -> None:
     import postquant
-    from postquant.eval import evaluate
     from postquant.recipe import Recipe
     from postquant.zoo import load_model
 
@@ -159,21 +178,30 @@ def _quantize(
         if value is not None:
             changes[key] = value
     rec = Recipe.coerce(recipe_path, **changes)  # validate before loading anything
+    learned_changes = {
+        k: v for k, v in {"iters": iters, "checkpoint_dir": checkpoint_dir}.items() if v is not None
+    }
+    if learned_changes:
+        if rec.learned is None:
+            raise RecipeError(
+                "--iters and --checkpoint-dir apply to learned rounding: use --method adaround, brecq, qdrop or learned"
+            )
+        rec = Recipe.coerce(rec, learned={**rec.learned.model_dump(), **learned_changes})
     if json_path is not None:
         _check_writable_file(json_path)
     if out is not None:
         _check_writable_dir(out)
 
     zoo = load_model(model_name)
+    data_free_acts = rec.method.value == "squant" and zoo.task != "sts"  # SQuant: no data unless asked
     needs_calib = (
-        rec.a_bits is not None and rec.act_ranges.value in ("auto", "calib") and rec.method.value != "squant"
-    )
+        rec.a_bits is not None and rec.act_ranges.value in ("auto", "calib") and not data_free_acts
+    ) or rec.learned is not None  # learned rounding always learns from calibration data
     calib = zoo.calib_batches(calib_path, limit=rec.calib_size) if needs_calib or calib_path else None
     start = time.perf_counter()
     qmodel = postquant.quantize(zoo.model, rec, calib=calib, example_inputs=zoo.example_inputs)
     seconds = time.perf_counter() - start
-    fp = evaluate(zoo.model, zoo, data, limit=limit)
-    q = evaluate(qmodel, zoo, data, limit=limit)
+    fp, q = _score(zoo, qmodel, data, limit)
     result = {
         "model": zoo.name,
         "method": rec.method.value,
@@ -196,17 +224,59 @@ def _quantize(
     )
     out_console.print(table)
     if out is not None:
+        from postquant.io import checkpoint_size, float_size, save
+
+        qmodel.postquant_model_name = model_name  # so `load(dir)` can rebuild the float model
+        save(qmodel, out / CHECKPOINT_SUBDIR, model_name=model_name)
+        result["checkpoint_bytes"] = checkpoint_size(out / CHECKPOINT_SUBDIR)
+        result["fp32_bytes"] = float_size(zoo.model)
+        out_console.print(
+            f"saved {out / CHECKPOINT_SUBDIR}: {result['checkpoint_bytes'] / 1e6:.2f} MB "
+            f"(FP32 {result['fp32_bytes'] / 1e6:.2f} MB, {result['fp32_bytes'] / result['checkpoint_bytes']:.1f}x smaller)"
+        )
         rec.to_yaml(out / "recipe.yaml")
         write_atomic(out / "results.json", json.dumps(result, indent=2))
+        if report:
+            from postquant.io import write_report
+
+            path = write_report(out, qmodel, zoo.model, [result], zoo.example_inputs)
+            out_console.print(f"report: {path}")
     if json_path is not None:
         write_atomic(json_path, json.dumps(result, indent=2))
+
+
+def _score(zoo: Any, qmodel: Any, data: Path | None, limit: int | None) -> tuple[Any, Any]:
+    """FP32 and quantized metric on the evaluation set; without one, label-free fidelity on noise."""
+    from postquant.errors import DataError
+    from postquant.eval import EvalResult, evaluate, fidelity
+
+    try:
+        dataset = zoo.eval_batches(data, limit=limit)
+    except DataError as exc:
+        if data is not None or zoo.input_shape is None:
+            raise
+        console.print(
+            f"[yellow]warning:[/] {exc}\nReporting label-free fidelity instead: top-1 agreement with FP32 "
+            "on 64 seeded Gaussian inputs (not an accuracy)."
+        )
+        gen = torch.Generator().manual_seed(0)
+        batches = list(torch.randn(64, *zoo.input_shape, generator=gen).split(16))
+        fid = fidelity(zoo.model, qmodel, batches)
+        extra = {"sqnr_db": fid["sqnr_db"]}
+        return (
+            EvalResult("top1_agreement", 100.0, 64, {}),
+            EvalResult("top1_agreement", fid["top1_agreement"], 64, extra),
+        )
+    return evaluate(zoo.model, zoo, data=dataset), evaluate(qmodel, zoo, data=dataset)
 
 
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="zoo name or module:factory[@weights]")],
     data: Annotated[Path | None, typer.Option(help="evaluation data (default: the model's own set)")] = None,
-    limit: Annotated[int | None, typer.Option(help="evaluate on the first N samples only")] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="evaluate on N samples spread evenly over the set")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Evaluate the float MODEL on its evaluation set."""
@@ -219,6 +289,71 @@ def eval_cmd(
         res = evaluate(zoo.model, zoo, data, limit=limit)
         extra = ", ".join(f"{k} {v:.2f}" for k, v in res.extra.items())
         out_console.print(f"{zoo.name}: {res.metric} {res.value:.2f} ({extra}) on {res.n} samples")
+    except PostquantError as exc:
+        _fail(exc)
+
+
+export_app = typer.Typer(help="Export a saved quantized model.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+def _checkpoint_dir(run_dir: Path) -> Path:
+    """A run directory written by `quantize --out`, or a checkpoint directory itself."""
+    sub = run_dir / CHECKPOINT_SUBDIR
+    return sub if (sub / "manifest.json").exists() else run_dir
+
+
+@export_app.command("onnx")
+def export_onnx_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="directory written by `postquant quantize ... --out DIR`")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the .onnx file to write")] = Path(
+        "model.onnx"
+    ),
+    verify: Annotated[int, typer.Option(help="check agreement with PyTorch on N evaluation samples")] = 256,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Export a saved quantized model to ONNX (QuantizeLinear/DequantizeLinear), checked in onnxruntime."""
+    _setup_logging(verbose)
+    try:
+        from postquant.errors import DataError
+        from postquant.io import export_onnx, load
+        from postquant.zoo import load_model
+
+        _check_writable_file(output)
+        qmodel = load(_checkpoint_dir(run_dir))
+        zoo = load_model(qmodel.postquant_model_name)
+        try:
+            batches = [x for x, _ in zoo.eval_batches(limit=verify, batch_size=32)] if verify else None
+        except DataError as exc:
+            console.print(f"[yellow]warning:[/] {exc}; verifying on the example inputs only")
+            batches = [zoo.example_inputs]
+        info = export_onnx(qmodel, zoo.example_inputs, output, verify_batches=batches)
+        out_console.print(
+            f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB): top-1 agreement with the PyTorch "
+            f"simulation {info.get('top1_agreement', float('nan')):.2f} %, SQNR {info.get('sqnr_db', float('nan')):.1f} dB, "
+            f"max |diff| {info.get('max_abs_diff', float('nan')):.3g}, integer kernels: {info.get('integer_kernels')}"
+        )
+    except PostquantError as exc:
+        _fail(exc)
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="directory written by `postquant quantize ... --out DIR`")],
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Write RUN_DIR/report.html: per-layer SQNR, bits per layer, accuracy vs bits, the recipe."""
+    _setup_logging(verbose)
+    try:
+        from postquant.io import load, write_report
+        from postquant.zoo import load_model
+
+        qmodel = load(_checkpoint_dir(run_dir))
+        zoo = load_model(qmodel.postquant_model_name)
+        results_file = run_dir / "results.json"
+        results = [json.loads(results_file.read_text())] if results_file.exists() else []
+        path = write_report(run_dir, qmodel, zoo.model, results, zoo.example_inputs)
+        out_console.print(f"report: {path}")
     except PostquantError as exc:
         _fail(exc)
 

@@ -1,0 +1,531 @@
+"""Save and load quantized models: packed integer codes in safetensors plus a JSON manifest.
+
+A checkpoint is a directory with two files:
+
+* ``model.safetensors``: per quantized layer ``<name>``: ``<name>.codes`` (densely packed, `pack_codes`),
+  ``<name>.grid.inv_scale`` and ``<name>.grid.zero_point`` (the grid, shape (G, 1)), the float tensors of the
+  float module under their usual names (``<name>.bias``...) and ``<name>.act.scale`` /
+  ``<name>.act.zero_point`` for an input quantizer; then every other parameter and buffer of the model
+  (BatchNorms that were not folded, embeddings, norms...), each stored once.
+* ``manifest.json``: format and library versions, the model name (so ``load(dir)`` can rebuild a zoo model),
+  the recipe, per quantized layer its weight shape, bits, grid config, packed length and input quantizer,
+  an architecture fingerprint of the float model after BatchNorm folding (modules, parameter shapes, the
+  modules that became ``nn.Identity``) and the sha256 of ``model.safetensors``.
+
+Loading takes the original float model (or builds it from the zoo), redoes the same structure (the same
+modules replaced by ``nn.Identity``, the same layers wrapped in `QuantizedLayer`) and loads the tensors, so
+the loaded model computes bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from postquant.errors import CheckpointError, OutputError
+from postquant.grids import grid_from_state
+from postquant.io.pack import pack_codes, packed_nbytes, unpack_codes
+from postquant.model import quantized_layers, set_module
+from postquant.nn import ActQuantizer, QuantizedLayer
+
+__all__ = ["FORMAT_VERSION", "build_quantized_layer", "checkpoint_size", "float_size", "load", "save"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+_CODES, _GRID, _ACT = "codes", "grid.", "act."
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_size(directory: str | Path) -> int:
+    """Bytes on disk of a checkpoint directory (all its files)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+
+
+def float_size(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers in memory (shared tensors counted once).
+
+    For a float32 model this is its FP32 size, the reference for compression ratios.
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _split_key(key: str, layers: list[str]) -> tuple[str | None, str]:
+    """(quantized layer name, rest) of a state-dict key in float naming, or (None, key)."""
+    for name in layers:
+        if key.startswith(name + "."):
+            return name, key[len(name) + 1 :]
+    return None, key
+
+
+def _architecture(model: nn.Module) -> dict[str, Any]:
+    """Fingerprint of the float structure: modules, parameter/buffer shapes, ``nn.Identity`` modules.
+
+    A quantized model is described as the float model it came from (after BatchNorm folding): a
+    `QuantizedLayer` counts as its float module, with a ``weight`` of the codes' shape.
+    """
+    modules: list[tuple[str, str]] = []
+    skip: tuple[str, ...] = ()
+    for name, m in model.named_modules():
+        if skip and name.startswith(skip):
+            continue
+        if isinstance(m, QuantizedLayer):
+            skip = (*skip, name + ".")
+            modules += [
+                (f"{name}.{sub}" if sub else name, type(s).__name__) for sub, s in m.inner.named_modules()
+            ]
+        else:
+            modules.append((name, type(m).__name__))
+    by_class: dict[str, list[str]] = {}
+    for name, cls in modules:
+        by_class.setdefault(cls, []).append(name)
+    shapes = {key: list(t.shape) for key, t in _float_state(model).items()}
+    return {"modules": by_class, "tensors": shapes, "identity": by_class.get("Identity", [])}
+
+
+def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict in float naming: a quantized layer's tensors as its float module's (weight = codes)."""
+    qlayers = quantized_layers(model)
+    out: dict[str, torch.Tensor] = {}
+    for key, t in model.state_dict().items():
+        name, rest = _split_key(key, list(qlayers))
+        if name is None:
+            out[key] = t
+        elif rest == _CODES:
+            out[f"{name}.weight"] = t
+        elif rest.startswith("inner."):
+            out[f"{name}.{rest.removeprefix('inner.')}"] = t
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- save
+
+
+def _layer_entry(layer: QuantizedLayer) -> dict[str, Any]:
+    act = layer.act_quant
+    return {
+        "weight_shape": list(layer.codes.shape),
+        "bits": layer.bits,
+        "grid": dict(layer.grid_config),
+        "packed_bytes": packed_nbytes(layer.codes.numel(), layer.bits),
+        "act": None if act is None else {"bits": act.bits, "qmin": act.qmin, "qmax": act.qmax},
+    }
+
+
+def _saved_key(name: str | None, rest: str) -> str:
+    """The safetensors name of a state-dict entry split by `_split_key` (see the module docstring)."""
+    if name is None:
+        return rest
+    for prefix, saved in (("grid_", _GRID), ("act_quant.", _ACT), ("inner.", "")):
+        if rest.startswith(prefix):
+            return f"{name}.{saved}{rest.removeprefix(prefix)}"
+    if rest == _CODES:
+        return f"{name}.{_CODES}"
+    raise CheckpointError(f"unexpected tensor {rest!r} in quantized layer {name!r}; cannot save it")
+
+
+def _tensors_to_save(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Safetensors entries and aliases ``{name: stored name}`` of tied tensors (stored once)."""
+    qlayers = quantized_layers(qmodel)
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    stored: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
+    for key, t in qmodel.state_dict().items():  # tensors of the live model: storage addresses are stable
+        name, rest = _split_key(key, list(qlayers))
+        out_key = _saved_key(name, rest)
+        if out_key in tensors:
+            raise CheckpointError(f"two tensors would be saved as {out_key!r}; rename the module")
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if t.numel() and ident in stored:  # a tied tensor (e.g. shared embeddings)
+            aliases[out_key] = stored[ident]
+            continue
+        stored[ident] = out_key
+        t = t.detach().cpu()
+        if name is not None and rest == _CODES:
+            tensors[out_key] = pack_codes(t, qlayers[name].bits)  # (ceil(numel * bits / 8),) uint8
+        elif name is not None and rest.startswith("grid_"):
+            tensors[out_key] = _compact(t).contiguous().clone()
+        else:
+            tensors[out_key] = t.contiguous().clone()
+    return tensors, aliases
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """An integer-valued float tensor (zero points) as the smallest integer dtype that holds it exactly."""
+    if not t.is_floating_point() or not t.numel() or not torch.equal(t, t.round()):
+        return t
+    for dtype in (torch.int8, torch.int16):
+        info = torch.iinfo(dtype)
+        if info.min <= float(t.min()) and float(t.max()) <= info.max:
+            return t.to(dtype)
+    return t
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    """Undo `_compact`: grid tensors are float32 in the layer."""
+    return t if t.is_floating_point() else t.to(torch.float32)
+
+
+def _model_name(qmodel: nn.Module, model_name: str | None) -> str | None:
+    return model_name if model_name is not None else getattr(qmodel, "postquant_model_name", None)
+
+
+def _recipe_json(qmodel: nn.Module) -> dict[str, Any] | None:
+    recipe = getattr(qmodel, "postquant_recipe", None)
+    return None if recipe is None else recipe.model_dump(mode="json")
+
+
+def _make_tmp_dir(directory: Path) -> Path:
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write a checkpoint to {directory}: {exc.strerror or exc}. Choose a directory whose parent "
+            "exists (or can be created) and is writable."
+        ) from exc
+    return tmp
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    """Move the finished `tmp` to `directory`; an existing checkpoint there is replaced, nothing else is."""
+    if directory.is_symlink() or directory.is_file():
+        raise OutputError(f"{directory} exists and is not a directory; choose another checkpoint path")
+    old = None
+    if directory.is_dir():
+        contents = {p.name for p in directory.iterdir()}
+        if contents and not contents <= {TENSORS_FILE, MANIFEST_FILE}:
+            raise OutputError(
+                f"{directory} exists and holds files that are not a postquant checkpoint "
+                f"({', '.join(sorted(contents)[:3])}...); choose another path or empty it"
+            )
+        old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+        directory.rename(old)
+    try:
+        tmp.rename(directory)
+    except OSError:
+        if old is not None:
+            old.rename(directory)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = None) -> Path:
+    """Save a quantized model as packed codes (safetensors) plus a manifest; nothing is left half-written.
+
+    The files are written to a temporary sibling directory, which is then renamed to `directory` (an
+    existing checkpoint there is replaced).
+
+    Args:
+        qmodel: a model returned by `postquant.quantize` (or any model holding `QuantizedLayer`s).
+        directory: the checkpoint directory to create.
+        model_name: the zoo name (or ``module:factory`` spec) of the float model, so that ``load(directory)``
+            can rebuild it; defaults to ``qmodel.postquant_model_name`` when set.
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        OutputError: the directory cannot be written.
+    """
+    import postquant
+
+    directory = Path(directory).expanduser()
+    qlayers = quantized_layers(qmodel)
+    if not qlayers:
+        log.warning("saving a model without quantized layers: every weight is stored in float")
+    tensors, aliases = _tensors_to_save(qmodel)
+    manifest: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "postquant_version": postquant.__version__,
+        "torch_version": torch.__version__,
+        "model_name": _model_name(qmodel, model_name),
+        "recipe": _recipe_json(qmodel),
+        "layers": {name: _layer_entry(layer) for name, layer in qlayers.items()},
+        "aliases": aliases,
+        "architecture": _architecture(qmodel),
+    }
+    tmp = _make_tmp_dir(directory)
+    try:
+        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "postquant", "format_version": "1"})
+        manifest["sha256"] = _sha256(tmp / TENSORS_FILE)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
+        _replace_dir(tmp, directory)
+    except OSError as exc:
+        raise OutputError(f"cannot write the checkpoint {directory}: {exc.strerror or exc}") from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "saved %d quantized layers to %s (%d bytes)", len(qlayers), directory, checkpoint_size(directory)
+    )
+    return directory
+
+
+# ------------------------------------------------------------------------------------------------- load
+
+
+def build_quantized_layer(
+    layer: nn.Module,
+    grid_config: dict[str, Any],
+    grid_tensors: dict[str, torch.Tensor],
+    codes: torch.Tensor,
+    act: dict[str, Any] | None = None,
+    act_tensors: dict[str, torch.Tensor] | None = None,
+) -> QuantizedLayer:
+    """A `QuantizedLayer` from a float layer, a saved grid, integer codes and a saved input quantizer.
+
+    Args:
+        layer: the float Conv/Linear (its weight is dropped; its other tensors are kept).
+        grid_config, grid_tensors: as written by `postquant.grids.grid_state`.
+        codes: integer codes of the weight's shape.
+        act: ``{"bits", "qmin", "qmax"}`` of the input quantizer, or None for a float input.
+        act_tensors: its ``scale`` and ``zero_point``.
+    """
+    act_quant = None
+    if act is not None:
+        act_quant = ActQuantizer(int(act["bits"]), -1.0 if act["qmin"] < 0 else 0.0, 1.0)
+        if (act_quant.qmin, act_quant.qmax) != (act["qmin"], act["qmax"]):
+            raise CheckpointError(
+                f"input quantizer range [{act['qmin']}, {act['qmax']}] is not a {act['bits']}-bit range"
+            )
+        if act_tensors is not None:
+            act_quant.scale.copy_(act_tensors["scale"])
+            act_quant.zero_point.copy_(act_tensors["zero_point"])
+    return QuantizedLayer(layer, grid_from_state(grid_config, grid_tensors), codes, act_quant)
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"checkpoint directory {directory} does not exist; pass the directory given to save()"
+        )
+    for name in (MANIFEST_FILE, TENSORS_FILE):
+        if not (directory / name).is_file():
+            raise CheckpointError(
+                f"{directory} is not a complete postquant checkpoint: {name} is missing. Save the model again "
+                "with postquant.io.save(qmodel, directory)."
+            )
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{directory / MANIFEST_FILE} is not valid JSON ({exc}); save the model again"
+        ) from exc
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory} was written in checkpoint format {version!r} (by postquant "
+            f"{manifest.get('postquant_version', '?') if isinstance(manifest, dict) else '?'}); this postquant reads "
+            f"format {FORMAT_VERSION}. Load it with the postquant version that wrote it, or re-quantize and save."
+        )
+    missing = [key for key in ("layers", "architecture", "sha256") if key not in manifest]
+    if missing:
+        raise CheckpointError(f"{directory / MANIFEST_FILE} lacks {', '.join(missing)}; save the model again")
+    return manifest
+
+
+def _read_tensors(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    path = directory / TENSORS_FILE
+    digest = _sha256(path)
+    if digest != manifest.get("sha256"):
+        raise CheckpointError(
+            f"{path} is truncated or was modified after saving (sha256 {digest[:12]}... differs from the manifest's "
+            f"{str(manifest.get('sha256'))[:12]}...). Copy the checkpoint again or re-save the model."
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} cannot be read as safetensors ({exc}); re-save the model") from exc
+
+
+def _float_model(manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:
+    if model is not None:
+        return model
+    name = manifest.get("model_name")
+    if not name:
+        raise CheckpointError(
+            "this checkpoint does not name its model: pass the float model, load(directory, model=...), or save "
+            "with save(qmodel, directory, model_name='<zoo name>')"
+        )
+    from postquant.zoo import load_model
+
+    log.info("building the float model %s from the zoo", name)
+    return load_model(name).model
+
+
+def _rebuild_structure(model: nn.Module, arch: dict[str, Any]) -> None:
+    """Redo the structural changes of quantization in place: Identity modules, biases created by folding."""
+    names = dict(model.named_modules())
+    for name in arch["identity"]:
+        if name in names and not isinstance(names[name], nn.Identity):
+            log.debug(
+                "replacing %s (%s) with Identity, as in the checkpoint", name, type(names[name]).__name__
+            )
+            set_module(model, name, nn.Identity())
+    state = model.state_dict()
+    for key, shape in arch["tensors"].items():
+        if key in state:
+            continue
+        owner, _, attr = key.rpartition(".")
+        module = model.get_submodule(owner) if owner in dict(model.named_modules()) else None
+        if module is not None and attr in module._parameters and module._parameters[attr] is None:
+            # e.g. the bias BatchNorm folding gives a conv that had none
+            module.register_parameter(attr, nn.Parameter(torch.zeros(shape)))
+
+
+def _check_architecture(model: nn.Module, arch: dict[str, Any], model_name: str | None) -> None:
+    """Raise a `CheckpointError` naming the first module or tensor that differs from the checkpoint's."""
+    here = _architecture(model)
+    hint = (
+        f"the float model it was saved from ({model_name})"
+        if model_name
+        else "the float model it was saved from"
+    )
+    got_modules = {name: cls for cls, names in here["modules"].items() for name in names}
+    want_modules = {name: cls for cls, names in arch["modules"].items() for name in names}
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    for name, cls in sorted(want_modules.items(), key=lambda item: order.get(item[0], len(order))):
+        if got_modules.get(name) != cls:
+            found = got_modules.get(name)
+            what = "is missing" if found is None else f"is a {found}"
+            raise CheckpointError(
+                f"the model does not match the checkpoint's architecture: layer {name!r} {what} but the "
+                f"checkpoint has a {cls}. Load the checkpoint with {hint}."
+            )
+    for key, shape in arch["tensors"].items():
+        got = here["tensors"].get(key)
+        if got != shape:
+            layer = key.rpartition(".")[0] or key
+            what = "is missing" if got is None else f"has shape {tuple(got)}"
+            raise CheckpointError(
+                f"the model does not match the checkpoint's architecture: layer {layer!r}: {key} {what} but the "
+                f"checkpoint has shape {tuple(shape)}. Load the checkpoint with {hint}."
+            )
+    extra = [key for key in here["tensors"] if key not in arch["tensors"]]
+    if extra:
+        raise CheckpointError(
+            f"the model does not match the checkpoint's architecture: it has {extra[0]!r} (and {len(extra) - 1} more "
+            f"tensors) that the checkpoint lacks. Load the checkpoint with {hint}."
+        )
+
+
+def _layer_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    prefix = name + "."
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _install_layer(
+    qmodel: nn.Module, name: str, entry: dict[str, Any], own: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Wrap layer `name` of `qmodel` in a `QuantizedLayer` from its saved tensors; return its state dict entries."""
+    numel = int(torch.Size(entry["weight_shape"]).numel())
+    packed = own.get(_CODES)
+    if packed is None or packed.numel() != entry["packed_bytes"]:
+        raise CheckpointError(f"the packed codes of layer {name!r} are missing or of the wrong length")
+    codes = unpack_codes(packed, entry["bits"], numel).reshape(entry["weight_shape"])
+    grid = {k.removeprefix(_GRID): _as_float(v) for k, v in own.items() if k.startswith(_GRID)}
+    act = {k.removeprefix(_ACT): v for k, v in own.items() if k.startswith(_ACT)}
+    layer = build_quantized_layer(qmodel.get_submodule(name), entry["grid"], grid, codes, entry["act"], act)
+    set_module(qmodel, name, layer)
+    state = {f"{name}.codes": codes}
+    state |= {f"{name}.grid_{k}": v for k, v in grid.items()}
+    state |= {f"{name}.act_quant.{k}": v for k, v in act.items()}
+    state |= {
+        f"{name}.inner.{k}": v for k, v in own.items() if k != _CODES and not k.startswith((_GRID, _ACT))
+    }
+    return state
+
+
+def _attach_recipe(qmodel: nn.Module, recipe: dict[str, Any]) -> None:
+    """Set ``qmodel.postquant_recipe``; a recipe from another postquant version only gets a warning."""
+    from pydantic import ValidationError
+
+    from postquant.recipe import Recipe
+
+    try:
+        qmodel.postquant_recipe = Recipe.model_validate(recipe)  # type: ignore[assignment]
+    except ValidationError as exc:
+        log.warning(
+            "the checkpoint's recipe does not validate with this postquant (%s); the model has no "
+            "postquant_recipe",
+            str(exc).splitlines()[0],
+        )
+
+
+def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Load a checkpoint written by `save` into a quantized model with bit-identical outputs.
+
+    Args:
+        directory: the checkpoint directory.
+        model: the original float model (not modified; a copy is quantized). Default: the model named in the
+            manifest, built from the zoo.
+
+    Returns:
+        The quantized model (eval mode), with ``postquant_recipe`` and ``postquant_model_name`` set.
+
+    Raises:
+        CheckpointError: missing files, a truncated or modified tensor file, an unknown format version, or a
+            model of another architecture (the message names the first differing layer).
+    """
+    directory = Path(directory).expanduser()
+    manifest = _read_manifest(directory)
+    tensors = _read_tensors(directory, manifest)
+    arch = manifest["architecture"]
+    qmodel = copy.deepcopy(_float_model(manifest, model)).eval()
+    _rebuild_structure(qmodel, arch)
+    _check_architecture(qmodel, arch, manifest.get("model_name"))
+
+    state: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = manifest["layers"]
+    for name, entry in layers.items():
+        state.update(_install_layer(qmodel, name, entry, _layer_tensors(tensors, name)))
+    for key, t in tensors.items():
+        if _split_key(key, list(layers))[0] is None:
+            state[key] = t
+    for alias, stored in manifest.get("aliases", {}).items():
+        name, rest = _split_key(alias, list(layers))
+        state[alias if name is None else f"{name}.inner.{rest}"] = tensors[stored]
+    try:
+        qmodel.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"the checkpoint's tensors do not fit the model: {exc}") from exc
+    if manifest.get("recipe") is not None:
+        _attach_recipe(qmodel, manifest["recipe"])
+    qmodel.postquant_model_name = manifest.get("model_name")  # type: ignore[assignment]
+    log.info("loaded %d quantized layers from %s", len(layers), directory)
+    return qmodel

@@ -1,0 +1,591 @@
+"""ONNX export with QuantizeLinear/DequantizeLinear (QDQ), verified in onnxruntime.
+
+The quantized model is exported in two steps:
+
+1. its *float twin* (each `QuantizedLayer` replaced by its float module holding the dequantized weight) is
+   exported with the TorchScript exporter (``dynamo=False``), which keeps a layer's weight as the initializer
+   ``<name>.weight`` feeding one Conv or Gemm node;
+2. the graph is rewritten per quantized layer: the weight initializer becomes int8 codes plus a
+   ``DequantizeLinear`` (scale ``1/S`` per output channel on axis 0, zero point ``-Z``: the grid's
+   ``w_hat = (q + Z)/S`` is ONNX's ``(q - zp) * scale``), and an input quantizer becomes a
+   ``QuantizeLinear``/``DequantizeLinear`` pair on the layer's input (uint8 when ``qmin == 0``, else int8).
+
+The activation pair goes before a zero ``Pad`` that feeds only the conv (TF-"same" convs pad in their
+forward): that is where the PyTorch layer quantizes, and padding with zero commutes with quantization since
+zero is on the grid. Codes of fewer than 8 bits are stored as int8 on their own grid and activations of fewer
+than 8 bits get a ``Clip`` to their range before the 8-bit quantizer: the low bit width is simulated, the
+arithmetic is 8-bit.
+
+onnxruntime's graph optimizer fuses ``DQ -> Conv -> (Relu/Clip) -> Q`` into ``QLinearConv`` and
+``DQ -> Gemm`` with an int32 bias into ``QGemm``: the integer kernels counted in the result. A conv whose
+output is not quantized next (it feeds a residual ``Add``, the model output...) keeps a float Conv on its
+dequantized weight, as in the PyTorch simulation. Grids DequantizeLinear (opset < 21) cannot express
+directly, per-group grids and zero points outside int8, are dequantized as rows (one scale per row, an
+``Add`` of ``Z/S`` when needed) and reshaped: exact, but the layer runs in float.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from postquant.errors import OutputError, UnsupportedModelError
+from postquant.model import quantized_layers, set_module
+from postquant.nn import QuantizedLayer
+
+__all__ = ["count_kernels", "export_onnx", "float_twin", "verify_onnx"]
+
+log = logging.getLogger(__name__)
+
+INTEGER_OPS = frozenset(
+    {"QGemm", "MatMulInteger", "ConvInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+)
+FLOAT_COMPUTE_OPS = frozenset({"Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"})
+
+
+@dataclass
+class _WeightQDQ:
+    """int8 codes on the layer's own grid and the ``DequantizeLinear`` that gives back ``(q + Z) / S``.
+
+    The direct form (``shape`` None) dequantizes the weight tensor itself, per output channel (axis 0) or per
+    tensor: onnxruntime fuses it into integer kernels. Grids it cannot express go through rows: the codes as
+    (G, n), one scale per row, an ``Add`` of ``Z/S`` when ``-Z`` does not fit int8, then a ``Reshape``.
+    """
+
+    codes: np.ndarray  # int8: the weight's shape, or (G, n) rows
+    scale: np.ndarray  # float32: (OC,) per channel, () per tensor, (G,) rows
+    zero_point: np.ndarray | None  # int8 like `scale`; None: `offset` instead
+    offset: np.ndarray | None  # float32 (G, 1): Z/S, added after dequantizing rows
+    shape: tuple[int, ...] | None  # the weight's shape when dequantized as rows
+    why_float: str = ""  # why onnxruntime cannot run the layer with integer kernels
+
+
+@dataclass
+class _ActQDQ:
+    scale: np.ndarray  # float32 ()
+    zero_point: np.ndarray  # uint8 or int8 ()
+    clip: tuple[float, float] | None  # the float range of a < 8-bit quantizer
+
+
+@dataclass
+class _LayerQDQ:
+    name: str
+    weight: _WeightQDQ
+    act: _ActQDQ | None
+
+
+# ----------------------------------------------------------------------------------- per-layer parameters
+
+
+def _weight_qdq(name: str, layer: QuantizedLayer) -> _WeightQDQ:
+    """ONNX parameters for a layer's codes: ``w_hat = (q + Z)/S = (q - zp) * scale``, ``scale = 1/S``, ``zp = -Z``."""
+    config = layer.grid_config
+    if config.get("kind") != "uniform":
+        raise UnsupportedModelError(
+            f"layer {name!r}: grid kind {config.get('kind')!r} has no ONNX QDQ form (DequantizeLinear is affine: "
+            "(q - zero_point) * scale); quantize it with a uniform grid or exclude it with ignore=[...]"
+        )
+    inv_scale = layer.grid_inv_scale.detach().reshape(-1).double()  # (G,) S
+    z = layer.grid_zero_point.detach().reshape(-1).double()  # (G,) Z
+    codes = layer.codes.detach().to(torch.int8)  # weight shape
+    scale = (1.0 / inv_scale).float()  # (G,)
+    fits = bool(torch.equal(z, z.round()) and (-z).min() >= -128 and (-z).max() <= 127)
+    why = []
+    if config["granularity"] == "group":
+        why.append(
+            f"per-group grid (group_size {config['group_size']}): dequantized per group, then reshaped"
+        )
+    if not fits:
+        why.append(
+            f"zero point -Z in [{-z.max():.0f}, {-z.min():.0f}] does not fit int8 (channels whose weights all "
+            "have one sign): dequantized with zero point 0, then Z/S added; symmetric=True avoids it"
+        )
+    if not why:
+        per_tensor = config["granularity"] == "tensor"
+        zp = (-z).to(torch.int8)
+        return _WeightQDQ(
+            codes.numpy(),
+            scale.numpy().reshape(() if per_tensor else -1),
+            zp.numpy().reshape(() if per_tensor else -1),
+            None,
+            None,
+        )
+    rows = codes.reshape(z.numel(), -1)  # (G, n)
+    return _WeightQDQ(
+        codes=rows.numpy(),
+        scale=scale.numpy(),
+        zero_point=(-z).to(torch.int8).numpy() if fits else None,
+        offset=None if fits else (z / inv_scale).float().reshape(-1, 1).numpy(),
+        shape=tuple(codes.shape),
+        why_float="; ".join(why),
+    )
+
+
+def _act_qdq(layer: QuantizedLayer) -> _ActQDQ | None:
+    act = layer.act_quant
+    if act is None:
+        return None
+    scale = float(act.scale)
+    zp = int(act.zero_point)
+    dtype = np.uint8 if act.qmin == 0 else np.int8
+    clip = None
+    # an 8-bit QuantizeLinear saturates at 0/255 or -128/127: clip to the narrower range first
+    if act.bits < 8:
+        clip = ((act.qmin - zp) * scale, (act.qmax - zp) * scale)
+    return _ActQDQ(np.array(scale, dtype=np.float32), np.array(zp, dtype=dtype), clip)
+
+
+def _plan(qmodel: nn.Module) -> dict[str, _LayerQDQ]:
+    plans = {}
+    for name, layer in quantized_layers(qmodel).items():
+        weight = _weight_qdq(name, layer)
+        plans[name] = _LayerQDQ(name, weight, _act_qdq(layer))
+        if weight.why_float:
+            log.warning("layer %s runs in float in onnxruntime: %s", name, weight.why_float)
+        if layer.bits < 8:
+            log.info(
+                "layer %s: W%d codes stored as int8 on their own grid (simulated low-bit)", name, layer.bits
+            )
+        act = layer.act_quant
+        if act is not None and act.bits < 8:
+            log.info("layer %s: A%d input as an 8-bit QDQ after a Clip (simulated low-bit)", name, act.bits)
+    asymmetric = [
+        n for n, p in plans.items() if p.weight.zero_point is not None and p.weight.zero_point.any()
+    ]
+    if asymmetric:
+        log.info(
+            "%d layers have weight zero points other than 0: onnxruntime's integer convolutions are several times "
+            "slower with them than with symmetric weights (quantize with symmetric=True for deployment)",
+            len(asymmetric),
+        )
+    return plans
+
+
+def float_twin(qmodel: nn.Module) -> nn.Module:
+    """A copy of `qmodel` where each `QuantizedLayer` is its float module holding the dequantized weight.
+
+    Input quantizers are dropped; `export_onnx` puts them back as QDQ nodes.
+    """
+    twin = copy.deepcopy(qmodel).eval()
+    for name, layer in quantized_layers(twin).items():
+        inner = layer.inner
+        inner.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        set_module(twin, name, inner)
+    return twin
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def _as_args(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, tuple | list) and all(isinstance(t, torch.Tensor) for t in example_inputs):
+        return tuple(example_inputs)
+    raise UnsupportedModelError(
+        f"export_onnx takes example inputs as a tensor or a tuple of positional tensors, not "
+        f"{type(example_inputs).__name__} (keyword inputs, e.g. tokenizer dicts, are not supported)"
+    )
+
+
+def _input_names(n: int) -> list[str]:
+    return ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
+
+
+def _torch_export(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
+    names = _input_names(len(args))
+    axes = {name: {0: "batch"} for name in [*names, "output"]}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        try:
+            torch.onnx.export(
+                model,
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=names,
+                output_names=["output"],
+                dynamic_axes=axes,
+                do_constant_folding=True,
+            )
+        except Exception as exc:  # the exporter raises many types; say which model part failed
+            raise UnsupportedModelError(f"torch.onnx.export failed on {type(model).__name__}: {exc}") from exc
+
+
+def _initializer(name: str, array: np.ndarray) -> Any:
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.require(array, requirements="C"), name)  # keeps 0-d scalars 0-d
+
+
+def _quantize_weight(graph: Any, name: str, wname: str, w: _WeightQDQ) -> list[Any]:
+    """Replace initializer `wname` by int8 codes + DequantizeLinear (+ Add, Reshape) writing the same name."""
+    from onnx import helper
+
+    old = next(i for i in graph.initializer if i.name == wname)
+    graph.initializer.remove(old)
+    codes, scale, zp = f"{name}.weight_quantized", f"{name}.weight_scale", f"{name}.weight_zero_point"
+    graph.initializer.extend([_initializer(codes, w.codes), _initializer(scale, w.scale)])
+    inputs = [codes, scale]
+    if w.zero_point is not None:
+        graph.initializer.append(_initializer(zp, w.zero_point))
+        inputs.append(zp)
+    axis = {} if w.scale.ndim == 0 else {"axis": 0}
+    if w.shape is None:
+        return [helper.make_node("DequantizeLinear", inputs, [wname], name=f"{name}/weight_dq", **axis)]
+    nodes = [
+        helper.make_node(
+            "DequantizeLinear", inputs, [f"{name}/weight_rows"], name=f"{name}/weight_dq", **axis
+        )
+    ]
+    rows = f"{name}/weight_rows"
+    if w.offset is not None:
+        graph.initializer.append(_initializer(f"{name}.weight_offset", w.offset))
+        nodes.append(
+            helper.make_node(
+                "Add",
+                [rows, f"{name}.weight_offset"],
+                [f"{name}/weight_shifted"],
+                name=f"{name}/weight_offset",
+            )
+        )
+        rows = f"{name}/weight_shifted"
+    graph.initializer.append(_initializer(f"{name}.weight_shape", np.array(w.shape, dtype=np.int64)))
+    nodes.append(
+        helper.make_node("Reshape", [rows, f"{name}.weight_shape"], [wname], name=f"{name}/weight_reshape")
+    )
+    return nodes
+
+
+def _constant(graph: Any, tensor: str) -> np.ndarray | None:
+    """The value of `tensor` when it is an initializer or a Constant node's output, else None."""
+    from onnx import numpy_helper
+
+    for init in graph.initializer:
+        if init.name == tensor:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == tensor:
+            value = [a for a in node.attribute if a.name == "value"]
+            return numpy_helper.to_array(value[0].t) if value else None
+    return None
+
+
+def _commutes_with_qdq(graph: Any, node: Any) -> bool:
+    """Whether `node` is a Pad that copies input values or pads with 0 (0 is on every activation grid)."""
+    if node.op_type != "Pad":
+        return False
+    mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+    if mode != "constant":
+        return True
+    if len(node.input) < 3 or not node.input[2]:
+        return True
+    value = _constant(graph, node.input[2])
+    return value is not None and value.size == 1 and float(value.reshape(())) == 0.0
+
+
+def _input_site(graph: Any, node: Any) -> Any:
+    """The node whose input 0 is the layer's input: `node`, or a zero Pad feeding only it (TF-"same" convs).
+
+    Quantizing before the padding is what the PyTorch layer does, and it lets onnxruntime fuse the producer
+    with the QuantizeLinear (``Conv -> Clip -> Q``) and the padding into the quantized conv.
+    """
+    while True:
+        producers = [n for n in graph.node if node.input[0] in n.output]
+        users = [n for n in graph.node if node.input[0] in n.input]
+        if len(producers) != 1 or len(users) != 1 or not _commutes_with_qdq(graph, producers[0]):
+            return node
+        node = producers[0]
+
+
+def _quantize_input(graph: Any, name: str, node: Any, act: _ActQDQ) -> list[Any]:
+    """Q/DQ (after a Clip for < 8 bits) on input 0 of `node`; returns the new nodes, to go before it."""
+    from onnx import helper
+
+    x = node.input[0]
+    nodes = []
+    graph.initializer.extend(
+        [
+            _initializer(f"{name}.input_scale", act.scale),
+            _initializer(f"{name}.input_zero_point", act.zero_point),
+        ]
+    )
+    if act.clip is not None:
+        graph.initializer.extend(
+            [
+                _initializer(f"{name}.input_min", np.array(act.clip[0], np.float32)),
+                _initializer(f"{name}.input_max", np.array(act.clip[1], np.float32)),
+            ]
+        )
+        nodes.append(
+            helper.make_node(
+                "Clip",
+                [x, f"{name}.input_min", f"{name}.input_max"],
+                [f"{name}/input_clipped"],
+                name=f"{name}/input_clip",
+            )
+        )
+        x = f"{name}/input_clipped"
+    qdq = [f"{name}.input_scale", f"{name}.input_zero_point"]
+    nodes += [
+        helper.make_node("QuantizeLinear", [x, *qdq], [f"{name}/input_q"], name=f"{name}/input_q"),
+        helper.make_node(
+            "DequantizeLinear", [f"{name}/input_q", *qdq], [f"{name}/input_dq"], name=f"{name}/input_dq"
+        ),
+    ]
+    node.input[0] = f"{name}/input_dq"
+    return nodes
+
+
+def _quantize_gemm_bias(graph: Any, name: str, node: Any, w: _WeightQDQ, act: _ActQDQ) -> list[Any]:
+    """An int32 bias on the scale ``input_scale * weight_scale`` (what ORT needs to fuse Gemm into QGemm).
+
+    onnxruntime quantizes a Conv's float bias itself when it fuses the Conv; for Gemm it does not.
+    """
+    from onnx import helper, numpy_helper
+
+    if len(node.input) < 3 or not node.input[2]:
+        return []
+    found = [i for i in graph.initializer if i.name == node.input[2]]
+    if not found:
+        return []
+    bias = numpy_helper.to_array(found[0]).astype(np.float64)
+    scale = (np.float64(act.scale) * w.scale.astype(np.float64)) * np.ones_like(bias)  # (OC,)
+    q = np.round(bias / scale)
+    if not np.all(np.isfinite(q)) or np.abs(q).max(initial=0) >= 2**31 - 1:
+        log.debug("layer %s: bias does not fit int32 on the input*weight scale; kept float", name)
+        return []
+    graph.initializer.extend(
+        [
+            _initializer(f"{name}.bias_quantized", q.astype(np.int32)),
+            _initializer(f"{name}.bias_scale", scale.astype(np.float32)),
+        ]
+    )
+    node.input[2] = f"{name}/bias_dq"
+    return [
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{name}.bias_quantized", f"{name}.bias_scale"],
+            [f"{name}/bias_dq"],
+            name=f"{name}/bias_dq",
+            axis=0,
+        )
+    ]
+
+
+def _weight_consumer(graph: Any, wname: str) -> tuple[Any | None, str]:
+    users = [n for n in graph.node if wname in n.input]
+    if not any(i.name == wname for i in graph.initializer):
+        return None, "the exporter did not keep its weight as an initializer"
+    if len(users) != 1 or users[0].op_type not in ("Conv", "Gemm") or list(users[0].input).index(wname) != 1:
+        return None, f"its weight feeds {[n.op_type for n in users]}, not one Conv or Gemm"
+    node = users[0]
+    attrs = {a.name: a.i for a in node.attribute if a.name in ("transA", "transB")}
+    if node.op_type == "Gemm" and (attrs.get("transB", 0) != 1 or attrs.get("transA", 0) != 0):
+        return None, "its Gemm does not take the weight as (out, in) with transB=1"
+    return node, ""
+
+
+def _rewrite(model: Any, plans: dict[str, _LayerQDQ]) -> None:
+    """Insert the QDQ nodes of every planned layer into `model` (in place)."""
+    graph = model.graph
+    before: dict[str, list[Any]] = {}  # first output of a node -> nodes to insert before it
+    weight_nodes: list[Any] = []
+    for name, plan in plans.items():
+        node, why = _weight_consumer(graph, f"{name}.weight")
+        if node is None:
+            raise UnsupportedModelError(f"layer {name!r} cannot be located in the exported graph: {why}")
+        if plan.act is not None:
+            site = _input_site(graph, node)
+            before.setdefault(site.output[0], []).extend(_quantize_input(graph, name, site, plan.act))
+        weight_nodes += _quantize_weight(graph, name, f"{name}.weight", plan.weight)
+        if plan.act is not None and node.op_type == "Gemm" and plan.weight.shape is None:
+            weight_nodes += _quantize_gemm_bias(graph, name, node, plan.weight, plan.act)
+    nodes = list(weight_nodes)
+    for node in graph.node:
+        nodes += [*before.get(node.output[0], []), node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+# ---------------------------------------------------------------------------------- onnxruntime checks
+
+
+def _session(path: Path, optimized_path: Path | None = None) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if optimized_path is not None:  # the extended level keeps the model portable (no NCHWc layouts)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def count_kernels(path: str | Path) -> dict[str, Any]:
+    """Op counts of the model after onnxruntime's graph optimizations (what actually runs).
+
+    Returns:
+        ``integer_kernels`` (QLinear*, QGemm, MatMulInteger, ConvInteger... nodes), ``float_kernels`` (Conv,
+        Gemm, MatMul and their fused forms that still run in float) and ``ops`` (every op type's count).
+    """
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        optimized = Path(tmp) / "optimized.onnx"
+        _session(Path(path), optimized)
+        ops = Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
+    integer = sum(n for op, n in ops.items() if op.startswith("QLinear") or op in INTEGER_OPS)
+    floats = sum(n for op, n in ops.items() if op in FLOAT_COMPUTE_OPS)
+    return {"integer_kernels": integer, "float_kernels": floats, "ops": dict(sorted(ops.items()))}
+
+
+def _model_inputs(batch: Any, n_inputs: int) -> tuple[torch.Tensor, ...]:
+    """The model inputs of a batch; ``(inputs, labels)`` pairs of a single-input model lose their labels."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, tuple | list):
+        return tuple(batch[:n_inputs])
+    raise UnsupportedModelError(
+        f"a verification batch must be a tensor or a tuple, not {type(batch).__name__}"
+    )
+
+
+def verify_onnx(qmodel: nn.Module, path: str | Path, batches: Iterable[Any]) -> dict[str, float]:
+    """Compare the ONNX model in onnxruntime (CPU) with the PyTorch simulation on `batches`.
+
+    Args:
+        qmodel: the quantized PyTorch model.
+        path: its ONNX export.
+        batches: model inputs (tensors, tuples, or ``(inputs, labels)`` pairs of an evaluation set).
+
+    Returns:
+        ``top1_agreement`` (percent of samples with the same arg-max, NaN unless outputs are (N, C)),
+        ``max_abs_diff``, ``sqnr_db`` of the ONNX outputs against PyTorch's, and ``n`` (samples).
+    """
+    from postquant.eval.evaluate import eval_mode
+    from postquant.eval.metrics import sqnr_from_sums
+
+    session = _session(Path(path))
+    names = [i.name for i in session.get_inputs()]
+    signal = noise = max_abs = 0.0
+    agree = samples = 0
+    two_d = True
+    for batch in batches:
+        inputs = _model_inputs(batch, len(names))
+        with torch.inference_mode(), eval_mode(qmodel):
+            ref = qmodel(*inputs)
+        ref = (ref[0] if isinstance(ref, tuple | list) else ref).double().numpy()
+        out = session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})[0].astype(
+            np.float64
+        )
+        diff = out - ref
+        signal += float(np.square(ref).sum())
+        noise += float(np.square(diff).sum())
+        max_abs = max(max_abs, float(np.abs(diff).max(initial=0.0)))
+        samples += ref.shape[0]
+        if ref.ndim == 2:
+            agree += int((ref.argmax(axis=1) == out.argmax(axis=1)).sum())
+        else:
+            two_d = False
+    if samples == 0:
+        raise ValueError("verify_onnx needs at least one batch")
+    return {
+        "top1_agreement": 100.0 * agree / samples if two_d else math.nan,
+        "max_abs_diff": max_abs,
+        "sqnr_db": sqnr_from_sums(signal, noise),
+        "n": float(samples),
+    }
+
+
+def export_onnx(
+    qmodel: nn.Module,
+    example_inputs: Any,
+    path: str | Path,
+    *,
+    verify_batches: Iterable[Any] | None = None,
+    opset: int = 17,
+) -> dict[str, Any]:
+    """Export a quantized model to ONNX with QuantizeLinear/DequantizeLinear, and check it in onnxruntime.
+
+    Args:
+        qmodel: a quantized model (a float model exports as plain float ONNX, e.g. as a speed baseline).
+        example_inputs: a tensor or tuple of tensors the model accepts; dimension 0 is exported as dynamic.
+        path: the ``.onnx`` file to write (its folder is created).
+        verify_batches: batches to compare onnxruntime with the PyTorch simulation on (see `verify_onnx`).
+        opset: ONNX opset, 13 or more (per-channel DequantizeLinear).
+
+    Returns:
+        ``path``, ``bytes``, ``opset``, ``int8_weight_layers`` (layers with int8 codes),
+        ``float_compute_layers`` ({layer: why onnxruntime cannot give it integer kernels}), the `count_kernels` entries ``integer_kernels``,
+        ``float_kernels``, ``ops``, and ``top1_agreement``, ``max_abs_diff``, ``sqnr_db``, ``n`` (None without
+        `verify_batches`).
+
+    Raises:
+        UnsupportedModelError: a layer QDQ cannot express (the message names it), or the exporter failed.
+        OutputError: `path` cannot be written.
+    """
+    import onnx
+
+    if opset < 13:
+        raise UnsupportedModelError(f"opset {opset} has no per-channel DequantizeLinear; use opset >= 13")
+    path = Path(path).expanduser()
+    plans = _plan(qmodel)
+    if not plans:
+        log.info("%s has no quantized layer: exporting it in float", type(qmodel).__name__)
+    args = _as_args(example_inputs)
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path = Path(tmp) / "float.onnx"
+        _torch_export(float_twin(qmodel), args, float_path, opset)
+        model = onnx.load(str(float_path))
+    _rewrite(model, plans)
+    onnx.checker.check_model(model)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(model, str(path))
+    except OSError as exc:
+        raise OutputError(f"cannot write the ONNX model to {path}: {exc.strerror or exc}") from exc
+    result: dict[str, Any] = {
+        "path": str(path),
+        "bytes": path.stat().st_size,
+        "opset": opset,
+        "int8_weight_layers": len(plans),
+        "float_compute_layers": {name: p.weight.why_float for name, p in plans.items() if p.weight.why_float},
+        **count_kernels(path),
+        "top1_agreement": None,
+        "max_abs_diff": None,
+        "sqnr_db": None,
+        "n": None,
+    }
+    log.info(
+        "exported %s (%d bytes): %d layers with int8 weights, %d integer kernels after onnxruntime fusion",
+        path,
+        result["bytes"],
+        result["int8_weight_layers"],
+        result["integer_kernels"],
+    )
+    if verify_batches is not None:
+        result.update(verify_onnx(qmodel, path, verify_batches))
+        log.info(
+            "onnxruntime vs PyTorch on %d samples: top-1 agreement %.2f %%, max |diff| %.3g, SQNR %.1f dB",
+            result["n"],
+            result["top1_agreement"],
+            result["max_abs_diff"],
+            result["sqnr_db"],
+        )
+    return result

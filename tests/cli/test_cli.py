@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from postquant.cli import app
+from tests.conftest import require_shared
+
+runner = CliRunner()
+
+
+def test_help_shows_examples():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "postquant quantize resnet20-cifar10" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["quantize", "resnet20-cifar10", "--w-bits", "9"], "w_bits"),
+        (["quantize", "resnet20-cifar10", "--a-bits", "1"], "a_bits"),
+        (["quantize", "resnet2-cifar10"], "Did you mean 'resnet20-cifar10'"),
+        (["quantize", "resnet20-cifar10", "--method", "squnt"], "squant"),
+        (["quantize", "resnet20-cifar10", "--data", "/no/such/dir", "--limit", "10"], "/no/such/dir"),
+    ],
+)
+def test_bad_input_is_a_clear_error_with_exit_code_2(args, message, tmp_path):
+    result = runner.invoke(app, [*args, "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "r.json").exists()  # no partial output
+
+
+def test_unwritable_output_fails_before_any_work(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["quantize", "resnet20-cifar10", "--json", str(blocker / "sub" / "r.json")])
+    assert result.exit_code == 2 and "cannot write" in result.output
+    result = runner.invoke(app, ["quantize", "resnet20-cifar10", "--out", str(blocker / "dir")])
+    assert result.exit_code == 2 and "cannot write" in result.output
+
+
+def test_quantize_resnet20_writes_json_and_recipe(tmp_path):
+    require_shared("models", "cifar10", "resnet20.th")
+    out = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "quantize",
+            "resnet20-cifar10",
+            "--method",
+            "rtn",
+            "--w-bits",
+            "8",
+            "--a-bits",
+            "8",
+            "--limit",
+            "500",
+            "--calib-size",
+            "64",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert set(r) >= {
+        "model",
+        "method",
+        "w_bits",
+        "a_bits",
+        "metric",
+        "fp",
+        "quantized",
+        "quantize_seconds",
+        "n_eval",
+    }
+    assert (r["model"], r["method"], r["w_bits"], r["a_bits"], r["metric"], r["n_eval"]) == (
+        "resnet20-cifar10",
+        "rtn",
+        8,
+        8,
+        "top1",
+        500,
+    )
+    assert abs(r["fp"] - r["quantized"]) < 1.5
+    assert (out / "recipe.yaml").exists()
+
+
+def test_weight_only_json_has_null_a_bits(tmp_path):
+    require_shared("models", "cifar10", "resnet20.th")
+    result = runner.invoke(
+        app,
+        [
+            "quantize",
+            "resnet20-cifar10",
+            "--method",
+            "squant",
+            "--w-bits",
+            "4",
+            "--limit",
+            "200",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["a_bits"] is None and r["method"] == "squant"
+
+
+def test_missing_eval_data_falls_back_to_fidelity(tmp_path, monkeypatch):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    monkeypatch.setenv("POSTQUANT_SHARED", str(tmp_path / "nothing"))
+    result = runner.invoke(
+        app,
+        [
+            "quantize",
+            "efficientnet-lite0",
+            "--method",
+            "rtn",
+            "--w-bits",
+            "8",
+            "--json",
+            str(tmp_path / "r.json"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["metric"] == "top1_agreement" and r["quantized"] >= 90
+
+
+def test_out_saves_checkpoint_then_export_and_report(tmp_path):
+    require_shared("models", "cifar10", "resnet20.th")
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "quantize",
+            "resnet20-cifar10",
+            "--method",
+            "squant",
+            "--w-bits",
+            "4",
+            "--limit",
+            "100",
+            "--out",
+            str(run),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    r = json.loads((run / "results.json").read_text())
+    assert r["checkpoint_bytes"] * 7 <= r["fp32_bytes"] * 1.01
+    result = runner.invoke(
+        app, ["export", "onnx", str(run), "-o", str(tmp_path / "m.onnx"), "--verify", "64"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.onnx").stat().st_size > 0 and "top-1 agreement" in result.output
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "data:image/png;base64" in (run / "report.html").read_text()

@@ -1,0 +1,222 @@
+"""save/load: bit-identical outputs, sizes, and clear errors for broken or foreign checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import postquant
+from postquant.errors import CheckpointError, OutputError
+from postquant.io import checkpoint_size, float_size, load, save
+from postquant.io.checkpoint import MANIFEST_FILE, TENSORS_FILE
+from postquant.model import quantized_layers
+
+RECIPES = {
+    f"{method}-w{w}-{'a8' if a else 'wonly'}": {"method": method, "w_bits": w, "a_bits": a}
+    for method in ("rtn", "squant")
+    for w in (2, 3, 4, 6, 8)
+    for a in (None, 8)
+}
+
+
+def _quantize(model: nn.Module, recipe: dict, batches: list[torch.Tensor]) -> nn.Module:
+    return postquant.quantize(model, recipe, calib=batches, example_inputs=batches[0])
+
+
+def _outputs(model: nn.Module, batches: list[torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([model(x) for x in batches])
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES.values()), ids=list(RECIPES))
+def test_save_load_gives_bit_identical_outputs(small_net, batches, tmp_path, recipe):
+    qmodel = _quantize(small_net, recipe, batches)
+    save(qmodel, tmp_path / "ckpt")
+    loaded = load(tmp_path / "ckpt", small_net)
+    assert torch.equal(_outputs(loaded, batches), _outputs(qmodel, batches))
+    for name, layer in quantized_layers(qmodel).items():
+        twin = loaded.get_submodule(name)
+        assert torch.equal(twin.codes, layer.codes)
+        assert twin.grid_config == layer.grid_config
+        assert (twin.act_quant is None) == (layer.act_quant is None)
+    assert isinstance(loaded.bn1, nn.Identity) and isinstance(loaded.bn3, nn.BatchNorm1d)  # same fold
+    assert loaded.postquant_recipe == qmodel.postquant_recipe
+    assert isinstance(small_net.bn1, nn.BatchNorm2d)  # the float model is not modified
+
+
+def test_unfolded_and_per_tensor_models_round_trip(small_net, batches, tmp_path):
+    qmodel = _quantize(
+        small_net, {"w_bits": 4, "a_bits": 6, "fold_bn": False, "granularity": "tensor"}, batches
+    )
+    save(qmodel, tmp_path / "ckpt")
+    loaded = load(tmp_path / "ckpt", small_net)
+    assert isinstance(loaded.bn1, nn.BatchNorm2d)
+    assert torch.equal(_outputs(loaded, batches), _outputs(qmodel, batches))
+
+
+def test_manifest_describes_layers_and_architecture(small_net, batches, tmp_path):
+    qmodel = _quantize(small_net, {"w_bits": 3, "a_bits": 8}, batches)
+    save(qmodel, tmp_path / "ckpt", model_name="my-small-net")
+    manifest = json.loads((tmp_path / "ckpt" / MANIFEST_FILE).read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["model_name"] == "my-small-net"
+    assert manifest["postquant_version"] == postquant.__version__
+    assert manifest["torch_version"] == torch.__version__
+    assert manifest["recipe"]["w_bits"] == 3
+    conv2 = manifest["layers"]["conv2"]
+    assert conv2["weight_shape"] == [16, 8, 3, 3]
+    assert conv2["bits"] == 3 and conv2["grid"]["kind"] == "uniform"
+    assert conv2["packed_bytes"] == (16 * 8 * 9 * 3 + 7) // 8
+    assert conv2["act"] == {"bits": 8, "qmin": 0, "qmax": 255}
+    assert manifest["layers"]["conv1"]["act"] is None  # the first layer's input stays float
+    assert {"bn1", "bn2"} <= set(manifest["architecture"]["identity"])
+    assert manifest["architecture"]["tensors"]["conv1.bias"] == [8]  # created by folding
+    assert len(manifest["sha256"]) == 64
+
+
+def test_save_replaces_an_old_checkpoint_and_leaves_no_temporary_files(small_net, batches, tmp_path):
+    for bits in (4, 2):
+        save(_quantize(small_net, {"w_bits": bits}, batches), tmp_path / "ckpt")
+    assert load(tmp_path / "ckpt", small_net).conv2.bits == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_failed_save_writes_nothing(small_net, batches, tmp_path, monkeypatch):
+    import postquant.io.checkpoint as ckpt
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    with pytest.raises(OutputError, match="No space left"):
+        save(_quantize(small_net, {"w_bits": 4}, batches), tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tied_tensors_are_stored_once(tmp_path):
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.proj = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 20, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.proj(self.emb(ids))))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    ids = torch.randint(0, 20, (4, 6))
+    qmodel = postquant.quantize(model, {"w_bits": 4, "ignore": ["head"]}, example_inputs=ids)
+    save(qmodel, tmp_path / "ckpt")
+    manifest = json.loads((tmp_path / "ckpt" / MANIFEST_FILE).read_text())
+    assert manifest["aliases"] == {"head.weight": "emb.weight"}
+    loaded = load(tmp_path / "ckpt", model)
+    assert torch.equal(loaded(ids), qmodel(ids))
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+@pytest.fixture
+def saved(small_net, batches, tmp_path):
+    save(_quantize(small_net, {"w_bits": 4, "a_bits": 8}, batches), tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_missing_directory_or_file(saved, small_net, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load(tmp_path / "nowhere", small_net)
+    (saved / MANIFEST_FILE).unlink()
+    with pytest.raises(CheckpointError, match=r"manifest\.json is missing"):
+        load(saved, small_net)
+
+
+def test_tampered_tensor_file(saved, small_net):
+    data = bytearray((saved / TENSORS_FILE).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (saved / TENSORS_FILE).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="truncated or was modified"):
+        load(saved, small_net)
+
+
+def test_truncated_tensor_file(saved, small_net):
+    data = (saved / TENSORS_FILE).read_bytes()
+    (saved / TENSORS_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or was modified"):
+        load(saved, small_net)
+
+
+def test_unparsable_tensor_file_with_a_matching_hash(saved, small_net):
+    import hashlib
+
+    data = (saved / TENSORS_FILE).read_bytes()[:100]
+    (saved / TENSORS_FILE).write_bytes(data)
+    manifest = json.loads((saved / MANIFEST_FILE).read_text())
+    manifest["sha256"] = hashlib.sha256(data).hexdigest()
+    (saved / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="cannot be read as safetensors"):
+        load(saved, small_net)
+
+
+def test_incompatible_format_version(saved, small_net):
+    manifest = json.loads((saved / MANIFEST_FILE).read_text())
+    manifest["format_version"] = 99
+    (saved / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"format 99.*reads format 1"):
+        load(saved, small_net)
+
+
+def test_another_architecture_names_the_first_mismatching_layer(saved, net_factory):
+    with pytest.raises(CheckpointError, match=r"'conv2'.*shape"):
+        load(saved, net_factory(width=32))
+    other = net_factory()
+    other.relu2 = nn.GELU()
+    with pytest.raises(CheckpointError, match="'relu2' is a GELU"):
+        load(saved, other)
+
+
+def test_a_checkpoint_without_model_name_needs_the_model(saved):
+    with pytest.raises(CheckpointError, match="pass the float model"):
+        load(saved)
+
+
+def test_unwritable_destinations(small_net, batches, tmp_path):
+    qmodel = _quantize(small_net, {"w_bits": 4}, batches)
+    (tmp_path / "file.txt").write_text("not a directory")
+    with pytest.raises(OutputError, match="cannot write"):
+        save(qmodel, tmp_path / "file.txt" / "sub")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("keep me")
+    with pytest.raises(OutputError, match="not a postquant checkpoint"):
+        save(qmodel, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.md").read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------------------------- ResNet-20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "recipe", [{"w_bits": 4}, {"method": "squant", "w_bits": 3, "a_bits": 8}], ids=["rtn-w4", "squant-w3a8"]
+)
+def test_resnet20_round_trip_from_the_zoo_name(resnet20, tmp_path, recipe):
+    qmodel = postquant.quantize(resnet20.model, recipe, example_inputs=resnet20.example_inputs)
+    save(qmodel, tmp_path / "ckpt", model_name=resnet20.name)
+    loaded = load(tmp_path / "ckpt")  # builds the float model from the zoo
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_outputs(loaded, [x]), _outputs(qmodel, [x]))
+    assert loaded.postquant_model_name == "resnet20-cifar10"
+
+
+@pytest.mark.slow
+def test_resnet20_w4_checkpoint_is_at_most_a_seventh_of_fp32(resnet20, tmp_path):
+    qmodel = postquant.quantize(resnet20.model, {"w_bits": 4}, example_inputs=resnet20.example_inputs)
+    size = checkpoint_size(save(qmodel, tmp_path / "ckpt", model_name=resnet20.name))
+    fp32 = float_size(resnet20.model)
+    assert fp32 > 1_000_000
+    assert size <= fp32 / 7, f"W4 checkpoint {size} bytes vs FP32 {fp32} bytes"

