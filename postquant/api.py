@@ -12,12 +12,15 @@ import torch
 from torch import nn
 
 from postquant.calib import ActRanges, as_calibration, calibrate_from_data, calibrate_reference_noise
+from postquant.calib.act_ranges import bn_noise_ranges
 from postquant.errors import DataError
 from postquant.grids import fit_uniform_grid
 from postquant.model import fold_batchnorm, set_module
-from postquant.nn import QuantizedLayer
+from postquant.nn import ActQuantizer, QuantizedLayer
 from postquant.plan import LayerPlan, check_finite, make_plan
 from postquant.recipe import Method, Recipe
+from postquant.reconstruct import is_learned, learned_rounding
+from postquant.reconstruct import prepare as prepare_learned
 from postquant.rounding import nearest_codes, squant_codes
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,11 @@ def quantize(
     batches = as_calibration(calib, recipe.calib_size) if calib is not None else None
     if example_inputs is None and isinstance(batches, list):
         example_inputs = batches[0]
+    if is_learned(recipe):  # preset first/last-layer policy, synthetic calibration data (float model)
+        recipe, batches = prepare_learned(model, recipe, batches, example_inputs)
+        plan = make_plan(model, recipe)
+        if example_inputs is None and isinstance(batches, list):
+            example_inputs = batches[0]
 
     qmodel = copy.deepcopy(model).eval()
     if recipe.fold_bn:
@@ -89,12 +97,15 @@ def quantize(
             log.info("BatchNorm not folded: pass example_inputs or calib so the fold can be verified")
         else:
             qmodel, _ = fold_batchnorm(qmodel, example_inputs)
+    teacher = copy.deepcopy(qmodel) if is_learned(recipe) else None  # float, folded: the target of learning
     layers = quantize_weights(qmodel, plan, recipe)
 
     a_bits = {name: plan[name].a_bits for name in layers if plan[name].a_bits is not None}
     if a_bits:
         act_layers = {name: layers[name] for name in a_bits}
-        _calibrate_activations(qmodel, act_layers, a_bits, recipe, batches, example_inputs)  # type: ignore[arg-type]
+        _calibrate_activations(model, qmodel, act_layers, a_bits, recipe, batches, example_inputs)  # type: ignore[arg-type]
+    if teacher is not None:  # learned rounding (AdaRound/BRECQ/QDrop family), postquant.reconstruct
+        qmodel.postquant_learned = learned_rounding(qmodel, teacher, batches, recipe)  # type: ignore[assignment]
     qmodel.postquant_recipe = recipe  # type: ignore[assignment]
     log.info(
         "quantized %d layers (%s, W%s A%s) in %.3f s",
@@ -108,6 +119,7 @@ def quantize(
 
 
 def _calibrate_activations(
+    float_model: nn.Module,
     qmodel: nn.Module,
     layers: dict[str, QuantizedLayer],
     a_bits: dict[str, int],
@@ -130,4 +142,11 @@ def _calibrate_activations(
         raise DataError(
             "data-free activation ranges need example_inputs=... (one batch, for the input shape)"
         )
+    if rule is ActRanges.BN_NOISE:
+        ranges = bn_noise_ranges(
+            copy.deepcopy(float_model), a_bits, example_inputs, recipe.a_observer, seed=recipe.seed
+        )
+        for name, (lo, hi) in ranges.items():
+            layers[name].act_quant = ActQuantizer(a_bits[name], lo, hi)
+        return
     calibrate_reference_noise(qmodel, layers, a_bits, example_inputs, seed=recipe.seed)

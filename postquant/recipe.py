@@ -7,12 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from postquant.calib.act_ranges import ActRanges
 from postquant.calib.observers import Observer
 from postquant.errors import OutputError, RecipeError, unknown_name
 from postquant.grids import Granularity, RangeMethod
+from postquant.reconstruct.config import LearnedConfig
 from postquant.rounding.squant import SquantMode
 
 
@@ -21,6 +30,10 @@ class Method(enum.StrEnum):
 
     RTN = "rtn"  # nearest rounding
     SQUANT = "squant"  # data-free flips (ALGORITHMS.md 2.2)
+    ADAROUND = "adaround"  # learned rounding, layer-wise (ALGORITHMS.md 2.3; preset in reconstruct.presets)
+    BRECQ = "brecq"  # learned rounding, block-wise
+    QDROP = "qdrop"  # BRECQ + randomly dropped activation quantization
+    LEARNED = "learned"  # this project's measured default of learned rounding
 
 
 Bits = int
@@ -36,6 +49,11 @@ class LayerOverride(BaseModel):
     model_config = ConfigDict(extra="forbid")
     w_bits: int | None = Field(default=None, ge=2, le=8)
     a_bits: int | None = Field(default=None, ge=2, le=8)
+
+    @model_serializer(mode="wrap")
+    def _only_set_fields(self, handler: Any) -> dict[str, Any]:
+        # An unset field inherits, a field set to null means float: dumping must keep that difference.
+        return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
 
 
 def _default_overrides() -> dict[str, LayerOverride]:
@@ -68,6 +86,16 @@ class Recipe(BaseModel):
     squant_mode: SquantMode = SquantMode.EKC
     calib_size: int = Field(default=1024, ge=1)
     seed: int = 0
+    learned: LearnedConfig | None = Field(
+        default=None, description="learned rounding settings; filled from the method's preset, fields on top"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _learned_preset(cls, data: Any) -> Any:
+        from postquant.reconstruct.presets import resolve_learned
+
+        return resolve_learned(data)
 
     @field_validator("method", mode="before")
     @classmethod

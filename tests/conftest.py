@@ -28,14 +28,19 @@ class TinyCNN(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def make_tiny_cnn(seed: int = 0) -> TinyCNN:
-    torch.manual_seed(seed)
-    model = TinyCNN()
-    for bn in (model.bn1, model.bn2):  # non-trivial running statistics
+def randomize_bn(*bns: nn.modules.batchnorm._BatchNorm) -> None:
+    """Give BatchNorms non-trivial running statistics and affine parameters (from torch's global RNG)."""
+    for bn in bns:
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
         bn.weight.data.uniform_(0.5, 1.5)
         bn.bias.data.uniform_(-0.2, 0.2)
+
+
+def make_tiny_cnn(seed: int = 0) -> TinyCNN:
+    torch.manual_seed(seed)
+    model = TinyCNN()
+    randomize_bn(model.bn1, model.bn2)
     return model.eval()
 
 

@@ -51,3 +51,16 @@ def test_bad_yaml_files(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(RecipeError, match="mapping"):
         Recipe.coerce(bad)
+
+
+def test_yaml_round_trip_keeps_inherit_vs_float_in_overrides(tmp_path, tiny_cnn):
+    from postquant.plan import make_plan
+
+    r = Recipe.coerce(
+        {"w_bits": 3, "a_bits": 4, "overrides": {"@first": {"a_bits": None}, "fc": {"w_bits": 8}}}
+    )
+    r.to_yaml(tmp_path / "r.yaml")
+    again = Recipe.coerce(tmp_path / "r.yaml")
+    assert make_plan(tiny_cnn, again) == make_plan(tiny_cnn, r)
+    assert make_plan(tiny_cnn, again)["conv1"].w_bits == 3  # unset w_bits inherits, it is not "float"
+    assert "w_bits" not in again.overrides["@first"].model_fields_set

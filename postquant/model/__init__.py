@@ -1,11 +1,15 @@
-"""Walking a model: layer discovery, ignore patterns, BatchNorm folding."""
+"""Walking a model: layer discovery, ignore patterns, BatchNorm folding, reconstruction units."""
 
+from postquant.model.blocks import Unit, find_blocks, make_units
 from postquant.model.fold import fold_batchnorm, fold_bn_into
 from postquant.model.walk import matches, quantizable_layers, quantized_layers, set_module
 
 __all__ = [
+    "Unit",
+    "find_blocks",
     "fold_batchnorm",
     "fold_bn_into",
+    "make_units",
     "matches",
     "quantizable_layers",
     "quantized_layers",

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from postquant.paths import shared_path
+from tests.conftest import randomize_bn
 
 
 class SmallNet(nn.Module):
@@ -36,11 +37,7 @@ class SmallNet(nn.Module):
 def make_small_net(seed: int = 0, width: int = 16) -> SmallNet:
     torch.manual_seed(seed)
     model = SmallNet(width)
-    for bn in (model.bn1, model.bn2, model.bn3):  # non-trivial statistics
-        bn.running_mean.uniform_(-0.5, 0.5)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.data.uniform_(0.5, 1.5)
-        bn.bias.data.uniform_(-0.2, 0.2)
+    randomize_bn(model.bn1, model.bn2, model.bn3)
     return model.eval()
 
 

@@ -1,0 +1,312 @@
+"""Caching what a unit sees: its inputs in the quantized model, its inputs and outputs in the float model.
+
+Capture uses forward hooks that always go away, and stops the forward pass right after the unit (an
+exception caught here), so caching unit k costs the model prefix up to k, never the whole model. Everything
+is kept on the CPU, bounded by ``max_bytes``: when the calibration set does not fit, the first batches that
+fit are used and the rest is skipped (logged).
+
+Unit inputs are kept as the positional and keyword arguments of the unit's first module (tensors with the
+batch as first dimension are split and sampled; anything else, such as a shared mask or a flag, is passed as
+it was). BRECQ and QDrop reconstruct from the quantized model's inputs; QDrop mixes them element-wise with
+the float model's inputs (Wei et al., ICLR 2022, Sec. 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from postquant.calib.data import Batch, batch_size_of, run_model
+from postquant.model.blocks import Unit
+from postquant.nn import QuantizedLayer
+from postquant.reconstruct.params import ste_act_quantizers
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook once it has what it needs; ends the forward pass early."""
+
+
+@dataclass
+class Captured:
+    """Arguments of a module call: positional `args`, keyword `kwargs`."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, tuple | list):
+        return type(obj)(_to_cpu(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """The main tensor of a module output (the tensor itself, or the first item of a tuple/ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find the output tensor of a unit in a {type(out).__name__}")
+
+
+def nbytes(obj: Any) -> int:
+    """Bytes held by the tensors in a nested structure."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, tuple | list):
+        return sum(nbytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, Captured):
+        return nbytes(obj.args) + nbytes(obj.kwargs)
+    return 0
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, unit: Unit, want_input: bool, want_output: bool) -> Iterator[dict[str, Any]]:
+    """Record the unit's input arguments and/or output during one forward pass, then stop the pass.
+
+    Yields a dict that receives ``"input"`` (a `Captured`) and ``"output"`` (a tensor) after the pass.
+    """
+    seen: dict[str, Any] = {}
+    first = model.get_submodule(unit.modules[0])
+    last = model.get_submodule(unit.modules[-1])
+
+    def pre_hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if "input" not in seen:
+            seen["input"] = Captured(_to_cpu(args), _to_cpu(kwargs))
+            if not want_output:
+                raise _StopForward
+
+    def post_hook(_mod: nn.Module, _args: Any, output: Any) -> None:
+        if "output" not in seen:
+            seen["output"] = first_tensor(output).detach().to("cpu", copy=True)
+            raise _StopForward
+
+    handles = []
+    if want_input:
+        handles.append(first.register_forward_pre_hook(pre_hook, with_kwargs=True))
+    if want_output:
+        handles.append(last.register_forward_hook(post_hook))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def run_captured(
+    model: nn.Module, unit: Unit, batch: Batch, want_input: bool, want_output: bool
+) -> dict[str, Any]:
+    """Run `model` on `batch` until the unit has been seen; return what was captured."""
+    with capture(model, unit, want_input, want_output) as seen, contextlib.suppress(_StopForward):
+        run_model(model, batch)
+    missing = [k for k, w in (("input", want_input), ("output", want_output)) if w and k not in seen]
+    if missing:
+        raise RuntimeError(f"unit {unit.name} was not called in the forward pass (no {', '.join(missing)})")
+    return seen
+
+
+def rows(obj: Any, idx: torch.Tensor, n: int) -> Any:
+    """Select rows `idx` of every tensor whose first dimension is the batch size `n`; keep the rest."""
+    if isinstance(obj, torch.Tensor):
+        return obj[idx] if obj.dim() and obj.shape[0] == n else obj
+    if isinstance(obj, tuple | list):
+        return type(obj)(rows(o, idx, n) for o in obj)
+    if isinstance(obj, dict):
+        return {k: rows(v, idx, n) for k, v in obj.items()}
+    if isinstance(obj, Captured):
+        return Captured(rows(obj.args, idx, n), rows(obj.kwargs, idx, n))
+    return obj
+
+
+def _cat(items: list[Any], sizes: list[int]) -> Any:
+    """Concatenate along dim 0 the per-sample tensors of structurally equal items; raise ValueError if not."""
+    head = items[0]
+    if isinstance(head, torch.Tensor):
+        if all(
+            isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == s
+            for t, s in zip(items, sizes, strict=True)
+        ):
+            if any(t.shape[1:] != head.shape[1:] or t.dtype != head.dtype for t in items):
+                raise ValueError("shapes differ")
+            return torch.cat(items)
+        if all(isinstance(t, torch.Tensor) and t.shape == head.shape and torch.equal(t, head) for t in items):
+            return head
+        raise ValueError("a tensor is neither per-sample nor shared")
+    if isinstance(head, tuple | list):
+        if any(not isinstance(i, tuple | list) or len(i) != len(head) for i in items):
+            raise ValueError("structure differs")
+        return type(head)(_cat([i[k] for i in items], sizes) for k in range(len(head)))
+    if isinstance(head, dict):
+        if any(not isinstance(i, dict) or i.keys() != head.keys() for i in items):
+            raise ValueError("structure differs")
+        return {k: _cat([i[k] for i in items], sizes) for k in head}
+    if isinstance(head, Captured):
+        return Captured(_cat([i.args for i in items], sizes), _cat([i.kwargs for i in items], sizes))
+    if any(i != head for i in items):
+        raise ValueError("non-tensor values differ")
+    return head
+
+
+@dataclass
+class Record:
+    """Cached samples of one unit: inputs (quantized model; float model for QDrop), targets, extras."""
+
+    n: int
+    q_input: Captured | None = None  # unit input in the quantized model
+    f_input: Captured | None = None  # unit input in the float model (QDrop)
+    target: torch.Tensor | None = None  # unit output in the float model
+    weight: torch.Tensor | None = None  # per-element loss weights (Fisher)
+    model_input: Batch | None = None  # the model's input (loss='output')
+    final: torch.Tensor | None = None  # the float model's final output (loss='output')
+
+
+@dataclass
+class UnitData:
+    """The cached records of one unit, merged into one when the shapes allow (then sampling is uniform)."""
+
+    records: list[Record] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return sum(r.n for r in self.records)
+
+    def merge(self) -> None:
+        """Concatenate all records into one if every per-sample tensor has equal trailing shapes."""
+        if len(self.records) < 2:
+            return
+        sizes = [r.n for r in self.records]
+        merged = Record(self.n)
+        try:
+            for name in ("q_input", "f_input", "target", "weight", "model_input", "final"):
+                values = [getattr(r, name) for r in self.records]
+                if values[0] is not None:
+                    setattr(merged, name, _cat(values, sizes))
+        except ValueError:
+            log.debug("unit inputs differ in shape across batches; sampling within batches")
+            return
+        self.records = [merged]
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Record, torch.Tensor]:
+        """A record (chosen in proportion to its size) and `batch_size` row indices drawn without replacement."""
+        if len(self.records) == 1:
+            rec = self.records[0]
+        else:
+            weights = torch.tensor([r.n for r in self.records], dtype=torch.float)
+            rec = self.records[int(torch.multinomial(weights, 1, generator=generator))]
+        idx = torch.randperm(rec.n, generator=generator)[: min(batch_size, rec.n)]
+        return rec, idx
+
+
+def fisher_weights(
+    qmodel: nn.Module, unit: Unit, batch: Batch, final_target: torch.Tensor, metric: str
+) -> torch.Tensor:
+    """BRECQ's Fisher diagonal at the unit output: ``(|dL/dz| + 1)^2`` per element.
+
+    ``L`` is the distance between the quantized model's final output and the float model's (KL for class
+    logits: the model's own prediction stands in for labels), summed over the batch so that the gradient of
+    each sample does not shrink with the batch size (Li et al., BRECQ, ICLR 2021, Sec. 3.2 and its code).
+    """
+    last = qmodel.get_submodule(unit.modules[-1])
+    holder: dict[str, torch.Tensor] = {}
+
+    def hook(_mod: nn.Module, _args: Any, output: Any) -> Any:
+        z = first_tensor(output).detach().requires_grad_(True)
+        holder["z"] = z
+        if isinstance(output, torch.Tensor):
+            return z
+        if hasattr(output, "to_tuple"):
+            output[next(iter(output.keys()))] = z
+            return output
+        return type(output)((z, *output[1:]))
+
+    handle = last.register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            out = run_model(qmodel, batch)
+            loss = final_distance(out, final_target, metric, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, holder["z"])
+    finally:
+        handle.remove()
+    return (grad.abs() + 1.0).pow(2).detach()
+
+
+def final_distance(
+    out: torch.Tensor, target: torch.Tensor, metric: str, reduction: str = "mean"
+) -> torch.Tensor:
+    """KL(target || out) on logits, or MSE, between final outputs (per-sample sum, then batch mean/sum)."""
+    if metric == "auto":
+        metric = "kl" if out.dim() == 2 else "mse"
+    if metric == "kl":
+        per = F.kl_div(
+            F.log_softmax(out, dim=-1), F.log_softmax(target, dim=-1), log_target=True, reduction="none"
+        )
+    else:
+        per = (out - target).pow(2)
+    per = per.reshape(per.shape[0], -1).sum(dim=1)  # (N,)
+    return per.sum() if reduction == "sum" else per.mean()
+
+
+def collect_unit_data(
+    qmodel: nn.Module,
+    teacher: nn.Module,
+    unit: Unit,
+    batches: list[Batch],
+    *,
+    need_float_input: bool,
+    loss: str,
+    output_metric: str,
+    max_bytes: int,
+) -> UnitData:
+    """Cache a unit's quantized-model inputs, float-model outputs (and what the loss needs) over `batches`."""
+    data = UnitData()
+    used = 0
+    all_layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)}
+    for i, batch in enumerate(batches):
+        n = batch_size_of(batch)
+        rec = Record(n)
+        if loss == "output":
+            rec.model_input = batch
+            with torch.no_grad():
+                rec.final = run_model(teacher, batch).detach().cpu()
+        else:
+            rec.q_input = run_captured(qmodel, unit, batch, True, False)["input"]
+            seen = run_captured(teacher, unit, batch, need_float_input, True)
+            rec.target = seen["output"]
+            rec.f_input = seen.get("input")
+            if loss == "fisher":
+                with torch.no_grad():
+                    final = run_model(teacher, batch).detach()
+                with ste_act_quantizers(all_layers, set(), set(), 0.0, torch.Generator()):
+                    rec.weight = fisher_weights(qmodel, unit, batch, final, output_metric)
+        size = sum(nbytes(x) for x in (rec.q_input, rec.f_input, rec.target, rec.weight, rec.final))
+        if data.records and used + size > max_bytes:
+            log.info(
+                "unit %s: cache bound reached, using %d of %d calibration batches (%d samples)",
+                unit.name,
+                i,
+                len(batches),
+                data.n,
+            )
+            break
+        data.records.append(rec)
+        used += size
+    data.merge()
+    return data

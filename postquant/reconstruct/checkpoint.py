@@ -1,0 +1,106 @@
+"""Resuming learned rounding: finished units saved as safetensors plus a JSON index.
+
+The directory is keyed by a hash of the recipe, the learned config, the float model's weights and the unit
+names, so a resume never mixes runs. Every RNG of unit k is seeded from (seed, k) and earlier units are
+restored bit-exactly, so an interrupted run finishes with the same codes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from postquant.errors import CheckpointError, OutputError
+
+log = logging.getLogger(__name__)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 over the names, shapes and bytes of a model's parameters and buffers."""
+    h = hashlib.sha256()
+    for name, t in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_key(parts: dict[str, Any]) -> str:
+    """A short stable hash of JSON-able `parts`."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def unit_seed(seed: int, index: int) -> int:
+    """The seed of every RNG of unit `index` (independent of what ran before)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:7], "little")
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class CheckpointStore:
+    """Finished units of one run in ``root/<key>/``: ``index.json`` and ``unit_<k>.safetensors``."""
+
+    def __init__(self, root: str | Path, key: str, units: list[str]) -> None:
+        self.dir = Path(root).expanduser() / key
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the checkpoint directory {self.dir}: {exc.strerror}") from exc
+        self.key = key
+        self.units = units
+        self.index_path = self.dir / "index.json"
+        self.index: dict[str, Any] = {"key": key, "units": units, "done": {}}
+        if self.index_path.is_file():
+            try:
+                index = json.loads(self.index_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(
+                    f"{self.index_path} is not valid JSON; delete it to start over"
+                ) from exc
+            if index.get("key") == key and index.get("units") == units:
+                self.index = index
+
+    def finished(self) -> list[int]:
+        """Indices of the saved units, in order, up to the first gap."""
+        done = []
+        for k in range(len(self.units)):
+            if (
+                str(k) not in self.index["done"]
+                or not (self.dir / self.index["done"][str(k)]["file"]).is_file()
+            ):
+                break
+            done.append(k)
+        return done
+
+    def load(self, k: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The state tensors and the outcome of finished unit `k`."""
+        entry = self.index["done"][str(k)]
+        return load_file(str(self.dir / entry["file"])), entry["outcome"]
+
+    def save(self, k: int, state: dict[str, torch.Tensor], outcome: dict[str, Any]) -> None:
+        """Save unit `k` (tensors first, then the index, both atomically)."""
+        name = f"unit_{k:04d}.safetensors"
+        tensors = {key: t.detach().cpu().contiguous() for key, t in state.items()}
+        _write_atomic(self.dir / name, lambda tmp: save_file(tensors, tmp))
+        self.index["done"][str(k)] = {"file": name, "unit": self.units[k], "outcome": outcome}
+        text = json.dumps(self.index, indent=1)
+        _write_atomic(self.index_path, lambda tmp: Path(tmp).write_text(text))
+        log.debug("checkpointed unit %d (%s) to %s", k, self.units[k], self.dir)

@@ -1,0 +1,158 @@
+"""`LearnedConfig`: every choice of learned rounding (AdaRound / BRECQ / QDrop family) as a typed field.
+
+The fields follow the axes of ALGORITHMS.md 2.4 (the study "challenging common choices in gradient-based
+PTQ"): the reconstruction unit (granularity), the optimised variable, the degrees of freedom, the loss, the
+optimizer, the weight selection, the calibration source and augmentation. The presets that reproduce
+AdaRound (Nagel et al., ICML 2020), BRECQ (Li et al., ICLR 2021) and QDrop (Wei et al., ICLR 2022) are data
+in `postquant.reconstruct.presets`.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from postquant.calib.augment import Augmentation
+
+
+class UnitKind(enum.StrEnum):
+    """What is reconstructed at once."""
+
+    LAYER = "layer"  # one quantized layer (AdaRound)
+    BLOCK = "block"  # one residual / transformer block (BRECQ, QDrop); stem and head layers alone
+    BLOCKS = "blocks"  # `blocks_per_unit` consecutive blocks of the same stage
+
+
+class Variable(enum.StrEnum):
+    """The optimised variable that decides the rounding of each weight."""
+
+    ADAROUND = "adaround"  # rectified sigmoid h(V) plus the annealed regulariser (AdaRound eq. 21-23)
+    STE = "ste"  # a direct continuous offset, rounded in the forward pass, straight-through gradient
+    SIGMOID = "sigmoid"  # a plain sigmoid offset without regulariser, rounded at the end
+
+
+class CodeRange(enum.StrEnum):
+    """Where the learned codes may go (the first degree of freedom)."""
+
+    ROUNDING = "rounding"  # {floor(x), floor(x) + 1}: only the rounding direction is learned
+    GRID = "grid"  # anywhere on the integer grid [qmin, qmax] (variable 'ste' only)
+
+
+class Loss(enum.StrEnum):
+    """What the reconstruction minimises."""
+
+    MSE = "mse"  # squared error of the unit output against the float model's (BRECQ's `lp_loss`, p=2)
+    FISHER = "fisher"  # the same, weighted per element by squared output gradients (BRECQ `fisher_diag`)
+    OUTPUT = "output"  # KL or MSE between the quantized and float models' final outputs
+
+
+class OutputMetric(enum.StrEnum):
+    """Distance on the final output for ``loss='output'`` (and the gradients of ``loss='fisher'``)."""
+
+    AUTO = "auto"  # KL for 2-D outputs (class logits), MSE otherwise
+    KL = "kl"
+    MSE = "mse"
+
+
+class Optimizer(enum.StrEnum):
+    ADAM = "adam"
+    ADAMW = "adamw"
+    SGD = "sgd"  # with `momentum`
+    RMSPROP = "rmsprop"
+
+
+class Schedule(enum.StrEnum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
+class Selection(enum.StrEnum):
+    """Which weights are learned; the others keep their initial code (nearest unless ``init='squant'``)."""
+
+    ALL = "all"
+    BAND = "band"  # only weights whose fractional part is within 0.5 +- `band`
+    RANDOM = "random"  # a seeded random `fraction` of the weights
+
+
+class Init(enum.StrEnum):
+    """Starting codes of the learned rounding."""
+
+    NEAREST = "nearest"
+    SQUANT = "squant"  # SQuant flips (ALGORITHMS.md 2.2), then learned from there
+
+
+class CalibSource(enum.StrEnum):
+    """Where the calibration inputs of the reconstruction come from."""
+
+    DATA = "data"  # the calibration data passed in (the model's own set, or another dataset)
+    SYNTHETIC = "synthetic"  # distilled to match BatchNorm statistics (ZeroQ); models with BatchNorm only
+    NOISE = "noise"  # standard normal noise of the example input's shape
+
+
+class LearnedConfig(BaseModel):
+    """One learned-rounding run. The defaults are BRECQ's published settings (ALGORITHMS.md 2.3)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # granularity
+    unit: UnitKind = Field(default=UnitKind.BLOCK, description="layer | block | blocks")
+    blocks_per_unit: int = Field(default=2, ge=1, description="blocks per unit for unit='blocks'")
+    block_patterns: list[str] = Field(
+        default_factory=list,
+        description="globs on module names that name the blocks (e.g. 'layer*.*'); empty: found automatically",
+    )
+    # variable and degrees of freedom
+    variable: Variable = Variable.ADAROUND
+    codes: CodeRange = CodeRange.ROUNDING
+    learn_weight_scales: bool = Field(default=False, description="also learn one weight step per grid row")
+    learn_act_scales: bool = Field(default=True, description="learn activation step sizes (LSQ) if quantized")
+    learn_bias: bool = False
+    # loss
+    loss: Loss = Loss.MSE
+    output_metric: OutputMetric = OutputMetric.AUTO
+    # optimisation
+    optimizer: Optimizer = Optimizer.ADAM
+    lr: float = Field(default=1e-3, gt=0, description="learning rate of the rounding variables")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="for optimizer='sgd'")
+    lr_schedule: Schedule = Schedule.CONSTANT
+    scale_lr: float = Field(default=1e-4, gt=0, description="learning rate of weight scales and biases")
+    act_lr: float = Field(default=4e-5, gt=0, description="learning rate of activation step sizes (cosine)")
+    iters: int = Field(default=20000, ge=0, description="optimisation steps per unit")
+    batch_size: int = Field(default=32, ge=1)
+    reg_lambda: float = Field(default=0.01, ge=0, description="weight of the rounding regulariser")
+    beta_start: float = Field(default=20.0, gt=0)
+    beta_end: float = Field(default=2.0, gt=0)
+    warmup: float = Field(default=0.2, ge=0, lt=1, description="fraction of iters without regulariser")
+    drop_prob: float = Field(default=0.0, ge=0, lt=1, description="QDrop: keep activations float w.p.")
+    # which weights, from where
+    selection: Selection = Selection.ALL
+    band: float = Field(default=0.25, gt=0, le=0.5, description="selection='band': |frac - 0.5| <= band")
+    fraction: float = Field(default=0.5, gt=0, le=1, description="selection='random': share learned")
+    init: Init = Init.NEAREST
+    first_last_w_bits: int | None = Field(
+        default=None, ge=2, le=8, description="weight bits of the first and last layers (None: the recipe's)"
+    )
+    # calibration data
+    calib_source: CalibSource = CalibSource.DATA
+    synthetic_steps: int = Field(default=200, ge=1, description="Adam steps of BN-statistics distillation")
+    augment: list[Augmentation] = Field(default_factory=list, description="flip, shift, noise, mixup")
+    augment_copies: int = Field(default=1, ge=1, description="augmented copies added per input")
+    max_cache_mb: int = Field(default=1024, ge=1, description="bound on cached unit inputs/outputs (CPU)")
+    # bookkeeping (not part of the result)
+    checkpoint_dir: Path | None = Field(default=None, description="resume directory for finished units")
+    progress: bool = Field(default=True, description="tqdm bar per unit")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LearnedConfig:
+        if self.codes is CodeRange.GRID and self.variable is not Variable.STE:
+            raise ValueError(
+                f"codes='grid' needs variable='ste' (variable='{self.variable.value}' can only choose "
+                "between floor and floor+1); use codes='rounding'"
+            )
+        return self
+
+    def result_fields(self) -> dict[str, object]:
+        """The fields that change the result (for checkpoint keys): all but bookkeeping."""
+        return self.model_dump(mode="json", exclude={"checkpoint_dir", "progress"})

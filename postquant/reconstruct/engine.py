@@ -1,0 +1,311 @@
+"""Driving learned rounding over a model: calibration data, units in order, progress, checkpoints.
+
+`quantize()` calls `prepare` before planning (presets' first/last-layer policy, synthetic calibration data
+made from the float model before BatchNorm folding) and `learned_rounding` after weight quantization and
+activation calibration. `reconstruct_model` is the same engine for users who build the pieces themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from postquant.calib.augment import augment_batches
+from postquant.calib.data import Batch, ForwardLoop, batch_size_of, collect_batches, run_model
+from postquant.calib.synthetic import distill_bn_data, noise_data
+from postquant.errors import DataError
+from postquant.model.blocks import Unit, make_units
+from postquant.reconstruct.cache import collect_unit_data, nbytes
+from postquant.reconstruct.checkpoint import CheckpointStore, model_fingerprint, run_key, unit_seed
+from postquant.reconstruct.config import CalibSource, LearnedConfig, Loss
+from postquant.reconstruct.loop import UnitOutcome, check_batch_size, reconstruct_unit, restore, snapshot
+from postquant.reconstruct.presets import PRESETS, preset
+
+if TYPE_CHECKING:
+    from postquant.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+OnUnitEnd = Callable[[int, Unit, UnitOutcome], None]
+
+
+@dataclass
+class ReconstructionReport:
+    """Per-unit outcomes of one learned-rounding run, and its wall time."""
+
+    units: list[UnitOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "resumed": self.resumed, "units": [asdict(u) for u in self.units]}
+
+
+def is_learned(recipe: Recipe) -> bool:
+    """Whether the recipe's method is a learned-rounding method."""
+    return recipe.method.value in PRESETS
+
+
+def learned_config(recipe: Recipe) -> LearnedConfig:
+    """The effective learned config of a recipe (its ``learned`` field, else its method's preset)."""
+    return recipe.learned if recipe.learned is not None else preset(recipe.method.value)
+
+
+# ----------------------------------------------------------------------------------- before planning
+
+
+def prepare(model: nn.Module, recipe: Recipe, batches: Any, example_inputs: Any) -> tuple[Recipe, Any]:
+    """Apply the learned config's first/last-layer policy and calibration source (no-op for other methods).
+
+    Args:
+        model: the float model, before BatchNorm folding (synthetic data matches its BN statistics).
+        recipe: the recipe.
+        batches: the calibration batches (or forward loop, or None).
+        example_inputs: one batch, for the input shape of synthetic data.
+
+    Returns:
+        The recipe (with 8-bit first/last weight overrides when asked) and the calibration data to use.
+    """
+    if not is_learned(recipe):
+        return recipe, batches
+    cfg = learned_config(recipe)
+    if cfg.first_last_w_bits is not None:
+        recipe = _first_last_policy(recipe, cfg.first_last_w_bits)
+    if cfg.calib_source is CalibSource.DATA:
+        if isinstance(batches, list):  # fail before BN folding and activation calibration run on it
+            check_calibration(model, batches, 0)  # the sample-count warning comes later, once
+        return recipe, batches
+    shape_src = (
+        example_inputs if example_inputs is not None else (batches[0] if isinstance(batches, list) else None)
+    )
+    if not isinstance(shape_src, torch.Tensor) or shape_src.dim() < 2:
+        raise DataError(
+            f"calib_source='{cfg.calib_source.value}' needs image-like tensor inputs: pass example_inputs=... "
+            "(one batch) so postquant knows the input shape"
+        )
+    shape = tuple(shape_src.shape[1:])
+    start = time.perf_counter()
+    if cfg.calib_source is CalibSource.SYNTHETIC:
+        batches = distill_bn_data(
+            model, shape, recipe.calib_size, steps=cfg.synthetic_steps, seed=recipe.seed
+        )
+    else:
+        batches = noise_data(shape, recipe.calib_size, seed=recipe.seed)
+    log.info(
+        "%s calibration data: %d samples in %.1f s",
+        cfg.calib_source.value,
+        recipe.calib_size,
+        time.perf_counter() - start,
+    )
+    return recipe, batches
+
+
+def _first_last_policy(recipe: Recipe, bits: int) -> Recipe:
+    """Set ``w_bits`` of '@first' and '@last' to `bits` unless the recipe already sets them."""
+    from postquant.recipe import LayerOverride
+
+    overrides = dict(recipe.overrides)
+    for key in ("@first", "@last"):
+        old = overrides.get(key)
+        if old is not None and "w_bits" in old.model_fields_set:
+            continue
+        fields = old.model_dump(include=old.model_fields_set) if old is not None else {}
+        overrides[key] = LayerOverride(**{**fields, "w_bits": bits})
+    return recipe.model_copy(update={"overrides": overrides})
+
+
+# ------------------------------------------------------------------------------------- after calibration
+
+
+def learned_rounding(
+    qmodel: nn.Module, teacher: nn.Module, calib: Any, recipe: Recipe
+) -> ReconstructionReport:
+    """Learn the rounding of `qmodel`'s layers against the float `teacher` (same module names, BN folded)."""
+    cfg = learned_config(recipe)
+    if calib is None:
+        raise DataError(
+            f"method '{recipe.method.value}' learns the rounding from calibration data: pass calib=... (batches, "
+            "a DataLoader or a forward_loop), or set learned.calib_source to 'synthetic' or 'noise'"
+        )
+    fields = recipe.model_dump(mode="json", exclude={"learned"})
+    return reconstruct_model(qmodel, teacher, calib, cfg, seed=recipe.seed, key_fields=fields)
+
+
+def record_model_inputs(model: nn.Module, forward_loop: ForwardLoop, limit: int | None) -> list[Batch]:
+    """The inputs a user's ``forward_loop(model)`` feeds to `model`, as batches (at most `limit` samples)."""
+    seen: list[Batch] = []
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if kwargs and not args:
+            seen.append(dict(kwargs))
+        elif len(args) == 1 and not kwargs:
+            seen.append(args[0])
+        else:
+            seen.append(tuple(args))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            forward_loop(model)
+    finally:
+        handle.remove()
+    return collect_batches(seen, limit)
+
+
+def check_calibration(teacher: nn.Module, batches: list[Batch], batch_size: int) -> None:
+    """Fail clearly on calibration data the model cannot run; warn when there is less than one batch."""
+    if not batches:
+        raise DataError("learned rounding needs calibration data: the calibration set is empty")
+    try:
+        with torch.no_grad():
+            run_model(teacher, batches[0])
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        first = batches[0]
+        desc = (
+            f"a {tuple(first.shape)} {first.dtype} tensor"
+            if isinstance(first, torch.Tensor)
+            else f"a {type(first).__name__}"
+        )
+        raise DataError(
+            f"the model cannot run on calibration batch 0 ({desc}): {str(exc).splitlines()[0]}. "
+            "Pass inputs of the shape and dtype the model takes (e.g. float32 (N, C, H, W) images)."
+        ) from None
+    n = sum(batch_size_of(b) for b in batches)
+    if n < batch_size:
+        log.warning(
+            "only %d calibration samples for learned rounding with batch_size %d: every step sees all of them "
+            "and the result may overfit; pass more calibration data (calib_size)",
+            n,
+            batch_size,
+        )
+
+
+def _data_fingerprint(batches: list[Batch]) -> str:
+    h = hashlib.sha256()
+
+    def feed(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            h.update(str(tuple(obj.shape)).encode())
+            h.update(obj.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(obj, dict):
+            for k in sorted(obj):
+                h.update(str(k).encode())
+                feed(obj[k])
+        elif isinstance(obj, tuple | list):
+            for o in obj:
+                feed(o)
+
+    for b in batches:
+        feed(b)
+    return h.hexdigest()
+
+
+def reconstruct_model(
+    qmodel: nn.Module,
+    teacher: nn.Module,
+    calib: list[Batch] | ForwardLoop,
+    cfg: LearnedConfig,
+    *,
+    seed: int = 0,
+    key_fields: dict[str, Any] | None = None,
+    on_unit_end: OnUnitEnd | None = None,
+) -> ReconstructionReport:
+    """Learn the rounding of every unit of `qmodel`, in order, in place.
+
+    Args:
+        qmodel: the quantized model (`QuantizedLayer`s with initial codes and input quantizers installed).
+        teacher: the float model with the same module names (BatchNorm folded the same way).
+        calib: calibration batches, or a ``forward_loop(model)`` callable (its inputs are recorded).
+        cfg: the learned config.
+        seed: every RNG of unit k is seeded from ``(seed, k)``.
+        key_fields: extra JSON-able fields for the checkpoint key (e.g. the recipe).
+        on_unit_end: called as ``on_unit_end(k, unit, outcome)`` after each unit is installed and saved.
+
+    Raises:
+        DataError: calibration data missing, empty or not runnable by the model.
+        RecipeError: a block pattern matches nothing.
+    """
+    start = time.perf_counter()
+    qmodel.eval()
+    teacher.eval()
+    batches = calib if isinstance(calib, list) else record_model_inputs(teacher, calib, None)
+    check_calibration(teacher, batches, cfg.batch_size)
+    if cfg.augment:
+        batches = augment_batches(batches, cfg.augment, cfg.augment_copies, seed=seed)
+    units = make_units(qmodel, cfg.unit.value, cfg.block_patterns, cfg.blocks_per_unit)
+    report = ReconstructionReport()
+    store = None
+    if cfg.checkpoint_dir is not None:
+        key = run_key(
+            {
+                "config": cfg.result_fields(),
+                "extra": key_fields or {},
+                "model": model_fingerprint(teacher),
+                "data": _data_fingerprint(batches),
+                "units": [u.name for u in units],
+            }
+        )
+        store = CheckpointStore(cfg.checkpoint_dir, key, [u.name for u in units])
+    done = set(store.finished()) if store is not None else set()
+    if done:
+        log.info(
+            "resuming learned rounding: %d of %d units already finished in %s",
+            len(done),
+            len(units),
+            store.dir,
+        )
+    max_bytes = cfg.max_cache_mb * 2**20
+    for k, unit in enumerate(units):
+        if k in done:
+            state, outcome = store.load(k)
+            restore(qmodel, state)
+            report.units.append(UnitOutcome(**outcome))
+            report.resumed += 1
+            continue
+        generator = torch.Generator().manual_seed(unit_seed(seed, k))
+        data = collect_unit_data(
+            qmodel,
+            teacher,
+            unit,
+            batches,
+            need_float_input=cfg.drop_prob > 0,
+            loss=cfg.loss.value,
+            output_metric=cfg.output_metric.value,
+            max_bytes=max_bytes,
+        )
+        check_batch_size(data, cfg, unit)
+        log.debug(
+            "unit %s: %d samples cached (%.1f MB)",
+            unit.name,
+            data.n,
+            sum(nbytes(r.target) for r in data.records) / 2**20 if cfg.loss is not Loss.OUTPUT else 0,
+        )
+        outcome = reconstruct_unit(
+            qmodel, teacher, unit, data, cfg, generator, desc=f"[{k + 1}/{len(units)}] {unit.name}"
+        )
+        del data
+        log.info(
+            "unit %d/%d %s: %s, error %.4g -> %.4g, %d steps, %.1f s",
+            k + 1,
+            len(units),
+            unit.name,
+            outcome.status,
+            outcome.error_before,
+            outcome.error_after,
+            outcome.steps,
+            outcome.seconds,
+        )
+        report.units.append(outcome)
+        if store is not None:
+            store.save(k, snapshot(qmodel, unit), asdict(outcome))
+        if on_unit_end is not None:
+            on_unit_end(k, unit, outcome)
+    report.seconds = time.perf_counter() - start
+    return report

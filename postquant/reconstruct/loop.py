@@ -1,0 +1,388 @@
+"""The one reconstruction loop of AdaRound, BRECQ and QDrop: a loss, the parameters to train, a schedule.
+
+Layer-wise (AdaRound, Nagel et al., ICML 2020), block-wise (BRECQ, Li et al., ICLR 2021) and QDrop (Wei et
+al., ICLR 2022) differ only in settings of `LearnedConfig`: the unit, where its inputs come from, whether
+activations are randomly kept float. The loop minimises
+
+    rec(unit_q(x_q; W_soft), unit_fp(x_fp)) + lambda * sum(1 - |2h - 1|^beta)          (AdaRound eq. 25)
+
+over a cached calibration set, then rounds the variables to integer codes and installs them. A
+non-finite loss stops the unit and keeps the codes it had before (logged as a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from postquant.calib.data import Batch, batch_size_of, run_model
+from postquant.grids import UniformGrid
+from postquant.model.blocks import Unit
+from postquant.nn import QuantizedLayer
+from postquant.reconstruct.cache import Captured, Record, UnitData, final_distance, first_tensor, rows
+from postquant.reconstruct.config import LearnedConfig, Loss, Optimizer, Schedule
+from postquant.reconstruct.params import LayerRounding, beta_at, reg_active, ste_act_quantizers
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+@dataclass
+class LoopResult:
+    """How one optimisation went: ``status`` is ``"ok"`` or ``"nan"``."""
+
+    status: str
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: LearnedConfig) -> torch.optim.Optimizer:
+    """The optimizer of `cfg.optimizer` over parameter groups that carry their own ``lr``."""
+    if cfg.optimizer is Optimizer.SGD:
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    if cfg.optimizer is Optimizer.RMSPROP:
+        return torch.optim.RMSprop(groups, lr=cfg.lr)
+    if cfg.optimizer is Optimizer.ADAMW:
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+def optimise(
+    step_loss: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    weight_groups: list[dict[str, Any]],
+    act_params: list[nn.Parameter],
+    cfg: LearnedConfig,
+    desc: str,
+) -> LoopResult:
+    """Run `cfg.iters` steps of ``rec + reg = step_loss(step)``.
+
+    Weight groups follow `cfg.lr_schedule`; activation steps use Adam at `cfg.act_lr` with a cosine
+    schedule to 0 (BRECQ's code). Stops at the first non-finite loss (status ``"nan"``).
+    """
+    optimizers = [make_optimizer(weight_groups, cfg)] if weight_groups else []
+    if act_params:
+        optimizers.append(torch.optim.Adam(act_params, lr=cfg.act_lr))
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
+    if optimizers and weight_groups and cfg.lr_schedule is Schedule.COSINE:
+        schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[0], T_max=max(cfg.iters, 1)))
+    if act_params:
+        schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[-1], T_max=max(cfg.iters, 1)))
+    first = last = None
+    bar = tqdm(range(cfg.iters), desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True)
+    for step in bar:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        rec, reg = step_loss(step)
+        total = rec + reg
+        value = float(total.detach())
+        if not torch.isfinite(total.detach()):
+            bar.close()
+            return LoopResult("nan", step, first, last)
+        first = value if first is None else first
+        last = value
+        total.backward()
+        for opt in optimizers:
+            opt.step()
+        for sched in schedulers:
+            sched.step()
+        if step % 50 == 0 or step == cfg.iters - 1:
+            bar.set_postfix(rec=f"{float(rec.detach()):.4g}", reg=f"{float(reg.detach()):.4g}", refresh=False)
+    bar.close()
+    return LoopResult("ok", cfg.iters, first, last)
+
+
+# ------------------------------------------------------------------------------- unit state and forward
+
+
+def snapshot(qmodel: nn.Module, unit: Unit) -> dict[str, torch.Tensor]:
+    """Everything reconstruction may change in a unit: codes, steps, biases, activation steps."""
+    state: dict[str, torch.Tensor] = {}
+    for name in unit.layers:
+        layer: QuantizedLayer = qmodel.get_submodule(name)
+        state[f"{name}.codes"] = layer.codes.detach().clone()
+        state[f"{name}.grid_inv_scale"] = layer.grid_inv_scale.detach().clone()
+        if getattr(layer.inner, "bias", None) is not None:
+            state[f"{name}.inner.bias"] = layer.inner.bias.detach().clone()
+        if layer.act_quant is not None:
+            state[f"{name}.act_quant.scale"] = layer.act_quant.scale.detach().clone()
+    return state
+
+
+_STATE_KEYS = ("codes", "grid_inv_scale", "inner.bias", "act_quant.scale")
+
+
+@torch.no_grad()
+def restore(qmodel: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Install a `snapshot` (or a checkpointed unit) into `qmodel`."""
+    for key, value in state.items():
+        what = next((k for k in _STATE_KEYS if key.endswith("." + k)), None)
+        if what is None:
+            raise KeyError(f"unknown unit state {key!r}")
+        layer: QuantizedLayer = qmodel.get_submodule(key[: -len(what) - 1])
+        if what == "grid_inv_scale":
+            layer.grid_inv_scale = value.clone()
+        elif what == "inner.bias":
+            layer.inner.bias.copy_(value)
+        elif what == "act_quant.scale":
+            layer.act_quant.scale.copy_(value)
+    for key, value in state.items():
+        if key.endswith(".codes"):  # after the steps: set_codes recomputes the dequantized weight
+            qmodel.get_submodule(key[: -len(".codes")]).set_codes(value.to(torch.int32))
+
+
+class _Runner(nn.Module):
+    """Calls a model on a batch (tensor, tuple or dict) so that `functional_call` can run whole models."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return run_model(self.model, batch)
+
+
+def unit_forward(
+    qmodel: nn.Module, unit: Unit, overrides: dict[str, torch.Tensor], inp: Captured
+) -> torch.Tensor:
+    """Run the unit's modules in order on captured arguments, with parameters/buffers `overrides`."""
+    args, kwargs = inp.args, inp.kwargs
+    out: Any = None
+    for name in unit.modules:
+        mod = qmodel.get_submodule(name)
+        sub = {k[len(name) + 1 :]: v for k, v in overrides.items() if k.startswith(name + ".")}
+        out = functional_call(mod, sub, args, kwargs)
+        args = (first_tensor(out), *args[1:])
+    return first_tensor(out)
+
+
+def unit_distance(
+    out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """BRECQ's ``lp_loss`` (p=2): squared error summed over features (channels), mean over the rest."""
+    err = (out - target).pow(2)
+    if weight is not None:
+        err = err * weight
+    dim = 1 if err.dim() == 4 else -1
+    return err.sum(dim=dim).mean()
+
+
+def _mix_inputs(q: Captured, f: Captured | None, p: float, generator: torch.Generator) -> Captured:
+    """QDrop input: each element of the first argument from the float input w.p. `p`, else quantized."""
+    if f is None or p <= 0 or not q.args or not isinstance(q.args[0], torch.Tensor):
+        return q
+    xq, xf = q.args[0], f.args[0]
+    mixed = torch.where(torch.rand(xq.shape, generator=generator) < p, xf, xq)
+    return Captured((mixed, *q.args[1:]), q.kwargs)
+
+
+# ---------------------------------------------------------------------------------- one unit, end to end
+
+
+@dataclass
+class UnitOutcome:
+    """What happened to one unit: the loop's result and the error before/after on the cached data."""
+
+    name: str
+    status: str
+    steps: int
+    error_before: float
+    error_after: float
+    seconds: float
+
+
+def _make_rounding(
+    qmodel: nn.Module, teacher: nn.Module, unit: Unit, cfg: LearnedConfig, generator: torch.Generator
+) -> dict[str, LayerRounding]:
+    from postquant.rounding import squant_codes
+
+    out = {}
+    for name in unit.layers:
+        layer: QuantizedLayer = qmodel.get_submodule(name)
+        grid: UniformGrid = layer.grid
+        w = teacher.get_submodule(name).weight.detach()
+        x = grid.to_int(w)
+        if cfg.init.value == "squant":
+            init = squant_codes(x, grid.qmin, grid.qmax, "ekc").to(torch.int32)
+        else:
+            init = grid.nearest(w)
+        bias = getattr(layer.inner, "bias", None)
+        out[name] = LayerRounding(x, init, grid, bias, cfg, generator)
+    return out
+
+
+def _overrides(roundings: dict[str, LayerRounding], prefix: str = "") -> dict[str, torch.Tensor]:
+    ov: dict[str, torch.Tensor] = {}
+    for name, r in roundings.items():
+        ov[f"{prefix}{name}.weight"] = r.weight()
+        if r.bias is not None:
+            ov[f"{prefix}{name}.inner.bias"] = r.bias
+    return ov
+
+
+@torch.no_grad()
+def evaluate_unit(
+    qmodel: nn.Module, unit: Unit, data: UnitData, cfg: LearnedConfig, chunk: int = 128
+) -> float:
+    """Mean reconstruction loss of the unit as installed (hard codes, deployed quantizers) on the cache."""
+    total, count = 0.0, 0
+    for rec in data.records:
+        for start in range(0, rec.n, chunk):
+            idx = torch.arange(start, min(start + chunk, rec.n))
+            total += float(_loss(qmodel, unit, rec, idx, {}, cfg, None)) * len(idx)
+            count += len(idx)
+    return total / max(count, 1)
+
+
+def _loss(
+    qmodel: nn.Module,
+    unit: Unit,
+    rec: Record,
+    idx: torch.Tensor,
+    overrides: dict[str, torch.Tensor],
+    cfg: LearnedConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    if cfg.loss is Loss.OUTPUT:
+        batch = rows(rec.model_input, idx, rec.n)
+        ov = {f"model.{k}": v for k, v in overrides.items()}
+        out = functional_call(_Runner(qmodel), ov, (batch,))
+        return final_distance(out, rec.final[idx], cfg.output_metric.value)
+    inp = rows(rec.q_input, idx, rec.n)
+    if generator is not None and cfg.drop_prob > 0:
+        inp = _mix_inputs(inp, rows(rec.f_input, idx, rec.n), cfg.drop_prob, generator)
+    out = unit_forward(qmodel, unit, overrides, inp)
+    weight = rec.weight[idx] if rec.weight is not None else None
+    return unit_distance(out, rec.target[idx], weight)
+
+
+def reconstruct_unit(
+    qmodel: nn.Module,
+    teacher: nn.Module,
+    unit: Unit,
+    data: UnitData,
+    cfg: LearnedConfig,
+    generator: torch.Generator,
+    desc: str,
+) -> UnitOutcome:
+    """Learn the rounding of one unit on its cached data and install the result in `qmodel`.
+
+    On a non-finite loss the unit keeps the codes it had before and a warning is logged; if the learned
+    codes reconstruct worse than the starting codes on the cached data, the starting codes are kept.
+    """
+    start_time = time.perf_counter()
+    layers = {n: qmodel.get_submodule(n) for n in unit.layers}
+    before = snapshot(qmodel, unit)
+    roundings = _make_rounding(qmodel, teacher, unit, cfg, generator)
+    _install(qmodel, roundings, {})  # the starting codes (nearest or SQuant)
+    error_before = evaluate_unit(qmodel, unit, data, cfg)
+
+    if cfg.loss is Loss.OUTPUT:  # gradients must pass every activation quantizer of the model
+        swap = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)}
+    else:
+        swap = layers
+    learn_act = set(unit.layers) if cfg.learn_act_scales else set()
+    with ste_act_quantizers(swap, learn_act, set(unit.layers), cfg.drop_prob, generator) as act_q:
+        act_params = [q.scale for q in act_q.values() if isinstance(q.scale, nn.Parameter)]
+        groups = [g for r in roundings.values() for g in r.groups(cfg)]
+        params = [p for g in groups for p in g["params"]]
+
+        def step_loss(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            rec, idx = data.sample(cfg.batch_size, generator)
+            rec_loss = _loss(qmodel, unit, rec, idx, _overrides(roundings), cfg, generator)
+            reg = torch.zeros(())
+            if cfg.reg_lambda > 0 and reg_active(step, cfg):
+                beta = beta_at(step, cfg)
+                reg = cfg.reg_lambda * sum((r.regulariser(beta) for r in roundings.values()), torch.zeros(()))
+            return rec_loss, reg
+
+        result = (
+            optimise(step_loss, _merge_groups(groups), act_params, cfg, desc)
+            if params or act_params
+            else None
+        )
+        learned_scales = {n: q.scale.detach().abs().clone() for n, q in act_q.items() if n in learn_act}
+
+    if result is not None and result.status == "nan":
+        restore(qmodel, before)
+        log.warning(
+            "unit %s: the reconstruction loss became non-finite at step %d; keeping its previous codes",
+            unit.name,
+            result.steps,
+        )
+        return UnitOutcome(
+            unit.name, "nan", result.steps, error_before, error_before, time.perf_counter() - start_time
+        )
+
+    start_state = snapshot(qmodel, unit)
+    _install(qmodel, roundings, learned_scales)
+    error_after = evaluate_unit(qmodel, unit, data, cfg)
+    status = "ok"
+    if not error_after <= error_before:
+        log.info(
+            "unit %s: learned rounding reconstructs worse (%.4g > %.4g); keeping the start",
+            unit.name,
+            error_after,
+            error_before,
+        )
+        restore(qmodel, start_state)
+        error_after, status = error_before, "kept-start"
+    steps = result.steps if result is not None else 0
+    return UnitOutcome(unit.name, status, steps, error_before, error_after, time.perf_counter() - start_time)
+
+
+def _merge_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One optimizer group per learning rate (fewer, larger groups are faster)."""
+    by_lr: dict[float, list[nn.Parameter]] = {}
+    for g in groups:
+        by_lr.setdefault(float(g["lr"]), []).extend(g["params"])
+    return [{"params": ps, "lr": lr} for lr, ps in by_lr.items()]
+
+
+@torch.no_grad()
+def _install(
+    qmodel: nn.Module, roundings: dict[str, LayerRounding], act_scales: dict[str, torch.Tensor]
+) -> None:
+    """Write hard codes, learned weight steps, biases and activation steps into the quantized layers."""
+    for name, r in roundings.items():
+        layer: QuantizedLayer = qmodel.get_submodule(name)
+        layer.grid_inv_scale = r.current_grid().inv_scale.detach().clone()
+        layer.set_codes(r.hard_codes())
+        if r.bias is not None:
+            layer.inner.bias.copy_(r.bias)
+    for name, scale in act_scales.items():
+        qmodel.get_submodule(name).act_quant.scale.copy_(scale)
+
+
+def check_batch_size(data: UnitData, cfg: LearnedConfig, unit: Unit) -> None:
+    """Warn once when the cached samples are fewer than the batch size (every step sees all of them)."""
+    if data.n < cfg.batch_size:
+        log.warning(
+            "unit %s: only %d calibration samples for batch_size %d; every step uses all of them",
+            unit.name,
+            data.n,
+            cfg.batch_size,
+        )
+
+
+__all__ = [
+    "LoopResult",
+    "UnitOutcome",
+    "batch_size_of",
+    "check_batch_size",
+    "evaluate_unit",
+    "optimise",
+    "reconstruct_unit",
+    "restore",
+    "snapshot",
+]

@@ -1,0 +1,230 @@
+"""The trainable parameters of learned rounding: rounding variables, weight scales, biases, activation steps.
+
+Rounding (AdaRound, Nagel et al., ICML 2020, eq. 22-23): in the integer domain ``x = S*w - Z`` of the grid,
+the code of a weight is ``floor(x) + h`` with ``h`` in [0, 1]. Three variables:
+
+* ``adaround``: ``h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)``, zeta = 1.1, gamma = -0.1, with the
+  regulariser ``sum(1 - |2h - 1|^beta)`` that pushes h to 0 or 1; the code is ``floor(x) + [h >= 0.5]``.
+* ``sigmoid``: ``h = sigmoid(V)`` without regulariser; rounded at the end.
+* ``ste``: a direct offset ``x + d`` rounded in the forward pass with a straight-through gradient
+  (Bengio et al. 2013); codes in {floor, floor+1} (``codes='rounding'``) or anywhere on the grid.
+
+Weights not selected for learning keep their initial code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from postquant.grids import UniformGrid
+from postquant.nn import ActQuantizer, QuantizedLayer
+from postquant.reconstruct.config import CodeRange, LearnedConfig, Selection, Variable
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` forward, identity backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """AdaRound eq. 23: ``clip(sigmoid(v) * (zeta - gamma) + gamma, 0, 1)``."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def _inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
+    h = h.clamp(0.01, 0.99)
+    return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1)
+
+
+def selection_mask(frac: torch.Tensor, cfg: LearnedConfig, generator: torch.Generator) -> torch.Tensor:
+    """Which weights are learned, from their fractional parts ``x - floor(x)`` (ALGORITHMS.md 2.4 (i))."""
+    if cfg.selection is Selection.BAND:
+        return (frac - 0.5).abs() <= cfg.band
+    if cfg.selection is Selection.RANDOM:
+        return torch.rand(frac.shape, generator=generator) < cfg.fraction
+    return torch.ones_like(frac, dtype=torch.bool)
+
+
+class LayerRounding(nn.Module):
+    """The learned codes (and optionally the weight scales and bias) of one quantized layer.
+
+    Args:
+        x: the float weight in the integer domain of `grid`, ``S*w - Z`` (same shape as the weight).
+        init_codes: starting codes (nearest or SQuant), int32.
+        grid: the layer's grid.
+        bias: the layer's float bias or None.
+        cfg: the learned config.
+        generator: seeded RNG for ``selection='random'``.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        init_codes: torch.Tensor,
+        grid: UniformGrid,
+        bias: torch.Tensor | None,
+        cfg: LearnedConfig,
+        generator: torch.Generator,
+    ) -> None:
+        super().__init__()
+        self.grid = grid
+        self.variable = cfg.variable
+        self.code_range = cfg.codes
+        x = x.detach().float()
+        floor = torch.floor(x)
+        frac = x - floor
+        init = init_codes.float()
+        # Start where the initial codes are: a weight whose initial code differs from nearest rounding
+        # (a SQuant flip) starts mirrored across the rounding threshold, as far from it as it was.
+        nearest = torch.round(x)
+        start = torch.where(init != nearest, init - (x - nearest), x)  # integer domain
+        self.register_buffer("floor", floor)
+        self.register_buffer("init_codes", init)
+        self.register_buffer("mask", selection_mask(frac, cfg, generator))
+        if cfg.variable is Variable.STE:
+            self.offset = nn.Parameter(start - x)
+            self.register_buffer("x", x)
+        else:
+            h0 = (start - floor).clamp(0, 1)
+            v0 = (
+                _inverse_rectified_sigmoid(h0)
+                if cfg.variable is Variable.ADAROUND
+                else torch.logit(h0.clamp(0.01, 0.99))
+            )
+            self.v = nn.Parameter(v0)
+        self.log_scale = nn.Parameter(torch.zeros_like(grid.inv_scale)) if cfg.learn_weight_scales else None
+        self.bias = nn.Parameter(bias.detach().clone()) if (cfg.learn_bias and bias is not None) else None
+
+    # ---- codes --------------------------------------------------------------------------------------
+    def _h(self) -> torch.Tensor:
+        return rectified_sigmoid(self.v) if self.variable is Variable.ADAROUND else torch.sigmoid(self.v)
+
+    def int_weight(self) -> torch.Tensor:
+        """Integer-domain weights used in training (soft for adaround/sigmoid, rounded for ste)."""
+        if self.variable is Variable.STE:
+            w = self.x + self.offset
+            if self.code_range is CodeRange.ROUNDING:
+                w = torch.minimum(torch.maximum(w, self.floor), self.floor + 1)
+            w = round_ste(w)
+        else:
+            w = self.floor + self._h()
+        w = torch.clamp(w, self.grid.qmin, self.grid.qmax)
+        return torch.where(self.mask, w, self.init_codes)
+
+    @torch.no_grad()
+    def hard_codes(self) -> torch.Tensor:
+        """The final integer codes (int32)."""
+        if self.variable is Variable.STE:
+            w = self.int_weight()
+        else:
+            w = torch.where(self.mask, self.floor + (self._h() >= 0.5).float(), self.init_codes)
+        return torch.clamp(torch.round(w), self.grid.qmin, self.grid.qmax).to(torch.int32)
+
+    # ---- weights ------------------------------------------------------------------------------------
+    def current_grid(self) -> UniformGrid:
+        """The grid with the learned step sizes (``S / exp(log_scale)``; the zero point stays)."""
+        if self.log_scale is None:
+            return self.grid
+        g = self.grid
+        return UniformGrid(
+            g.inv_scale * torch.exp(-self.log_scale), g.zero_point, g.bits, g.granularity, g.group_size
+        )
+
+    def weight(self) -> torch.Tensor:
+        """The float weight of the forward pass, ``(q + Z) / S``."""
+        return self.current_grid().dequantize(self.int_weight())
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        """AdaRound eq. 24: ``sum(1 - |2h - 1|^beta)`` over the learned weights (0 for other variables)."""
+        if self.variable is not Variable.ADAROUND:
+            return torch.zeros(())
+        h = self._h()[self.mask]
+        return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+    def groups(self, cfg: LearnedConfig) -> list[dict[str, object]]:
+        """Optimizer parameter groups: rounding variables at `lr`, scales and bias at `scale_lr`."""
+        main = [self.offset] if self.variable is Variable.STE else [self.v]
+        out: list[dict[str, object]] = [{"params": main, "lr": cfg.lr}]
+        extra = [p for p in (self.log_scale, self.bias) if p is not None]
+        if extra:
+            out.append({"params": extra, "lr": cfg.scale_lr})
+        return out
+
+
+class TrainableActQuant(nn.Module):
+    """An activation fake-quantizer for training: LSQ-style learnable step (Esser et al., ICLR 2020) and
+    QDrop (Wei et al., ICLR 2022): each element is kept float with probability `drop_prob`.
+
+    ``x_q = (clamp(round_ste(x / s) + zp, qmin, qmax) - zp) * s``; the zero point stays fixed.
+    """
+
+    def __init__(
+        self, source: ActQuantizer, learn: bool, drop_prob: float, generator: torch.Generator
+    ) -> None:
+        super().__init__()
+        scale = source.scale.detach().clone()
+        if learn:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", source.zero_point.detach().clone())
+        self.qmin, self.qmax = source.qmin, source.qmax
+        self.drop_prob = drop_prob
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.scale.abs().clamp_min(1e-8)
+        q = torch.clamp(round_ste(x / scale) + self.zero_point, self.qmin, self.qmax)
+        xq = (q - self.zero_point) * scale
+        if self.drop_prob > 0:
+            keep_float = torch.rand(x.shape, generator=self.generator) < self.drop_prob
+            xq = torch.where(keep_float, x, xq)
+        return xq
+
+
+def beta_at(step: int, cfg: LearnedConfig) -> float:
+    """AdaRound's annealing: beta from `beta_start` to `beta_end` linearly after the warm-up."""
+    start = cfg.warmup * cfg.iters
+    if step < start:
+        return cfg.beta_start
+    t = (step - start) / max(cfg.iters - start, 1)
+    return cfg.beta_end + (cfg.beta_start - cfg.beta_end) * max(0.0, 1.0 - t)
+
+
+def reg_active(step: int, cfg: LearnedConfig) -> bool:
+    """The regulariser is off during the warm-up (AdaRound Sec. 5, BRECQ's ``warmup=0.2``)."""
+    return step >= math.ceil(cfg.warmup * cfg.iters)
+
+
+@contextlib.contextmanager
+def ste_act_quantizers(
+    layers: dict[str, QuantizedLayer],
+    learn: set[str],
+    drop: set[str],
+    drop_prob: float,
+    generator: torch.Generator,
+) -> Iterator[dict[str, TrainableActQuant]]:
+    """Swap the input quantizers of `layers` for straight-through ones, so that gradients pass them.
+
+    Steps of the layers in `learn` are trainable; those in `drop` keep elements float w.p. `drop_prob`
+    (QDrop). The original quantizers always come back; the caller writes learned steps back on success.
+    """
+    saved = {n: layer.act_quant for n, layer in layers.items() if layer.act_quant is not None}
+    swapped = {
+        n: TrainableActQuant(aq, n in learn, drop_prob if n in drop else 0.0, generator)
+        for n, aq in saved.items()
+    }
+    try:
+        for n, tq in swapped.items():
+            layers[n].act_quant = tq
+        yield swapped
+    finally:
+        for n, aq in saved.items():
+            layers[n].act_quant = aq

@@ -1,0 +1,382 @@
+"""Learned rounding (postquant.reconstruct): quality, invariants, resume, failure modes. Tiny models only."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import postquant
+from postquant.calib.augment import Augmentation, augment_batches
+from postquant.calib.synthetic import bn_statistics_loss, distill_bn_data, noise_data
+from postquant.errors import DataError, RecipeError
+from postquant.grids import fit_uniform_grid
+from postquant.model.blocks import make_units
+from postquant.model.fold import fold_batchnorm
+from postquant.nn import QuantizedLayer
+from postquant.recipe import Recipe
+from postquant.reconstruct import LearnedConfig, preset
+from postquant.reconstruct.checkpoint import CheckpointStore
+from postquant.reconstruct.params import LayerRounding
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small ops on a shared 2-core machine run much faster (and deterministically) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class TinyResNet(nn.Module):
+    """Stem conv + BN, a stage of two residual blocks, a linear head: units conv1, stage.0, stage.1, fc."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.stage = nn.Sequential(Block(c), Block(c))
+        self.fc = nn.Linear(c, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def net() -> TinyResNet:
+    torch.manual_seed(0)
+    model = TinyResNet()
+    model.bn1.running_mean.uniform_(-0.5, 0.5)
+    model.bn1.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+@pytest.fixture
+def calib() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(64, 3, 8, 8)
+
+
+def learned(method: str = "brecq", w_bits: int = 3, a_bits: int | None = None, **fields) -> dict:
+    fields = {"iters": 60, "progress": False, "first_last_w_bits": None, **fields}
+    return {"method": method, "w_bits": w_bits, "a_bits": a_bits, "learned": fields}
+
+
+def codes(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.codes.clone() for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+
+
+@torch.no_grad()
+def block_error(qmodel: nn.Module, teacher: nn.Module, block: str, x: torch.Tensor) -> float:
+    """MSE between a block's output in the quantized model (fed by its own earlier layers) and the float one."""
+
+    def output(model: nn.Module) -> torch.Tensor:
+        seen = {}
+        h = model.get_submodule(block).register_forward_hook(lambda m, a, out: seen.setdefault("y", out))
+        model(x)
+        h.remove()
+        return seen["y"]
+
+    return float((output(qmodel) - output(teacher)).pow(2).mean())
+
+
+# ------------------------------------------------------------------------------------------- quality
+
+
+def test_learned_rounding_lowers_block_error_below_nearest(net, calib):
+    teacher, _ = fold_batchnorm(net, calib[:2])
+    rtn = postquant.quantize(net, {"method": "rtn", "w_bits": 3}, calib=calib)
+    q = postquant.quantize(net, learned("brecq", iters=100, lr=1e-2), calib=calib)
+    report = q.postquant_learned
+    assert [u.name for u in report.units] == ["conv1", "stage.0", "stage.1", "fc"]
+    for u in report.units:
+        assert u.status == "ok" and u.error_after < u.error_before, u
+        if u.name.startswith("stage"):
+            assert u.error_after < 0.9 * u.error_before, u
+    for block in ("stage.0", "stage.1"):
+        assert block_error(q, teacher, block, calib) < 0.9 * block_error(rtn, teacher, block, calib)
+
+
+@pytest.mark.parametrize("variable", ["adaround", "sigmoid", "ste"])
+def test_rounding_dof_keeps_codes_in_floor_or_floor_plus_one(net, calib, variable):
+    teacher, _ = fold_batchnorm(net, calib[:2])
+    q = postquant.quantize(net, learned("adaround", variable=variable, lr=5e-2, iters=40), calib=calib)
+    moved = 0
+    for name, layer in codes(q).items():
+        grid = q.get_submodule(name).grid
+        x = grid.to_int(teacher.get_submodule(name).weight)
+        lo = torch.floor(x).clamp(grid.qmin, grid.qmax)
+        hi = (torch.floor(x) + 1).clamp(grid.qmin, grid.qmax)
+        c = layer.to(torch.float32)
+        assert c.min() >= grid.qmin and c.max() <= grid.qmax
+        assert torch.all((c == lo) | (c == hi))
+        moved += int((c != torch.round(x).clamp(grid.qmin, grid.qmax)).sum())
+    assert moved > 0  # something was learned
+
+
+def test_grid_dof_codes_stay_on_the_grid(net, calib):
+    q = postquant.quantize(
+        net, learned("learned", w_bits=2, codes="grid", variable="ste", lr=0.5, iters=40), calib=calib
+    )
+    for name, c in codes(q).items():
+        grid = q.get_submodule(name).grid
+        assert c.min() >= grid.qmin and c.max() <= grid.qmax
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    bits=st.integers(2, 5),
+    variable=st.sampled_from(["adaround", "sigmoid", "ste"]),
+)
+def test_hard_codes_property(seed, bits, variable):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 10, generator=g)
+    grid = fit_uniform_grid(w, bits)
+    x = grid.to_int(w)
+    cfg = LearnedConfig(variable=variable)
+    r = LayerRounding(x, grid.nearest(w), grid, None, cfg, g)
+    with torch.no_grad():
+        for p in r.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 3)
+    c = r.hard_codes().float()
+    assert torch.all(
+        (c == torch.floor(x).clamp(grid.qmin, grid.qmax))
+        | (c == (torch.floor(x) + 1).clamp(grid.qmin, grid.qmax))
+    )
+
+
+def test_band_selection_leaves_out_of_band_weights_at_nearest(net, calib):
+    teacher, _ = fold_batchnorm(net, calib[:2])
+    q = postquant.quantize(net, learned("brecq", selection="band", band=0.15, lr=5e-2, iters=60), calib=calib)
+    inside_moved = 0
+    for name, c in codes(q).items():
+        grid = q.get_submodule(name).grid
+        x = grid.to_int(teacher.get_submodule(name).weight)
+        nearest = grid.nearest(teacher.get_submodule(name).weight)
+        out_band = (x - torch.floor(x) - 0.5).abs() > 0.15
+        assert torch.equal(c.int()[out_band], nearest[out_band])
+        inside_moved += int((c.int() != nearest)[~out_band].sum())
+    assert inside_moved > 0
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def test_interrupted_run_resumes_with_identical_codes(net, calib, tmp_path, monkeypatch):
+    recipe = learned("qdrop", a_bits=4, iters=30, selection="random", checkpoint_dir=str(tmp_path))
+    ref = codes(
+        postquant.quantize(
+            net, {**recipe, "learned": {**recipe["learned"], "checkpoint_dir": None}}, calib=calib
+        )
+    )
+
+    original = CheckpointStore.save
+    calls = []
+
+    def save_then_crash(self, k, state, outcome):
+        original(self, k, state, outcome)
+        calls.append(k)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("injected after unit 2")
+
+    monkeypatch.setattr(CheckpointStore, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        postquant.quantize(net, recipe, calib=calib)
+    monkeypatch.setattr(CheckpointStore, "save", original)
+    q = postquant.quantize(net, recipe, calib=calib)
+    assert q.postquant_learned.resumed == 2
+    got = codes(q)
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=0)
+
+
+def test_nan_loss_keeps_previous_codes_with_a_warning(net, calib, monkeypatch, caplog):
+    import postquant.reconstruct.loop as loop
+
+    real = loop.unit_distance
+    calls = {"n": 0}
+
+    def poisoned(out, target, weight=None):
+        calls["n"] += 1
+        value = real(out, target, weight)
+        return value * float("nan") if out.shape[1] == 8 and out.dim() == 4 and calls["n"] > 5 else value
+
+    monkeypatch.setattr(loop, "unit_distance", poisoned)
+    rtn = codes(postquant.quantize(net, {"method": "rtn", "w_bits": 3}, calib=calib))
+    with caplog.at_level(logging.WARNING, logger="postquant.reconstruct"):
+        q = postquant.quantize(net, learned("brecq", iters=20), calib=calib)
+    statuses = {u.name: u.status for u in q.postquant_learned.units}
+    assert statuses["stage.0"] == "nan" and statuses["stage.1"] == "nan"
+    assert "non-finite" in caplog.text
+    got = codes(q)
+    for name in ("stage.0.conv1", "stage.0.conv2", "stage.1.conv1", "stage.1.conv2"):
+        assert torch.equal(got[name], rtn[name])
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+
+
+def test_wrong_shape_calibration_is_a_clear_error(net):
+    with pytest.raises(DataError, match="cannot run on calibration batch 0"):
+        postquant.quantize(net, learned(), calib=torch.randn(16, 3, 5))
+
+
+def test_wrong_dtype_calibration_is_a_clear_error(net):
+    with pytest.raises(DataError, match="int64"):
+        postquant.quantize(net, learned(), calib=torch.randint(0, 255, (16, 3, 8, 8)))
+
+
+def test_empty_calibration_is_a_clear_error(net):
+    with pytest.raises(DataError, match="empty"):
+        postquant.quantize(net, learned(), calib=[])
+
+
+def test_missing_calibration_is_a_clear_error(net, calib):
+    with pytest.raises(DataError, match="calibration data"):
+        postquant.quantize(net, learned(), example_inputs=calib[:2])
+
+
+def test_fewer_samples_than_batch_size_warns_and_runs(net, calib, caplog):
+    with caplog.at_level(logging.WARNING, logger="postquant.reconstruct"):
+        q = postquant.quantize(net, learned(iters=5, batch_size=32), calib=calib[:8])
+    assert "only 8 calibration samples" in caplog.text
+    assert len(q.postquant_learned.units) == 4
+
+
+def test_block_pattern_matching_nothing_is_a_recipe_error(net, calib):
+    with pytest.raises(RecipeError, match=r"learned\.block_patterns.*'encoder\.\*'"):
+        postquant.quantize(net, learned(block_patterns=["encoder.*"]), calib=calib)
+
+
+def test_forward_loop_calibration(net, calib):
+    q = postquant.quantize(net, learned(iters=5), calib=lambda m: [m(b) for b in calib.split(16)])
+    assert len(q.postquant_learned.units) == 4
+
+
+# ------------------------------------------------------------------------------- units and recipes
+
+
+def test_units_blocks_and_patterns(net, calib):
+    q = postquant.quantize(net, {"method": "rtn", "w_bits": 4}, calib=calib)
+    assert [u.name for u in make_units(q, "block")] == ["conv1", "stage.0", "stage.1", "fc"]
+    assert [u.name for u in make_units(q, "layer")][:3] == ["conv1", "stage.0.conv1", "stage.0.conv2"]
+    assert [u.name for u in make_units(q, "blocks", blocks_per_unit=2)] == ["conv1", "stage.0+stage.1", "fc"]
+    assert [u.name for u in make_units(q, "block", ["stage.1"])] == [
+        "conv1",
+        "stage.0.conv1",
+        "stage.0.conv2",
+        "stage.1",
+        "fc",
+    ]
+
+
+class TinyEncoder(nn.Module):
+    """A transformer-like stack: blocks in a ModuleList called with a keyword mask (HF style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(
+            nn.ModuleDict({"q": nn.Linear(8, 8), "o": nn.Linear(8, 8)}) for _ in range(2)
+        )
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for blk in self.layer:
+            x = x + blk["o"](torch.relu(blk["q"](x))) * mask[..., None]
+        return self.head(x)
+
+
+def test_units_of_a_module_list_stack():
+    torch.manual_seed(0)
+    q = postquant.quantize(TinyEncoder(), {"method": "rtn", "w_bits": 4})
+    assert [u.name for u in make_units(q, "block")] == ["layer.0", "layer.1", "head"]
+
+
+def test_presets_and_recipe_round_trip(tmp_path):
+    r = Recipe.coerce({"method": "brecq", "learned": {"iters": 500}})
+    assert r.learned.iters == 500 and r.learned.reg_lambda == 0.01 and r.learned.act_lr == 4e-5
+    assert r.learned.first_last_w_bits == 8 and r.learned.unit.value == "block"
+    assert Recipe.coerce({"method": "qdrop"}).learned.drop_prob == 0.5
+    assert Recipe.coerce({"method": "adaround"}).learned.unit.value == "layer"
+    path = tmp_path / "r.yaml"
+    r.to_yaml(path)
+    assert Recipe.coerce(path) == r
+    assert preset("learned").iters == Recipe.coerce({"method": "learned"}).learned.iters
+
+
+@pytest.mark.parametrize(
+    ("learned_fields", "field"),
+    [
+        ({"iters": -1}, "learned.iters"),
+        ({"variable": "adaround", "codes": "grid"}, "learned"),
+        ({"bogus": 1}, "learned.bogus"),
+    ],
+)
+def test_bad_learned_fields_name_the_field(learned_fields, field):
+    with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
+        Recipe.coerce({"method": "brecq", "learned": learned_fields})
+
+
+def test_first_last_policy_of_brecq(net, calib):
+    q = postquant.quantize(
+        net, {"method": "brecq", "w_bits": 3, "learned": {"iters": 2, "progress": False}}, calib=calib
+    )
+    assert q.conv1.bits == 8 and q.fc.bits == 8 and q.stage[0].conv1.bits == 3
+
+
+@pytest.mark.parametrize("loss", ["fisher", "output"])
+def test_other_losses_run_and_improve(net, calib, loss):
+    q = postquant.quantize(net, learned("brecq", a_bits=4, loss=loss, iters=40, lr=1e-2), calib=calib)
+    units = q.postquant_learned.units
+    assert all(u.status in ("ok", "kept-start") for u in units)
+    assert any(u.error_after < u.error_before for u in units)
+
+
+# ---------------------------------------------------------------------------------- calibration data
+
+
+def test_synthetic_data_lowers_bn_statistics_loss(net):
+    noise = noise_data((3, 8, 8), 32, seed=0)[0]
+    synth = distill_bn_data(net, (3, 8, 8), 32, steps=40, seed=0)[0]
+    with torch.no_grad():
+        assert float(bn_statistics_loss(net, synth)) < 0.5 * float(bn_statistics_loss(net, noise))
+    assert torch.equal(synth, distill_bn_data(net, (3, 8, 8), 32, steps=40, seed=0)[0])  # seeded
+
+
+def test_synthetic_source_in_quantize(net, calib):
+    q = postquant.quantize(
+        net,
+        {**learned(iters=5, calib_source="synthetic", synthetic_steps=5), "calib_size": 32},
+        example_inputs=calib[:2],
+    )
+    assert len(q.postquant_learned.units) == 4
+
+
+def test_augmentation_adds_seeded_copies(calib):
+    batches = list(calib.split(16))
+    kinds = [Augmentation.FLIP, Augmentation.SHIFT, Augmentation.NOISE, Augmentation.MIXUP]
+    out = augment_batches(batches, kinds, copies=2, seed=3)
+    assert len(out) == 3 * len(batches) and all(b.shape == (16, 3, 8, 8) for b in out)
+    assert not torch.equal(out[4], batches[0])
+    again = augment_batches(batches, kinds, copies=2, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(out, again, strict=True))
+    with pytest.raises(DataError, match="image batches"):
+        augment_batches([{"input_ids": torch.zeros(2, 3)}], kinds)
