@@ -142,3 +142,21 @@ def test_calib_size_limits_samples(images):
     batches = collect_batches(list(torch.split(images, 4)), limit=6)
     assert [b.shape[0] for b in batches] == [4, 2]
     assert torch.equal(torch.cat(batches), images[:6])
+
+
+def test_data_free_default_is_bn_noise_with_batchnorm_else_reference_rule(tiny_cnn, images):
+    def scale(model, rule):
+        fields = {"method": "squant", "w_bits": 4, "a_bits": 4, "act_ranges": rule}
+        return postquant.quantize(model, fields, example_inputs=images).conv2.act_quant.scale
+
+    assert torch.equal(scale(tiny_cnn, "auto"), scale(tiny_cnn, "bn-noise"))
+    assert not torch.equal(scale(tiny_cnn, "auto"), scale(tiny_cnn, "squant-noise"))
+    no_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    no_bn(images)  # materialise the lazy layer
+    q_auto = postquant.quantize(no_bn, {"method": "squant", "w_bits": 4, "a_bits": 4}, example_inputs=images)
+    q_ref = postquant.quantize(
+        no_bn,
+        {"method": "squant", "w_bits": 4, "a_bits": 4, "act_ranges": "squant-noise"},
+        example_inputs=images,
+    )
+    assert torch.equal(q_auto[2].act_quant.scale, q_ref[2].act_quant.scale)
