@@ -20,6 +20,19 @@ RECIPES = {
     for w in (2, 3, 4, 6, 8)
     for a in (None, 8)
 }
+# learned rounding, including learned weight scales, activation step sizes and biases (all must be saved)
+LEARNED = {
+    "iters": 10,
+    "progress": False,
+    "learn_weight_scales": True,
+    "learn_act_scales": True,
+    "learn_bias": True,
+}
+RECIPES |= {
+    f"{method}-w{w}-a8": {"method": method, "w_bits": w, "a_bits": 8, "learned": LEARNED}
+    for method in ("adaround", "qdrop", "learned")
+    for w in (2, 4)
+}
 
 
 def _quantize(model: nn.Module, recipe: dict, batches: list[torch.Tensor]) -> nn.Module:
