@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Regenerate every results table of the README, then copy them in. Each benchmark keeps its rows in
+# benchmarks/results/*.json and skips rows already there (delete a JSON file to measure it again).
+# Several hours on a 2-core CPU; run on an otherwise idle machine for meaningful times.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_WAIT_POLICY=PASSIVE
+python3 benchmarks/accuracy.py --suite all --models resnet20-cifar10 resnet56-cifar10 minilm-l6
+python3 benchmarks/accuracy.py --suite all --models efficientnet-lite0 --limit 500 \
+    --json benchmarks/results/accuracy_lite0.json --out benchmarks/results/accuracy_lite0.md
+python3 benchmarks/squant_speed.py --threads 1 --repeats 9 --out benchmarks/results/squant_speed.md
+python3 benchmarks/export_bench.py --out benchmarks/results/export.md
+# learned rounding: the commands that produced benchmarks/results/learned.md
+while read -r cmd; do [ -n "$cmd" ] && eval "python3 ${cmd#python }"; done < benchmarks/results/learned_commands.txt
+python3 benchmarks/update_readme.py
