@@ -92,46 +92,23 @@ def test_quantize_resnet20_writes_json_and_recipe(tmp_path):
     assert (out / "recipe.yaml").exists()
 
 
+def _quantize_json(tmp_path, *args: str) -> dict:
+    """Run `postquant quantize ARGS --json FILE`, check it succeeded, return the JSON."""
+    result = runner.invoke(app, ["quantize", *args, "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    return json.loads((tmp_path / "r.json").read_text())
+
+
 def test_weight_only_json_has_null_a_bits(tmp_path):
     require_shared("models", "cifar10", "resnet20.th")
-    result = runner.invoke(
-        app,
-        [
-            "quantize",
-            "resnet20-cifar10",
-            "--method",
-            "squant",
-            "--w-bits",
-            "4",
-            "--limit",
-            "200",
-            "--json",
-            str(tmp_path / "r.json"),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    r = json.loads((tmp_path / "r.json").read_text())
+    r = _quantize_json(tmp_path, "resnet20-cifar10", "--method", "squant", "--w-bits", "4", "--limit", "200")
     assert r["a_bits"] is None and r["method"] == "squant"
 
 
 def test_missing_eval_data_falls_back_to_fidelity(tmp_path, monkeypatch):
     pytest.importorskip("efficientnet_lite_pytorch")
     monkeypatch.setenv("POSTQUANT_SHARED", str(tmp_path / "nothing"))
-    result = runner.invoke(
-        app,
-        [
-            "quantize",
-            "efficientnet-lite0",
-            "--method",
-            "rtn",
-            "--w-bits",
-            "8",
-            "--json",
-            str(tmp_path / "r.json"),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    r = json.loads((tmp_path / "r.json").read_text())
+    r = _quantize_json(tmp_path, "efficientnet-lite0", "--method", "rtn", "--w-bits", "8")
     assert r["metric"] == "top1_agreement" and r["quantized"] >= 90
 
 
