@@ -36,9 +36,6 @@ class Method(enum.StrEnum):
     LEARNED = "learned"  # this project's measured default of learned rounding
 
 
-Bits = int
-
-
 class LayerOverride(BaseModel):
     """Settings for the layers a pattern matches; unset fields inherit from the recipe.
 

@@ -3,7 +3,6 @@ turned into a bounded list of model inputs."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -88,7 +87,7 @@ def collect_batches(calib: Any, limit: int | None = None) -> list[Batch]:
         raise DataError(f"calibration data of type {type(calib).__name__} is not iterable") from exc
     batches: list[Batch] = []
     seen = 0
-    for i, batch in enumerate(itertools.islice(iterator, None)):
+    for i, batch in enumerate(iterator):
         batch = _strip_labels(batch)
         _check_batch(batch, i)
         n = batch_size_of(batch)
@@ -112,11 +111,6 @@ def _take(batch: Batch, n: int) -> Batch:
     if isinstance(batch, dict):
         return {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return type(batch)(t[:n] for t in batch)
-
-
-def first_sample(batches: list[Batch]) -> Batch:
-    """The first batch, for shape inference and checks."""
-    return batches[0]
 
 
 def as_calibration(calib: Any, limit: int | None = None) -> list[Batch] | ForwardLoop:

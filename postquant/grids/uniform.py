@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from postquant.errors import RecipeError
+from postquant.errors import NonFiniteWeightError, RecipeError
 
 _EPS = 1e-8
 
@@ -157,8 +157,6 @@ def fit_uniform_grid(
     if rows.numel() == 0:
         raise RecipeError("cannot fit a grid to an empty weight")
     if not torch.isfinite(rows).all():
-        from postquant.errors import NonFiniteWeightError
-
         raise NonFiniteWeightError(
             "weight holds NaN or Inf values; fix or re-train the layer before quantizing"
         )

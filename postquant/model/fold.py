@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from postquant.eval.run import run_model
 from postquant.model.walk import set_module, walk_children
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,6 @@ def _candidate_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _run(model: nn.Module, inputs: Any) -> torch.Tensor:
-    from postquant.calib.data import run_model
-
-    return run_model(model, inputs)
-
-
 def fold_batchnorm(
     model: nn.Module, example_inputs: Any = None, rtol: float = 1e-3
 ) -> tuple[nn.Module, list[tuple[str, str]]]:
@@ -80,7 +75,7 @@ def fold_batchnorm(
         set_module(folded, bn_name, nn.Identity())
     if example_inputs is not None:
         with torch.inference_mode():
-            ref, out = _run(model, example_inputs), _run(folded, example_inputs)
+            ref, out = run_model(model, example_inputs), run_model(folded, example_inputs)
         err = ((ref - out).norm() / ref.norm().clamp(min=1e-12)).item()
         if not err <= rtol:
             log.warning(
