@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -117,6 +118,20 @@ def run_row(zoo: Any, model: str, bits: str, method: str, args: argparse.Namespa
     }
 
 
+def append_row(json_path: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Add `row` to the JSON file under an exclusive lock, re-reading it first, so that several runs of this
+    script (one per core) can share one results file. Returns all rows."""
+    with open(json_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(json_path.read_text()) if json_path.is_file() else []
+        key = row_key(row["model"], row["bits"], row["method"])
+        rows = [r for r in rows if row_key(r["model"], r["bits"], r["method"]) != key] + [row]
+        tmp = json_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(json_path)
+    return rows
+
+
 def write_markdown(rows: list[dict[str, Any]], path: Path, commands: list[str]) -> None:
     lines = [
         "# Learned rounding on the zoo models",
@@ -204,10 +219,9 @@ def main() -> None:
             log.info("row %s %s %s", model, bits, method)
             row = run_row(zoo, model, bits, method, args)
             log.info("-> %.2f in %.1f s", row["value"], row["quantize_s"])
-            rows.append(row)
             done.add(row_key(model, bits, method))
-            json_path.write_text(json.dumps(rows, indent=1))
-            write_markdown(rows, md_path, commands)
+            rows = append_row(json_path, row)
+            write_markdown(rows, md_path, commands_path.read_text().splitlines())
 
 
 if __name__ == "__main__":
