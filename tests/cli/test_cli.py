@@ -142,3 +142,21 @@ def test_out_saves_checkpoint_then_export_and_report(tmp_path):
     result = runner.invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
     assert "data:image/png;base64" in (run / "report.html").read_text()
+
+
+def test_learned_rounding_from_the_cli_resumes_to_the_same_result(tmp_path):
+    require_shared("models", "cifar10", "resnet20.th")
+    args = ["resnet20-cifar10", "--method", "learned", "--w-bits", "3", "--iters", "5", "--calib-size", "64"]
+    args += ["--limit", "300", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    first = _quantize_json(tmp_path, *args)
+    assert (first["method"], first["w_bits"], first["a_bits"], first["n_eval"]) == ("learned", 3, None, 300)
+    assert first["quantize_seconds"] > 0 and first["quantized"] > 50
+    saved = sorted((tmp_path / "ckpt").glob("*/unit_*.safetensors"))
+    assert len(saved) == 11  # stem, nine basic blocks, head
+    again = _quantize_json(tmp_path, *args)  # every unit comes from the checkpoint
+    assert again["quantized"] == first["quantized"]
+
+
+def test_learned_options_need_a_learned_method(tmp_path):
+    result = runner.invoke(app, ["quantize", "resnet20-cifar10", "--method", "rtn", "--iters", "5"])
+    assert result.exit_code == 2 and "learned rounding" in " ".join(result.output.split())
