@@ -132,6 +132,35 @@ def append_row(json_path: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def summary_table(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per model x bits, one column per method: ``value (seconds s, iters)``; '-' = not measured."""
+    fp = {r["model"]: r["value"] for r in rows if r["method"] == "fp32"}
+    cell = {(r["model"], r["bits"], r["method"]): r for r in rows}
+    methods = [m for m in METHODS if m != "fp32"]
+    lines = [
+        "Summary: value (quantize seconds; iterations per unit where cut from the preset's).",
+        "",
+        "| model | bits | FP32 | " + " | ".join(methods) + " |",
+        "|---|---|---|" + "---|" * len(methods),
+    ]
+    for model, bits_list in BITS.items():
+        for bits in bits_list:
+            if not any((model, bits, m) in cell for m in methods):
+                continue
+            cells = []
+            for m in methods:
+                r = cell.get((model, bits, m))
+                if r is None:
+                    cells.append("-")
+                    continue
+                cut = f", {str(r['iters']).split()[0]} it" if "(of" in str(r["iters"]) else ""
+                cells.append(f"{r['value']:.2f} ({r['quantize_s']:.0f} s{cut})")
+            lines.append(
+                f"| {model} | {bits} | {fp.get(model, float('nan')):.2f} | " + " | ".join(cells) + " |"
+            )
+    return lines
+
+
 def write_markdown(rows: list[dict[str, Any]], path: Path, commands: list[str]) -> None:
     lines = [
         "# Learned rounding on the zoo models",
@@ -147,6 +176,10 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, commands: list[str]) 
         "row's bits, the first layer's",
         "input float, the last layer's input 8-bit) and activation ranges from the same observer on the",
         "calibration set; BRECQ/QDrop's 8-bit first/last weights are *not* used here (same plan for all rows).",
+        "",
+        *summary_table(rows),
+        "",
+        "All rows:",
         "",
         "| model | bits | method | value | delta vs FP32 | quantize s | iters | calib | n |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -184,6 +217,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--render", action="store_true", help="only rewrite the markdown from the JSON rows")
     args = p.parse_args()
     args.limit = {k: int(v) for k, v in (item.split("=") for item in args.limit)}
     torch.set_num_threads(args.threads)
@@ -195,6 +229,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.out / "learned.json", args.out / "learned.md"
     rows: list[dict[str, Any]] = json.loads(json_path.read_text()) if json_path.is_file() else []
+    if args.render:
+        commands_path = args.out / "learned_commands.txt"
+        write_markdown(rows, md_path, commands_path.read_text().splitlines())
+        return
     done = {row_key(r["model"], r["bits"], r["method"]) for r in rows}
     commands_path = args.out / "learned_commands.txt"
     commands = commands_path.read_text().splitlines() if commands_path.is_file() else []
