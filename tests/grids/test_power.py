@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import postquant
 from postquant.errors import NonFiniteWeightError, RecipeError
 from postquant.grids import (
     GridKind,
@@ -18,6 +20,8 @@ from postquant.grids import (
     grid_from_state,
     grid_state,
 )
+from postquant.model import quantized_layers
+from postquant.recipe import Recipe
 from postquant.rounding import squant_codes
 
 
@@ -224,3 +228,60 @@ def test_non_finite_weights_are_refused(exponent):
     w[1, 2] = float("nan")
     with pytest.raises(NonFiniteWeightError):
         fit_power_grid(w, 4, exponent=exponent)
+
+
+# ------------------------------------------------------------------------------------- recipe and API
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, float("nan"), float("inf"), "half"])
+def test_recipe_refuses_a_bad_exponent(bad):
+    with pytest.raises(RecipeError, match="power_exponent"):
+        Recipe.coerce({"grid": "power", "power_exponent": bad})
+
+
+def test_recipe_grid_fields():
+    r = Recipe.coerce({"grid": "power", "power_exponent": 0.5})
+    assert r.grid is GridKind.POWER and r.power_exponent == 0.5
+    assert Recipe.coerce(yaml.safe_load(r.to_yaml())) == r
+    assert Recipe.coerce({}).grid is GridKind.UNIFORM
+    with pytest.raises(RecipeError, match="grid"):
+        Recipe.coerce({"grid": "lloyd"})
+    with pytest.raises(RecipeError, match="set grid: power"):
+        Recipe.coerce({"power_exponent": 0.5})  # an exponent on the uniform grid would be ignored silently
+
+
+@pytest.mark.parametrize("method", ["rtn", "squant"])
+def test_quantize_fits_the_recipe_grid_per_layer(tiny_cnn, images, method):
+    uni = postquant.quantize(tiny_cnn, {"method": method, "w_bits": 3}, example_inputs=images)
+    pw = postquant.quantize(tiny_cnn, {"method": method, "w_bits": 3, "grid": "power"}, example_inputs=images)
+    fixed = postquant.quantize(
+        tiny_cnn,
+        {"method": method, "w_bits": 3, "grid": "power", "power_exponent": 0.6},
+        example_inputs=images,
+    )
+    for name, layer in quantized_layers(pw).items():
+        assert layer.grid_config["kind"] == "power" and isinstance(layer.grid, PowerGrid)
+        assert 0 < float(layer.grid_exponent) <= 1
+        assert float(fixed.get_submodule(name).grid_exponent) == pytest.approx(0.6)
+        assert int(layer.codes.min()) >= -4 and int(layer.codes.max()) <= 3
+        if method == "rtn":  # the searched exponent is never worse than uniform, layer by layer
+            w = uni.get_submodule(name)
+            err_pw = float((layer.weight - _float_weight(tiny_cnn, images, name)).pow(2).sum())
+            err_uni = float((w.weight - _float_weight(tiny_cnn, images, name)).pow(2).sum())
+            assert err_pw <= err_uni * (1 + 1e-6)
+    with torch.inference_mode():
+        assert torch.isfinite(pw(images)).all()
+
+
+def _float_weight(model, images, name):
+    from postquant.model import fold_batchnorm
+
+    folded, _ = fold_batchnorm(model, images)
+    return folded.get_submodule(name).weight.detach()
+
+
+def test_quantize_refuses_nan_weights_on_the_power_grid(tiny_cnn, images):
+    with torch.no_grad():
+        tiny_cnn.conv3.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightError):
+        postquant.quantize(tiny_cnn, {"w_bits": 4, "grid": "power"}, example_inputs=images)
