@@ -15,7 +15,7 @@ from postquant.calib import ActRanges, as_calibration, calibrate_from_data, cali
 from postquant.calib.act_ranges import bn_noise_ranges
 from postquant.calib.observers import Observer
 from postquant.errors import DataError
-from postquant.grids import fit_grid
+from postquant.grids import PowerGrid, fit_grid
 from postquant.model import fold_batchnorm, set_module
 from postquant.nn import ActQuantizer, QuantizedLayer
 from postquant.plan import LayerPlan, check_finite, make_plan
@@ -58,6 +58,8 @@ def quantize_weights(
             range_method=recipe.w_range,
             group_size=recipe.group_size,
         )
+        if isinstance(grid, PowerGrid):
+            log.debug("%s: power grid exponent %.2f", name, float(grid.exponent))
         codes = weight_codes(recipe.method, grid.to_int(w), grid.qmin, grid.qmax, recipe)
         qlayer = QuantizedLayer(layer, grid, codes)
         set_module(model, name, qlayer)

@@ -56,4 +56,4 @@ class QuantizedLayer(nn.Module):
         return functional_call(self.inner, {"weight": self.weight}, (x,))
 
     def extra_repr(self) -> str:
-        return f"w_bits={self.bits}, granularity={self.grid_config['granularity']}"
+        return f"w_bits={self.bits}, grid={self.grid_config['kind']}, granularity={self.grid_config['granularity']}"
