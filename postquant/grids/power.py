@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -105,7 +106,7 @@ class PowerGrid:
 
 
 def _fit_at(
-    rows: torch.Tensor, a: float, bits: int, granularity: Granularity, gsize: int, uniform_kw: dict
+    rows: torch.Tensor, a: float, bits: int, granularity: Granularity, gsize: int, uniform_kw: dict[str, Any]
 ) -> PowerGrid:
     """The power grid of exponent `a` for rows (G, n): m per row, then a uniform grid fitted to u."""
     exponent = torch.full((1, 1), a, dtype=torch.float32)
