@@ -4,7 +4,8 @@
     OMP_NUM_THREADS=1 python benchmarks/power_grid.py --models efficientnet-lite0 --limit 500
 
 The power grid's exponent is searched per layer (recipe ``grid: power``, ``power_exponent: null``); the table
-shows the median, min and max of the chosen exponents. Rows already in the JSON file are skipped (delete it
+shows the median, min and max of the chosen exponents. Each grid is fitted with min/max ranges (the reference
+convention) and with the MSE range search (``w_range: mse``; on the power grid it searches the range of u). Rows already in the JSON file are skipped (delete it
 to start over), so an interrupted run resumes and runs for different models (and limits) add up.
 Writes ``benchmarks/results/power_grid.json`` and ``benchmarks/results/power_grid.md``.
 """
@@ -32,7 +33,8 @@ log = logging.getLogger("benchmarks.power_grid")
 RESULTS = Path(__file__).parent / "results"
 MODELS = ["resnet20-cifar10", "efficientnet-lite0"]
 ROWS = [
-    {"w_bits": bits, "method": method, "grid": grid}
+    {"w_bits": bits, "method": method, "grid": grid, "w_range": w_range}
+    for w_range in ("minmax", "mse")
     for bits in (4, 3)
     for method in ("rtn", "squant")
     for grid in ("uniform", "power")
@@ -40,7 +42,8 @@ ROWS = [
 
 
 def _row_id(model: str, row: dict[str, Any]) -> str:
-    return f"{model}:W{row['w_bits']}:{row['method']}:{row['grid']}"
+    suffix = "" if row["w_range"] == "minmax" else f":{row['w_range']}"
+    return f"{model}:W{row['w_bits']}:{row['method']}:{row['grid']}{suffix}"
 
 
 def _exponents(qmodel: nn.Module) -> list[float]:
@@ -98,17 +101,18 @@ def markdown(done: dict[str, dict[str, Any]]) -> str:
     out = [
         "### Uniform vs power grid, weights only (exponent searched per layer)",
         "",
-        "| model | bits | method | grid | exponent median (min-max) | value | delta vs FP32 | quantize time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | bits | method | grid | range | exponent median (min-max) | value | delta vs FP32 | quantize time |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for model, f in fp.items():
-        out.append(f"| {model} | FP32 | - | - | - | {f['value']:.2f} | - | - |")
+        out.append(f"| {model} | FP32 | - | - | - | - | {f['value']:.2f} | - | - |")
         for row in ROWS:
             r = done.get(_row_id(model, row))
             if r is None:
                 continue
             out.append(
-                f"| {model} | W{r['w_bits']} | {r['method']} | {r['grid']} | {_exponent_cell(r['exponents'])} | "
+                f"| {model} | W{r['w_bits']} | {r['method']} | {r['grid']} | {row['w_range']} | "
+                f"{_exponent_cell(r['exponents'])} | "
                 f"{r['value']:.2f} | {r['value'] - f['value']:+.2f} | {r['quantize_seconds']:.2f} s |"
             )
     notes = []
@@ -131,11 +135,16 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate on N samples (default: all)")
     parser.add_argument("--json", type=Path, default=RESULTS / "power_grid.json")
     parser.add_argument("--out", type=Path, default=RESULTS / "power_grid.md")
+    parser.add_argument(
+        "--merge", type=Path, nargs="*", default=[], help="JSON results of other runs to include in the table"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     done = run(args.models, args.json, args.limit)
+    for extra in args.merge:  # e.g. a concurrent run of another model into its own JSON file
+        done = {**json.loads(extra.read_text()), **done}
     args.out.write_text(markdown(done))
     log.info("wrote %s", args.out)
 
