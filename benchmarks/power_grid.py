@@ -98,6 +98,8 @@ def _exponent_cell(exps: list[float]) -> str:
 def markdown(done: dict[str, dict[str, Any]]) -> str:
     """The results table, one row per (model, bits, method, grid)."""
     fp = {r["model"]: r for k, r in done.items() if k.endswith(":fp32")}
+    order = {m: i for i, m in enumerate(MODELS)}
+    fp = dict(sorted(fp.items(), key=lambda kv: order.get(kv[0], len(order))))
     out = [
         "### Uniform vs power grid, weights only (exponent searched per layer)",
         "",
