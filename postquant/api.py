@@ -15,7 +15,7 @@ from postquant.calib import ActRanges, as_calibration, calibrate_from_data, cali
 from postquant.calib.act_ranges import bn_noise_ranges
 from postquant.calib.observers import Observer
 from postquant.errors import DataError
-from postquant.grids import fit_uniform_grid
+from postquant.grids import PowerGrid, fit_grid
 from postquant.model import fold_batchnorm, set_module
 from postquant.nn import ActQuantizer, QuantizedLayer
 from postquant.plan import LayerPlan, check_finite, make_plan
@@ -37,21 +37,29 @@ def weight_codes(method: Method, x: torch.Tensor, qmin: int, qmax: int, recipe: 
 def quantize_weights(
     model: nn.Module, plan: dict[str, LayerPlan], recipe: Recipe
 ) -> dict[str, QuantizedLayer]:
-    """Replace every planned layer of `model` (in place) by a `QuantizedLayer` with the recipe's codes."""
+    """Replace every planned layer of `model` (in place) by a `QuantizedLayer` with the recipe's codes.
+
+    Each layer gets the recipe's grid (`recipe.grid`: uniform, or power with its exponent fixed or searched
+    per layer, ALGORITHMS.md 1.1-1.2); the rounding method chooses codes in that grid's integer domain.
+    """
     done: dict[str, QuantizedLayer] = {}
     for name, lp in plan.items():
         if lp.w_bits is None:
             continue
         layer = model.get_submodule(name)
         w = layer.weight.detach()
-        grid = fit_uniform_grid(
+        grid = fit_grid(
             w,
             lp.w_bits,
+            recipe.grid,
             recipe.granularity,
+            power_exponent=recipe.power_exponent,
             symmetric=recipe.symmetric,
             range_method=recipe.w_range,
             group_size=recipe.group_size,
         )
+        if isinstance(grid, PowerGrid):
+            log.debug("%s: power grid exponent %.2f", name, float(grid.exponent))
         codes = weight_codes(recipe.method, grid.to_int(w), grid.qmin, grid.qmax, recipe)
         qlayer = QuantizedLayer(layer, grid, codes)
         set_module(model, name, qlayer)

@@ -96,6 +96,10 @@ def quantize(
     granularity: Annotated[str | None, typer.Option(help="channel | tensor | group")] = None,
     squant_mode: Annotated[str | None, typer.Option(help="SQuant stages: e | ek | ec | ekc")] = None,
     act_ranges: Annotated[str | None, typer.Option(help="auto | calib | squant-noise")] = None,
+    grid: Annotated[str | None, typer.Option(help="weight grid: uniform | power (non-uniform)")] = None,
+    power_exponent: Annotated[
+        float | None, typer.Option(help="power grid exponent in (0, 1] (omit to search it per layer)")
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="evaluation data (default: the model's own set)")] = None,
     calib: Annotated[
         Path | None, typer.Option(help="calibration data (default: the model's own set)")
@@ -138,6 +142,8 @@ def quantize(
             iters,
             checkpoint_dir,
             report,
+            grid=grid,
+            power_exponent=power_exponent,
         )
     except PostquantError as exc:
         _fail(exc)
@@ -162,6 +168,8 @@ def _quantize(
     iters: int | None = None,
     checkpoint_dir: Path | None = None,
     report: bool = False,
+    grid: str | None = None,
+    power_exponent: float | None = None,
 ) -> None:
     import postquant
     from postquant.recipe import Recipe
@@ -174,6 +182,8 @@ def _quantize(
         "act_ranges": act_ranges,
         "calib_size": calib_size,
         "seed": seed,
+        "grid": grid,
+        "power_exponent": power_exponent,
     }.items():
         if value is not None:
             changes[key] = value

@@ -20,7 +20,7 @@ from pydantic import (
 from postquant.calib.act_ranges import ActRanges
 from postquant.calib.observers import Observer
 from postquant.errors import OutputError, RecipeError, unknown_name
-from postquant.grids import Granularity, RangeMethod
+from postquant.grids import Granularity, GridKind, RangeMethod
 from postquant.reconstruct.config import LearnedConfig
 from postquant.rounding.squant import SquantMode
 
@@ -71,6 +71,16 @@ class Recipe(BaseModel):
     group_size: int = Field(default=128, ge=1, description="inputs per group for granularity 'group'")
     symmetric: bool = False
     w_range: RangeMethod = Field(default=RangeMethod.MINMAX, description="weight range: minmax or mse search")
+    grid: GridKind = Field(
+        default=GridKind.UNIFORM, description="weight grid: uniform or power (ALGORITHMS.md 1.2)"
+    )
+    power_exponent: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="power grid exponent a; null = searched per layer",
+    )
     act_ranges: ActRanges = ActRanges.AUTO
     a_observer: Observer = Observer.MINMAX
     a_percentile: float = Field(default=99.99, gt=50, le=100)
@@ -93,6 +103,14 @@ class Recipe(BaseModel):
         from postquant.reconstruct.presets import resolve_learned
 
         return resolve_learned(data)
+
+    @model_validator(mode="after")
+    def _exponent_needs_power_grid(self) -> Recipe:
+        if self.power_exponent is not None and self.grid is not GridKind.POWER:
+            raise ValueError(
+                "power_exponent applies to the power grid only: set grid: power, or drop power_exponent"
+            )
+        return self
 
     @field_validator("method", mode="before")
     @classmethod

@@ -11,7 +11,7 @@ bit-identical to the published implementation. Every rounding method works throu
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,6 +46,17 @@ def signed_range(bits: int) -> tuple[int, int]:
     """The reference's integer range ``[-2^(b-1), 2^(b-1) - 1]``."""
     check_bits(bits)
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def check_weight(rows: torch.Tensor) -> torch.Tensor:
+    """Return `rows` if it is a non-empty, finite weight; else raise a typed error that says what to do."""
+    if rows.numel() == 0:
+        raise RecipeError("cannot fit a grid to an empty weight")
+    if not torch.isfinite(rows).all():
+        raise NonFiniteWeightError(
+            "weight holds NaN or Inf values; fix or re-train the layer before quantizing"
+        )
+    return rows
 
 
 def grouped(w: torch.Tensor, granularity: Granularity, group_size: int) -> torch.Tensor:
@@ -104,6 +115,10 @@ class UniformGrid:
         """Nearest-rounding codes (round half to even), int32."""
         return self.clamp(torch.round(self.to_int(w))).to(torch.int32)
 
+    def with_inv_scale(self, inv_scale: torch.Tensor) -> UniformGrid:
+        """The same grid with another inverse step `inv_scale` (G, 1) (learned weight scales)."""
+        return replace(self, inv_scale=inv_scale)
+
 
 def _affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference (ZeroQ/SQuant) parameters for a range [lo, hi], float32, each op rounded separately."""
@@ -153,13 +168,7 @@ def fit_uniform_grid(
     check_bits(bits)
     granularity = Granularity(granularity)
     range_method = RangeMethod(range_method)
-    rows = grouped(w.detach(), granularity, group_size).float()  # (G, n)
-    if rows.numel() == 0:
-        raise RecipeError("cannot fit a grid to an empty weight")
-    if not torch.isfinite(rows).all():
-        raise NonFiniteWeightError(
-            "weight holds NaN or Inf values; fix or re-train the layer before quantizing"
-        )
+    rows = check_weight(grouped(w.detach(), granularity, group_size).float())  # (G, n)
     lo = rows.min(dim=1, keepdim=True).values
     hi = rows.max(dim=1, keepdim=True).values
     params = _symmetric_params if symmetric else _affine_params
@@ -186,27 +195,3 @@ def fit_uniform_grid(
             gsize,
         )
     return best
-
-
-def grid_state(grid: UniformGrid) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
-    """Split a grid into a JSON-able config and its tensors (for saving and for module buffers)."""
-    config = {
-        "kind": "uniform",
-        "bits": grid.bits,
-        "granularity": grid.granularity.value,
-        "group_size": grid.group_size,
-    }
-    return config, {"inv_scale": grid.inv_scale, "zero_point": grid.zero_point}
-
-
-def grid_from_state(config: dict[str, object], tensors: dict[str, torch.Tensor]) -> UniformGrid:
-    """Rebuild a grid written by `grid_state`."""
-    if config.get("kind") != "uniform":
-        raise RecipeError(f"unknown grid kind {config.get('kind')!r}")
-    return UniformGrid(
-        tensors["inv_scale"],
-        tensors["zero_point"],
-        int(config["bits"]),  # type: ignore[arg-type]
-        Granularity(config["granularity"]),
-        int(config["group_size"]),  # type: ignore[arg-type]
-    )

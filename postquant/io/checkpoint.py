@@ -3,7 +3,8 @@
 A checkpoint is a directory with two files:
 
 * ``model.safetensors``: per quantized layer ``<name>``: ``<name>.codes`` (densely packed, `pack_codes`),
-  ``<name>.grid.inv_scale`` and ``<name>.grid.zero_point`` (the grid, shape (G, 1)), the float tensors of the
+  ``<name>.grid.inv_scale`` and ``<name>.grid.zero_point`` (the grid, shape (G, 1); a power grid adds
+  ``<name>.grid.max_abs`` (G, 1) and ``<name>.grid.exponent`` (1, 1)), the float tensors of the
   float module under their usual names (``<name>.bias``...) and ``<name>.act.scale`` /
   ``<name>.act.zero_point`` for an input quantizer; then every other parameter and buffer of the model
   (BatchNorms that were not folded, embeddings, norms...), each stored once.
@@ -33,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from postquant.errors import CheckpointError, OutputError
+from postquant.errors import CheckpointError, OutputError, RecipeError
 from postquant.grids import grid_from_state
 from postquant.io.pack import pack_codes, packed_nbytes, unpack_codes
 from postquant.model import quantized_layers, set_module
@@ -326,7 +327,11 @@ def build_quantized_layer(
         if act_tensors is not None:
             act_quant.scale.copy_(act_tensors["scale"])
             act_quant.zero_point.copy_(act_tensors["zero_point"])
-    return QuantizedLayer(layer, grid_from_state(grid_config, grid_tensors), codes, act_quant)
+    try:
+        grid = grid_from_state(grid_config, grid_tensors)
+    except (RecipeError, ValueError) as exc:  # unknown kind, missing tensor, bad granularity
+        raise CheckpointError(f"cannot rebuild a saved grid: {exc}") from None
+    return QuantizedLayer(layer, grid, codes, act_quant)
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:

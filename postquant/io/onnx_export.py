@@ -95,7 +95,9 @@ def _weight_qdq(name: str, layer: QuantizedLayer) -> _WeightQDQ:
     if config.get("kind") != "uniform":
         raise UnsupportedModelError(
             f"layer {name!r}: grid kind {config.get('kind')!r} has no ONNX QDQ form (DequantizeLinear is affine: "
-            "(q - zero_point) * scale); quantize it with a uniform grid or exclude it with ignore=[...]"
+            "(q - zero_point) * scale, a power grid is not); quantize with the recipe field grid: uniform "
+            "(CLI --grid uniform) for ONNX, exclude the layer with ignore=[...], or save it with "
+            "postquant.io.save instead"
         )
     inv_scale = layer.grid_inv_scale.detach().reshape(-1).double()  # (G,) S
     z = layer.grid_zero_point.detach().reshape(-1).double()  # (G,) Z

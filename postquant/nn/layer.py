@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from postquant.grids import UniformGrid, grid_from_state, grid_state
+from postquant.grids import Grid, grid_from_state, grid_state
 from postquant.nn.act import ActQuantizer
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -23,7 +23,7 @@ class QuantizedLayer(nn.Module):
     """
 
     def __init__(
-        self, layer: nn.Module, grid: UniformGrid, codes: torch.Tensor, act_quant: ActQuantizer | None = None
+        self, layer: nn.Module, grid: Grid, codes: torch.Tensor, act_quant: ActQuantizer | None = None
     ) -> None:
         super().__init__()
         inner = copy.deepcopy(layer)
@@ -37,7 +37,7 @@ class QuantizedLayer(nn.Module):
         self.register_buffer("weight", grid.dequantize(codes.to(torch.int32)), persistent=False)
 
     @property
-    def grid(self) -> UniformGrid:
+    def grid(self) -> Grid:
         tensors = {k.removeprefix("grid_"): v for k, v in self.named_buffers() if k.startswith("grid_")}
         return grid_from_state(self.grid_config, tensors)
 
@@ -56,4 +56,4 @@ class QuantizedLayer(nn.Module):
         return functional_call(self.inner, {"weight": self.weight}, (x,))
 
     def extra_repr(self) -> str:
-        return f"w_bits={self.bits}, granularity={self.grid_config['granularity']}"
+        return f"w_bits={self.bits}, grid={self.grid_config['kind']}, granularity={self.grid_config['granularity']}"

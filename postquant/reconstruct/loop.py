@@ -24,7 +24,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from postquant.calib.data import Batch, batch_size_of, run_model
-from postquant.grids import UniformGrid
+from postquant.grids import Grid
 from postquant.model.blocks import Unit
 from postquant.nn import QuantizedLayer
 from postquant.reconstruct.cache import Captured, Record, UnitData, final_distance, first_tensor, rows
@@ -209,7 +209,7 @@ def _make_rounding(
     out = {}
     for name in unit.layers:
         layer: QuantizedLayer = qmodel.get_submodule(name)
-        grid: UniformGrid = layer.grid
+        grid: Grid = layer.grid
         w = teacher.get_submodule(name).weight.detach()
         x = grid.to_int(w)
         if cfg.init.value == "squant":

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from postquant.grids import UniformGrid
+from postquant.grids import Grid
 from postquant.nn import ActQuantizer, QuantizedLayer
 from postquant.reconstruct.config import CodeRange, LearnedConfig, Selection, Variable
 
@@ -68,7 +68,7 @@ class LayerRounding(nn.Module):
         self,
         x: torch.Tensor,
         init_codes: torch.Tensor,
-        grid: UniformGrid,
+        grid: Grid,
         bias: torch.Tensor | None,
         cfg: LearnedConfig,
         generator: torch.Generator,
@@ -128,17 +128,14 @@ class LayerRounding(nn.Module):
         return torch.clamp(torch.round(w), self.grid.qmin, self.grid.qmax).to(torch.int32)
 
     # ---- weights ------------------------------------------------------------------------------------
-    def current_grid(self) -> UniformGrid:
+    def current_grid(self) -> Grid:
         """The grid with the learned step sizes (``S / exp(log_scale)``; the zero point stays)."""
         if self.log_scale is None:
             return self.grid
-        g = self.grid
-        return UniformGrid(
-            g.inv_scale * torch.exp(-self.log_scale), g.zero_point, g.bits, g.granularity, g.group_size
-        )
+        return self.grid.with_inv_scale(self.grid.inv_scale * torch.exp(-self.log_scale))
 
     def weight(self) -> torch.Tensor:
-        """The float weight of the forward pass, ``(q + Z) / S``."""
+        """The float weight of the forward pass, the grid's dequantization of the (soft) codes."""
         return self.current_grid().dequantize(self.int_weight())
 
     def regulariser(self, beta: float) -> torch.Tensor:

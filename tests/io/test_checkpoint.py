@@ -33,6 +33,23 @@ RECIPES |= {
     for method in ("adaround", "qdrop", "learned")
     for w in (2, 4)
 }
+# the power grid (searched or fixed exponent; with learned weight scales on it)
+RECIPES |= {
+    f"power-{method}-w{w}-{'a8' if a else 'wonly'}": {
+        "method": method,
+        "w_bits": w,
+        "a_bits": a,
+        "grid": "power",
+        **({"learned": LEARNED} if method == "adaround" else {}),
+    }
+    for method, w, a in (("rtn", 3, None), ("squant", 4, 8), ("adaround", 3, 8))
+}
+RECIPES["power-a0.5-tensor-w2"] = {
+    "w_bits": 2,
+    "grid": "power",
+    "power_exponent": 0.5,
+    "granularity": "tensor",
+}
 
 
 def _quantize(model: nn.Module, recipe: dict, batches: list[torch.Tensor]) -> nn.Module:
@@ -58,6 +75,33 @@ def test_save_load_gives_bit_identical_outputs(small_net, batches, tmp_path, rec
     assert isinstance(loaded.bn1, nn.Identity) and isinstance(loaded.bn3, nn.BatchNorm1d)  # same fold
     assert loaded.postquant_recipe == qmodel.postquant_recipe
     assert isinstance(small_net.bn1, nn.BatchNorm2d)  # the float model is not modified
+
+
+def test_power_grid_tensors_are_saved_and_reloaded_exactly(small_net, batches, tmp_path):
+    qmodel = _quantize(
+        small_net, {"method": "squant", "w_bits": 3, "grid": "power", "power_exponent": 0.6}, batches
+    )
+    save(qmodel, tmp_path / "ckpt")
+    manifest = json.loads((tmp_path / "ckpt" / MANIFEST_FILE).read_text())
+    assert manifest["layers"]["conv2"]["grid"]["kind"] == "power"
+    assert manifest["recipe"]["grid"] == "power"
+    loaded = load(tmp_path / "ckpt", small_net)
+    for name, layer in quantized_layers(qmodel).items():
+        twin = loaded.get_submodule(name)
+        for key in ("inv_scale", "zero_point", "max_abs", "exponent"):
+            assert torch.equal(getattr(twin, f"grid_{key}"), getattr(layer, f"grid_{key}")), (name, key)
+        assert torch.equal(twin.weight, layer.weight)
+    assert any(float(layer.grid_exponent) < 1 for layer in quantized_layers(qmodel).values())
+
+
+def test_an_unknown_grid_kind_in_a_checkpoint_is_a_checkpoint_error(small_net, batches, tmp_path):
+    save(_quantize(small_net, {"w_bits": 4, "grid": "power"}, batches), tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    manifest["layers"]["conv2"]["grid"]["kind"] = "lloyd"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="unknown grid kind 'lloyd'"):
+        load(tmp_path / "ckpt", small_net)
 
 
 def test_unfolded_and_per_tensor_models_round_trip(small_net, batches, tmp_path):

@@ -84,11 +84,13 @@ def test_zero_points_outside_int8_fall_back_to_an_add(tmp_path):
     assert result["max_abs_diff"] < 1e-4
 
 
-def test_a_grid_qdq_cannot_express_is_refused_by_name(small_net, batches, tmp_path):
-    qmodel = postquant.quantize(small_net, {"w_bits": 4}, example_inputs=batches[0])
-    qmodel.conv2.grid_config = {**qmodel.conv2.grid_config, "kind": "power"}
-    with pytest.raises(UnsupportedModelError, match=r"'conv2'.*power"):
+def test_a_power_grid_is_refused_by_name_with_what_to_do(small_net, batches, tmp_path):
+    """DequantizeLinear is affine: a power grid has no QDQ form; the error names the layer and the fix."""
+    recipe = {"w_bits": 4, "grid": "power", "power_exponent": 0.5, "ignore": ["conv1", "conv3", "fc"]}
+    qmodel = postquant.quantize(small_net, recipe, example_inputs=batches[0])
+    with pytest.raises(UnsupportedModelError, match=r"'conv2'.*power.*grid: uniform"):
         export_onnx(qmodel, batches[0], tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_unwritable_path(small_net, batches, tmp_path):

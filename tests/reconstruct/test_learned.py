@@ -380,3 +380,49 @@ def test_augmentation_adds_seeded_copies(calib):
     assert all(torch.equal(a, b) for a, b in zip(out, again, strict=True))
     with pytest.raises(DataError, match="image batches"):
         augment_batches([{"input_ids": torch.zeros(2, 3)}], kinds)
+
+
+# ------------------------------------------------------------------------------------------- power grid
+
+
+@pytest.mark.parametrize("learn_scales", [False, True], ids=["codes", "codes+scales"])
+def test_learned_rounding_on_a_power_grid_lowers_block_error_below_nearest(net, calib, learn_scales):
+    """ALGORITHMS.md 1.2: learned rounding works on the power grid's integer domain unchanged."""
+    teacher, _ = fold_batchnorm(net, calib[:2])
+    power = {"grid": "power", "power_exponent": 0.7}
+    rtn = postquant.quantize(net, {"method": "rtn", "w_bits": 3, **power}, calib=calib)
+    q = postquant.quantize(
+        net,
+        {**learned("brecq", iters=60, lr=1e-2, learn_weight_scales=learn_scales), **power},
+        calib=calib,
+    )
+    for name, layer in codes(q).items():
+        qlayer = q.get_submodule(name)
+        assert qlayer.grid_config["kind"] == "power" and float(qlayer.grid_exponent) == pytest.approx(0.7)
+        assert layer.min() >= qlayer.grid.qmin and layer.max() <= qlayer.grid.qmax
+        assert torch.equal(qlayer.weight, qlayer.grid.dequantize(layer.to(torch.int32)))
+    for u in q.postquant_learned.units:  # a unit that does not improve keeps its start ('kept-start')
+        assert u.error_after <= u.error_before, u
+        if u.name.startswith("stage"):
+            assert u.status == "ok" and u.error_after < 0.95 * u.error_before, u
+    for block in ("stage.0", "stage.1"):
+        assert block_error(q, teacher, block, calib) < 0.9 * block_error(rtn, teacher, block, calib)
+    scales_moved = any(
+        not torch.equal(q.get_submodule(n).grid_inv_scale, rtn.get_submodule(n).grid_inv_scale)
+        for n in codes(q)
+    )
+    assert scales_moved == learn_scales
+
+
+def test_learned_weight_scales_keep_the_power_grid():
+    w = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    grid = postquant.grids.fit_power_grid(w, 3, exponent=0.5)
+    cfg = LearnedConfig(learn_weight_scales=True)
+    r = LayerRounding(grid.to_int(w), grid.nearest(w), grid, None, cfg, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        r.log_scale.fill_(0.1)
+    current = r.current_grid()
+    assert isinstance(current, postquant.grids.PowerGrid) and torch.equal(current.max_abs, grid.max_abs)
+    assert torch.allclose(current.inv_scale, grid.inv_scale * torch.exp(torch.tensor(-0.1)))
+    r.weight().sum().backward()  # gradients reach the scales through the power grid's dequantization
+    assert r.log_scale.grad is not None and r.log_scale.grad.abs().sum() > 0

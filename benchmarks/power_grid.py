@@ -1,0 +1,155 @@
+"""Uniform vs power grid (ALGORITHMS.md 1.2): weight-only W3/W4, RTN and SQuant, beside FP32.
+
+    OMP_NUM_THREADS=1 python benchmarks/power_grid.py --models resnet20-cifar10
+    OMP_NUM_THREADS=1 python benchmarks/power_grid.py --models efficientnet-lite0 --limit 500
+
+The power grid's exponent is searched per layer (recipe ``grid: power``, ``power_exponent: null``); the table
+shows the median, min and max of the chosen exponents. Each grid is fitted with min/max ranges (the reference
+convention) and with the MSE range search (``w_range: mse``; on the power grid it searches the range of u). Rows already in the JSON file are skipped (delete it
+to start over), so an interrupted run resumes and runs for different models (and limits) add up.
+Writes ``benchmarks/results/power_grid.json`` and ``benchmarks/results/power_grid.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accuracy import CachedEval  # the sibling benchmark script (its folder is on sys.path when run)
+from torch import nn
+
+import postquant
+from postquant.eval import evaluate
+from postquant.model import quantized_layers
+from postquant.zoo import load_model
+
+log = logging.getLogger("benchmarks.power_grid")
+RESULTS = Path(__file__).parent / "results"
+MODELS = ["resnet20-cifar10", "efficientnet-lite0"]
+ROWS = [
+    {"w_bits": bits, "method": method, "grid": grid, "w_range": w_range}
+    for w_range in ("minmax", "mse")
+    for bits in (4, 3)
+    for method in ("rtn", "squant")
+    for grid in ("uniform", "power")
+]
+
+
+def _row_id(model: str, row: dict[str, Any]) -> str:
+    suffix = "" if row["w_range"] == "minmax" else f":{row['w_range']}"
+    return f"{model}:W{row['w_bits']}:{row['method']}:{row['grid']}{suffix}"
+
+
+def _exponents(qmodel: nn.Module) -> list[float]:
+    """The exponent chosen for each quantized layer (1.0 for a uniform grid)."""
+    return [
+        float(layer.grid_exponent) if layer.grid_config["kind"] == "power" else 1.0
+        for layer in quantized_layers(qmodel).values()
+    ]
+
+
+def run(models: list[str], json_path: Path, limit: int | None) -> dict[str, dict[str, Any]]:
+    """Evaluate every missing row of `models`; write the JSON after each row."""
+    done: dict[str, dict[str, Any]] = json.loads(json_path.read_text()) if json_path.exists() else {}
+    for name in models:
+        todo = [r for r in ROWS if _row_id(name, r) not in done]
+        fp_id = f"{name}:fp32"
+        if not todo and fp_id in done:
+            continue
+        zoo = load_model(name)
+        raw = zoo.eval_batches(limit=limit)
+        data = CachedEval(raw.path, raw.task, list(raw), raw.n)  # decoded once, evaluated many times
+        if fp_id not in done:
+            fp = evaluate(zoo.model, zoo, data=data)
+            done[fp_id] = {"model": name, "metric": fp.metric, "value": fp.value, "n": fp.n, "limit": limit}
+            json_path.write_text(json.dumps(done, indent=1))
+        for row in todo:
+            recipe = {**row, "a_bits": None}
+            start = time.perf_counter()
+            qmodel = postquant.quantize(zoo.model, recipe, example_inputs=zoo.example_inputs)
+            seconds = time.perf_counter() - start
+            res = evaluate(qmodel, zoo, data=data)
+            done[_row_id(name, row)] = {
+                "model": name,
+                **row,
+                "exponents": _exponents(qmodel),
+                "metric": res.metric,
+                "value": res.value,
+                "n": res.n,
+                "quantize_seconds": seconds,
+            }
+            log.info("%s %s: %.2f (%.1f s)", name, row, res.value, seconds)
+            json_path.write_text(json.dumps(done, indent=1))
+    return done
+
+
+def _exponent_cell(exps: list[float]) -> str:
+    if all(a == 1.0 for a in exps):
+        return "-"
+    return f"{statistics.median(exps):.2f} ({min(exps):.2f}-{max(exps):.2f})"
+
+
+def markdown(done: dict[str, dict[str, Any]]) -> str:
+    """The results table, one row per (model, bits, method, grid)."""
+    fp = {r["model"]: r for k, r in done.items() if k.endswith(":fp32")}
+    order = {m: i for i, m in enumerate(MODELS)}
+    fp = dict(sorted(fp.items(), key=lambda kv: order.get(kv[0], len(order))))
+    out = [
+        "### Uniform vs power grid, weights only (exponent searched per layer)",
+        "",
+        "| model | bits | method | grid | range | exponent median (min-max) | value | delta vs FP32 | quantize time |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, f in fp.items():
+        out.append(f"| {model} | FP32 | - | - | - | - | {f['value']:.2f} | - | - |")
+        for row in ROWS:
+            r = done.get(_row_id(model, row))
+            if r is None:
+                continue
+            out.append(
+                f"| {model} | W{r['w_bits']} | {r['method']} | {r['grid']} | {row['w_range']} | "
+                f"{_exponent_cell(r['exponents'])} | "
+                f"{r['value']:.2f} | {r['value'] - f['value']:+.2f} | {r['quantize_seconds']:.2f} s |"
+            )
+    notes = []
+    for m, r in fp.items():
+        spread = f" (--limit {r['limit']}: spread evenly over the set)" if r.get("limit") else ""
+        notes.append(f"{m}: {r['metric']} on {r['n']} samples{spread}")
+    out += [
+        "",
+        f"Metrics: {'; '.join(notes)}. Weight-only: activations float; BatchNorm folded. Quantize time is "
+        "wall-clock on one thread of a shared 2-core CPU (it includes the exponent search).",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="*", default=MODELS)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate on N samples (default: all)")
+    parser.add_argument("--json", type=Path, default=RESULTS / "power_grid.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "power_grid.md")
+    parser.add_argument(
+        "--merge", type=Path, nargs="*", default=[], help="JSON results of other runs to include in the table"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    done = run(args.models, args.json, args.limit)
+    for extra in args.merge:  # e.g. a concurrent run of another model into its own JSON file
+        done = {**json.loads(extra.read_text()), **done}
+    args.out.write_text(markdown(done))
+    log.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Grid kinds as data: choosing, fitting, saving and rebuilding a grid by its kind."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from postquant.errors import RecipeError
+from postquant.grids.power import PowerGrid, fit_power_grid
+from postquant.grids.uniform import Granularity, RangeMethod, UniformGrid, fit_uniform_grid
+
+Grid = UniformGrid | PowerGrid
+"""Any weight grid: ``to_int``, ``dequantize``, ``nearest``, ``clamp``, ``with_inv_scale``, ``qmin``/``qmax``,
+``bits``, ``granularity``, ``group_size``, ``inv_scale`` and ``zero_point`` (G, 1)."""
+
+
+class GridKind(enum.StrEnum):
+    """The family of a weight grid (ALGORITHMS.md 1.1, 1.2)."""
+
+    UNIFORM = "uniform"  # affine integer grid
+    POWER = "power"  # uniform grid on sign(w)|w/m|^a (PowerQuant-style)
+
+
+def fit_grid(
+    w: torch.Tensor,
+    bits: int,
+    kind: GridKind | str = GridKind.UNIFORM,
+    granularity: Granularity | str = Granularity.CHANNEL,
+    *,
+    power_exponent: float | None = None,
+    symmetric: bool = False,
+    range_method: RangeMethod | str = RangeMethod.MINMAX,
+    group_size: int = 128,
+) -> Grid:
+    """Fit a grid of `kind` to weight `w` (`fit_uniform_grid` or `fit_power_grid`, same options).
+
+    `power_exponent` is the power grid's exponent (None: searched per layer); a uniform grid ignores it.
+    """
+    common = {"symmetric": symmetric, "range_method": range_method, "group_size": group_size}
+    if GridKind(kind) is GridKind.POWER:
+        return fit_power_grid(w, bits, granularity, exponent=power_exponent, **common)  # type: ignore[arg-type]
+    return fit_uniform_grid(w, bits, granularity, **common)  # type: ignore[arg-type]
+
+
+def grid_state(grid: Grid) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
+    """Split a grid into a JSON-able config and its tensors (for saving and for module buffers)."""
+    kind = GridKind.POWER if isinstance(grid, PowerGrid) else GridKind.UNIFORM
+    config = {
+        "kind": kind.value,
+        "bits": grid.bits,
+        "granularity": grid.granularity.value,
+        "group_size": grid.group_size,
+    }
+    tensors = {"inv_scale": grid.inv_scale, "zero_point": grid.zero_point}
+    if isinstance(grid, PowerGrid):
+        tensors |= {"max_abs": grid.max_abs, "exponent": grid.exponent}
+    return config, tensors
+
+
+def grid_from_state(config: dict[str, object], tensors: dict[str, torch.Tensor]) -> Grid:
+    """Rebuild a grid written by `grid_state`."""
+    kind = str(config.get("kind"))
+    if kind not in {k.value for k in GridKind}:
+        known = ", ".join(k.value for k in GridKind)
+        raise RecipeError(f"unknown grid kind {kind!r} (known: {known}); was it saved by a newer postquant?")
+    bits = int(config["bits"])  # type: ignore[call-overload]
+    granularity = Granularity(config["granularity"])
+    group_size = int(config["group_size"])  # type: ignore[call-overload]
+    try:
+        if kind == GridKind.POWER:
+            return PowerGrid(
+                tensors["inv_scale"],
+                tensors["zero_point"],
+                tensors["max_abs"],
+                tensors["exponent"],
+                bits,
+                granularity,
+                group_size,
+            )
+        return UniformGrid(tensors["inv_scale"], tensors["zero_point"], bits, granularity, group_size)
+    except KeyError as exc:
+        raise RecipeError(
+            f"a {kind} grid needs the tensor {exc.args[0]!r}; the saved grid is incomplete"
+        ) from None
