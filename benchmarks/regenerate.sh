@@ -10,6 +10,13 @@ python3 benchmarks/accuracy.py --suite all --models efficientnet-lite0 --limit 5
     --json benchmarks/results/accuracy_lite0.json --out benchmarks/results/accuracy_lite0.md
 python3 benchmarks/squant_speed.py --threads 1 --repeats 9 --out benchmarks/results/squant_speed.md
 python3 benchmarks/export_bench.py --out benchmarks/results/export.md
+# power grid vs uniform grid (lite0 in its own JSON, then merged into power_grid.md)
+python3 benchmarks/power_grid.py --models resnet20-cifar10
+python3 benchmarks/power_grid.py --models efficientnet-lite0 --limit 500 --json benchmarks/results/power_grid_lite0.json
+python3 benchmarks/power_grid.py --models --merge benchmarks/results/power_grid_lite0.json
+# the default recipe against QDrop at 10x its iterations, in one run (benchmarks/results/default_vs_qdrop/)
+python3 benchmarks/learned_bench.py --threads 1 --models resnet20-cifar10 --bits W4A4 --methods learned qdrop \
+    --classic-iters 2000 --out benchmarks/results/default_vs_qdrop
 # learned rounding: the commands that produced benchmarks/results/learned.md
 while read -r cmd; do [ -n "$cmd" ] && eval "python3 ${cmd#python }"; done < benchmarks/results/learned_commands.txt
 python3 benchmarks/update_readme.py
