@@ -1,0 +1,88 @@
+"""The two entry points of the study: one axis on one model (`study_axis`), or everything (`study_all`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from postquant.errors import OutputError
+from postquant.study.axes import Axis
+from postquant.study.report import axis_section, missing_runs, study_markdown
+from postquant.study.runner import StudyRunner, StudySettings, run_axis
+
+log = logging.getLogger(__name__)
+
+STUDY_FILE = "STUDY.md"
+COMMANDS_FILE = "commands.txt"
+
+
+def study_axis(
+    settings: StudySettings,
+    axis: Axis,
+    seeds: list[int],
+    runner: StudyRunner,
+    labels: list[str] | None = None,
+    run: bool = True,
+) -> tuple[str, list[str]]:
+    """Run one axis (unless `run` is false: cached results only) and write its table and plot.
+
+    Writes ``OUT/<model>_<bits>_<axis>.md`` and ``OUT/plots/<model>_<bits>_<axis>.png``.
+
+    Returns:
+        The markdown section and the runs still missing.
+    """
+    out_dir = runner.store.path.parent
+    if run:
+        runs, records = run_axis(settings, axis, seeds, runner, labels)
+    else:
+        runs, records = run_axis(
+            settings, axis, seeds, StudyRunner(out_dir, progress=False, max_seconds=0), labels
+        )
+    section = axis_section(axis, settings, runs, records, out_dir, runner.failures)
+    _write(out_dir / f"{settings.model}_{settings.bits}_{axis.name}.md", section)
+    return section, missing_runs(runs, records)
+
+
+def study_all(
+    settings_list: list[StudySettings],
+    axes: list[Axis],
+    seeds: list[int],
+    runner: StudyRunner,
+    command: str | None = None,
+    run: bool = True,
+) -> Path:
+    """Every axis on every (model, bits) of `settings_list`, then ``OUT/STUDY.md`` from all cached results.
+
+    Missing runs (time budget, failures, interrupted earlier sessions) are listed in STUDY.md; running the
+    same command again adds them.
+    """
+    out_dir = runner.store.path.parent
+    commands = _remember(out_dir, command)
+    sections, missing = [], []
+    for settings in settings_list:
+        sections.append(f"## {settings.model} {settings.bits}\n\nBase: {settings.header()}.\n")
+        for axis in axes:
+            section, gaps = study_axis(settings, axis, seeds, runner, run=run and not runner.out_of_time)
+            sections.append(section)
+            missing += [f"{settings.model} {settings.bits} {gap}" for gap in gaps]
+    path = out_dir / STUDY_FILE
+    _write(path, study_markdown(sections, missing, commands))
+    log.info("wrote %s (%d runs missing)", path, len(missing))
+    return path
+
+
+def _remember(out_dir: Path, command: str | None) -> list[str]:
+    path = out_dir / COMMANDS_FILE
+    commands = path.read_text().splitlines() if path.is_file() else []
+    if command and command not in commands:
+        commands.append(command)
+        _write(path, "\n".join(commands) + "\n")
+    return commands
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}; choose a writable --out") from exc
