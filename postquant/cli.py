@@ -485,7 +485,8 @@ def _study(
     settings = default_settings(model, bits or DEFAULT_BITS.get(model, ["W4A4"])[0], iters, calib_size, limit)
     _check_writable_dir(out)
     runner = StudyRunner(out, max_seconds=None if max_minutes is None else 60 * max_minutes)
-    section, missing = study_axis(settings, ax, list(range(seeds)), runner, labels, run=run)
+    command = "postquant study " + " ".join(sys.argv[2:])
+    section, missing = study_axis(settings, ax, list(range(seeds)), runner, labels, run=run, command=command)
     typer.echo(section)
     if missing:
         console.print(f"[yellow]{len(missing)} runs missing[/] (run the same command again to add them)")

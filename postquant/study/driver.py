@@ -23,10 +23,12 @@ def study_axis(
     runner: StudyRunner,
     labels: list[str] | None = None,
     run: bool = True,
+    command: str | None = None,
 ) -> tuple[str, list[str]]:
     """Run one axis (unless `run` is false: cached results only) and write its table and plot.
 
-    Writes ``OUT/<model>_<bits>_<axis>.md`` and ``OUT/plots/<model>_<bits>_<axis>.png``.
+    Writes ``OUT/<model>_<bits>_<axis>.md`` (headed by `command` when given) and
+    ``OUT/plots/<model>_<bits>_<axis>.png``.
 
     Returns:
         The markdown section and the runs still missing.
@@ -39,7 +41,8 @@ def study_axis(
             settings, axis, seeds, StudyRunner(out_dir, progress=False, max_seconds=0), labels
         )
     section = axis_section(axis, settings, runs, records, out_dir, runner.failures)
-    _write(out_dir / f"{settings.model}_{settings.bits}_{axis.name}.md", section)
+    head = f"Produced by:\n\n    {command}\n\n" if command else ""
+    _write(out_dir / f"{settings.model}_{settings.bits}_{axis.name}.md", head + section)
     return section, missing_runs(runs, records)
 
 

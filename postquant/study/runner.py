@@ -45,8 +45,10 @@ log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 
 # The study base per model: the `learned` default with its cost cut to fit ~1-3 min a run on one thread.
-# Measured on resnet20-cifar10 W4A4, 1 thread, shared 2-core CPU: 50 iters x 256 calib = 21 s quantize +
-# 14 s evaluation (10k images); 100 iters = see benchmarks/results/study/README.md.
+# Measured on resnet20-cifar10 W4A4, 1 thread, on the shared 2-core CPU with two other jobs running:
+# evaluation of the 10k test images 13-15 s; quantize 21 s at 50 iters and 43-65 s at 100 iters (256
+# calibration samples), i.e. ~1-1.5 min a run at the chosen 100 iters. The other models' settings scale
+# this down by their size and are not measured yet.
 DEFAULT_BASE: dict[str, dict[str, Any]] = {
     "resnet20-cifar10": {"iters": 100, "calib_size": 256, "limit": None},
     "resnet56-cifar10": {"iters": 50, "calib_size": 256, "limit": None},

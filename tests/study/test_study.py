@@ -326,3 +326,16 @@ def test_other_calibration_dataset_fits_the_model_input(model):
     side = 32 if model.startswith("resnet") else 224
     assert [tuple(b.shape) for b in batches] == [(4, 3, side, side)]
     assert batches[0].std() > 0.1
+
+
+def test_every_available_variant_runs(tmp_path, tiny_zoo, calls):
+    """One seed of every variant of every axis on the tiny model: none crashes, none fails."""
+    runner = _runner(tmp_path / "out", tiny_zoo)
+    settings = StudySettings(MODEL, "W4A4", iters=2, calib_size=16)
+    for axis in AXES:
+        runs, records = runner_mod.run_axis(settings, axis, [0], runner)
+        available = {r.variant.label for r in runs if r.unavailable is None}
+        assert {r["variant"] for r in records if r["axis"] == axis.name} <= available
+        assert len(records) == len(available), axis.name
+    assert runner.failures == {}
+    assert calls["n"] == len({r["run_hash"] for r in runner.store.records.values()})
