@@ -486,10 +486,12 @@ def _study(
     _check_writable_dir(out)
     runner = StudyRunner(out, max_seconds=None if max_minutes is None else 60 * max_minutes)
     command = "postquant study " + " ".join(sys.argv[2:])
-    section, missing = study_axis(settings, ax, list(range(seeds)), runner, labels, run=run, command=command)
-    typer.echo(section)
-    if missing:
-        console.print(f"[yellow]{len(missing)} runs missing[/] (run the same command again to add them)")
+    report = study_axis(settings, ax, list(range(seeds)), runner, labels, run=run, command=command)
+    typer.echo(report.section + "\n" + report.summary)
+    if report.missing:
+        console.print(
+            f"[yellow]{len(report.missing)} runs missing[/] (run the same command again to add them)"
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from postquant.errors import OutputError
@@ -16,6 +17,15 @@ STUDY_FILE = "STUDY.md"
 COMMANDS_FILE = "commands.txt"
 
 
+@dataclass
+class AxisReport:
+    """What `study_axis` produced: the markdown section, its one-line verdicts, the runs still missing."""
+
+    section: str
+    summary: str
+    missing: list[str]
+
+
 def study_axis(
     settings: StudySettings,
     axis: Axis,
@@ -24,14 +34,14 @@ def study_axis(
     labels: list[str] | None = None,
     run: bool = True,
     command: str | None = None,
-) -> tuple[str, list[str]]:
+) -> AxisReport:
     """Run one axis (unless `run` is false: cached results only) and write its table and plot.
 
     Writes ``OUT/<model>_<bits>_<axis>.md`` (headed by `command` when given) and
     ``OUT/plots/<model>_<bits>_<axis>.png``.
 
     Returns:
-        The markdown section and the runs still missing.
+        The markdown section, the one-line verdicts and the runs still missing.
     """
     out_dir = runner.store.path.parent
     if run:
@@ -40,10 +50,10 @@ def study_axis(
         runs, records = run_axis(
             settings, axis, seeds, StudyRunner(out_dir, progress=False, max_seconds=0), labels
         )
-    section = axis_section(axis, settings, runs, records, out_dir, runner.failures)
+    section, summary = axis_section(axis, settings, runs, records, out_dir, runner.failures)
     head = f"Produced by:\n\n    {command}\n\n" if command else ""
     _write(out_dir / f"{settings.model}_{settings.bits}_{axis.name}.md", head + section)
-    return section, missing_runs(runs, records)
+    return AxisReport(section, summary, missing_runs(runs, records))
 
 
 def study_all(
@@ -61,15 +71,16 @@ def study_all(
     """
     out_dir = runner.store.path.parent
     commands = _remember(out_dir, command)
-    sections, missing = [], []
+    sections, summary, missing = [], [], []
     for settings in settings_list:
-        sections.append(f"## {settings.model} {settings.bits}\n\nBase: {settings.header()}.\n")
+        sections.append(f"## {settings.model} {settings.bits}\n")
         for axis in axes:
-            section, gaps = study_axis(settings, axis, seeds, runner, run=run and not runner.out_of_time)
-            sections.append(section)
-            missing += [f"{settings.model} {settings.bits} {gap}" for gap in gaps]
+            report = study_axis(settings, axis, seeds, runner, run=run and not runner.out_of_time)
+            sections.append(report.section)
+            summary.append(report.summary)
+            missing += [f"{settings.model} {settings.bits} {gap}" for gap in report.missing]
     path = out_dir / STUDY_FILE
-    _write(path, study_markdown(sections, missing, commands))
+    _write(path, study_markdown(sections, summary, missing, commands))
     log.info("wrote %s (%d runs missing)", path, len(missing))
     return path
 

@@ -154,6 +154,22 @@ def axis_plot(axis: Axis, settings: StudySettings, rows: list[Row], metric: str,
     return path
 
 
+def verdict_summary(axis: Axis, settings: StudySettings, rows: list[Row]) -> str:
+    """One markdown list line: every variant's verdict and delta against the axis's baseline."""
+    base = next((r for r in rows if r.label == axis.baseline), None)
+    parts = []
+    for row in rows:
+        if row.label == axis.baseline:
+            continue
+        if not row.values:
+            parts.append(f"{row.label}: {row.status.partition(':')[0] or 'missing'}")
+        elif base is None or not base.values:
+            parts.append(f"{row.label}: no baseline")
+        else:
+            parts.append(f"{row.label}: {verdict(base.values, row.values)} ({row.mean - base.mean:+.2f})")
+    return f"- {settings.model} {settings.bits}, **{axis.name}** vs {axis.baseline}: " + "; ".join(parts)
+
+
 def axis_section(
     axis: Axis,
     settings: StudySettings,
@@ -161,13 +177,18 @@ def axis_section(
     records: list[dict[str, Any]],
     out_dir: Path,
     failures: dict[str, str] | None = None,
-) -> str:
-    """Summarise one axis, write its plot under ``out_dir/plots/`` and return its markdown section."""
+) -> tuple[str, str]:
+    """Summarise one axis and write its plot under ``out_dir/plots/``.
+
+    Returns:
+        The markdown section (table, rule, plot link) and the one-line verdict summary.
+    """
     rows = summarize(axis, runs, records, failures)
     metric = records[0]["metric"] if records else "metric"
     name = f"{settings.model}_{settings.bits}_{axis.name}.png".replace(" ", "_")
     plot = axis_plot(axis, settings, rows, metric, Path(out_dir) / "plots" / name)
-    return axis_table(axis, settings, rows, metric, None if plot is None else f"plots/{name}")
+    section = axis_table(axis, settings, rows, metric, None if plot is None else f"plots/{name}")
+    return section, verdict_summary(axis, settings, rows)
 
 
 def missing_runs(runs: list[PlannedRun], records: list[dict[str, Any]]) -> list[str]:
@@ -180,8 +201,8 @@ def missing_runs(runs: list[PlannedRun], records: list[dict[str, Any]]) -> list[
     ]
 
 
-def study_markdown(sections: list[str], missing: list[str], commands: list[str]) -> str:
-    """The whole STUDY.md: how it was made, every axis section, then the runs still missing."""
+def study_markdown(sections: list[str], summary: list[str], missing: list[str], commands: list[str]) -> str:
+    """The whole STUDY.md: how it was made, the verdicts, every axis section, then the runs still missing."""
     lines = [
         "# Study: the choices of gradient-based PTQ, one axis at a time",
         "",
@@ -195,6 +216,10 @@ def study_markdown(sections: list[str], missing: list[str], commands: list[str])
         *[f"    {c}" for c in commands],
         "",
         VERDICT_RULE,
+        "",
+        "## Verdicts",
+        "",
+        *summary,
         "",
         *sections,
         "## Missing runs",

@@ -202,10 +202,18 @@ def _runner(out: Path, zoo: ZooModel, **kwargs) -> StudyRunner:
     return StudyRunner(out, loader=lambda name: zoo, progress=False, **kwargs)
 
 
+def _axis(*args, **kwargs) -> tuple[str, str, list[str]]:
+    report = study_axis(*args, **kwargs)
+    return report.section, report.summary, report.missing
+
+
 def test_runs_are_cached_and_not_repeated(tmp_path, tiny_zoo, calls):
     out = tmp_path / "out"
-    section, missing = study_axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION)
+    section, summary, missing = _axis(
+        SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION
+    )
     assert calls["n"] == 4 and missing == []
+    assert summary.startswith("- tiny-resnet W4A4, **selection** vs all: random 0.5: ")
     records = json.loads((out / "results.json").read_text())
     assert len(records) == 4
     assert {(r["variant"], r["seed"]) for r in records.values()} == {
@@ -214,7 +222,7 @@ def test_runs_are_cached_and_not_repeated(tmp_path, tiny_zoo, calls):
     assert all(0 <= r["value"] <= 100 and r["wall_s"] > 0 and r["n"] == 64 for r in records.values())
     assert "| **all** (baseline) | 2 |" in section and "| random 0.5 | 2 |" in section
 
-    section2, _ = study_axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION)
+    section2, _, _ = _axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION)
     assert calls["n"] == 4  # a second invocation re-runs nothing
     assert section2 == section
     # another axis's baseline is the same recipe: reused, not run again
@@ -244,29 +252,28 @@ def test_interrupted_study_resumes(tmp_path, tiny_zoo, calls):
     assert len(json.loads((out / "results.json").read_text())) == 2  # the two finished runs were kept
     assert not list(out.glob(".results.json.*"))  # no temporary file left behind
     calls["fail_at"] = None
-    _, missing = study_axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION)
+    _, _, missing = _axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION)
     assert calls["n"] == 3 + 2 and missing == []
 
 
 def test_unavailable_variants_are_reported_not_run(tmp_path, tiny_zoo, calls):
     out = tmp_path / "out"
-    section, _ = study_axis(
-        SETTINGS, get_axis("calib-source"), [0], _runner(out, tiny_zoo), ["other dataset"]
-    )
+    section, _, _ = _axis(SETTINGS, get_axis("calib-source"), [0], _runner(out, tiny_zoo), ["other dataset"])
     assert "unavailable: no other calibration dataset is known for 'tiny-resnet'" in section
     assert calls["n"] == 1  # the baseline only
     if not _field_exists("grid"):
         runs = plan_axis(SETTINGS, get_axis("grid"), [0])
         assert [r.unavailable is None for r in runs] == [True, False]
-        section, missing = study_axis(SETTINGS, get_axis("grid"), [0], _runner(out, tiny_zoo))
+        section, _, missing = _axis(SETTINGS, get_axis("grid"), [0], _runner(out, tiny_zoo))
         assert "| power | 0 | - | - | - | unavailable: invalid recipe: grid:" in section
+        assert "branch 'power', not merged yet" in section
         assert missing == [] and calls["n"] == 1  # baseline shared with calib-source 'data'
 
 
 def test_time_budget_stops_before_new_runs(tmp_path, tiny_zoo, calls):
     out = tmp_path / "out"
     runner = _runner(out, tiny_zoo, max_seconds=0)
-    section, missing = study_axis(SETTINGS, get_axis("selection"), [0, 1], runner, SELECTION)
+    section, _, missing = _axis(SETTINGS, get_axis("selection"), [0, 1], runner, SELECTION)
     assert calls["n"] == 0 and runner.out_of_time
     assert len(missing) == 4 and "missing" in section
 
@@ -287,6 +294,7 @@ def test_study_all_writes_tables_and_plots(tmp_path, tiny_zoo, calls):
     if not _field_exists("mixed"):
         assert "unavailable: invalid recipe: mixed:" in text
     assert "None: every available run" in text
+    assert "## Verdicts\n\n- tiny-resnet W4A4, **granularity** vs block: layer: " in text
     assert calls["n"] == 3 * 2 + 0  # mixed's baseline is granularity's 'block' (the study base)
 
 
