@@ -9,7 +9,7 @@ from pathlib import Path
 from postquant.errors import OutputError
 from postquant.study.axes import Axis
 from postquant.study.report import axis_section, missing_runs, study_markdown
-from postquant.study.runner import StudyRunner, StudySettings, run_axis
+from postquant.study.runner import StudyRunner, StudySettings, plan_axis, run_axis
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,8 @@ def study_axis(
     if run:
         runs, records = run_axis(settings, axis, seeds, runner, labels)
     else:
-        runs, records = run_axis(
-            settings, axis, seeds, StudyRunner(out_dir, progress=False, max_seconds=0), labels
-        )
+        runs = plan_axis(settings, axis, seeds, labels)
+        records = runner.cached(runs)
     section, summary = axis_section(axis, settings, runs, records, out_dir, runner.failures)
     head = f"Produced by:\n\n    {command}\n\n" if command else ""
     _write(out_dir / f"{settings.model}_{settings.bits}_{axis.name}.md", head + section)

@@ -351,7 +351,11 @@ class StudyRunner:
                 bar.set_postfix_str(f"{run.axis}: {run.variant.label} seed {run.seed}")
                 self._run_one(settings, run)
                 bar.update()
-        return [rec for r in runs if (rec := self.store.find(r)) is not None]
+        return self.cached(runs)
+
+    def cached(self, runs: list[PlannedRun]) -> list[dict[str, Any]]:
+        """The finished records of `runs` (nothing is run)."""
+        return [rec for r in runs if r.recipe is not None and (rec := self.store.find(r)) is not None]
 
     def _run_one(self, settings: StudySettings, run: PlannedRun) -> None:
         assert run.recipe is not None

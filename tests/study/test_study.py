@@ -347,3 +347,25 @@ def test_every_available_variant_runs(tmp_path, tiny_zoo, calls):
         assert len(records) == len(available), axis.name
     assert runner.failures == {}
     assert calls["n"] == len({r["run_hash"] for r in runner.store.records.values()})
+
+
+def test_cli_study_axis_on_resnet20_then_report_only(tmp_path):
+    require_shared("models", "cifar10", "resnet20.th")
+    out = tmp_path / "study"
+    args = ["study", "selection", "resnet20-cifar10", "--bits", "W4A4", "--seeds", "1", "--iters", "1"]
+    args += ["--calib-size", "32", "--limit", "100", "--variants", "band 0.25", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "| **all** (baseline) | 1 |" in res.output and "1 seed: no verdict" in res.output
+    assert "1 iters/unit, 32 calibration samples, 100 evaluation samples" in res.output
+    records = json.loads((out / "results.json").read_text())
+    assert sorted(r["variant"] for r in records.values()) == ["all", "band 0.25"]
+    assert (out / "plots" / "resnet20-cifar10_W4A4_selection.png").is_file()
+    table = (out / "resnet20-cifar10_W4A4_selection.md").read_text()
+    assert table.startswith("Produced by:\n\n    postquant study ")
+    # report only: the cached table again, nothing run (random 0.5 was never run, so it is listed missing)
+    res = CliRunner().invoke(app, [*args[:-4], "--out", str(out), "--no-run"])
+    assert res.exit_code == 0, res.output
+    assert "| band 0.25 | 1 |" in res.output and "| random 0.5 | 0 | - | - | - | missing runs |" in res.output
+    assert "2 runs missing" in res.output
+    assert len(json.loads((out / "results.json").read_text())) == 2
