@@ -387,6 +387,8 @@ class StudyRunner:
             "n": res.n,
             "quantize_s": quantize_s,
             "wall_s": time.perf_counter() - start,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "torch": torch.__version__,
         }
         self.store.put(run.key, record)
         log.info(
@@ -396,6 +398,7 @@ class StudyRunner:
     def _load(self, settings: StudySettings) -> _Loaded:
         key = (settings.model, settings.limit)
         if key not in self._loaded:
+            self._loaded.clear()  # one model (and its decoded evaluation set) in memory at a time
             zoo = self.loader(settings.model)
             data = zoo.eval_batches(limit=settings.limit)
             cached = _CachedEval(data.path, data.task, list(data), data.n)  # decoded once for every run
