@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -443,8 +444,6 @@ def _study(
     run: bool,
     threads: int = 1,
 ) -> None:
-    import sys
-
     from postquant.study import (
         AXES,
         DEFAULT_BITS,
@@ -474,7 +473,19 @@ def _study(
         ]
         _check_writable_dir(out)
         runner = StudyRunner(out, max_seconds=None if max_minutes is None else 60 * max_minutes)
-        command = "postquant study " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None
+        command = _study_command(
+            axis_name,
+            models,
+            run,
+            bits=bits,
+            seeds=seeds,
+            iters=iters,
+            calib_size=calib_size,
+            limit=limit,
+            axes=axes,
+            out=out,
+            max_minutes=max_minutes,
+        )
         path = study_all(settings, chosen, list(range(seeds)), runner, command, run=run)
         out_console.print(f"wrote {path}")
         return
@@ -485,13 +496,36 @@ def _study(
     settings = default_settings(model, bits or DEFAULT_BITS.get(model, ["W4A4"])[0], iters, calib_size, limit)
     _check_writable_dir(out)
     runner = StudyRunner(out, max_seconds=None if max_minutes is None else 60 * max_minutes)
-    command = "postquant study " + " ".join(sys.argv[2:])
+    command = _study_command(
+        axis_name,
+        models,
+        run,
+        bits=bits,
+        seeds=seeds,
+        iters=iters,
+        calib_size=calib_size,
+        limit=limit,
+        variants=variants,
+        out=out,
+        max_minutes=max_minutes,
+    )
     report = study_axis(settings, ax, list(range(seeds)), runner, labels, run=run, command=command)
     typer.echo(report.section + "\n" + report.summary)
     if report.missing:
         console.print(
             f"[yellow]{len(report.missing)} runs missing[/] (run the same command again to add them)"
         )
+
+
+def _study_command(axis: str, models: list[str], run: bool, **options: Any) -> str | None:
+    """The command line that reproduces a study run (None for report-only runs, which add no result)."""
+    if not run:
+        return None
+    words = ["postquant", "study", axis, *models]
+    for key, value in options.items():
+        if value is not None:
+            words += [f"--{key.replace('_', '-')}", str(value)]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 if __name__ == "__main__":

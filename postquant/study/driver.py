@@ -37,7 +37,8 @@ def study_axis(
 ) -> AxisReport:
     """Run one axis (unless `run` is false: cached results only) and write its table and plot.
 
-    Writes ``OUT/<model>_<bits>_<axis>.md`` (headed by `command` when given) and
+    Writes ``OUT/<model>_<bits>_<axis>.md`` (headed by the commands remembered in ``OUT/commands.txt``,
+    `command` added) and
     ``OUT/plots/<model>_<bits>_<axis>.png``.
 
     Returns:
@@ -50,7 +51,9 @@ def study_axis(
         runs = plan_axis(settings, axis, seeds, labels)
         records = runner.cached(runs)
     section, summary = axis_section(axis, settings, runs, records, out_dir, runner.failures)
-    head = f"Produced by:\n\n    {command}\n\n" if command else ""
+    commands = _remember(out_dir, command)
+    listed = "".join(f"    {c}\n" for c in commands)
+    head = f"Produced by (resumable; results accumulate in results.json):\n\n{listed}\n" if commands else ""
     _write(out_dir / f"{settings.model}_{settings.bits}_{axis.name}.md", head + section)
     return AxisReport(section, summary, missing_runs(runs, records))
 

@@ -362,7 +362,9 @@ def test_cli_study_axis_on_resnet20_then_report_only(tmp_path):
     assert sorted(r["variant"] for r in records.values()) == ["all", "band 0.25"]
     assert (out / "plots" / "resnet20-cifar10_W4A4_selection.png").is_file()
     table = (out / "resnet20-cifar10_W4A4_selection.md").read_text()
-    assert table.startswith("Produced by:\n\n    postquant study ")
+    command = "postquant study selection resnet20-cifar10 --bits W4A4 --seeds 1 --iters 1 --calib-size 32"
+    assert table.startswith(f"Produced by (resumable; results accumulate in results.json):\n\n    {command} ")
+    assert "--variants 'band 0.25' --out" in table
     # report only: the cached table again, nothing run (random 0.5 was never run, so it is listed missing)
     res = CliRunner().invoke(app, [*args[:-4], "--out", str(out), "--no-run"])
     assert res.exit_code == 0, res.output
