@@ -9,7 +9,8 @@ from pathlib import Path
 from postquant.errors import OutputError
 from postquant.study.axes import Axis
 from postquant.study.report import axis_section, missing_runs, study_markdown
-from postquant.study.runner import StudyRunner, StudySettings, plan_axis, run_axis
+from postquant.study.runner import StudyRunner, plan_axis, run_axis
+from postquant.study.settings import StudySettings
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,7 @@ def study_axis(
     """Run one axis (unless `run` is false: cached results only) and write its table and plot.
 
     Writes ``OUT/<model>_<bits>_<axis>.md`` (headed by the commands remembered in ``OUT/commands.txt``,
-    `command` added) and
-    ``OUT/plots/<model>_<bits>_<axis>.png``.
+    `command` added) and ``OUT/plots/<model>_<bits>_<axis>.png``.
 
     Returns:
         The markdown section, the one-line verdicts and the runs still missing.

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from postquant.study.axes import Axis
-from postquant.study.runner import PlannedRun, StudySettings
+from postquant.study.runner import PlannedRun
+from postquant.study.settings import StudySettings
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from postquant.study import (
 )
 from postquant.study.axes import fill_bits
 from postquant.study.report import HELPS, HURTS, NO_VERDICT, NOISE
+from postquant.study.settings import OTHER_CALIB
 from postquant.zoo import CIFAR10_PREPROCESS, ZooModel
 from postquant.zoo.datasets import calibration_inputs
 from tests.conftest import require_shared
@@ -328,7 +329,7 @@ def test_cli_axis_needs_one_model():
 @pytest.mark.parametrize("model", ["resnet20-cifar10", "efficientnet-lite0"])
 def test_other_calibration_dataset_fits_the_model_input(model):
     """'other dataset' calibration: ImageNet shrunk to CIFAR size, CIFAR blown up to EfficientNet's size."""
-    other = runner_mod.OTHER_CALIB[model]
+    other = OTHER_CALIB[model]
     path = require_shared(*other.parts)
     batches = calibration_inputs(path, other.preprocess, limit=4, batch_size=4)
     side = 32 if model.startswith("resnet") else 224
