@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -375,6 +376,166 @@ def models_cmd() -> None:
 
     for name in list_models():
         out_console.print(name)
+
+
+# ----------------------------------------------------------------------------------------------- study
+
+
+@app.command("study")
+def study_cmd(
+    axis: Annotated[str, typer.Argument(help="an axis (see `postquant study list`), 'all', or 'list'")],
+    models: Annotated[
+        list[str] | None, typer.Argument(help="zoo model (one for an axis; 'all': default list of the issue)")
+    ] = None,
+    bits: Annotated[
+        str | None,
+        typer.Option(help="W4A4 or W3 (default: the model's first study bits; 'all': each model's)"),
+    ] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="seeds 0..N-1 per variant")] = 3,
+    iters: Annotated[
+        int | None, typer.Option(help="steps per unit of the study base (default: per model)")
+    ] = None,
+    calib_size: Annotated[int | None, typer.Option(help="calibration samples of the study base")] = None,
+    limit: Annotated[int | None, typer.Option(help="evaluate on N samples spread over the set")] = None,
+    out: Annotated[Path, typer.Option(help="directory of results.json, tables, plots, STUDY.md")] = Path(
+        "study"
+    ),
+    variants: Annotated[
+        str | None, typer.Option(help="comma-separated variant labels (baseline always)")
+    ] = None,
+    axes: Annotated[
+        str | None, typer.Option(help="'all': comma-separated axes (default: every axis)")
+    ] = None,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="start no new run after this many minutes (resume later)")
+    ] = None,
+    run: Annotated[bool, typer.Option(help="--no-run: report from cached results only")] = True,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads")] = 1,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Measure one axis of learned rounding over seeds (table + plot), or every axis into STUDY.md.
+
+    Examples: `postquant study list`; `postquant study selection resnet20-cifar10 --bits W4A4 --seeds 2`;
+    `postquant study all --out study` (resumable: finished runs are cached in OUT/results.json).
+    """
+    _setup_logging(verbose)
+    try:
+        _study(
+            axis,
+            models or [],
+            bits,
+            seeds,
+            iters,
+            calib_size,
+            limit,
+            out,
+            variants,
+            axes,
+            max_minutes,
+            run,
+            threads,
+        )
+    except PostquantError as exc:
+        _fail(exc)
+
+
+def _study(
+    axis_name: str,
+    models: list[str],
+    bits: str | None,
+    seeds: int,
+    iters: int | None,
+    calib_size: int | None,
+    limit: int | None,
+    out: Path,
+    variants: str | None,
+    axes: str | None,
+    max_minutes: float | None,
+    run: bool,
+    threads: int = 1,
+) -> None:
+    from postquant.study import (
+        AXES,
+        DEFAULT_BITS,
+        StudyRunner,
+        default_settings,
+        get_axis,
+        study_all,
+        study_axis,
+    )
+
+    if axis_name == "list":
+        for ax in AXES:
+            labels = ", ".join(f"{v.label}*" if v.label == ax.baseline else v.label for v in ax.variants)
+            note = f"  [{ax.pending}]" if ax.pending else ""
+            out_console.print(f"{ax.name:<13} {labels}{note}", markup=False, highlight=False, soft_wrap=True)
+        out_console.print("(* = baseline)", markup=False)
+        return
+    torch.set_num_threads(threads)
+    labels = [s.strip() for s in variants.split(",")] if variants else None
+    if axis_name == "all":
+        chosen = [get_axis(a.strip()) for a in axes.split(",")] if axes else list(AXES)
+        names = models or list(DEFAULT_BITS)
+        settings = [
+            default_settings(m, b, iters, calib_size, limit)
+            for m in names
+            for b in ([bits] if bits else DEFAULT_BITS.get(m, ["W4A4"]))
+        ]
+        _check_writable_dir(out)
+        runner = StudyRunner(out, max_seconds=None if max_minutes is None else 60 * max_minutes)
+        command = _study_command(
+            axis_name,
+            models,
+            run,
+            bits=bits,
+            seeds=seeds,
+            iters=iters,
+            calib_size=calib_size,
+            limit=limit,
+            axes=axes,
+            out=out,
+            max_minutes=max_minutes,
+        )
+        path = study_all(settings, chosen, list(range(seeds)), runner, command, run=run)
+        out_console.print(f"wrote {path}")
+        return
+    ax = get_axis(axis_name)  # unknown axis: a typed error with suggestions
+    if len(models) != 1:
+        raise RecipeError(f"`postquant study {axis_name}` needs exactly one MODEL, e.g. resnet20-cifar10")
+    model = models[0]
+    settings = default_settings(model, bits or DEFAULT_BITS.get(model, ["W4A4"])[0], iters, calib_size, limit)
+    _check_writable_dir(out)
+    runner = StudyRunner(out, max_seconds=None if max_minutes is None else 60 * max_minutes)
+    command = _study_command(
+        axis_name,
+        models,
+        run,
+        bits=bits,
+        seeds=seeds,
+        iters=iters,
+        calib_size=calib_size,
+        limit=limit,
+        variants=variants,
+        out=out,
+        max_minutes=max_minutes,
+    )
+    report = study_axis(settings, ax, list(range(seeds)), runner, labels, run=run, command=command)
+    typer.echo(report.section + "\n" + report.summary)
+    if report.missing:
+        console.print(
+            f"[yellow]{len(report.missing)} runs missing[/] (run the same command again to add them)"
+        )
+
+
+def _study_command(axis: str, models: list[str], run: bool, **options: Any) -> str | None:
+    """The command line that reproduces a study run (None for report-only runs, which add no result)."""
+    if not run:
+        return None
+    words = ["postquant", "study", axis, *models]
+    for key, value in options.items():
+        if value is not None:
+            words += [f"--{key.replace('_', '-')}", str(value)]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,294 @@
+"""Running the study: every variant of an axis x every seed, on one model and bits, cached and resumable.
+
+Each run builds a recipe (the study base of the model plus the variant's changes plus ``seed``), quantizes
+the float model, evaluates it and appends a record to ``OUT/results.json``. The file is rewritten
+atomically after every run, so a study can be interrupted (Ctrl-C, a crash, a time budget) and resumed
+with the same command: finished runs are never repeated. A run whose effective recipe is identical to one
+already finished under another axis (e.g. every axis's baseline is the study base) reuses that result.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from postquant.api import quantize
+from postquant.errors import DataError, OutputError, PostquantError, RecipeError
+from postquant.eval import evaluate
+from postquant.paths import shared_path
+from postquant.recipe import Recipe
+from postquant.study.axes import Axis, Variant, fill_bits
+from postquant.study.settings import OTHER_CALIB, StudySettings, digest, parse_bits
+from postquant.zoo import ZooModel, load_model
+from postquant.zoo.datasets import calibration_inputs
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+@dataclass
+class PlannedRun:
+    """One (variant, seed) of an axis: its recipe, or why it cannot run."""
+
+    axis: str
+    variant: Variant
+    seed: int
+    recipe: Recipe | None
+    unavailable: str | None
+    run_hash: str = ""
+    key: str = ""
+
+
+def variant_recipe(settings: StudySettings, variant: Variant, seed: int) -> Recipe:
+    """The recipe of one run: base, then the variant's changes (``learned`` merged field by field), seed.
+
+    Raises:
+        RecipeError: the changes do not validate (e.g. a field another branch adds is not there yet).
+    """
+    base = settings.base_recipe()
+    changes = fill_bits(variant.changes, parse_bits(settings.bits)[0])
+    data = {**base, **{k: v for k, v in changes.items() if k != "learned"}, "seed": seed}
+    data["learned"] = {**base["learned"], **changes.get("learned", {})}
+    return Recipe.coerce(data)
+
+
+def plan_axis(
+    settings: StudySettings, axis: Axis, seeds: Iterable[int], labels: Iterable[str] | None = None
+) -> list[PlannedRun]:
+    """Every (variant, seed) run of `axis` (only the variants in `labels` when given; the baseline always)."""
+    wanted = list(labels) if labels is not None else [v.label for v in axis.variants]
+    if axis.baseline not in wanted:
+        wanted.insert(0, axis.baseline)
+    variants = [axis.variant(label) for label in wanted]
+    runs = []
+    for variant in sorted(variants, key=lambda v: axis.variants.index(v)):
+        for seed in seeds:
+            runs.append(_plan_one(settings, axis, variant, seed))
+    return runs
+
+
+def _plan_one(settings: StudySettings, axis: Axis, variant: Variant, seed: int) -> PlannedRun:
+    if variant.calib_data == "other" and settings.model not in OTHER_CALIB:
+        reason = (
+            f"no other calibration dataset is known for {settings.model!r} (known: {', '.join(OTHER_CALIB)})"
+        )
+        return PlannedRun(axis.name, variant, seed, None, reason)
+    try:
+        recipe = variant_recipe(settings, variant, seed)
+    except RecipeError as exc:
+        reason = f"{exc} ({axis.pending})" if axis.pending else str(exc)
+        return PlannedRun(axis.name, variant, seed, None, reason)
+    # Fields at their defaults are left out, so that a field added to Recipe later (at a default that keeps
+    # the old behaviour) does not orphan the results already cached.
+    effective = recipe.model_dump(mode="json", exclude_defaults=True, exclude={"learned"})
+    if recipe.learned is not None:
+        effective["learned"] = recipe.learned.model_dump(
+            mode="json", exclude_defaults=True, exclude={"checkpoint_dir", "progress"}
+        )
+    run_hash = digest(
+        {"model": settings.model, "recipe": effective, "calib": variant.calib_data, "limit": settings.limit}
+    )
+    key = f"{settings.model}|{settings.bits}|{axis.name}|{variant.label}|seed{seed}|{settings.digest()}|{run_hash}"
+    return PlannedRun(axis.name, variant, seed, recipe, None, run_hash, key)
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+class ResultStore:
+    """Finished runs in one JSON file (key -> record), rewritten atomically after every run."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = Path(out_dir) / RESULTS_FILE
+        self.records: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            try:
+                self.records = json.loads(self.path.read_text())
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{self.path} is not valid JSON ({exc}); move it away to start the study afresh"
+                ) from exc
+        self._by_hash = {r["run_hash"]: r for r in self.records.values()}
+
+    def find(self, run: PlannedRun) -> dict[str, Any] | None:
+        """The finished record of `run`, or of another run with the identical effective recipe."""
+        if run.key in self.records:
+            return self.records[run.key]
+        return self._by_hash.get(run.run_hash)
+
+    def put(self, key: str, record: dict[str, Any]) -> None:
+        """Store `record` and rewrite the file atomically (a crash leaves the previous file intact)."""
+        self.records[key] = record
+        self._by_hash[record["run_hash"]] = record
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.records, f, indent=1)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write {self.path}: {exc.strerror or exc}; choose a writable --out"
+            ) from exc
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+@dataclass
+class _Loaded:
+    """A model loaded once per study, with its evaluation data decoded once."""
+
+    zoo: ZooModel
+    eval_data: Any
+    calib: dict[tuple[str, int], list[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class _CachedEval:
+    path: Path
+    task: str
+    batches: list[Any]
+    n: int
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class StudyRunner:
+    """Runs planned runs, loading each model once; `loader` builds a `ZooModel` from a name (tests inject one).
+
+    Args:
+        out_dir: where ``results.json`` lives.
+        loader: model name -> `ZooModel` (default `postquant.zoo.load_model`).
+        progress: show a tqdm bar over runs, with ETA.
+        max_seconds: stop starting new runs after this much wall time (finished runs are kept).
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        loader: Callable[[str], ZooModel] = load_model,
+        progress: bool = True,
+        max_seconds: float | None = None,
+    ) -> None:
+        self.store = ResultStore(out_dir)
+        self.loader = loader
+        self.progress = progress
+        self.deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        self._loaded: dict[tuple[str, int | None], _Loaded] = {}
+        self.failures: dict[str, str] = {}  # key -> reason (not cached: they are tried again next time)
+        self.out_of_time = False
+
+    def run(self, settings: StudySettings, runs: list[PlannedRun]) -> list[dict[str, Any]]:
+        """Run what is not cached yet; return the records of every available run that is finished."""
+        todo = [r for r in runs if r.recipe is not None and self.store.find(r) is None]
+        log.info(
+            "%s: %d runs, %d cached, %d to do", settings.model, len(runs), len(runs) - len(todo), len(todo)
+        )
+        with tqdm(
+            total=len(todo), desc=f"study {settings.model} {settings.bits}", disable=not self.progress
+        ) as bar:
+            for run in todo:
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    self.out_of_time = True
+                    log.warning("time budget spent: %d runs left for a later session", bar.total - bar.n)
+                    break
+                bar.set_postfix_str(f"{run.axis}: {run.variant.label} seed {run.seed}")
+                self._run_one(settings, run)
+                bar.update()
+        return self.cached(runs)
+
+    def cached(self, runs: list[PlannedRun]) -> list[dict[str, Any]]:
+        """The finished records of `runs` (nothing is run)."""
+        return [rec for r in runs if r.recipe is not None and (rec := self.store.find(r)) is not None]
+
+    def _run_one(self, settings: StudySettings, run: PlannedRun) -> None:
+        assert run.recipe is not None
+        try:
+            loaded = self._load(settings)
+            calib = self._calib(loaded, settings.model, run.variant.calib_data, run.recipe.calib_size)
+            torch.manual_seed(run.seed)
+            start = time.perf_counter()
+            qmodel = quantize(
+                loaded.zoo.model, run.recipe, calib=calib, example_inputs=loaded.zoo.example_inputs
+            )
+            quantize_s = time.perf_counter() - start
+            res = evaluate(qmodel, loaded.zoo, data=loaded.eval_data, progress=False)
+        except PostquantError as exc:
+            log.warning("%s / %s seed %d failed: %s", run.axis, run.variant.label, run.seed, exc)
+            self.failures[run.key] = str(exc)
+            return
+        record = {
+            "model": settings.model,
+            "bits": settings.bits,
+            "axis": run.axis,
+            "variant": run.variant.label,
+            "seed": run.seed,
+            "settings": asdict(settings),
+            "base_digest": settings.digest(),
+            "run_hash": run.run_hash,
+            "metric": res.metric,
+            "value": res.value,
+            "n": res.n,
+            "quantize_s": quantize_s,
+            "wall_s": time.perf_counter() - start,
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "torch": torch.__version__,
+        }
+        self.store.put(run.key, record)
+        log.info(
+            "%s / %s seed %d: %.2f in %.1f s", run.axis, run.variant.label, run.seed, res.value, quantize_s
+        )
+
+    def _load(self, settings: StudySettings) -> _Loaded:
+        key = (settings.model, settings.limit)
+        if key not in self._loaded:
+            self._loaded.clear()  # one model (and its decoded evaluation set) in memory at a time
+            zoo = self.loader(settings.model)
+            data = zoo.eval_batches(limit=settings.limit)
+            cached = _CachedEval(data.path, data.task, list(data), data.n)  # decoded once for every run
+            self._loaded[key] = _Loaded(zoo, cached)
+        return self._loaded[key]
+
+    def _calib(self, loaded: _Loaded, model: str, source: str, n: int) -> list[Any]:
+        if (source, n) not in loaded.calib:
+            if source == "other":
+                other = OTHER_CALIB[model]
+                pre = other.preprocess or loaded.zoo.preprocess
+                assert pre is not None
+                batches = calibration_inputs(shared_path(*other.parts), pre, limit=n)
+            else:
+                batches = loaded.zoo.calib_batches(limit=n)
+            loaded.calib[(source, n)] = batches
+        return copy.copy(loaded.calib[(source, n)])
+
+
+def run_axis(
+    settings: StudySettings,
+    axis: Axis,
+    seeds: Iterable[int],
+    runner: StudyRunner,
+    labels: Iterable[str] | None = None,
+) -> tuple[list[PlannedRun], list[dict[str, Any]]]:
+    """Plan and run one axis; return the plan and the finished records (cached ones included)."""
+    runs = plan_axis(settings, axis, list(seeds), labels)
+    return runs, runner.run(settings, runs)

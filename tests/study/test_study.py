@@ -1,0 +1,374 @@
+"""The study (postquant.study): axes data, verdict rule, cached and resumable runner, reports, CLI. Tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import postquant.study.runner as runner_mod
+from postquant.cli import app
+from postquant.errors import RecipeError, UnknownNameError
+from postquant.recipe import Recipe
+from postquant.study import (
+    AXES,
+    StudyRunner,
+    StudySettings,
+    get_axis,
+    parse_bits,
+    plan_axis,
+    study_all,
+    study_axis,
+    variant_recipe,
+    verdict,
+)
+from postquant.study.axes import fill_bits
+from postquant.study.report import HELPS, HURTS, NO_VERDICT, NOISE
+from postquant.study.settings import OTHER_CALIB
+from postquant.zoo import CIFAR10_PREPROCESS, ZooModel
+from postquant.zoo.datasets import calibration_inputs
+from tests.conftest import require_shared
+
+MODEL = "tiny-resnet"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _field_exists(name: str) -> bool:
+    return name in Recipe.model_fields
+
+
+# ------------------------------------------------------------------------------------------------ axes data
+
+
+@pytest.mark.parametrize("axis", AXES, ids=lambda a: a.name)
+def test_every_variant_validates_into_a_recipe(axis):
+    """Every variant's changes make a valid Recipe; the pending axes (grid, mixed) fail with a RecipeError
+    naming their missing field until branches 'power' and 'mixed' are merged."""
+    settings = StudySettings(MODEL, "W4A4", iters=5, calib_size=32)
+    labels = [v.label for v in axis.variants]
+    assert axis.baseline in labels and len(set(labels)) == len(labels)
+    for variant in axis.variants:
+        if axis.pending is not None and not variant.changes:
+            assert variant_recipe(settings, variant, 0).method.value == "learned"
+            continue
+        if axis.pending is not None and not _field_exists(axis.name):  # unavailable until the merge
+            with pytest.raises(RecipeError, match=axis.name):
+                variant_recipe(settings, variant, 0)
+            continue
+        recipe = variant_recipe(settings, variant, seed=3)
+        assert recipe.seed == 3 and recipe.learned is not None and recipe.learned.iters == 5
+
+
+def test_variant_changes_reach_the_recipe():
+    settings = StudySettings(MODEL, "W2A4", iters=7, calib_size=64)
+    rec = variant_recipe(settings, get_axis("selection").variant("band 0.1"), 1)
+    assert (rec.w_bits, rec.a_bits, rec.calib_size) == (2, 4, 64)
+    assert rec.learned.selection.value == "band" and rec.learned.band == 0.1
+    assert rec.learned.init.value == "squant"  # the rest of the `learned` preset is kept
+    rec = variant_recipe(settings, get_axis("calib-size").variant("1024"), 0)
+    assert rec.calib_size == 1024 and rec.learned.iters == 7
+
+
+def test_mixed_budget_follows_the_study_bits():
+    changes = get_axis("mixed").variant("mixed (loss)").changes
+    assert fill_bits(changes, 3) == {"mixed": {"w_bits_budget": 3.0, "importance": "loss"}}
+
+
+def test_unknown_axis_and_variant_suggest_names():
+    with pytest.raises(UnknownNameError, match="Did you mean 'selection'"):
+        get_axis("selektion")
+    with pytest.raises(UnknownNameError, match=r"band 0\.25"):
+        get_axis("selection").variant("band 0.2")
+
+
+@pytest.mark.parametrize("text", ["4A4", "W", "WxA4", "W4A"])
+def test_bad_bits_say_the_format(text):
+    with pytest.raises(RecipeError, match="W4A4"):
+        parse_bits(text)
+
+
+def test_parse_bits():
+    assert parse_bits("w4a8") == (4, 8) and parse_bits("W3") == (3, None)
+
+
+# ------------------------------------------------------------------------------------------------ verdict
+
+
+@pytest.mark.parametrize(
+    ("baseline", "variant", "expected"),
+    [
+        ([80.0, 80.2, 79.8], [81.0, 81.2, 80.8], HELPS),  # +1.0 > std 0.2
+        ([80.0, 80.2, 79.8], [79.0, 79.2, 78.8], HURTS),
+        ([80.0, 81.0, 79.0], [80.5, 80.6, 80.4], NOISE),  # +0.5 < std 1.0 of the baseline
+        ([80.0, 80.1], [79.0, 81.4], NOISE),  # +0.15 < std 1.70 of the variant
+        ([80.0], [85.0, 85.1], NO_VERDICT),
+        ([80.0, 80.1], [85.0], NO_VERDICT),
+    ],
+    ids=["helps", "hurts", "noise-baseline-spread", "noise-variant-spread", "1-seed-base", "1-seed-variant"],
+)
+def test_verdict_rule(baseline, variant, expected):
+    assert verdict(baseline, variant) == expected
+
+
+def test_verdict_boundary_is_within_noise():
+    # diff exactly equal to the spread: not larger, so within noise (std of [0, 2] = sqrt(2))
+    assert verdict([0.0, 2.0], [1.0 + 2**0.5, 1.0 + 2**0.5]) == NOISE
+    assert verdict([0.0, 2.0], [1.0 + 1.5, 1.0 + 1.5]) == HELPS
+
+
+# ------------------------------------------------------------------------------------------------ runner
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.stage = nn.Sequential(Block(c), Block(c))
+        self.fc = nn.Linear(c, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def tiny_zoo(tmp_path) -> ZooModel:
+    """A tiny residual net whose labels are its own float predictions (FP32 = 100 %), data as .npz files."""
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    model.bn1.running_mean.uniform_(-0.5, 0.5)
+    model.bn1.running_var.uniform_(0.5, 2.0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(96, 8, 8, 3), dtype=np.uint8)
+    with torch.no_grad():
+        y = model(CIFAR10_PREPROCESS.arrays(x)).argmax(1).numpy()
+    np.savez(tmp_path / "eval.npz", x=x[:64], y=y[:64])
+    np.savez(tmp_path / "calib.npz", x=x[64:])
+    return ZooModel(
+        MODEL,
+        model,
+        "classification",
+        (3, 8, 8),
+        CIFAR10_PREPROCESS.arrays(x[:2]),
+        tmp_path / "eval.npz",
+        tmp_path / "calib.npz",
+        CIFAR10_PREPROCESS,
+    )
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts quantize() calls of the runner; `calls["fail_at"] = n` makes the n-th call raise."""
+    real = runner_mod.quantize
+    state = {"n": 0, "fail_at": None}
+
+    def counting(*args, **kwargs):
+        state["n"] += 1
+        if state["fail_at"] == state["n"]:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_mod, "quantize", counting)
+    return state
+
+
+SETTINGS = StudySettings(MODEL, "W4A4", iters=4, calib_size=32)
+SELECTION = ["all", "random 0.5"]
+
+
+def _runner(out: Path, zoo: ZooModel, **kwargs) -> StudyRunner:
+    return StudyRunner(out, loader=lambda name: zoo, progress=False, **kwargs)
+
+
+def _axis(*args, **kwargs) -> tuple[str, str, list[str]]:
+    report = study_axis(*args, **kwargs)
+    return report.section, report.summary, report.missing
+
+
+def test_runs_are_cached_and_not_repeated(tmp_path, tiny_zoo, calls):
+    out = tmp_path / "out"
+    section, summary, missing = _axis(
+        SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION
+    )
+    assert calls["n"] == 4 and missing == []
+    assert summary.startswith("- tiny-resnet W4A4, **selection** vs all: random 0.5: ")
+    records = json.loads((out / "results.json").read_text())
+    assert len(records) == 4
+    assert {(r["variant"], r["seed"]) for r in records.values()} == {
+        (v, s) for v in SELECTION for s in (0, 1)
+    }
+    assert all(0 <= r["value"] <= 100 and r["wall_s"] > 0 and r["n"] == 64 for r in records.values())
+    assert "| **all** (baseline) | 2 |" in section and "| random 0.5 | 2 |" in section
+
+    section2, _, _ = _axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION)
+    assert calls["n"] == 4  # a second invocation re-runs nothing
+    assert section2 == section
+    # another axis's baseline is the same recipe: reused, not run again
+    study_axis(SETTINGS, get_axis("variable"), [0, 1], _runner(out, tiny_zoo), ["adaround"])
+    assert calls["n"] == 4
+    # other base settings are other runs
+    other = StudySettings(MODEL, "W4A4", iters=3, calib_size=32)
+    study_axis(other, get_axis("selection"), [0], _runner(out, tiny_zoo), ["all"])
+    assert calls["n"] == 5
+
+
+def test_seed_fixes_the_result(tmp_path, tiny_zoo, calls):
+    out = tmp_path / "out"
+    study_axis(SETTINGS, get_axis("selection"), [0], _runner(out, tiny_zoo), ["random 0.5"])
+    first = {r["variant"]: r["value"] for r in json.loads((out / "results.json").read_text()).values()}
+    (out / "results.json").unlink()
+    study_axis(SETTINGS, get_axis("selection"), [0], _runner(out, tiny_zoo), ["random 0.5"])
+    again = {r["variant"]: r["value"] for r in json.loads((out / "results.json").read_text()).values()}
+    assert first == again
+
+
+def test_interrupted_study_resumes(tmp_path, tiny_zoo, calls):
+    out = tmp_path / "out"
+    calls["fail_at"] = 3
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        study_axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION)
+    assert len(json.loads((out / "results.json").read_text())) == 2  # the two finished runs were kept
+    assert not list(out.glob(".results.json.*"))  # no temporary file left behind
+    calls["fail_at"] = None
+    _, _, missing = _axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION)
+    assert calls["n"] == 3 + 2 and missing == []
+
+
+def test_unavailable_variants_are_reported_not_run(tmp_path, tiny_zoo, calls):
+    out = tmp_path / "out"
+    section, _, _ = _axis(SETTINGS, get_axis("calib-source"), [0], _runner(out, tiny_zoo), ["other dataset"])
+    assert "unavailable: no other calibration dataset is known for 'tiny-resnet'" in section
+    assert calls["n"] == 1  # the baseline only
+    if not _field_exists("grid"):
+        runs = plan_axis(SETTINGS, get_axis("grid"), [0])
+        assert [r.unavailable is None for r in runs] == [True, False]
+        section, _, missing = _axis(SETTINGS, get_axis("grid"), [0], _runner(out, tiny_zoo))
+        assert "| power | 0 | - | - | - | unavailable: invalid recipe: grid:" in section
+        assert "branch 'power', not merged yet" in section
+        assert missing == [] and calls["n"] == 1  # baseline shared with calib-source 'data'
+
+
+def test_time_budget_stops_before_new_runs(tmp_path, tiny_zoo, calls):
+    out = tmp_path / "out"
+    runner = _runner(out, tiny_zoo, max_seconds=0)
+    section, _, missing = _axis(SETTINGS, get_axis("selection"), [0, 1], runner, SELECTION)
+    assert calls["n"] == 0 and runner.out_of_time
+    assert len(missing) == 4 and "missing" in section
+
+
+def test_study_all_writes_tables_and_plots(tmp_path, tiny_zoo, calls):
+    out = tmp_path / "out"
+    axes = [get_axis("granularity"), get_axis("mixed")]
+    path = study_all([SETTINGS], axes, [0, 1], _runner(out, tiny_zoo), command="postquant study all test")
+    text = path.read_text()
+    assert path == out / "STUDY.md"
+    assert "### Granularity (`granularity`): tiny-resnet W4A4" in text
+    assert "| **block** (baseline) | 2 |" in text and "| layer | 2 |" in text and "| 2 blocks | 2 |" in text
+    assert "postquant study all test" in text and "Verdict: 'helps' / 'hurts'" in text
+    for name in ("granularity", "mixed"):
+        png = out / "plots" / f"{MODEL}_W4A4_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(plots/{png.name})" in text
+    if not _field_exists("mixed"):
+        assert "unavailable: invalid recipe: mixed:" in text
+    assert "None: every available run" in text
+    assert "## Verdicts\n\n- tiny-resnet W4A4, **granularity** vs block: layer: " in text
+    assert calls["n"] == 3 * 2 + 0  # mixed's baseline is granularity's 'block' (the study base)
+
+
+def test_study_all_lists_missing_runs(tmp_path, tiny_zoo, calls):
+    out = tmp_path / "out"
+    path = study_all([SETTINGS], [get_axis("loss")], [0], _runner(out, tiny_zoo, max_seconds=0))
+    text = path.read_text()
+    assert calls["n"] == 0
+    for label in ("mse", "fisher", "output"):
+        assert f"- tiny-resnet W4A4 loss: {label} seed 0" in text
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_list_and_unknown_axis():
+    cli = CliRunner()
+    res = cli.invoke(app, ["study", "list"])
+    assert res.exit_code == 0
+    for axis in AXES:
+        assert axis.name in res.output
+    res = cli.invoke(app, ["study", "selektion", "resnet20-cifar10"])
+    assert res.exit_code == 2 and "Did you mean 'selection'" in res.output
+
+
+def test_cli_axis_needs_one_model():
+    res = CliRunner().invoke(app, ["study", "loss"])
+    assert res.exit_code == 2 and "exactly one MODEL" in res.output
+
+
+@pytest.mark.parametrize("model", ["resnet20-cifar10", "efficientnet-lite0"])
+def test_other_calibration_dataset_fits_the_model_input(model):
+    """'other dataset' calibration: ImageNet shrunk to CIFAR size, CIFAR blown up to EfficientNet's size."""
+    other = OTHER_CALIB[model]
+    path = require_shared(*other.parts)
+    batches = calibration_inputs(path, other.preprocess, limit=4, batch_size=4)
+    side = 32 if model.startswith("resnet") else 224
+    assert [tuple(b.shape) for b in batches] == [(4, 3, side, side)]
+    assert batches[0].std() > 0.1
+
+
+def test_every_available_variant_runs(tmp_path, tiny_zoo, calls):
+    """One seed of every variant of every axis on the tiny model: none crashes, none fails."""
+    runner = _runner(tmp_path / "out", tiny_zoo)
+    settings = StudySettings(MODEL, "W4A4", iters=2, calib_size=16)
+    for axis in AXES:
+        runs, records = runner_mod.run_axis(settings, axis, [0], runner)
+        available = {r.variant.label for r in runs if r.unavailable is None}
+        assert {r["variant"] for r in records if r["axis"] == axis.name} <= available
+        assert len(records) == len(available), axis.name
+    assert runner.failures == {}
+    assert calls["n"] == len({r["run_hash"] for r in runner.store.records.values()})
+
+
+def test_cli_study_axis_on_resnet20_then_report_only(tmp_path):
+    require_shared("models", "cifar10", "resnet20.th")
+    out = tmp_path / "study"
+    args = ["study", "selection", "resnet20-cifar10", "--bits", "W4A4", "--seeds", "1", "--iters", "1"]
+    args += ["--calib-size", "32", "--limit", "100", "--variants", "band 0.25", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "| **all** (baseline) | 1 |" in res.output and "1 seed: no verdict" in res.output
+    assert "1 iters/unit, 32 calibration samples, 100 evaluation samples" in res.output
+    records = json.loads((out / "results.json").read_text())
+    assert sorted(r["variant"] for r in records.values()) == ["all", "band 0.25"]
+    assert (out / "plots" / "resnet20-cifar10_W4A4_selection.png").is_file()
+    table = (out / "resnet20-cifar10_W4A4_selection.md").read_text()
+    command = "postquant study selection resnet20-cifar10 --bits W4A4 --seeds 1 --iters 1 --calib-size 32"
+    assert table.startswith(f"Produced by (resumable; results accumulate in results.json):\n\n    {command} ")
+    assert "--variants 'band 0.25' --out" in table
+    # report only: the cached table again, nothing run (random 0.5 was never run, so it is listed missing)
+    res = CliRunner().invoke(app, [*args[:-4], "--out", str(out), "--no-run"])
+    assert res.exit_code == 0, res.output
+    assert "| band 0.25 | 1 |" in res.output and "| random 0.5 | 0 | - | - | - | missing runs |" in res.output
+    assert "2 runs missing" in res.output
+    assert len(json.loads((out / "results.json").read_text())) == 2
