@@ -1,0 +1,41 @@
+"""The size model of a quantized model, the same bytes the checkpoint stores (`postquant.io.checkpoint`).
+
+A checkpoint's ``model.safetensors`` holds, per quantized layer, its codes packed densely
+(``ceil(n * b / 8)`` bytes, `postquant.io.pack`), its grid's float32 inverse scales and its zero points
+compacted to the smallest integer type that holds them exactly (int8 or int16, else float32), and every
+other tensor (biases, norms, embeddings, layers kept float, input quantizers) as stored in the model. The
+size here is the sum of those tensors' bytes; the safetensors header and the JSON manifest (a few KB, not
+depending on the allocation) are left out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from postquant.grids import UniformGrid
+
+__all__ = ["codes_bytes", "grid_bytes", "stored_bytes"]
+
+
+def codes_bytes(numel: int, bits: int) -> int:
+    """Bytes of `numel` densely packed codes of `bits` bits."""
+    return math.ceil(numel * bits / 8)
+
+
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a grid tensor takes in a checkpoint: integer-valued float tensors (zero points) are stored as
+    int8 or int16 when they fit (the rule of ``postquant.io.checkpoint._compact``)."""
+    if t.is_floating_point() and t.numel() and torch.equal(t, t.round()):
+        lo, hi = float(t.min()), float(t.max())
+        for dtype in (torch.int8, torch.int16):
+            info = torch.iinfo(dtype)
+            if info.min <= lo and hi <= info.max:
+                return t.numel() * torch.tensor([], dtype=dtype).element_size()
+    return t.numel() * t.element_size()
+
+
+def grid_bytes(grid: UniformGrid) -> int:
+    """Bytes of a grid's tensors in a checkpoint: float32 inverse scales plus compacted zero points."""
+    return stored_bytes(grid.inv_scale) + stored_bytes(grid.zero_point)
