@@ -98,6 +98,12 @@ def quantize(
             log.info("BatchNorm not folded: pass example_inputs or calib so the fold can be verified")
         else:
             qmodel, _ = fold_batchnorm(qmodel, example_inputs)
+    mixed = None
+    if recipe.mixed is not None:  # importance-based bits per layer -> per-layer overrides (postquant.mixed)
+        from postquant.mixed.apply import apply_mixed
+
+        recipe, mixed = apply_mixed(qmodel, recipe, batches)
+        plan = make_plan(model, recipe)
     teacher = copy.deepcopy(qmodel) if is_learned(recipe) else None  # float, folded: the target of learning
     layers = quantize_weights(qmodel, plan, recipe)
 
@@ -108,6 +114,8 @@ def quantize(
     if teacher is not None:  # learned rounding (AdaRound/BRECQ/QDrop family), postquant.reconstruct
         qmodel.postquant_learned = learned_rounding(qmodel, teacher, batches, recipe)  # type: ignore[assignment]
     qmodel.postquant_recipe = recipe  # type: ignore[assignment]
+    if mixed is not None:
+        qmodel.postquant_mixed = mixed  # type: ignore[assignment]
     log.info(
         "quantized %d layers (%s, W%s A%s) in %.3f s",
         len(layers),

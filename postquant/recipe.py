@@ -21,6 +21,7 @@ from postquant.calib.act_ranges import ActRanges
 from postquant.calib.observers import Observer
 from postquant.errors import OutputError, RecipeError, unknown_name
 from postquant.grids import Granularity, RangeMethod
+from postquant.mixed.config import MixedConfig
 from postquant.reconstruct.config import LearnedConfig
 from postquant.rounding.squant import SquantMode
 
@@ -85,6 +86,9 @@ class Recipe(BaseModel):
     seed: int = 0
     learned: LearnedConfig | None = Field(
         default=None, description="learned rounding settings; filled from the method's preset, fields on top"
+    )
+    mixed: MixedConfig | None = Field(
+        default=None, description="mixed precision: weight bits per layer from an importance and a budget"
     )
 
     @model_validator(mode="before")
