@@ -7,7 +7,7 @@ import them from their modules (they depend on `postquant.api`, which depends on
 
 from postquant.mixed.allocate import allocate_bits, solve_knapsack
 from postquant.mixed.config import DEFAULT_BIT_CHOICES, Importance, MixedConfig, parse_size
-from postquant.mixed.size import codes_bytes, grid_bytes, stored_bytes
+from postquant.mixed.size import codes_bytes, float_tensor_bytes, grid_bytes, model_bytes, stored_bytes
 
 __all__ = [
     "DEFAULT_BIT_CHOICES",
@@ -15,7 +15,9 @@ __all__ = [
     "MixedConfig",
     "allocate_bits",
     "codes_bytes",
+    "float_tensor_bytes",
     "grid_bytes",
+    "model_bytes",
     "parse_size",
     "solve_knapsack",
     "stored_bytes",

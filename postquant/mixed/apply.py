@@ -21,11 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from postquant.io.checkpoint import float_size
 from postquant.mixed.allocate import allocate_bits
 from postquant.mixed.config import MixedConfig
 from postquant.mixed.importance import fit_weight_grid, importance_table
-from postquant.mixed.size import codes_bytes, grid_bytes
+from postquant.mixed.size import codes_bytes, float_tensor_bytes, grid_bytes
 from postquant.plan import make_plan
 from postquant.recipe import LayerOverride, Recipe
 
@@ -113,7 +112,7 @@ def apply_mixed(model: nn.Module, recipe: Recipe, batches: Any) -> tuple[Recipe,
         for name, w in weights.items()
     }
     act_bytes = 8 * sum(1 for lp in make_plan(model, recipe).values() if lp.a_bits is not None)
-    other = float_size(model) - 4 * sum(numel.values()) + act_bytes  # float tensors + input quantizers
+    other = float_tensor_bytes(model, names) + act_bytes  # float tensors + input quantizers
     costs = importance_table(model, free, cfg.bit_choices, recipe, cfg.importance, batches, cfg.calib_size)
     bits = allocate_bits(
         costs,

@@ -11,12 +11,15 @@ depending on the allocation) are left out.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
+from torch import nn
 
 from postquant.grids import UniformGrid
+from postquant.model import quantized_layers
 
-__all__ = ["codes_bytes", "grid_bytes", "stored_bytes"]
+__all__ = ["codes_bytes", "float_tensor_bytes", "grid_bytes", "model_bytes", "stored_bytes"]
 
 
 def codes_bytes(numel: int, bits: int) -> int:
@@ -39,3 +42,31 @@ def stored_bytes(t: torch.Tensor) -> int:
 def grid_bytes(grid: UniformGrid) -> int:
     """Bytes of a grid's tensors in a checkpoint: float32 inverse scales plus compacted zero points."""
     return stored_bytes(grid.inv_scale) + stored_bytes(grid.zero_point)
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors (same storage, offset and shape) kept once, as a checkpoint stores it."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out = {}
+    for key, t in model.state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = t
+    return out
+
+
+def float_tensor_bytes(model: nn.Module, without_weights: Iterable[str] = ()) -> int:
+    """Bytes of a float model's saved tensors, leaving out the ``weight`` of the layers `without_weights`
+    (the layers that will be quantized: their codes and grids are counted separately)."""
+    skip = {f"{name}.weight" for name in without_weights}
+    return sum(t.numel() * t.element_size() for key, t in _unique_state(model).items() if key not in skip)
+
+
+def model_bytes(qmodel: nn.Module) -> int:
+    """Bytes of a quantized model's tensors in a checkpoint (``model.safetensors`` without its header)."""
+    qlayers = quantized_layers(qmodel)
+    total = sum(codes_bytes(q.codes.numel(), q.bits) + grid_bytes(q.grid) for q in qlayers.values())
+    own = {f"{name}.{key}" for name in qlayers for key in ("codes", "grid_inv_scale", "grid_zero_point")}
+    return total + sum(t.numel() * t.element_size() for k, t in _unique_state(qmodel).items() if k not in own)

@@ -10,6 +10,7 @@ import torch
 
 import postquant
 from postquant.io import load, save
+from postquant.mixed.size import model_bytes
 from postquant.model import quantized_layers
 from postquant.recipe import LayerOverride
 
@@ -91,7 +92,7 @@ def test_size_budget_and_save_load_round_trip(tiny_cnn, images, tmp_path, granul
     assert result.size_bytes <= 700
     save(qmodel, tmp_path / "ckpt")
     data = _safetensors_data_bytes(tmp_path / "ckpt" / "model.safetensors")
-    assert data == result.size_bytes  # the size model is the checkpoint's tensor bytes
+    assert data == result.size_bytes == model_bytes(qmodel)  # the size model is the checkpoint's tensor bytes
     loaded = load(tmp_path / "ckpt", model=tiny_cnn)
     assert _bits(loaded) == _bits(qmodel) == result.bits
     assert loaded.postquant_recipe.overrides == qmodel.postquant_recipe.overrides
