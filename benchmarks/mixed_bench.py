@@ -89,6 +89,7 @@ def run_row(zoo: Any, model: str, method: str, config: str, args: argparse.Names
         "bytes": model_bytes(qmodel),
         "quantize_s": seconds,
         "eval_s": time.perf_counter() - start,
+        "calib": args.calib_size if needs_calib else 0,
         "bits": mixed.bits if mixed is not None else None,
         "histogram": _histogram(mixed.bits) if mixed is not None else None,
     }
@@ -117,8 +118,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, commands: list[str], 
         "(`calib`; none for datafree) with the row's own rounding method. `layers` counts layers per bit width.",
         "Quantize time on a shared 2-core CPU (1 torch thread, other jobs running: noisy).",
         "",
-        "| model | method | config | value | delta vs FP32 | avg bits | bytes | layers | quantize s | n |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | method | config | value | delta vs FP32 | avg bits | bytes | layers | calib | quantize s | n |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fp = {r["model"]: r["value"] for r in rows if r["method"] == "fp32"}
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -132,7 +133,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, commands: list[str], 
         avg = "32" if r["method"] == "fp32" else f"{r['avg_w_bits']:.3f}"
         lines.append(
             f"| {r['model']} | {r['method']} | {r['config']} | {r['value']:.2f} | {delta} | {avg} | {size} | "
-            f"{r.get('histogram') or ''} | {r['quantize_s']:.1f} | {r['n']} |"
+            f"{r.get('histogram') or ''} | {r.get('calib', '')} | {r['quantize_s']:.1f} | {r['n']} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
