@@ -5,7 +5,7 @@ The pure parts are exported here. The model plumbing lives in `postquant.mixed.i
 import them from their modules (they depend on `postquant.api`, which depends on this package's config).
 """
 
-from postquant.mixed.allocate import allocate_bits, solve_knapsack
+from postquant.mixed.allocate import allocate_bits, budget_table, solve_knapsack
 from postquant.mixed.config import DEFAULT_BIT_CHOICES, Importance, MixedConfig, parse_size
 from postquant.mixed.size import codes_bytes, float_tensor_bytes, grid_bytes, model_bytes, stored_bytes
 
@@ -14,6 +14,7 @@ __all__ = [
     "Importance",
     "MixedConfig",
     "allocate_bits",
+    "budget_table",
     "codes_bytes",
     "float_tensor_bytes",
     "grid_bytes",

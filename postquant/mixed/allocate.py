@@ -23,7 +23,7 @@ import numpy as np
 from postquant.errors import BudgetError, RecipeError
 from postquant.mixed.size import codes_bytes
 
-__all__ = ["MAX_DP_CELLS", "allocate_bits", "solve_knapsack"]
+__all__ = ["MAX_DP_CELLS", "allocate_bits", "budget_table", "solve_knapsack"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,66 @@ def _solve_milp(cost: np.ndarray, extra: np.ndarray, room: int) -> np.ndarray:
     return choice
 
 
+def budget_table(
+    numel: Mapping[str, int],
+    bit_choices: Sequence[int],
+    *,
+    w_bits_budget: float | None = None,
+    size_budget: int | None = None,
+    fixed: Mapping[str, int] | None = None,
+    nbytes: Mapping[str, Mapping[int, int]] | None = None,
+    other_bytes: int = 0,
+) -> tuple[list[int], np.ndarray, np.ndarray, int]:
+    """Check a budget before any importance is measured, and build the knapsack's integer weights.
+
+    Arguments as in `allocate_bits`.
+
+    Returns:
+        (columns: the bit widths, allowed: (L, B) bool, weight: (L, B) int64, capacity).
+
+    Raises:
+        BudgetError, RecipeError: as `allocate_bits`.
+    """
+    fixed = dict(fixed or {})
+    names = list(numel)
+    if not names:
+        raise RecipeError("no layers to allocate bits to: the model has no quantized layer in the budget")
+    choices = sorted(set(bit_choices))
+    bad = [b for b in [*choices, *fixed.values()] if not isinstance(b, int) or not 2 <= b <= 8]
+    if bad or not choices:
+        raise RecipeError(f"bit widths must be integers from 2 to 8, got {bad or 'no choices'}")
+    if (w_bits_budget is None) == (size_budget is None):
+        raise BudgetError("give exactly one budget: w_bits_budget or size_budget")
+    columns = sorted(set(choices) | set(fixed.values()))
+    allowed = np.array([[b == fixed[n] if n in fixed else b in choices for b in columns] for n in names])
+    sizes = np.array([numel[n] for n in names], dtype=np.int64)
+    if w_bits_budget is not None:
+        weight = sizes[:, None] * np.array(columns, dtype=np.int64)[None, :]  # (L, B) bits
+        capacity = math.floor(round(w_bits_budget * int(sizes.sum()), 6))
+        unit, offset, scale = "average weight bits", 0, 1.0 / int(sizes.sum())
+    else:
+        size = nbytes or {n: {b: codes_bytes(numel[n], b) for b in columns} for n in names}
+        weight = np.zeros(allowed.shape, dtype=np.int64)  # (L, B) bytes of the allowed choices
+        for i, j in zip(*np.nonzero(allowed), strict=True):
+            if columns[j] not in size.get(names[i], {}):
+                raise RecipeError(f"no size for layer {names[i]!r} at {columns[j]} bits")
+            weight[i, j] = size[names[i]][columns[j]]
+        capacity = int(size_budget) - other_bytes  # type: ignore[arg-type]
+        unit, offset, scale = "bytes", other_bytes, 1.0
+    lo = int(np.where(allowed, weight, np.iinfo(np.int64).max).min(axis=1).sum())
+    hi = int(np.where(allowed, weight, 0).max(axis=1).sum())
+    if capacity < lo or (capacity > hi and len(fixed) < len(names)):  # all fixed: only the budget must hold
+        budget = w_bits_budget if w_bits_budget is not None else size_budget
+        side = "below the smallest" if capacity < lo else "above the largest"
+        raise BudgetError(
+            f"a budget of {budget} {unit} is {side} allocation of bits {columns} to these "
+            f"{len(names)} layers ({len(fixed)} fixed): the feasible range is "
+            f"{(lo * scale + offset):.6g} to {(hi * scale + offset):.6g} {unit}. Choose a budget in that range "
+            "(or use a uniform w_bits for the maximum)."
+        )
+    return columns, allowed, weight, capacity
+
+
 def allocate_bits(
     cost: Mapping[str, Mapping[int, float]],
     numel: Mapping[str, int],
@@ -155,52 +215,24 @@ def allocate_bits(
             the feasible range; above is fine when every layer is fixed), or not exactly one budget is given.
         RecipeError: no layers, bit choices outside 2..8, or a missing cost.
     """
-    fixed = dict(fixed or {})
+    columns, allowed, weight, capacity = budget_table(
+        numel,
+        bit_choices,
+        w_bits_budget=w_bits_budget,
+        size_budget=size_budget,
+        fixed=fixed,
+        nbytes=nbytes,
+        other_bytes=other_bytes,
+    )
     names = list(numel)
-    if not names:
-        raise RecipeError("no layers to allocate bits to: the model has no quantized layer in the budget")
-    choices = sorted(set(bit_choices))
-    bad = [b for b in [*choices, *fixed.values()] if not isinstance(b, int) or not 2 <= b <= 8]
-    if bad or not choices:
-        raise RecipeError(f"bit widths must be integers from 2 to 8, got {bad or 'no choices'}")
-    if (w_bits_budget is None) == (size_budget is None):
-        raise BudgetError("give exactly one budget: w_bits_budget or size_budget")
-    columns = sorted(set(choices) | set(fixed.values()))
-    cost_table = np.full((len(names), len(columns)), np.inf)  # (L, B)
+    cost_table = np.where(allowed, 0.0, np.inf)  # (L, B); fixed layers cost 0 at their bits
     for i, name in enumerate(names):
-        if name in fixed:
-            cost_table[i, columns.index(fixed[name])] = 0.0
+        if fixed and name in fixed:
             continue
-        missing = [b for b in choices if b not in cost.get(name, {})]
+        missing = [columns[j] for j in np.nonzero(allowed[i])[0] if columns[j] not in cost.get(name, {})]
         if missing:
             raise RecipeError(f"no importance cost for layer {name!r} at bits {missing}")
-        for b in choices:
-            cost_table[i, columns.index(b)] = float(cost[name][b])
-    sizes = np.array([numel[n] for n in names], dtype=np.int64)
-    if w_bits_budget is not None:
-        weight = sizes[:, None] * np.array(columns, dtype=np.int64)[None, :]
-        capacity = math.floor(round(w_bits_budget * int(sizes.sum()), 6))
-        unit, offset, scale = "average weight bits", 0, 1.0 / int(sizes.sum())
-    else:
-        size = nbytes or {n: {b: codes_bytes(numel[n], b) for b in columns} for n in names}
-        weight = np.zeros(cost_table.shape, dtype=np.int64)  # (L, B) bytes of the allowed choices
-        for i, j in zip(*np.nonzero(np.isfinite(cost_table)), strict=True):
-            if columns[j] not in size.get(names[i], {}):
-                raise RecipeError(f"no size for layer {names[i]!r} at {columns[j]} bits")
-            weight[i, j] = size[names[i]][columns[j]]
-        capacity = int(size_budget) - other_bytes  # type: ignore[arg-type]
-        unit, offset, scale = "bytes", other_bytes, 1.0
-    allowed = np.isfinite(cost_table)
-    lo = int(np.where(allowed, weight, np.iinfo(np.int64).max).min(axis=1).sum())
-    hi = int(np.where(allowed, weight, 0).max(axis=1).sum())
-    if capacity < lo or (capacity > hi and len(fixed) < len(names)):  # all fixed: only the budget must hold
-        budget = w_bits_budget if w_bits_budget is not None else size_budget
-        side = "below the smallest" if capacity < lo else "above the largest"
-        raise BudgetError(
-            f"a budget of {budget} {unit} is {side} allocation of bits {columns} to these "
-            f"{len(names)} layers ({len(fixed)} fixed): the feasible range is "
-            f"{(lo * scale + offset):.6g} to {(hi * scale + offset):.6g} {unit}. Choose a budget in that range "
-            "(or use a uniform w_bits for the maximum)."
-        )
+        for j in np.nonzero(allowed[i])[0]:
+            cost_table[i, j] = float(cost[name][columns[j]])
     choice = solve_knapsack(cost_table, weight, capacity, solver)
     return {name: columns[int(j)] for name, j in zip(names, choice, strict=True)}

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from postquant.mixed.allocate import allocate_bits
+from postquant.mixed.allocate import allocate_bits, budget_table
 from postquant.mixed.config import MixedConfig
 from postquant.mixed.importance import fit_weight_grid, importance_table
 from postquant.mixed.size import codes_bytes, float_tensor_bytes, grid_bytes
@@ -113,17 +113,16 @@ def apply_mixed(model: nn.Module, recipe: Recipe, batches: Any) -> tuple[Recipe,
     }
     act_bytes = 8 * sum(1 for lp in make_plan(model, recipe).values() if lp.a_bits is not None)
     other = float_tensor_bytes(model, names) + act_bytes  # float tensors + input quantizers
+    budget = {
+        "w_bits_budget": cfg.w_bits_budget,
+        "size_budget": cfg.size_budget,
+        "fixed": {name: fixed[name] for name in names if name in fixed},
+        "nbytes": nbytes,
+        "other_bytes": other,
+    }
+    budget_table(numel, cfg.bit_choices, **budget)  # a budget error before minutes of measuring
     costs = importance_table(model, free, cfg.bit_choices, recipe, cfg.importance, batches, cfg.calib_size)
-    bits = allocate_bits(
-        costs,
-        numel,
-        cfg.bit_choices,
-        w_bits_budget=cfg.w_bits_budget,
-        size_budget=cfg.size_budget,
-        fixed={name: fixed[name] for name in names if name in fixed},
-        nbytes=nbytes,
-        other_bytes=other,
-    )
+    bits = allocate_bits(costs, numel, cfg.bit_choices, **budget)
     rows = [
         LayerAllocation(
             n, numel[n], bits[n], costs.get(n, {}).get(bits[n], 0.0), n in fixed, costs.get(n, {})

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import postquant
+from postquant.errors import BudgetError
 from postquant.io import load, save
 from postquant.mixed.size import model_bytes
 from postquant.model import quantized_layers
@@ -108,3 +109,9 @@ def test_saved_recipe_reproduces_the_allocation(tiny_cnn, images):
     assert _bits(again) == _bits(first)
     assert all(row.fixed for row in again.postquant_mixed.layers)  # pinned by the saved overrides
     assert again.postquant_mixed.avg_w_bits == first.postquant_mixed.avg_w_bits <= 3.5
+
+
+def test_infeasible_budget_fails_before_measuring(tiny_cnn, images):
+    # no calibration data for 'loss': the budget error must come first, before any importance is measured
+    with pytest.raises(BudgetError, match="feasible range is 2 to 8 average weight bits"):
+        postquant.quantize(tiny_cnn, {"mixed": {"w_bits_budget": 1.5}}, example_inputs=images)
