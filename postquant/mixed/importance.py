@@ -206,8 +206,11 @@ def gradient_moments(
         for batch in batches:
             with torch.enable_grad():
                 out = run_model(model, batch)
-                grads = torch.autograd.grad(_sampled_nll(out, batch, gen), list(weights.values()))
+                loss = _sampled_nll(out, batch, gen)
+                grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
             for name, g in zip(weights, grads, strict=True):
+                if g is None:  # the layer does not reach the main output (e.g. a BERT pooler): no damage
+                    continue
                 abs_sum[name] += g.abs()
                 sq_sum[name] += g.pow(2)
             n += batch_size_of(batch)

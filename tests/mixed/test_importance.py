@@ -26,17 +26,18 @@ BITS = [2, 3, 4, 6, 8]
 
 
 class TinyEncoder(nn.Module):
-    """A text-like model: token ids + attention mask -> {"last_hidden_state": (N, T, H)}."""
+    """A text-like model: token ids + attention mask -> {"last_hidden_state": (N, T, H), "pooler_output"}."""
 
     def __init__(self) -> None:
         super().__init__()
         self.embed = nn.Embedding(50, 16)
         self.proj = nn.Linear(16, 32)
         self.out = nn.Linear(32, 16)
+        self.pooler = nn.Linear(16, 16)  # like BERT's pooler: computed, but not part of the main output
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.out(torch.relu(self.proj(self.embed(input_ids))))
-        return {"last_hidden_state": h * attention_mask.unsqueeze(-1)}
+        h = self.out(torch.relu(self.proj(self.embed(input_ids)))) * attention_mask.unsqueeze(-1)
+        return {"last_hidden_state": h, "pooler_output": self.pooler(h[:, 0])}
 
 
 def _text_batches() -> list[dict[str, torch.Tensor]]:
@@ -86,9 +87,14 @@ def test_costs_are_monotone_on_a_well_sampled_toy(importance):
 def test_text_model_with_dict_batches(importance):
     torch.manual_seed(0)
     model = TinyEncoder().eval()
-    table = importance_table(model, ["proj", "out"], [2, 8], Recipe(), importance, _text_batches())
-    for row in table.values():
-        assert all(math.isfinite(c) and c >= 0 for c in row.values()) and row[2] > row[8]
+    layers = ["proj", "out", "pooler"]
+    table = importance_table(model, layers, [2, 8], Recipe(), importance, _text_batches())
+    for name in ("proj", "out"):
+        assert (
+            all(math.isfinite(c) and c >= 0 for c in table[name].values()) and table[name][2] > table[name][8]
+        )
+    if importance is not Importance.DATAFREE:  # the pooler does not reach the main output: no damage
+        assert table["pooler"] == {2: 0.0, 8: 0.0}
 
 
 def test_masked_positions_do_not_count():
