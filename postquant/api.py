@@ -15,7 +15,7 @@ from postquant.calib import ActRanges, as_calibration, calibrate_from_data, cali
 from postquant.calib.act_ranges import bn_noise_ranges
 from postquant.calib.observers import Observer
 from postquant.errors import DataError
-from postquant.grids import PowerGrid, fit_grid
+from postquant.grids import PowerGrid
 from postquant.model import fold_batchnorm, set_module
 from postquant.nn import ActQuantizer, QuantizedLayer
 from postquant.plan import LayerPlan, check_finite, make_plan
@@ -48,16 +48,7 @@ def quantize_weights(
             continue
         layer = model.get_submodule(name)
         w = layer.weight.detach()
-        grid = fit_grid(
-            w,
-            lp.w_bits,
-            recipe.grid,
-            recipe.granularity,
-            power_exponent=recipe.power_exponent,
-            symmetric=recipe.symmetric,
-            range_method=recipe.w_range,
-            group_size=recipe.group_size,
-        )
+        grid = recipe.weight_grid(w, lp.w_bits)
         if isinstance(grid, PowerGrid):
             log.debug("%s: power grid exponent %.2f", name, float(grid.exponent))
         codes = weight_codes(recipe.method, grid.to_int(w), grid.qmin, grid.qmax, recipe)
@@ -106,6 +97,12 @@ def quantize(
             log.info("BatchNorm not folded: pass example_inputs or calib so the fold can be verified")
         else:
             qmodel, _ = fold_batchnorm(qmodel, example_inputs)
+    mixed = None
+    if recipe.mixed is not None:  # importance-based bits per layer -> per-layer overrides (postquant.mixed)
+        from postquant.mixed.apply import apply_mixed
+
+        recipe, mixed = apply_mixed(qmodel, recipe, batches)
+        plan = make_plan(model, recipe)
     teacher = copy.deepcopy(qmodel) if is_learned(recipe) else None  # float, folded: the target of learning
     layers = quantize_weights(qmodel, plan, recipe)
 
@@ -116,6 +113,8 @@ def quantize(
     if teacher is not None:  # learned rounding (AdaRound/BRECQ/QDrop family), postquant.reconstruct
         qmodel.postquant_learned = learned_rounding(qmodel, teacher, batches, recipe)  # type: ignore[assignment]
     qmodel.postquant_recipe = recipe  # type: ignore[assignment]
+    if mixed is not None:
+        qmodel.postquant_mixed = mixed  # type: ignore[assignment]
     log.info(
         "quantized %d layers (%s, W%s A%s) in %.3f s",
         len(layers),

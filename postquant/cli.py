@@ -119,6 +119,16 @@ def quantize(
     out: Annotated[Path | None, typer.Option(help="directory for the recipe and results")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the results as JSON here")] = None,
     report: Annotated[bool, typer.Option(help="with --out: also write an HTML report")] = False,
+    w_bits_budget: Annotated[
+        float | None, typer.Option(help="mixed precision: average weight bits per layer, e.g. 3.0")
+    ] = None,
+    size_budget: Annotated[str | None, typer.Option(help="mixed precision: model size, e.g. 2MB")] = None,
+    importance: Annotated[
+        str | None, typer.Option(help="mixed precision: loss | taylor | fisher | datafree")
+    ] = None,
+    bit_choices: Annotated[
+        str | None, typer.Option(help="mixed precision: allowed weight bits, e.g. 2,3,4,6,8")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Quantize MODEL and print its metric beside FP32 (--out DIR also saves the packed checkpoint)."""
@@ -145,9 +155,33 @@ def quantize(
             report,
             grid=grid,
             power_exponent=power_exponent,
+            mixed=_mixed_options(w_bits_budget, size_budget, importance, bit_choices),
         )
     except PostquantError as exc:
         _fail(exc)
+
+
+def _mixed_options(
+    w_bits_budget: float | None, size_budget: str | None, importance: str | None, bit_choices: str | None
+) -> dict[str, Any] | None:
+    """The recipe's ``mixed`` field from the command-line options (None when no budget is given)."""
+    if w_bits_budget is None and size_budget is None:
+        if importance is not None or bit_choices is not None:
+            raise RecipeError(
+                "--importance and --bit-choices need a budget: --w-bits-budget or --size-budget"
+            )
+        return None
+    mixed: dict[str, Any] = {"w_bits_budget": w_bits_budget, "size_budget": size_budget}
+    if importance is not None:
+        mixed["importance"] = importance
+    if bit_choices is not None:
+        try:
+            mixed["bit_choices"] = [int(b) for b in bit_choices.split(",")]
+        except ValueError:
+            raise RecipeError(
+                f"--bit-choices takes integers separated by commas, e.g. 2,3,4,6,8; got {bit_choices!r}"
+            ) from None
+    return mixed
 
 
 def _quantize(
@@ -171,6 +205,7 @@ def _quantize(
     report: bool = False,
     grid: str | None = None,
     power_exponent: float | None = None,
+    mixed: dict[str, Any] | None = None,
 ) -> None:
     import postquant
     from postquant.recipe import Recipe
@@ -185,6 +220,7 @@ def _quantize(
         "seed": seed,
         "grid": grid,
         "power_exponent": power_exponent,
+        "mixed": mixed,
     }.items():
         if value is not None:
             changes[key] = value
@@ -208,7 +244,11 @@ def _quantize(
     needs_calib = (
         rec.a_bits is not None and rec.act_ranges.value in ("auto", "calib") and not data_free_acts
     ) or rec.learned is not None  # learned rounding always learns from calibration data
-    calib = zoo.calib_batches(calib_path, limit=rec.calib_size) if needs_calib or calib_path else None
+    mixed_calib = rec.mixed is not None and rec.mixed.importance.value != "datafree"
+    limit_calib = rec.calib_size if needs_calib or rec.mixed is None else rec.mixed.calib_size
+    calib = (
+        zoo.calib_batches(calib_path, limit=limit_calib) if needs_calib or mixed_calib or calib_path else None
+    )
     start = time.perf_counter()
     qmodel = postquant.quantize(zoo.model, rec, calib=calib, example_inputs=zoo.example_inputs)
     seconds = time.perf_counter() - start
@@ -226,7 +266,8 @@ def _quantize(
     }
 
     table = Table(
-        title=f"{zoo.name}: {rec.method.value} W{rec.w_bits}" + (f"A{rec.a_bits}" if rec.a_bits else "")
+        title=f"{zoo.name}: {rec.method.value} {_w_label(qmodel, rec.w_bits)}"
+        + (f"A{rec.a_bits}" if rec.a_bits else "")
     )
     for col in ("metric", "FP32", "quantized", "delta", "quantize time", "n"):
         table.add_column(col, justify="right")
@@ -234,6 +275,14 @@ def _quantize(
         fp.metric, _fmt(fp.value), _fmt(q.value), f"{q.value - fp.value:+.2f}", f"{seconds:.3f} s", str(q.n)
     )
     out_console.print(table)
+    allocation = getattr(qmodel, "postquant_mixed", None)
+    if allocation is not None:
+        from postquant.mixed.report import allocation_table, write_allocation
+
+        result |= {"avg_w_bits": allocation.avg_w_bits, "size_bytes": allocation.size_bytes}
+        out_console.print(allocation_table(allocation))
+        if out is not None:
+            write_allocation(allocation, out)
     if out is not None:
         from postquant.io import checkpoint_size, float_size, save
 
@@ -254,6 +303,12 @@ def _quantize(
             out_console.print(f"report: {path}")
     if json_path is not None:
         write_atomic(json_path, json.dumps(result, indent=2))
+
+
+def _w_label(qmodel: Any, w_bits: int) -> str:
+    """``W4``, or ``W2.98(mixed)`` (average weight bits) for a mixed-precision model."""
+    allocation = getattr(qmodel, "postquant_mixed", None)
+    return f"W{w_bits}" if allocation is None else f"W{allocation.avg_w_bits:.2f}(mixed)"
 
 
 def _score(zoo: Any, qmodel: Any, data: Path | None, limit: int | None) -> tuple[Any, Any]:
@@ -467,8 +522,7 @@ def _study(
     if axis_name == "list":
         for ax in AXES:
             labels = ", ".join(f"{v.label}*" if v.label == ax.baseline else v.label for v in ax.variants)
-            note = f"  [{ax.pending}]" if ax.pending else ""
-            out_console.print(f"{ax.name:<13} {labels}{note}", markup=False, highlight=False, soft_wrap=True)
+            out_console.print(f"{ax.name:<13} {labels}", markup=False, highlight=False, soft_wrap=True)
         out_console.print("(* = baseline)", markup=False)
         return
     torch.set_num_threads(threads)

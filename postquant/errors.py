@@ -47,3 +47,7 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> UnknownNameError
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return UnknownNameError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(known)}.")
+
+
+class BudgetError(RecipeError):
+    """A mixed-precision budget that no allocation of the allowed bit widths can meet (or that needs none)."""

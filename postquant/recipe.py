@@ -6,6 +6,7 @@ import enum
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from pydantic import (
     BaseModel,
@@ -20,7 +21,8 @@ from pydantic import (
 from postquant.calib.act_ranges import ActRanges
 from postquant.calib.observers import Observer
 from postquant.errors import OutputError, RecipeError, unknown_name
-from postquant.grids import Granularity, GridKind, RangeMethod
+from postquant.grids import Granularity, Grid, GridKind, RangeMethod, fit_grid
+from postquant.mixed.config import MixedConfig
 from postquant.reconstruct.config import LearnedConfig
 from postquant.rounding.squant import SquantMode
 
@@ -96,6 +98,9 @@ class Recipe(BaseModel):
     learned: LearnedConfig | None = Field(
         default=None, description="learned rounding settings; filled from the method's preset, fields on top"
     )
+    mixed: MixedConfig | None = Field(
+        default=None, description="mixed precision: weight bits per layer from an importance and a budget"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -118,6 +123,19 @@ class Recipe(BaseModel):
         if isinstance(v, str) and v not in {m.value for m in Method}:
             raise ValueError(str(unknown_name("method", v, [m.value for m in Method])))
         return v
+
+    def weight_grid(self, w: torch.Tensor, bits: int) -> Grid:
+        """The grid this recipe gives weight `w` at `bits` bits (uniform or power, its ranges and granularity)."""
+        return fit_grid(
+            w,
+            bits,
+            self.grid,
+            self.granularity,
+            power_exponent=self.power_exponent,
+            symmetric=self.symmetric,
+            range_method=self.w_range,
+            group_size=self.group_size,
+        )
 
     @classmethod
     def coerce(cls, recipe: Recipe | dict[str, Any] | str | Path | None = None, **changes: Any) -> Recipe:

@@ -6,9 +6,8 @@ base's learned config. A value ``"@w_bits"`` stands for the study's weight bits 
 precision budget follows the bits being studied. ``calib_data="other"`` calibrates on another dataset
 (`postquant.study.runner.OTHER_CALIB`) instead of the model's own calibration set.
 
-Two axes need recipe fields that land with parallel work (``grid`` from branch ``power``, ``mixed`` from
-branch ``mixed``): until then their variants fail validation, and the runner reports them as
-"unavailable: <reason>" instead of running them.
+A variant that cannot run on a model (no other dataset known, a recipe the model rejects) is reported as
+"unavailable: <reason>" instead of being run.
 """
 
 from __future__ import annotations
@@ -47,7 +46,6 @@ class Axis:
         description: what is varied and why (ALGORITHMS.md section).
         baseline: the label of the variant every other one is compared with.
         variants: the settings, baseline included.
-        pending: why the axis may be unavailable (a recipe field added on another branch), else ``None``.
     """
 
     name: str
@@ -55,7 +53,6 @@ class Axis:
     description: str
     baseline: str
     variants: tuple[Variant, ...]
-    pending: str | None = None
 
     def variant(self, label: str) -> Variant:
         """The variant named `label`.
@@ -194,7 +191,6 @@ AXES: tuple[Axis, ...] = (
             Variant("uniform", {}),
             Variant("power", {"grid": "power", "power_exponent": None}),
         ),
-        pending="recipe field 'grid' (branch 'power', not merged yet)",
     ),
     Axis(
         "variable",
@@ -241,7 +237,6 @@ AXES: tuple[Axis, ...] = (
             Variant("uniform", {}),
             Variant("mixed (loss)", {"mixed": {"w_bits_budget": W_BITS, "importance": "loss"}}),
         ),
-        pending="recipe field 'mixed' (branch 'mixed', not merged yet)",
     ),
 )
 

@@ -91,8 +91,7 @@ def _plan_one(settings: StudySettings, axis: Axis, variant: Variant, seed: int) 
     try:
         recipe = variant_recipe(settings, variant, seed)
     except RecipeError as exc:
-        reason = f"{exc} ({axis.pending})" if axis.pending else str(exc)
-        return PlannedRun(axis.name, variant, seed, None, reason)
+        return PlannedRun(axis.name, variant, seed, None, str(exc))
     # Fields at their defaults are left out, so that a field added to Recipe later (at a default that keeps
     # the old behaviour) does not orphan the results already cached.
     effective = recipe.model_dump(mode="json", exclude_defaults=True, exclude={"learned"})

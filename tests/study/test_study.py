@@ -14,14 +14,12 @@ from typer.testing import CliRunner
 import postquant.study.runner as runner_mod
 from postquant.cli import app
 from postquant.errors import RecipeError, UnknownNameError
-from postquant.recipe import Recipe
 from postquant.study import (
     AXES,
     StudyRunner,
     StudySettings,
     get_axis,
     parse_bits,
-    plan_axis,
     study_all,
     study_axis,
     variant_recipe,
@@ -45,28 +43,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _field_exists(name: str) -> bool:
-    return name in Recipe.model_fields
-
-
 # ------------------------------------------------------------------------------------------------ axes data
 
 
 @pytest.mark.parametrize("axis", AXES, ids=lambda a: a.name)
 def test_every_variant_validates_into_a_recipe(axis):
-    """Every variant's changes make a valid Recipe; the pending axes (grid, mixed) fail with a RecipeError
-    naming their missing field until branches 'power' and 'mixed' are merged."""
+    """Every variant's changes make a valid Recipe that keeps the study's seed and base settings."""
     settings = StudySettings(MODEL, "W4A4", iters=5, calib_size=32)
     labels = [v.label for v in axis.variants]
     assert axis.baseline in labels and len(set(labels)) == len(labels)
     for variant in axis.variants:
-        if axis.pending is not None and not variant.changes:
-            assert variant_recipe(settings, variant, 0).method.value == "learned"
-            continue
-        if axis.pending is not None and not _field_exists(axis.name):  # unavailable until the merge
-            with pytest.raises(RecipeError, match=axis.name):
-                variant_recipe(settings, variant, 0)
-            continue
         recipe = variant_recipe(settings, variant, seed=3)
         assert recipe.seed == 3 and recipe.learned is not None and recipe.learned.iters == 5
 
@@ -262,13 +248,6 @@ def test_unavailable_variants_are_reported_not_run(tmp_path, tiny_zoo, calls):
     section, _, _ = _axis(SETTINGS, get_axis("calib-source"), [0], _runner(out, tiny_zoo), ["other dataset"])
     assert "unavailable: no other calibration dataset is known for 'tiny-resnet'" in section
     assert calls["n"] == 1  # the baseline only
-    if not _field_exists("grid"):
-        runs = plan_axis(SETTINGS, get_axis("grid"), [0])
-        assert [r.unavailable is None for r in runs] == [True, False]
-        section, _, missing = _axis(SETTINGS, get_axis("grid"), [0], _runner(out, tiny_zoo))
-        assert "| power | 0 | - | - | - | unavailable: invalid recipe: grid:" in section
-        assert "branch 'power', not merged yet" in section
-        assert missing == [] and calls["n"] == 1  # baseline shared with calib-source 'data'
 
 
 def test_time_budget_stops_before_new_runs(tmp_path, tiny_zoo, calls):
@@ -292,11 +271,10 @@ def test_study_all_writes_tables_and_plots(tmp_path, tiny_zoo, calls):
         png = out / "plots" / f"{MODEL}_W4A4_{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(plots/{png.name})" in text
-    if not _field_exists("mixed"):
-        assert "unavailable: invalid recipe: mixed:" in text
     assert "None: every available run" in text
     assert "## Verdicts\n\n- tiny-resnet W4A4, **granularity** vs block: layer: " in text
-    assert calls["n"] == 3 * 2 + 0  # mixed's baseline is granularity's 'block' (the study base)
+    assert calls["n"] == 3 * 2 + 2  # mixed's baseline is granularity's 'block' (the study base)
+    assert "| mixed (loss) | 2 |" in text
 
 
 def test_study_all_lists_missing_runs(tmp_path, tiny_zoo, calls):

@@ -1,0 +1,280 @@
+"""Importance: per layer and bit width, the predicted damage of quantizing that layer alone.
+
+Every measure returns a table ``cost[layer][bits]`` (non-negative floats) for `postquant.mixed.allocate`.
+``Q_b(W)`` is the layer's weight quantized exactly as `postquant.quantize` will do it: the recipe's grid
+(`fit_weight_grid`, the one place to switch grids) and its rounding (`postquant.api.weight_codes`: nearest,
+or SQuant's flips; learned methods are measured with nearest rounding, their starting point).
+
+* ``loss``: the distance of the model's output to the float model's when only that layer is quantized at b
+  bits, on a calibration subset (one forward per layer and bit width). The distance is the KL divergence
+  ``KL(p_float || p_quant)`` for 2-D outputs (class logits) and the mean squared error otherwise (embeddings,
+  padding tokens masked out). Calibration batches carry no labels (`postquant.calib` drops them), so a
+  label-free distance is the only sound choice; it is also zero at the float model.
+* ``taylor``: first-order Taylor score ``sum |g| * |W - Q_b(W)|`` (Molchanov et al. 2019), with ``|g|`` the
+  mean absolute gradient over calibration batches.
+* ``fisher``: ``1/2 sum F * (W - Q_b(W))^2`` with the diagonal Fisher ``F`` (second-order term of the loss
+  change, as in HAWQ/BRECQ's Fisher approximation).
+  Both need gradients of a loss, but the distance to the float output has zero gradient at the float model
+  and there are no labels. The Fisher trick: sample the targets from the model's own predictive distribution
+  (classes ``y ~ softmax(logits)``; embeddings ``t ~ N(f(x), I)``) and back-propagate the negative
+  log-likelihood. ``E[g g^T]`` is then the true Fisher, and the squared gradient of a batch is an unbiased
+  estimate of the sum of its samples' diagonal Fisher (the per-sample gradients have mean zero).
+* ``datafree`` (no data, for SQuant): the relative noise power of the BatchNorm-folded weight per output
+  channel, ``mean_c ||W_c - Q_b(W)_c||^2 / ||W_c||^2``. For inputs with uncorrelated features this is the
+  noise-to-signal ratio of the layer's output channels (BN-folded channels feed the next layer on an equal
+  footing, so they are averaged rather than weighted by their energy: a per-tensor grid stretched by one
+  large channel ruins the small ones), and under independent noise propagation the model output's
+  noise-to-signal ratio is about the sum of the layers'. It is not scaled by the layer's size: the budget
+  already charges large layers more, and a small depthwise layer is no less sensitive for being small.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from postquant.calib.data import batch_size_of, collect_batches
+from postquant.errors import DataError
+from postquant.eval.run import run_model
+from postquant.grids import Grid
+from postquant.mixed.config import Importance
+from postquant.recipe import Recipe
+
+__all__ = [
+    "CostTable",
+    "datafree_cost",
+    "fisher_cost",
+    "fit_weight_grid",
+    "gradient_moments",
+    "importance_table",
+    "loss_costs",
+    "output_distance",
+    "quantized_weight",
+    "taylor_cost",
+]
+
+log = logging.getLogger(__name__)
+
+CostTable = dict[str, dict[int, float]]  # layer -> bits -> predicted damage
+
+
+# ----------------------------------------------------------------------------------- the quantizer Q_b
+
+
+def fit_weight_grid(w: torch.Tensor, bits: int, recipe: Recipe) -> Grid:
+    """The grid the recipe gives a weight at `bits` bits: exactly what `quantize` installs."""
+    return recipe.weight_grid(w, bits)
+
+
+def quantized_weight(w: torch.Tensor, bits: int, recipe: Recipe) -> torch.Tensor:
+    """``Q_b(W)``: the dequantized weight with the recipe's grid and rounding method (same shape as `w`)."""
+    from postquant.api import weight_codes  # api imports the recipe, which imports this package's config
+
+    grid = fit_weight_grid(w, bits, recipe)
+    codes = weight_codes(recipe.method, grid.to_int(w), grid.qmin, grid.qmax, recipe)
+    return grid.dequantize(codes)
+
+
+# ----------------------------------------------------------------------------------- pure cost formulas
+
+
+def datafree_cost(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """Mean relative noise power of the output channels, ``mean_c ||W_c - W_hat_c||^2 / ||W_c||^2``.
+
+    All-zero channels (pruned or dead) count as noise-free.
+    """
+    energy = w.double().reshape(w.shape[0], -1).pow(2).sum(1)  # (OC,)
+    noise = (w - w_hat).double().reshape(w.shape[0], -1).pow(2).sum(1)  # (OC,)
+    ratio = torch.where(energy > 0, noise / energy.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    return float(ratio.mean())
+
+
+def taylor_cost(grad_abs: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """First-order Taylor score ``sum |g| * |W - W_hat|``."""
+    return float((grad_abs.double() * (w - w_hat).double().abs()).sum())
+
+
+def fisher_cost(fisher: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    """Second-order (diagonal Fisher) score ``1/2 sum F * (W - W_hat)^2``."""
+    return 0.5 * float((fisher.double() * (w - w_hat).double().pow(2)).sum())
+
+
+# ----------------------------------------------------------------------------------- output distances
+
+
+def _token_mask(batch: Any, out: torch.Tensor) -> torch.Tensor | None:
+    """(N, T, 1) float mask of real tokens for (N, T, H) outputs of a tokenizer-dict batch, else None."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if mask is None or out.dim() != 3 or tuple(mask.shape) != tuple(out.shape[:2]):
+        return None
+    return mask.to(out.dtype).unsqueeze(-1)
+
+
+def output_distance(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Summed distance over the batch's samples: KL(softmax(ref) || softmax(out)) for 2-D outputs (logits),
+    else the squared error averaged over each sample's (unmasked) elements. Computed in float64: the
+    distances of 8-bit layers are far below float32's resolution of the logits."""
+    out, ref = out.double(), ref.double()
+    mask = None if mask is None else mask.double()
+    if out.dim() == 2:
+        logp, logq = torch.log_softmax(ref, dim=-1), torch.log_softmax(out, dim=-1)
+        return (logp.exp() * (logp - logq)).sum()
+    err = (out - ref).pow(2)
+    if mask is not None:  # (N, T, H) * (N, T, 1)
+        per_sample = (err * mask).flatten(1).sum(1) / (mask.flatten(1).sum(1) * out.shape[-1]).clamp(min=1)
+        return per_sample.sum()
+    return err.flatten(1).mean(1).sum()
+
+
+# ----------------------------------------------------------------------------------- measured: loss
+
+
+@torch.no_grad()
+def loss_costs(
+    model: nn.Module, layers: Sequence[str], bit_choices: Sequence[int], recipe: Recipe, batches: list[Any]
+) -> CostTable:
+    """``cost[l][b]``: mean output distance to the float model with only layer `l` quantized at `b` bits.
+
+    The layer's weight is swapped in place and restored, so `model` is unchanged on return.
+    """
+    refs = [run_model(model, batch) for batch in batches]
+    n = sum(batch_size_of(batch) for batch in batches)
+    table: CostTable = {}
+    for name in layers:
+        weight = model.get_submodule(name).weight
+        original = weight.detach().clone()
+        table[name] = {}
+        try:
+            for bits in bit_choices:
+                weight.copy_(quantized_weight(original, bits, recipe))
+                dist = sum(
+                    float(output_distance(run_model(model, b), r, _token_mask(b, r)))
+                    for b, r in zip(batches, refs, strict=True)
+                )
+                table[name][bits] = max(dist / n, 0.0)
+        finally:
+            weight.copy_(original)
+        log.debug("loss importance %s: %s", name, table[name])
+    return table
+
+
+# ----------------------------------------------------------------------------------- gradients
+
+
+def _sampled_nll(out: torch.Tensor, batch: Any, gen: torch.Generator) -> torch.Tensor:
+    """Negative log-likelihood of targets drawn from the model's own predictive distribution."""
+    if out.dim() == 2:  # classes: y ~ softmax(logits)
+        y = torch.multinomial(torch.softmax(out.detach().double(), -1), 1, generator=gen).squeeze(1)
+        return nn.functional.cross_entropy(out, y, reduction="sum")
+    target = out.detach() + torch.randn(out.shape, generator=gen, dtype=out.dtype)  # t ~ N(f(x), I)
+    err = 0.5 * (out - target).pow(2)
+    mask = _token_mask(batch, out)
+    return (err * mask).sum() if mask is not None else err.sum()
+
+
+def gradient_moments(
+    model: nn.Module, layers: Sequence[str], batches: list[Any], seed: int = 0
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per layer: the mean |gradient| over batches, and the diagonal Fisher per sample (mean g^2 per sample).
+
+    Gradients are of the sampled-target negative log-likelihood (see the module docstring); only the
+    weights of `layers` get gradients, and every ``requires_grad`` flag is restored.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    flags = {k: p.requires_grad for k, p in params.items()}
+    weights = {name: model.get_submodule(name).weight for name in layers}
+    abs_sum = {name: torch.zeros_like(w) for name, w in weights.items()}
+    sq_sum = {name: torch.zeros_like(w) for name, w in weights.items()}
+    try:
+        for p in params.values():
+            p.requires_grad_(False)
+        for w in weights.values():
+            w.requires_grad_(True)
+        n = 0
+        for batch in batches:
+            with torch.enable_grad():
+                out = run_model(model, batch)
+                loss = _sampled_nll(out, batch, gen)
+                grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+            for name, g in zip(weights, grads, strict=True):
+                if g is None:  # the layer does not reach the main output (e.g. a BERT pooler): no damage
+                    continue
+                abs_sum[name] += g.abs()
+                sq_sum[name] += g.pow(2)
+            n += batch_size_of(batch)
+    finally:
+        for k, p in params.items():
+            p.requires_grad_(flags[k])
+    grad_abs = {name: t / len(batches) for name, t in abs_sum.items()}
+    fisher = {name: t / n for name, t in sq_sum.items()}
+    return grad_abs, fisher
+
+
+# ----------------------------------------------------------------------------------- entry point
+
+
+def _spread(batches: list[Any], n: int | None) -> list[Any]:
+    """At most `n` samples from batches spread evenly over the list (calibration sets may be sorted by class)."""
+    sizes = [batch_size_of(b) for b in batches]
+    if n is None or sum(sizes) <= n:
+        return collect_batches(batches)
+    per_batch = max(sum(sizes) / len(sizes), 1.0)
+    k = min(len(batches), max(1, round(n / per_batch)))
+    picked = [batches[int(i * len(batches) / k)] for i in range(k)]  # k evenly spaced batches
+    if sum(batch_size_of(b) for b in picked) < n:
+        picked = batches
+    return collect_batches(picked, n)
+
+
+def importance_table(
+    model: nn.Module,
+    layers: Sequence[str],
+    bit_choices: Sequence[int],
+    recipe: Recipe,
+    importance: Importance | str,
+    batches: list[Any] | None = None,
+    calib_size: int | None = None,
+) -> CostTable:
+    """The damage table ``cost[layer][bits]`` of `importance` for the layers of a float (BN-folded) model.
+
+    Args:
+        model: the float model (weights are read, and for ``loss`` swapped and restored).
+        layers: names of its Conv/Linear layers to score.
+        bit_choices: bit widths to score.
+        recipe: grid and rounding settings of ``Q_b``.
+        importance: ``loss``, ``taylor``, ``fisher`` or ``datafree``.
+        batches: calibration batches (not needed for ``datafree``).
+        calib_size: use at most this many samples of `batches`.
+
+    Raises:
+        DataError: a data-driven measure without calibration batches.
+    """
+    importance = Importance(importance)
+    model.eval()
+    if importance is Importance.DATAFREE:
+        table: CostTable = {}
+        for name in layers:
+            w = model.get_submodule(name).weight.detach()
+            table[name] = {b: datafree_cost(w, quantized_weight(w, b, recipe)) for b in bit_choices}
+        return table
+    if not isinstance(batches, list):
+        raise DataError(
+            f"importance {importance.value!r} needs calibration batches (calib=... as tensors or a "
+            "DataLoader, not a forward loop); or use importance='datafree'"
+        )
+    batches = _spread(batches, calib_size)
+    if importance is Importance.LOSS:
+        return loss_costs(model, layers, bit_choices, recipe, batches)
+    grad_abs, fisher = gradient_moments(model, layers, batches, seed=recipe.seed)
+    score = taylor_cost if importance is Importance.TAYLOR else fisher_cost
+    stat = grad_abs if importance is Importance.TAYLOR else fisher
+    table = {}
+    for name in layers:
+        w = model.get_submodule(name).weight.detach()
+        table[name] = {b: score(stat[name], w, quantized_weight(w, b, recipe)) for b in bit_choices}
+    return table
