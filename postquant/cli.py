@@ -279,7 +279,8 @@ def _quantize(
     if allocation is not None:
         from postquant.mixed.report import allocation_table, write_allocation
 
-        result |= {"avg_w_bits": allocation.avg_w_bits, "size_bytes": allocation.size_bytes}
+        # per-layer bits: w_bits is no single number (the recipe's default would mislead)
+        result |= {"w_bits": None, "avg_w_bits": allocation.avg_w_bits, "size_bytes": allocation.size_bytes}
         out_console.print(allocation_table(allocation))
         if out is not None:
             write_allocation(allocation, out)

@@ -66,7 +66,7 @@ def test_cli_budget_writes_plot_allocation_and_json(tiny_factory, tmp_path):
     result = runner.invoke(app, [*args, "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["avg_w_bits"] <= 3.0 and r["size_bytes"] > 0
+    assert r["avg_w_bits"] <= 3.0 and r["size_bytes"] > 0 and r["w_bits"] is None
     allocation = json.loads((out / "allocation.json").read_text())
     bits = {row["name"]: row["bits"] for row in allocation["layers"]}
     assert set(bits.values()) <= {2, 3, 4, 8} and len(set(bits.values())) > 1
