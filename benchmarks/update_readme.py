@@ -2,7 +2,8 @@
 
     python benchmarks/update_readme.py
 
-A section ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->`` receives ``benchmarks/results/NAME.md``.
+A section ``<!-- results:NAME -->`` ... ``<!-- /results:NAME -->`` receives ``benchmarks/results/NAME.md`` (NAME may
+name a subfolder, e.g. ``study/verdicts``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ log = logging.getLogger("benchmarks.update_readme")
 def update(readme: Path = ROOT / "README.md", results: Path = ROOT / "benchmarks" / "results") -> list[str]:
     text = readme.read_text()
     done = []
-    for name in re.findall(r"<!-- results:([\w-]+) -->", text):
+    for name in re.findall(r"<!-- results:([\w/-]+) -->", text):
         table = results / f"{name}.md"
         if not table.exists():
             log.warning("no %s: section %s left as it is", table, name)

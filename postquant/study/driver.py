@@ -15,6 +15,7 @@ from postquant.study.settings import StudySettings
 log = logging.getLogger(__name__)
 
 STUDY_FILE = "STUDY.md"
+VERDICTS_FILE = "verdicts.md"  # the verdict lines alone (copied into the README)
 COMMANDS_FILE = "commands.txt"
 
 
@@ -83,6 +84,8 @@ def study_all(
             missing += [f"{settings.model} {settings.bits} {gap}" for gap in report.missing]
     path = out_dir / STUDY_FILE
     _write(path, study_markdown(sections, summary, missing, commands))
+    gaps = f"{len(missing)} runs of these axes are still missing (listed in {STUDY_FILE})." if missing else ""
+    _write(out_dir / VERDICTS_FILE, "\n".join([*summary, "", gaps]).strip() + "\n")
     log.info("wrote %s (%d runs missing)", path, len(missing))
     return path
 

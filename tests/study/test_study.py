@@ -264,6 +264,9 @@ def test_study_all_writes_tables_and_plots(tmp_path, tiny_zoo, calls):
     path = study_all([SETTINGS], axes, [0, 1], _runner(out, tiny_zoo), command="postquant study all test")
     text = path.read_text()
     assert path == out / "STUDY.md"
+    assert (
+        (out / "verdicts.md").read_text().startswith("- tiny-resnet W4A4, **granularity** vs block: layer: ")
+    )
     assert "### Granularity (`granularity`): tiny-resnet W4A4" in text
     assert "| **block** (baseline) | 2 |" in text and "| layer | 2 |" in text and "| 2 blocks | 2 |" in text
     assert "postquant study all test" in text and "Verdict: 'helps' / 'hurts'" in text
