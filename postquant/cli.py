@@ -528,53 +528,32 @@ def _study(
         return
     torch.set_num_threads(threads)
     labels = [s.strip() for s in variants.split(",")] if variants else None
+    options = {"bits": bits, "seeds": seeds, "iters": iters, "calib_size": calib_size, "limit": limit}
     if axis_name == "all":
         chosen = [get_axis(a.strip()) for a in axes.split(",")] if axes else list(AXES)
-        names = models or list(DEFAULT_BITS)
         settings = [
             default_settings(m, b, iters, calib_size, limit)
-            for m in names
+            for m in models or list(DEFAULT_BITS)
             for b in ([bits] if bits else DEFAULT_BITS.get(m, ["W4A4"]))
         ]
-        _check_writable_dir(out)
-        runner = StudyRunner(out, max_seconds=None if max_minutes is None else 60 * max_minutes)
-        command = _study_command(
-            axis_name,
-            models,
-            run,
-            bits=bits,
-            seeds=seeds,
-            iters=iters,
-            calib_size=calib_size,
-            limit=limit,
-            axes=axes,
-            out=out,
-            max_minutes=max_minutes,
-        )
+        options["axes"] = axes
+    else:
+        ax = get_axis(axis_name)  # unknown axis: a typed error with suggestions
+        if len(models) != 1:
+            raise RecipeError(f"`postquant study {axis_name}` needs exactly one MODEL, e.g. resnet20-cifar10")
+        model = models[0]
+        settings = [
+            default_settings(model, bits or DEFAULT_BITS.get(model, ["W4A4"])[0], iters, calib_size, limit)
+        ]
+        options["variants"] = variants
+    _check_writable_dir(out)
+    runner = StudyRunner(out, max_seconds=None if max_minutes is None else 60 * max_minutes)
+    command = _study_command(axis_name, models, run, **options, out=out, max_minutes=max_minutes)
+    if axis_name == "all":
         path = study_all(settings, chosen, list(range(seeds)), runner, command, run=run)
         out_console.print(f"wrote {path}")
         return
-    ax = get_axis(axis_name)  # unknown axis: a typed error with suggestions
-    if len(models) != 1:
-        raise RecipeError(f"`postquant study {axis_name}` needs exactly one MODEL, e.g. resnet20-cifar10")
-    model = models[0]
-    settings = default_settings(model, bits or DEFAULT_BITS.get(model, ["W4A4"])[0], iters, calib_size, limit)
-    _check_writable_dir(out)
-    runner = StudyRunner(out, max_seconds=None if max_minutes is None else 60 * max_minutes)
-    command = _study_command(
-        axis_name,
-        models,
-        run,
-        bits=bits,
-        seeds=seeds,
-        iters=iters,
-        calib_size=calib_size,
-        limit=limit,
-        variants=variants,
-        out=out,
-        max_minutes=max_minutes,
-    )
-    report = study_axis(settings, ax, list(range(seeds)), runner, labels, run=run, command=command)
+    report = study_axis(settings[0], ax, list(range(seeds)), runner, labels, run=run, command=command)
     typer.echo(report.section + "\n" + report.summary)
     if report.missing:
         console.print(

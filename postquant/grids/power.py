@@ -22,6 +22,7 @@ import torch
 from postquant.errors import RecipeError
 from postquant.grids.uniform import (
     Granularity,
+    IntegerCodes,
     RangeMethod,
     UniformGrid,
     check_bits,
@@ -52,7 +53,7 @@ def power_inverse(u: torch.Tensor, max_abs: torch.Tensor, exponent: torch.Tensor
 
 
 @dataclass
-class PowerGrid:
+class PowerGrid(IntegerCodes):
     """A uniform grid ``(S, Z)`` on ``u = sign(w)|w/m|^a``: ``x = S*u - Z``, ``w_hat = sign(u_hat)|u_hat|^(1/a) m``.
 
     Same interface as `UniformGrid`; `inv_scale`, `zero_point` and `max_abs` have shape (G, 1), one row per
@@ -68,20 +69,9 @@ class PowerGrid:
     group_size: int = 0
 
     @property
-    def qmin(self) -> int:
-        return -(2 ** (self.bits - 1))
-
-    @property
-    def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
-
-    @property
     def uniform(self) -> UniformGrid:
         """The uniform grid of the transformed space u."""
         return UniformGrid(self.inv_scale, self.zero_point, self.bits, self.granularity, self.group_size)
-
-    def _rows(self, w: torch.Tensor) -> torch.Tensor:
-        return grouped(w, self.granularity, self.group_size)
 
     def to_int(self, w: torch.Tensor) -> torch.Tensor:
         """Integer-domain values ``x = S*u - Z`` of float weights `w` (same shape); rounding x gives codes."""
@@ -92,13 +82,6 @@ class PowerGrid:
         """Float weights for (possibly soft) codes `q`: ``sign(u_hat)|u_hat|^(1/a) m``, ``u_hat = (q + Z)/S``."""
         u_hat = self._rows(self.uniform.dequantize(q))  # (G, n)
         return power_inverse(u_hat, self.max_abs, self.exponent).reshape(q.shape)
-
-    def clamp(self, r: torch.Tensor) -> torch.Tensor:
-        return r.clamp(self.qmin, self.qmax)
-
-    def nearest(self, w: torch.Tensor) -> torch.Tensor:
-        """Nearest-rounding codes in the transformed space (round half to even), int32."""
-        return self.clamp(torch.round(self.to_int(w))).to(torch.int32)
 
     def with_inv_scale(self, inv_scale: torch.Tensor) -> PowerGrid:
         """The same grid with another inverse step `inv_scale` (G, 1) on u (learned weight scales)."""

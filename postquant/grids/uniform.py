@@ -74,18 +74,13 @@ def grouped(w: torch.Tensor, granularity: Granularity, group_size: int) -> torch
     return inner.reshape(-1, group_size)  # (OC*IC/g, g)
 
 
-@dataclass
-class UniformGrid:
-    """An affine integer grid: ``x = S*w - Z``, ``w_hat = (q + Z)/S``, ``q`` in ``[qmin, qmax]``.
+class IntegerCodes:
+    """What every grid shares: the signed integer range of its codes and nearest rounding in its integer
+    domain. A grid class adds ``bits``, ``granularity``, ``group_size`` and ``to_int`` / ``dequantize``."""
 
-    `inv_scale` and `zero_point` have shape (G, 1), one row per group of `grouped(w, ...)`.
-    """
-
-    inv_scale: torch.Tensor  # (G, 1) float32, S
-    zero_point: torch.Tensor  # (G, 1) float32, integer-valued Z
     bits: int
-    granularity: Granularity = Granularity.CHANNEL
-    group_size: int = 0
+    granularity: Granularity
+    group_size: int
 
     @property
     def qmin(self) -> int:
@@ -99,6 +94,30 @@ class UniformGrid:
         return grouped(w, self.granularity, self.group_size)
 
     def to_int(self, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def clamp(self, r: torch.Tensor) -> torch.Tensor:
+        return r.clamp(self.qmin, self.qmax)
+
+    def nearest(self, w: torch.Tensor) -> torch.Tensor:
+        """Nearest-rounding codes in the grid's integer domain (round half to even), int32."""
+        return self.clamp(torch.round(self.to_int(w))).to(torch.int32)
+
+
+@dataclass
+class UniformGrid(IntegerCodes):
+    """An affine integer grid: ``x = S*w - Z``, ``w_hat = (q + Z)/S``, ``q`` in ``[qmin, qmax]``.
+
+    `inv_scale` and `zero_point` have shape (G, 1), one row per group of `grouped(w, ...)`.
+    """
+
+    inv_scale: torch.Tensor  # (G, 1) float32, S
+    zero_point: torch.Tensor  # (G, 1) float32, integer-valued Z
+    bits: int
+    granularity: Granularity = Granularity.CHANNEL
+    group_size: int = 0
+
+    def to_int(self, w: torch.Tensor) -> torch.Tensor:
         """Integer-domain values ``x = S*w - Z`` (float, same shape as `w`); rounding x gives codes."""
         x = self.inv_scale * self._rows(w).float() - self.zero_point  # (G, n)
         return x.reshape(w.shape)
@@ -107,13 +126,6 @@ class UniformGrid:
         """Float weights ``(q + Z)/S`` for integer codes `q` (same shape as the weight)."""
         w_hat = (self._rows(q).float() + self.zero_point) / self.inv_scale  # (G, n)
         return w_hat.reshape(q.shape)
-
-    def clamp(self, r: torch.Tensor) -> torch.Tensor:
-        return r.clamp(self.qmin, self.qmax)
-
-    def nearest(self, w: torch.Tensor) -> torch.Tensor:
-        """Nearest-rounding codes (round half to even), int32."""
-        return self.clamp(torch.round(self.to_int(w))).to(torch.int32)
 
     def with_inv_scale(self, inv_scale: torch.Tensor) -> UniformGrid:
         """The same grid with another inverse step `inv_scale` (G, 1) (learned weight scales)."""
