@@ -353,3 +353,14 @@ def test_cli_study_axis_on_resnet20_then_report_only(tmp_path):
     assert "| band 0.25 | 1 |" in res.output and "| random 0.5 | 0 | - | - | - | missing runs |" in res.output
     assert "2 runs missing" in res.output
     assert len(json.loads((out / "results.json").read_text())) == 2
+    # `study all` from the cache only: STUDY.md and verdicts.md, the missing runs listed, nothing run
+    res = CliRunner().invoke(
+        app,
+        ["study", "all", "resnet20-cifar10", "--bits", "W4A4", "--axes", "selection", "--seeds", "1"]
+        + ["--iters", "1", "--calib-size", "32", "--limit", "100", "--out", str(out), "--no-run"],
+    )
+    assert res.exit_code == 0, res.output
+    study = (out / "STUDY.md").read_text()
+    assert "| **all** (baseline) | 1 |" in study and "## Missing runs" in study
+    assert "runs of these axes are still missing" in (out / "verdicts.md").read_text()
+    assert len(json.loads((out / "results.json").read_text())) == 2
