@@ -354,11 +354,9 @@ def test_cli_study_axis_on_resnet20_then_report_only(tmp_path):
     assert "2 runs missing" in res.output
     assert len(json.loads((out / "results.json").read_text())) == 2
     # `study all` from the cache only: STUDY.md and verdicts.md, the missing runs listed, nothing run
-    res = CliRunner().invoke(
-        app,
-        ["study", "all", "resnet20-cifar10", "--bits", "W4A4", "--axes", "selection", "--seeds", "1"]
-        + ["--iters", "1", "--calib-size", "32", "--limit", "100", "--out", str(out), "--no-run"],
-    )
+    all_args = ["study", "all", "resnet20-cifar10", "--bits", "W4A4", "--axes", "selection", "--seeds", "1"]
+    all_args += ["--iters", "1", "--calib-size", "32", "--limit", "100", "--out", str(out), "--no-run"]
+    res = CliRunner().invoke(app, all_args)
     assert res.exit_code == 0, res.output
     study = (out / "STUDY.md").read_text()
     assert "| **all** (baseline) | 1 |" in study and "## Missing runs" in study
