@@ -19,4 +19,11 @@ python3 benchmarks/learned_bench.py --threads 1 --models resnet20-cifar10 --bits
     --classic-iters 2000 --out benchmarks/results/default_vs_qdrop
 # learned rounding: the commands that produced benchmarks/results/learned.md
 while read -r cmd; do [ -n "$cmd" ] && eval "python3 ${cmd#python }"; done < benchmarks/results/learned_commands.txt
+# mixed precision vs uniform W3 (resumable by row)
+python3 benchmarks/mixed_bench.py --models resnet20-cifar10
+python3 benchmarks/mixed_bench.py --models minilm-l6
+python3 benchmarks/mixed_bench.py --models efficientnet-lite0 --limit efficientnet-lite0=500 --importances loss datafree --calib-size 32
+# the study: the commands that produced its runs (cached in results.json), then STUDY.md and verdicts.md
+while read -r cmd; do [ -n "$cmd" ] && eval "$cmd"; done < benchmarks/results/study/commands.txt
+postquant study all --seeds 3 --out benchmarks/results/study --no-run
 python3 benchmarks/update_readme.py

@@ -26,6 +26,7 @@ class AxisReport:
     section: str
     summary: str
     missing: list[str]
+    measured: bool  # the baseline and at least one other variant have results
 
 
 def study_axis(
@@ -56,7 +57,10 @@ def study_axis(
     listed = "".join(f"    {c}\n" for c in commands)
     head = f"Produced by (resumable; results accumulate in results.json):\n\n{listed}\n" if commands else ""
     _write(out_dir / f"{settings.model}_{settings.bits}_{axis.name}.md", head + section)
-    return AxisReport(section, summary, missing_runs(runs, records))
+    done = {r["run_hash"] for r in records}  # a shared baseline may be cached under another axis's label
+    labels_done = {run.variant.label for run in runs if run.recipe is not None and run.run_hash in done}
+    measured = axis.baseline in labels_done and len(labels_done) > 1
+    return AxisReport(section, summary, missing_runs(runs, records), measured)
 
 
 def study_all(
@@ -74,18 +78,19 @@ def study_all(
     """
     out_dir = runner.store.path.parent
     commands = _remember(out_dir, command)
-    sections, summary, missing = [], [], []
+    sections, summary, missing, measured = [], [], [], []
     for settings in settings_list:
         sections.append(f"## {settings.model} {settings.bits}\n")
         for axis in axes:
             report = study_axis(settings, axis, seeds, runner, run=run and not runner.out_of_time)
             sections.append(report.section)
             summary.append(report.summary)
+            measured += [report.summary] if report.measured else []
             missing += [f"{settings.model} {settings.bits} {gap}" for gap in report.missing]
     path = out_dir / STUDY_FILE
     _write(path, study_markdown(sections, summary, missing, commands))
     gaps = f"{len(missing)} runs of these axes are still missing (listed in {STUDY_FILE})." if missing else ""
-    _write(out_dir / VERDICTS_FILE, "\n".join([*summary, "", gaps]).strip() + "\n")
+    _write(out_dir / VERDICTS_FILE, "\n".join([*measured, "", gaps]).strip() + "\n")
     log.info("wrote %s (%d runs missing)", path, len(missing))
     return path
 
