@@ -55,6 +55,31 @@ def images() -> torch.Tensor:
     return torch.randn(16, 3, 12, 12)
 
 
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class TinyResNet(nn.Module):
+    """Stem conv + BN, a stage of two residual blocks, a linear head: units conv1, stage.0, stage.1, fc."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.stage = nn.Sequential(Block(c), Block(c))
+        self.fc = nn.Linear(c, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 def require_shared(*parts: str):
     """The shared path, or a clear skip when the shared data is truly absent."""
     path = shared_path(*parts)

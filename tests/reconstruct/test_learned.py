@@ -22,6 +22,7 @@ from postquant.recipe import Recipe
 from postquant.reconstruct import LearnedConfig, preset
 from postquant.reconstruct.checkpoint import CheckpointStore
 from postquant.reconstruct.params import LayerRounding
+from tests.conftest import TinyResNet
 
 
 @pytest.fixture(autouse=True)
@@ -31,31 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-class Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
-
-
-class TinyResNet(nn.Module):
-    """Stem conv + BN, a stage of two residual blocks, a linear head: units conv1, stage.0, stage.1, fc."""
-
-    def __init__(self, c: int = 8) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.stage = nn.Sequential(Block(c), Block(c))
-        self.fc = nn.Linear(c, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage(torch.relu(self.bn1(self.conv1(x))))
-        return self.fc(x.mean(dim=(2, 3)))
 
 
 @pytest.fixture

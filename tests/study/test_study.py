@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 from typer.testing import CliRunner
 
 import postquant.study.runner as runner_mod
@@ -30,7 +29,7 @@ from postquant.study.report import HELPS, HURTS, NO_VERDICT, NOISE
 from postquant.study.settings import OTHER_CALIB
 from postquant.zoo import CIFAR10_PREPROCESS, ZooModel
 from postquant.zoo.datasets import calibration_inputs
-from tests.conftest import require_shared
+from tests.conftest import TinyResNet, require_shared
 
 MODEL = "tiny-resnet"
 
@@ -115,29 +114,6 @@ def test_verdict_boundary_is_within_noise():
 
 
 # ------------------------------------------------------------------------------------------------ runner
-
-
-class Block(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
-
-
-class TinyResNet(nn.Module):
-    def __init__(self, c: int = 8) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.stage = nn.Sequential(Block(c), Block(c))
-        self.fc = nn.Linear(c, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stage(torch.relu(self.bn1(self.conv1(x))))
-        return self.fc(x.mean(dim=(2, 3)))
 
 
 @pytest.fixture
