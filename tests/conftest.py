@@ -80,6 +80,15 @@ class TinyResNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+@pytest.fixture
+def one_thread():
+    """Use with `pytestmark = pytest.mark.usefixtures("one_thread")`: small ops on a shared 2-core machine run much faster (and deterministically) on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def require_shared(*parts: str):
     """The shared path, or a clear skip when the shared data is truly absent."""
     path = shared_path(*parts)

@@ -24,14 +24,7 @@ from postquant.reconstruct.checkpoint import CheckpointStore
 from postquant.reconstruct.params import LayerRounding
 from tests.conftest import TinyResNet
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small ops on a shared 2-core machine run much faster (and deterministically) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
