@@ -10,6 +10,7 @@ already finished under another axis (e.g. every axis's baseline is the study bas
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import logging
 import os
@@ -110,18 +111,29 @@ def _plan_one(settings: StudySettings, axis: Axis, variant: Variant, seed: int) 
 
 
 class ResultStore:
-    """Finished runs in one JSON file (key -> record), rewritten atomically after every run."""
+    """Finished runs in one JSON file (key -> record), rewritten atomically after every run.
+
+    Several processes (one per core) may share the file: every write takes an exclusive lock on
+    ``results.json.lock``, re-reads the file and merges, so no process loses another's records, and
+    `refresh` lets a process see what the others finished before it starts a run.
+    """
 
     def __init__(self, out_dir: Path) -> None:
         self.path = Path(out_dir) / RESULTS_FILE
         self.records: dict[str, dict[str, Any]] = {}
+        self._by_hash: dict[str, dict[str, Any]] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Merge in the records other processes have written since this store last read the file."""
         if self.path.is_file():
             try:
-                self.records = json.loads(self.path.read_text())
+                on_disk = json.loads(self.path.read_text())
             except json.JSONDecodeError as exc:
                 raise DataError(
                     f"{self.path} is not valid JSON ({exc}); move it away to start the study afresh"
                 ) from exc
+            self.records = {**on_disk, **self.records}
         self._by_hash = {r["run_hash"]: r for r in self.records.values()}
 
     def find(self, run: PlannedRun) -> dict[str, Any] | None:
@@ -133,13 +145,17 @@ class ResultStore:
     def put(self, key: str, record: dict[str, Any]) -> None:
         """Store `record` and rewrite the file atomically (a crash leaves the previous file intact)."""
         self.records[key] = record
-        self._by_hash[record["run_hash"]] = record
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.records, f, indent=1)
-            os.replace(tmp, self.path)
+            with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self.refresh()
+                fd, tmp = tempfile.mkstemp(
+                    dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
+                )
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self.records, f, indent=1)
+                os.replace(tmp, self.path)
         except OSError as exc:
             raise OutputError(
                 f"cannot write {self.path}: {exc.strerror or exc}; choose a writable --out"
@@ -212,7 +228,9 @@ class StudyRunner:
                     log.warning("time budget spent: %d runs left for a later session", bar.total - bar.n)
                     break
                 bar.set_postfix_str(f"{run.axis}: {run.variant.label} seed {run.seed}")
-                self._run_one(settings, run)
+                self.store.refresh()  # another process sharing the file may have finished it meanwhile
+                if self.store.find(run) is None:
+                    self._run_one(settings, run)
                 bar.update()
         return self.cached(runs)
 

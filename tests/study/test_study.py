@@ -214,6 +214,19 @@ def test_interrupted_study_resumes(tmp_path, tiny_zoo, calls):
     assert calls["n"] == 3 + 2 and missing == []
 
 
+def test_two_processes_share_one_results_file(tmp_path, tiny_zoo, calls):
+    """Two runners (as two processes, one per core) on one --out: neither loses the other's records, and a
+    run the other already finished is not repeated."""
+    out = tmp_path / "out"
+    first, second = _runner(out, tiny_zoo), _runner(out, tiny_zoo)  # both read the (empty) file now
+    study_axis(SETTINGS, get_axis("selection"), [0], first, SELECTION)
+    assert calls["n"] == 2
+    study_axis(SETTINGS, get_axis("selection"), [0, 1], second, SELECTION)
+    assert calls["n"] == 4  # seed 1 only: seed 0 was seen on disk although `second` was created before
+    records = json.loads((out / "results.json").read_text())
+    assert {(r["variant"], r["seed"]) for r in records.values()} == {(v, s) for v in SELECTION for s in (0, 1)}
+
+
 def test_unavailable_variants_are_reported_not_run(tmp_path, tiny_zoo, calls):
     out = tmp_path / "out"
     section, _, _ = _axis(SETTINGS, get_axis("calib-source"), [0], _runner(out, tiny_zoo), ["other dataset"])
