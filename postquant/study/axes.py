@@ -29,11 +29,14 @@ class Variant:
         label: short name, unique within the axis (used on the command line and in tables).
         changes: recipe fields on top of the base recipe; ``"learned"`` is a dict of `LearnedConfig` fields.
         calib_data: ``"own"`` (the model's calibration set) or ``"other"`` (another dataset).
+        images_only: the variant needs image inputs (augmentations, BatchNorm-matched or noise images);
+            on a text model it is reported as unavailable instead of being run.
     """
 
     label: str
     changes: dict[str, Any] = field(default_factory=dict)
     calib_data: CalibData = "own"
+    images_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,9 +93,9 @@ AXES: tuple[Axis, ...] = (
         "none",
         (
             Variant("none", _learned(augment=[])),
-            Variant("flip+shift", _learned(augment=["flip", "shift"], augment_copies=1)),
-            Variant("noise", _learned(augment=["noise"], augment_copies=1)),
-            Variant("mixup", _learned(augment=["mixup"], augment_copies=1)),
+            Variant("flip+shift", _learned(augment=["flip", "shift"], augment_copies=1), images_only=True),
+            Variant("noise", _learned(augment=["noise"], augment_copies=1), images_only=True),
+            Variant("mixup", _learned(augment=["mixup"], augment_copies=1), images_only=True),
         ),
     ),
     Axis(
@@ -115,8 +118,8 @@ AXES: tuple[Axis, ...] = (
         (
             Variant("data", _learned(calib_source="data")),
             Variant("other dataset", _learned(calib_source="data"), calib_data="other"),
-            Variant("synthetic (BN)", _learned(calib_source="synthetic")),
-            Variant("noise", _learned(calib_source="noise")),
+            Variant("synthetic (BN)", _learned(calib_source="synthetic"), images_only=True),
+            Variant("noise", _learned(calib_source="noise"), images_only=True),
         ),
     ),
     Axis(

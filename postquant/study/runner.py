@@ -30,7 +30,7 @@ from postquant.eval import evaluate
 from postquant.paths import shared_path
 from postquant.recipe import Recipe
 from postquant.study.axes import Axis, Variant, fill_bits
-from postquant.study.settings import OTHER_CALIB, StudySettings, digest, parse_bits
+from postquant.study.settings import OTHER_CALIB, TEXT_MODELS, StudySettings, digest, parse_bits
 from postquant.zoo import ZooModel, load_model
 from postquant.zoo.datasets import calibration_inputs
 
@@ -88,6 +88,9 @@ def _plan_one(settings: StudySettings, axis: Axis, variant: Variant, seed: int) 
         reason = (
             f"no other calibration dataset is known for {settings.model!r} (known: {', '.join(OTHER_CALIB)})"
         )
+        return PlannedRun(axis.name, variant, seed, None, reason)
+    if variant.images_only and settings.model in TEXT_MODELS:
+        reason = f"needs image inputs; {settings.model!r} takes text"
         return PlannedRun(axis.name, variant, seed, None, reason)
     try:
         recipe = variant_recipe(settings, variant, seed)
@@ -150,9 +153,7 @@ class ResultStore:
             with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 self.refresh()
-                fd, tmp = tempfile.mkstemp(
-                    dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"
-                )
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
                 with os.fdopen(fd, "w") as f:
                     json.dump(self.records, f, indent=1)
                 os.replace(tmp, self.path)

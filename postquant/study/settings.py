@@ -33,6 +33,10 @@ DEFAULT_BITS: dict[str, list[str]] = {
 }
 
 
+# Models whose inputs are token ids: image-only variants (augmentation, synthetic images) do not apply.
+TEXT_MODELS: frozenset[str] = frozenset({"minilm-l6"})
+
+
 @dataclass(frozen=True)
 class OtherCalib:
     """Another dataset to calibrate a model on: a path under the shared folder and how to preprocess it."""

@@ -224,7 +224,20 @@ def test_two_processes_share_one_results_file(tmp_path, tiny_zoo, calls):
     study_axis(SETTINGS, get_axis("selection"), [0, 1], second, SELECTION)
     assert calls["n"] == 4  # seed 1 only: seed 0 was seen on disk although `second` was created before
     records = json.loads((out / "results.json").read_text())
-    assert {(r["variant"], r["seed"]) for r in records.values()} == {(v, s) for v in SELECTION for s in (0, 1)}
+    assert {(r["variant"], r["seed"]) for r in records.values()} == {
+        (v, s) for v in SELECTION for s in (0, 1)
+    }
+
+
+def test_image_only_variants_are_unavailable_on_text_models():
+    text = StudySettings("minilm-l6", "W4", iters=4, calib_size=32)
+    for name in ("augmentation", "calib-source"):
+        runs = runner_mod.plan_axis(text, get_axis(name), [0])
+        skipped = {r.variant.label for r in runs if r.recipe is None}
+        assert skipped == {v.label for v in get_axis(name).variants if v.images_only} != set()
+        assert all("needs image inputs" in r.unavailable for r in runs if r.recipe is None)
+    image = StudySettings("resnet20-cifar10", "W4A4", iters=4, calib_size=32)
+    assert all(r.recipe is not None for r in runner_mod.plan_axis(image, get_axis("augmentation"), [0]))
 
 
 def test_unavailable_variants_are_reported_not_run(tmp_path, tiny_zoo, calls):
