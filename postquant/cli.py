@@ -447,7 +447,9 @@ def study_cmd(
         str | None,
         typer.Option(help="W4A4 or W3 (default: the model's first study bits; 'all': each model's)"),
     ] = None,
-    seeds: Annotated[int, typer.Option(min=1, help="seeds 0..N-1 per variant")] = 3,
+    seeds: Annotated[
+        int | None, typer.Option(min=1, help="seeds 0..N-1 per variant (default: per model, 2-3)")
+    ] = None,
     iters: Annotated[
         int | None, typer.Option(help="steps per unit of the study base (default: per model)")
     ] = None,
@@ -499,7 +501,7 @@ def _study(
     axis_name: str,
     models: list[str],
     bits: str | None,
-    seeds: int,
+    seeds: int | None,
     iters: int | None,
     calib_size: int | None,
     limit: int | None,
@@ -532,7 +534,7 @@ def _study(
     if axis_name == "all":
         chosen = [get_axis(a.strip()) for a in axes.split(",")] if axes else list(AXES)
         settings = [
-            default_settings(m, b, iters, calib_size, limit)
+            default_settings(m, b, iters, calib_size, limit, seeds)
             for m in models or list(DEFAULT_BITS)
             for b in ([bits] if bits else DEFAULT_BITS.get(m, ["W4A4"]))
         ]
@@ -543,17 +545,20 @@ def _study(
             raise RecipeError(f"`postquant study {axis_name}` needs exactly one MODEL, e.g. resnet20-cifar10")
         model = models[0]
         settings = [
-            default_settings(model, bits or DEFAULT_BITS.get(model, ["W4A4"])[0], iters, calib_size, limit)
+            default_settings(
+                model, bits or DEFAULT_BITS.get(model, ["W4A4"])[0], iters, calib_size, limit, seeds
+            )
         ]
         options["variants"] = variants
     _check_writable_dir(out)
     runner = StudyRunner(out, max_seconds=None if max_minutes is None else 60 * max_minutes)
     command = _study_command(axis_name, models, run, **options, out=out, max_minutes=max_minutes)
     if axis_name == "all":
-        path = study_all(settings, chosen, list(range(seeds)), runner, command, run=run)
+        path = study_all(settings, chosen, None, runner, command, run=run)
         out_console.print(f"wrote {path}")
         return
-    report = study_axis(settings[0], ax, list(range(seeds)), runner, labels, run=run, command=command)
+    seed_list = list(range(settings[0].seeds))
+    report = study_axis(settings[0], ax, seed_list, runner, labels, run=run, command=command)
     typer.echo(report.section + "\n" + report.summary)
     if report.missing:
         console.print(

@@ -66,15 +66,15 @@ def study_axis(
 def study_all(
     settings_list: list[StudySettings],
     axes: list[Axis],
-    seeds: list[int],
+    seeds: list[int] | None,
     runner: StudyRunner,
     command: str | None = None,
     run: bool = True,
 ) -> Path:
     """Every axis on every (model, bits) of `settings_list`, then ``OUT/STUDY.md`` from all cached results.
 
-    Missing runs (time budget, failures, interrupted earlier sessions) are listed in STUDY.md; running the
-    same command again adds them.
+    `seeds` ``None``: each settings' own ``seeds`` (0..seeds-1). Missing runs (time budget, failures,
+    interrupted earlier sessions) are listed in STUDY.md; running the same command again adds them.
     """
     out_dir = runner.store.path.parent
     commands = _remember(out_dir, command)
@@ -82,7 +82,8 @@ def study_all(
     for settings in settings_list:
         sections.append(f"## {settings.model} {settings.bits}\n")
         for axis in axes:
-            report = study_axis(settings, axis, seeds, runner, run=run and not runner.out_of_time)
+            chosen = seeds if seeds is not None else list(range(settings.seeds))
+            report = study_axis(settings, axis, chosen, runner, run=run and not runner.out_of_time)
             sections.append(report.section)
             summary.append(report.summary)
             measured += [report.summary] if report.measured else []

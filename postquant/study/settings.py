@@ -18,12 +18,13 @@ from postquant.zoo import CIFAR10_PREPROCESS, ImagePreprocess, efficientnet_lite
 # calibration samples), i.e. ~1-1.5 min a run at the chosen 100 iters. The other models' settings scale
 # this down by their size and are not measured yet.
 DEFAULT_BASE: dict[str, dict[str, Any]] = {
-    "resnet20-cifar10": {"iters": 100, "calib_size": 256, "limit": None},
-    "resnet56-cifar10": {"iters": 50, "calib_size": 256, "limit": None},
-    "efficientnet-lite0": {"iters": 20, "calib_size": 64, "limit": 400},
-    "minilm-l6": {"iters": 50, "calib_size": 256, "limit": None},
+    "resnet20-cifar10": {"iters": 100, "calib_size": 256, "limit": None, "seeds": 3},
+    "resnet56-cifar10": {"iters": 50, "calib_size": 256, "limit": None, "seeds": 3},
+    # Lite0 and MiniLM cost 3-10x a resnet20 run: two seeds (the fewest that give a spread) by default.
+    "efficientnet-lite0": {"iters": 20, "calib_size": 64, "limit": 400, "seeds": 2},
+    "minilm-l6": {"iters": 50, "calib_size": 256, "limit": None, "seeds": 2},
 }
-FALLBACK_BASE: dict[str, Any] = {"iters": 50, "calib_size": 256, "limit": None}
+FALLBACK_BASE: dict[str, Any] = {"iters": 50, "calib_size": 256, "limit": None, "seeds": 3}
 
 # The bits of `study all` (the issue's list).
 DEFAULT_BITS: dict[str, list[str]] = {
@@ -95,6 +96,7 @@ class StudySettings:
         iters: optimisation steps per reconstruction unit.
         calib_size: calibration samples.
         limit: evaluation samples (spread over the set); ``None`` = the full evaluation set.
+        seeds: runs per variant (seeds 0..seeds-1); not part of `digest`, so more seeds add to the cache.
     """
 
     model: str
@@ -102,6 +104,7 @@ class StudySettings:
     iters: int
     calib_size: int
     limit: int | None = None
+    seeds: int = 3
 
     def base_recipe(self) -> dict[str, Any]:
         """The study base: the `learned` preset at these bits, with `iters` and `calib_size`."""
@@ -128,9 +131,14 @@ class StudySettings:
 
 
 def default_settings(
-    model: str, bits: str, iters: int | None = None, calib_size: int | None = None, limit: int | None = None
+    model: str,
+    bits: str,
+    iters: int | None = None,
+    calib_size: int | None = None,
+    limit: int | None = None,
+    seeds: int | None = None,
 ) -> StudySettings:
-    """`StudySettings` with the model's measured defaults (`DEFAULT_BASE`) where an argument is ``None``."""
+    """`StudySettings` with the model's defaults (`DEFAULT_BASE`) where an argument is ``None``."""
     parse_bits(bits)
     base = DEFAULT_BASE.get(model, FALLBACK_BASE)
     return StudySettings(
@@ -139,6 +147,7 @@ def default_settings(
         iters if iters is not None else base["iters"],
         calib_size if calib_size is not None else base["calib_size"],
         limit if limit is not None else base["limit"],
+        seeds if seeds is not None else base["seeds"],
     )
 
 

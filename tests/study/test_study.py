@@ -26,7 +26,7 @@ from postquant.study import (
 )
 from postquant.study.axes import fill_bits
 from postquant.study.report import HELPS, HURTS, NO_VERDICT, NOISE
-from postquant.study.settings import OTHER_CALIB
+from postquant.study.settings import OTHER_CALIB, default_settings
 from postquant.zoo import CIFAR10_PREPROCESS, ZooModel
 from postquant.zoo.datasets import calibration_inputs
 from tests.conftest import TinyResNet, require_shared
@@ -253,6 +253,19 @@ def test_time_budget_stops_before_new_runs(tmp_path, tiny_zoo, calls):
     section, _, missing = _axis(SETTINGS, get_axis("selection"), [0, 1], runner, SELECTION)
     assert calls["n"] == 0 and runner.out_of_time
     assert len(missing) == 4 and "missing" in section
+
+
+def test_study_all_takes_each_models_own_seed_count(tmp_path, tiny_zoo, calls):
+    assert (
+        default_settings("minilm-l6", "W4").seeds == 2
+        and default_settings("resnet20-cifar10", "W4A4").seeds == 3
+    )
+    assert default_settings("minilm-l6", "W4", seeds=4).seeds == 4
+    two = StudySettings(MODEL, "W4A4", iters=4, calib_size=32, seeds=2)
+    study_all([two], [get_axis("granularity")], None, _runner(tmp_path, tiny_zoo))
+    records = json.loads((tmp_path / "results.json").read_text()).values()
+    assert {r["seed"] for r in records} == {0, 1} and calls["n"] == 2 * 3
+    assert two.digest() == StudySettings(MODEL, "W4A4", iters=4, calib_size=32, seeds=5).digest()
 
 
 def test_study_all_writes_tables_and_plots(tmp_path, tiny_zoo, calls):
