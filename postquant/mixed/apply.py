@@ -18,9 +18,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
+from postquant.grids import Grid
 from postquant.mixed.allocate import allocate_bits, budget_table
 from postquant.mixed.config import MixedConfig
 from postquant.mixed.importance import fit_weight_grid, importance_table
@@ -85,9 +85,9 @@ def free_and_fixed(model: nn.Module, recipe: Recipe) -> tuple[list[str], dict[st
     return free, fixed  # type: ignore[return-value]
 
 
-def _layer_nbytes(w: torch.Tensor, bits: list[int], recipe: Recipe) -> dict[int, int]:
+def _layer_nbytes(numel: int, grids: dict[int, Grid]) -> dict[int, int]:
     """Bytes of one layer in a checkpoint at each bit width: packed codes plus its fitted grid."""
-    return {b: codes_bytes(w.numel(), b) + grid_bytes(fit_weight_grid(w, b, recipe)) for b in bits}
+    return {b: codes_bytes(numel, b) + grid_bytes(grid) for b, grid in grids.items()}
 
 
 def apply_mixed(model: nn.Module, recipe: Recipe, batches: Any) -> tuple[Recipe, MixedResult]:
@@ -107,10 +107,14 @@ def apply_mixed(model: nn.Module, recipe: Recipe, batches: Any) -> tuple[Recipe,
     names = [name for name in make_plan(model, recipe) if name in fixed or name in free]
     weights = {name: model.get_submodule(name).weight for name in names}
     numel = {name: w.numel() for name, w in weights.items()}
-    nbytes = {
-        name: _layer_nbytes(w.detach(), [fixed[name]] if name in fixed else cfg.bit_choices, recipe)
+    grids = {  # fitted once: the size model and the importance measures share them
+        name: {
+            b: fit_weight_grid(w.detach(), b, recipe)
+            for b in ([fixed[name]] if name in fixed else cfg.bit_choices)
+        }
         for name, w in weights.items()
     }
+    nbytes = {name: _layer_nbytes(numel[name], grids[name]) for name in names}
     act_bytes = 8 * sum(1 for lp in make_plan(model, recipe).values() if lp.a_bits is not None)
     other = float_tensor_bytes(model, names) + act_bytes  # float tensors + input quantizers
     budget = {
@@ -121,7 +125,9 @@ def apply_mixed(model: nn.Module, recipe: Recipe, batches: Any) -> tuple[Recipe,
         "other_bytes": other,
     }
     budget_table(numel, cfg.bit_choices, **budget)  # a budget error before minutes of measuring
-    costs = importance_table(model, free, cfg.bit_choices, recipe, cfg.importance, batches, cfg.calib_size)
+    costs = importance_table(
+        model, free, cfg.bit_choices, recipe, cfg.importance, batches, cfg.calib_size, grids
+    )
     bits = allocate_bits(costs, numel, cfg.bit_choices, **budget)
     rows = [
         LayerAllocation(

@@ -31,7 +31,7 @@ or SQuant's flips; learned methods are measured with nearest rounding, their sta
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -60,6 +60,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CostTable = dict[str, dict[int, float]]  # layer -> bits -> predicted damage
+LayerGrids = Mapping[str, Mapping[int, Grid]]  # layer -> bits -> its fitted weight grid
+
+
+def _grid(grids: LayerGrids | None, name: str, bits: int) -> Grid | None:
+    return None if grids is None else grids.get(name, {}).get(bits)
 
 
 # ----------------------------------------------------------------------------------- the quantizer Q_b
@@ -70,11 +75,15 @@ def fit_weight_grid(w: torch.Tensor, bits: int, recipe: Recipe) -> Grid:
     return recipe.weight_grid(w, bits)
 
 
-def quantized_weight(w: torch.Tensor, bits: int, recipe: Recipe) -> torch.Tensor:
-    """``Q_b(W)``: the dequantized weight with the recipe's grid and rounding method (same shape as `w`)."""
+def quantized_weight(w: torch.Tensor, bits: int, recipe: Recipe, grid: Grid | None = None) -> torch.Tensor:
+    """``Q_b(W)``: the dequantized weight with the recipe's grid and rounding method (same shape as `w`).
+
+    `grid`: the grid `fit_weight_grid` gives `w` at `bits`, when the caller already has it (a power grid's
+    exponent search is the costly part).
+    """
     from postquant.api import weight_codes  # api imports the recipe, which imports this package's config
 
-    grid = fit_weight_grid(w, bits, recipe)
+    grid = grid if grid is not None else fit_weight_grid(w, bits, recipe)
     codes = weight_codes(recipe.method, grid.to_int(w), grid.qmin, grid.qmax, recipe)
     return grid.dequantize(codes)
 
@@ -135,7 +144,12 @@ def output_distance(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | N
 
 @torch.no_grad()
 def loss_costs(
-    model: nn.Module, layers: Sequence[str], bit_choices: Sequence[int], recipe: Recipe, batches: list[Any]
+    model: nn.Module,
+    layers: Sequence[str],
+    bit_choices: Sequence[int],
+    recipe: Recipe,
+    batches: list[Any],
+    grids: LayerGrids | None = None,
 ) -> CostTable:
     """``cost[l][b]``: mean output distance to the float model with only layer `l` quantized at `b` bits.
 
@@ -150,7 +164,7 @@ def loss_costs(
         table[name] = {}
         try:
             for bits in bit_choices:
-                weight.copy_(quantized_weight(original, bits, recipe))
+                weight.copy_(quantized_weight(original, bits, recipe, _grid(grids, name, bits)))
                 dist = sum(
                     float(output_distance(run_model(model, b), r, _token_mask(b, r)))
                     for b, r in zip(batches, refs, strict=True)
@@ -239,6 +253,7 @@ def importance_table(
     importance: Importance | str,
     batches: list[Any] | None = None,
     calib_size: int | None = None,
+    grids: LayerGrids | None = None,
 ) -> CostTable:
     """The damage table ``cost[layer][bits]`` of `importance` for the layers of a float (BN-folded) model.
 
@@ -250,6 +265,7 @@ def importance_table(
         importance: ``loss``, ``taylor``, ``fisher`` or ``datafree``.
         batches: calibration batches (not needed for ``datafree``).
         calib_size: use at most this many samples of `batches`.
+        grids: the layers' grids per bit width (`fit_weight_grid`), when already fitted; else fitted here.
 
     Raises:
         DataError: a data-driven measure without calibration batches.
@@ -260,7 +276,10 @@ def importance_table(
         table: CostTable = {}
         for name in layers:
             w = model.get_submodule(name).weight.detach()
-            table[name] = {b: datafree_cost(w, quantized_weight(w, b, recipe)) for b in bit_choices}
+            table[name] = {
+                b: datafree_cost(w, quantized_weight(w, b, recipe, _grid(grids, name, b)))
+                for b in bit_choices
+            }
         return table
     if not isinstance(batches, list):
         raise DataError(
@@ -269,12 +288,15 @@ def importance_table(
         )
     batches = _spread(batches, calib_size)
     if importance is Importance.LOSS:
-        return loss_costs(model, layers, bit_choices, recipe, batches)
+        return loss_costs(model, layers, bit_choices, recipe, batches, grids)
     grad_abs, fisher = gradient_moments(model, layers, batches, seed=recipe.seed)
     score = taylor_cost if importance is Importance.TAYLOR else fisher_cost
     stat = grad_abs if importance is Importance.TAYLOR else fisher
     table = {}
     for name in layers:
         w = model.get_submodule(name).weight.detach()
-        table[name] = {b: score(stat[name], w, quantized_weight(w, b, recipe)) for b in bit_choices}
+        table[name] = {
+            b: score(stat[name], w, quantized_weight(w, b, recipe, _grid(grids, name, b)))
+            for b in bit_choices
+        }
     return table

@@ -115,3 +115,26 @@ def test_infeasible_budget_fails_before_measuring(tiny_cnn, images):
     # no calibration data for 'loss': the budget error must come first, before any importance is measured
     with pytest.raises(BudgetError, match="feasible range is 2 to 8 average weight bits"):
         postquant.quantize(tiny_cnn, {"mixed": {"w_bits_budget": 1.5}}, example_inputs=images)
+
+
+@pytest.mark.parametrize("importance", ["loss", "datafree"])
+def test_each_layer_grid_is_fitted_once_per_bit_width(tiny_cnn, images, monkeypatch, importance):
+    """Power grids search an exponent per fit: the allocation fits each (layer, bits) once, and `quantize`
+    fits each layer once more at its chosen bits."""
+    from postquant.recipe import Recipe
+
+    calls: list[int] = []
+    fit = Recipe.weight_grid
+
+    def counting(self, w, bits):
+        calls.append(bits)
+        return fit(self, w, bits)
+
+    monkeypatch.setattr(Recipe, "weight_grid", counting)
+    choices = [2, 4, 8]
+    mixed = {"w_bits_budget": 4.0, "importance": importance, "bit_choices": choices, "calib_size": 16}
+    recipe = {"method": "rtn", "grid": "power", "mixed": mixed}
+    calib = None if importance == "datafree" else images
+    qmodel = postquant.quantize(tiny_cnn, recipe, calib=calib, example_inputs=images)
+    layers = len(quantized_layers(qmodel))
+    assert len(calls) == layers * len(choices) + layers
