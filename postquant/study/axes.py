@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from postquant.errors import unknown_name
+from postquant.errors import RecipeError, unknown_name
 
 CalibData = Literal["own", "other"]
 W_BITS = "@w_bits"  # placeholder in variant changes: the study's weight bits, as a float
@@ -256,6 +256,40 @@ def get_axis(name: str) -> Axis:
         if axis.name == name:
             return axis
     raise unknown_name("axis", name, AXIS_NAMES)
+
+
+COMBINED = "combined"  # the name of the axis `combined_axis` builds
+
+
+def combined_axis(parts: list[tuple[Axis, Variant]]) -> Axis:
+    """The best combination found: the base against one variant that applies every variant of `parts`.
+
+    `parts` are (axis, variant) pairs, one per axis, in the order of `AXES`; their changes are merged
+    (``learned`` fields merged field by field; a later axis wins where two set the same field) and the
+    calibration data is the other dataset if any part uses it.
+
+    Raises:
+        RecipeError: `parts` is empty (with no helping variant, the base itself is the best combination).
+    """
+    if not parts:
+        raise RecipeError("no variant to combine: the base is the best combination found")
+    changes: dict[str, Any] = {}
+    for _, variant in parts:
+        for key, value in variant.changes.items():
+            changes[key] = {**changes.get(key, {}), **value} if key == "learned" else value
+    label = " + ".join(f"{axis.name}: {variant.label}" for axis, variant in parts)
+    calib: CalibData = "other" if any(v.calib_data == "other" for _, v in parts) else "own"
+    return Axis(
+        COMBINED,
+        "Best combination",
+        "Every variant that helps on its own axis (the one that helps most per axis), applied together, "
+        "against the base: does the gain add up? This is the recipe the study recommends.",
+        "base",
+        (
+            Variant("base", {}),
+            Variant(label, changes, calib, images_only=any(v.images_only for _, v in parts)),
+        ),
+    )
 
 
 def fill_bits(changes: Any, w_bits: int) -> Any:

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postquant.errors import OutputError
-from postquant.study.axes import Axis
-from postquant.study.report import axis_section, missing_runs, study_markdown
+from postquant.study.axes import Axis, Variant, combined_axis
+from postquant.study.report import axis_section, best_helping, missing_runs, study_markdown
 from postquant.study.runner import StudyRunner, plan_axis, run_axis
 from postquant.study.settings import StudySettings
 
@@ -27,6 +27,7 @@ class AxisReport:
     summary: str
     missing: list[str]
     measured: bool  # the baseline and at least one other variant have results
+    best: Variant | None = None  # the variant that helps most (verdict 'helps'), if any
 
 
 def study_axis(
@@ -52,7 +53,7 @@ def study_axis(
     else:
         runs = plan_axis(settings, axis, seeds, labels)
         records = runner.cached(runs)
-    section, summary = axis_section(axis, settings, runs, records, out_dir, runner.failures)
+    section, summary, rows = axis_section(axis, settings, runs, records, out_dir, runner.failures)
     commands = _remember(out_dir, command)
     listed = "".join(f"    {c}\n" for c in commands)
     head = f"Produced by (resumable; results accumulate in results.json):\n\n{listed}\n" if commands else ""
@@ -60,7 +61,14 @@ def study_axis(
     done = {r["run_hash"] for r in records}  # a shared baseline may be cached under another axis's label
     labels_done = {run.variant.label for run in runs if run.recipe is not None and run.run_hash in done}
     measured = axis.baseline in labels_done and len(labels_done) > 1
-    return AxisReport(section, summary, missing_runs(runs, records), measured)
+    best = best_helping(axis, rows)
+    return AxisReport(
+        section,
+        summary,
+        missing_runs(runs, records),
+        measured,
+        None if best is None else axis.variant(best[0]),
+    )
 
 
 def study_all(
@@ -74,16 +82,26 @@ def study_all(
     """Every axis on every (model, bits) of `settings_list`, then ``OUT/STUDY.md`` from all cached results.
 
     `seeds` ``None``: each settings' own ``seeds`` (0..seeds-1). Missing runs (time budget, failures,
-    interrupted earlier sessions) are listed in STUDY.md; running the same command again adds them.
+    interrupted earlier sessions) are listed in STUDY.md; running the same command again adds them. Once
+    every axis of a (model, bits) is measured, the variants that help are run together against the base
+    (`combined_axis`): the best combination found.
     """
     out_dir = runner.store.path.parent
     commands = _remember(out_dir, command)
     sections, summary, missing, measured = [], [], [], []
     for settings in settings_list:
         sections.append(f"## {settings.model} {settings.bits}\n")
+        chosen = seeds if seeds is not None else list(range(settings.seeds))
+        reports = []
         for axis in axes:
-            chosen = seeds if seeds is not None else list(range(settings.seeds))
             report = study_axis(settings, axis, chosen, runner, run=run and not runner.out_of_time)
+            reports.append((axis, report))
+        combined = _combination(settings, reports)
+        if combined is not None:
+            reports.append(
+                (combined, study_axis(settings, combined, chosen, runner, run=run and not runner.out_of_time))
+            )
+        for _, report in reports:
             sections.append(report.section)
             summary.append(report.summary)
             measured += [report.summary] if report.measured else []
@@ -94,6 +112,20 @@ def study_all(
     _write(out_dir / VERDICTS_FILE, "\n".join([*measured, "", gaps]).strip() + "\n")
     log.info("wrote %s (%d runs missing)", path, len(missing))
     return path
+
+
+def _combination(settings: StudySettings, reports: list[tuple[Axis, AxisReport]]) -> Axis | None:
+    """The combined axis of the helping variants, once every axis is measured with no run missing; None when
+    runs are missing or fewer than two variants help (one helping variant is its own combination)."""
+    if any(report.missing for _, report in reports):
+        return None
+    parts = [(axis, report.best) for axis, report in reports if report.best is not None]
+    if len(parts) < 2:
+        log.info(
+            "%s %s: %d helping variants, no combination to run", settings.model, settings.bits, len(parts)
+        )
+        return None
+    return combined_axis(parts)
 
 
 def _remember(out_dir: Path, command: str | None) -> list[str]:

@@ -171,6 +171,19 @@ def verdict_summary(axis: Axis, settings: StudySettings, rows: list[Row]) -> str
     return f"- {settings.model} {settings.bits}, **{axis.name}** vs {axis.baseline}: " + "; ".join(parts)
 
 
+def best_helping(axis: Axis, rows: list[Row]) -> tuple[str, float] | None:
+    """The variant of the axis that helps most (verdict 'helps', every seed finished) and its gain, or None."""
+    base = next((r for r in rows if r.label == axis.baseline), None)
+    if base is None or len(base.values) < 2 or base.status:
+        return None
+    helping = [
+        (row.label, row.mean - base.mean)
+        for row in rows
+        if row.label != axis.baseline and not row.status and verdict(base.values, row.values) == HELPS
+    ]
+    return max(helping, key=lambda item: item[1]) if helping else None
+
+
 def axis_section(
     axis: Axis,
     settings: StudySettings,
@@ -178,18 +191,18 @@ def axis_section(
     records: list[dict[str, Any]],
     out_dir: Path,
     failures: dict[str, str] | None = None,
-) -> tuple[str, str]:
+) -> tuple[str, str, list[Row]]:
     """Summarise one axis and write its plot under ``out_dir/plots/``.
 
     Returns:
-        The markdown section (table, rule, plot link) and the one-line verdict summary.
+        The markdown section (table, rule, plot link), the one-line verdict summary and the rows.
     """
     rows = summarize(axis, runs, records, failures)
     metric = records[0]["metric"] if records else "metric"
     name = f"{settings.model}_{settings.bits}_{axis.name}.png".replace(" ", "_")
     plot = axis_plot(axis, settings, rows, metric, Path(out_dir) / "plots" / name)
     section = axis_table(axis, settings, rows, metric, None if plot is None else f"plots/{name}")
-    return section, verdict_summary(axis, settings, rows)
+    return section, verdict_summary(axis, settings, rows), rows
 
 
 def missing_runs(runs: list[PlannedRun], records: list[dict[str, Any]]) -> list[str]:

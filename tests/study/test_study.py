@@ -24,7 +24,7 @@ from postquant.study import (
     variant_recipe,
     verdict,
 )
-from postquant.study.axes import fill_bits
+from postquant.study.axes import combined_axis, fill_bits
 from postquant.study.report import HELPS, HURTS, NO_VERDICT, NOISE
 from postquant.study.settings import OTHER_CALIB, default_settings
 from postquant.zoo import CIFAR10_PREPROCESS, ZooModel
@@ -372,3 +372,56 @@ def test_cli_study_axis_on_resnet20_then_report_only(tmp_path):
     assert "| **all** (baseline) | 1 |" in study and "## Missing runs" in study
     assert "runs of these axes are still missing" in (out / "verdicts.md").read_text()
     assert len(json.loads((out / "results.json").read_text())) == 2
+
+
+# ------------------------------------------------------------------------------------------------ combination
+
+
+def test_combined_axis_merges_changes_and_needs_parts():
+    gran, grid, dof = get_axis("granularity"), get_axis("grid"), get_axis("dof")
+    combo = combined_axis([(gran, gran.variant("2 blocks")), (grid, grid.variant("power"))])
+    assert [v.label for v in combo.variants] == ["base", "granularity: 2 blocks + grid: power"]
+    recipe = variant_recipe(SETTINGS, combo.variants[1], 0)
+    assert recipe.grid.value == "power" and recipe.learned.unit.value == "blocks"
+    assert recipe.learned.blocks_per_unit == 2
+    # learned fields of two axes are merged field by field, the later axis winning on a shared field
+    merged = combined_axis([(gran, gran.variant("layer")), (dof, dof.variant("+ bias"))])
+    learned = variant_recipe(SETTINGS, merged.variants[1], 0).learned
+    assert learned.unit.value == "layer" and learned.learn_bias and learned.variable.value == "ste"
+    with pytest.raises(RecipeError, match="base is the best combination"):
+        combined_axis([])
+
+
+def _fake_results(out: Path, values: dict[tuple[str, str], list[float]]) -> None:
+    """Cache made-up results for (axis, variant) -> one value per seed, as finished runs would."""
+    store = runner_mod.ResultStore(out)
+    for (axis_name, label), vals in values.items():
+        for run in runner_mod.plan_axis(SETTINGS, get_axis(axis_name), range(len(vals)), [label]):
+            if run.variant.label == label:
+                record = {"axis": axis_name, "variant": label, "seed": run.seed, "run_hash": run.run_hash}
+                store.put(run.key, {**record, "metric": "top1", "value": vals[run.seed], "wall_s": 1.0})
+
+
+def test_study_all_runs_the_helping_variants_together(tmp_path, tiny_zoo, calls):
+    base = [50.0, 50.2]
+    _fake_results(
+        tmp_path,
+        {
+            ("granularity", "block"): base,
+            ("granularity", "layer"): [50.1, 50.0],  # within noise
+            ("granularity", "2 blocks"): [60.0, 60.2],  # helps most on its axis
+            ("grid", "power"): [55.0, 55.3],  # helps
+            ("mixed", "mixed (loss)"): [40.0, 40.1],  # hurts
+        },
+    )
+    axes = [get_axis("granularity"), get_axis("grid"), get_axis("mixed")]
+    path = study_all([SETTINGS], axes, [0, 1], _runner(tmp_path, tiny_zoo))
+    assert calls["n"] == 2  # the combination, two seeds; everything else was cached
+    text = path.read_text()
+    assert "**combined** vs base: granularity: 2 blocks + grid: power: " in text
+    assert "### Best combination (`combined`)" in text
+    # with a run missing on an axis, no combination is attempted yet
+    (tmp_path / "results.json").unlink()
+    _fake_results(tmp_path, {("granularity", "2 blocks"): [60.0, 60.2], ("grid", "power"): [55.0, 55.3]})
+    study_all([SETTINGS], axes, [0, 1], _runner(tmp_path, tiny_zoo), run=False)
+    assert "combined" not in (tmp_path / "STUDY.md").read_text()
