@@ -13,6 +13,7 @@ from torch import nn
 
 from postquant.calib import ActRanges, as_calibration, calibrate_from_data, calibrate_reference_noise
 from postquant.calib.act_ranges import bn_noise_ranges
+from postquant.calib.moments import input_moments
 from postquant.calib.observers import Observer
 from postquant.errors import DataError
 from postquant.grids import PowerGrid
@@ -35,20 +36,25 @@ def weight_codes(method: Method, x: torch.Tensor, qmin: int, qmax: int, recipe: 
 
 
 def quantize_weights(
-    model: nn.Module, plan: dict[str, LayerPlan], recipe: Recipe
+    model: nn.Module,
+    plan: dict[str, LayerPlan],
+    recipe: Recipe,
+    importance: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, QuantizedLayer]:
     """Replace every planned layer of `model` (in place) by a `QuantizedLayer` with the recipe's codes.
 
     Each layer gets the recipe's grid (`recipe.grid`: uniform, or power with its exponent fixed or searched
-    per layer, ALGORITHMS.md 1.1-1.2); the rounding method chooses codes in that grid's integer domain.
+    per layer, ALGORITHMS.md 1.1-1.2; `importance` weighs the search's error per layer, see
+    `power_search_importance`); the rounding method chooses codes in that grid's integer domain.
     """
+    importance = importance or {}
     done: dict[str, QuantizedLayer] = {}
     for name, lp in plan.items():
         if lp.w_bits is None:
             continue
         layer = model.get_submodule(name)
         w = layer.weight.detach()
-        grid = recipe.weight_grid(w, lp.w_bits)
+        grid = recipe.weight_grid(w, lp.w_bits, importance.get(name))
         if isinstance(grid, PowerGrid):
             log.debug("%s: power grid exponent %.2f", name, float(grid.exponent))
         codes = weight_codes(recipe.method, grid.to_int(w), grid.qmin, grid.qmax, recipe)
@@ -97,14 +103,15 @@ def quantize(
             log.info("BatchNorm not folded: pass example_inputs or calib so the fold can be verified")
         else:
             qmodel, _ = fold_batchnorm(qmodel, example_inputs)
+    search = power_search_importance(qmodel, plan, recipe, batches)
     mixed = None
     if recipe.mixed is not None:  # importance-based bits per layer -> per-layer overrides (postquant.mixed)
         from postquant.mixed.apply import apply_mixed
 
-        recipe, mixed = apply_mixed(qmodel, recipe, batches)
+        recipe, mixed = apply_mixed(qmodel, recipe, batches, search)
         plan = make_plan(model, recipe)
     teacher = copy.deepcopy(qmodel) if is_learned(recipe) else None  # float, folded: the target of learning
-    layers = quantize_weights(qmodel, plan, recipe)
+    layers = quantize_weights(qmodel, plan, recipe, search)
 
     a_bits = {name: plan[name].a_bits for name in layers if plan[name].a_bits is not None}
     if a_bits:
@@ -124,6 +131,34 @@ def quantize(
         time.perf_counter() - start,
     )
     return qmodel
+
+
+def power_search_importance(
+    model: nn.Module, plan: dict[str, LayerPlan], recipe: Recipe, batches: Any
+) -> dict[str, torch.Tensor] | None:
+    """The per-weight factors of an output-error exponent search (``power_search: outputs``), else None.
+
+    Measured on the float (BatchNorm-folded) model: ``E[x_j^2]`` of every input of each planned layer.
+
+    Raises:
+        DataError: ``power_search: outputs`` without calibration batches.
+    """
+    if not recipe.searches_on_outputs:
+        return None
+    if not isinstance(batches, list):
+        raise DataError(
+            "power_search: outputs measures each layer's inputs on calibration data: pass calib=... (tensors, "
+            "batches or a DataLoader; not a forward loop), or use power_search: weights"
+        )
+    layers = [name for name, lp in plan.items() if lp.w_bits is not None]
+    start = time.perf_counter()
+    moments = input_moments(model, layers, batches)
+    log.info(
+        "input moments of %d layers for the power exponent search in %.1f s",
+        len(layers),
+        time.perf_counter() - start,
+    )
+    return moments
 
 
 def _data_free_default(float_model: nn.Module, example_inputs: Any) -> ActRanges:

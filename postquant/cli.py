@@ -101,6 +101,10 @@ def quantize(
     power_exponent: Annotated[
         float | None, typer.Option(help="power grid exponent in (0, 1] (omit to search it per layer)")
     ] = None,
+    power_search: Annotated[
+        str | None,
+        typer.Option(help="power exponent search error: weights | outputs (calibration data)"),
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="evaluation data (default: the model's own set)")] = None,
     calib: Annotated[
         Path | None, typer.Option(help="calibration data (default: the model's own set)")
@@ -155,6 +159,7 @@ def quantize(
             report,
             grid=grid,
             power_exponent=power_exponent,
+            power_search=power_search,
             mixed=_mixed_options(w_bits_budget, size_budget, importance, bit_choices),
         )
     except PostquantError as exc:
@@ -205,6 +210,7 @@ def _quantize(
     report: bool = False,
     grid: str | None = None,
     power_exponent: float | None = None,
+    power_search: str | None = None,
     mixed: dict[str, Any] | None = None,
 ) -> None:
     import postquant
@@ -220,6 +226,7 @@ def _quantize(
         "seed": seed,
         "grid": grid,
         "power_exponent": power_exponent,
+        "power_search": power_search,
         "mixed": mixed,
     }.items():
         if value is not None:
@@ -245,6 +252,7 @@ def _quantize(
         rec.a_bits is not None and rec.act_ranges.value in ("auto", "calib") and not data_free_acts
     ) or rec.learned is not None  # learned rounding always learns from calibration data
     mixed_calib = rec.mixed is not None and rec.mixed.importance.value != "datafree"
+    mixed_calib = mixed_calib or rec.searches_on_outputs  # input moments of every layer
     limit_calib = rec.calib_size if needs_calib or rec.mixed is None else rec.mixed.calib_size
     calib = (
         zoo.calib_batches(calib_path, limit=limit_calib) if needs_calib or mixed_calib or calib_path else None

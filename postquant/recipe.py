@@ -38,6 +38,13 @@ class Method(enum.StrEnum):
     LEARNED = "learned"  # this project's measured default of learned rounding
 
 
+class PowerSearch(enum.StrEnum):
+    """What the power grid's exponent search minimises (ALGORITHMS.md 1.2)."""
+
+    WEIGHTS = "weights"  # the weights' squared error
+    OUTPUTS = "outputs"  # the layer's output error, diagonal approximation: sum E[x_j^2] (w - w_hat)^2
+
+
 class LayerOverride(BaseModel):
     """Settings for the layers a pattern matches; unset fields inherit from the recipe.
 
@@ -83,6 +90,10 @@ class Recipe(BaseModel):
         allow_inf_nan=False,
         description="power grid exponent a; null = searched per layer",
     )
+    power_search: PowerSearch = Field(
+        default=PowerSearch.WEIGHTS,
+        description="error the power exponent search minimises: weights (SSE) or outputs (needs calib data)",
+    )
     act_ranges: ActRanges = ActRanges.AUTO
     a_observer: Observer = Observer.MINMAX
     a_percentile: float = Field(default=99.99, gt=50, le=100)
@@ -115,7 +126,19 @@ class Recipe(BaseModel):
             raise ValueError(
                 "power_exponent applies to the power grid only: set grid: power, or drop power_exponent"
             )
+        if self.power_search is PowerSearch.OUTPUTS and (
+            self.grid is not GridKind.POWER or self.power_exponent is not None
+        ):
+            raise ValueError(
+                "power_search: outputs chooses the power grid's exponent: set grid: power and leave "
+                "power_exponent unset, or drop power_search"
+            )
         return self
+
+    @property
+    def searches_on_outputs(self) -> bool:
+        """Whether the power exponent is searched on the output error (needs calibration data)."""
+        return self.power_search is PowerSearch.OUTPUTS  # the validator ensures a power grid to search
 
     @field_validator("method", mode="before")
     @classmethod
@@ -124,14 +147,19 @@ class Recipe(BaseModel):
             raise ValueError(str(unknown_name("method", v, [m.value for m in Method])))
         return v
 
-    def weight_grid(self, w: torch.Tensor, bits: int) -> Grid:
-        """The grid this recipe gives weight `w` at `bits` bits (uniform or power, its ranges and granularity)."""
+    def weight_grid(self, w: torch.Tensor, bits: int, importance: torch.Tensor | None = None) -> Grid:
+        """The grid this recipe gives weight `w` at `bits` bits (uniform or power, its ranges and granularity).
+
+        `importance`: per-weight error factors for the power exponent search (``power_search: outputs``:
+        the layer's input second moments, `postquant.calib.moments.input_moments`).
+        """
         return fit_grid(
             w,
             bits,
             self.grid,
             self.granularity,
             power_exponent=self.power_exponent,
+            importance=importance,
             symmetric=self.symmetric,
             range_method=self.w_range,
             group_size=self.group_size,

@@ -29,17 +29,21 @@ def fit_grid(
     granularity: Granularity | str = Granularity.CHANNEL,
     *,
     power_exponent: float | None = None,
+    importance: torch.Tensor | None = None,
     symmetric: bool = False,
     range_method: RangeMethod | str = RangeMethod.MINMAX,
     group_size: int = 128,
 ) -> Grid:
     """Fit a grid of `kind` to weight `w` (`fit_uniform_grid` or `fit_power_grid`, same options).
 
-    `power_exponent` is the power grid's exponent (None: searched per layer); a uniform grid ignores it.
+    `power_exponent` is the power grid's exponent (None: searched per layer, on the weight error weighted
+    by `importance` if given, e.g. `postquant.calib.moments.input_moments`); a uniform grid ignores both.
     """
     common = {"symmetric": symmetric, "range_method": range_method, "group_size": group_size}
     if GridKind(kind) is GridKind.POWER:
-        return fit_power_grid(w, bits, granularity, exponent=power_exponent, **common)  # type: ignore[arg-type]
+        return fit_power_grid(  # type: ignore[arg-type]
+            w, bits, granularity, exponent=power_exponent, importance=importance, **common
+        )
     return fit_uniform_grid(w, bits, granularity, **common)  # type: ignore[arg-type]
 
 

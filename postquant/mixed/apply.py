@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from postquant.grids import Grid
@@ -90,13 +91,17 @@ def _layer_nbytes(numel: int, grids: dict[int, Grid]) -> dict[int, int]:
     return {b: codes_bytes(numel, b) + grid_bytes(grid) for b, grid in grids.items()}
 
 
-def apply_mixed(model: nn.Module, recipe: Recipe, batches: Any) -> tuple[Recipe, MixedResult]:
+def apply_mixed(
+    model: nn.Module, recipe: Recipe, batches: Any, search: dict[str, torch.Tensor] | None = None
+) -> tuple[Recipe, MixedResult]:
     """Allocate weight bits per layer for ``recipe.mixed`` and return the recipe with those overrides.
 
     Args:
         model: the float model as it will be quantized (BatchNorm folded); not modified.
         recipe: a recipe with ``mixed`` set.
         batches: calibration batches (a list), or None for ``importance='datafree'``.
+        search: per-layer error factors of the power exponent search (`postquant.api.power_search_importance`),
+            so that the grids measured here are the grids `quantize` installs.
 
     Returns:
         (recipe with one ``overrides`` entry per allocated layer, the `MixedResult`).
@@ -109,7 +114,7 @@ def apply_mixed(model: nn.Module, recipe: Recipe, batches: Any) -> tuple[Recipe,
     numel = {name: w.numel() for name, w in weights.items()}
     grids = {  # fitted once: the size model and the importance measures share them
         name: {
-            b: fit_weight_grid(w.detach(), b, recipe)
+            b: fit_weight_grid(w.detach(), b, recipe, (search or {}).get(name))
             for b in ([fixed[name]] if name in fixed else cfg.bit_choices)
         }
         for name, w in weights.items()

@@ -70,9 +70,12 @@ def _grid(grids: LayerGrids | None, name: str, bits: int) -> Grid | None:
 # ----------------------------------------------------------------------------------- the quantizer Q_b
 
 
-def fit_weight_grid(w: torch.Tensor, bits: int, recipe: Recipe) -> Grid:
-    """The grid the recipe gives a weight at `bits` bits: exactly what `quantize` installs."""
-    return recipe.weight_grid(w, bits)
+def fit_weight_grid(
+    w: torch.Tensor, bits: int, recipe: Recipe, importance: torch.Tensor | None = None
+) -> Grid:
+    """The grid the recipe gives a weight at `bits` bits: exactly what `quantize` installs (given the same
+    power-search `importance`)."""
+    return recipe.weight_grid(w, bits, importance)
 
 
 def quantized_weight(w: torch.Tensor, bits: int, recipe: Recipe, grid: Grid | None = None) -> torch.Tensor:
