@@ -20,6 +20,8 @@ runner = CliRunner()
         (["--grid", "power", "--power-exponent", "1.5"], "power_exponent"),
         (["--grid", "power", "--power-exponent", "0"], "power_exponent"),
         (["--power-exponent", "0.5"], "set grid: power"),
+        (["--power-search", "outputs"], "set grid: power"),
+        (["--grid", "power", "--power-search", "activations"], "power_search"),
     ],
 )
 def test_bad_grid_options_are_clear_errors(args, message, tmp_path):
@@ -40,3 +42,16 @@ def test_quantize_with_a_power_grid_saves_it(tmp_path):
     assert "grid: power" in (run / "recipe.yaml").read_text()
     manifest = json.loads((run / "checkpoint" / "manifest.json").read_text())
     assert {layer["grid"]["kind"] for layer in manifest["layers"].values()} == {"power"}
+
+
+def test_output_error_search_reads_calibration_data_and_saves_the_choice(tmp_path):
+    require_shared("models", "cifar10", "resnet20.th")
+    run = tmp_path / "run"
+    args = ["quantize", "resnet20-cifar10", "--method", "rtn", "--w-bits", "4", "--grid", "power"]
+    args += ["--power-search", "outputs", "--calib-size", "64", "--limit", "200", "--out", str(run)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "power_search: outputs" in (run / "recipe.yaml").read_text()
+    manifest = json.loads((run / "checkpoint" / "manifest.json").read_text())
+    assert {layer["grid"]["kind"] for layer in manifest["layers"].values()} == {"power"}
+    assert json.loads((run / "results.json").read_text())["quantized"] > 60
