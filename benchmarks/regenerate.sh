@@ -25,5 +25,5 @@ python3 benchmarks/mixed_bench.py --models minilm-l6
 python3 benchmarks/mixed_bench.py --models efficientnet-lite0 --limit efficientnet-lite0=500 --importances loss datafree --calib-size 32
 # the study: the commands that produced its runs (cached in results.json), then STUDY.md and verdicts.md
 while read -r cmd; do [ -n "$cmd" ] && eval "$cmd"; done < benchmarks/results/study/commands.txt
-postquant study all --seeds 3 --out benchmarks/results/study --no-run
+postquant study all --out benchmarks/results/study --no-run  # seeds per model (3 CIFAR, 2 Lite0/MiniLM)
 python3 benchmarks/update_readme.py
