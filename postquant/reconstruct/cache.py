@@ -242,9 +242,13 @@ def fisher_weights(
         with torch.enable_grad():
             out = run_model(qmodel, batch)
             loss = final_distance(out, final_target, metric, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, holder["z"])
+            # A unit the final output ignores (e.g. a Hugging Face pooler beside last_hidden_state) gets no
+            # gradient: its weights are all 1, i.e. the plain MSE of its own output.
+            (grad,) = torch.autograd.grad(loss, holder["z"], allow_unused=True)
     finally:
         handle.remove()
+    if grad is None:
+        return torch.ones_like(holder["z"]).detach()
     return (grad.abs() + 1.0).pow(2).detach()
 
 

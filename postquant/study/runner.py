@@ -255,6 +255,10 @@ class StudyRunner:
             log.warning("%s / %s seed %d failed: %s", run.axis, run.variant.label, run.seed, exc)
             self.failures[run.key] = str(exc)
             return
+        except Exception as exc:  # a bug in one variant must not end an unattended study of hours
+            log.exception("%s / %s seed %d crashed", run.axis, run.variant.label, run.seed)
+            self.failures[run.key] = f"{type(exc).__name__}: {exc} (a bug: the traceback is in the log)"
+            return
         record = {
             "model": settings.model,
             "bits": settings.bits,

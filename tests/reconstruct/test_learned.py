@@ -395,3 +395,27 @@ def test_learned_weight_scales_keep_the_power_grid():
     assert torch.allclose(current.inv_scale, grid.inv_scale * torch.exp(torch.tensor(-0.1)))
     r.weight().sum().backward()  # gradients reach the scales through the power grid's dequantization
     assert r.log_scale.grad is not None and r.log_scale.grad.abs().sum() > 0
+
+
+class WithPooler(nn.Module):
+    """A model whose second output (a 'pooler', as in Hugging Face's BertModel) is not its main output:
+    the main output does not depend on the pooler's weights at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = TinyResNet()
+        self.pooler = nn.Linear(5, 5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.body(x)
+        return logits, self.pooler(logits)
+
+
+@pytest.mark.parametrize("loss", ["fisher", "output"])
+def test_losses_through_the_final_output_tolerate_a_unit_it_ignores(calib, loss):
+    torch.manual_seed(0)
+    model = WithPooler().eval()
+    q = postquant.quantize(model, learned("brecq", loss=loss, iters=5), calib=calib)
+    units = {u.name: u for u in q.postquant_learned.units}
+    assert "pooler" in units and all(u.status in ("ok", "kept-start") for u in units.values())
+    assert isinstance(q.pooler, QuantizedLayer)

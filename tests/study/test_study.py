@@ -138,14 +138,15 @@ def tiny_zoo(tmp_path) -> ZooModel:
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts quantize() calls of the runner; `calls["fail_at"] = n` makes the n-th call raise."""
+    """Counts quantize() calls of the runner; `calls["fail_at"] = n` makes the n-th call raise
+    `calls["error"]` (default KeyboardInterrupt: Ctrl-C)."""
     real = runner_mod.quantize
-    state = {"n": 0, "fail_at": None}
+    state = {"n": 0, "fail_at": None, "error": KeyboardInterrupt}
 
     def counting(*args, **kwargs):
         state["n"] += 1
         if state["fail_at"] == state["n"]:
-            raise RuntimeError("simulated crash")
+            raise state["error"]("simulated crash")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(runner_mod, "quantize", counting)
@@ -205,13 +206,23 @@ def test_seed_fixes_the_result(tmp_path, tiny_zoo, calls):
 def test_interrupted_study_resumes(tmp_path, tiny_zoo, calls):
     out = tmp_path / "out"
     calls["fail_at"] = 3
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(KeyboardInterrupt, match="simulated crash"):
         study_axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION)
     assert len(json.loads((out / "results.json").read_text())) == 2  # the two finished runs were kept
     assert not list(out.glob(".results.json.*"))  # no temporary file left behind
     calls["fail_at"] = None
     _, _, missing = _axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION)
     assert calls["n"] == 3 + 2 and missing == []
+
+
+def test_a_bug_in_one_run_is_reported_and_the_study_goes_on(tmp_path, tiny_zoo, calls):
+    calls["fail_at"], calls["error"] = 2, RuntimeError
+    runner = _runner(tmp_path, tiny_zoo)
+    section, _, missing = _axis(SETTINGS, get_axis("selection"), [0, 1], runner, SELECTION)
+    assert calls["n"] == 4 and len(missing) == 1  # the three other runs finished
+    assert "failed: RuntimeError: simulated crash (a bug" in section
+    _, _, missing = _axis(SETTINGS, get_axis("selection"), [0, 1], _runner(tmp_path, tiny_zoo), SELECTION)
+    assert calls["n"] == 5 and missing == []  # failures are not cached: tried again
 
 
 def test_two_processes_share_one_results_file(tmp_path, tiny_zoo, calls):
