@@ -126,9 +126,9 @@ def test_each_layer_grid_is_fitted_once_per_bit_width(tiny_cnn, images, monkeypa
     calls: list[int] = []
     fit = Recipe.weight_grid
 
-    def counting(self, w, bits):
+    def counting(self, w, bits, importance=None):
         calls.append(bits)
-        return fit(self, w, bits)
+        return fit(self, w, bits, importance)
 
     monkeypatch.setattr(Recipe, "weight_grid", counting)
     choices = [2, 4, 8]
