@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from postquant.calib.act_ranges import input_hooks
+from postquant.calib.data import forward_all
 from postquant.errors import DataError
-from postquant.eval.run import run_model
 
 
 def _channel_energy(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -70,28 +71,19 @@ def input_moments(model: nn.Module, layers: Sequence[str], batches: Any) -> dict
         )
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(layers, 0)
-    handles = []
 
-    def hook(name: str, module: nn.Module) -> Any:
-        def record(_: nn.Module, inputs: tuple[Any, ...]) -> None:
-            energy, n = _channel_energy(module, inputs[0])
-            sums[name] = sums[name] + energy if name in sums else energy
-            counts[name] += n
+    def record(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        energy, n = _channel_energy(module, x)
+        sums[name] = sums[name] + energy if name in sums else energy
+        counts[name] += n
 
-        return record
-
+    was_training = model.training
+    model.eval()
     try:
-        for name in layers:
-            module = model.get_submodule(name)
-            handles.append(module.register_forward_pre_hook(hook(name, module)))
-        was_training = model.training
-        model.eval()
-        for batch in batches:
-            run_model(model, batch)
-        model.train(was_training)
+        with input_hooks({name: model.get_submodule(name) for name in layers}, record):
+            forward_all(model, batches)
     finally:
-        for handle in handles:
-            handle.remove()
+        model.train(was_training)
     unreached = [name for name in layers if counts[name] == 0]
     if unreached:
         raise DataError(

@@ -67,7 +67,7 @@ def study_axis(
         summary,
         missing_runs(runs, records),
         measured,
-        None if best is None else axis.variant(best[0]),
+        None if best is None else axis.variant(best),
     )
 
 

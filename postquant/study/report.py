@@ -171,17 +171,17 @@ def verdict_summary(axis: Axis, settings: StudySettings, rows: list[Row]) -> str
     return f"- {settings.model} {settings.bits}, **{axis.name}** vs {axis.baseline}: " + "; ".join(parts)
 
 
-def best_helping(axis: Axis, rows: list[Row]) -> tuple[str, float] | None:
-    """The variant of the axis that helps most (verdict 'helps', every seed finished) and its gain, or None."""
+def best_helping(axis: Axis, rows: list[Row]) -> str | None:
+    """The label of the axis's variant that helps most (verdict 'helps', every seed finished), or None."""
     base = next((r for r in rows if r.label == axis.baseline), None)
     if base is None or len(base.values) < 2 or base.status:
         return None
     helping = [
-        (row.label, row.mean - base.mean)
+        row
         for row in rows
         if row.label != axis.baseline and not row.status and verdict(base.values, row.values) == HELPS
     ]
-    return max(helping, key=lambda item: item[1]) if helping else None
+    return max(helping, key=lambda row: row.mean).label if helping else None
 
 
 def axis_section(
