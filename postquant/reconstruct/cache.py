@@ -9,6 +9,12 @@ Unit inputs are kept as the positional and keyword arguments of the unit's first
 batch as first dimension are split and sampled; anything else, such as a shared mask or a flag, is passed as
 it was). BRECQ and QDrop reconstruct from the quantized model's inputs; QDrop mixes them element-wise with
 the float model's inputs (Wei et al., ICLR 2022, Sec. 4).
+
+Chaining: when unit k+1 is fed by unit k's output (a chain of blocks), its inputs are unit k's outputs on the
+cached data (`carry_outputs`), so caching costs one unit, not a model prefix, per batch: O(units), not
+O(units^2), forward work. Whether the chain holds is checked on the first batch against a real capture (inputs
+of both models and the float unit's output); where it does not (an op between units, such as a functional
+ReLU or a pooling), the unit is cached from model prefixes as before.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from postquant.calib.data import Batch, batch_size_of, run_model
 from postquant.model.blocks import Unit
@@ -110,6 +117,20 @@ def capture(model: nn.Module, unit: Unit, want_input: bool, want_output: bool) -
             h.remove()
 
 
+def unit_forward(
+    qmodel: nn.Module, unit: Unit, overrides: dict[str, torch.Tensor], inp: Captured
+) -> torch.Tensor:
+    """Run the unit's modules in order on captured arguments, with parameters/buffers `overrides`."""
+    args, kwargs = inp.args, inp.kwargs
+    out: Any = None
+    for name in unit.modules:
+        mod = qmodel.get_submodule(name)
+        sub = {k[len(name) + 1 :]: v for k, v in overrides.items() if k.startswith(name + ".")}
+        out = functional_call(mod, sub, args, kwargs)
+        args = (first_tensor(out), *args[1:])
+    return first_tensor(out)
+
+
 @torch.no_grad()
 def run_captured(
     model: nn.Module, unit: Unit, batch: Batch, want_input: bool, want_output: bool
@@ -183,10 +204,31 @@ class UnitData:
     """The cached records of one unit, merged into one when the shapes allow (then sampling is uniform)."""
 
     records: list[Record] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # samples of each calibration batch held, in order
+    chained: bool = False  # batches after the first were carried from the previous unit's outputs
 
     @property
     def n(self) -> int:
         return sum(r.n for r in self.records)
+
+    def per_batch(self) -> list[Record]:
+        """One record per calibration batch held, in order (row views of a merged record)."""
+        if len(self.records) == len(self.sizes):
+            return list(self.records)
+        (merged,) = self.records
+        out, start = [], 0
+        for size in self.sizes:
+            idx = torch.arange(start, start + size)
+            out.append(
+                Record(
+                    size,
+                    rows(merged.q_input, idx, merged.n),
+                    rows(merged.f_input, idx, merged.n),
+                    rows(merged.target, idx, merged.n),
+                )
+            )
+            start += size
+        return out
 
     def merge(self) -> None:
         """Concatenate all records into one if every per-sample tensor has equal trailing shapes."""
@@ -268,6 +310,65 @@ def final_distance(
     return per.sum() if reduction == "sum" else per.mean()
 
 
+@dataclass
+class Carried:
+    """A unit's outputs on its cached calibration batches, as the next unit's inputs (`carry_outputs`)."""
+
+    q_inputs: list[Captured]  # per batch: the installed quantized unit's output, with the unit's other args
+    f_inputs: list[Captured]  # per batch: the float unit's output (the cached target), likewise
+
+
+@torch.no_grad()
+def carry_outputs(qmodel: nn.Module, unit: Unit, data: UnitData) -> Carried:
+    """Run the unit as installed on its cached quantized inputs; pair them with its cached float outputs.
+
+    These are the next unit's inputs if the model feeds one unit into the next; `collect_unit_data` checks it.
+    """
+    q_inputs, f_inputs = [], []
+    for rec in data.per_batch():
+        assert rec.q_input is not None and rec.target is not None
+        out = unit_forward(qmodel, unit, {}, rec.q_input).detach()
+        q_inputs.append(Captured((out, *rec.q_input.args[1:]), rec.q_input.kwargs))
+        f = rec.f_input if rec.f_input is not None else rec.q_input
+        f_inputs.append(Captured((rec.target, *f.args[1:]), f.kwargs))
+    return Carried(q_inputs, f_inputs)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Structurally equal, tensors equal up to float rounding (a different kernel path may reorder sums)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if torch.equal(a, b):
+            return True
+        if not a.is_floating_point() or not a.numel():
+            return False
+        return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max())))
+    if isinstance(a, Captured) and isinstance(b, Captured):
+        return _same(a.args, b.args) and _same(a.kwargs, b.kwargs)
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and bool(a == b)
+
+
+@torch.no_grad()
+def _chain_holds(teacher: nn.Module, unit: Unit, carried: Carried, first: Record) -> bool:
+    """Whether the carried inputs of batch 0 are what real captures give, and the float unit reproduces its
+    captured output from its captured input (then targets of later batches can come from the unit alone)."""
+    if not carried.q_inputs or first.f_input is None:
+        return False
+    return (
+        _same(carried.q_inputs[0], first.q_input)
+        and _same(carried.f_inputs[0], first.f_input)
+        and _same(unit_forward(teacher, unit, {}, first.f_input), first.target)
+    )
+
+
+@torch.no_grad()
 def collect_unit_data(
     qmodel: nn.Module,
     teacher: nn.Module,
@@ -278,28 +379,42 @@ def collect_unit_data(
     loss: str,
     output_metric: str,
     max_bytes: int,
+    carried: Carried | None = None,
 ) -> UnitData:
-    """Cache a unit's quantized-model inputs, float-model outputs (and what the loss needs) over `batches`."""
+    """Cache a unit's quantized-model inputs, float-model outputs (and what the loss needs) over `batches`.
+
+    With `carried` (the previous unit's outputs, MSE loss only), batches after the first take their inputs
+    from it once batch 0 shows that the chain holds; otherwise every batch runs the model prefixes.
+    """
     data = UnitData()
     used = 0
+    chained = carried is not None and loss == "mse"
     all_layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)}
     for i, batch in enumerate(batches):
         n = batch_size_of(batch)
         rec = Record(n)
         if loss == "output":
             rec.model_input = batch
-            with torch.no_grad():
-                rec.final = run_model(teacher, batch).detach().cpu()
+            rec.final = run_model(teacher, batch).detach().cpu()
+        elif chained and carried is not None and 0 < i < len(carried.q_inputs):
+            rec.q_input = carried.q_inputs[i]
+            rec.f_input = carried.f_inputs[i]
+            rec.target = unit_forward(teacher, unit, {}, rec.f_input).detach()
         else:
             rec.q_input = run_captured(qmodel, unit, batch, True, False)["input"]
-            seen = run_captured(teacher, unit, batch, need_float_input, True)
+            seen = run_captured(teacher, unit, batch, need_float_input or chained, True)
             rec.target = seen["output"]
             rec.f_input = seen.get("input")
+            if chained and i == 0:
+                assert carried is not None
+                chained = _chain_holds(teacher, unit, carried, rec)
+                log.debug("unit %s: %s", unit.name, "inputs carried" if chained else "cached from prefixes")
             if loss == "fisher":
-                with torch.no_grad():
-                    final = run_model(teacher, batch).detach()
+                final = run_model(teacher, batch).detach()
                 with ste_act_quantizers(all_layers, set(), set(), 0.0, torch.Generator()):
                     rec.weight = fisher_weights(qmodel, unit, batch, final, output_metric)
+        if not need_float_input:
+            rec.f_input = None
         size = sum(nbytes(x) for x in (rec.q_input, rec.f_input, rec.target, rec.weight, rec.final))
         if data.records and used + size > max_bytes:
             log.info(
@@ -311,6 +426,8 @@ def collect_unit_data(
             )
             break
         data.records.append(rec)
+        data.sizes.append(n)
         used += size
+    data.chained = chained and len(data.records) > 1
     data.merge()
     return data

@@ -22,7 +22,7 @@ from postquant.calib.data import Batch, ForwardLoop, batch_size_of, collect_batc
 from postquant.calib.synthetic import distill_bn_data, noise_data
 from postquant.errors import DataError
 from postquant.model.blocks import Unit, make_units
-from postquant.reconstruct.cache import collect_unit_data, nbytes
+from postquant.reconstruct.cache import Carried, carry_outputs, collect_unit_data, nbytes
 from postquant.reconstruct.checkpoint import CheckpointStore, model_fingerprint, run_key, unit_seed
 from postquant.reconstruct.config import CalibSource, LearnedConfig, Loss
 from postquant.reconstruct.loop import UnitOutcome, check_batch_size, reconstruct_unit, restore, snapshot
@@ -262,12 +262,15 @@ def reconstruct_model(
             store.dir,
         )
     max_bytes = cfg.max_cache_mb * 2**20
+    carried: Carried | None = None
+    chained = 0
     for k, unit in enumerate(units):
         if k in done:
             state, outcome = store.load(k)
             restore(qmodel, state)
             report.units.append(UnitOutcome(**outcome))
             report.resumed += 1
+            carried = None
             continue
         generator = torch.Generator().manual_seed(unit_seed(seed, k))
         data = collect_unit_data(
@@ -279,7 +282,9 @@ def reconstruct_model(
             loss=cfg.loss.value,
             output_metric=cfg.output_metric.value,
             max_bytes=max_bytes,
+            carried=carried,
         )
+        chained += data.chained
         check_batch_size(data, cfg, unit)
         log.debug(
             "unit %s: %d samples cached (%.1f MB)",
@@ -290,6 +295,9 @@ def reconstruct_model(
         outcome = reconstruct_unit(
             qmodel, teacher, unit, data, cfg, generator, desc=f"[{k + 1}/{len(units)}] {unit.name}"
         )
+        carried = None
+        if cfg.loss is Loss.MSE and k + 1 < len(units) and k + 1 not in done:
+            carried = carry_outputs(qmodel, unit, data)
         del data
         log.info(
             "unit %d/%d %s: %s, error %.4g -> %.4g, %d steps, %.1f s",
@@ -308,4 +316,6 @@ def reconstruct_model(
         if on_unit_end is not None:
             on_unit_end(k, unit, outcome)
     report.seconds = time.perf_counter() - start
+    if chained:
+        log.info("%d of %d units cached from the previous unit's outputs", chained, len(units))
     return report

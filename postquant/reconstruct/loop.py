@@ -27,7 +27,14 @@ from postquant.calib.data import Batch, batch_size_of, run_model
 from postquant.grids import Grid
 from postquant.model.blocks import Unit
 from postquant.nn import QuantizedLayer
-from postquant.reconstruct.cache import Captured, Record, UnitData, final_distance, first_tensor, rows
+from postquant.reconstruct.cache import (
+    Captured,
+    Record,
+    UnitData,
+    final_distance,
+    rows,
+    unit_forward,
+)
 from postquant.reconstruct.config import LearnedConfig, Loss, Optimizer, Schedule
 from postquant.reconstruct.params import LayerRounding, beta_at, reg_active, ste_act_quantizers
 
@@ -150,20 +157,6 @@ class _Runner(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         return run_model(self.model, batch)
-
-
-def unit_forward(
-    qmodel: nn.Module, unit: Unit, overrides: dict[str, torch.Tensor], inp: Captured
-) -> torch.Tensor:
-    """Run the unit's modules in order on captured arguments, with parameters/buffers `overrides`."""
-    args, kwargs = inp.args, inp.kwargs
-    out: Any = None
-    for name in unit.modules:
-        mod = qmodel.get_submodule(name)
-        sub = {k[len(name) + 1 :]: v for k, v in overrides.items() if k.startswith(name + ".")}
-        out = functional_call(mod, sub, args, kwargs)
-        args = (first_tensor(out), *args[1:])
-    return first_tensor(out)
 
 
 def unit_distance(

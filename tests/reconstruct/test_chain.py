@@ -1,0 +1,144 @@
+"""Chained caching: a unit's inputs carried from the previous unit's outputs give exactly the codes that
+rerunning the model prefixes gives, and the prefix is rerun only where the chain does not hold."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import postquant
+import postquant.reconstruct.cache as cache
+import postquant.reconstruct.engine as engine
+from postquant.nn import QuantizedLayer
+from postquant.reconstruct.cache import Captured, _same
+from tests.conftest import TinyResNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class MaskedBlock(nn.Module):
+    """A residual MLP block called HF-style: hidden states first, a keyword mask (and a keyword flag)."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x))) * mask[..., None] * (1.0 + 0.1 * depth)
+
+
+class MaskedStack(nn.Module):
+    """Three blocks fed one into the next; `depth_arg` passes each block a different keyword (no chain)."""
+
+    def __init__(self, depth_arg: bool = False) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(MaskedBlock() for _ in range(3))
+        self.head = nn.Linear(8, 3)
+        self.depth_arg = depth_arg
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for i, blk in enumerate(self.layer):
+            x = blk(x, mask=mask, depth=i) if self.depth_arg else blk(x, mask=mask)
+        return self.head(x)
+
+
+def masked_batches(n_batches: int = 3, size: int = 16) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [
+        {"x": torch.randn(size, 5, 8, generator=g), "mask": (torch.rand(size, 5, generator=g) > 0.2).float()}
+        for _ in range(n_batches)
+    ]
+
+
+def codes(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.codes.clone() for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+
+
+def quantize_both_ways(model_fn, recipe: dict, calib, monkeypatch, caplog) -> tuple[dict, dict, str]:
+    """Codes with chained caching, codes with every unit cached from model prefixes, and the chained log."""
+    with caplog.at_level(logging.INFO, logger="postquant.reconstruct.engine"):
+        chained = codes(postquant.quantize(model_fn(), recipe, calib=calib))
+    log = caplog.text
+    monkeypatch.setattr(engine, "carry_outputs", lambda *a: None)
+    prefixes = codes(postquant.quantize(model_fn(), recipe, calib=calib))
+    return chained, prefixes, log
+
+
+def recipe(a_bits: int | None, **learned) -> dict:
+    fields = {"iters": 30, "progress": False, "first_last_w_bits": None, "batch_size": 16, **learned}
+    return {"method": "qdrop", "w_bits": 3, "a_bits": a_bits, "learned": fields}
+
+
+def tiny_resnet() -> TinyResNet:
+    torch.manual_seed(0)
+    return TinyResNet().eval()
+
+
+@pytest.mark.parametrize("a_bits", [None, 4])
+def test_chained_caching_gives_the_codes_of_prefix_caching_on_a_resnet(monkeypatch, caplog, a_bits):
+    calib = torch.randn(48, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    chained, prefixes, log = quantize_both_ways(tiny_resnet, recipe(a_bits), calib, monkeypatch, caplog)
+    assert chained.keys() == prefixes.keys()
+    for name in chained:
+        assert torch.equal(chained[name], prefixes[name]), name
+    # conv1 -> (functional ReLU) -> stage.0 does not chain; stage.0 -> stage.1 does; stage.1 -> (mean) -> fc not.
+    assert "1 of 4 units cached from the previous unit's outputs" in log
+
+
+@pytest.mark.parametrize("drop_prob", [0.0, 0.5])
+def test_chained_caching_carries_keyword_arguments(monkeypatch, caplog, drop_prob):
+    torch.manual_seed(0)
+    chained, prefixes, log = quantize_both_ways(
+        MaskedStack, recipe(None, drop_prob=drop_prob), masked_batches(), monkeypatch, caplog
+    )
+    for name in chained:
+        assert torch.equal(chained[name], prefixes[name]), name
+    # layer.0 -> layer.1 -> layer.2 chain (same mask); layer.2 -> head does not (the head takes no mask).
+    assert "2 of 4 units cached from the previous unit's outputs" in log
+
+
+def test_a_different_keyword_per_unit_falls_back_to_prefixes(monkeypatch, caplog):
+    torch.manual_seed(0)
+    chained, prefixes, log = quantize_both_ways(
+        lambda: MaskedStack(depth_arg=True), recipe(None), masked_batches(), monkeypatch, caplog
+    )
+    for name in chained:
+        assert torch.equal(chained[name], prefixes[name]), name
+    # Each block gets its own `depth`, so the carried keywords are wrong: nothing chains.
+    assert "cached from the previous unit's outputs" not in log
+
+
+def test_chaining_runs_the_model_prefix_on_the_first_batch_only(monkeypatch):
+    """A chained unit runs the model prefixes (quantized and float) on batch 0 only: the check of the chain."""
+    calls: dict[str, int] = {}
+    real = cache.run_captured
+
+    def spy(model, unit, *args, **kwargs):
+        calls[unit.name] = calls.get(unit.name, 0) + 1
+        return real(model, unit, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "run_captured", spy)
+    batches = masked_batches(n_batches=6)
+    torch.manual_seed(0)
+    postquant.quantize(MaskedStack(), recipe(None, iters=2), calib=batches)
+    assert calls == {"layer.0": 12, "layer.1": 2, "layer.2": 2, "head": 12}
+    calls.clear()
+    monkeypatch.setattr(engine, "carry_outputs", lambda *a: None)
+    torch.manual_seed(0)
+    postquant.quantize(MaskedStack(), recipe(None, iters=2), calib=batches)
+    assert calls == {"layer.0": 12, "layer.1": 12, "layer.2": 12, "head": 12}
+
+
+def test_same_compares_structure_and_values():
+    t = torch.randn(4, 3)
+    assert _same(Captured((t,), {"m": t, "flag": True}), Captured((t.clone(),), {"m": t.clone(), "flag": True}))
+    assert _same(t, t + 1e-9 * t.abs().max())  # float rounding of another kernel path
+    assert not _same(t, t + 1e-3)
+    assert not _same(Captured((t,), {"flag": True}), Captured((t,), {"flag": False}))
+    assert not _same(Captured((t,), {}), Captured((t, t), {}))
+    assert not _same(t, t.double())
+    assert not _same(t, t[:2])
