@@ -144,7 +144,7 @@ def run_captured(
     return seen
 
 
-def rows(obj: Any, idx: torch.Tensor, n: int) -> Any:
+def rows(obj: Any, idx: torch.Tensor | slice, n: int) -> Any:
     """Select rows `idx` of every tensor whose first dimension is the batch size `n`; keep the rest."""
     if isinstance(obj, torch.Tensor):
         return obj[idx] if obj.dim() and obj.shape[0] == n else obj
@@ -218,7 +218,7 @@ class UnitData:
         (merged,) = self.records
         out, start = [], 0
         for size in self.sizes:
-            idx = torch.arange(start, start + size)
+            idx = slice(start, start + size)  # views, not copies
             out.append(
                 Record(
                     size,

@@ -46,11 +46,13 @@ class MaskedStack(nn.Module):
         return self.head(x)
 
 
-def masked_batches(n_batches: int = 3, size: int = 16) -> list[dict[str, torch.Tensor]]:
+def masked_batches(n_batches: int = 3, size: int = 16, ragged: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Token batches; `ragged`: each batch has its own sequence length (the cache cannot merge them)."""
     g = torch.Generator().manual_seed(3)
+    lengths = [5 + (i if ragged else 0) for i in range(n_batches)]
     return [
-        {"x": torch.randn(size, 5, 8, generator=g), "mask": (torch.rand(size, 5, generator=g) > 0.2).float()}
-        for _ in range(n_batches)
+        {"x": torch.randn(size, t, 8, generator=g), "mask": (torch.rand(size, t, generator=g) > 0.2).float()}
+        for t in lengths
     ]
 
 
@@ -89,11 +91,11 @@ def test_chained_caching_gives_the_codes_of_prefix_caching_on_a_resnet(monkeypat
     assert "1 of 4 units cached from the previous unit's outputs" in log
 
 
-@pytest.mark.parametrize("drop_prob", [0.0, 0.5])
-def test_chained_caching_carries_keyword_arguments(monkeypatch, caplog, drop_prob):
+@pytest.mark.parametrize(("drop_prob", "ragged"), [(0.0, False), (0.5, False), (0.5, True)])
+def test_chained_caching_carries_keyword_arguments(monkeypatch, caplog, drop_prob, ragged):
     torch.manual_seed(0)
     chained, prefixes, log = quantize_both_ways(
-        MaskedStack, recipe(None, drop_prob=drop_prob), masked_batches(), monkeypatch, caplog
+        MaskedStack, recipe(None, drop_prob=drop_prob), masked_batches(ragged=ragged), monkeypatch, caplog
     )
     for name in chained:
         assert torch.equal(chained[name], prefixes[name]), name
@@ -135,7 +137,9 @@ def test_chaining_runs_the_model_prefix_on_the_first_batch_only(monkeypatch):
 
 def test_same_compares_structure_and_values():
     t = torch.randn(4, 3)
-    assert _same(Captured((t,), {"m": t, "flag": True}), Captured((t.clone(),), {"m": t.clone(), "flag": True}))
+    assert _same(
+        Captured((t,), {"m": t, "flag": True}), Captured((t.clone(),), {"m": t.clone(), "flag": True})
+    )
     assert _same(t, t + 1e-9 * t.abs().max())  # float rounding of another kernel path
     assert not _same(t, t + 1e-3)
     assert not _same(Captured((t,), {"flag": True}), Captured((t,), {"flag": False}))
