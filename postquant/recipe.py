@@ -95,7 +95,11 @@ class Recipe(BaseModel):
         description="error the power exponent search minimises: weights (SSE) or outputs (needs calib data)",
     )
     act_ranges: ActRanges = ActRanges.AUTO
-    a_observer: Observer = Observer.MINMAX
+    a_observer: Observer | None = Field(
+        default=None,
+        description="activation range observer; null = the measured default: mse for learned rounding, "
+        "percentile for bn-noise ranges, else minmax",
+    )
     a_percentile: float = Field(default=99.99, gt=50, le=100)
     ignore: list[str] = Field(default_factory=list, description="names, globs, 'type:Name' or 're:...'")
     overrides: dict[str, LayerOverride] = Field(

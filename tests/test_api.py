@@ -80,6 +80,34 @@ def test_activation_calibration_from_data(tiny_cnn, images, observer):
         assert sqnr_db(tiny_cnn(images), q(images)) > 20
 
 
+@pytest.mark.parametrize(
+    ("recipe", "expected"),
+    [
+        ({"w_bits": 4, "a_bits": 4}, "minmax"),
+        ({"method": "squant", "w_bits": 4, "a_bits": 4}, "minmax"),
+        ({"method": "learned", "w_bits": 4, "a_bits": 4}, "mse"),
+        ({"method": "qdrop", "w_bits": 4, "a_bits": 4}, "mse"),
+        ({"method": "learned", "w_bits": 4, "a_bits": 4, "a_observer": "minmax"}, "minmax"),
+        ({"w_bits": 4, "a_bits": 4, "a_observer": "percentile"}, "percentile"),
+    ],
+)
+def test_activation_observer_default_depends_on_the_method(tiny_cnn, images, monkeypatch, recipe, expected):
+    """Learned rounding calibrates activations with MSE unless the recipe names an observer; a saved recipe
+    (null observer) keeps meaning "the method's default" when it is loaded again."""
+    import postquant.api as api
+
+    seen = []
+    real = api.calibrate_from_data
+    monkeypatch.setattr(api, "calibrate_from_data", lambda *a: seen.append(a[4]) or real(*a))
+    learned = (
+        {"learned": {"iters": 1, "progress": False}} if recipe.get("method") in ("learned", "qdrop") else {}
+    )
+    r = Recipe.coerce({**recipe, **learned, "calib_size": 16})
+    postquant.quantize(tiny_cnn, r, calib=images[:16])
+    assert [str(o) for o in seen] == [expected]
+    assert Recipe.model_validate(r.model_dump(mode="json")).a_observer == r.a_observer
+
+
 def test_data_free_noise_rule_needs_only_example_inputs(tiny_cnn, images):
     q = postquant.quantize(tiny_cnn, {"method": "squant", "w_bits": 4, "a_bits": 4}, example_inputs=images)
     assert q.conv2.act_quant is not None and q.conv1.act_quant is None

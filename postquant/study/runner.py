@@ -55,6 +55,11 @@ class PlannedRun:
     key: str = ""
 
 
+# The study's activation observer: min/max, the recipe default when the study began (since 2026-12-03 learned
+# rounding defaults to MSE). Pinned so that every cached run and every new one share one base.
+STUDY_A_OBSERVER = "minmax"
+
+
 def variant_recipe(settings: StudySettings, variant: Variant, seed: int) -> Recipe:
     """The recipe of one run: base, then the variant's changes (``learned`` merged field by field), seed.
 
@@ -63,7 +68,8 @@ def variant_recipe(settings: StudySettings, variant: Variant, seed: int) -> Reci
     """
     base = settings.base_recipe()
     changes = fill_bits(variant.changes, parse_bits(settings.bits)[0])
-    data = {**base, **{k: v for k, v in changes.items() if k != "learned"}, "seed": seed}
+    data = {"a_observer": STUDY_A_OBSERVER, **base, **{k: v for k, v in changes.items() if k != "learned"}}
+    data["seed"] = seed
     data["learned"] = {**base["learned"], **changes.get("learned", {})}
     return Recipe.coerce(data)
 
@@ -103,6 +109,8 @@ def _plan_one(settings: StudySettings, axis: Axis, variant: Variant, seed: int) 
         effective["learned"] = recipe.learned.model_dump(
             mode="json", exclude_defaults=True, exclude={"checkpoint_dir", "progress"}
         )
+    if effective.get("a_observer") == STUDY_A_OBSERVER:
+        del effective["a_observer"]  # runs cached while min/max was the recipe default keep their hash
     run_hash = digest(
         {"model": settings.model, "recipe": effective, "calib": variant.calib_data, "limit": settings.limit}
     )

@@ -126,7 +126,7 @@ class StudySettings:
         evaluated = "full evaluation set" if self.limit is None else f"{self.limit} evaluation samples"
         return (
             f"{self.model} {self.bits}: method 'learned' (SQuant start, block reconstruction, QDrop 0.5), "
-            f"{self.iters} iters/unit, {self.calib_size} calibration samples, {evaluated}"
+            f"{self.iters} iters/unit, {self.calib_size} calibration samples, min/max activation ranges, {evaluated}"
         )
 
 

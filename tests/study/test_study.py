@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import postquant.study.runner as runner_mod
+from postquant.calib.observers import Observer
 from postquant.cli import app
 from postquant.errors import RecipeError, UnknownNameError
 from postquant.study import (
@@ -26,10 +27,13 @@ from postquant.study import (
 )
 from postquant.study.axes import combined_axis, fill_bits
 from postquant.study.report import HELPS, HURTS, NO_VERDICT, NOISE
+from postquant.study.runner import plan_axis
 from postquant.study.settings import OTHER_CALIB, default_settings
 from postquant.zoo import CIFAR10_PREPROCESS, ZooModel
 from postquant.zoo.datasets import calibration_inputs
 from tests.conftest import TinyResNet, require_shared
+
+REPO = Path(__file__).resolve().parents[2]
 
 MODEL = "tiny-resnet"
 
@@ -360,7 +364,10 @@ def test_cli_study_axis_on_resnet20_then_report_only(tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "| **all** (baseline) | 1 |" in res.output and "1 seed: no verdict" in res.output
-    assert "1 iters/unit, 32 calibration samples, 100 evaluation samples" in res.output
+    assert (
+        "1 iters/unit, 32 calibration samples, min/max activation ranges, 100 evaluation samples"
+        in res.output
+    )
     records = json.loads((out / "results.json").read_text())
     assert sorted(r["variant"] for r in records.values()) == ["all", "band 0.25"]
     assert (out / "plots" / "resnet20-cifar10_W4A4_selection.png").is_file()
@@ -436,3 +443,16 @@ def test_study_all_runs_the_helping_variants_together(tmp_path, tiny_zoo, calls)
     _fake_results(tmp_path, {("granularity", "2 blocks"): [60.0, 60.2], ("grid", "power"): [55.0, 55.3]})
     study_all([SETTINGS], axes, [0, 1], _runner(tmp_path, tiny_zoo), run=False)
     assert "combined" not in (tmp_path / "STUDY.md").read_text()
+
+
+def test_the_committed_study_cache_stays_valid():
+    """Every planned run of the complete resnet20 W4A4 study finds its committed result: a change to the
+    recipe defaults or to the run hash must not orphan hours of cached runs (the study pins its base)."""
+    store = runner_mod.ResultStore(REPO / "benchmarks" / "results" / "study")
+    settings = default_settings("resnet20-cifar10", "W4A4")
+    runs = [
+        r for axis in AXES for r in plan_axis(settings, axis, range(settings.seeds)) if r.recipe is not None
+    ]
+    assert runs and all(r.recipe.a_observer == Observer.MINMAX for r in runs)
+    missing = [r.key for r in runs if store.find(r) is None]
+    assert not missing, missing[:3]
