@@ -284,6 +284,7 @@ def reconstruct_model(
             max_bytes=max_bytes,
             carried=carried,
         )
+        carried = None  # consumed: do not hold the previous unit's outputs while this unit learns
         chained += data.chained
         check_batch_size(data, cfg, unit)
         log.debug(
@@ -295,7 +296,6 @@ def reconstruct_model(
         outcome = reconstruct_unit(
             qmodel, teacher, unit, data, cfg, generator, desc=f"[{k + 1}/{len(units)}] {unit.name}"
         )
-        carried = None
         if cfg.loss is Loss.MSE and k + 1 < len(units) and k + 1 not in done:
             carried = carry_outputs(qmodel, unit, data)
         del data
