@@ -131,6 +131,11 @@ class LearnedConfig(BaseModel):
     band: float = Field(default=0.25, gt=0, le=0.5, description="selection='band': |frac - 0.5| <= band")
     fraction: float = Field(default=0.5, gt=0, le=1, description="selection='random': share learned")
     init: Init = Init.NEAREST
+    keep_better_start: bool = Field(
+        default=True,
+        description="keep a unit's starting codes when the learned ones reconstruct its cached data worse "
+        "(measured on quantized inputs, without QDrop's float mixing)",
+    )
     first_last_w_bits: int | None = Field(
         default=None, ge=2, le=8, description="weight bits of the first and last layers (None: the recipe's)"
     )

@@ -321,7 +321,7 @@ def reconstruct_unit(
     _install(qmodel, roundings, learned_scales)
     error_after = evaluate_unit(qmodel, unit, data, cfg)
     status = "ok"
-    if not error_after <= error_before:
+    if cfg.keep_better_start and not error_after <= error_before:
         log.info(
             "unit %s: learned rounding reconstructs worse (%.4g > %.4g); keeping the start",
             unit.name,

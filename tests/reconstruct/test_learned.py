@@ -419,3 +419,16 @@ def test_losses_through_the_final_output_tolerate_a_unit_it_ignores(calib, loss)
     units = {u.name: u for u in q.postquant_learned.units}
     assert "pooler" in units and all(u.status in ("ok", "kept-start") for u in units.values())
     assert isinstance(q.pooler, QuantizedLayer)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_keep_better_start_guards_units_that_learn_worse(net, calib, keep):
+    """A far too large learning rate spoils the learned codes: the guard keeps the start, or (off) not."""
+    recipe = learned("learned", iters=8, lr=50.0, drop_prob=0.0, keep_better_start=keep)
+    units = postquant.quantize(net, recipe, calib=calib).postquant_learned.units
+    worse = [u for u in units if u.error_after > u.error_before]
+    kept = [u for u in units if u.status == "kept-start"]
+    if keep:
+        assert kept and not worse
+    else:
+        assert worse and not kept
