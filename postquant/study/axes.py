@@ -261,35 +261,37 @@ def get_axis(name: str) -> Axis:
 COMBINED = "combined"  # the name of the axis `combined_axis` builds
 
 
-def combined_axis(parts: list[tuple[Axis, Variant]]) -> Axis:
-    """The best combination found: the base against one variant that applies every variant of `parts`.
+def combined_axis(trials: list[list[tuple[Axis, Variant]]], kept: int | None = None) -> Axis:
+    """The base against combinations of variants from different axes (the study's best-combination search).
 
-    `parts` are (axis, variant) pairs, one per axis, in the order of `AXES`; their changes are merged
-    (``learned`` fields merged field by field; a later axis wins where two set the same field) and the
-    calibration data is the other dataset if any part uses it.
+    Each trial is a list of (axis, variant) pairs, at most one per axis; its changes are merged in the
+    order of `AXES` (``learned`` fields merged field by field; a later axis wins where two set the same
+    field) and its calibration data is the other dataset if any part uses it. `kept`: the index of the
+    trial the search kept, named in the description.
 
     Raises:
-        RecipeError: `parts` is empty (with no helping variant, the base itself is the best combination).
+        RecipeError: no trial, or an empty one (with no helping variant the base is the best combination).
     """
-    if not parts:
+    if not trials or not all(trials):
         raise RecipeError("no variant to combine: the base is the best combination found")
-    changes: dict[str, Any] = {}
-    for _, variant in parts:
-        for key, value in variant.changes.items():
-            changes[key] = {**changes.get(key, {}), **value} if key == "learned" else value
-    label = " + ".join(f"{axis.name}: {variant.label}" for axis, variant in parts)
-    calib: CalibData = "other" if any(v.calib_data == "other" for _, v in parts) else "own"
-    return Axis(
-        COMBINED,
-        "Best combination",
-        "Every variant that helps on its own axis (the one that helps most per axis), applied together, "
-        "against the base: does the gain add up? This is the recipe the study recommends.",
-        "base",
-        (
-            Variant("base", {}),
-            Variant(label, changes, calib, images_only=any(v.images_only for _, v in parts)),
-        ),
+    order = {a.name: i for i, a in enumerate(AXES)}
+    variants = [Variant("base", {})]
+    for parts in trials:
+        parts = sorted(parts, key=lambda p: order.get(p[0].name, len(order)))
+        changes: dict[str, Any] = {}
+        for _, variant in parts:
+            for key, value in variant.changes.items():
+                changes[key] = {**changes.get(key, {}), **value} if key == "learned" else value
+        label = " + ".join(f"{axis.name}: {variant.label}" for axis, variant in parts)
+        calib: CalibData = "other" if any(v.calib_data == "other" for _, v in parts) else "own"
+        variants.append(Variant(label, changes, calib, images_only=any(v.images_only for _, v in parts)))
+    description = (
+        "Greedy search over the variant that helps most on each axis: start from the one with the largest "
+        "gain, add the others in order of gain, keep each addition only if the mean improves."
     )
+    if kept is not None:
+        description += f" Kept: **{variants[kept + 1].label}**."
+    return Axis(COMBINED, "Best combination", description, "base", tuple(variants))
 
 
 def fill_bits(changes: Any, w_bits: int) -> Any:

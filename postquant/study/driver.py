@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from postquant.errors import OutputError
 from postquant.study.axes import Axis, Variant, combined_axis
-from postquant.study.report import axis_section, best_helping, missing_runs, study_markdown
+from postquant.study.report import Row, axis_section, best_helping, missing_runs, study_markdown
 from postquant.study.runner import StudyRunner, plan_axis, run_axis
 from postquant.study.settings import StudySettings
 
@@ -28,6 +28,16 @@ class AxisReport:
     missing: list[str]
     measured: bool  # the baseline and at least one other variant have results
     best: Variant | None = None  # the variant that helps most (verdict 'helps'), if any
+    rows: list[Row] = field(default_factory=list)  # per variant, over seeds, in the axis's order
+    baseline: str = ""
+
+    def gain(self, label: str) -> float | None:
+        """Mean of variant `label` minus the baseline's, or None unless both have every seed's result."""
+        base = next((r for r in self.rows if r.label == self.baseline), None)
+        row = next((r for r in self.rows if r.label == label), None)
+        if base is None or row is None or base.status or row.status:
+            return None
+        return row.mean - base.mean
 
 
 def study_axis(
@@ -68,6 +78,8 @@ def study_axis(
         missing_runs(runs, records),
         measured,
         None if best is None else axis.variant(best),
+        rows,
+        axis.baseline,
     )
 
 
@@ -96,11 +108,9 @@ def study_all(
         for axis in axes:
             report = study_axis(settings, axis, chosen, runner, run=run and not runner.out_of_time)
             reports.append((axis, report))
-        combined = _combination(settings, reports)
+        combined = _best_combination(settings, reports, chosen, runner, run)
         if combined is not None:
-            reports.append(
-                (combined, study_axis(settings, combined, chosen, runner, run=run and not runner.out_of_time))
-            )
+            reports.append(combined)
         for _, report in reports:
             sections.append(report.section)
             summary.append(report.summary)
@@ -114,18 +124,47 @@ def study_all(
     return path
 
 
-def _combination(settings: StudySettings, reports: list[tuple[Axis, AxisReport]]) -> Axis | None:
-    """The combined axis of the helping variants, once every axis is measured with no run missing; None when
-    runs are missing or fewer than two variants help (one helping variant is its own combination)."""
+def _best_combination(
+    settings: StudySettings,
+    reports: list[tuple[Axis, AxisReport]],
+    seeds: list[int],
+    runner: StudyRunner,
+    run: bool,
+) -> tuple[Axis, AxisReport] | None:
+    """Greedy forward search over the helping variants, once every axis is measured with no run missing.
+
+    The variant with the largest gain starts; each other helping variant (in order of gain) is added and
+    kept only if the mean improves on the best so far. Every trial is a row of one `combined` table against
+    the base (a single variant's trial reuses its cached runs). None when runs are missing or fewer than two
+    variants help (one helping variant is its own best combination).
+    """
     if any(report.missing for _, report in reports):
         return None
-    parts = [(axis, report.best) for axis, report in reports if report.best is not None]
-    if len(parts) < 2:
+    parts = [(axis, r.best, r.gain(r.best.label)) for axis, r in reports if r.best is not None]
+    ranked = sorted(((a, v, g) for a, v, g in parts if g is not None), key=lambda p: -p[2])
+    if len(ranked) < 2:
         log.info(
-            "%s %s: %d helping variants, no combination to run", settings.model, settings.bits, len(parts)
+            "%s %s: %d helping variants, no combination to run", settings.model, settings.bits, len(ranked)
         )
         return None
-    return combined_axis(parts)
+    kept: list[tuple[Axis, Variant]] = [ranked[0][:2]]
+    trials = [list(kept)]
+    best_gain: float | None = None  # of the kept trial, measured in the combined table (first: one variant)
+    best_index = 0
+    for axis_, variant, _ in ranked[1:]:
+        trials.append([*kept, (axis_, variant)])
+        report = study_axis(
+            settings, combined_axis(trials), seeds, runner, run=run and not runner.out_of_time
+        )
+        if best_gain is None:
+            best_gain = report.gain(report.rows[1].label)
+        gain = report.gain(report.rows[-1].label)
+        if best_gain is None or gain is None:
+            break  # runs missing (time budget): the table lists them; the next session goes on from here
+        if gain > best_gain:
+            kept, best_gain, best_index = trials[-1], gain, len(trials) - 1
+    axis = combined_axis(trials, kept=best_index)
+    return axis, study_axis(settings, axis, seeds, runner, run=False)
 
 
 def _remember(out_dir: Path, command: str | None) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -397,51 +398,94 @@ def test_cli_study_axis_on_resnet20_then_report_only(tmp_path):
 
 def test_combined_axis_merges_changes_and_needs_parts():
     gran, grid, dof = get_axis("granularity"), get_axis("grid"), get_axis("dof")
-    combo = combined_axis([(gran, gran.variant("2 blocks")), (grid, grid.variant("power"))])
-    assert [v.label for v in combo.variants] == ["base", "granularity: 2 blocks + grid: power"]
-    recipe = variant_recipe(SETTINGS, combo.variants[1], 0)
+    # parts are merged (and named) in the order of AXES, whatever the order of the trial
+    combo = combined_axis(
+        [
+            [(gran, gran.variant("2 blocks"))],
+            [(gran, gran.variant("2 blocks")), (grid, grid.variant("power"))],
+        ]
+    )
+    assert [v.label for v in combo.variants] == [
+        "base",
+        "granularity: 2 blocks",
+        "grid: power + granularity: 2 blocks",
+    ]
+    assert combo.variants[1].changes == gran.variant("2 blocks").changes  # one variant: its own runs, cached
+    recipe = variant_recipe(SETTINGS, combo.variants[2], 0)
     assert recipe.grid.value == "power" and recipe.learned.unit.value == "blocks"
     assert recipe.learned.blocks_per_unit == 2
     # learned fields of two axes are merged field by field, the later axis winning on a shared field
-    merged = combined_axis([(gran, gran.variant("layer")), (dof, dof.variant("+ bias"))])
+    merged = combined_axis([[(gran, gran.variant("layer")), (dof, dof.variant("+ bias"))]], kept=0)
     learned = variant_recipe(SETTINGS, merged.variants[1], 0).learned
     assert learned.unit.value == "layer" and learned.learn_bias and learned.variable.value == "ste"
-    with pytest.raises(RecipeError, match="base is the best combination"):
-        combined_axis([])
+    assert "Kept: **dof: + bias + granularity: layer**" in merged.description
+    for bad in ([], [[]]):
+        with pytest.raises(RecipeError, match="base is the best combination"):
+            combined_axis(bad)
 
 
-def _fake_results(out: Path, values: dict[tuple[str, str], list[float]]) -> None:
-    """Cache made-up results for (axis, variant) -> one value per seed, as finished runs would."""
+def _fake_results(out: Path, values: dict[tuple[str, str], list[float]], combined: Any = None) -> None:
+    """Cache made-up results for (axis name, variant) -> one value per seed, as finished runs would;
+    `combined`: the axis that the name "combined" stands for."""
     store = runner_mod.ResultStore(out)
-    for (axis_name, label), vals in values.items():
-        for run in runner_mod.plan_axis(SETTINGS, get_axis(axis_name), range(len(vals)), [label]):
+    for (name, label), vals in values.items():
+        axis = combined if name == "combined" else get_axis(name)
+        for run in runner_mod.plan_axis(SETTINGS, axis, range(len(vals)), [label]):
             if run.variant.label == label:
-                record = {"axis": axis_name, "variant": label, "seed": run.seed, "run_hash": run.run_hash}
+                record = {"axis": axis.name, "variant": label, "seed": run.seed, "run_hash": run.run_hash}
                 store.put(run.key, {**record, "metric": "top1", "value": vals[run.seed], "wall_s": 1.0})
 
 
-def test_study_all_runs_the_helping_variants_together(tmp_path, tiny_zoo, calls):
-    base = [50.0, 50.2]
+GREEDY_AXES = [get_axis("selection"), get_axis("granularity"), get_axis("grid"), get_axis("mixed")]
+GREEDY_RESULTS = {
+    ("granularity", "block"): [50.0, 50.2],  # the base
+    ("granularity", "layer"): [50.1, 50.0],  # within noise
+    ("granularity", "2 blocks"): [60.0, 60.2],  # helps most (+10): the search starts here
+    ("grid", "power"): [55.0, 55.3],  # helps (+5): tried second
+    ("selection", "random 0.5"): [53.0, 53.2],  # helps (+3): tried third
+    ("selection", "band 0.25"): [50.0, 50.1],
+    ("selection", "band 0.1"): [50.0, 50.1],
+    ("mixed", "mixed (loss)"): [40.0, 40.1],  # hurts
+}
+
+
+def test_best_combination_is_a_greedy_search(tmp_path, tiny_zoo, calls):
+    """Each helping variant is added in order of gain and kept only if the mean improves."""
+    sel, gran, grid = get_axis("selection"), get_axis("granularity"), get_axis("grid")
+    two, power, rand = (
+        (gran, gran.variant("2 blocks")),
+        (grid, grid.variant("power")),
+        (sel, sel.variant("random 0.5")),
+    )
+    trials = combined_axis([[two], [two, power], [two, rand]])
     _fake_results(
         tmp_path,
         {
-            ("granularity", "block"): base,
-            ("granularity", "layer"): [50.1, 50.0],  # within noise
-            ("granularity", "2 blocks"): [60.0, 60.2],  # helps most on its axis
-            ("grid", "power"): [55.0, 55.3],  # helps
-            ("mixed", "mixed (loss)"): [40.0, 40.1],  # hurts
+            **GREEDY_RESULTS,
+            ("combined", "grid: power + granularity: 2 blocks"): [58.0, 58.1],  # worse: dropped
+            ("combined", "selection: random 0.5 + granularity: 2 blocks"): [63.0, 63.1],  # better: kept
         },
+        combined=trials,
     )
-    axes = [get_axis("granularity"), get_axis("grid"), get_axis("mixed")]
-    path = study_all([SETTINGS], axes, [0, 1], _runner(tmp_path, tiny_zoo))
-    assert calls["n"] == 2  # the combination, two seeds; everything else was cached
+    path = study_all([SETTINGS], GREEDY_AXES, [0, 1], _runner(tmp_path, tiny_zoo))
+    assert calls["n"] == 0  # every trial was cached
     text = path.read_text()
-    assert "**combined** vs base: granularity: 2 blocks + grid: power: " in text
-    assert "### Best combination (`combined`)" in text
+    assert "Kept: **selection: random 0.5 + granularity: 2 blocks**" in text
+    assert (
+        "**combined** vs base: granularity: 2 blocks: helps (+10.00); grid: power + granularity: 2 blocks: "
+        in text
+    )
+
+
+def test_best_combination_runs_its_trials_and_waits_for_every_axis(tmp_path, tiny_zoo, calls):
+    _fake_results(tmp_path, GREEDY_RESULTS)
+    study_all([SETTINGS], GREEDY_AXES, [0, 1], _runner(tmp_path, tiny_zoo))
+    assert calls["n"] == 4  # two new trials (the first is 2 blocks alone, cached), two seeds each
+    assert "### Best combination (`combined`)" in (tmp_path / "STUDY.md").read_text()
     # with a run missing on an axis, no combination is attempted yet
     (tmp_path / "results.json").unlink()
     _fake_results(tmp_path, {("granularity", "2 blocks"): [60.0, 60.2], ("grid", "power"): [55.0, 55.3]})
-    study_all([SETTINGS], axes, [0, 1], _runner(tmp_path, tiny_zoo), run=False)
+    study_all([SETTINGS], GREEDY_AXES, [0, 1], _runner(tmp_path, tiny_zoo), run=False)
     assert "combined" not in (tmp_path / "STUDY.md").read_text()
 
 
