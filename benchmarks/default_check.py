@@ -30,8 +30,10 @@ VARIANTS: dict[str, tuple[str, str | None]] = {
     "min/max activation ranges": ("minmax_observer", "minmax_observer.yaml"),
     "2 blocks per unit": ("two_blocks_mse", "two_blocks_mse.yaml"),
     "random 0.5 selection": ("random_half_mse", "random_half_mse.yaml"),
+    "no start guard (keep_better_start: false)": ("no_guard", "no_guard.yaml"),
     "2 blocks per unit, min/max ranges": ("two_blocks", "two_blocks.yaml"),
     "random 0.5 selection, min/max ranges": ("random_half", "random_half.yaml"),
+    "no start guard, min/max ranges": ("no_guard_minmax", "no_guard_minmax.yaml"),
 }
 BITS = {"W4A4": (4, 4), "W2A4": (2, 4)}
 
