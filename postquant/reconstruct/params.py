@@ -23,7 +23,7 @@ from torch import nn
 
 from postquant.grids import Grid
 from postquant.nn import ActQuantizer, QuantizedLayer
-from postquant.reconstruct.config import CodeRange, LearnedConfig, Selection, Variable
+from postquant.reconstruct.config import AUTO_RANDOM_MAX_BITS, CodeRange, LearnedConfig, Selection, Variable
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -43,11 +43,17 @@ def _inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
     return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1)
 
 
-def selection_mask(frac: torch.Tensor, cfg: LearnedConfig, generator: torch.Generator) -> torch.Tensor:
-    """Which weights are learned, from their fractional parts ``x - floor(x)`` (ALGORITHMS.md 2.4 (i))."""
-    if cfg.selection is Selection.BAND:
+def selection_mask(
+    frac: torch.Tensor, cfg: LearnedConfig, generator: torch.Generator, bits: int
+) -> torch.Tensor:
+    """Which weights of a `bits`-bit layer are learned, from their fractional parts ``x - floor(x)``
+    (ALGORITHMS.md 2.4 (i))."""
+    selection = cfg.selection
+    if selection is Selection.AUTO:
+        selection = Selection.RANDOM if bits <= AUTO_RANDOM_MAX_BITS else Selection.ALL
+    if selection is Selection.BAND:
         return (frac - 0.5).abs() <= cfg.band
-    if cfg.selection is Selection.RANDOM:
+    if selection is Selection.RANDOM:
         return torch.rand(frac.shape, generator=generator) < cfg.fraction
     return torch.ones_like(frac, dtype=torch.bool)
 
@@ -87,7 +93,7 @@ class LayerRounding(nn.Module):
         start = torch.where(init != nearest, init - (x - nearest), x)  # integer domain
         self.register_buffer("floor", floor)
         self.register_buffer("init_codes", init)
-        self.register_buffer("mask", selection_mask(frac, cfg, generator))
+        self.register_buffer("mask", selection_mask(frac, cfg, generator, grid.bits))
         if cfg.variable is Variable.STE:
             self.offset = nn.Parameter(start - x)
             self.register_buffer("x", x)

@@ -55,9 +55,11 @@ class PlannedRun:
     key: str = ""
 
 
-# The study's activation observer: min/max, the recipe default when the study began (since 2026-12-03 learned
-# rounding defaults to MSE). Pinned so that every cached run and every new one share one base.
+# The study base is the `learned` default as it was when the study began; what the study itself changed in the
+# default since (2026-12-03: MSE activation ranges, random half selection) is pinned back, so that every cached
+# run and every new one share one base. Both pins equal the class defaults, so run hashes do not change.
 STUDY_A_OBSERVER = "minmax"
+STUDY_LEARNED: dict[str, Any] = {"selection": "all"}
 
 
 def variant_recipe(settings: StudySettings, variant: Variant, seed: int) -> Recipe:
@@ -70,7 +72,7 @@ def variant_recipe(settings: StudySettings, variant: Variant, seed: int) -> Reci
     changes = fill_bits(variant.changes, parse_bits(settings.bits)[0])
     data = {"a_observer": STUDY_A_OBSERVER, **base, **{k: v for k, v in changes.items() if k != "learned"}}
     data["seed"] = seed
-    data["learned"] = {**base["learned"], **changes.get("learned", {})}
+    data["learned"] = {**STUDY_LEARNED, **base["learned"], **changes.get("learned", {})}
     return Recipe.coerce(data)
 
 

@@ -145,6 +145,23 @@ def test_band_selection_leaves_out_of_band_weights_at_nearest(net, calib):
     assert inside_moved > 0
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_auto_selection_learns_a_random_half_at_two_bits_and_everything_above(bits):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 64, generator=g)
+    grid = fit_uniform_grid(w, bits)
+    cfg = LearnedConfig(selection="auto", fraction=0.5)
+    mask = LayerRounding(grid.to_int(w), grid.nearest(w), grid, None, cfg, g).mask
+    if bits <= 2:
+        assert 0.45 < mask.float().mean() < 0.55
+    else:
+        assert bool(mask.all())
+
+
+def test_the_learned_preset_selects_automatically():
+    assert preset("learned").selection.value == "auto"
+
+
 # ------------------------------------------------------------------------------------------ resume
 
 
