@@ -19,6 +19,11 @@ python3 benchmarks/learned_bench.py --threads 1 --models resnet20-cifar10 --bits
     --classic-iters 2000 --out benchmarks/results/default_vs_qdrop
 # learned rounding: the commands that produced benchmarks/results/learned.md
 while read -r cmd; do [ -n "$cmd" ] && eval "python3 ${cmd#python }"; done < benchmarks/results/learned_commands.txt
+# study findings at the default's full budget (benchmarks/results/default_check/)
+python3 benchmarks/default_check.py --seeds 3 --bits W2A4
+python3 benchmarks/default_check.py --seeds 1 --bits W4A4
+# chained caching of unit inputs vs model prefixes: time ratio in one run, identical codes
+python3 benchmarks/chain_cache.py --models resnet20-cifar10
 # mixed precision vs uniform W3 (resumable by row)
 python3 benchmarks/mixed_bench.py --models resnet20-cifar10
 python3 benchmarks/mixed_bench.py --models minilm-l6
