@@ -174,7 +174,7 @@ def _data_free_default(float_model: nn.Module, example_inputs: Any) -> ActRanges
 def _observer(recipe: Recipe, rule: ActRanges) -> Observer:
     """The recipe's activation observer, else the measured best for its rule and method: percentile for
     bn-noise ranges (benchmarks/results/accuracy*.md), MSE for learned rounding (min/max loses 2.5 points on
-    resnet20 W4A4 and 4.5 at W2A4: benchmarks/results/default_check/), min/max otherwise."""
+    resnet20 W4A4 and 5.2 at W2A4: benchmarks/results/default_check/), min/max otherwise."""
     if recipe.a_observer is not None:
         return recipe.a_observer
     if rule is ActRanges.BN_NOISE:

@@ -57,7 +57,8 @@ class PlannedRun:
 
 # The study base is the `learned` default as it was when the study began; what the study itself changed in the
 # default since (2026-12-03: MSE activation ranges, random half selection) is pinned back, so that every cached
-# run and every new one share one base. Both pins equal the class defaults, so run hashes do not change.
+# run and every new one share one base. Run hashes do not change: selection 'all' is the class default (left out
+# of the hash by exclude_defaults) and min/max is left out explicitly (`_plan_one`).
 STUDY_A_OBSERVER = "minmax"
 STUDY_LEARNED: dict[str, Any] = {"selection": "all"}
 
