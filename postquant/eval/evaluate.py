@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from postquant.eval.metrics import pearson, spearman, topk_correct
 from postquant.eval.run import run_model
+from postquant.progress import progress_bar
 from postquant.zoo.datasets import EvalData
 from postquant.zoo.zoo_model import ZooModel
 
@@ -156,7 +157,7 @@ def evaluate(
     start = time.perf_counter()
     with (
         eval_mode(model),
-        tqdm(total=data.n, desc=f"eval {zoo.name}", unit="sample", disable=not progress) as bar,
+        progress_bar(enabled=progress, total=data.n, desc=f"eval {zoo.name}", unit="sample") as bar,
     ):
         if data.task == "sts":
             cos, gold = _sts(model, data, bar)

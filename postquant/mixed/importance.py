@@ -42,6 +42,7 @@ from postquant.errors import DataError
 from postquant.eval.run import run_model
 from postquant.grids import Grid
 from postquant.mixed.config import Importance
+from postquant.progress import progress_bar
 from postquant.recipe import Recipe
 
 __all__ = [
@@ -153,15 +154,17 @@ def loss_costs(
     recipe: Recipe,
     batches: list[Any],
     grids: LayerGrids | None = None,
+    progress: bool = True,
 ) -> CostTable:
     """``cost[l][b]``: mean output distance to the float model with only layer `l` quantized at `b` bits.
 
-    The layer's weight is swapped in place and restored, so `model` is unchanged on return.
+    The layer's weight is swapped in place and restored, so `model` is unchanged on return. This is one
+    forward pass of the calibration batches per layer and bit width, so `progress` shows a bar over layers.
     """
     refs = [run_model(model, batch) for batch in batches]
     n = sum(batch_size_of(batch) for batch in batches)
     table: CostTable = {}
-    for name in layers:
+    for name in progress_bar(layers, enabled=progress, desc="loss importance", unit="layer", leave=False):
         weight = model.get_submodule(name).weight
         original = weight.detach().clone()
         table[name] = {}

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from postquant.calib.data import Batch, batch_size_of, run_model
 from postquant.grids import Grid
 from postquant.model.blocks import Unit
 from postquant.nn import QuantizedLayer
+from postquant.progress import progress_bar
 from postquant.reconstruct.cache import (
     Captured,
     Record,
@@ -86,7 +86,7 @@ def optimise(
     if act_params:
         schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[-1], T_max=max(cfg.iters, 1)))
     first = last = None
-    bar = tqdm(range(cfg.iters), desc=desc, disable=not cfg.progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(range(cfg.iters), enabled=cfg.progress, desc=desc, leave=False, dynamic_ncols=True)
     for step in bar:
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)

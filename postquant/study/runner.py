@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from postquant.api import quantize
 from postquant.errors import DataError, OutputError, PostquantError, RecipeError
 from postquant.eval import evaluate
 from postquant.paths import shared_path
+from postquant.progress import progress_bar
 from postquant.recipe import Recipe
 from postquant.study.axes import Axis, Variant, fill_bits
 from postquant.study.settings import OTHER_CALIB, TEXT_MODELS, StudySettings, digest, parse_bits
@@ -231,8 +231,8 @@ class StudyRunner:
         log.info(
             "%s: %d runs, %d cached, %d to do", settings.model, len(runs), len(runs) - len(todo), len(todo)
         )
-        with tqdm(
-            total=len(todo), desc=f"study {settings.model} {settings.bits}", disable=not self.progress
+        with progress_bar(
+            enabled=self.progress, total=len(todo), desc=f"study {settings.model} {settings.bits}"
         ) as bar:
             for run in todo:
                 if self.deadline is not None and time.monotonic() > self.deadline:

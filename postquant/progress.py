@@ -1,0 +1,21 @@
+"""Progress bars that leave the user's ``TQDM_*`` environment settings in force.
+
+tqdm reads ``TQDM_DISABLE``, ``TQDM_MININTERVAL``, ... only for arguments that the caller does not pass. So a
+bar that is switched on must not pass ``disable=False``, or ``TQDM_DISABLE=1`` cannot silence it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from tqdm.auto import tqdm
+
+__all__ = ["progress_bar"]
+
+
+def progress_bar(iterable: Iterable[Any] | None = None, *, enabled: bool = True, **kwargs: Any) -> tqdm:
+    """A tqdm bar; ``enabled=False`` hides it, ``enabled=True`` shows it unless the environment hides it."""
+    if not enabled:
+        kwargs["disable"] = True
+    return tqdm(iterable, **kwargs)
