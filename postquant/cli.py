@@ -483,6 +483,7 @@ def study_cmd(
 
     Examples: `postquant study list`; `postquant study selection resnet20-cifar10 --bits W4A4 --seeds 2`;
     `postquant study all --out study` (resumable: finished runs are cached in OUT/results.json).
+    Start the same command once per core to share the work: each process claims the runs it starts.
     """
     _setup_logging(verbose)
     try:

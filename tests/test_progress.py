@@ -34,5 +34,7 @@ def _stderr(enabled: bool, env_disable: str | None) -> str:
     ("enabled", "env_disable", "shown"),
     [(True, None, True), (False, None, False), (True, "1", False), (False, "0", False)],
 )
-def test_bars_follow_the_flag_and_the_environment(enabled: bool, env_disable: str | None, shown: bool) -> None:
+def test_bars_follow_the_flag_and_the_environment(
+    enabled: bool, env_disable: str | None, shown: bool
+) -> None:
     assert ("work" in _stderr(enabled, env_disable)) is shown

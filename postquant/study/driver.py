@@ -48,8 +48,12 @@ def study_axis(
     labels: list[str] | None = None,
     run: bool = True,
     command: str | None = None,
+    wait: bool = True,
 ) -> AxisReport:
     """Run one axis (unless `run` is false: cached results only) and write its table and plot.
+
+    `wait`: wait for the runs of the axis that other processes sharing OUT are running (else the table
+    lists them as missing).
 
     Writes ``OUT/<model>_<bits>_<axis>.md`` (headed by the commands remembered in ``OUT/commands.txt``,
     `command` added) and ``OUT/plots/<model>_<bits>_<axis>.png``.
@@ -59,7 +63,7 @@ def study_axis(
     """
     out_dir = runner.store.path.parent
     if run:
-        runs, records = run_axis(settings, axis, seeds, runner, labels)
+        runs, records = run_axis(settings, axis, seeds, runner, labels, wait)
     else:
         runs = plan_axis(settings, axis, seeds, labels)
         records = runner.cached(runs)
@@ -105,9 +109,15 @@ def study_all(
         sections.append(f"## {settings.model} {settings.bits}\n")
         chosen = seeds if seeds is not None else list(range(settings.seeds))
         reports = []
-        for axis in axes:
-            report = study_axis(settings, axis, chosen, runner, run=run and not runner.out_of_time)
+        for axis in axes:  # runs other processes are on are not waited for here: this one goes on
+            report = study_axis(
+                settings, axis, chosen, runner, run=run and not runner.out_of_time, wait=False
+            )
             reports.append((axis, report))
+        if runner.elsewhere:  # then wait for them, and report again with their results
+            runner.wait_for(runner.elsewhere)
+            runner.elsewhere = []
+            reports = [(axis, study_axis(settings, axis, chosen, runner, run=False)) for axis in axes]
         combined = _best_combination(settings, reports, chosen, runner, run)
         if combined is not None:
             reports.append(combined)

@@ -5,6 +5,10 @@ the float model, evaluates it and appends a record to ``OUT/results.json``. The 
 atomically after every run, so a study can be interrupted (Ctrl-C, a crash, a time budget) and resumed
 with the same command: finished runs are never repeated. A run whose effective recipe is identical to one
 already finished under another axis (e.g. every axis's baseline is the study base) reuses that result.
+
+Several processes (one per core) may run the same command on one ``OUT``: each claims a run before it starts
+it (``OUT/results.json.claims``) and leaves the runs other live processes have claimed to them, so they share
+the work without repeating a run. A claim whose process has died is taken over.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,7 @@ from postquant.zoo.datasets import calibration_inputs
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
+CLAIMS_SUFFIX = ".claims"  # OUT/results.json.claims: run hash -> the process running it
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -159,19 +166,101 @@ class ResultStore:
     def put(self, key: str, record: dict[str, Any]) -> None:
         """Store `record` and rewrite the file atomically (a crash leaves the previous file intact)."""
         self.records[key] = record
+        with self._locked():
+            self.refresh()
+            self._replace(self.path, self.records)
+
+    # Claims: which process is running which run (by run hash), so that processes sharing OUT split the work.
+
+    @property
+    def claims_path(self) -> Path:
+        return self.path.with_name(self.path.name + CLAIMS_SUFFIX)
+
+    def claim(self, run: PlannedRun) -> bool:
+        """Claim `run` for this process; False when another live process holds it (a dead one's is taken)."""
+        with self._locked():
+            claims = self._claims()
+            holder = claims.get(run.run_hash)
+            if holder is not None and holder != _this_process() and _alive(holder):
+                return False
+            claims[run.run_hash] = _this_process()
+            self._replace(self.claims_path, claims)
+        return True
+
+    def release(self, run: PlannedRun) -> None:
+        """Drop this process's claim on `run` (finished, failed or interrupted)."""
+        with self._locked():
+            claims = self._claims()
+            if claims.get(run.run_hash) == _this_process():
+                del claims[run.run_hash]
+                self._replace(self.claims_path, claims)
+
+    def held_elsewhere(self, run: PlannedRun) -> bool:
+        """Whether another live process has claimed `run`."""
+        holder = self._claims().get(run.run_hash)
+        return holder is not None and holder != _this_process() and _alive(holder)
+
+    def _claims(self) -> dict[str, dict[str, Any]]:
+        try:
+            return json.loads(self.claims_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except json.JSONDecodeError:  # written atomically, so only a hand edit gets here: start afresh
+            log.warning("%s is not valid JSON; ignoring the claims in it", self.claims_path)
+            return {}
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock on ``results.json.lock`` shared by every process using this OUT."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
-                self.refresh()
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-                with os.fdopen(fd, "w") as f:
-                    json.dump(self.records, f, indent=1)
-                os.replace(tmp, self.path)
+                yield
         except OSError as exc:
             raise OutputError(
                 f"cannot write {self.path}: {exc.strerror or exc}; choose a writable --out"
             ) from exc
+
+    def _replace(self, path: Path, data: dict[str, Any]) -> None:
+        """Rewrite `path` atomically (call with the lock held)."""
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (Linux), to tell it from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _this_process() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)}
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the claiming process still runs. A claim from another host cannot be checked: it is honoured
+    (delete ``results.json.claims`` if that host's process is gone)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    pid = int(holder.get("pid", -1))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by another user
+    except OverflowError:
+        return False
+    start = _process_start(pid)
+    return start is None or holder.get("start") in (None, start)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -208,6 +297,7 @@ class StudyRunner:
         loader: model name -> `ZooModel` (default `postquant.zoo.load_model`).
         progress: show a tqdm bar over runs, with ETA.
         max_seconds: stop starting new runs after this much wall time (finished runs are kept).
+        poll_seconds: how often to look whether runs that other processes are running have finished.
     """
 
     def __init__(
@@ -216,8 +306,11 @@ class StudyRunner:
         loader: Callable[[str], ZooModel] = load_model,
         progress: bool = True,
         max_seconds: float | None = None,
+        poll_seconds: float = 10.0,
     ) -> None:
         self.store = ResultStore(out_dir)
+        self.poll_seconds = poll_seconds
+        self.elsewhere: list[tuple[StudySettings, PlannedRun]] = []  # left to other processes, not waited for
         self.loader = loader
         self.progress = progress
         self.deadline = None if max_seconds is None else time.monotonic() + max_seconds
@@ -225,26 +318,74 @@ class StudyRunner:
         self.failures: dict[str, str] = {}  # key -> reason (not cached: they are tried again next time)
         self.out_of_time = False
 
-    def run(self, settings: StudySettings, runs: list[PlannedRun]) -> list[dict[str, Any]]:
-        """Run what is not cached yet; return the records of every available run that is finished."""
+    def run(self, settings: StudySettings, runs: list[PlannedRun], wait: bool = True) -> list[dict[str, Any]]:
+        """Run what is not cached yet; return the records of every available run that is finished.
+
+        A run that another live process has claimed is left to it. With `wait`, this call then waits for
+        those runs (and runs any whose process died); without, they are remembered in `elsewhere` for a
+        later `wait_for`.
+        """
         todo = [r for r in runs if r.recipe is not None and self.store.find(r) is None]
         log.info(
             "%s: %d runs, %d cached, %d to do", settings.model, len(runs), len(runs) - len(todo), len(todo)
         )
+        others = []
         with progress_bar(
             enabled=self.progress, total=len(todo), desc=f"study {settings.model} {settings.bits}"
         ) as bar:
             for run in todo:
-                if self.deadline is not None and time.monotonic() > self.deadline:
-                    self.out_of_time = True
+                if self._spent():
                     log.warning("time budget spent: %d runs left for a later session", bar.total - bar.n)
                     break
                 bar.set_postfix_str(f"{run.axis}: {run.variant.label} seed {run.seed}")
                 self.store.refresh()  # another process sharing the file may have finished it meanwhile
-                if self.store.find(run) is None:
-                    self._run_one(settings, run)
+                if self.store.find(run) is None and not self._run_claimed(settings, run):
+                    others.append(run)
                 bar.update()
+        if wait:
+            self.wait_for([(settings, run) for run in others])
+        else:
+            self.elsewhere += [(settings, run) for run in others]
         return self.cached(runs)
+
+    def wait_for(self, runs: list[tuple[StudySettings, PlannedRun]]) -> None:
+        """Wait until the runs other processes have claimed are finished; run those they give up.
+
+        A run is given up when its process dies or releases it unfinished (it failed there). It is then run
+        here, unless the time budget is spent.
+        """
+        left = [(settings, run) for settings, run in runs if self.store.find(run) is None]
+        if left:
+            log.info("waiting for %d runs that other processes are running", len(left))
+        while left:
+            self.store.refresh()
+            still = []
+            for settings, run in left:
+                if self.store.find(run) is not None:
+                    continue
+                if self.store.held_elsewhere(run):
+                    still.append((settings, run))
+                elif not self._spent() and not self._run_claimed(settings, run):
+                    still.append((settings, run))  # claimed again by another process meanwhile
+            left = still
+            if left:
+                time.sleep(self.poll_seconds)
+
+    def _spent(self) -> bool:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.out_of_time = True
+        return self.out_of_time
+
+    def _run_claimed(self, settings: StudySettings, run: PlannedRun) -> bool:
+        """Run `run` under this process's claim; False (nothing run) when another live process holds it."""
+        if not self.store.claim(run):
+            log.info("%s / %s seed %d: running in another process", run.axis, run.variant.label, run.seed)
+            return False
+        try:
+            self._run_one(settings, run)
+        finally:
+            self.store.release(run)
+        return True
 
     def cached(self, runs: list[PlannedRun]) -> list[dict[str, Any]]:
         """The finished records of `runs` (nothing is run)."""
@@ -321,7 +462,11 @@ def run_axis(
     seeds: Iterable[int],
     runner: StudyRunner,
     labels: Iterable[str] | None = None,
+    wait: bool = True,
 ) -> tuple[list[PlannedRun], list[dict[str, Any]]]:
-    """Plan and run one axis; return the plan and the finished records (cached ones included)."""
+    """Plan and run one axis; return the plan and the finished records (cached ones included).
+
+    `wait`: wait for the runs of this axis that other processes sharing OUT are running (`StudyRunner.run`).
+    """
     runs = plan_axis(settings, axis, list(seeds), labels)
-    return runs, runner.run(settings, runs)
+    return runs, runner.run(settings, runs, wait)

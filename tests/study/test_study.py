@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +247,64 @@ def test_two_processes_share_one_results_file(tmp_path, tiny_zoo, calls):
     assert {(r["variant"], r["seed"]) for r in records.values()} == {
         (v, s) for v in SELECTION for s in (0, 1)
     }
+
+
+@pytest.fixture
+def other_process():
+    """A live process other than this one (a stand-in for a second study process sharing --out)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _claim_for(out: Path, run: runner_mod.PlannedRun, pid: int) -> None:
+    holder = {"host": socket.gethostname(), "pid": pid, "start": runner_mod._process_start(pid)}
+    (out / "results.json.claims").write_text(json.dumps({run.run_hash: holder}))
+
+
+def test_a_run_claimed_by_another_live_process_is_left_to_it(tmp_path, tiny_zoo, calls, other_process):
+    """Processes sharing --out split the runs: a claimed run is skipped, and taken over if its process dies."""
+    out = tmp_path / "out"
+    out.mkdir()
+    runs = plan_axis(SETTINGS, get_axis("selection"), [0], SELECTION)
+    _claim_for(out, runs[1], other_process.pid)
+    runner = _runner(out, tiny_zoo, poll_seconds=0.01)
+    records = runner.run(SETTINGS, runs, wait=False)
+    assert calls["n"] == 1 and [r["variant"] for r in records] == ["all"]
+    assert [run.key for _, run in runner.elsewhere] == [runs[1].key]
+    other_process.kill()
+    other_process.wait()
+    runner.wait_for(runner.elsewhere)  # its process died: taken over and run here
+    assert calls["n"] == 2 and runner.store.find(runs[1]) is not None
+    assert json.loads((out / "results.json.claims").read_text()) == {}  # every claim released
+
+
+def test_waiting_picks_up_what_the_other_process_finished(tmp_path, tiny_zoo, calls, other_process):
+    out = tmp_path / "out"
+    out.mkdir()
+    runs = plan_axis(SETTINGS, get_axis("selection"), [0], SELECTION)
+    _claim_for(out, runs[1], other_process.pid)
+    record = {"axis": "selection", "variant": "random 0.5", "seed": 0, "run_hash": runs[1].run_hash}
+    finish = threading.Timer(
+        0.5, runner_mod.ResultStore(out).put, (runs[1].key, {**record, "value": 42.0, "wall_s": 1.0})
+    )
+    finish.start()
+    records = _runner(out, tiny_zoo, poll_seconds=0.01).run(SETTINGS, runs)  # waits by default
+    finish.join()
+    assert calls["n"] == 1  # the baseline only: the other run was the other process's
+    assert {r["variant"]: r["value"] for r in records}["random 0.5"] == 42.0
+
+
+def test_claims_tell_a_live_process_from_a_dead_or_reused_pid(other_process):
+    me = runner_mod._this_process()
+    assert runner_mod._alive(me)
+    assert not runner_mod._alive({**me, "start": "0"})  # the pid now belongs to a process started later
+    assert runner_mod._alive({**me, "host": "another-host"})  # cannot be checked: honoured
+    other_process.kill()
+    other_process.wait()
+    assert not runner_mod._alive({**me, "pid": other_process.pid, "start": None})
+    assert not runner_mod._alive({**me, "pid": 0})
 
 
 def test_image_only_variants_are_unavailable_on_text_models():
