@@ -18,6 +18,7 @@ from postquant.calib.observers import Observer
 from postquant.errors import DataError
 from postquant.grids import PowerGrid
 from postquant.model import fold_batchnorm, set_module
+from postquant.model.convert import float_weight_modules, with_linear_layers
 from postquant.nn import ActQuantizer, QuantizedLayer
 from postquant.plan import LayerPlan, check_finite, make_plan
 from postquant.recipe import Method, Recipe
@@ -73,7 +74,9 @@ def quantize(
     """Quantize a trained float model after training; the original is not modified.
 
     Args:
-        model: any ``nn.Module`` built from Conv1d/Conv2d/Linear layers (subclasses count).
+        model: any ``nn.Module`` built from Conv1d/Conv2d/Linear layers (subclasses count; Hugging Face's
+            ``Conv1D`` of GPT-2 is quantized as the equivalent Linear). Modules with weights of other types
+            stay float, with a warning that names them.
         recipe: a `Recipe`, a dict of its fields, or the path of a YAML recipe.
         calib: calibration data (a DataLoader, an iterable of batches, a tensor, or a callable
             ``forward_loop(model)``); needed for activation ranges unless a data-free rule is chosen.
@@ -86,8 +89,17 @@ def quantize(
     start = time.perf_counter()
     recipe = Recipe.coerce(recipe)
     torch.manual_seed(recipe.seed)
+    model = with_linear_layers(model)  # Hugging Face Conv1D (GPT-2) as nn.Linear, in a copy
     plan = make_plan(model, recipe)  # validates the layer set before any work
     check_finite(model, list(plan))
+    left = float_weight_modules(model, list(plan), recipe.ignore)
+    if left:
+        log.warning(
+            "%d modules with weights stay float (no quantizer for their type; ignore=[...] silences this): %s",
+            len(left),
+            ", ".join(f"{name} ({kind})" for name, kind in list(left.items())[:8])
+            + (", ..." if len(left) > 8 else ""),
+        )
     batches = as_calibration(calib, recipe.calib_size) if calib is not None else None
     if example_inputs is None and isinstance(batches, list):
         example_inputs = batches[0]

@@ -22,6 +22,7 @@ from postquant.calib.data import Batch, ForwardLoop, batch_size_of, collect_batc
 from postquant.calib.synthetic import distill_bn_data, noise_data
 from postquant.errors import DataError
 from postquant.model.blocks import Unit, make_units
+from postquant.model.hf import no_kv_cache
 from postquant.reconstruct.cache import Carried, carry_outputs, collect_unit_data, nbytes
 from postquant.reconstruct.checkpoint import CheckpointStore, model_fingerprint, run_key, unit_seed
 from postquant.reconstruct.config import CalibSource, LearnedConfig, Loss
@@ -135,7 +136,8 @@ def learned_rounding(
             "a DataLoader or a forward_loop), or set learned.calib_source to 'synthetic' or 'noise'"
         )
     fields = recipe.model_dump(mode="json", exclude={"learned"})
-    return reconstruct_model(qmodel, teacher, calib, cfg, seed=recipe.seed, key_fields=fields)
+    with no_kv_cache(qmodel, teacher):  # a decoder layer must not append to a cache on every step
+        return reconstruct_model(qmodel, teacher, calib, cfg, seed=recipe.seed, key_fields=fields)
 
 
 def record_model_inputs(model: nn.Module, forward_loop: ForwardLoop, limit: int | None) -> list[Batch]:
