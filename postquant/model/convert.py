@@ -82,16 +82,16 @@ def with_linear_layers(model: nn.Module) -> nn.Module:
 
 
 def float_weight_modules(model: nn.Module, planned: list[str], ignore: list[str]) -> dict[str, str]:
-    """Modules with a matrix or kernel weight that no plan entry covers and `ignore` does not name: name ->
-    type. Embeddings are left out (lookups, kept in float on purpose)."""
+    """Modules that own a matrix or kernel weight (a parameter of 2+ dimensions with "weight" in its name,
+    e.g. ``nn.MultiheadAttention.in_proj_weight``) that no plan entry covers and `ignore` does not name:
+    name -> type. Embeddings are left out (lookups, kept in float on purpose)."""
     left = {}
     for name, module in model.named_modules():
-        weight = module._parameters.get("weight")
-        if weight is None or weight.dim() < 2 or name in planned:
+        if name in planned or isinstance(module, nn.Embedding | nn.EmbeddingBag):
             continue
-        if isinstance(module, nn.Embedding | nn.EmbeddingBag) or any(
-            matches(name, module, p) for p in ignore
-        ):
+        owned = module._parameters.items()
+        if not any(p is not None and p.dim() >= 2 and "weight" in key for key, p in owned):
             continue
-        left[name] = type(module).__name__
+        if not any(matches(name, module, p) for p in ignore):
+            left[name] = type(module).__name__
     return left

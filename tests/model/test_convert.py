@@ -107,21 +107,26 @@ class Upsampler(nn.Module):
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.up = nn.ConvTranspose2d(4, 3, 2, stride=2)
         self.norm = nn.LayerNorm(16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)  # in_proj_weight is no Linear
+        self.pos = nn.Parameter(torch.zeros(1, 48, 16))  # not a weight: no warning
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.up(self.conv(x)))
+        y = self.norm(self.up(self.conv(x))).flatten(1, 2) + self.pos
+        return self.attn(y, y, y, need_weights=False)[0]
 
 
 def test_weight_modules_without_a_quantizer_are_named(caplog):
     model = Upsampler().eval()
     with caplog.at_level(logging.WARNING, logger="postquant"):
         qmodel = postquant.quantize(model, {"method": "rtn", "w_bits": 4})
-    assert "1 modules with weights stay float" in caplog.text and "up (ConvTranspose2d)" in caplog.text
-    assert "norm" not in caplog.text  # 1-D weights (norms) are not quantized anywhere: no noise
-    assert list(quantized_layers(qmodel)) == ["conv"]
+    assert "2 modules with weights stay float" in caplog.text
+    assert "up (ConvTranspose2d)" in caplog.text and "attn (MultiheadAttention)" in caplog.text
+    message = caplog.records[-1].getMessage()
+    assert "norm (" not in message and "pos (" not in message  # norms and embeddings: no noise
+    assert list(quantized_layers(qmodel)) == ["conv", "attn.out_proj"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="postquant"):
-        postquant.quantize(model, {"method": "rtn", "w_bits": 4, "ignore": ["up"]})
+        postquant.quantize(model, {"method": "rtn", "w_bits": 4, "ignore": ["up", "attn"]})
     assert "stay float" not in caplog.text
 
 
