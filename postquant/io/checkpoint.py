@@ -38,7 +38,7 @@ from postquant.errors import CheckpointError, OutputError, RecipeError
 from postquant.grids import grid_from_state
 from postquant.io.pack import pack_codes, packed_nbytes, unpack_codes
 from postquant.model import quantized_layers, set_module
-from postquant.model.convert import replace_conv1d
+from postquant.model.convert import replace_layers
 from postquant.nn import ActQuantizer, QuantizedLayer
 
 __all__ = ["FORMAT_VERSION", "build_quantized_layer", "checkpoint_size", "float_size", "load", "save"]
@@ -513,7 +513,7 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     tensors = _read_tensors(directory, manifest)
     arch = manifest["architecture"]
     qmodel = copy.deepcopy(_float_model(manifest, model)).eval()
-    replace_conv1d(qmodel)  # as `quantize` did
+    replace_layers(qmodel)  # as `quantize` did
     _rebuild_structure(qmodel, arch)
     _check_architecture(qmodel, arch, manifest.get("model_name"))
 

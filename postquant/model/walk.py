@@ -29,12 +29,20 @@ def matches(name: str, module: nn.Module, pattern: str) -> bool:
 
 
 def quantizable_layers(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str, nn.Module]:
-    """Conv1d/Conv2d/Linear layers (subclasses included) by name, in registration order, minus `ignore`."""
+    """Conv1d/Conv2d/Linear layers (subclasses included) by name, in registration order, minus `ignore`.
+
+    The ``out_proj`` of an ``nn.MultiheadAttention`` is not one: the attention reads its weight and bias as
+    tensors instead of calling it, so a quantized layer there would never run (the attention stays float and
+    `quantize` names it in a warning).
+    """
     ignore = list(ignore)
+    attention = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention))
     return {
         name: m
         for name, m in model.named_modules()
-        if isinstance(m, QUANTIZABLE) and not any(matches(name, m, p) for p in ignore)
+        if isinstance(m, QUANTIZABLE)
+        and not (attention and name.startswith(attention))
+        and not any(matches(name, m, p) for p in ignore)
     }
 
 

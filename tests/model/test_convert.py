@@ -13,7 +13,8 @@ import postquant
 from postquant.errors import UnsupportedModelError
 from postquant.io import load, save
 from postquant.model import quantized_layers
-from postquant.model.convert import is_conv1d, replace_conv1d
+from postquant.model.convert import is_conv1d, replace_layers
+from postquant.nn import QuantizedLayer
 
 transformers = pytest.importorskip("transformers")
 
@@ -96,7 +97,7 @@ NotConv1D.__name__ = "Conv1D"
 def test_a_conv1d_that_computes_something_else_is_refused():
     model = nn.Sequential(NotConv1D(), nn.Linear(4, 2))
     with pytest.raises(UnsupportedModelError, match="does not compute x @ weight \\+ bias"):
-        replace_conv1d(model)
+        replace_layers(model)
     with pytest.raises(UnsupportedModelError, match="'0'"):
         postquant.quantize(model, {"method": "rtn", "w_bits": 4})
 
@@ -107,7 +108,7 @@ class Upsampler(nn.Module):
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.up = nn.ConvTranspose2d(4, 3, 2, stride=2)
         self.norm = nn.LayerNorm(16)
-        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)  # in_proj_weight is no Linear
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True, add_bias_kv=True)  # no Linear form
         self.pos = nn.Parameter(torch.zeros(1, 48, 16))  # not a weight: no warning
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,33 +120,51 @@ def test_weight_modules_without_a_quantizer_are_named(caplog):
     model = Upsampler().eval()
     with caplog.at_level(logging.WARNING, logger="postquant"):
         qmodel = postquant.quantize(model, {"method": "rtn", "w_bits": 4})
-    assert "2 modules with weights stay float" in caplog.text
-    assert "up (ConvTranspose2d)" in caplog.text and "attn (MultiheadAttention)" in caplog.text
     message = caplog.records[-1].getMessage()
+    assert message.startswith("3 modules with weights stay float")
+    assert "up (ConvTranspose2d)" in message and "attn (MultiheadAttention)" in message
+    assert "attn.out_proj" in message  # read as a tensor by the attention: a quantized layer would not run
     assert "norm (" not in message and "pos (" not in message  # norms and embeddings: no noise
-    assert list(quantized_layers(qmodel)) == ["conv", "attn.out_proj"]
+    assert list(quantized_layers(qmodel)) == ["conv"]
+    with torch.no_grad():
+        qmodel(torch.randn(2, 3, 8, 8))  # runs
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="postquant"):
-        postquant.quantize(model, {"method": "rtn", "w_bits": 4, "ignore": ["up", "attn"]})
+        postquant.quantize(model, {"method": "rtn", "w_bits": 4, "ignore": ["up", "attn*"]})
     assert "stay float" not in caplog.text
 
 
-def test_learned_rounding_on_a_causal_lm_runs_without_the_kv_cache(gpt2):
-    """Decoder layers get a KV cache by default; learned rounding must not feed it (it would grow every step)."""
-    ids = torch.randint(0, 100, (64, 12), generator=torch.Generator().manual_seed(2))
-    calib = [{"input_ids": ids[i : i + 32]} for i in (0, 32)]
-    learned = {"iters": 30, "progress": False}
-    rtn = postquant.quantize(gpt2, {"method": "rtn", "w_bits": 3}, calib=calib)
-    qmodel = postquant.quantize(gpt2, {"method": "learned", "w_bits": 3, "learned": learned}, calib=calib)
-    ref = _logits(gpt2, ids)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_pytorch_transformer_is_quantized_through_its_attention(batch_first, monkeypatch):
+    """nn.MultiheadAttention and the fused paths of nn.TransformerEncoder(Layer) read weights as tensors; the
+    attention is rebuilt from Linear layers, so every projection is quantized and actually runs."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
+    model = nn.TransformerEncoder(layer, 2).eval()
+    x = torch.randn(4, 10, 32)
+    x = x if batch_first else x.transpose(0, 1)
+    pad = torch.zeros(4, 10, dtype=torch.bool)
+    pad[1, 7:] = True
+    qmodel = postquant.quantize(model, {"method": "rtn", "w_bits": 4, "a_bits": 8}, calib=[x])
+    names = (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.out_proj",
+        "linear1",
+        "linear2",
+    )
+    expected = sorted(f"layers.{i}.{name}" for i in (0, 1) for name in names)
+    assert sorted(quantized_layers(qmodel)) == expected
+    assert isinstance(model.layers[0].self_attn, nn.MultiheadAttention)  # the original is untouched
 
-    def err(m: nn.Module) -> float:
-        return float((_logits(m, ids) - ref).norm() / ref.norm())
-
-    assert err(qmodel) < err(rtn)
-    assert qmodel.config.use_cache and gpt2.config.use_cache  # the user's setting is back
-    prompt = ids[:2, :4]
-    with torch.no_grad():
-        cached = qmodel.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
-        uncached = qmodel.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=False)
-    assert torch.equal(cached, uncached)
+    calls = []
+    forward = QuantizedLayer.forward
+    monkeypatch.setattr(QuantizedLayer, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    with torch.no_grad():  # inference: where PyTorch's fused paths would bypass the layers
+        ref, out = model(x), qmodel(x)
+        assert 0 < float((out - ref).norm() / ref.norm()) < 0.2
+        ref, out = model(x, src_key_padding_mask=pad), qmodel(x, src_key_padding_mask=pad)
+        keep = ~pad if batch_first else ~pad.t()  # padded positions are undefined
+        assert 0 < float((out - ref)[keep].norm() / ref[keep].norm()) < 0.2
+    assert len(calls) == 2 * len(expected)  # every quantized layer ran, in both calls
