@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from postquant.errors import OutputError, UnsupportedModelError
@@ -175,15 +176,35 @@ def _plan(qmodel: nn.Module) -> dict[str, _LayerQDQ]:
     return plans
 
 
+class _MatrixLinear(nn.Module):
+    """A Linear that flattens inputs of more than two dimensions to a matrix, so that it exports as one Gemm
+    on its weight initializer (the exporter turns a Linear on (N, L, D) into a MatMul on a folded, transposed
+    copy of the weight, which the QDQ rewrite cannot find). The same function: rows are independent."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = linear.weight
+        self.register_parameter("bias", linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def float_twin(qmodel: nn.Module) -> nn.Module:
     """A copy of `qmodel` where each `QuantizedLayer` is its float module holding the dequantized weight.
 
-    Input quantizers are dropped; `export_onnx` puts them back as QDQ nodes.
+    Input quantizers are dropped; `export_onnx` puts them back as QDQ nodes. Linears (whose forward is
+    ``nn.Linear``'s) take their input as a matrix (`_MatrixLinear`).
     """
     twin = copy.deepcopy(qmodel).eval()
     for name, layer in quantized_layers(twin).items():
         inner = layer.inner
         inner.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+        if isinstance(inner, nn.Linear) and type(inner).forward is nn.Linear.forward:
+            inner = _MatrixLinear(inner)
         set_module(twin, name, inner)
     return twin
 

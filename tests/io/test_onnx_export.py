@@ -72,6 +72,23 @@ def test_sequential_with_per_tensor_and_per_group_grids(tmp_path):
         assert (result["float_compute_layers"] == {}) == fused, result["float_compute_layers"]
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_pytorch_transformer_exports_every_projection(batch_first, tmp_path):
+    """Linears on (N, L, D) inputs (the FFN) and the attention's projections all become QDQ Gemms."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
+    with torch.no_grad():  # the encoder's layers are copies of one layer: make them differ, as trained ones do
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x = torch.randn(8, 10, 32) if batch_first else torch.randn(10, 8, 32)
+    qmodel = postquant.quantize(model, {"w_bits": 8, "a_bits": 8, "symmetric": True}, calib=x)
+    example = x[:2] if batch_first else x[:, :2]
+    result = export_onnx(qmodel, example, tmp_path / "encoder.onnx", verify_batches=[example])
+    assert result["int8_weight_layers"] == 12 and result["float_compute_layers"] == {}
+    assert result["sqnr_db"] > 40  # the same function as the simulation, up to float kernels
+
+
 def test_zero_points_outside_int8_fall_back_to_an_add(tmp_path):
     layer = nn.Conv2d(4, 2, 1)
     with torch.no_grad():
