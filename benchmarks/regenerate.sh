@@ -10,6 +10,7 @@ python3 benchmarks/accuracy.py --suite all --models efficientnet-lite0 --limit 5
     --json benchmarks/results/accuracy_lite0.json --out benchmarks/results/accuracy_lite0.md
 python3 benchmarks/squant_speed.py --threads 1 --repeats 9 --out benchmarks/results/squant_speed.md
 python3 benchmarks/export_bench.py --out benchmarks/results/export.md
+python3 benchmarks/onnx_sts.py --limit 400 --out benchmarks/results/onnx_sts.md
 # power grid vs uniform grid (lite0 in its own JSON, then merged into power_grid.md)
 python3 benchmarks/power_grid.py --models resnet20-cifar10
 python3 benchmarks/power_grid.py --models efficientnet-lite0 --limit 500 --json benchmarks/results/power_grid_lite0.json

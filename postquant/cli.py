@@ -393,20 +393,25 @@ def export_onnx_cmd(
         from postquant.errors import DataError
         from postquant.io import export_onnx, load
         from postquant.zoo import load_model
+        from postquant.zoo.datasets import SentencePair
 
         _check_writable_file(output)
         qmodel = load(_checkpoint_dir(run_dir))
         zoo = load_model(qmodel.postquant_model_name)
         try:
             batches = [x for x, _ in zoo.eval_batches(limit=verify, batch_size=32)] if verify else None
+            if batches and isinstance(batches[0], SentencePair):  # sentence pairs: the model takes one side
+                batches = [pair.first for pair in batches]
         except DataError as exc:
             console.print(f"[yellow]warning:[/] {exc}; verifying on the example inputs only")
             batches = [zoo.example_inputs]
         info = export_onnx(qmodel, zoo.example_inputs, output, verify_batches=batches)
+        top1 = info.get("top1_agreement")
+        agreement = f"top-1 agreement {top1:.2f} %, " if top1 is not None and top1 == top1 else ""
         out_console.print(
-            f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB): top-1 agreement with the PyTorch "
-            f"simulation {info.get('top1_agreement', float('nan')):.2f} %, SQNR {info.get('sqnr_db', float('nan')):.1f} dB, "
-            f"max |diff| {info.get('max_abs_diff', float('nan')):.3g}, integer kernels: {info.get('integer_kernels')}"
+            f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB): against the PyTorch simulation "
+            f"{agreement}SQNR {info.get('sqnr_db', float('nan')):.1f} dB, "
+            f"max |diff| {info.get('max_abs_diff', float('nan')):.3g}; integer kernels: {info.get('integer_kernels')}"
         )
     except PostquantError as exc:
         _fail(exc)

@@ -32,7 +32,7 @@ import math
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,24 +212,81 @@ def float_twin(qmodel: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------------------------- export
 
 
-def _as_args(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+@dataclass
+class _Inputs:
+    """The example inputs: positional tensors, or keyword tensors (a tokenizer's dict)."""
+
+    args: tuple[torch.Tensor, ...]
+    kwargs: dict[str, torch.Tensor]
+
+    @property
+    def names(self) -> list[str]:
+        if self.kwargs:
+            return list(self.kwargs)
+        return ["input"] if len(self.args) == 1 else [f"input_{i}" for i in range(len(self.args))]
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Dimension 0 of every input is the batch; dimension 1 of keyword inputs is the sequence."""
+        tensors = list(self.kwargs.values()) if self.kwargs else list(self.args)
+        return {
+            name: {0: "batch", 1: "sequence"} if self.kwargs and t.dim() >= 2 else {0: "batch"}
+            for name, t in zip(self.names, tensors, strict=True)
+        }
+
+
+def _as_inputs(example_inputs: Any) -> _Inputs:
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        return _Inputs((example_inputs,), {})
     if isinstance(example_inputs, tuple | list) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
+        return _Inputs(tuple(example_inputs), {})
+    if isinstance(example_inputs, Mapping) and all(
+        isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in example_inputs.items()
+    ):
+        return _Inputs((), dict(example_inputs))
     raise UnsupportedModelError(
-        f"export_onnx takes example inputs as a tensor or a tuple of positional tensors, not "
-        f"{type(example_inputs).__name__} (keyword inputs, e.g. tokenizer dicts, are not supported)"
+        "export_onnx takes example inputs as a tensor, a tuple of positional tensors or a dict of keyword "
+        f"tensors (a tokenizer's output), not {type(example_inputs).__name__}"
     )
 
 
-def _input_names(n: int) -> list[str]:
-    return ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
+def _first_tensor(out: Any) -> torch.Tensor:
+    """The first output: the tensor itself, or the first tensor of a tuple, dict or ``ModelOutput``."""
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, tuple | list) else []
+    first = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    if first is None:
+        raise UnsupportedModelError(f"the model returns {type(out).__name__} without a tensor to compare")
+    return first
 
 
-def _torch_export(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset: int) -> None:
-    names = _input_names(len(args))
-    axes = {name: {0: "batch"} for name in [*names, "output"]}
+class _Keywords(nn.Module):
+    """Calls `model` with keyword tensors given positionally, in the order of `names` (what the exporter
+    traces: its own keyword handling trips over models with more keyword parameters, such as BERT's)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.model(**dict(zip(self.names, args, strict=True)))
+
+    @staticmethod
+    def unwrap(graph: Any) -> None:
+        """Drop the wrapper's ``model.`` from the initializer names, so that layers are found by their names."""
+        renamed = {i.name: i.name[len("model.") :] for i in graph.initializer if i.name.startswith("model.")}
+        for init in graph.initializer:
+            init.name = renamed.get(init.name, init.name)
+        for node in graph.node:
+            node.input[:] = [renamed.get(x, x) for x in node.input]
+
+
+def _torch_export(model: nn.Module, inputs: _Inputs, path: Path, opset: int) -> None:
+    axes = {**inputs.dynamic_axes, "output": {0: "batch"}}
+    args = inputs.args
+    if inputs.kwargs:
+        model, args = _Keywords(model, inputs.names), tuple(inputs.kwargs.values())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
@@ -241,7 +298,7 @@ def _torch_export(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, 
                 str(path),
                 dynamo=False,
                 opset_version=opset,
-                input_names=names,
+                input_names=inputs.names,
                 output_names=["output"],
                 dynamic_axes=axes,
                 do_constant_folding=True,
@@ -400,6 +457,8 @@ def _quantize_gemm_bias(graph: Any, name: str, node: Any, w: _WeightQDQ, act: _A
         ]
     )
     node.input[2] = f"{name}/bias_dq"
+    if not any(found[0].name in other.input for other in graph.node):
+        graph.initializer.remove(found[0])  # the float bias is not needed any more
     return [
         helper.make_node(
             "DequantizeLinear",
@@ -478,14 +537,16 @@ def count_kernels(path: str | Path) -> dict[str, Any]:
     return {"integer_kernels": integer, "float_kernels": floats, "ops": dict(sorted(ops.items()))}
 
 
-def _model_inputs(batch: Any, n_inputs: int) -> tuple[torch.Tensor, ...]:
+def _model_inputs(batch: Any, n_inputs: int) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor]:
     """The model inputs of a batch; ``(inputs, labels)`` pairs of a single-input model lose their labels."""
     if isinstance(batch, torch.Tensor):
         return (batch,)
+    if isinstance(batch, Mapping):
+        return dict(batch)
     if isinstance(batch, tuple | list):
         return tuple(batch[:n_inputs])
     raise UnsupportedModelError(
-        f"a verification batch must be a tensor or a tuple, not {type(batch).__name__}"
+        f"a verification batch must be a tensor, a tuple or a dict of tensors, not {type(batch).__name__}"
     )
 
 
@@ -512,11 +573,13 @@ def verify_onnx(qmodel: nn.Module, path: str | Path, batches: Iterable[Any]) -> 
     for batch in batches:
         inputs = _model_inputs(batch, len(names))
         with torch.inference_mode(), eval_mode(qmodel):
-            ref = qmodel(*inputs)
-        ref = (ref[0] if isinstance(ref, tuple | list) else ref).double().numpy()
-        out = session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})[0].astype(
-            np.float64
-        )
+            ref = qmodel(**inputs) if isinstance(inputs, Mapping) else qmodel(*inputs)
+        ref = _first_tensor(ref).double().numpy()
+        if isinstance(inputs, Mapping):  # the exporter drops keyword inputs the graph does not use
+            feed = {n: inputs[n].numpy() for n in names}
+        else:
+            feed = {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
+        out = session.run(None, feed)[0].astype(np.float64)
         diff = out - ref
         signal += float(np.square(ref).sum())
         noise += float(np.square(diff).sum())
@@ -548,7 +611,9 @@ def export_onnx(
 
     Args:
         qmodel: a quantized model (a float model exports as plain float ONNX, e.g. as a speed baseline).
-        example_inputs: a tensor or tuple of tensors the model accepts; dimension 0 is exported as dynamic.
+        example_inputs: a tensor, a tuple of tensors or a dict of keyword tensors (a tokenizer's output) that
+            the model accepts; dimension 0 is exported as dynamic (and dimension 1 of keyword inputs: the
+            sequence). A model that returns several outputs is checked on the first.
         path: the ``.onnx`` file to write (its folder is created).
         verify_batches: batches to compare onnxruntime with the PyTorch simulation on (see `verify_onnx`).
         opset: ONNX opset, 13 or more (per-channel DequantizeLinear).
@@ -571,11 +636,13 @@ def export_onnx(
     plans = _plan(qmodel)
     if not plans:
         log.info("%s has no quantized layer: exporting it in float", type(qmodel).__name__)
-    args = _as_args(example_inputs)
+    inputs = _as_inputs(example_inputs)
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.onnx"
-        _torch_export(float_twin(qmodel), args, float_path, opset)
+        _torch_export(float_twin(qmodel), inputs, float_path, opset)
         model = onnx.load(str(float_path))
+    if inputs.kwargs:
+        _Keywords.unwrap(model.graph)
     _rewrite(model, plans)
     onnx.checker.check_model(model)
     try:

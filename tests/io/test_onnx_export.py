@@ -78,7 +78,9 @@ def test_a_pytorch_transformer_exports_every_projection(batch_first, tmp_path):
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
     model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
-    with torch.no_grad():  # the encoder's layers are copies of one layer: make them differ, as trained ones do
+    with (
+        torch.no_grad()
+    ):  # the encoder's layers are copies of one layer: make them differ, as trained ones do
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     x = torch.randn(8, 10, 32) if batch_first else torch.randn(10, 8, 32)
@@ -87,6 +89,46 @@ def test_a_pytorch_transformer_exports_every_projection(batch_first, tmp_path):
     result = export_onnx(qmodel, example, tmp_path / "encoder.onnx", verify_batches=[example])
     assert result["int8_weight_layers"] == 12 and result["float_compute_layers"] == {}
     assert result["sqnr_db"] > 40  # the same function as the simulation, up to float kernels
+
+
+def test_a_model_with_keyword_inputs_exports(tmp_path):
+    """A Hugging Face encoder called with a tokenizer dict: every Linear becomes an int8 QDQ Gemm."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+    model = transformers.BertModel(config, add_pooling_layer=False).eval()
+    gen = torch.Generator().manual_seed(1)
+
+    def tokens(n: int, length: int) -> dict[str, torch.Tensor]:
+        mask = torch.ones(n, length, dtype=torch.long)
+        mask[0, length // 2 :] = 0  # a padded sentence
+        ids = torch.randint(0, 50, (n, length), generator=gen)
+        return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": mask}
+
+    calib, other = tokens(16, 9), tokens(4, 13)  # another batch size and length than the example
+    weight_only = postquant.quantize(model, {"w_bits": 8, "symmetric": True}, calib=calib)
+    result = export_onnx(weight_only, tokens(2, 9), tmp_path / "bert.onnx", verify_batches=[other])
+    assert result["int8_weight_layers"] == 12 and result["float_compute_layers"] == {}
+    assert result["sqnr_db"] > 60  # no activation rounding: the same function up to float kernels
+
+    # with activations, ONNX and the simulation are two quantized models a few rounding flips apart: both
+    # must be as close to the float model
+    w8a8 = postquant.quantize(model, {"w_bits": 8, "a_bits": 8, "symmetric": True}, calib=calib)
+    export_onnx(w8a8, tokens(2, 9), tmp_path / "bert_a8.onnx")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "bert_a8.onnx"), providers=["CPUExecutionProvider"])
+    feed = {i.name: other[i.name].numpy() for i in session.get_inputs()}
+    with torch.no_grad():
+        ref, sim = model(**other)[0], w8a8(**other)[0]
+    onnx_out = torch.from_numpy(session.run(None, feed)[0])
+
+    def sqnr(x: torch.Tensor) -> float:
+        return float(10 * torch.log10(ref.pow(2).sum() / (x - ref).pow(2).sum()))
+
+    assert sqnr(onnx_out) > sqnr(sim) - 3 > 15
 
 
 def test_zero_points_outside_int8_fall_back_to_an_add(tmp_path):
