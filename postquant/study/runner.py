@@ -177,8 +177,12 @@ class ResultStore:
         return self.path.with_name(self.path.name + CLAIMS_SUFFIX)
 
     def claim(self, run: PlannedRun) -> bool:
-        """Claim `run` for this process; False when another live process holds it (a dead one's is taken)."""
+        """Claim `run` for this process; False when another live process holds it (a dead one's is taken) or
+        has just finished it."""
         with self._locked():
+            self.refresh()  # records are written under this lock before their claim is released
+            if self.find(run) is not None:
+                return False
             claims = self._claims()
             holder = claims.get(run.run_hash)
             if holder is not None and holder != _this_process() and _alive(holder):
@@ -379,7 +383,7 @@ class StudyRunner:
     def _run_claimed(self, settings: StudySettings, run: PlannedRun) -> bool:
         """Run `run` under this process's claim; False (nothing run) when another live process holds it."""
         if not self.store.claim(run):
-            log.info("%s / %s seed %d: running in another process", run.axis, run.variant.label, run.seed)
+            log.info("%s / %s seed %d: in another process", run.axis, run.variant.label, run.seed)
             return False
         try:
             self._run_one(settings, run)

@@ -296,6 +296,14 @@ def test_waiting_picks_up_what_the_other_process_finished(tmp_path, tiny_zoo, ca
     assert {r["variant"]: r["value"] for r in records}["random 0.5"] == 42.0
 
 
+def test_a_run_finished_elsewhere_cannot_be_claimed(tmp_path):
+    run = plan_axis(SETTINGS, get_axis("selection"), [0], ["all"])[0]
+    mine, theirs = runner_mod.ResultStore(tmp_path), runner_mod.ResultStore(tmp_path)
+    theirs.put(run.key, {"run_hash": run.run_hash, "value": 1.0})  # `mine` has not read it yet
+    assert not mine.claim(run)
+    assert not (tmp_path / "results.json.claims").exists()  # nothing was claimed
+
+
 def test_claims_tell_a_live_process_from_a_dead_or_reused_pid(other_process):
     me = runner_mod._this_process()
     assert runner_mod._alive(me)
