@@ -74,9 +74,10 @@ def quantize(
     """Quantize a trained float model after training; the original is not modified.
 
     Args:
-        model: any ``nn.Module`` built from Conv1d/Conv2d/Linear layers (subclasses count; Hugging Face's
-            ``Conv1D`` of GPT-2 is quantized as the equivalent Linear). Modules with weights of other types
-            stay float, with a warning that names them.
+        model: any ``nn.Module`` built from Conv1d/Conv2d/Linear layers (subclasses count). Hugging Face's
+            ``Conv1D`` (GPT-2) and ``nn.MultiheadAttention`` are first rebuilt from equivalent Linears
+            (`postquant.model.convert`). Modules with weights of other types stay float, with a warning that
+            names them.
         recipe: a `Recipe`, a dict of its fields, or the path of a YAML recipe.
         calib: calibration data (a DataLoader, an iterable of batches, a tensor, or a callable
             ``forward_loop(model)``); needed for activation ranges unless a data-free rule is chosen.
@@ -89,7 +90,7 @@ def quantize(
     start = time.perf_counter()
     recipe = Recipe.coerce(recipe)
     torch.manual_seed(recipe.seed)
-    model = with_linear_layers(model)  # Hugging Face Conv1D (GPT-2) as nn.Linear, in a copy
+    model = with_linear_layers(model)  # Conv1D and MultiheadAttention rebuilt from nn.Linear, in a copy
     plan = make_plan(model, recipe)  # validates the layer set before any work
     check_finite(model, list(plan))
     left = float_weight_modules(model, list(plan), recipe.ignore)
