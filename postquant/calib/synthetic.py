@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from postquant.errors import DataError
+from postquant.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +84,13 @@ def distill_bn_data(
     lr: float = 0.2,
     batch_size: int = 64,
     seed: int = 0,
+    progress: bool = True,
 ) -> list[torch.Tensor]:
     """ZeroQ synthetic data: `n` inputs of `input_shape` (one sample, e.g. (3, 32, 32)) in batches.
 
     Each batch starts from seeded standard-normal noise and takes `steps` Adam steps on
-    `bn_statistics_loss`. The model is left unchanged (its parameters get no gradient).
+    `bn_statistics_loss` (a forward and backward pass of the model each: `progress` shows a bar). The model
+    is left unchanged (its parameters get no gradient).
 
     Returns:
         A list of batches (tensors), at most `batch_size` samples each.
@@ -105,7 +109,8 @@ def distill_bn_data(
             m = min(batch_size, n - start)
             x = torch.randn(m, *input_shape, generator=generator).requires_grad_(True)
             opt = torch.optim.Adam([x], lr=lr)
-            for _ in range(steps):
+            desc = f"synthetic data {start // batch_size + 1}/{math.ceil(n / batch_size)}"
+            for _ in progress_bar(range(steps), enabled=progress, desc=desc, unit="step", leave=False):
                 opt.zero_grad(set_to_none=True)
                 loss = bn_statistics_loss(model, x)
                 loss.backward()

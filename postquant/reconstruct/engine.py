@@ -95,7 +95,12 @@ def prepare(model: nn.Module, recipe: Recipe, batches: Any, example_inputs: Any)
     start = time.perf_counter()
     if cfg.calib_source is CalibSource.SYNTHETIC:
         batches = distill_bn_data(
-            model, shape, recipe.calib_size, steps=cfg.synthetic_steps, seed=recipe.seed
+            model,
+            shape,
+            recipe.calib_size,
+            steps=cfg.synthetic_steps,
+            seed=recipe.seed,
+            progress=cfg.progress,
         )
     else:
         batches = noise_data(shape, recipe.calib_size, seed=recipe.seed)
