@@ -9,7 +9,7 @@ from pathlib import Path
 from postquant.errors import OutputError
 from postquant.study.axes import Axis, Variant, combined_axis
 from postquant.study.report import Row, axis_section, best_helping, missing_runs, study_markdown
-from postquant.study.runner import StudyRunner, plan_axis, run_axis
+from postquant.study.runner import PlannedRun, StudyRunner, plan_axis, run_axis
 from postquant.study.settings import StudySettings
 
 log = logging.getLogger(__name__)
@@ -48,12 +48,8 @@ def study_axis(
     labels: list[str] | None = None,
     run: bool = True,
     command: str | None = None,
-    wait: bool = True,
 ) -> AxisReport:
     """Run one axis (unless `run` is false: cached results only) and write its table and plot.
-
-    `wait`: wait for the runs of the axis that other processes sharing OUT are running (else the table
-    lists them as missing).
 
     Writes ``OUT/<model>_<bits>_<axis>.md`` (headed by the commands remembered in ``OUT/commands.txt``,
     `command` added) and ``OUT/plots/<model>_<bits>_<axis>.png``.
@@ -63,7 +59,7 @@ def study_axis(
     """
     out_dir = runner.store.path.parent
     if run:
-        runs, records = run_axis(settings, axis, seeds, runner, labels, wait)
+        runs, records = run_axis(settings, axis, seeds, runner, labels)
     else:
         runs = plan_axis(settings, axis, seeds, labels)
         records = runner.cached(runs)
@@ -97,7 +93,9 @@ def study_all(
 ) -> Path:
     """Every axis on every (model, bits) of `settings_list`, then ``OUT/STUDY.md`` from all cached results.
 
-    `seeds` ``None``: each settings' own ``seeds`` (0..seeds-1). Missing runs (time budget, failures,
+    `seeds` ``None``: each settings' own ``seeds`` (0..seeds-1). The runs go breadth first over the axes
+    (`breadth_first`): the baseline, then every axis's first variant, then the second..., so that a time
+    budget leaves every axis measured rather than the last ones empty. Missing runs (time budget, failures,
     interrupted earlier sessions) are listed in STUDY.md; running the same command again adds them. Once
     every axis of a (model, bits) is measured, the variants that help are run together against the base
     (`combined_axis`): the best combination found.
@@ -108,16 +106,9 @@ def study_all(
     for settings in settings_list:
         sections.append(f"## {settings.model} {settings.bits}\n")
         chosen = seeds if seeds is not None else list(range(settings.seeds))
-        reports = []
-        for axis in axes:  # runs other processes are on are not waited for here: this one goes on
-            report = study_axis(
-                settings, axis, chosen, runner, run=run and not runner.out_of_time, wait=False
-            )
-            reports.append((axis, report))
-        if runner.elsewhere:  # then wait for them, and report again with their results
-            runner.wait_for(runner.elsewhere)
-            runner.elsewhere = []
-            reports = [(axis, study_axis(settings, axis, chosen, runner, run=False)) for axis in axes]
+        if run and not runner.out_of_time:  # waits for the runs that other processes sharing OUT are on
+            runner.run(settings, breadth_first([plan_axis(settings, axis, chosen) for axis in axes]))
+        reports = [(axis, study_axis(settings, axis, chosen, runner, run=False)) for axis in axes]
         combined = _best_combination(settings, reports, chosen, runner, run)
         if combined is not None:
             reports.append(combined)
@@ -132,6 +123,23 @@ def study_all(
     _write(out_dir / VERDICTS_FILE, "\n".join([*measured, "", gaps]).strip() + "\n")
     log.info("wrote %s (%d runs missing)", path, len(missing))
     return path
+
+
+def breadth_first(plans: list[list[PlannedRun]]) -> list[PlannedRun]:
+    """The runs of several axes, variant by variant across the axes: every axis's k-th variant (all its seeds
+    together) before any axis's (k+1)-th. A run planned twice (a shared baseline) is kept once."""
+    by_variant = []
+    for runs in plans:
+        labels = list(dict.fromkeys(r.variant.label for r in runs))
+        by_variant.append([[r for r in runs if r.variant.label == label] for label in labels])
+    ordered, seen = [], set()
+    for k in range(max((len(v) for v in by_variant), default=0)):
+        for variants in by_variant:
+            for run in variants[k] if k < len(variants) else []:
+                if run.key not in seen and (run.run_hash == "" or run.run_hash not in seen):
+                    ordered.append(run)
+                    seen.update({run.key, run.run_hash} - {""})
+    return ordered
 
 
 def _best_combination(

@@ -234,12 +234,18 @@ class ResultStore:
         os.replace(tmp, path)
 
 
-def _process_start(pid: int) -> str | None:
-    """The start time of process `pid` in clock ticks since boot (Linux), to tell it from a reused pid."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (Linux; None elsewhere or if gone)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` in clock ticks since boot (Linux), to tell it from a reused pid."""
+    stat = _proc_stat(pid)
+    return stat[19] if stat is not None and len(stat) > 19 else None
 
 
 def _this_process() -> dict[str, Any]:
@@ -262,6 +268,9 @@ def _alive(holder: dict[str, Any]) -> bool:
     except PermissionError:
         pass  # alive, owned by another user
     except OverflowError:
+        return False
+    stat = _proc_stat(pid)
+    if stat is not None and stat[0] in ("Z", "X"):  # exited, not yet reaped by its parent
         return False
     start = _process_start(pid)
     return start is None or holder.get("start") in (None, start)
@@ -314,7 +323,6 @@ class StudyRunner:
     ) -> None:
         self.store = ResultStore(out_dir)
         self.poll_seconds = poll_seconds
-        self.elsewhere: list[tuple[StudySettings, PlannedRun]] = []  # left to other processes, not waited for
         self.loader = loader
         self.progress = progress
         self.deadline = None if max_seconds is None else time.monotonic() + max_seconds
@@ -322,12 +330,11 @@ class StudyRunner:
         self.failures: dict[str, str] = {}  # key -> reason (not cached: they are tried again next time)
         self.out_of_time = False
 
-    def run(self, settings: StudySettings, runs: list[PlannedRun], wait: bool = True) -> list[dict[str, Any]]:
+    def run(self, settings: StudySettings, runs: list[PlannedRun]) -> list[dict[str, Any]]:
         """Run what is not cached yet; return the records of every available run that is finished.
 
-        A run that another live process has claimed is left to it. With `wait`, this call then waits for
-        those runs (and runs any whose process died); without, they are remembered in `elsewhere` for a
-        later `wait_for`.
+        A run that another live process has claimed is left to it; at the end this call waits for those runs
+        (and runs any that their process gave up).
         """
         todo = [r for r in runs if r.recipe is not None and self.store.find(r) is None]
         log.info(
@@ -346,31 +353,28 @@ class StudyRunner:
                 if self.store.find(run) is None and not self._run_claimed(settings, run):
                     others.append(run)
                 bar.update()
-        if wait:
-            self.wait_for([(settings, run) for run in others])
-        else:
-            self.elsewhere += [(settings, run) for run in others]
+        self._wait_for(settings, others)
         return self.cached(runs)
 
-    def wait_for(self, runs: list[tuple[StudySettings, PlannedRun]]) -> None:
+    def _wait_for(self, settings: StudySettings, runs: list[PlannedRun]) -> None:
         """Wait until the runs other processes have claimed are finished; run those they give up.
 
         A run is given up when its process dies or releases it unfinished (it failed there). It is then run
         here, unless the time budget is spent.
         """
-        left = [(settings, run) for settings, run in runs if self.store.find(run) is None]
+        left = [run for run in runs if self.store.find(run) is None]
         if left:
             log.info("waiting for %d runs that other processes are running", len(left))
         while left:
             self.store.refresh()
             still = []
-            for settings, run in left:
+            for run in left:
                 if self.store.find(run) is not None:
                     continue
                 if self.store.held_elsewhere(run):
-                    still.append((settings, run))
+                    still.append(run)
                 elif not self._spent() and not self._run_claimed(settings, run):
-                    still.append((settings, run))  # claimed again by another process meanwhile
+                    still.append(run)  # claimed again by another process meanwhile
             left = still
             if left:
                 time.sleep(self.poll_seconds)
@@ -466,11 +470,7 @@ def run_axis(
     seeds: Iterable[int],
     runner: StudyRunner,
     labels: Iterable[str] | None = None,
-    wait: bool = True,
 ) -> tuple[list[PlannedRun], list[dict[str, Any]]]:
-    """Plan and run one axis; return the plan and the finished records (cached ones included).
-
-    `wait`: wait for the runs of this axis that other processes sharing OUT are running (`StudyRunner.run`).
-    """
+    """Plan and run one axis; return the plan and the finished records (cached ones included)."""
     runs = plan_axis(settings, axis, list(seeds), labels)
-    return runs, runner.run(settings, runs, wait)
+    return runs, runner.run(settings, runs)

@@ -31,6 +31,7 @@ from postquant.study import (
     verdict,
 )
 from postquant.study.axes import combined_axis, fill_bits
+from postquant.study.driver import breadth_first
 from postquant.study.report import HELPS, HURTS, NO_VERDICT, NOISE
 from postquant.study.runner import plan_axis
 from postquant.study.settings import OTHER_CALIB, default_settings
@@ -269,14 +270,18 @@ def test_a_run_claimed_by_another_live_process_is_left_to_it(tmp_path, tiny_zoo,
     out.mkdir()
     runs = plan_axis(SETTINGS, get_axis("selection"), [0], SELECTION)
     _claim_for(out, runs[1], other_process.pid)
-    runner = _runner(out, tiny_zoo, poll_seconds=0.01)
-    records = runner.run(SETTINGS, runs, wait=False)
-    assert calls["n"] == 1 and [r["variant"] for r in records] == ["all"]
-    assert [run.key for _, run in runner.elsewhere] == [runs[1].key]
-    other_process.kill()
-    other_process.wait()
-    runner.wait_for(runner.elsewhere)  # its process died: taken over and run here
-    assert calls["n"] == 2 and runner.store.find(runs[1]) is not None
+    ran_before_death = []
+
+    def die() -> None:
+        ran_before_death.append(calls["n"])
+        other_process.kill()  # not reaped until the fixture ends: a zombie counts as dead
+
+    killer = threading.Timer(3.0, die)
+    killer.start()
+    records = _runner(out, tiny_zoo, poll_seconds=0.01).run(SETTINGS, runs)
+    killer.join()
+    assert ran_before_death == [1]  # the baseline only: the claimed run was left to its live process
+    assert calls["n"] == 2 and len(records) == 2  # then its process died: taken over and run here
     assert json.loads((out / "results.json.claims").read_text()) == {}  # every claim released
 
 
@@ -302,6 +307,21 @@ def test_a_run_finished_elsewhere_cannot_be_claimed(tmp_path):
     theirs.put(run.key, {"run_hash": run.run_hash, "value": 1.0})  # `mine` has not read it yet
     assert not mine.claim(run)
     assert not (tmp_path / "results.json.claims").exists()  # nothing was claimed
+
+
+def test_study_all_goes_breadth_first_over_the_axes():
+    sel, grid = get_axis("selection"), get_axis("grid")
+    order = breadth_first([plan_axis(SETTINGS, sel, [0, 1]), plan_axis(SETTINGS, grid, [0, 1])])
+    labels = [(r.axis, r.variant.label, r.seed) for r in order]
+    assert labels[:6] == [
+        ("selection", "all", 0),
+        ("selection", "all", 1),  # grid's baseline is the same recipe: kept once
+        ("selection", "band 0.25", 0),
+        ("selection", "band 0.25", 1),
+        ("grid", "power", 0),
+        ("grid", "power", 1),
+    ]
+    assert len(order) == 2 * (len(sel.variants) + 1)
 
 
 def test_claims_tell_a_live_process_from_a_dead_or_reused_pid(other_process):
