@@ -64,9 +64,9 @@ class PlannedRun:
 
 # The study base is the `learned` default as it was when the study began; what the study itself changed in the
 # default since (2026-12-03: MSE activation ranges, random half selection) is pinned back, so that every cached
-# run and every new one share one base. Run hashes do not change: selection 'all' is the class default (left out
-# of the hash by exclude_defaults) and min/max is left out explicitly (`_plan_one`).
-STUDY_A_OBSERVER = "minmax"
+# run and every new one share one base. A pinned value is left out of the run hash (`_plan_one`), as a default
+# is, so the hashes of the runs cached before the pin stay valid. Pin here whatever default moves next.
+STUDY_PINS: dict[str, Any] = {"a_observer": "minmax"}
 STUDY_LEARNED: dict[str, Any] = {"selection": "all"}
 
 
@@ -78,7 +78,7 @@ def variant_recipe(settings: StudySettings, variant: Variant, seed: int) -> Reci
     """
     base = settings.base_recipe()
     changes = fill_bits(variant.changes, parse_bits(settings.bits)[0])
-    data = {"a_observer": STUDY_A_OBSERVER, **base, **{k: v for k, v in changes.items() if k != "learned"}}
+    data = {**STUDY_PINS, **base, **{k: v for k, v in changes.items() if k != "learned"}}
     data["seed"] = seed
     data["learned"] = {**STUDY_LEARNED, **base["learned"], **changes.get("learned", {})}
     return Recipe.coerce(data)
@@ -119,8 +119,10 @@ def _plan_one(settings: StudySettings, axis: Axis, variant: Variant, seed: int) 
         effective["learned"] = recipe.learned.model_dump(
             mode="json", exclude_defaults=True, exclude={"checkpoint_dir", "progress"}
         )
-    if effective.get("a_observer") == STUDY_A_OBSERVER:
-        del effective["a_observer"]  # runs cached while min/max was the recipe default keep their hash
+    for fields, pins in ((effective, STUDY_PINS), (effective.get("learned", {}), STUDY_LEARNED)):
+        for key, value in pins.items():  # runs cached before a pin was needed keep their hash
+            if fields.get(key) == value:
+                del fields[key]
     run_hash = digest(
         {"model": settings.model, "recipe": effective, "calib": variant.calib_data, "limit": settings.limit}
     )
