@@ -1,4 +1,4 @@
-"""Resuming learned rounding: finished units saved as safetensors plus a JSON index.
+"""Resuming learned rounding: finished units saved as safetensors plus a JSON index (and distilled data).
 
 The directory is keyed by a hash of the recipe, the learned config, the float model's weights and the unit
 names, so a resume never mixes runs. Every RNG of unit k is seeded from (seed, k) and earlier units are
@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,36 @@ class CheckpointStore:
         text = json.dumps(self.index, indent=1)
         _write_atomic(self.index_path, lambda tmp: Path(tmp).write_text(text))
         log.debug("checkpointed unit %d (%s) to %s", k, self.units[k], self.dir)
+
+
+def cached_batches(
+    root: str | Path | None, parts: dict[str, Any], make: Callable[[], list[torch.Tensor]]
+) -> list[torch.Tensor]:
+    """`make()`'s batches, saved in ``root/data_<key>.safetensors`` and loaded from there next time.
+
+    For calibration data that is costly and deterministic to build (synthetic BatchNorm-matched images: a
+    forward and backward pass of the model per step), so that resuming an interrupted run does not build it
+    again. `parts` must hold everything the data depends on (the key is their hash). No `root`: no cache.
+    """
+    if root is None:
+        return make()
+    path = Path(root).expanduser() / f"data_{run_key(parts)}.safetensors"
+    if path.is_file():
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types on a damaged file
+            raise CheckpointError(
+                f"{path} cannot be read ({exc}); delete it to build the data again"
+            ) from exc
+        log.info("calibration data loaded from %s", path)
+        return [tensors[f"batch_{i}"] for i in range(len(tensors))]
+    batches = make()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"batch_{i}": b.detach().cpu().contiguous() for i, b in enumerate(batches)}
+        _write_atomic(path, lambda tmp: save_file(tensors, tmp))
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {path}: {exc.strerror or exc}; choose a writable checkpoint_dir"
+        ) from exc
+    return batches

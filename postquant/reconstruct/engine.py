@@ -24,7 +24,13 @@ from postquant.errors import DataError
 from postquant.model.blocks import Unit, make_units
 from postquant.model.hf import no_kv_cache
 from postquant.reconstruct.cache import Carried, carry_outputs, collect_unit_data, nbytes
-from postquant.reconstruct.checkpoint import CheckpointStore, model_fingerprint, run_key, unit_seed
+from postquant.reconstruct.checkpoint import (
+    CheckpointStore,
+    cached_batches,
+    model_fingerprint,
+    run_key,
+    unit_seed,
+)
 from postquant.reconstruct.config import CalibSource, LearnedConfig, Loss
 from postquant.reconstruct.loop import UnitOutcome, check_batch_size, reconstruct_unit, restore, snapshot
 from postquant.reconstruct.presets import PRESETS, preset
@@ -93,14 +99,25 @@ def prepare(model: nn.Module, recipe: Recipe, batches: Any, example_inputs: Any)
         )
     shape = tuple(shape_src.shape[1:])
     start = time.perf_counter()
-    if cfg.calib_source is CalibSource.SYNTHETIC:
-        batches = distill_bn_data(
-            model,
-            shape,
-            recipe.calib_size,
-            steps=cfg.synthetic_steps,
-            seed=recipe.seed,
-            progress=cfg.progress,
+    if cfg.calib_source is CalibSource.SYNTHETIC:  # minutes of forward+backward passes: kept for a resume
+        parts = {
+            "synthetic": model_fingerprint(model),
+            "shape": shape,
+            "n": recipe.calib_size,
+            "steps": cfg.synthetic_steps,
+            "seed": recipe.seed,
+        }
+        batches = cached_batches(
+            cfg.checkpoint_dir,
+            parts,
+            lambda: distill_bn_data(
+                model,
+                shape,
+                recipe.calib_size,
+                steps=cfg.synthetic_steps,
+                seed=recipe.seed,
+                progress=cfg.progress,
+            ),
         )
     else:
         batches = noise_data(shape, recipe.calib_size, seed=recipe.seed)

@@ -13,7 +13,7 @@ from torch import nn
 import postquant
 from postquant.calib.augment import Augmentation, augment_batches
 from postquant.calib.synthetic import bn_statistics_loss, distill_bn_data, noise_data
-from postquant.errors import DataError, RecipeError
+from postquant.errors import CheckpointError, DataError, RecipeError
 from postquant.grids import fit_uniform_grid
 from postquant.model.blocks import make_units
 from postquant.model.fold import fold_batchnorm
@@ -354,6 +354,32 @@ def test_synthetic_source_in_quantize(net, calib):
         example_inputs=calib[:2],
     )
     assert len(q.postquant_learned.units) == 4
+
+
+def test_synthetic_data_is_kept_in_the_checkpoint_dir_for_a_resume(net, calib, tmp_path, monkeypatch):
+    """Distilling costs a model forward+backward per step: a resumed run loads the data instead."""
+    import postquant.reconstruct.engine as engine
+
+    made = []
+    real = engine.distill_bn_data
+    monkeypatch.setattr(engine, "distill_bn_data", lambda *a, **k: made.append(1) or real(*a, **k))
+    recipe = {
+        **learned(iters=5, calib_source="synthetic", synthetic_steps=5, checkpoint_dir=str(tmp_path)),
+        "calib_size": 32,
+    }
+    first = postquant.quantize(net, recipe, example_inputs=calib[:2])
+    (data_file,) = tmp_path.glob("data_*.safetensors")
+    assert len(made) == 1
+    again = postquant.quantize(net, recipe, example_inputs=calib[:2])
+    assert len(made) == 1  # loaded, not distilled again
+    for a, b in zip(first.modules(), again.modules(), strict=True):
+        if isinstance(a, QuantizedLayer):
+            assert torch.equal(a.codes, b.codes)
+    other_seed = postquant.quantize(net, {**recipe, "seed": 1}, example_inputs=calib[:2])
+    assert len(made) == 2 and other_seed is not None  # other data: distilled
+    data_file.write_bytes(b"broken")
+    with pytest.raises(CheckpointError, match="delete it"):
+        postquant.quantize(net, recipe, example_inputs=calib[:2])
 
 
 def test_augmentation_adds_seeded_copies(calib):
