@@ -93,13 +93,11 @@ class LinearAttention(nn.Module):
         src = key.shape[0]
         heads, hd = self.num_heads, self.head_dim
 
-        def project(
-            layer: nn.Module, x: Tensor, length: int
-        ) -> Tensor:  # (L, N, D) -> (N * heads, L, head_dim)
-            # on (L * N, D): a plain matrix product (a Gemm in ONNX), as out_proj below
-            return (
-                layer(x.reshape(length * bsz, x.shape[-1])).reshape(length, bsz * heads, hd).transpose(0, 1)
-            )
+        def project(layer: nn.Module, x: Tensor, length: int) -> Tensor:
+            """(L, N, D) -> (N * heads, L, head_dim), the layer applied to the (L * N, D) matrix (one Gemm in
+            ONNX, as out_proj below)."""
+            y = layer(x.reshape(length * bsz, x.shape[-1]))
+            return y.reshape(length, bsz * heads, hd).transpose(0, 1)
 
         q = project(self.q_proj, query, tgt)
         k = project(self.k_proj, key, src)
