@@ -29,7 +29,10 @@ python3 benchmarks/chain_cache.py --models resnet20-cifar10
 python3 benchmarks/mixed_bench.py --models resnet20-cifar10
 python3 benchmarks/mixed_bench.py --models minilm-l6
 python3 benchmarks/mixed_bench.py --models efficientnet-lite0 --limit efficientnet-lite0=500 --importances loss datafree --calib-size 32
-# the study: the commands that produced its runs (cached in results.json), then STUDY.md and verdicts.md
-while read -r cmd; do [ -n "$cmd" ] && eval "$cmd"; done < benchmarks/results/study/commands.txt
+# the study: every model and bits of the issue, breadth first, resumed from results.json; two processes (one per
+# core) split the runs by claims; then STUDY.md and verdicts.md from the cache
+OMP_NUM_THREADS=1 postquant study all --out benchmarks/results/study &
+OMP_NUM_THREADS=1 postquant study all --out benchmarks/results/study &
+wait
 postquant study all --out benchmarks/results/study --no-run  # seeds per model (3 CIFAR, 2 Lite0/MiniLM)
 python3 benchmarks/update_readme.py
