@@ -94,10 +94,8 @@ class LinearAttention(nn.Module):
         heads, hd = self.num_heads, self.head_dim
 
         def project(layer: nn.Module, x: Tensor, length: int) -> Tensor:
-            """(L, N, D) -> (N * heads, L, head_dim), the layer applied to the (L * N, D) matrix (one Gemm in
-            ONNX, as out_proj below)."""
-            y = layer(x.reshape(length * bsz, x.shape[-1]))
-            return y.reshape(length, bsz * heads, hd).transpose(0, 1)
+            """(L, N, D) -> (N * heads, L, head_dim)."""
+            return layer(x).reshape(length, bsz * heads, hd).transpose(0, 1)
 
         q = project(self.q_proj, query, tgt)
         k = project(self.k_proj, key, src)

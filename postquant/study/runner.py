@@ -186,8 +186,7 @@ class ResultStore:
             if self.find(run) is not None:
                 return False
             claims = self._claims()
-            holder = claims.get(run.run_hash)
-            if holder is not None and holder != _this_process() and _alive(holder):
+            if _held_by_another(claims, run):
                 return False
             claims[run.run_hash] = _this_process()
             self._replace(self.claims_path, claims)
@@ -203,8 +202,7 @@ class ResultStore:
 
     def held_elsewhere(self, run: PlannedRun) -> bool:
         """Whether another live process has claimed `run`."""
-        holder = self._claims().get(run.run_hash)
-        return holder is not None and holder != _this_process() and _alive(holder)
+        return _held_by_another(self._claims(), run)
 
     def _claims(self) -> dict[str, dict[str, Any]]:
         try:
@@ -234,6 +232,11 @@ class ResultStore:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)
         os.replace(tmp, path)
+
+
+def _held_by_another(claims: dict[str, dict[str, Any]], run: PlannedRun) -> bool:
+    holder = claims.get(run.run_hash)
+    return holder is not None and holder != _this_process() and _alive(holder)
 
 
 def _proc_stat(pid: int) -> list[str] | None:
