@@ -118,7 +118,10 @@ def quantize(
         int | None, typer.Option(help="learned rounding: optimisation steps per unit (overrides the preset)")
     ] = None,
     checkpoint_dir: Annotated[
-        Path | None, typer.Option(help="learned rounding: save finished units here and resume from them")
+        Path | None,
+        typer.Option(
+            help="learned rounding and mixed-precision importance: save finished work here and resume from it"
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="directory for the recipe and results")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the results as JSON here")] = None,
@@ -232,14 +235,21 @@ def _quantize(
         if value is not None:
             changes[key] = value
     rec = Recipe.coerce(recipe_path, **changes)  # validate before loading anything
+    if checkpoint_dir is not None and rec.learned is None and rec.mixed is None:
+        raise RecipeError(
+            "--checkpoint-dir saves the finished work of learned rounding or of a mixed-precision importance "
+            "measurement: use --method adaround, brecq, qdrop or learned, or a --w-bits-budget/--size-budget"
+        )
+    if iters is not None and rec.learned is None:
+        raise RecipeError(
+            "--iters applies to learned rounding: use --method adaround, brecq, qdrop or learned"
+        )
+    if rec.mixed is not None and checkpoint_dir is not None:
+        rec = Recipe.coerce(rec, mixed={**rec.mixed.model_dump(), "checkpoint_dir": checkpoint_dir})
     learned_changes = {
         k: v for k, v in {"iters": iters, "checkpoint_dir": checkpoint_dir}.items() if v is not None
     }
-    if learned_changes:
-        if rec.learned is None:
-            raise RecipeError(
-                "--iters and --checkpoint-dir apply to learned rounding: use --method adaround, brecq, qdrop or learned"
-            )
+    if learned_changes and rec.learned is not None:
         rec = Recipe.coerce(rec, learned={**rec.learned.model_dump(), **learned_changes})
     if json_path is not None:
         _check_writable_file(json_path)

@@ -131,7 +131,15 @@ def apply_mixed(
     }
     budget_table(numel, cfg.bit_choices, **budget)  # a budget error before minutes of measuring
     costs = importance_table(
-        model, free, cfg.bit_choices, recipe, cfg.importance, batches, cfg.calib_size, grids
+        model,
+        free,
+        cfg.bit_choices,
+        recipe,
+        cfg.importance,
+        batches,
+        cfg.calib_size,
+        grids,
+        cfg.checkpoint_dir,
     )
     bits = allocate_bits(costs, numel, cfg.bit_choices, **budget)
     rows = [

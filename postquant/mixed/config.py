@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -70,6 +71,11 @@ class MixedConfig(BaseModel):
     bit_choices: list[int] = Field(default_factory=lambda: list(DEFAULT_BIT_CHOICES))
     importance: Importance = Importance.LOSS
     calib_size: int = Field(default=64, ge=1, description="calibration samples for the importance measure")
+    checkpoint_dir: Path | None = Field(
+        default=None,
+        description="save the measured importance here layer by layer: an interrupted measurement resumes, "
+        "and the same model, data and grids reuse it (another budget allocates in no time)",
+    )
 
     @field_validator("size_budget", mode="before")
     @classmethod

@@ -30,8 +30,10 @@ or SQuant's flips; learned methods are measured with nearest rounding, their sta
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,9 +43,11 @@ from postquant.calib.data import batch_size_of, collect_batches
 from postquant.errors import DataError
 from postquant.eval.run import run_model
 from postquant.grids import Grid
+from postquant.mixed.cache import ImportanceCache
 from postquant.mixed.config import Importance
 from postquant.progress import progress_bar
 from postquant.recipe import Recipe
+from postquant.reconstruct.checkpoint import data_fingerprint, model_fingerprint
 
 __all__ = [
     "CostTable",
@@ -155,16 +159,25 @@ def loss_costs(
     batches: list[Any],
     grids: LayerGrids | None = None,
     progress: bool = True,
+    cache: ImportanceCache | None = None,
 ) -> CostTable:
     """``cost[l][b]``: mean output distance to the float model with only layer `l` quantized at `b` bits.
 
     The layer's weight is swapped in place and restored, so `model` is unchanged on return. This is one
     forward pass of the calibration batches per layer and bit width, so `progress` shows a bar over layers.
+    `cache`: rows already measured are taken from it, and each new row is saved to it as soon as measured.
     """
+    table: CostTable = {}
+    for name in layers:
+        row = cache.row(name, bit_choices) if cache is not None else None
+        if row is not None:
+            table[name] = row
+    todo = [name for name in layers if name not in table]
+    if not todo:
+        return table
     refs = [run_model(model, batch) for batch in batches]
     n = sum(batch_size_of(batch) for batch in batches)
-    table: CostTable = {}
-    for name in progress_bar(layers, enabled=progress, desc="loss importance", unit="layer", leave=False):
+    for name in progress_bar(todo, enabled=progress, desc="loss importance", unit="layer", leave=False):
         weight = model.get_submodule(name).weight
         original = weight.detach().clone()
         table[name] = {}
@@ -179,7 +192,9 @@ def loss_costs(
         finally:
             weight.copy_(original)
         log.debug("loss importance %s: %s", name, table[name])
-    return table
+        if cache is not None:
+            cache.record({name: table[name]})
+    return {name: table[name] for name in layers}
 
 
 # ----------------------------------------------------------------------------------- gradients
@@ -260,6 +275,7 @@ def importance_table(
     batches: list[Any] | None = None,
     calib_size: int | None = None,
     grids: LayerGrids | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> CostTable:
     """The damage table ``cost[layer][bits]`` of `importance` for the layers of a float (BN-folded) model.
 
@@ -272,6 +288,8 @@ def importance_table(
         batches: calibration batches (not needed for ``datafree``).
         calib_size: use at most this many samples of `batches`.
         grids: the layers' grids per bit width (`fit_weight_grid`), when already fitted; else fitted here.
+        checkpoint_dir: save the measured rows here and reuse them (`postquant.mixed.cache`); data-driven
+            measures only (``datafree`` takes well under a second).
 
     Raises:
         DataError: a data-driven measure without calibration batches.
@@ -293,8 +311,16 @@ def importance_table(
             "DataLoader, not a forward loop); or use importance='datafree'"
         )
     batches = _spread(batches, calib_size)
+    cache = None
+    if checkpoint_dir is not None:
+        cache = ImportanceCache(
+            checkpoint_dir, _cache_parts(model, layers, bit_choices, recipe, importance, batches, grids)
+        )
     if importance is Importance.LOSS:
-        return loss_costs(model, layers, bit_choices, recipe, batches, grids)
+        return loss_costs(model, layers, bit_choices, recipe, batches, grids, cache=cache)
+    rows = {name: cache.row(name, bit_choices) for name in layers} if cache is not None else {}
+    if rows and all(row is not None for row in rows.values()):
+        return rows  # type: ignore[return-value]
     grad_abs, fisher = gradient_moments(model, layers, batches, seed=recipe.seed)
     score = taylor_cost if importance is Importance.TAYLOR else fisher_cost
     stat = grad_abs if importance is Importance.TAYLOR else fisher
@@ -305,4 +331,32 @@ def importance_table(
             b: score(stat[name], w, quantized_weight(w, b, recipe, _grid(grids, name, b)))
             for b in bit_choices
         }
+    if cache is not None:
+        cache.record(table)
     return table
+
+
+def _cache_parts(
+    model: nn.Module,
+    layers: Sequence[str],
+    bit_choices: Sequence[int],
+    recipe: Recipe,
+    importance: Importance,
+    batches: list[Any],
+    grids: LayerGrids | None,
+) -> dict[str, Any]:
+    """What a data-driven cost table depends on, as the key of its `ImportanceCache` (see that module)."""
+    weights = hashlib.sha256()
+    for name in layers:
+        w = model.get_submodule(name).weight.detach()
+        for b in bit_choices:
+            w_hat = quantized_weight(w, b, recipe, _grid(grids, name, b))
+            weights.update(f"{name}:{b}".encode())
+            weights.update(w_hat.detach().cpu().contiguous().float().numpy().tobytes())
+    return {
+        "importance": importance.value,
+        "model": model_fingerprint(model),
+        "data": data_fingerprint(batches),
+        "weights": weights.hexdigest(),
+        "seed": None if importance is Importance.LOSS else recipe.seed,  # targets sampled for the gradients
+    }

@@ -35,6 +35,29 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def data_fingerprint(batches: Any) -> str:
+    """sha256 over the shapes and bytes of every tensor in (nested dicts, tuples and lists of) batches.
+
+    Other leaves (strings, numbers) are ignored: calibration batches are tensors.
+    """
+    h = hashlib.sha256()
+
+    def feed(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            h.update(str(tuple(obj.shape)).encode())
+            h.update(obj.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(obj, dict):
+            for k in sorted(obj):
+                h.update(str(k).encode())
+                feed(obj[k])
+        elif isinstance(obj, tuple | list):
+            for o in obj:
+                feed(o)
+
+    feed(batches)
+    return h.hexdigest()
+
+
 def run_key(parts: dict[str, Any]) -> str:
     """A short stable hash of JSON-able `parts`."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -45,7 +68,8 @@ def unit_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:7], "little")
 
 
-def _write_atomic(path: Path, write: Any) -> None:
+def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
+    """``write(tmp)`` into a temporary file beside `path`, then rename it over `path` (never half written)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -100,10 +124,10 @@ class CheckpointStore:
         """Save unit `k` (tensors first, then the index, both atomically)."""
         name = f"unit_{k:04d}.safetensors"
         tensors = {key: t.detach().cpu().contiguous() for key, t in state.items()}
-        _write_atomic(self.dir / name, lambda tmp: save_file(tensors, tmp))
+        write_atomic(self.dir / name, lambda tmp: save_file(tensors, tmp))
         self.index["done"][str(k)] = {"file": name, "unit": self.units[k], "outcome": outcome}
         text = json.dumps(self.index, indent=1)
-        _write_atomic(self.index_path, lambda tmp: Path(tmp).write_text(text))
+        write_atomic(self.index_path, lambda tmp: Path(tmp).write_text(text))
         log.debug("checkpointed unit %d (%s) to %s", k, self.units[k], self.dir)
 
 
@@ -132,7 +156,7 @@ def cached_batches(
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"batch_{i}": b.detach().cpu().contiguous() for i, b in enumerate(batches)}
-        _write_atomic(path, lambda tmp: save_file(tensors, tmp))
+        write_atomic(path, lambda tmp: save_file(tensors, tmp))
     except OSError as exc:
         raise OutputError(
             f"cannot write {path}: {exc.strerror or exc}; choose a writable checkpoint_dir"

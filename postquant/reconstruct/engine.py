@@ -7,7 +7,6 @@ activation calibration. `reconstruct_model` is the same engine for users who bui
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from postquant.reconstruct.cache import Carried, carry_outputs, collect_unit_dat
 from postquant.reconstruct.checkpoint import (
     CheckpointStore,
     cached_batches,
+    data_fingerprint,
     model_fingerprint,
     run_key,
     unit_seed,
@@ -157,7 +157,7 @@ def learned_rounding(
             f"method '{recipe.method.value}' learns the rounding from calibration data: pass calib=... (batches, "
             "a DataLoader or a forward_loop), or set learned.calib_source to 'synthetic' or 'noise'"
         )
-    fields = recipe.model_dump(mode="json", exclude={"learned"})
+    fields = recipe.model_dump(mode="json", exclude={"learned": True, "mixed": {"checkpoint_dir"}})
     with no_kv_cache(qmodel, teacher):  # a decoder layer must not append to a cache on every step
         return reconstruct_model(qmodel, teacher, calib, cfg, seed=recipe.seed, key_fields=fields)
 
@@ -211,26 +211,6 @@ def check_calibration(teacher: nn.Module, batches: list[Batch], batch_size: int)
         )
 
 
-def _data_fingerprint(batches: list[Batch]) -> str:
-    h = hashlib.sha256()
-
-    def feed(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            h.update(str(tuple(obj.shape)).encode())
-            h.update(obj.detach().cpu().contiguous().numpy().tobytes())
-        elif isinstance(obj, dict):
-            for k in sorted(obj):
-                h.update(str(k).encode())
-                feed(obj[k])
-        elif isinstance(obj, tuple | list):
-            for o in obj:
-                feed(o)
-
-    for b in batches:
-        feed(b)
-    return h.hexdigest()
-
-
 def reconstruct_model(
     qmodel: nn.Module,
     teacher: nn.Module,
@@ -272,7 +252,7 @@ def reconstruct_model(
                 "config": cfg.result_fields(),
                 "extra": key_fields or {},
                 "model": model_fingerprint(teacher),
-                "data": _data_fingerprint(batches),
+                "data": data_fingerprint(batches),
                 "units": [u.name for u in units],
             }
         )

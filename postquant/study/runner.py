@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 CLAIMS_SUFFIX = ".claims"  # OUT/results.json.claims: run hash -> the process running it
+IMPORTANCE_DIR = "importance"  # OUT/importance/: mixed-precision importance tables, reused across runs
 
 
 # ------------------------------------------------------------------------------------------------ planning
@@ -409,11 +410,15 @@ class StudyRunner:
         try:
             loaded = self._load(settings)
             calib = self._calib(loaded, settings.model, run.variant.calib_data, run.recipe.calib_size)
+            recipe = run.recipe
+            if recipe.mixed is not None:  # runs on the same model, data and grids share one measurement
+                mixed = recipe.mixed.model_copy(
+                    update={"checkpoint_dir": self.store.path.parent / IMPORTANCE_DIR}
+                )
+                recipe = recipe.model_copy(update={"mixed": mixed})
             torch.manual_seed(run.seed)
             start = time.perf_counter()
-            qmodel = quantize(
-                loaded.zoo.model, run.recipe, calib=calib, example_inputs=loaded.zoo.example_inputs
-            )
+            qmodel = quantize(loaded.zoo.model, recipe, calib=calib, example_inputs=loaded.zoo.example_inputs)
             quantize_s = time.perf_counter() - start
             res = evaluate(qmodel, loaded.zoo, data=loaded.eval_data, progress=False)
         except PostquantError as exc:

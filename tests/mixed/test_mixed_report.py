@@ -15,6 +15,7 @@ from postquant.cli import app
 from postquant.io import load
 from postquant.mixed.report import allocation_table, write_allocation
 from postquant.model import quantized_layers
+from tests.conftest import require_shared
 
 runner = CliRunner()
 
@@ -92,11 +93,30 @@ def test_cli_size_budget(tiny_factory, tmp_path):
         (["--w-bits-budget", "3", "--bit-choices", "2,9"], "from 2 to 8"),
         (["--w-bits-budget", "1.5", "--importance", "datafree"], "feasible range is 2 to 8"),
         (["--size-budget", "lots"], "cannot read the size"),
+        (
+            ["--checkpoint-dir", "ckpt"],
+            "--checkpoint-dir saves the finished work of learned rounding or of a",
+        ),
     ],
-    ids=["no-budget", "bad-list", "nine", "infeasible", "bad-size"],
+    ids=["no-budget", "bad-list", "nine", "infeasible", "bad-size", "checkpoint-without-budget"],
 )
 def test_cli_errors(tiny_factory, tmp_path, extra, message):
     result = runner.invoke(app, ["quantize", tiny_factory, *extra, "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_checkpoint_dir_keeps_the_importance_for_another_budget(tmp_path):
+    require_shared("models", "cifar10", "resnet20.th")
+    ckpt = tmp_path / "ckpt"
+    args = ["quantize", "resnet20-cifar10", "--method", "rtn", "--importance", "taylor", "--limit", "50"]
+    args += ["--checkpoint-dir", str(ckpt), "--json", str(tmp_path / "r.json")]
+    avg = {}
+    for budget in ("3", "4"):
+        result = runner.invoke(app, [*args, "--w-bits-budget", budget])
+        assert result.exit_code == 0, result.output
+        avg[budget] = json.loads((tmp_path / "r.json").read_text())["avg_w_bits"]
+    (saved,) = ckpt.glob("importance_*.json")  # one measurement, used by both budgets
+    assert len(json.loads(saved.read_text())["rows"]) == 20  # every conv and the classifier of resnet20
+    assert avg["3"] <= 3.0 < avg["4"] <= 4.0

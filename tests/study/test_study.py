@@ -447,6 +447,22 @@ def test_every_available_variant_runs(tmp_path, tiny_zoo, calls):
     assert calls["n"] == len({r["run_hash"] for r in runner.store.records.values()})
 
 
+def test_mixed_runs_share_one_importance_measurement(tmp_path, tiny_zoo, calls, monkeypatch):
+    from postquant.mixed.cache import ImportanceCache
+
+    recorded = []
+    real = ImportanceCache.record
+    monkeypatch.setattr(
+        ImportanceCache, "record", lambda self, rows: (recorded.extend(rows), real(self, rows))
+    )
+    out = tmp_path / "out"
+    study_axis(SETTINGS, get_axis("mixed"), [0, 1], _runner(out, tiny_zoo), ["mixed (loss)"])
+    assert calls["n"] == 4  # the uniform baseline and the mixed variant, two seeds
+    (table,) = (out / runner_mod.IMPORTANCE_DIR).glob("importance_*.json")
+    rows = json.loads(table.read_text())["rows"]
+    assert rows and sorted(recorded) == sorted(rows)  # each layer measured once: seed 1 reused seed 0's
+
+
 def test_cli_study_axis_on_resnet20_then_report_only(tmp_path):
     require_shared("models", "cifar10", "resnet20.th")
     out = tmp_path / "study"

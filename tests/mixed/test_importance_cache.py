@@ -1,0 +1,160 @@
+"""`mixed.checkpoint_dir`: importance rows saved as measured, resumed after an interruption, reused bit-exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import postquant
+from postquant.errors import CheckpointError
+from postquant.mixed import Importance
+from postquant.mixed import importance as importance_module
+from postquant.mixed.importance import importance_table
+from postquant.model import fold_batchnorm, quantizable_layers
+from postquant.recipe import Recipe
+
+BITS = [2, 4, 8]
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture
+def folded(tiny_cnn, images):
+    model, _ = fold_batchnorm(tiny_cnn, images)
+    return model
+
+
+@pytest.fixture
+def forwards(monkeypatch):
+    """Counts the importance measures' forward passes (`run_model` calls in `postquant.mixed.importance`)."""
+    count = [0]
+    real = importance_module.run_model
+
+    def counted(model, batch):
+        count[0] += 1
+        return real(model, batch)
+
+    monkeypatch.setattr(importance_module, "run_model", counted)
+    return count
+
+
+def _table(model, images, importance="loss", recipe=None, ckpt=None, bits=BITS):
+    layers = list(quantizable_layers(model))
+    return importance_table(
+        model, layers, bits, recipe or Recipe(), importance, list(images.split(8)), None, checkpoint_dir=ckpt
+    )
+
+
+@pytest.mark.parametrize("importance", ["loss", "taylor", "fisher"])
+def test_a_saved_table_is_reused_bit_exactly(folded, images, tmp_path, importance, forwards):
+    plain = _table(folded, images, importance)
+    first = _table(folded, images, importance, ckpt=tmp_path)
+    assert first == plain  # the cache does not change a cost
+    (saved,) = tmp_path.glob("importance_*.json")
+    forwards[0] = 0
+    again = _table(folded, images, importance, ckpt=tmp_path)
+    assert again == plain and forwards[0] == 0  # nothing measured again
+    assert set(json.loads(saved.read_text())["rows"]) == set(plain)
+
+
+def test_an_interrupted_measurement_resumes_at_the_next_layer(
+    folded, images, tmp_path, monkeypatch, forwards
+):
+    plain = _table(folded, images)
+    layers = list(plain)
+    real = importance_module.quantized_weight
+    seen: list[int] = []
+
+    def interrupted(w, bits, recipe, grid=None):
+        seen.append(bits)
+        if len(seen) > 2 * len(BITS) + len(layers) * len(BITS):  # past the key; during the third layer
+            raise Interrupt
+        return real(w, bits, recipe, grid)
+
+    monkeypatch.setattr(importance_module, "quantized_weight", interrupted)
+    with pytest.raises(Interrupt):
+        _table(folded, images, ckpt=tmp_path)
+    monkeypatch.setattr(importance_module, "quantized_weight", real)
+    (saved,) = tmp_path.glob("importance_*.json")
+    assert list(json.loads(saved.read_text())["rows"]) == layers[:2]  # the two finished layers
+    forwards[0] = 0
+    resumed = _table(folded, images, ckpt=tmp_path)
+    assert resumed == plain  # bit-exact: JSON floats read back exactly
+    batches = 2
+    assert forwards[0] == batches * (1 + (len(layers) - 2) * len(BITS))  # references + the layers left
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["grid", "data", "weights", "bits", "seed"],
+)
+def test_anything_a_cost_depends_on_changes_the_key(folded, images, tmp_path, change):
+    importance = "taylor" if change == "seed" else "loss"
+    _table(folded, images, importance, ckpt=tmp_path)
+    recipe, bits = Recipe(), BITS
+    if change == "grid":
+        recipe = Recipe(granularity="tensor")
+    elif change == "data":
+        images = images + 0.01
+    elif change == "weights":
+        with torch.no_grad():
+            folded.fc.weight[0, 0] += 0.5
+    elif change == "bits":
+        bits = [2, 3, 4]
+    else:
+        recipe = Recipe(seed=1)
+    _table(folded, images, importance, recipe=recipe, ckpt=tmp_path, bits=bits)
+    assert len(list(tmp_path.glob("importance_*.json"))) == 2
+
+
+def test_what_comes_after_the_allocation_does_not_change_the_key(folded, images, tmp_path, forwards):
+    _table(folded, images, ckpt=tmp_path)
+    # activation bits, learned rounding settings: nearest-rounded Q_b(W) is the same, so is the table
+    other = Recipe.coerce({"method": "learned", "a_bits": 8, "learned": {"iters": 7}})
+    forwards[0] = 0
+    _table(folded, images, recipe=other, ckpt=tmp_path)
+    assert len(list(tmp_path.glob("importance_*.json"))) == 1 and forwards[0] == 0
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [("{not json", "not a readable importance table"), ('{"key": "x", "rows": {}}', "holds key")],
+)
+def test_a_damaged_table_is_a_clear_error(folded, images, tmp_path, text, match):
+    _table(folded, images, ckpt=tmp_path)
+    (saved,) = tmp_path.glob("importance_*.json")
+    saved.write_text(text)
+    with pytest.raises(CheckpointError, match=match + r".*delete it to measure again"):
+        _table(folded, images, ckpt=tmp_path)
+
+
+def test_negative_costs_in_a_table_are_refused(folded, images, tmp_path):
+    _table(folded, images, ckpt=tmp_path)
+    (saved,) = tmp_path.glob("importance_*.json")
+    data = json.loads(saved.read_text())
+    data["rows"]["fc"]["2"] = float("nan")
+    saved.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="negative or NaN"):
+        _table(folded, images, ckpt=tmp_path)
+
+
+def test_quantize_with_another_budget_reuses_the_measurement(tiny_cnn, images, tmp_path, forwards):
+    def run(budget: float, ckpt=None):
+        mixed = {"w_bits_budget": budget, "importance": Importance.LOSS, "calib_size": 16}
+        if ckpt is not None:
+            mixed["checkpoint_dir"] = ckpt
+        return postquant.quantize(tiny_cnn, {"method": "rtn", "mixed": mixed}, calib=images)
+
+    plain = run(3.0)
+    cached = run(3.0, tmp_path)
+    assert cached.postquant_mixed.bits == plain.postquant_mixed.bits
+    assert [r.costs for r in cached.postquant_mixed.layers] == [r.costs for r in plain.postquant_mixed.layers]
+    forwards[0] = 0
+    other = run(4.0, tmp_path)
+    assert forwards[0] == 0  # nothing measured again
+    assert other.postquant_mixed.avg_w_bits > plain.postquant_mixed.avg_w_bits
+    assert [r.costs for r in other.postquant_mixed.layers] == [r.costs for r in plain.postquant_mixed.layers]
