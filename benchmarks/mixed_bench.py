@@ -5,8 +5,16 @@ each importance measure, with nearest rounding (RTN) and SQuant. Every quantized
 average weight bits and the bytes of the checkpoint's tensors (`postquant.mixed.size.model_bytes`), so that
 "same size" can be checked in the table.
 
+Every row also reports the **output error** that the allocation minimises a sum of per-layer predictions of:
+the distance of the quantized model's output to the float model's with every layer quantized at once (KL of
+the logits, or the masked token MSE of the embeddings: `postquant.mixed.importance.output_distance`), on the
+first `ERROR_SAMPLES` calibration samples. It tells a poor allocation apart from a task metric that does not
+follow the output error.
+
 Writes ``benchmarks/results/mixed.md`` and ``benchmarks/results/mixed.json``. Resumable: rows already in the
-JSON file are skipped, so an interrupted run can be restarted with the same command.
+JSON file are skipped, so an interrupted run can be restarted with the same command; rows measured before the
+output error existed get it from their recorded bits (the model is quantized again with those bits, and its
+size is checked against the row's).
 
 Example:
     OMP_NUM_THREADS=1 python benchmarks/mixed_bench.py --models resnet20-cifar10
@@ -28,12 +36,17 @@ from typing import Any
 import torch
 
 import postquant
+from postquant.calib.data import batch_size_of
 from postquant.eval import evaluate
+from postquant.eval.run import run_model
+from postquant.mixed.importance import batch_distance
 from postquant.mixed.size import model_bytes
+from postquant.recipe import LayerOverride
 from postquant.zoo import load_model
 
 log = logging.getLogger("mixed_bench")
 
+ERROR_SAMPLES = 256  # calibration samples of the output error column
 MODELS = ["resnet20-cifar10", "minilm-l6", "efficientnet-lite0"]
 IMPORTANCES = ["loss", "datafree", "taylor", "fisher"]
 METHODS = ["rtn", "squant"]
@@ -56,7 +69,41 @@ def recipe_for(method: str, config: str, args: argparse.Namespace) -> dict[str, 
     return recipe
 
 
-def run_row(zoo: Any, model: str, method: str, config: str, args: argparse.Namespace) -> dict[str, Any]:
+class OutputError:
+    """The distance of a quantized model's output to the float model's on the first calibration samples."""
+
+    def __init__(self, zoo: Any) -> None:
+        self.batches = zoo.calib_batches(limit=ERROR_SAMPLES)
+        self.refs = [run_model(zoo.model, b) for b in self.batches]
+        self.n = sum(batch_size_of(b) for b in self.batches)
+
+    @torch.no_grad()
+    def __call__(self, qmodel: torch.nn.Module) -> float:
+        total = sum(
+            float(batch_distance(run_model(qmodel, b), r, b))
+            for b, r in zip(self.batches, self.refs, strict=True)
+        )
+        return total / self.n
+
+
+def fill_output_error(zoo: Any, row: dict[str, Any], error: OutputError, args: argparse.Namespace) -> None:
+    """Add ``out_err`` to a row measured before it existed, by quantizing with the row's recorded bits."""
+    recipe = postquant.Recipe.coerce(recipe_for(row["method"], f"W{int(args.budget)}", args))
+    if row["bits"] is not None:
+        overrides = {**recipe.overrides, **{n: LayerOverride(w_bits=b) for n, b in row["bits"].items()}}
+        recipe = recipe.model_copy(update={"overrides": overrides})
+    qmodel = postquant.quantize(zoo.model, recipe, example_inputs=zoo.example_inputs)
+    if model_bytes(qmodel) != row["bytes"]:
+        raise RuntimeError(
+            f"{row_key(row['model'], row['method'], row['config'])}: quantized again with its bits, the model has "
+            f"{model_bytes(qmodel)} bytes, not the row's {row['bytes']}: the row cannot be rebuilt"
+        )
+    row["out_err"] = error(qmodel)
+
+
+def run_row(
+    zoo: Any, model: str, method: str, config: str, args: argparse.Namespace, error: OutputError
+) -> dict[str, Any]:
     limit = args.limit.get(model)
     row: dict[str, Any] = {"model": model, "method": method, "config": config}
     if method == "fp32":
@@ -71,6 +118,7 @@ def run_row(zoo: Any, model: str, method: str, config: str, args: argparse.Names
             "quantize_s": 0.0,
             "eval_s": time.perf_counter() - start,
             "bits": None,
+            "out_err": 0.0,
         }
     recipe = postquant.Recipe.coerce(recipe_for(method, config, args))
     needs_calib = recipe.mixed is not None and recipe.mixed.importance.value != "datafree"
@@ -92,6 +140,7 @@ def run_row(zoo: Any, model: str, method: str, config: str, args: argparse.Names
         "calib": args.calib_size if needs_calib else 0,
         "bits": mixed.bits if mixed is not None else None,
         "histogram": _histogram(mixed.bits) if mixed is not None else None,
+        "out_err": error(qmodel),
     }
 
 
@@ -119,9 +168,12 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, commands: list[str], 
         "The budget is on average bits, not bytes: a mixed row's bytes can differ from uniform's by the",
         "per-layer rounding up of packed codes and the zero points' storage (int8/int16), e.g. +0.04 % on lite0.",
         "Quantize time on a shared 2-core CPU (1 torch thread, other jobs running: noisy).",
+        "`output err`: the distance of the output to FP32's with every layer quantized (KL of the logits, or",
+        f"the token MSE of the embeddings), on the first {ERROR_SAMPLES} calibration samples (the importance",
+        "measures saw the first `calib` of them): what the allocation minimises a sum of predictions of.",
         "",
-        "| model | method | config | value | delta vs FP32 | avg bits | bytes | layers | calib | quantize s | n |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | method | config | value | delta vs FP32 | output err | avg bits | bytes | layers | calib | quantize s | n |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     fp = {r["model"]: r["value"] for r in rows if r["method"] == "fp32"}
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -133,8 +185,9 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, commands: list[str], 
         delta = "" if r["method"] == "fp32" or r["model"] not in fp else f"{r['value'] - fp[r['model']]:+.2f}"
         size = "" if r["bytes"] is None else f"{r['bytes']:,}"
         avg = "32" if r["method"] == "fp32" else f"{r['avg_w_bits']:.3f}"
+        err = "" if r.get("out_err") is None else f"{r['out_err']:.4g}"
         lines.append(
-            f"| {r['model']} | {r['method']} | {r['config']} | {r['value']:.2f} | {delta} | {avg} | {size} | "
+            f"| {r['model']} | {r['method']} | {r['config']} | {r['value']:.2f} | {delta} | {err} | {avg} | {size} | "
             f"{r.get('histogram') or ''} | {r.get('calib', '')} | {r['quantize_s']:.1f} | {r['n']} |"
         )
     path.write_text("\n".join(lines) + "\n")
@@ -170,14 +223,26 @@ def main() -> None:
         commands_path.write_text("\n".join(commands) + "\n")
     configs = [f"W{int(args.budget)}", *[f"mixed-{i}" for i in args.importances]]
     for model in args.models:
-        zoo = None
+        zoo, error = None, None
         todo = [("fp32", "-")] + [(m, c) for m in args.methods for c in configs]
+        for row in rows:
+            if row["model"] == model and "out_err" not in row:
+                zoo = zoo or load_model(model)
+                error = error or OutputError(zoo)
+                if row["method"] == "fp32":
+                    row["out_err"] = 0.0
+                else:
+                    log.info("output error of %s %s %s", model, row["method"], row["config"])
+                    fill_output_error(zoo, row, error, args)
+                json_path.write_text(json.dumps(rows, indent=1))
+                write_markdown(rows, md_path, commands, args.budget)
         for method, config in todo:
             if row_key(model, method, config) in done:
                 continue
             zoo = zoo or load_model(model)
+            error = error or OutputError(zoo)
             log.info("row %s %s %s", model, method, config)
-            row = run_row(zoo, model, method, config, args)
+            row = run_row(zoo, model, method, config, args, error)
             log.info(
                 "-> %.2f (%.3f bits, %s bytes) in %.1f s",
                 row["value"],

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from postquant.eval.evaluate import eval_mode
 from postquant.eval.metrics import sqnr_from_sums
-from postquant.eval.run import run_model
+from postquant.eval.run import run_model, token_mask
 
 __all__ = ["fidelity"]
-
-
-def _token_mask(batch: Any, out: Tensor) -> Tensor | None:
-    """For (N, T, H) encoder outputs of a tokenized batch: a (N, T) bool mask of the real (unpadded) tokens."""
-    if out.dim() == 3 and isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), Tensor):
-        mask = batch["attention_mask"]
-        if mask.shape == out.shape[:2]:
-            return mask.bool()
-    return None
 
 
 def fidelity(reference: nn.Module, candidate: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
@@ -50,7 +41,7 @@ def fidelity(reference: nn.Module, candidate: nn.Module, batches: Iterable[Any])
                 raise ValueError(
                     f"output shapes differ: reference {tuple(ref.shape)}, candidate {tuple(cand.shape)}"
                 )
-            mask = _token_mask(batch, ref)
+            mask = token_mask(batch, ref)
             if mask is not None:
                 ref, cand = ref[mask], cand[mask]  # (tokens, H)
             diff = ref - cand

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["main_output", "run_model"]
+__all__ = ["main_output", "run_model", "token_mask"]
 
 # Attribute / key names of the main tensor in Hugging Face and similar output objects, in order of preference.
 _OUTPUT_KEYS = ("logits", "last_hidden_state")
@@ -55,3 +55,15 @@ def run_model(model: nn.Module, batch: Any) -> Tensor:
     else:
         out = model(batch)
     return main_output(out)
+
+
+def token_mask(batch: Any, out: Tensor) -> Tensor | None:
+    """For (N, T, H) encoder outputs of a tokenized batch: the (N, T) bool mask of its real (unpadded) tokens.
+
+    None when `batch` has no ``attention_mask`` tensor of shape (N, T) or `out` is not (N, T, H).
+    """
+    if out.dim() == 3 and isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), Tensor):
+        mask = batch["attention_mask"]
+        if mask.shape == out.shape[:2]:
+            return mask.bool()
+    return None

@@ -41,7 +41,7 @@ from torch import nn
 
 from postquant.calib.data import batch_size_of, collect_batches
 from postquant.errors import DataError
-from postquant.eval.run import run_model
+from postquant.eval.run import run_model, token_mask
 from postquant.grids import Grid
 from postquant.mixed.cache import ImportanceCache
 from postquant.mixed.config import Importance
@@ -51,6 +51,7 @@ from postquant.reconstruct.checkpoint import data_fingerprint, model_fingerprint
 
 __all__ = [
     "CostTable",
+    "batch_distance",
     "datafree_cost",
     "fisher_cost",
     "fit_weight_grid",
@@ -123,12 +124,10 @@ def fisher_cost(fisher: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor) -> f
 # ----------------------------------------------------------------------------------- output distances
 
 
-def _token_mask(batch: Any, out: torch.Tensor) -> torch.Tensor | None:
-    """(N, T, 1) float mask of real tokens for (N, T, H) outputs of a tokenizer-dict batch, else None."""
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    if mask is None or out.dim() != 3 or tuple(mask.shape) != tuple(out.shape[:2]):
-        return None
-    return mask.to(out.dtype).unsqueeze(-1)
+def batch_distance(out: torch.Tensor, ref: torch.Tensor, batch: Any) -> torch.Tensor:
+    """`output_distance` of one batch's outputs, leaving out its padding tokens (`token_mask`)."""
+    mask = token_mask(batch, ref)
+    return output_distance(out, ref, None if mask is None else mask.to(ref.dtype).unsqueeze(-1))
 
 
 def output_distance(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -185,7 +184,7 @@ def loss_costs(
             for bits in bit_choices:
                 weight.copy_(quantized_weight(original, bits, recipe, _grid(grids, name, bits)))
                 dist = sum(
-                    float(output_distance(run_model(model, b), r, _token_mask(b, r)))
+                    float(batch_distance(run_model(model, b), r, b))
                     for b, r in zip(batches, refs, strict=True)
                 )
                 table[name][bits] = max(dist / n, 0.0)
@@ -207,8 +206,8 @@ def _sampled_nll(out: torch.Tensor, batch: Any, gen: torch.Generator) -> torch.T
         return nn.functional.cross_entropy(out, y, reduction="sum")
     target = out.detach() + torch.randn(out.shape, generator=gen, dtype=out.dtype)  # t ~ N(f(x), I)
     err = 0.5 * (out - target).pow(2)
-    mask = _token_mask(batch, out)
-    return (err * mask).sum() if mask is not None else err.sum()
+    mask = token_mask(batch, out)
+    return (err * mask.to(err.dtype).unsqueeze(-1)).sum() if mask is not None else err.sum()
 
 
 def gradient_moments(
