@@ -72,6 +72,7 @@ def recipe_for(method: str, config: str, args: argparse.Namespace) -> dict[str, 
 class OutputError:
     """The distance of a quantized model's output to the float model's on the first calibration samples."""
 
+    @torch.no_grad()
     def __init__(self, zoo: Any) -> None:
         self.batches = zoo.calib_batches(limit=ERROR_SAMPLES)
         self.refs = [run_model(zoo.model, b) for b in self.batches]
