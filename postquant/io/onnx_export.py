@@ -470,34 +470,43 @@ def _quantize_gemm_bias(graph: Any, name: str, node: Any, w: _WeightQDQ, act: _A
     ]
 
 
-def _weight_consumer(graph: Any, wname: str) -> tuple[Any | None, str]:
+def _weight_consumers(graph: Any, wname: str) -> tuple[list[Any], str]:
+    """The Conv/Gemm nodes that take initializer `wname` as their weight: one per call of the layer (a module
+    called twice, e.g. a layer shared across depth, is two nodes on one weight). Empty, with the reason, when
+    the weight is not an initializer or feeds anything else."""
     users = [n for n in graph.node if wname in n.input]
     if not any(i.name == wname for i in graph.initializer):
-        return None, "the exporter did not keep its weight as an initializer"
-    if len(users) != 1 or users[0].op_type not in ("Conv", "Gemm") or list(users[0].input).index(wname) != 1:
-        return None, f"its weight feeds {[n.op_type for n in users]}, not one Conv or Gemm"
-    node = users[0]
-    attrs = {a.name: a.i for a in node.attribute if a.name in ("transA", "transB")}
-    if node.op_type == "Gemm" and (attrs.get("transB", 0) != 1 or attrs.get("transA", 0) != 0):
-        return None, "its Gemm does not take the weight as (out, in) with transB=1"
-    return node, ""
+        return [], "the exporter did not keep its weight as an initializer"
+    if not users or any(n.op_type not in ("Conv", "Gemm") or list(n.input).index(wname) != 1 for n in users):
+        return [], f"its weight feeds {[n.op_type for n in users]}, not Conv or Gemm nodes only"
+    for node in users:
+        attrs = {a.name: a.i for a in node.attribute if a.name in ("transA", "transB")}
+        if node.op_type == "Gemm" and (attrs.get("transB", 0) != 1 or attrs.get("transA", 0) != 0):
+            return [], "its Gemm does not take the weight as (out, in) with transB=1"
+    return users, ""
 
 
 def _rewrite(model: Any, plans: dict[str, _LayerQDQ]) -> None:
-    """Insert the QDQ nodes of every planned layer into `model` (in place)."""
+    """Insert the QDQ nodes of every planned layer into `model` (in place).
+
+    The weight is dequantized once; a layer called several times gets its input quantizer before every call
+    (the same scale: the PyTorch layer has one quantizer for all its calls).
+    """
     graph = model.graph
     before: dict[str, list[Any]] = {}  # first output of a node -> nodes to insert before it
     weight_nodes: list[Any] = []
     for name, plan in plans.items():
-        node, why = _weight_consumer(graph, f"{name}.weight")
-        if node is None:
+        nodes, why = _weight_consumers(graph, f"{name}.weight")
+        if not nodes:
             raise UnsupportedModelError(f"layer {name!r} cannot be located in the exported graph: {why}")
-        if plan.act is not None:
-            site = _input_site(graph, node)
-            before.setdefault(site.output[0], []).extend(_quantize_input(graph, name, site, plan.act))
         weight_nodes += _quantize_weight(graph, name, f"{name}.weight", plan.weight)
-        if plan.act is not None and node.op_type == "Gemm" and plan.weight.shape is None:
-            weight_nodes += _quantize_gemm_bias(graph, name, node, plan.weight, plan.act)
+        for k, node in enumerate(nodes):
+            call = name if k == 0 else f"{name}.call{k}"  # unique tensor and node names per call
+            if plan.act is not None:
+                site = _input_site(graph, node)
+                before.setdefault(site.output[0], []).extend(_quantize_input(graph, call, site, plan.act))
+            if plan.act is not None and node.op_type == "Gemm" and plan.weight.shape is None:
+                weight_nodes += _quantize_gemm_bias(graph, call, node, plan.weight, plan.act)
     nodes = list(weight_nodes)
     for node in graph.node:
         nodes += [*before.get(node.output[0], []), node]

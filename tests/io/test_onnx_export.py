@@ -72,6 +72,41 @@ def test_sequential_with_per_tensor_and_per_group_grids(tmp_path):
         assert (result["float_compute_layers"] == {}) == fused, result["float_compute_layers"]
 
 
+class SharedLayer(nn.Module):
+    """One Linear called twice (a layer shared across depth, as in ALBERT), after a grouped conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.shared = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.grouped(torch.relu(self.stem(x)))).mean((2, 3))
+        x = torch.relu(self.shared(torch.relu(self.shared(x))))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("method", ["rtn", "squant"])
+def test_a_layer_called_twice_exports_with_one_weight_and_a_quantizer_per_call(method, tmp_path):
+    torch.manual_seed(0)
+    model = SharedLayer().eval()
+    x = torch.randn(64, 3, 8, 8)
+    qmodel = postquant.quantize(model, {"method": method, "w_bits": 4, "a_bits": 8}, calib=x)
+    result = export_onnx(qmodel, x[:2], tmp_path / "shared.onnx", verify_batches=[x])
+    assert result["top1_agreement"] >= 99.0 and result["sqnr_db"] > 40
+    weights = _int8_initializers(tmp_path / "shared.onnx")
+    assert torch.equal(torch.from_numpy(weights["shared.weight_quantized"]), qmodel.shared.codes)
+    graph = onnx.load(str(tmp_path / "shared.onnx")).graph
+    gemms = [n for n in graph.node if n.op_type == "Gemm"]
+    assert sorted(n.input[0] for n in gemms if n.input[1] == "shared.weight") == [
+        "shared.call1/input_dq",
+        "shared/input_dq",
+    ]
+    assert result["ops"].get("QGemm", 0) == 3  # both calls and the head run integer kernels
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_a_pytorch_transformer_exports_every_projection(batch_first, tmp_path):
     """Linears on (N, L, D) inputs (the FFN) and the attention's projections all become QDQ Gemms."""
