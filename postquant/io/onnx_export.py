@@ -486,6 +486,22 @@ def _weight_consumers(graph: Any, wname: str) -> tuple[list[Any], str]:
     return users, ""
 
 
+def _separate_equal_weights(graph: Any, weights: set[str]) -> None:
+    """Give back their own initializer to layer weights that the exporter merged into another one.
+
+    The exporter stores equal initializers once and turns the others into ``Identity`` nodes (tied weights, or
+    two layers whose dequantized weights are equal); each layer needs its own initializer for its own codes.
+    """
+    inits = {i.name: i for i in graph.initializer}
+    for node in list(graph.node):
+        if node.op_type == "Identity" and node.output[0] in weights and node.input[0] in inits:
+            copy_ = type(inits[node.input[0]])()
+            copy_.CopyFrom(inits[node.input[0]])
+            copy_.name = node.output[0]
+            graph.initializer.append(copy_)
+            graph.node.remove(node)
+
+
 def _rewrite(model: Any, plans: dict[str, _LayerQDQ]) -> None:
     """Insert the QDQ nodes of every planned layer into `model` (in place).
 
@@ -493,6 +509,7 @@ def _rewrite(model: Any, plans: dict[str, _LayerQDQ]) -> None:
     (the same scale: the PyTorch layer has one quantizer for all its calls).
     """
     graph = model.graph
+    _separate_equal_weights(graph, {f"{name}.weight" for name in plans})
     before: dict[str, list[Any]] = {}  # first output of a node -> nodes to insert before it
     weight_nodes: list[Any] = []
     for name, plan in plans.items():

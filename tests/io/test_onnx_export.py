@@ -107,6 +107,24 @@ def test_a_layer_called_twice_exports_with_one_weight_and_a_quantizer_per_call(m
     assert result["ops"].get("QGemm", 0) == 3  # both calls and the head run integer kernels
 
 
+def test_tied_weights_each_get_their_own_codes(tmp_path):
+    # the exporter stores equal initializers once (an Identity for the other): each layer needs its own
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    model[2].weight = model[0].weight
+    x = torch.randn(64, 16)
+    qmodel = postquant.quantize(model, {"w_bits": 4, "a_bits": 8}, calib=x)
+    result = export_onnx(qmodel, x[:2], tmp_path / "tied.onnx", verify_batches=[x])
+    assert result["top1_agreement"] >= 99.0 and result["sqnr_db"] > 40
+    weights = _int8_initializers(tmp_path / "tied.onnx")
+    for name in ("0", "2"):
+        assert torch.equal(
+            torch.from_numpy(weights[f"{name}.weight_quantized"]), qmodel.get_submodule(name).codes
+        )
+    graph = onnx.load(str(tmp_path / "tied.onnx")).graph
+    assert not [n for n in graph.node if n.op_type == "Identity"]
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_a_pytorch_transformer_exports_every_projection(batch_first, tmp_path):
     """Linears on (N, L, D) inputs (the FFN) and the attention's projections all become QDQ Gemms."""
