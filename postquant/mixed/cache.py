@@ -6,6 +6,11 @@ quarter of an hour on EfficientNet-Lite0 on a CPU). With a checkpoint directory,
 the next layer, and quantizing again (another budget, another bit allocation, a recipe that differs only in
 what comes after the allocation, e.g. its learned rounding) reuses the table instead of measuring again.
 
+Several processes measuring the same table at the same time (e.g. two seeds of one study run, one per core)
+split it: each claims a layer before measuring it (``importance_<key>.claims``, under a lock), skips the
+layers others have claimed or finished, and waits at the end for the ones still being measured elsewhere. A
+claim left by a process that died is taken over (`postquant.claims`).
+
 The key is a hash of everything a cost depends on: the measure, the float model's weights and buffers, the
 calibration samples, the dequantized weight ``Q_b(W)`` of every scored layer at every bit width (so the grid,
 its exponent search and the rounding method are covered without naming recipe fields), and the seed of the
@@ -17,26 +22,32 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from postquant.claims import held_by_another, locked, read_json, replace_json, this_process
 from postquant.errors import CheckpointError, OutputError
-from postquant.reconstruct.checkpoint import run_key, write_atomic
+from postquant.reconstruct.checkpoint import run_key
 
-__all__ = ["ImportanceCache"]
+__all__ = ["WAIT", "ImportanceCache"]
 
 log = logging.getLogger(__name__)
 
 CostRow = dict[int, float]  # bits -> cost of one layer
+WAIT = "<wait>"  # `next_layer`: every layer left is being measured by another process
 
 
 class ImportanceCache:
     """The rows ``layer -> {bits: cost}`` measured so far for one key, in ``root/importance_<key>.json``."""
 
-    def __init__(self, root: str | Path, parts: dict[str, Any]) -> None:
+    def __init__(self, root: str | Path, parts: dict[str, Any], poll_seconds: float = 2.0) -> None:
         self.key = run_key(parts)
         self.path = Path(root).expanduser() / f"importance_{self.key}.json"
+        self.claims_path = self.path.with_suffix(".claims")
+        self.poll_seconds = poll_seconds
         self.rows: dict[str, CostRow] = self._read()
         if self.rows:
             log.info("importance: %d layers already measured in %s", len(self.rows), self.path)
@@ -47,28 +58,85 @@ class ImportanceCache:
         bits = list(bit_choices)
         return {b: saved[b] for b in bits} if all(b in saved for b in bits) else None
 
+    def next_layer(self, layers: Iterable[str], bit_choices: Iterable[int]) -> str | None:
+        """Claim the first of `layers` that nobody has measured or is measuring, and return its name.
+
+        Returns `WAIT` when the only layers left are being measured by other live processes, None when every
+        layer has its row.
+        """
+        bits = list(bit_choices)
+        with self._locked():
+            self._refresh()
+            claims = self._claims()
+            waiting = False
+            for name in layers:
+                if self.row(name, bits) is not None:
+                    continue
+                if held_by_another(claims.get(name)):
+                    waiting = True
+                    continue
+                claims[name] = this_process()
+                replace_json(self.claims_path, claims)
+                return name
+        return WAIT if waiting else None
+
+    def wait(self) -> None:
+        """Sleep while other processes measure (between `next_layer` calls that returned `WAIT`)."""
+        time.sleep(self.poll_seconds)
+
     def record(self, rows: dict[str, CostRow]) -> None:
-        """Add (or widen) the rows of some layers and write the table."""
-        for name, row in rows.items():
-            self.rows[name] = {**self.rows.get(name, {}), **row}
-        data = {
-            "key": self.key,
-            "rows": {name: {str(b): c for b, c in row.items()} for name, row in self.rows.items()},
-        }
-        text = json.dumps(data, indent=1, sort_keys=True)
+        """Add (or widen) the rows of some layers, write the table and drop this process's claims on them."""
+        with self._locked():
+            self._refresh()
+            for name, row in rows.items():
+                self.rows[name] = {**self.rows.get(name, {}), **row}
+            data = {
+                "key": self.key,
+                "rows": {name: {str(b): c for b, c in row.items()} for name, row in self.rows.items()},
+            }
+            replace_json(self.path, data, sort_keys=True)
+            self._drop_claims(set(rows))
+
+    def release(self) -> None:
+        """Drop every claim of this process (the measurement ended, finished or not)."""
+        with self._locked():
+            self._drop_claims(None)
+
+    def _drop_claims(self, names: set[str] | None) -> None:
+        claims = self._claims()
+        me = this_process()
+        mine = [n for n, holder in claims.items() if holder == me and (names is None or n in names)]
+        if mine:
+            replace_json(self.claims_path, {n: h for n, h in claims.items() if n not in mine})
+
+    def _claims(self) -> dict[str, Any]:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, lambda tmp: Path(tmp).write_text(text))
+            return read_json(self.claims_path) or {}
+        except json.JSONDecodeError:  # written atomically, so only a hand edit gets here
+            log.warning("%s is not valid JSON; ignoring the claims in it", self.claims_path)
+            return {}
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            with locked(self.path.with_suffix(".lock")):
+                yield
         except OSError as exc:
             raise OutputError(
                 f"cannot write {self.path}: {exc.strerror or exc}; choose a writable mixed.checkpoint_dir"
             ) from exc
 
+    def _refresh(self) -> None:
+        """Merge in the rows other processes have written since this cache last read the file."""
+        on_disk = self._read()
+        for name, row in on_disk.items():
+            self.rows[name] = {**row, **self.rows.get(name, {})}
+
     def _read(self) -> dict[str, CostRow]:
-        if not self.path.is_file():
-            return {}
         try:
-            data = json.loads(self.path.read_text())
+            data = read_json(self.path)
+            if data is None:
+                return {}
             rows = {
                 str(name): {int(b): float(c) for b, c in row.items()} for name, row in data["rows"].items()
             }

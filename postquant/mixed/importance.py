@@ -43,7 +43,7 @@ from postquant.calib.data import batch_size_of, collect_batches
 from postquant.errors import DataError
 from postquant.eval.run import run_model, token_mask
 from postquant.grids import Grid
-from postquant.mixed.cache import ImportanceCache
+from postquant.mixed.cache import WAIT, ImportanceCache
 from postquant.mixed.config import Importance
 from postquant.progress import progress_bar
 from postquant.recipe import Recipe
@@ -164,22 +164,18 @@ def loss_costs(
 
     The layer's weight is swapped in place and restored, so `model` is unchanged on return. This is one
     forward pass of the calibration batches per layer and bit width, so `progress` shows a bar over layers.
-    `cache`: rows already measured are taken from it, and each new row is saved to it as soon as measured.
+    `cache`: rows already measured are taken from it, each new row is saved to it as soon as measured, and
+    processes measuring the same table at once split its layers (`ImportanceCache.next_layer`).
     """
-    table: CostTable = {}
-    for name in layers:
-        row = cache.row(name, bit_choices) if cache is not None else None
-        if row is not None:
-            table[name] = row
-    todo = [name for name in layers if name not in table]
-    if not todo:
-        return table
+    if cache is not None and all(cache.row(name, bit_choices) is not None for name in layers):
+        return {name: cache.row(name, bit_choices) for name in layers}  # type: ignore[misc]
     refs = [run_model(model, batch) for batch in batches]
     n = sum(batch_size_of(batch) for batch in batches)
-    for name in progress_bar(todo, enabled=progress, desc="loss importance", unit="layer", leave=False):
+
+    def measure(name: str) -> dict[int, float]:
         weight = model.get_submodule(name).weight
         original = weight.detach().clone()
-        table[name] = {}
+        row: dict[int, float] = {}
         try:
             for bits in bit_choices:
                 weight.copy_(quantized_weight(original, bits, recipe, _grid(grids, name, bits)))
@@ -187,13 +183,31 @@ def loss_costs(
                     float(batch_distance(run_model(model, b), r, b))
                     for b, r in zip(batches, refs, strict=True)
                 )
-                table[name][bits] = max(dist / n, 0.0)
+                row[bits] = max(dist / n, 0.0)
         finally:
             weight.copy_(original)
-        log.debug("loss importance %s: %s", name, table[name])
-        if cache is not None:
-            cache.record({name: table[name]})
-    return {name: table[name] for name in layers}
+        log.debug("loss importance %s: %s", name, row)
+        return row
+
+    bar = progress_bar(total=len(layers), enabled=progress, desc="loss importance", unit="layer", leave=False)
+    with bar:
+        if cache is None:
+            table = {}
+            for name in layers:
+                table[name] = measure(name)
+                bar.update()
+            return table
+        try:
+            while (name := cache.next_layer(layers, bit_choices)) is not None:
+                if name == WAIT:  # the layers left are being measured by another process
+                    cache.wait()
+                else:
+                    cache.record({name: measure(name)})
+                bar.n = sum(cache.row(n_, bit_choices) is not None for n_ in layers)
+                bar.refresh()
+        finally:
+            cache.release()
+    return {name: cache.row(name, bit_choices) for name in layers}  # type: ignore[misc]
 
 
 # ----------------------------------------------------------------------------------- gradients

@@ -14,12 +14,8 @@ the work without repeating a run. A claim whose process has died is taken over.
 from __future__ import annotations
 
 import copy
-import fcntl
 import json
 import logging
-import os
-import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -30,6 +26,7 @@ from typing import Any
 import torch
 
 from postquant.api import quantize
+from postquant.claims import held_by_another, locked, read_json, replace_json, this_process
 from postquant.errors import DataError, OutputError, PostquantError, RecipeError
 from postquant.eval import evaluate
 from postquant.paths import shared_path
@@ -171,7 +168,7 @@ class ResultStore:
         self.records[key] = record
         with self._locked():
             self.refresh()
-            self._replace(self.path, self.records)
+            replace_json(self.path, self.records)
 
     # Claims: which process is running which run (by run hash), so that processes sharing OUT split the work.
 
@@ -187,29 +184,27 @@ class ResultStore:
             if self.find(run) is not None:
                 return False
             claims = self._claims()
-            if _held_by_another(claims, run):
+            if held_by_another(claims.get(run.run_hash)):
                 return False
-            claims[run.run_hash] = _this_process()
-            self._replace(self.claims_path, claims)
+            claims[run.run_hash] = this_process()
+            replace_json(self.claims_path, claims)
         return True
 
     def release(self, run: PlannedRun) -> None:
         """Drop this process's claim on `run` (finished, failed or interrupted)."""
         with self._locked():
             claims = self._claims()
-            if claims.get(run.run_hash) == _this_process():
+            if claims.get(run.run_hash) == this_process():
                 del claims[run.run_hash]
-                self._replace(self.claims_path, claims)
+                replace_json(self.claims_path, claims)
 
     def held_elsewhere(self, run: PlannedRun) -> bool:
         """Whether another live process has claimed `run`."""
-        return _held_by_another(self._claims(), run)
+        return held_by_another(self._claims().get(run.run_hash))
 
     def _claims(self) -> dict[str, dict[str, Any]]:
         try:
-            return json.loads(self.claims_path.read_text())
-        except FileNotFoundError:
-            return {}
+            return read_json(self.claims_path) or {}
         except json.JSONDecodeError:  # written atomically, so only a hand edit gets here: start afresh
             log.warning("%s is not valid JSON; ignoring the claims in it", self.claims_path)
             return {}
@@ -218,68 +213,12 @@ class ResultStore:
     def _locked(self) -> Iterator[None]:
         """An exclusive lock on ``results.json.lock`` shared by every process using this OUT."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with locked(self.path.with_name(self.path.name + ".lock")):
                 yield
         except OSError as exc:
             raise OutputError(
                 f"cannot write {self.path}: {exc.strerror or exc}; choose a writable --out"
             ) from exc
-
-    def _replace(self, path: Path, data: dict[str, Any]) -> None:
-        """Rewrite `path` atomically (call with the lock held)."""
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-
-
-def _held_by_another(claims: dict[str, dict[str, Any]], run: PlannedRun) -> bool:
-    holder = claims.get(run.run_hash)
-    return holder is not None and holder != _this_process() and _alive(holder)
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """The fields of ``/proc/<pid>/stat`` after the command name (Linux; None elsewhere or if gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _process_start(pid: int) -> str | None:
-    """The start time of process `pid` in clock ticks since boot (Linux), to tell it from a reused pid."""
-    stat = _proc_stat(pid)
-    return stat[19] if stat is not None and len(stat) > 19 else None
-
-
-def _this_process() -> dict[str, Any]:
-    pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "start": _process_start(pid)}
-
-
-def _alive(holder: dict[str, Any]) -> bool:
-    """Whether the claiming process still runs. A claim from another host cannot be checked: it is honoured
-    (delete ``results.json.claims`` if that host's process is gone)."""
-    if holder.get("host") != socket.gethostname():
-        return True
-    pid = int(holder.get("pid", -1))
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, owned by another user
-    except OverflowError:
-        return False
-    stat = _proc_stat(pid)
-    if stat is not None and stat[0] in ("Z", "X"):  # exited, not yet reaped by its parent
-        return False
-    start = _process_start(pid)
-    return start is None or holder.get("start") in (None, start)
 
 
 # ------------------------------------------------------------------------------------------------ running

@@ -158,3 +158,99 @@ def test_quantize_with_another_budget_reuses_the_measurement(tiny_cnn, images, t
     assert forwards[0] == 0  # nothing measured again
     assert other.postquant_mixed.avg_w_bits > plain.postquant_mixed.avg_w_bits
     assert [r.costs for r in other.postquant_mixed.layers] == [r.costs for r in plain.postquant_mixed.layers]
+
+
+# ------------------------------------------------------------------------------ processes sharing the work
+
+SHARED_SCRIPT = """
+import json, sys, time
+import torch
+from torch import nn
+from postquant.mixed import importance as imp
+from postquant.mixed.cache import ImportanceCache
+from postquant.recipe import Recipe
+
+torch.manual_seed(0)
+model = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(32, 32), nn.ReLU())]).eval()
+batches = list(torch.randn(64, 32, generator=torch.Generator().manual_seed(1)).split(32))
+measured = []
+real = ImportanceCache.record
+
+
+def record(self, rows):
+    measured.extend(rows)
+    time.sleep(0.3)  # slow layers, so that both processes are measuring at the same time
+    real(self, rows)
+
+
+ImportanceCache.record = record
+layers = [str(i) for i in range(0, 16, 2)]
+open(sys.argv[2], "w").close()  # ready: both processes start measuring together
+while not __import__("os").path.exists(sys.argv[3]):
+    time.sleep(0.05)
+table = imp.importance_table(model, layers, [2, 4], Recipe(), "loss", batches, checkpoint_dir=sys.argv[1])
+print(json.dumps({"measured": measured, "table": {k: {str(b): c for b, c in v.items()} for k, v in table.items()}}))
+"""
+
+
+def test_two_processes_split_one_measurement(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "measure.py"
+    script.write_text(SHARED_SCRIPT)
+    ckpt, go = tmp_path / "ckpt", tmp_path / "go"
+    ready = [tmp_path / f"ready{i}" for i in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(ckpt), str(r), str(go)], stdout=subprocess.PIPE, text=True
+        )
+        for r in ready
+    ]
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    results = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert results[0]["table"] == results[1]["table"] and len(results[0]["table"]) == 8
+    measured = [r["measured"] for r in results]
+    assert sorted(measured[0] + measured[1]) == sorted(results[0]["table"])  # each layer once, by one of them
+    assert measured[0] and measured[1]  # both took a share
+    (claims_file,) = ckpt.glob("*.claims")
+    assert json.loads(claims_file.read_text()) == {}  # no claim left behind
+
+
+def test_a_layer_claimed_by_another_process_is_waited_for_then_taken_over(
+    folded, images, tmp_path, monkeypatch
+):
+    import subprocess
+    import sys
+    import threading
+
+    from postquant import claims
+    from postquant.mixed.cache import ImportanceCache
+
+    plain = _table(folded, images)
+    layers = list(plain)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        parts = importance_module._cache_parts(
+            folded, layers, BITS, Recipe(), Importance.LOSS, list(images.split(8)), None
+        )
+        cache = ImportanceCache(tmp_path, parts)
+        holder = {**claims.this_process(), "pid": other.pid, "start": claims.process_start(other.pid)}
+        tmp_path.joinpath(cache.claims_path.name).write_text(json.dumps({layers[0]: holder}))
+        order: list[str] = []
+        real = ImportanceCache.record
+        monkeypatch.setattr(
+            ImportanceCache, "record", lambda self, rows: (order.extend(rows), real(self, rows))[1]
+        )
+        threading.Timer(1.5, other.kill).start()  # the other process dies before measuring its layer
+        table = _table(folded, images, ckpt=tmp_path)
+    finally:
+        other.kill()
+        other.wait()
+    assert table == plain
+    assert order == [*layers[1:], layers[0]]  # the claimed layer last: waited for, then taken over

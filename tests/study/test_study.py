@@ -16,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 import postquant.study.runner as runner_mod
+from postquant import claims
 from postquant.calib.observers import Observer
 from postquant.cli import app
 from postquant.errors import RecipeError, UnknownNameError
@@ -260,7 +261,7 @@ def other_process():
 
 
 def _claim_for(out: Path, run: runner_mod.PlannedRun, pid: int) -> None:
-    holder = {"host": socket.gethostname(), "pid": pid, "start": runner_mod._process_start(pid)}
+    holder = {"host": socket.gethostname(), "pid": pid, "start": claims.process_start(pid)}
     (out / "results.json.claims").write_text(json.dumps({run.run_hash: holder}))
 
 
@@ -325,14 +326,14 @@ def test_study_all_goes_breadth_first_over_the_axes():
 
 
 def test_claims_tell_a_live_process_from_a_dead_or_reused_pid(other_process):
-    me = runner_mod._this_process()
-    assert runner_mod._alive(me)
-    assert not runner_mod._alive({**me, "start": "0"})  # the pid now belongs to a process started later
-    assert runner_mod._alive({**me, "host": "another-host"})  # cannot be checked: honoured
+    me = claims.this_process()
+    assert claims.alive(me)
+    assert not claims.alive({**me, "start": "0"})  # the pid now belongs to a process started later
+    assert claims.alive({**me, "host": "another-host"})  # cannot be checked: honoured
     other_process.kill()
     other_process.wait()
-    assert not runner_mod._alive({**me, "pid": other_process.pid, "start": None})
-    assert not runner_mod._alive({**me, "pid": 0})
+    assert not claims.alive({**me, "pid": other_process.pid, "start": None})
+    assert not claims.alive({**me, "pid": 0})
 
 
 def test_image_only_variants_are_unavailable_on_text_models():
