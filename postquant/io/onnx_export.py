@@ -44,6 +44,7 @@ from torch import nn
 
 from postquant.errors import OutputError, UnsupportedModelError
 from postquant.model import quantized_layers, set_module
+from postquant.model.hf import no_kv_cache
 from postquant.nn import QuantizedLayer
 
 __all__ = ["count_kernels", "export_onnx", "float_twin", "verify_onnx"]
@@ -178,13 +179,19 @@ def _plan(qmodel: nn.Module) -> dict[str, _LayerQDQ]:
 
 class _MatrixLinear(nn.Module):
     """A Linear that flattens inputs of more than two dimensions to a matrix, so that it exports as one Gemm
-    on its weight initializer (the exporter turns a Linear on (N, L, D) into a MatMul on a folded, transposed
-    copy of the weight, which the QDQ rewrite cannot find). The same function: rows are independent."""
+    on its weight initializer (the exporter turns a Linear on (N, L, D), or one without a bias, into a MatMul
+    on a folded, transposed copy of the weight, which the QDQ rewrite cannot find). The same function: rows
+    are independent, and a missing bias becomes an exact zero one."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.weight = linear.weight
-        self.register_parameter("bias", linear.bias)
+        bias = linear.bias
+        if bias is None:  # without a bias the exporter writes MatMul on a transposed copy of the weight
+            bias = nn.Parameter(
+                torch.zeros(linear.out_features, dtype=linear.weight.dtype), requires_grad=False
+            )
+        self.register_parameter("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
@@ -502,6 +509,19 @@ def _separate_equal_weights(graph: Any, weights: set[str]) -> None:
             graph.node.remove(node)
 
 
+def _drop_zero_gemm_biases(graph: Any) -> None:
+    """Remove all-zero bias inputs of Gemm nodes (`_MatrixLinear` gives bias-free Linears one to export as Gemm)."""
+    for node in graph.node:
+        if node.op_type == "Gemm" and len(node.input) == 3 and node.input[2]:
+            value = _constant(graph, node.input[2])
+            if value is not None and not np.any(value):
+                bias = node.input[2]
+                del node.input[2]
+                unused = not any(bias in other.input for other in graph.node)
+                for init in [i for i in graph.initializer if i.name == bias and unused]:
+                    graph.initializer.remove(init)
+
+
 def _rewrite(model: Any, plans: dict[str, _LayerQDQ]) -> None:
     """Insert the QDQ nodes of every planned layer into `model` (in place).
 
@@ -665,10 +685,13 @@ def export_onnx(
     inputs = _as_inputs(example_inputs)
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.onnx"
-        _torch_export(float_twin(qmodel), inputs, float_path, opset)
+        twin = float_twin(qmodel)
+        with no_kv_cache(twin):  # a causal LM's key/value cache object is no ONNX output
+            _torch_export(twin, inputs, float_path, opset)
         model = onnx.load(str(float_path))
     if inputs.kwargs:
         _Keywords.unwrap(model.graph)
+    _drop_zero_gemm_biases(model.graph)
     _rewrite(model, plans)
     onnx.checker.check_model(model)
     try:

@@ -8,6 +8,7 @@ from torch import nn
 
 import postquant
 from postquant.errors import OutputError, UnsupportedModelError
+from postquant.model import quantized_layers
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -123,6 +124,50 @@ def test_tied_weights_each_get_their_own_codes(tmp_path):
         )
     graph = onnx.load(str(tmp_path / "tied.onnx")).graph
     assert not [n for n in graph.node if n.op_type == "Identity"]
+
+
+def _causal_lm(kind: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "gpt2":  # Conv1D layers with biases, lm_head tied to the token embedding, no bias
+        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32)
+        return transformers.GPT2LMHeadModel(config).eval()
+    config = transformers.LlamaConfig(  # every Linear without a bias
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        hidden_size=32,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=32,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_causal_lms_export_every_layer(kind, tmp_path):
+    # their key/value cache is no ONNX output, and bias-free Linears export as MatMul on a transposed copy
+    model = _causal_lm(kind)
+    ids = torch.randint(0, 100, (8, 12), generator=torch.Generator().manual_seed(1))
+    calib = [
+        {"input_ids": ids[i : i + 4], "attention_mask": torch.ones(4, 12, dtype=torch.long)} for i in (0, 4)
+    ]
+    qmodel = postquant.quantize(model, {"w_bits": 8, "a_bits": 8}, calib=calib)
+    result = export_onnx(qmodel, calib[0], tmp_path / "lm.onnx", verify_batches=calib)
+    assert result["int8_weight_layers"] == len(quantized_layers(qmodel)) > 8
+    assert result["sqnr_db"] > 40 and result["top1_agreement"] is not None
+    graph = onnx.load(str(tmp_path / "lm.onnx")).graph
+    assert not [n for n in graph.node if n.op_type == "MatMul" and any("weight" in i for i in n.input)]
+    from onnx import numpy_helper
+
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    biases = [
+        n.input[2] for n in graph.node if n.op_type == "Gemm" and len(n.input) == 3 and n.input[2] in inits
+    ]
+    assert all(inits[b].any() for b in biases)  # the zero biases given to bias-free Linears are dropped again
+    head = [n for n in graph.node if n.op_type == "Gemm" and n.input[1] == "lm_head.weight"]
+    assert len(head) == 1 and len(head[0].input) == 2
+    assert qmodel.config.use_cache  # the user's setting is back after the export
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
