@@ -54,7 +54,7 @@ def quantize_weights(
         if lp.w_bits is None:
             continue
         layer = model.get_submodule(name)
-        w = layer.weight.detach()
+        w = layer.weight.detach().float()  # grids and codes in float32, whatever the model's dtype
         grid = recipe.weight_grid(w, lp.w_bits, importance.get(name))
         if isinstance(grid, PowerGrid):
             log.debug("%s: power grid exponent %.2f", name, float(grid.exponent))

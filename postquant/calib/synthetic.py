@@ -85,12 +85,14 @@ def distill_bn_data(
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> list[torch.Tensor]:
     """ZeroQ synthetic data: `n` inputs of `input_shape` (one sample, e.g. (3, 32, 32)) in batches.
 
     Each batch starts from seeded standard-normal noise and takes `steps` Adam steps on
     `bn_statistics_loss` (a forward and backward pass of the model each: `progress` shows a bar). The model
-    is left unchanged (its parameters get no gradient).
+    is left unchanged (its parameters get no gradient). The inputs are optimised in float32 and given to the
+    model (and returned) in `dtype`, the dtype of its inputs.
 
     Returns:
         A list of batches (tensors), at most `batch_size` samples each.
@@ -112,13 +114,13 @@ def distill_bn_data(
             desc = f"synthetic data {start // batch_size + 1}/{math.ceil(n / batch_size)}"
             for _ in progress_bar(range(steps), enabled=progress, desc=desc, unit="step", leave=False):
                 opt.zero_grad(set_to_none=True)
-                loss = bn_statistics_loss(model, x)
+                loss = bn_statistics_loss(model, x.to(dtype))
                 loss.backward()
                 opt.step()
             log.debug(
                 "synthetic batch %d: BN-statistics loss %.4g", start // batch_size, float(loss.detach())
             )
-            batches.append(x.detach())
+            batches.append(x.detach().to(dtype))
     finally:
         for p, r in zip(model.parameters(), requires, strict=True):
             p.requires_grad_(r)
@@ -127,11 +129,16 @@ def distill_bn_data(
 
 
 def noise_data(
-    input_shape: tuple[int, ...], n: int, *, batch_size: int = 32, seed: int = 0
+    input_shape: tuple[int, ...],
+    n: int,
+    *,
+    batch_size: int = 32,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
 ) -> list[torch.Tensor]:
-    """`n` seeded standard-normal inputs of `input_shape`, in batches."""
+    """`n` seeded standard-normal inputs of `input_shape`, in batches (drawn in float32, given in `dtype`)."""
     generator = torch.Generator().manual_seed(seed)
     return [
-        torch.randn(min(batch_size, n - s), *input_shape, generator=generator)
+        torch.randn(min(batch_size, n - s), *input_shape, generator=generator).to(dtype)
         for s in range(0, n, batch_size)
     ]

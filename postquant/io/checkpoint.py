@@ -410,8 +410,10 @@ def _rebuild_structure(model: nn.Module, arch: dict[str, Any]) -> None:
         owner, _, attr = key.rpartition(".")
         module = model.get_submodule(owner) if owner in dict(model.named_modules()) else None
         if module is not None and attr in module._parameters and module._parameters[attr] is None:
-            # e.g. the bias BatchNorm folding gives a conv that had none
-            module.register_parameter(attr, nn.Parameter(torch.zeros(shape)))
+            # e.g. the bias BatchNorm folding gives a conv that had none (in the dtype of its weight)
+            weight = getattr(module, "weight", None)
+            dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.get_default_dtype()
+            module.register_parameter(attr, nn.Parameter(torch.zeros(shape, dtype=dtype)))
 
 
 def _check_architecture(model: nn.Module, arch: dict[str, Any], model_name: str | None) -> None:

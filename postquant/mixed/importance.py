@@ -81,7 +81,7 @@ def fit_weight_grid(
 ) -> Grid:
     """The grid the recipe gives a weight at `bits` bits: exactly what `quantize` installs (given the same
     power-search `importance`)."""
-    return recipe.weight_grid(w, bits, importance)
+    return recipe.weight_grid(w.float(), bits, importance)
 
 
 def quantized_weight(w: torch.Tensor, bits: int, recipe: Recipe, grid: Grid | None = None) -> torch.Tensor:
@@ -92,6 +92,7 @@ def quantized_weight(w: torch.Tensor, bits: int, recipe: Recipe, grid: Grid | No
     """
     from postquant.api import weight_codes  # api imports the recipe, which imports this package's config
 
+    w = w.float()
     grid = grid if grid is not None else fit_weight_grid(w, bits, recipe)
     codes = weight_codes(recipe.method, grid.to_int(w), grid.qmin, grid.qmax, recipe)
     return grid.dequantize(codes)

@@ -51,9 +51,13 @@ class QuantizedLayer(nn.Module):
         self.weight = self.grid.dequantize(codes.to(torch.int32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Codes are dequantized (and inputs quantized) in float32; a half-precision model (bfloat16 or float16
+        # inputs) then computes the layer in its own dtype, as its float version did.
+        dtype = x.dtype
         if self.act_quant is not None:
-            x = self.act_quant(x)
-        return functional_call(self.inner, {"weight": self.weight}, (x,))
+            x = self.act_quant(x.float()).to(dtype) if dtype != torch.float32 else self.act_quant(x)
+        weight = self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
+        return functional_call(self.inner, {"weight": weight}, (x,))
 
     def extra_repr(self) -> str:
         return f"w_bits={self.bits}, grid={self.grid_config['kind']}, granularity={self.grid_config['granularity']}"

@@ -107,6 +107,8 @@ def prepare(model: nn.Module, recipe: Recipe, batches: Any, example_inputs: Any)
             "steps": cfg.synthetic_steps,
             "seed": recipe.seed,
         }
+        if shape_src.dtype != torch.float32:  # float32 keys stay as they were
+            parts["dtype"] = str(shape_src.dtype)
         batches = cached_batches(
             cfg.checkpoint_dir,
             parts,
@@ -117,10 +119,11 @@ def prepare(model: nn.Module, recipe: Recipe, batches: Any, example_inputs: Any)
                 steps=cfg.synthetic_steps,
                 seed=recipe.seed,
                 progress=cfg.progress,
+                dtype=shape_src.dtype,
             ),
         )
     else:
-        batches = noise_data(shape, recipe.calib_size, seed=recipe.seed)
+        batches = noise_data(shape, recipe.calib_size, seed=recipe.seed, dtype=shape_src.dtype)
     log.info(
         "%s calibration data: %d samples in %.1f s",
         cfg.calib_source.value,
