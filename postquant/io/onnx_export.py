@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import tempfile
 import warnings
 from collections import Counter
@@ -683,11 +684,15 @@ def export_onnx(
 
     if opset < 13:
         raise UnsupportedModelError(f"opset {opset} has no per-channel DequantizeLinear; use opset >= 13")
+    inputs = _as_inputs(example_inputs)  # first: export_onnx(qmodel, path, inputs) gets a clear error
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(
+            f"export_onnx(qmodel, example_inputs, path): path is a str or Path, not {type(path).__name__}"
+        )
     path = Path(path).expanduser()
     plans = _plan(qmodel)
     if not plans:
         log.info("%s has no quantized layer: exporting it in float", type(qmodel).__name__)
-    inputs = _as_inputs(example_inputs)
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.onnx"
         twin = float_twin(qmodel)

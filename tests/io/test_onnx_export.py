@@ -284,3 +284,11 @@ def test_efficientnet_lite0_w8a8_exports_with_integer_kernels(tmp_path):
     )  # the TF-"same" padding is fused into the quantized convs
     assert "Pad" not in result["ops"]
     assert result["sqnr_db"] > 20 and result["top1_agreement"] >= 75.0
+
+
+def test_swapped_path_and_inputs_are_a_clear_error(small_net, batches, tmp_path):
+    qmodel = postquant.quantize(small_net, {"w_bits": 8})
+    with pytest.raises(UnsupportedModelError, match="example inputs as a tensor.*not str"):
+        export_onnx(qmodel, str(tmp_path / "m.onnx"), batches[0])
+    with pytest.raises(TypeError, match=r"path is a str or Path, not Tensor"):
+        export_onnx(qmodel, batches[0], batches[0])
