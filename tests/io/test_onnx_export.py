@@ -288,7 +288,7 @@ def test_efficientnet_lite0_w8a8_exports_with_integer_kernels(tmp_path):
 
 def test_swapped_path_and_inputs_are_a_clear_error(small_net, batches, tmp_path):
     qmodel = postquant.quantize(small_net, {"w_bits": 8})
-    with pytest.raises(UnsupportedModelError, match="example inputs as a tensor.*not str"):
+    with pytest.raises(UnsupportedModelError, match=r"example inputs as a tensor.*not str"):
         export_onnx(qmodel, str(tmp_path / "m.onnx"), batches[0])
     with pytest.raises(TypeError, match=r"path is a str or Path, not Tensor"):
         export_onnx(qmodel, batches[0], batches[0])
