@@ -20,6 +20,7 @@ from postquant.grids import PowerGrid
 from postquant.model import fold_batchnorm, set_module
 from postquant.model.convert import float_weight_modules, with_linear_layers
 from postquant.nn import ActQuantizer, QuantizedLayer
+from postquant.nn.layer import upcast_half
 from postquant.plan import LayerPlan, check_finite, make_plan
 from postquant.recipe import Method, Recipe
 from postquant.reconstruct import is_learned, learned_rounding
@@ -54,7 +55,7 @@ def quantize_weights(
         if lp.w_bits is None:
             continue
         layer = model.get_submodule(name)
-        w = layer.weight.detach().float()  # grids and codes in float32, whatever the model's dtype
+        w = upcast_half(layer.weight.detach())  # grids and codes of half-precision weights in float32
         grid = recipe.weight_grid(w, lp.w_bits, importance.get(name))
         if isinstance(grid, PowerGrid):
             log.debug("%s: power grid exponent %.2f", name, float(grid.exponent))

@@ -47,6 +47,7 @@ from postquant.errors import OutputError, UnsupportedModelError
 from postquant.model import quantized_layers, set_module
 from postquant.model.hf import no_kv_cache
 from postquant.nn import QuantizedLayer
+from postquant.nn.layer import upcast_half
 
 __all__ = ["count_kernels", "export_onnx", "float_twin", "verify_onnx"]
 
@@ -584,11 +585,6 @@ def count_kernels(path: str | Path) -> dict[str, Any]:
     return {"integer_kernels": integer, "float_kernels": floats, "ops": dict(sorted(ops.items()))}
 
 
-def _float32(t: torch.Tensor) -> torch.Tensor:
-    """Half-precision (bfloat16, float16) tensors as float32, the others unchanged (ids, masks, float32)."""
-    return t.float() if t.is_floating_point() and t.dtype in (torch.bfloat16, torch.float16) else t
-
-
 def _model_inputs(batch: Any, n_inputs: int) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor]:
     """The model inputs of a batch; ``(inputs, labels)`` pairs of a single-input model lose their labels."""
     if isinstance(batch, torch.Tensor):
@@ -628,9 +624,9 @@ def verify_onnx(qmodel: nn.Module, path: str | Path, batches: Iterable[Any]) -> 
             ref = qmodel(**inputs) if isinstance(inputs, Mapping) else qmodel(*inputs)
         ref = _first_tensor(ref).double().numpy()
         if isinstance(inputs, Mapping):  # the exporter drops keyword inputs the graph does not use
-            feed = {n: _float32(inputs[n]).numpy() for n in names}
+            feed = {n: upcast_half(inputs[n]).numpy() for n in names}
         else:
-            feed = {n: _float32(t).numpy() for n, t in zip(names, inputs, strict=True)}
+            feed = {n: upcast_half(t).numpy() for n, t in zip(names, inputs, strict=True)}
         out = session.run(None, feed)[0].astype(np.float64)
         diff = out - ref
         signal += float(np.square(ref).sum())
@@ -699,7 +695,7 @@ def export_onnx(
         if any(t.is_floating_point() and t.dtype != torch.float32 for t in twin.state_dict().values()):
             twin = twin.float()  # a half-precision model exports in float32 (with its int8 weights)
             inputs = _Inputs(
-                tuple(map(_float32, inputs.args)), {k: _float32(t) for k, t in inputs.kwargs.items()}
+                tuple(map(upcast_half, inputs.args)), {k: upcast_half(t) for k, t in inputs.kwargs.items()}
             )
         with no_kv_cache(twin):  # a causal LM's key/value cache object is no ONNX output
             _torch_export(twin, inputs, float_path, opset)

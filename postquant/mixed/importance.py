@@ -45,6 +45,7 @@ from postquant.eval.run import run_model, token_mask
 from postquant.grids import Grid
 from postquant.mixed.cache import WAIT, ImportanceCache
 from postquant.mixed.config import Importance
+from postquant.nn.layer import upcast_half
 from postquant.progress import progress_bar
 from postquant.recipe import Recipe
 from postquant.reconstruct.checkpoint import data_fingerprint, model_fingerprint
@@ -81,7 +82,7 @@ def fit_weight_grid(
 ) -> Grid:
     """The grid the recipe gives a weight at `bits` bits: exactly what `quantize` installs (given the same
     power-search `importance`)."""
-    return recipe.weight_grid(w.float(), bits, importance)
+    return recipe.weight_grid(upcast_half(w), bits, importance)
 
 
 def quantized_weight(w: torch.Tensor, bits: int, recipe: Recipe, grid: Grid | None = None) -> torch.Tensor:
@@ -92,7 +93,7 @@ def quantized_weight(w: torch.Tensor, bits: int, recipe: Recipe, grid: Grid | No
     """
     from postquant.api import weight_codes  # api imports the recipe, which imports this package's config
 
-    w = w.float()
+    w = upcast_half(w)
     grid = grid if grid is not None else fit_weight_grid(w, bits, recipe)
     codes = weight_codes(recipe.method, grid.to_int(w), grid.qmin, grid.qmax, recipe)
     return grid.dequantize(codes)

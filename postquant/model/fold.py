@@ -12,6 +12,7 @@ from torch import nn
 
 from postquant.eval.run import run_model
 from postquant.model.walk import set_module, walk_children
+from postquant.nn.layer import upcast_half
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +23,15 @@ def fold_bn_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     ``y = gamma * (W x + b - mu) / sqrt(var + eps) + beta`` becomes ``W' x + b'`` with
     ``W' = W * gamma / sigma`` per output channel and ``b' = (b - mu) * gamma / sigma + beta``.
     """
-    with torch.no_grad():  # in float32 (a no-op for float32 models), stored in the layer's dtype
-        sigma = torch.sqrt(bn.running_var.float() + bn.eps)
-        gamma = bn.weight.float() if bn.affine else torch.ones_like(sigma)
-        beta = bn.bias.float() if bn.affine else torch.zeros_like(sigma)
+    with torch.no_grad():  # half precision computed in float32, stored in the layer's dtype
+        sigma = torch.sqrt(upcast_half(bn.running_var) + bn.eps)
+        gamma = upcast_half(bn.weight) if bn.affine else torch.ones_like(sigma)
+        beta = upcast_half(bn.bias) if bn.affine else torch.zeros_like(sigma)
         factor = gamma / sigma  # (OC,)
         w = layer.weight
-        w.copy_(w.float() * factor.reshape(-1, *([1] * (w.dim() - 1))))
-        bias = layer.bias.float() if layer.bias is not None else torch.zeros_like(sigma)
-        new_bias = (bias - bn.running_mean.float()) * factor + beta
+        w.copy_(upcast_half(w) * factor.reshape(-1, *([1] * (w.dim() - 1))))
+        bias = upcast_half(layer.bias) if layer.bias is not None else torch.zeros_like(sigma)
+        new_bias = (bias - upcast_half(bn.running_mean)) * factor + beta
         if layer.bias is None:
             layer.bias = nn.Parameter(new_bias.to(w.dtype))
         else:

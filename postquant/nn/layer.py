@@ -12,6 +12,12 @@ from postquant.grids import Grid, grid_from_state, grid_state
 from postquant.nn.act import ActQuantizer
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+HALF = (torch.bfloat16, torch.float16)
+
+
+def upcast_half(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision (bfloat16, float16) tensors as float32; every other tensor unchanged."""
+    return t.float() if t.dtype in HALF else t
 
 
 class QuantizedLayer(nn.Module):
@@ -55,7 +61,7 @@ class QuantizedLayer(nn.Module):
         # inputs) then computes the layer in its own dtype, as its float version did.
         dtype = x.dtype
         if self.act_quant is not None:
-            x = self.act_quant(x.float()).to(dtype) if dtype != torch.float32 else self.act_quant(x)
+            x = self.act_quant(x.float()).to(dtype) if dtype in HALF else self.act_quant(x)
         weight = self.weight if self.weight.dtype == dtype else self.weight.to(dtype)
         return functional_call(self.inner, {"weight": weight}, (x,))
 
