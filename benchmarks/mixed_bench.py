@@ -69,7 +69,7 @@ def recipe_for(method: str, config: str, args: argparse.Namespace) -> dict[str, 
     return recipe
 
 
-class OutputError:
+class OutputDistance:
     """The distance of a quantized model's output to the float model's on the first calibration samples."""
 
     @torch.no_grad()
@@ -87,7 +87,7 @@ class OutputError:
         return total / self.n
 
 
-def fill_output_error(zoo: Any, row: dict[str, Any], error: OutputError, args: argparse.Namespace) -> None:
+def fill_output_error(zoo: Any, row: dict[str, Any], error: OutputDistance, args: argparse.Namespace) -> None:
     """Add ``out_err`` to a row measured before it existed, by quantizing with the row's recorded bits."""
     recipe = postquant.Recipe.coerce(recipe_for(row["method"], f"W{int(args.budget)}", args))
     if row["bits"] is not None:
@@ -103,7 +103,7 @@ def fill_output_error(zoo: Any, row: dict[str, Any], error: OutputError, args: a
 
 
 def run_row(
-    zoo: Any, model: str, method: str, config: str, args: argparse.Namespace, error: OutputError
+    zoo: Any, model: str, method: str, config: str, args: argparse.Namespace, error: OutputDistance
 ) -> dict[str, Any]:
     limit = args.limit.get(model)
     row: dict[str, Any] = {"model": model, "method": method, "config": config}
@@ -229,7 +229,7 @@ def main() -> None:
         for row in rows:
             if row["model"] == model and "out_err" not in row:
                 zoo = zoo or load_model(model)
-                error = error or OutputError(zoo)
+                error = error or OutputDistance(zoo)
                 if row["method"] == "fp32":
                     row["out_err"] = 0.0
                 else:
@@ -241,7 +241,7 @@ def main() -> None:
             if row_key(model, method, config) in done:
                 continue
             zoo = zoo or load_model(model)
-            error = error or OutputError(zoo)
+            error = error or OutputDistance(zoo)
             log.info("row %s %s %s", model, method, config)
             row = run_row(zoo, model, method, config, args, error)
             log.info(

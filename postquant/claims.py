@@ -11,11 +11,12 @@ import fcntl
 import json
 import os
 import socket
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from postquant.reconstruct.checkpoint import write_atomic
 
 __all__ = ["alive", "held_by_another", "locked", "process_start", "read_json", "replace_json", "this_process"]
 
@@ -97,11 +98,5 @@ def read_json(path: Path) -> Any | None:
 
 def replace_json(path: Path, data: Any, sort_keys: bool = False) -> None:
     """Rewrite `path` with `data` as JSON atomically (a crash leaves the previous file intact)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=sort_keys)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    text = json.dumps(data, indent=1, sort_keys=sort_keys)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
