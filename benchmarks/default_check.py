@@ -32,6 +32,10 @@ VARIANTS: dict[str, tuple[str, str | None]] = {
     "MSE ranges, random 0.5 selection at every bit width": ("random_half_mse", "random_half_mse.yaml"),
     "MSE ranges, all weights, 2 blocks per unit": ("two_blocks_mse", "two_blocks_mse.yaml"),
     "MSE ranges, all weights, no start guard": ("no_guard", "no_guard.yaml"),
+    "default + learned steps (STE grid codes, weight and activation step sizes)": (
+        "auto_act_scales",
+        "auto_act_scales.yaml",
+    ),
     "min/max ranges, all weights (the default before 2026-12-03)": (
         "minmax_observer",
         "minmax_observer.yaml",
