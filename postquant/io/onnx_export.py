@@ -47,7 +47,7 @@ from postquant.errors import OutputError, UnsupportedModelError
 from postquant.model import quantized_layers, set_module
 from postquant.model.hf import no_kv_cache
 from postquant.nn import QuantizedLayer
-from postquant.nn.layer import upcast_half
+from postquant.nn.layer import HALF, upcast_half
 
 __all__ = ["count_kernels", "export_onnx", "float_twin", "verify_onnx"]
 
@@ -692,7 +692,7 @@ def export_onnx(
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.onnx"
         twin = float_twin(qmodel)
-        if any(t.is_floating_point() and t.dtype != torch.float32 for t in twin.state_dict().values()):
+        if any(t.dtype in HALF for t in twin.state_dict().values()):
             twin = twin.float()  # a half-precision model exports in float32 (with its int8 weights)
             inputs = _Inputs(
                 tuple(map(upcast_half, inputs.args)), {k: upcast_half(t) for k, t in inputs.kwargs.items()}
