@@ -11,7 +11,8 @@ This is a vectorised restatement of the reference's pure-PyTorch path, bit-exact
 ``shared/golden/squant/README.md`` states that behaviour: round-half-to-even everywhere, the tie breaking of
 its sorts, the ``order[-1]`` hand-off of a group whose error sum is exactly 0, and no-op flips of elements that
 are not candidates. Nothing loops over kernels or channels in Python. Channels are independent, so a layer is
-processed in blocks of whole output channels that fit in the CPU cache; that only saves memory traffic.
+processed in blocks of whole output channels that fit in the CPU cache; that only saves memory traffic. On
+an accelerator the whole layer is processed at once (`_squant_dense`, at the end of this file).
 
 How the reference's sorts are reproduced without sorting every row:
 
@@ -72,7 +73,12 @@ def _parse_mode(mode: SquantMode | str) -> SquantMode:
 
 
 def squant_codes(
-    x: torch.Tensor, tmin: int, tmax: int, mode: SquantMode | str = SquantMode.EKC
+    x: torch.Tensor,
+    tmin: int,
+    tmax: int,
+    mode: SquantMode | str = SquantMode.EKC,
+    *,
+    whole_layer: bool | None = None,
 ) -> torch.Tensor:
     """Integer codes of the integer-domain weight `x` chosen by SQuant's CASE flipping (ICLR 2022, Alg. 1).
 
@@ -83,6 +89,9 @@ def squant_codes(
         mode: ``"e"`` nearest rounding, ``"ek"`` kernel stage only, ``"ec"`` channel stage only, ``"ekc"``
             kernel then channel stage (full SQuant). The kernel stage is skipped for kernels of one element
             (Linear, 1x1 conv).
+        whole_layer: process the layer in one piece with a fixed sequence of operations and one host
+            synchronisation (fast on a GPU), instead of in cache-sized blocks of channels (fast on a CPU).
+            Both give the same codes. Default: whole layer on any device but the CPU.
 
     Returns:
         torch.int32 codes of the shape of `x`, in ``[tmin, tmax]``, at most one step from ``round(x)``
@@ -103,13 +112,15 @@ def squant_codes(
             f"SQuant needs a weight of at least 2 dims (OC, IC, ...), got shape {tuple(x.shape)}"
         )
     x3 = x.detach().reshape(x.shape[0], x.shape[1], -1).to(torch.float32).contiguous()  # (OC, IC, L)
+    kernel = mode in (SquantMode.EK, SquantMode.EKC) and x3.shape[2] > 1
+    channel = mode in (SquantMode.EC, SquantMode.EKC)
+    if whole_layer if whole_layer is not None else x3.device.type != "cpu":
+        return _squant_dense(x3, tmin, tmax, kernel, channel).view(x.shape)
     if not bool(torch.isfinite(x3.sum())) and not bool(torch.isfinite(x3).all()):  # a sum is cheap
-        raise NonFiniteWeightError("SQuant input holds NaN or Inf values; check the weight and its grid")
+        raise NonFiniteWeightError(_NON_FINITE)
 
     out = torch.empty(x3.shape, dtype=torch.int32, device=x3.device)  # (OC, IC, L)
     oc, ic, klen = x3.shape
-    kernel = mode in (SquantMode.EK, SquantMode.EKC) and klen > 1
-    channel = mode in (SquantMode.EC, SquantMode.EKC)
     for c0, c1 in _channel_blocks(oc, ic * klen):  # blocks of whole output channels, for cache locality only
         xb, ob = x3[c0:c1], out[c0:c1]  # (n, IC, L)
         if kernel:
@@ -126,6 +137,9 @@ def squant_codes(
         else:
             ob.copy_(torch.round(xb).clamp_(tmin, tmax))
     return out.view(x.shape)
+
+
+_NON_FINITE = "SQuant input holds NaN or Inf values; check the weight and its grid"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -429,3 +443,92 @@ def _first_k_sorted(p: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, tor
     order = torch.sort(p, dim=1, descending=True).indices[:, : int(k.max())]  # (R, kmax)
     ridx, pos = (torch.arange(order.shape[1], device=p.device) < k.unsqueeze(1)).nonzero(as_tuple=True)
     return ridx, order[ridx, pos]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole layer at once (accelerators)
+#
+# On a GPU the cost of the blocked path above is its number of operations and host synchronisations (each
+# launch costs microseconds whatever its size), not memory traffic. So there every stage runs on the whole
+# layer in a fixed, short sequence of tensor operations: the kernel stage from exact stable ranks
+# (L^2 comparisons per kernel of L <= 16 elements; ``torch.sort`` of the rows, as in the reference, beyond),
+# the channel stage from a full sort of each channel's priorities instead of a top-k whose size needs k.max()
+# on the host. The only host synchronisation is at the end: are there NaN/Inf inputs, or channels whose
+# boundary is a tie (rare), which are then redone with the reference's sort as on the CPU path.
+
+
+def _squant_dense(x3: torch.Tensor, tmin: int, tmax: int, kernel: bool, channel: bool) -> torch.Tensor:
+    """SQuant codes of `x3` (OC, IC, L) float32 with no blocks and a single host synchronisation.
+
+    Bit-identical to the blocked path (the tests run both on the golden vectors); any device.
+    """
+    oc, ic, klen = x3.shape
+    out = torch.empty(x3.shape, dtype=torch.int32, device=x3.device)  # (OC, IC, L)
+    finite = torch.isfinite(x3)
+    bad = ~finite.all()  # () checked at the synchronisation; until then NaN/Inf become 0 (no wild indices)
+    x3 = torch.where(finite, x3, 0.0)
+    if kernel:
+        xg = x3.view(-1, klen)  # (G, L) kernels
+        r = torch.round(xg)
+        s = (r - xg).sum(1)  # (G,) the reference's float32 reduction over each kernel
+        ks = _kernel_stage_ranked(xg, s, tmin, tmax, stable=klen <= _STABLE_SORT_MAX)
+        out.view(-1, klen).copy_(ks.r.clamp(tmin, tmax))
+        if not channel:
+            _raise_if(bad)
+            return out
+        s = ks.e.view(oc, -1).sum(-1)  # (OC,) channel sums after the kernel stage
+        up, k, step = _direction(s)
+        pri = ks.h_pri.view(oc, ic) * (
+            ks.h_up.view(oc, ic) == up.unsqueeze(1)
+        )  # (OC, IC) the direction's list
+        v_k, ambiguous = _boundary_sorted(pri, k)
+        flip = (pri > v_k.unsqueeze(1)) & ((k > 0) & ~ambiguous).unsqueeze(1)  # (OC, IC)
+        pos = ks.h_pos.view(oc, ic, 1)
+        new = _new_rounding(x3.gather(2, pos).squeeze(2), step.unsqueeze(1), tmin, tmax)  # (OC, IC)
+        kept = out.gather(2, pos).squeeze(2)
+        out.scatter_(2, pos, torch.where(flip, new.clamp_(tmin, tmax).to(torch.int32), kept).unsqueeze(2))
+        if _raise_if(bad, ambiguous.any()):  # ties at the boundary: the reference's sort on those channels
+            chans = ambiguous.nonzero().squeeze(1)
+            full = torch.zeros(chans.numel(), ic, klen, dtype=torch.float32, device=x3.device)
+            full.scatter_(2, pos[chans], pri[chans].unsqueeze(2))  # the reference's priority rows
+            ridx, cols = _first_k_sorted(full.view(chans.numel(), -1), k[chans])
+            rows = chans[ridx]
+            new = _new_rounding(x3.view(oc, -1)[rows, cols], step[rows], tmin, tmax)
+            out.view(oc, -1)[rows, cols] = new.clamp_(tmin, tmax).to(torch.int32)
+        return out
+    if not channel:
+        _raise_if(bad)
+        return out.copy_(torch.round(x3).clamp_(tmin, tmax))
+    xr = x3.view(oc, -1)  # (OC, IC*L)
+    r = torch.round(xr)
+    e = r - xr
+    _, k, step = _direction(e.sum(-1))  # (OC,)
+    p = _priority(e, r, step.unsqueeze(1), tmin, tmax)  # (OC, IC*L)
+    v_k, ambiguous = _boundary_sorted(p, k)
+    flip = (p > v_k.unsqueeze(1)) & ((k > 0) & ~ambiguous).unsqueeze(1)
+    r = torch.addcmul(r, flip, step.unsqueeze(1))
+    if _raise_if(bad, ambiguous.any()):
+        rows = ambiguous.nonzero().squeeze(1)
+        ridx, cols = _first_k_sorted(p[rows], k[rows])
+        r[rows[ridx], cols] = _new_rounding(xr[rows[ridx], cols], step[rows[ridx]], tmin, tmax)
+    out.view(oc, -1).copy_(r.clamp_(tmin, tmax))
+    return out
+
+
+def _boundary_sorted(p: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_boundary` from a full sort of each row: the same values, with no k.max() on the host."""
+    top = torch.sort(p, dim=1, descending=True).values  # (R, M)
+    kk = k.clamp(max=p.shape[1] - 1).unsqueeze(1)
+    v_k = top.gather(1, kk).squeeze(1)
+    v_prev = top.gather(1, (kk - 1).clamp(min=0)).squeeze(1)
+    ambiguous = (k > 0) & ((k >= p.shape[1]) | (v_prev == v_k))
+    return v_k, ambiguous
+
+
+def _raise_if(bad: torch.Tensor, flag: torch.Tensor | None = None) -> bool:
+    """The one host synchronisation of `_squant_dense`: raise for non-finite input, else return `flag`."""
+    flags = torch.stack([bad, flag]) if flag is not None else bad.unsqueeze(0)
+    values = flags.tolist()
+    if values[0]:
+        raise NonFiniteWeightError(_NON_FINITE)
+    return bool(values[-1]) if flag is not None else False

@@ -72,6 +72,29 @@ def test_golden_case_bit_exact(stem: str, tid: str, mode: str) -> None:
     assert mismatches == 0, f"{mismatches} of {q.numel()} codes differ from the reference"
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU run is skipped")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("stem", GOLDEN_FILES)
+def test_golden_cases_whole_layer_bit_exact(stem: str, device: str) -> None:
+    """The whole-layer path (the default on accelerators) reproduces every golden case, on CPU and CUDA."""
+    path = GOLDEN / f"{stem}.npz"
+    if not path.is_file():
+        pytest.skip(f"SQuant golden vectors not found at {path}; set POSTQUANT_SHARED to the shared folder")
+    d = _golden(stem)
+    wrong = []
+    for tid, mode in zip(d["index/tensor"], d["index/mode"], strict=True):
+        x = torch.from_numpy(d[f"{tid}/x"]).to(device)
+        q = squant_codes(x, int(d[f"{tid}/tmin"]), int(d[f"{tid}/tmax"]), MODES[str(mode)], whole_layer=True)
+        assert q.device == x.device
+        mismatches = int((q.cpu() != torch.from_numpy(d[f"{tid}/q_{mode}"])).sum())
+        if mismatches:
+            wrong.append(f"{tid}/{mode}: {mismatches} of {q.numel()}")
+    assert not wrong, f"codes differ from the reference in {len(wrong)} cases: {wrong[:10]}"
+
+
 def test_golden_set_is_complete() -> None:
     """All four files are there with the 269 cases of the README (guards against a silently smaller set)."""
     missing = [stem for stem in GOLDEN_FILES if not (GOLDEN / f"{stem}.npz").is_file()]
@@ -179,11 +202,15 @@ def layers(
 
 
 @settings(max_examples=50, deadline=None)
-@given(layers(), st.sampled_from(list(SquantMode)))
-def test_equals_per_group_restatement(layer: tuple[torch.Tensor, int, int], mode: SquantMode) -> None:
-    """The vectorised codes equal a one-group-at-a-time restatement, ties and clamping included."""
+@given(layers(), st.sampled_from(list(SquantMode)), st.booleans())
+def test_equals_per_group_restatement(
+    layer: tuple[torch.Tensor, int, int], mode: SquantMode, whole_layer: bool
+) -> None:
+    """The vectorised codes (blocked and whole-layer paths) equal a one-group-at-a-time restatement, ties
+    and clamping included."""
     x, tmin, tmax = layer
-    assert torch.equal(squant_codes(x, tmin, tmax, mode), loop_squant(x, tmin, tmax, mode.value))
+    q = squant_codes(x, tmin, tmax, mode, whole_layer=whole_layer)
+    assert torch.equal(q, loop_squant(x, tmin, tmax, mode.value))
 
 
 @settings(max_examples=50, deadline=None)
@@ -252,14 +279,16 @@ def test_zero_and_constant_channels(mode: SquantMode) -> None:
     assert torch.equal(q, loop_squant(x, tmin, tmax, mode.value))
 
 
+@pytest.mark.parametrize("whole_layer", [False, True], ids=["blocked", "whole"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_input_raises(bad: float) -> None:
+def test_non_finite_input_raises(bad: float, whole_layer: bool) -> None:
     x = torch.zeros(4, 3, 3, 3)
     x[2, 1, 0, 0] = bad
-    with pytest.raises(NonFiniteWeightError, match="NaN or Inf"):
-        squant_codes(x, -8, 7)
-    with pytest.raises(ValueError):  # NonFiniteWeightError is a ValueError
-        squant_codes(x, -8, 7, "e")
+    for mode in SquantMode:
+        with pytest.raises(NonFiniteWeightError, match="NaN or Inf"):  # a ValueError
+            squant_codes(x, -8, 7, mode, whole_layer=whole_layer)
+    with pytest.raises(NonFiniteWeightError):
+        squant_codes(x.view(4, 27), -8, 7, whole_layer=whole_layer)  # channel stage only
 
 
 def test_huge_finite_values_are_not_reported_as_non_finite() -> None:
@@ -312,10 +341,11 @@ def test_any_float_dtype_is_computed_in_float32(dtype: torch.dtype) -> None:
 
 def test_large_layer_matches_restatement_on_sampled_channels() -> None:
     """A layer large enough for several blocks of channels: every channel is independent, so the
-    codes of a few channels equal those of the same channels rounded alone."""
+    codes of a few channels equal those of the same channels rounded alone; the whole-layer path agrees."""
     gen = torch.Generator().manual_seed(4)
     x, tmin, tmax = reference_grid(torch.randn(300, 128, 3, 3, generator=gen) * 0.05, 4)
     q = squant_codes(x, tmin, tmax)
+    assert torch.equal(q, squant_codes(x, tmin, tmax, whole_layer=True))
     for c in (0, 150, 299):
         assert torch.equal(q[c : c + 1], squant_codes(x[c : c + 1], tmin, tmax))
     assert torch.equal(q[:2], loop_squant(x[:2], tmin, tmax, "ekc"))
