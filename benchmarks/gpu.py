@@ -34,13 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from squant_speed import resnet18_shapes  # a sibling script: benchmarks/ is on sys.path when run
 
 import postquant
 from postquant.grids import fit_uniform_grid
 from postquant.paths import shared_path
 from postquant.rounding import SquantMode, nearest_codes, squant_codes
-
-from squant_speed import resnet18_shapes  # a sibling script: benchmarks/ is on sys.path when run
 
 log = logging.getLogger("gpu")
 
