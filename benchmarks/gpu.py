@@ -39,7 +39,7 @@ from squant_speed import resnet18_shapes  # a sibling script: benchmarks/ is on 
 import postquant
 from postquant.grids import fit_uniform_grid
 from postquant.paths import shared_path
-from postquant.rounding import SquantMode, nearest_codes, squant_codes
+from postquant.rounding import SquantMode, nearest_codes, squant_codes, squant_codes_many
 
 log = logging.getLogger("gpu")
 
@@ -84,11 +84,19 @@ def squant_part(repeats: int, seed: int) -> dict[str, Any]:
     def blocked(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
         return squant_codes(x, a, b, SquantMode.EKC, whole_layer=False)
 
+    ranges = {(a, b) for *_, a, b in gpu}
+    assert len(ranges) == 1, ranges
+    (qmin, qmax), xs = ranges.pop(), [x for _, _, x, _, _ in gpu]
     total = {
+        "squant_many": cuda_time(lambda: squant_codes_many(xs, qmin, qmax), repeats),
         "squant": cuda_time(run(whole), repeats),
         "squant_blocked": cuda_time(run(blocked), max(3, repeats // 4)),
         "nearest": cuda_time(run(nearest_codes), repeats),
     }
+    many_differ = sum(
+        int((q.cpu() != squant_codes(x_cpu, a, b)).sum())
+        for q, (_, _, x_cpu, a, b) in zip(squant_codes_many(xs, qmin, qmax), layers, strict=True)
+    )
     rows, differ, weights = [], 0, 0
     for (name, shape, x_cpu, a, b), (_, _, x, _, _) in zip(layers, gpu, strict=True):
         cpu_codes = squant_codes(x_cpu, a, b)
@@ -106,7 +114,13 @@ def squant_part(repeats: int, seed: int) -> dict[str, Any]:
                 "differ_from_cpu": changed,
             }
         )
-    return {"total_s": total, "layers": rows, "differ_from_cpu": differ, "weights": weights}
+    return {
+        "total_s": total,
+        "layers": rows,
+        "differ_from_cpu": differ,
+        "many_differ_from_cpu": many_differ,
+        "weights": weights,
+    }
 
 
 def golden_part() -> dict[str, Any]:
@@ -235,13 +249,16 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             "",
             "| | whole model (ms) | vs nearest rounding |",
             "|---|---:|---:|",
+            f"| `squant_codes_many` (layers of one shape together; what `quantize` does on a GPU) "
+            f"| {t['squant_many'] * 1e3:.2f} | {t['squant_many'] / t['nearest']:.1f}x |",
             f"| `squant_codes` (GPU default: whole layer) | {t['squant'] * 1e3:.2f} | {t['squant'] / t['nearest']:.1f}x |",
             f"| `squant_codes(whole_layer=False)` (the CPU's blocked path) | {t['squant_blocked'] * 1e3:.2f} "
             f"| {t['squant_blocked'] / t['nearest']:.1f}x |",
             f"| nearest rounding | {t['nearest'] * 1e3:.2f} | 1x |",
             f"| published SQuant CUDA kernel (H200, issue 17; not run here) | {PUBLISHED_KERNEL_MS} | |",
             "",
-            f"Codes differing from the CPU's: {sq['differ_from_cpu']} of {sq['weights']:,}.",
+            f"Codes differing from the CPU's: {sq['differ_from_cpu']} of {sq['weights']:,} layer by layer, "
+            f"{sq['many_differ_from_cpu']} with `squant_codes_many`.",
         ]
         g = results.get("golden", {})
         if "cases" in g:
@@ -320,7 +337,7 @@ def main() -> None:
     if "squant" in args.parts:
         results["squant"] = squant_part(args.repeats, args.seed)
         results["golden"] = golden_part()
-        log.info("SQuant whole model: %s", results["squant"]["total_s"])
+        log.info("SQuant whole model (s): %s", results["squant"]["total_s"])
         save()
     if "tests" in args.parts:
         results["tests"] = tests_part(args.tests_timeout)

@@ -25,7 +25,7 @@ from postquant.plan import LayerPlan, check_finite, make_plan
 from postquant.recipe import Method, Recipe
 from postquant.reconstruct import is_learned, learned_rounding
 from postquant.reconstruct import prepare as prepare_learned
-from postquant.rounding import nearest_codes, squant_codes
+from postquant.rounding import nearest_codes, squant_codes, squant_codes_many
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,35 @@ def quantize_weights(
 
     Each layer gets the recipe's grid (`recipe.grid`: uniform, or power with its exponent fixed or searched
     per layer, ALGORITHMS.md 1.1-1.2; `importance` weighs the search's error per layer, see
-    `power_search_importance`); the rounding method chooses codes in that grid's integer domain.
+    `power_search_importance`); the rounding method chooses codes in that grid's integer domain. Off the CPU,
+    SQuant chooses the codes of layers of one shape together (`squant_codes_many`: the same codes, fewer GPU
+    operations), holding at most `_BATCH_ELEMENTS` integer-domain weights at once.
     """
     importance = importance or {}
     done: dict[str, QuantizedLayer] = {}
+    pending: list[tuple[str, nn.Module, Any, torch.Tensor]] = []  # layers whose codes are chosen together
+
+    def install() -> None:
+        all_codes: dict[int, torch.Tensor] = {}
+        if recipe.method is Method.SQUANT:  # one batch per integer range (squant_codes_many)
+            ranges: dict[tuple[int, int], list[int]] = {}
+            for i, (_, _, g, _) in enumerate(pending):
+                ranges.setdefault((g.qmin, g.qmax), []).append(i)
+            for (qmin, qmax), members in ranges.items():
+                xs = [pending[i][3] for i in members]
+                all_codes.update(
+                    zip(members, squant_codes_many(xs, qmin, qmax, recipe.squant_mode), strict=True)
+                )
+        else:
+            for i, (_, _, g, x) in enumerate(pending):
+                all_codes[i] = weight_codes(recipe.method, x, g.qmin, g.qmax, recipe)
+        for i, (name, layer, grid, _) in enumerate(pending):
+            codes = all_codes[i]
+            qlayer = QuantizedLayer(layer, grid, codes)
+            set_module(model, name, qlayer)
+            done[name] = qlayer
+        pending.clear()
+
     for name, lp in plan.items():
         if lp.w_bits is None:
             continue
@@ -59,11 +84,16 @@ def quantize_weights(
         grid = recipe.weight_grid(w, lp.w_bits, importance.get(name))
         if isinstance(grid, PowerGrid):
             log.debug("%s: power grid exponent %.2f", name, float(grid.exponent))
-        codes = weight_codes(recipe.method, grid.to_int(w), grid.qmin, grid.qmax, recipe)
-        qlayer = QuantizedLayer(layer, grid, codes)
-        set_module(model, name, qlayer)
-        done[name] = qlayer
+        pending.append((name, layer, grid, grid.to_int(w)))
+        if sum(x.numel() for *_, x in pending) >= _BATCH_ELEMENTS or w.device.type == "cpu":
+            install()
+    if pending:
+        install()
     return done
+
+
+# Integer-domain weights held at once while their codes are chosen together (float32: 1 GiB).
+_BATCH_ELEMENTS = 1 << 28
 
 
 def quantize(

@@ -23,12 +23,13 @@ How the reference's sorts are reproduced without sorting every row:
   are elementwise max / min of whole columns of the (kernels, kh*kw) key matrix orders all kernels at once,
   down to the positions the stage needs. The few kernels where a shared positive key class touches such a
   position, or which flip more than two elements, are redone with exact stable ranks.
-* Kernel stage, larger kernels (5x5, 7x7): ``torch.sort`` of the very same rows as the reference.
+* Kernel stage, larger kernels (5x5, 7x7): ``torch.sort`` of the very same rows as the reference, on the
+  CPU like the reference (a GPU's sort orders ties differently).
 * Channel stage. It is the last stage, so only the set of the first k elements of the order matters. Where
   the k-th and (k+1)-th largest priorities differ, that set is ``{priority > (k+1)-th largest}``, however
   ties are ordered, and ``torch.topk`` finds it. After a kernel stage only the one hand-off per kernel has a
   nonzero priority, so the top-k runs on an (OC, IC) matrix. The rare channels with a tie at the boundary are
-  sorted in full with ``torch.sort``, as in the reference, so its tie order is kept.
+  sorted in full with ``torch.sort`` on the CPU, as in the reference, so its tie order is kept.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ import dataclasses
 import enum
 import functools
 import itertools
+from collections.abc import Sequence
 
 import torch
 
 from postquant.errors import NonFiniteWeightError
 
-__all__ = ["SquantMode", "squant_codes"]
+__all__ = ["SquantMode", "squant_codes", "squant_codes_many"]
 
 # Elements per block of output channels; the intermediates of a block stay in the CPU cache.
 _BLOCK_ELEMENTS = 1 << 18
@@ -140,6 +142,49 @@ def squant_codes(
 
 
 _NON_FINITE = "SQuant input holds NaN or Inf values; check the weight and its grid"
+
+
+def squant_codes_many(
+    xs: Sequence[torch.Tensor],
+    tmin: int,
+    tmax: int,
+    mode: SquantMode | str = SquantMode.EKC,
+    *,
+    whole_layer: bool | None = None,
+) -> list[torch.Tensor]:
+    """`squant_codes` of several layers on one integer range: the same codes, fewer operations on a GPU.
+
+    Kernels and output channels are independent, so layers whose weights have the same shape apart from the
+    output channels (e.g. the repeated 3x3 convolutions of a ResNet stage) are concatenated along the output
+    channels and processed as one layer on the whole-layer path: one sequence of operations and one host
+    synchronisation per group instead of per layer. On the blocked (CPU) path each layer is done alone.
+
+    Args:
+        xs: integer-domain weights, each as `squant_codes` takes them, on one device.
+        tmin, tmax, mode, whole_layer: as in `squant_codes`.
+
+    Returns:
+        The codes of each layer, in the order of `xs`.
+    """
+    if not xs:
+        return []
+    whole = whole_layer if whole_layer is not None else xs[0].device.type != "cpu"
+    if not whole:
+        return [squant_codes(x, tmin, tmax, mode, whole_layer=False) for x in xs]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(xs):
+        key = tuple(x.shape[1:]) if x.dim() >= 2 and x.numel() else (-1 - i,)  # odd ones alone
+        groups.setdefault(key, []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(xs)
+    for members in groups.values():
+        if len(members) == 1:
+            out[members[0]] = squant_codes(xs[members[0]], tmin, tmax, mode, whole_layer=True)
+            continue
+        joined = torch.cat([xs[i].detach().to(torch.float32) for i in members])  # (sum OC, ...)
+        codes = squant_codes(joined, tmin, tmax, mode, whole_layer=True)
+        for i, part in zip(members, codes.split([xs[i].shape[0] for i in members]), strict=True):
+            out[i] = part
+    return [c for c in out if c is not None]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -348,7 +393,7 @@ def _kernel_stage_ranked(
         key = pbits.to(torch.int64) * 16 + torch.arange(15, 15 - klen, -1, device=xg.device)
         rank = (key.unsqueeze(1) > key.unsqueeze(2)).sum(2)  # (G, L): how many keys are above
     else:
-        order = torch.sort(pbits.view(torch.float32), dim=1, descending=True).indices  # the reference's rows
+        order = _reference_order(pbits.view(torch.float32))  # the reference's rows
         rank = torch.empty_like(order).scatter_(
             1, order, torch.arange(klen, device=xg.device).expand(g, klen)
         )
@@ -437,10 +482,22 @@ def _channel_stage_handoffs(
         ob.view(n, -1)[rows_c, cols] = new.clamp_(tmin, tmax).to(torch.int32)
 
 
+def _reference_order(p: torch.Tensor) -> torch.Tensor:
+    """Indices of ``torch.sort(p, dim=1, descending=True)`` on the CPU, as the reference ran it.
+
+    Equal values are ordered by the sort's algorithm, which differs between devices (a GPU's sort orders
+    ties otherwise: 12 of the golden cases differ there), so rows are sorted on the CPU wherever `p` lives.
+    Only the rows whose order depends on ties come here, and kernels of more than 16 elements (small layers).
+    """
+    if p.device.type == "cpu":
+        return torch.sort(p, dim=1, descending=True).indices
+    return torch.sort(p.cpu(), dim=1, descending=True).indices.to(p.device)
+
+
 def _first_k_sorted(p: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, column) of the first k elements of ``torch.sort(p, descending=True)`` of each row of `p`, the
     very call of the reference, so that equal priorities are taken in its order."""
-    order = torch.sort(p, dim=1, descending=True).indices[:, : int(k.max())]  # (R, kmax)
+    order = _reference_order(p)[:, : int(k.max())]  # (R, kmax)
     ridx, pos = (torch.arange(order.shape[1], device=p.device) < k.unsqueeze(1)).nonzero(as_tuple=True)
     return ridx, order[ridx, pos]
 

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from postquant.errors import NonFiniteWeightError
 from postquant.paths import shared_path
-from postquant.rounding.squant import SquantMode, squant_codes
+from postquant.rounding.squant import SquantMode, squant_codes, squant_codes_many
 
 GOLDEN = shared_path("golden", "squant")
 GOLDEN_FILES = ("edge_cases", "efficientnet_lite0_layers", "random_layers", "resnet20_layers")
@@ -93,6 +93,41 @@ def test_golden_cases_whole_layer_bit_exact(stem: str, device: str) -> None:
         if mismatches:
             wrong.append(f"{tid}/{mode}: {mismatches} of {q.numel()}")
     assert not wrong, f"codes differ from the reference in {len(wrong)} cases: {wrong[:10]}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", list(SquantMode), ids=lambda m: m.value)
+def test_many_layers_at_once_equal_each_layer_alone(mode: SquantMode, device: str) -> None:
+    """`squant_codes_many` batches layers of one shape (any order, odd shapes and empty ones between)."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [
+        (8, 6, 3, 3),
+        (5, 6, 3, 3),
+        (7, 12),
+        (0, 6, 3, 3),
+        (3, 6, 3, 3),
+        (4, 2, 7, 7),
+        (9, 12),
+        (4, 6, 3, 3),
+    ]
+    xs = [
+        reference_grid(torch.randn(shape, generator=gen) * 0.05, 3)[0].to(device)
+        if shape[0]
+        else torch.empty(shape, device=device)
+        for shape in shapes
+    ]
+    xs[4] = torch.round(xs[4] * 4) / 4  # exact ties at the channel boundary
+    for whole_layer in (None, True, False):
+        many = squant_codes_many(xs, -4, 3, mode, whole_layer=whole_layer)
+        assert [q.shape for q in many] == [x.shape for x in xs]
+        for x, q in zip(xs, many, strict=True):
+            assert q.device == x.device
+            assert torch.equal(q.cpu(), squant_codes(x.cpu(), -4, 3, mode)), (x.shape, whole_layer)
+    assert squant_codes_many([], -4, 3) == []
+    bad = [xs[0], xs[1].clone()]
+    bad[1][0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightError):
+        squant_codes_many(bad, -4, 3, mode, whole_layer=True)
 
 
 def test_golden_set_is_complete() -> None:
