@@ -12,7 +12,7 @@ This is a vectorised restatement of the reference's pure-PyTorch path, bit-exact
 its sorts, the ``order[-1]`` hand-off of a group whose error sum is exactly 0, and no-op flips of elements that
 are not candidates. Nothing loops over kernels or channels in Python. Channels are independent, so a layer is
 processed in blocks of whole output channels that fit in the CPU cache; that only saves memory traffic. On
-an accelerator the whole layer is processed at once (`_squant_dense`, at the end of this file).
+an accelerator whole layers are processed at once (`_squant_dense`, at the end of this file).
 
 How the reference's sorts are reproduced without sorting every row:
 
@@ -117,7 +117,7 @@ def squant_codes(
     kernel = mode in (SquantMode.EK, SquantMode.EKC) and x3.shape[2] > 1
     channel = mode in (SquantMode.EC, SquantMode.EKC)
     if whole_layer if whole_layer is not None else x3.device.type != "cpu":
-        return _squant_dense(x3, tmin, tmax, kernel, channel).view(x.shape)
+        return _squant_dense([x3], tmin, tmax, kernel, channel)[0].view(x.shape)
     if not bool(torch.isfinite(x3.sum())) and not bool(torch.isfinite(x3).all()):  # a sum is cheap
         raise NonFiniteWeightError(_NON_FINITE)
 
@@ -154,10 +154,10 @@ def squant_codes_many(
 ) -> list[torch.Tensor]:
     """`squant_codes` of several layers on one integer range: the same codes, fewer operations on a GPU.
 
-    Kernels and output channels are independent, so layers whose weights have the same shape apart from the
-    output channels (e.g. the repeated 3x3 convolutions of a ResNet stage) are concatenated along the output
-    channels and processed as one layer on the whole-layer path: one sequence of operations and one host
-    synchronisation per group instead of per layer. On the blocked (CPU) path each layer is done alone.
+    Kernels and output channels are independent, so on the whole-layer path all layers with kernels of one
+    length (e.g. every 3x3 convolution of a ResNet) share one kernel stage, those with the same number of
+    input channels one channel stage, and each kernel length one host synchronisation. On the blocked (CPU)
+    path each layer is done alone.
 
     Args:
         xs: integer-domain weights, each as `squant_codes` takes them, on one device.
@@ -171,20 +171,21 @@ def squant_codes_many(
     whole = whole_layer if whole_layer is not None else xs[0].device.type != "cpu"
     if not whole:
         return [squant_codes(x, tmin, tmax, mode, whole_layer=False) for x in xs]
-    groups: dict[tuple[int, ...], list[int]] = {}
+    mode = _parse_mode(mode)
+    groups: dict[int, list[int]] = {}  # kernel length -> layers
+    out: list[torch.Tensor] = [torch.empty(0)] * len(xs)
     for i, x in enumerate(xs):
-        key = tuple(x.shape[1:]) if x.dim() >= 2 and x.numel() else (-1 - i,)  # odd ones alone
-        groups.setdefault(key, []).append(i)
-    out: list[torch.Tensor | None] = [None] * len(xs)
-    for members in groups.values():
-        if len(members) == 1:
-            out[members[0]] = squant_codes(xs[members[0]], tmin, tmax, mode, whole_layer=True)
-            continue
-        joined = torch.cat([xs[i].detach().to(torch.float32) for i in members])  # (sum OC, ...)
-        codes = squant_codes(joined, tmin, tmax, mode, whole_layer=True)
-        for i, part in zip(members, codes.split([xs[i].shape[0] for i in members]), strict=True):
-            out[i] = part
-    return [c for c in out if c is not None]
+        if x.dim() >= 2 and x.numel():
+            groups.setdefault(x[0, 0].numel(), []).append(i)
+        else:  # empty, or an error to raise as squant_codes does
+            out[i] = squant_codes(x, tmin, tmax, mode, whole_layer=True)
+    for klen, members in groups.items():
+        x3s = [xs[i].detach().reshape(xs[i].shape[0], xs[i].shape[1], -1).to(torch.float32) for i in members]
+        kernel = mode in (SquantMode.EK, SquantMode.EKC) and klen > 1
+        channel = mode in (SquantMode.EC, SquantMode.EKC)
+        for i, codes in zip(members, _squant_dense(x3s, int(tmin), int(tmax), kernel, channel), strict=True):
+            out[i] = codes.view(xs[i].shape)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -376,16 +377,19 @@ def _sort_columns(keys: torch.Tensor, top: int, head: tuple[int, ...], tail: int
 
 
 def _kernel_stage_ranked(
-    xg: torch.Tensor, s: torch.Tensor, tmin: int, tmax: int, stable: bool
+    xg: torch.Tensor, s: torch.Tensor | None, tmin: int, tmax: int, stable: bool
 ) -> _KernelResult:
     """The kernel stage from explicit ranks: stable ranks, or those of ``torch.sort`` as in the reference.
 
-    Used for kernels longer than 16 elements (``stable=False``) and for the kernels the key classes of
-    `_kernel_stage` cannot order (``stable=True``). `s` (G,) are the kernels' error sums.
+    Used for kernels longer than 16 elements (``stable=False``), for the kernels the key classes of
+    `_kernel_stage` cannot order (``stable=True``) and for every kernel on the whole-layer path. `s` (G,)
+    are the kernels' error sums (None: computed here).
     """
     g, klen = xg.shape
     r0 = torch.round(xg)
     e0 = r0 - xg
+    if s is None:
+        s = e0.sum(1)  # (G,) the reference's float32 reduction over each kernel
     up, k, step = _direction(s)
     st = step.unsqueeze(1)
     pbits = _priority_bits(e0, r0, st, tmin, tmax)  # (G, L)
@@ -503,73 +507,122 @@ def _first_k_sorted(p: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The whole layer at once (accelerators)
+# Whole layers at once (accelerators)
 #
 # On a GPU the cost of the blocked path above is its number of operations and host synchronisations (each
-# launch costs microseconds whatever its size), not memory traffic. So there every stage runs on the whole
-# layer in a fixed, short sequence of tensor operations: the kernel stage from exact stable ranks
-# (L^2 comparisons per kernel of L <= 16 elements; ``torch.sort`` of the rows, as in the reference, beyond),
-# the channel stage from a full sort of each channel's priorities instead of a top-k whose size needs k.max()
-# on the host. The only host synchronisation is at the end: are there NaN/Inf inputs, or channels whose
-# boundary is a tie (rare), which are then redone with the reference's sort as on the CPU path.
+# launch costs microseconds whatever its size), not memory traffic. So there every stage runs on whole
+# layers in a fixed, short sequence of tensor operations: the kernel stage from exact stable ranks
+# (L^2 comparisons per kernel of L <= 16 elements; the reference's sort of the rows beyond), the channel
+# stage from a full sort of each channel's priorities instead of a top-k whose size needs k.max() on the
+# host. Layers with kernels of one length share one kernel stage (kernels are independent), and those with
+# the same number of input channels share one channel stage (channels are independent). The only host
+# synchronisation is at the end: are there NaN/Inf inputs, or channels whose boundary is a tie (rare), which
+# are then redone with the reference's sort as on the CPU path.
 
 
-def _squant_dense(x3: torch.Tensor, tmin: int, tmax: int, kernel: bool, channel: bool) -> torch.Tensor:
-    """SQuant codes of `x3` (OC, IC, L) float32 with no blocks and a single host synchronisation.
+@dataclasses.dataclass
+class _ChannelTies:
+    """What redoing the tied channels of one channel stage needs, kept until the host synchronisation."""
+
+    x3: torch.Tensor  # (n, IC, L) integer-domain input
+    out: torch.Tensor  # (n, IC, L) int32 codes, a view of the result
+    p: torch.Tensor  # (n, IC*L) the priorities the reference sorts (hand-offs scattered into zeros, or all)
+    k: torch.Tensor  # (n,) flips per channel
+    step: torch.Tensor  # (n,) +-1
+    ambiguous: torch.Tensor  # (n,) bool: channels whose first k elements depend on the sort's tie order
+    pos: torch.Tensor | None  # (n, IC, 1) hand-off positions after a kernel stage, else None
+    pri: torch.Tensor | None  # (n, IC) hand-off priorities after a kernel stage, else None
+
+    def redo(self, tmin: int, tmax: int) -> None:
+        chans = self.ambiguous.nonzero().squeeze(1)
+        n, ic, klen = self.x3.shape
+        if self.pos is not None and self.pri is not None:  # the reference's priority rows, mostly zeros
+            p = torch.zeros(chans.numel(), ic, klen, dtype=torch.float32, device=self.x3.device)
+            p = p.scatter_(2, self.pos[chans], self.pri[chans].unsqueeze(2)).view(chans.numel(), -1)
+        else:
+            p = self.p[chans]
+        ridx, cols = _first_k_sorted(p, self.k[chans])
+        rows = chans[ridx]
+        new = _new_rounding(self.x3.reshape(n, -1)[rows, cols], self.step[rows], tmin, tmax)
+        self.out.view(n, -1)[rows, cols] = new.clamp_(tmin, tmax).to(torch.int32)
+
+
+def _squant_dense(
+    xs: Sequence[torch.Tensor], tmin: int, tmax: int, kernel: bool, channel: bool
+) -> list[torch.Tensor]:
+    """SQuant codes of layers `xs` (each (OC, IC, L) float32, one L) with one host synchronisation.
 
     Bit-identical to the blocked path (the tests run both on the golden vectors); any device.
     """
-    oc, ic, klen = x3.shape
-    out = torch.empty(x3.shape, dtype=torch.int32, device=x3.device)  # (OC, IC, L)
-    finite = torch.isfinite(x3)
-    bad = ~finite.all()  # () checked at the synchronisation; until then NaN/Inf become 0 (no wild indices)
-    x3 = torch.where(finite, x3, 0.0)
+    klen = xs[0].shape[2]
+    by_ic: dict[int, list[int]] = {}  # layers of one input width are adjacent, so they share a channel stage
+    for i, x in enumerate(xs):
+        by_ic.setdefault(x.shape[1], []).append(i)
+    order = [i for members in by_ic.values() for i in members]
+    flat = torch.cat([xs[i].reshape(-1) for i in order]) if len(xs) > 1 else xs[0].reshape(-1)
+    bad = ~(flat.abs().amax() < float("inf"))  # () NaN or Inf anywhere; checked at the synchronisation
+    flat = torch.nan_to_num(flat, nan=0.0, posinf=0.0, neginf=0.0)  # until then: no wild indices
+    out = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
+    ks = None
     if kernel:
-        xg = x3.view(-1, klen)  # (G, L) kernels
-        r = torch.round(xg)
-        s = (r - xg).sum(1)  # (G,) the reference's float32 reduction over each kernel
-        ks = _kernel_stage_ranked(xg, s, tmin, tmax, stable=klen <= _STABLE_SORT_MAX)
+        ks = _kernel_stage_ranked(flat.view(-1, klen), None, tmin, tmax, stable=klen <= _STABLE_SORT_MAX)
         out.view(-1, klen).copy_(ks.r.clamp(tmin, tmax))
-        if not channel:
-            _raise_if(bad)
-            return out
-        s = ks.e.view(oc, -1).sum(-1)  # (OC,) channel sums after the kernel stage
-        up, k, step = _direction(s)
-        pri = ks.h_pri.view(oc, ic) * (
-            ks.h_up.view(oc, ic) == up.unsqueeze(1)
-        )  # (OC, IC) the direction's list
-        v_k, ambiguous = _boundary_sorted(pri, k)
-        flip = (pri > v_k.unsqueeze(1)) & ((k > 0) & ~ambiguous).unsqueeze(1)  # (OC, IC)
-        pos = ks.h_pos.view(oc, ic, 1)
-        new = _new_rounding(x3.gather(2, pos).squeeze(2), step.unsqueeze(1), tmin, tmax)  # (OC, IC)
-        kept = out.gather(2, pos).squeeze(2)
-        out.scatter_(2, pos, torch.where(flip, new.clamp_(tmin, tmax).to(torch.int32), kept).unsqueeze(2))
-        if _raise_if(bad, ambiguous.any()):  # ties at the boundary: the reference's sort on those channels
-            chans = ambiguous.nonzero().squeeze(1)
-            full = torch.zeros(chans.numel(), ic, klen, dtype=torch.float32, device=x3.device)
-            full.scatter_(2, pos[chans], pri[chans].unsqueeze(2))  # the reference's priority rows
-            ridx, cols = _first_k_sorted(full.view(chans.numel(), -1), k[chans])
-            rows = chans[ridx]
-            new = _new_rounding(x3.view(oc, -1)[rows, cols], step[rows], tmin, tmax)
-            out.view(oc, -1)[rows, cols] = new.clamp_(tmin, tmax).to(torch.int32)
-        return out
-    if not channel:
-        _raise_if(bad)
-        return out.copy_(torch.round(x3).clamp_(tmin, tmax))
-    xr = x3.view(oc, -1)  # (OC, IC*L)
+    elif not channel:
+        out.copy_(torch.round(flat).clamp_(tmin, tmax))
+    ties: list[_ChannelTies] = []
+    start = 0
+    for ic, members in by_ic.items():
+        n = sum(xs[i].shape[0] for i in members)
+        stop = start + n * ic * klen
+        x3, ob = flat[start:stop].view(n, ic, klen), out[start:stop].view(n, ic, klen)
+        if channel and ks is not None:
+            g0, g1 = start // klen, stop // klen
+            part = _KernelResult(ks.r[g0:g1], ks.e[g0:g1], ks.h_pos[g0:g1], ks.h_pri[g0:g1], ks.h_up[g0:g1])
+            ties.append(_channel_stage_handoffs_dense(x3, ob, part, tmin, tmax))
+        elif channel:
+            ties.append(_channel_stage_full_dense(x3, ob, tmin, tmax))
+        start = stop
+    flags = torch.stack([bad, *(t.ambiguous.any() for t in ties)]).tolist()  # the one synchronisation
+    if flags[0]:
+        raise NonFiniteWeightError(_NON_FINITE)
+    for t, tied in zip(ties, flags[1:], strict=True):
+        if tied:
+            t.redo(tmin, tmax)
+    parts = out.split([xs[i].numel() for i in order])
+    codes: list[torch.Tensor] = [out] * len(xs)
+    for i, part in zip(order, parts, strict=True):
+        codes[i] = part.view(xs[i].shape)
+    return codes
+
+
+def _channel_stage_handoffs_dense(
+    x3: torch.Tensor, ob: torch.Tensor, ks: _KernelResult, tmin: int, tmax: int
+) -> _ChannelTies:
+    """`_channel_stage_handoffs` on whole layers, flips of untied channels done; tied ones returned."""
+    n, ic, _ = x3.shape
+    up, k, step = _direction(ks.e.view(n, -1).sum(-1))  # (n,) channel sums after the kernel stage
+    pri = ks.h_pri.view(n, ic) * (ks.h_up.view(n, ic) == up.unsqueeze(1))  # (n, IC) the direction's list
+    v_k, ambiguous = _boundary_sorted(pri, k)
+    flip = (pri > v_k.unsqueeze(1)) & ((k > 0) & ~ambiguous).unsqueeze(1)  # (n, IC)
+    pos = ks.h_pos.view(n, ic, 1)
+    new = _new_rounding(x3.gather(2, pos).squeeze(2), step.unsqueeze(1), tmin, tmax)  # (n, IC)
+    kept = ob.gather(2, pos).squeeze(2)
+    ob.scatter_(2, pos, torch.where(flip, new.clamp_(tmin, tmax).to(torch.int32), kept).unsqueeze(2))
+    return _ChannelTies(x3, ob, pri, k, step, ambiguous, pos, pri)
+
+
+def _channel_stage_full_dense(x3: torch.Tensor, ob: torch.Tensor, tmin: int, tmax: int) -> _ChannelTies:
+    """`_channel_stage_full` on whole layers, flips of untied channels done; tied ones returned."""
+    n = x3.shape[0]
+    xr = x3.view(n, -1)  # (n, IC*L)
     r = torch.round(xr)
     e = r - xr
-    _, k, step = _direction(e.sum(-1))  # (OC,)
-    p = _priority(e, r, step.unsqueeze(1), tmin, tmax)  # (OC, IC*L)
+    _, k, step = _direction(e.sum(-1))  # (n,)
+    p = _priority(e, r, step.unsqueeze(1), tmin, tmax)  # (n, IC*L)
     v_k, ambiguous = _boundary_sorted(p, k)
     flip = (p > v_k.unsqueeze(1)) & ((k > 0) & ~ambiguous).unsqueeze(1)
-    r = torch.addcmul(r, flip, step.unsqueeze(1))
-    if _raise_if(bad, ambiguous.any()):
-        rows = ambiguous.nonzero().squeeze(1)
-        ridx, cols = _first_k_sorted(p[rows], k[rows])
-        r[rows[ridx], cols] = _new_rounding(xr[rows[ridx], cols], step[rows[ridx]], tmin, tmax)
-    out.view(oc, -1).copy_(r.clamp_(tmin, tmax))
-    return out
+    ob.view(n, -1).copy_(torch.addcmul(r, flip, step.unsqueeze(1)).clamp_(tmin, tmax))
+    return _ChannelTies(x3, ob, p, k, step, ambiguous, None, None)
 
 
 def _boundary_sorted(p: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -580,12 +633,3 @@ def _boundary_sorted(p: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, to
     v_prev = top.gather(1, (kk - 1).clamp(min=0)).squeeze(1)
     ambiguous = (k > 0) & ((k >= p.shape[1]) | (v_prev == v_k))
     return v_k, ambiguous
-
-
-def _raise_if(bad: torch.Tensor, flag: torch.Tensor | None = None) -> bool:
-    """The one host synchronisation of `_squant_dense`: raise for non-finite input, else return `flag`."""
-    flags = torch.stack([bad, flag]) if flag is not None else bad.unsqueeze(0)
-    values = flags.tolist()
-    if values[0]:
-        raise NonFiniteWeightError(_NON_FINITE)
-    return bool(values[-1]) if flag is not None else False
