@@ -75,7 +75,8 @@ def main() -> None:
             "",
             f"`python benchmarks/onnx_sts.py --limit {args.limit}` on {time.strftime('%Y-%m-%d')}: rtn W8A8, "
             f"symmetric weights, {args.calib_size} calibration sentences, {len(gold)} sentence pairs; "
-            f"{info['int8_weight_layers']} int8 layers, {info['integer_kernels']} integer kernels in onnxruntime.",
+            f"{info['int8_weight_layers']} 8-bit layers ({info['uint8_weight_layers']} with uint8 weights), "
+            f"{info['integer_kernels']} integer kernels in onnxruntime.",
             "",
             "| model | Spearman |",
             "|---|---:|",

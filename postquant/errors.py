@@ -41,6 +41,20 @@ class OutputError(PostquantError, OSError):
     """An output path cannot be written."""
 
 
+class OnnxMismatchError(PostquantError, RuntimeError):
+    """An exported ONNX model, run in onnxruntime, does not compute what the PyTorch simulation computes.
+
+    ``metrics`` holds the comparison (``sqnr_db``, ``top1_agreement``, ``max_abs_diff``, ``n``).
+    """
+
+    def __init__(self, message: str, metrics: dict[str, float]) -> None:
+        super().__init__(message)
+        self.metrics = metrics
+
+    def __reduce__(self) -> tuple[type, tuple[str, dict[str, float]]]:  # picklable across processes
+        return type(self), (str(self), self.metrics)
+
+
 def unknown_name(kind: str, name: str, known: Iterable[str]) -> UnknownNameError:
     """Build an `UnknownNameError` for `name`, suggesting the closest of `known`."""
     known = sorted(known)

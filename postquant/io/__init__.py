@@ -1,11 +1,11 @@
 """Saving, loading and exporting quantized models: packed safetensors checkpoints, QDQ ONNX, HTML reports.
 
-onnx/onnxruntime (``export_onnx``) and matplotlib (``write_report``) are optional dependencies, imported only
-when those functions run.
+onnx/onnxruntime (``export_onnx``, ``verify_onnx``) and matplotlib (``write_report``) are optional dependencies,
+imported only when those functions run.
 """
 
 from postquant.io.checkpoint import build_quantized_layer, checkpoint_size, float_size, load, save
-from postquant.io.onnx_export import export_onnx
+from postquant.io.onnx_export import export_onnx, verify_onnx
 from postquant.io.pack import pack_codes, packed_nbytes, unpack_codes
 from postquant.io.report import write_report
 
@@ -19,5 +19,6 @@ __all__ = [
     "packed_nbytes",
     "save",
     "unpack_codes",
+    "verify_onnx",
     "write_report",
 ]

@@ -7,23 +7,35 @@ import torch
 from torch import nn
 
 import postquant
-from postquant.errors import OutputError, UnsupportedModelError
+from postquant.errors import OnnxMismatchError, OutputError, UnsupportedModelError
 from postquant.model import quantized_layers
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from postquant.io import export_onnx  # noqa: E402
+from postquant.io import export_onnx, verify_onnx  # noqa: E402
 
 
-def _int8_initializers(path) -> dict[str, object]:
+def _stored_weights(path) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """{layer: (codes, zero point)} of the weight initializers, as stored (int8 or uint8)."""
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
+    inits = {
+        i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
+        for i in onnx.load(str(path)).graph.initializer
+    }
     return {
-        i.name: numpy_helper.to_array(i).copy()
-        for i in model.graph.initializer
-        if i.data_type == onnx.TensorProto.INT8
+        name.removesuffix(".weight_quantized"): (codes, inits.get(name.replace("_quantized", "_zero_point")))
+        for name, codes in inits.items()
+        if name.endswith(".weight_quantized")
+    }
+
+
+def _codes(path) -> dict[str, torch.Tensor]:
+    """{layer: the layer's codes q}: int8 codes as stored, uint8 ones (q + 128) shifted back."""
+    return {
+        name: codes.to(torch.int16) - (128 if codes.dtype == torch.uint8 else 0)
+        for name, (codes, _) in _stored_weights(path).items()
     }
 
 
@@ -36,16 +48,81 @@ def test_w8a8_small_cnn_runs_with_integer_kernels(small_net, batches, tmp_path):
     assert result["integer_kernels"] >= 2  # conv2 -> QLinearConv, fc -> QGemm
     assert result["ops"].get("QLinearConv", 0) >= 1 and result["ops"].get("QGemm", 0) == 1
     assert result["float_compute_layers"] == {}
-    weights = _int8_initializers(tmp_path / "model.onnx")
-    assert torch.equal(torch.from_numpy(weights["conv2.weight_quantized"]), qmodel.conv2.codes)
+    # full-range 8-bit codes: uint8 storage, so that no x86 CPU's u8 x s8 kernel can saturate on them
+    assert result["uint8_weight_layers"] == 4 and set(result["weight_dtypes"].values()) == {"uint8"}
+    assert torch.equal(_codes(tmp_path / "model.onnx")["conv2"], qmodel.conv2.codes.to(torch.int16))
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"w_bits": 8, "a_bits": 8},
+        {"w_bits": 8, "a_bits": 8, "symmetric": True},
+        {"w_bits": 7, "a_bits": 8},
+        {"w_bits": 4, "a_bits": 8, "symmetric": True},
+        {"w_bits": 8, "granularity": "group", "group_size": 8, "ignore": ["conv1"]},
+    ],
+    ids=["w8a8", "w8a8-sym", "w7a8", "w4a8-sym", "w8-group"],
+)
+def test_weight_storage_cannot_saturate_integer_kernels_on_any_cpu(recipe, small_net, batches, tmp_path):
+    """The CPU-independent invariant behind exact integer kernels: int8 weights only with codes in [-64, 63]
+    (on x86 CPUs without VNNI a pair of u8 x s8 products sums into a saturating int16), anything wider
+    as uint8 codes q + 128; either way the codes and zero points are the layer's, so the graph dequantizes
+    to the simulation's float weights exactly."""
+    qmodel = postquant.quantize(small_net, recipe, calib=batches)
+    result = export_onnx(qmodel, batches[0], tmp_path / "m.onnx")
+    stored = _stored_weights(tmp_path / "m.onnx")
+    assert set(stored) == set(quantized_layers(qmodel))
+    for name, layer in quantized_layers(qmodel).items():
+        codes, zp = stored[name]
+        wide = int(layer.codes.min()) < -64 or int(layer.codes.max()) > 63
+        assert codes.dtype == (torch.uint8 if wide else torch.int8), name
+        assert result["weight_dtypes"][name] == ("uint8" if wide else "int8")
+        if codes.dtype == torch.int8:
+            assert codes.min() >= -64 and codes.max() <= 63, name
+        shift = 128 if wide else 0
+        assert torch.equal(
+            codes.to(torch.int16).reshape(layer.codes.shape) - shift, layer.codes.to(torch.int16)
+        )
+        if zp is not None:  # (q - zp) * scale == (q + Z) / S: the zero point is -Z (+ 128 for uint8)
+            z = layer.grid_zero_point.reshape(-1).to(torch.int16)
+            assert torch.equal(zp.to(torch.int16).reshape(-1) - shift, -z.expand(zp.numel())), name
+        elif wide:
+            raise AssertionError(f"{name}: uint8 codes need the zero point 128")
+    assert result["uint8_weight_layers"] == sum(d == "uint8" for d in result["weight_dtypes"].values())
+    if recipe["w_bits"] < 8:
+        assert result["uint8_weight_layers"] == 0
+
+
+def test_a_graph_that_disagrees_with_the_simulation_fails_loudly(small_net, batches, tmp_path):
+    from onnx import numpy_helper
+
+    qmodel = postquant.quantize(small_net, {"w_bits": 8, "a_bits": 8}, calib=batches)
+    path = tmp_path / "m.onnx"
+    export_onnx(qmodel, batches[0], path, verify_batches=batches)  # a correct graph passes
+    model = onnx.load(str(path))
+    scale = next(i for i in model.graph.initializer if i.name == "conv3.weight_scale")
+    scale.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(scale), scale.name))  # flip conv3's sign
+    onnx.save(model, str(path))
+    with pytest.raises(
+        OnnxMismatchError, match=r"SQNR -?[\d.]+ dB < 20 dB and top-1 agreement [\d.]+ % < 90 %"
+    ) as err:
+        verify_onnx(qmodel, path, batches)
+    assert err.value.metrics["n"] == 64 and err.value.metrics["sqnr_db"] < 20
+    assert "min_sqnr_db=" in str(err.value)  # says what to do when the difference is expected
+    metrics = verify_onnx(qmodel, path, batches, min_sqnr_db=None, min_top1_agreement=None)  # checks off
+    assert metrics["sqnr_db"] == err.value.metrics["sqnr_db"]
+    # the export path checks too: an unreachable floor fails it, and the file is kept for inspection
+    with pytest.raises(OnnxMismatchError, match=r"SQNR .* < 1000 dB"):
+        export_onnx(qmodel, batches[0], tmp_path / "ok.onnx", verify_batches=batches, min_sqnr_db=1000)
+    assert (tmp_path / "ok.onnx").exists()
 
 
 def test_low_bit_codes_stay_on_their_own_grid(small_net, batches, tmp_path):
     qmodel = postquant.quantize(small_net, {"method": "squant", "w_bits": 3, "a_bits": 4}, calib=batches)
     result = export_onnx(qmodel, batches[0], tmp_path / "model.onnx", verify_batches=batches)
-    weights = _int8_initializers(tmp_path / "model.onnx")
-    codes = torch.from_numpy(weights["conv3.weight_quantized"])
-    assert torch.equal(codes, qmodel.conv3.codes)
+    codes, _ = _stored_weights(tmp_path / "model.onnx")["conv3"]
+    assert codes.dtype == torch.int8 and torch.equal(codes, qmodel.conv3.codes)
     assert codes.min() >= -4 and codes.max() <= 3
     assert result["top1_agreement"] >= 95.0 and result["sqnr_db"] > 25
 
@@ -97,8 +174,8 @@ def test_a_layer_called_twice_exports_with_one_weight_and_a_quantizer_per_call(m
     qmodel = postquant.quantize(model, {"method": method, "w_bits": 4, "a_bits": 8}, calib=x)
     result = export_onnx(qmodel, x[:2], tmp_path / "shared.onnx", verify_batches=[x])
     assert result["top1_agreement"] >= 99.0 and result["sqnr_db"] > 40
-    weights = _int8_initializers(tmp_path / "shared.onnx")
-    assert torch.equal(torch.from_numpy(weights["shared.weight_quantized"]), qmodel.shared.codes)
+    codes, _ = _stored_weights(tmp_path / "shared.onnx")["shared"]
+    assert torch.equal(codes, qmodel.shared.codes)  # 4-bit codes stay int8
     graph = onnx.load(str(tmp_path / "shared.onnx")).graph
     gemms = [n for n in graph.node if n.op_type == "Gemm"]
     assert sorted(n.input[0] for n in gemms if n.input[1] == "shared.weight") == [
@@ -117,11 +194,9 @@ def test_tied_weights_each_get_their_own_codes(tmp_path):
     qmodel = postquant.quantize(model, {"w_bits": 4, "a_bits": 8}, calib=x)
     result = export_onnx(qmodel, x[:2], tmp_path / "tied.onnx", verify_batches=[x])
     assert result["top1_agreement"] >= 99.0 and result["sqnr_db"] > 40
-    weights = _int8_initializers(tmp_path / "tied.onnx")
+    stored = _stored_weights(tmp_path / "tied.onnx")
     for name in ("0", "2"):
-        assert torch.equal(
-            torch.from_numpy(weights[f"{name}.weight_quantized"]), qmodel.get_submodule(name).codes
-        )
+        assert torch.equal(stored[name][0], qmodel.get_submodule(name).codes)
     graph = onnx.load(str(tmp_path / "tied.onnx")).graph
     assert not [n for n in graph.node if n.op_type == "Identity"]
 
