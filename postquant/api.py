@@ -19,7 +19,7 @@ from postquant.errors import DataError
 from postquant.grids import PowerGrid
 from postquant.model import fold_batchnorm, set_module
 from postquant.model.convert import float_weight_modules, with_linear_layers
-from postquant.nn import ActQuantizer, QuantizedLayer
+from postquant.nn import QuantizedLayer
 from postquant.nn.layer import upcast_half
 from postquant.plan import LayerPlan, check_finite, make_plan
 from postquant.recipe import Method, Recipe
@@ -255,6 +255,6 @@ def _calibrate_activations(
             copy.deepcopy(float_model), a_bits, example_inputs, _observer(recipe, rule), seed=recipe.seed
         )
         for name, (lo, hi) in ranges.items():
-            layers[name].act_quant = ActQuantizer(a_bits[name], lo, hi)
+            layers[name].act_quant = layers[name].input_quantizer(a_bits[name], lo, hi)
         return
     calibrate_reference_noise(qmodel, layers, a_bits, example_inputs, seed=recipe.seed)

@@ -136,6 +136,9 @@ def quantize(
     bit_choices: Annotated[
         str | None, typer.Option(help="mixed precision: allowed weight bits, e.g. 2,3,4,6,8")
     ] = None,
+    device: Annotated[
+        str, typer.Option(help="where the model and data run: auto (CUDA if available) | cpu | cuda[:N]")
+    ] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Quantize MODEL and print its metric beside FP32 (--out DIR also saves the packed checkpoint)."""
@@ -164,9 +167,41 @@ def quantize(
             power_exponent=power_exponent,
             power_search=power_search,
             mixed=_mixed_options(w_bits_budget, size_budget, importance, bit_choices),
+            device=resolve_device(device),
         )
     except PostquantError as exc:
         _fail(exc)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The device of ``--device``: ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda``, ``cuda:N``.
+
+    Raises:
+        DeviceError: an unknown device, or CUDA asked for where it is not available.
+    """
+    from postquant.errors import DeviceError
+
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__}, "
+                f"built with CUDA {torch.version.cuda}); use --device cpu or auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
+    return device
 
 
 def _mixed_options(
@@ -215,8 +250,10 @@ def _quantize(
     power_exponent: float | None = None,
     power_search: str | None = None,
     mixed: dict[str, Any] | None = None,
+    device: torch.device | None = None,
 ) -> None:
     import postquant
+    from postquant.calib.data import move_batch
     from postquant.recipe import Recipe
     from postquant.zoo import load_model
 
@@ -267,6 +304,10 @@ def _quantize(
     calib = (
         zoo.calib_batches(calib_path, limit=limit_calib) if needs_calib or mixed_calib or calib_path else None
     )
+    if device is not None:  # the model and its data on the device (quantize keeps the model's device)
+        zoo.model.to(device)
+        zoo.example_inputs = move_batch(zoo.example_inputs, device)
+        calib = move_batch(calib, device) if calib is not None else None
     start = time.perf_counter()
     qmodel = postquant.quantize(zoo.model, rec, calib=calib, example_inputs=zoo.example_inputs)
     seconds = time.perf_counter() - start

@@ -37,6 +37,10 @@ class CheckpointError(PostquantError, ValueError):
     """A checkpoint is missing, corrupt, untrusted (not weights-only) or for another architecture."""
 
 
+class DeviceError(PostquantError, ValueError):
+    """A device that is unknown or not available here (e.g. ``cuda`` on a machine without CUDA)."""
+
+
 class OutputError(PostquantError, OSError):
     """An output path cannot be written."""
 

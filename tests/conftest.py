@@ -80,6 +80,35 @@ class TinyResNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+NO_CUDA = "no CUDA device: the cuda cases run on a machine with an NVIDIA GPU (select them with -m cuda)"
+
+
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)],
+        ),
+    ]
+)
+def device(request) -> torch.device:
+    """The device a test runs its model on: the CPU always, CUDA where there is one (marked ``cuda``).
+
+    On CUDA, TF32 matmuls and convolutions are switched off for the test, so that results can be compared
+    with the CPU's at float32 tolerances.
+    """
+    if request.param == "cpu":
+        yield torch.device("cpu")
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture
 def one_thread():
     """Use with `pytestmark = pytest.mark.usefixtures("one_thread")`: small ops on a shared 2-core machine run much faster (and deterministically) on one thread."""

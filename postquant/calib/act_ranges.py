@@ -13,7 +13,7 @@ from torch import nn
 
 from postquant.calib.data import Batch, ForwardLoop, forward_all
 from postquant.calib.observers import Observer, RangeObserver
-from postquant.nn import ActQuantizer, QuantizedLayer
+from postquant.nn import QuantizedLayer
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def calibrate_from_data(
             log.warning("layer %s saw no calibration input; its input stays float", name)
             continue
         bits = a_bits[name]
-        layer.act_quant = ActQuantizer(bits, *observers[name].range(bits))
+        layer.act_quant = layer.input_quantizer(bits, *observers[name].range(bits))
 
 
 def _positive_std(x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +123,7 @@ def calibrate_reference_noise(
 
     def install(name: str, layer: QuantizedLayer, x: torch.Tensor) -> None:
         if layer.act_quant is None:
-            layer.act_quant = ActQuantizer(a_bits[name], *reference_noise_range(x, a_bits[name]))
+            layer.act_quant = layer.input_quantizer(a_bits[name], *reference_noise_range(x, a_bits[name]))
 
     for layer in layers.values():
         layer.act_quant = None

@@ -1,7 +1,8 @@
 """Feature augmentation of calibration inputs: flips, shifts (padded crops), noise and mixup.
 
 Augmentation is static: it adds `copies` augmented versions of every calibration batch, so that the
-reconstruction can cache unit inputs once. It applies to image batches (N, C, H, W) only.
+reconstruction can cache unit inputs once. It applies to image batches (N, C, H, W) only. Random draws
+come from a seeded CPU generator and are moved to the batch's device (the same augmentations everywhere).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class Augmentation(enum.StrEnum):
 
 
 def _flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    mask = torch.rand(x.shape[0], generator=g) < 0.5  # (N,)
+    mask = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)  # (N,)
     return torch.where(mask[:, None, None, None], x.flip(-1), x)
 
 
@@ -36,7 +37,7 @@ def _shift(x: torch.Tensor, g: torch.Generator, shift: int) -> torch.Tensor:
 
 
 def _noise(x: torch.Tensor, g: torch.Generator, std: float) -> torch.Tensor:
-    return x + std * x.std() * torch.randn(x.shape, generator=g, dtype=x.dtype)
+    return x + std * x.std() * torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
 
 
 def _mixup(x: torch.Tensor, g: torch.Generator, alpha: float) -> torch.Tensor:
@@ -45,8 +46,8 @@ def _mixup(x: torch.Tensor, g: torch.Generator, alpha: float) -> torch.Tensor:
     # torch's Beta sampler takes no generator: sample under a forked global RNG seeded from `g`.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        lam = beta.sample((n,)).to(x.dtype)  # (N,)
-    perm = torch.randperm(n, generator=g)
+        lam = beta.sample((n,)).to(x.device, x.dtype)  # (N,)
+    perm = torch.randperm(n, generator=g).to(x.device)
     lam = lam[:, None, None, None]
     return lam * x + (1 - lam) * x[perm]
 

@@ -1,29 +1,44 @@
 """Calibration data: whatever the user has (a DataLoader, an iterable of batches, a tensor, a callable),
-turned into a bounded list of model inputs."""
+turned into a bounded list of model inputs.
+
+Batches stay where they come from (CPU or an accelerator); they are moved to the model's device (and float
+dtype) where a model consumes them, by `move_batch` inside `run_model`, one batch at a time."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from postquant.errors import DataError
-from postquant.eval.run import run_model
+from postquant.eval.run import model_placement, move_batch, run_model
 
 log = logging.getLogger(__name__)
 
-Batch = Any  # a Tensor, a tuple/list of positional tensors, or a dict of keyword tensors
+Batch = Any  # a Tensor, a tuple/list of positional tensors, or a dict (mapping) of keyword tensors
 ForwardLoop = Callable[[nn.Module], None]
+
+__all__ = [
+    "Batch",
+    "ForwardLoop",
+    "as_calibration",
+    "batch_size_of",
+    "collect_batches",
+    "forward_all",
+    "model_placement",
+    "move_batch",
+    "run_model",
+]
 
 
 def batch_size_of(batch: Batch) -> int:
     """Number of samples in a batch (size of the first tensor's first dimension)."""
     if isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.dim() else 1
-    items = batch.values() if isinstance(batch, dict) else batch
+    items = batch.values() if isinstance(batch, Mapping) else batch
     for item in items:
         if isinstance(item, torch.Tensor):
             return item.shape[0]
@@ -50,7 +65,7 @@ def _check_batch(batch: Batch, index: int) -> None:
         [batch]
         if isinstance(batch, torch.Tensor)
         else list(batch.values())
-        if isinstance(batch, dict)
+        if isinstance(batch, Mapping)
         else list(batch)
         if isinstance(batch, tuple | list)
         else None
@@ -79,7 +94,7 @@ def collect_batches(calib: Any, limit: int | None = None) -> list[Batch]:
         if calib.dim() == 0 or calib.shape[0] == 0:
             raise DataError("the calibration tensor is empty")
         calib = list(torch.split(calib, 32))
-    if isinstance(calib, dict):
+    if isinstance(calib, Mapping):  # one tokenized batch (a dict or a tokenizer's BatchEncoding)
         calib = [calib]
     try:
         iterator = iter(calib)
@@ -108,7 +123,7 @@ def collect_batches(calib: Any, limit: int | None = None) -> list[Batch]:
 def _take(batch: Batch, n: int) -> Batch:
     if isinstance(batch, torch.Tensor):
         return batch[:n]
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return type(batch)(t[:n] for t in batch)
 

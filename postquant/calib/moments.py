@@ -46,10 +46,15 @@ def weight_factors(module: nn.Module, channel_moment: torch.Tensor) -> torch.Ten
         out_ch, per_group = weight.shape[:2]
         groups = module.groups
         by_group = channel_moment.reshape(groups, per_group)  # (groups, in/groups)
-        group_of = torch.arange(out_ch) // (out_ch // groups)  # (out,)
+        group_of = torch.arange(out_ch, device=by_group.device) // (out_ch // groups)  # (out,)
         factors = by_group[group_of]  # (out, in/groups)
-        return factors.reshape(out_ch, per_group, *([1] * (weight.dim() - 2))).float()
-    return channel_moment.reshape(1, -1).float()
+        return as_float(factors.reshape(out_ch, per_group, *([1] * (weight.dim() - 2))), weight)
+    return as_float(channel_moment.reshape(1, -1), weight)
+
+
+def as_float(factors: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Factors (accumulated in float64) in float64 for a float64 weight, else float32."""
+    return factors if weight.dtype == torch.float64 else factors.float()
 
 
 @torch.no_grad()

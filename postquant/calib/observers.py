@@ -21,7 +21,8 @@ class RangeObserver:
 
     minmax: the extreme values seen. percentile: the mean over batches of the `percentile`-th and
     (100 - `percentile`)-th percentiles. mse: the clipping of the min/max range (by a ratio in [0.3, 1]) that
-    minimises the mean squared quantization error over a bounded sample of the values seen.
+    minimises the mean squared quantization error over a bounded sample of the values seen. Statistics
+    are computed on the device of the tensors seen.
     """
 
     def __init__(
@@ -48,7 +49,7 @@ class RangeObserver:
         self.hi = max(self.hi, x.max().item())
         if self.kind is Observer.PERCENTILE:
             sample = self._subsample(x, 1 << 22)
-            q = torch.quantile(sample, torch.tensor([1 - self.percentile / 100, self.percentile / 100]))
+            q = torch.quantile(sample, sample.new_tensor([1 - self.percentile / 100, self.percentile / 100]))
             self._pct.append((q[0].item(), q[1].item()))
         elif self.kind in (Observer.MSE, Observer.STD):
             self._samples.append(self._subsample(x, self.sample_size))
@@ -56,8 +57,8 @@ class RangeObserver:
     def _subsample(self, x: torch.Tensor, n: int) -> torch.Tensor:
         if x.numel() <= n:
             return x
-        idx = torch.randint(0, x.numel(), (n,), generator=self._generator)
-        return x[idx]
+        idx = torch.randint(0, x.numel(), (n,), generator=self._generator)  # seeded on the CPU, any device
+        return x[idx.to(x.device)]
 
     @property
     def seen(self) -> bool:

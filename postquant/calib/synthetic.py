@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from postquant.errors import DataError
+from postquant.eval.run import model_placement
 from postquant.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def bn_statistics_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise DataError("synthetic BatchNorm-matching data needs a model with BatchNorm layers (none found)")
     with _bn_inputs(model) as seen:
         model(x)
-    loss = torch.zeros((), dtype=x.dtype)
+    loss = torch.zeros((), dtype=x.dtype, device=x.device)
     for bn, a in zip(bns, seen, strict=False):
         dims = [d for d in range(a.dim()) if d != 1]
         mean = a.mean(dim=dims)
@@ -92,7 +93,8 @@ def distill_bn_data(
     Each batch starts from seeded standard-normal noise and takes `steps` Adam steps on
     `bn_statistics_loss` (a forward and backward pass of the model each: `progress` shows a bar). The model
     is left unchanged (its parameters get no gradient). The inputs are optimised in float32 and given to the
-    model (and returned) in `dtype`, the dtype of its inputs.
+    model (and returned) in `dtype`, the dtype of its inputs, on the model's device (the starting noise is
+    drawn on the CPU, so every device starts from the same inputs).
 
     Returns:
         A list of batches (tensors), at most `batch_size` samples each.
@@ -100,6 +102,7 @@ def distill_bn_data(
     if not batchnorms(model):
         raise DataError("synthetic BatchNorm-matching data needs a model with BatchNorm layers (none found)")
     generator = torch.Generator().manual_seed(seed)
+    device = model_placement(model)[0]
     was_training = model.training
     model.eval()
     requires = [p.requires_grad for p in model.parameters()]
@@ -109,7 +112,7 @@ def distill_bn_data(
     try:
         for start in range(0, n, batch_size):
             m = min(batch_size, n - start)
-            x = torch.randn(m, *input_shape, generator=generator).requires_grad_(True)
+            x = torch.randn(m, *input_shape, generator=generator).to(device).requires_grad_(True)
             opt = torch.optim.Adam([x], lr=lr)
             desc = f"synthetic data {start // batch_size + 1}/{math.ceil(n / batch_size)}"
             for _ in progress_bar(range(steps), enabled=progress, desc=desc, unit="step", leave=False):

@@ -66,7 +66,7 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     Returns:
         (N, H) sentence vectors.
     """
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (N, T, 1)
+    mask = attention_mask.unsqueeze(-1).to(hidden.device, hidden.dtype)  # (N, T, 1)
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (N, H)
 
 

@@ -25,6 +25,7 @@ from postquant.grids.uniform import (
     IntegerCodes,
     RangeMethod,
     UniformGrid,
+    as_float,
     check_bits,
     check_weight,
     fit_uniform_grid,
@@ -60,7 +61,7 @@ class PowerGrid(IntegerCodes):
     group of `grouped(w, ...)`; `exponent` (1, 1) is shared by the layer.
     """
 
-    inv_scale: torch.Tensor  # (G, 1) float32, S of the grid on u
+    inv_scale: torch.Tensor  # (G, 1) float32 (float64 for float64 weights), S of the grid on u
     zero_point: torch.Tensor  # (G, 1) float32, integer-valued Z
     max_abs: torch.Tensor  # (G, 1) float32, m (1 for zero rows and at a = 1)
     exponent: torch.Tensor  # (1, 1) float32, a in (0, 1]
@@ -75,7 +76,7 @@ class PowerGrid(IntegerCodes):
 
     def to_int(self, w: torch.Tensor) -> torch.Tensor:
         """Integer-domain values ``x = S*u - Z`` of float weights `w` (same shape); rounding x gives codes."""
-        u = power_transform(self._rows(w).float(), self.max_abs, self.exponent)  # (G, n)
+        u = power_transform(as_float(self._rows(w)), self.max_abs, self.exponent)  # (G, n)
         return self.uniform.to_int(u).reshape(w.shape)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ def _fit_at(
     rows: torch.Tensor, a: float, bits: int, granularity: Granularity, gsize: int, uniform_kw: dict[str, Any]
 ) -> PowerGrid:
     """The power grid of exponent `a` for rows (G, n): m per row, then a uniform grid fitted to u."""
-    exponent = torch.full((1, 1), a, dtype=torch.float32)
+    exponent = torch.full((1, 1), a, dtype=rows.dtype, device=rows.device)
     max_abs = rows.abs().amax(dim=1, keepdim=True)  # (G, 1)
     max_abs = torch.where((max_abs > 0) & (exponent < 1), max_abs, torch.ones_like(max_abs))
     u = power_transform(rows, max_abs, exponent)  # (G, n)
@@ -139,13 +140,13 @@ def fit_power_grid(
     check_bits(bits)
     granularity = Granularity(granularity)
     gsize = group_size if granularity is Granularity.GROUP else 0
-    rows = check_weight(grouped(w.detach(), granularity, group_size).float())  # (G, n)
+    rows = check_weight(as_float(grouped(w.detach(), granularity, group_size)))  # (G, n)
     kw = {"symmetric": symmetric, "range_method": range_method}
     if exponent is not None:
         return _fit_at(rows, check_exponent(exponent), bits, granularity, gsize, kw)
     imp = None
     if importance is not None:
-        imp = grouped(torch.broadcast_to(importance, w.shape).float(), granularity, group_size)  # (G, n)
+        imp = grouped(as_float(torch.broadcast_to(importance, w.shape)), granularity, group_size)  # (G, n)
     best = _fit_at(rows, 1.0, bits, granularity, gsize, kw)
     best_err = power_grid_error(rows, best, imp)
     for a in candidates:

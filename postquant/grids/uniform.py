@@ -20,6 +20,12 @@ from postquant.errors import NonFiniteWeightError, RecipeError
 _EPS = 1e-8
 
 
+def as_float(t: torch.Tensor) -> torch.Tensor:
+    """`t` in the precision grids compute in: float64 stays float64 (a float64 model keeps its precision);
+    half precision, float32 and integer codes become float32."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class Granularity(enum.StrEnum):
     """Which weights share one step size."""
 
@@ -111,7 +117,7 @@ class UniformGrid(IntegerCodes):
     `inv_scale` and `zero_point` have shape (G, 1), one row per group of `grouped(w, ...)`.
     """
 
-    inv_scale: torch.Tensor  # (G, 1) float32, S
+    inv_scale: torch.Tensor  # (G, 1) float32 (float64 for float64 weights), S
     zero_point: torch.Tensor  # (G, 1) float32, integer-valued Z
     bits: int
     granularity: Granularity = Granularity.CHANNEL
@@ -119,12 +125,12 @@ class UniformGrid(IntegerCodes):
 
     def to_int(self, w: torch.Tensor) -> torch.Tensor:
         """Integer-domain values ``x = S*w - Z`` (float, same shape as `w`); rounding x gives codes."""
-        x = self.inv_scale * self._rows(w).float() - self.zero_point  # (G, n)
+        x = self.inv_scale * as_float(self._rows(w)) - self.zero_point  # (G, n)
         return x.reshape(w.shape)
 
     def dequantize(self, q: torch.Tensor) -> torch.Tensor:
         """Float weights ``(q + Z)/S`` for integer codes `q` (same shape as the weight)."""
-        w_hat = (self._rows(q).float() + self.zero_point) / self.inv_scale  # (G, n)
+        w_hat = (as_float(self._rows(q)) + self.zero_point) / self.inv_scale  # (G, n)
         return w_hat.reshape(q.shape)
 
     def with_inv_scale(self, inv_scale: torch.Tensor) -> UniformGrid:
@@ -133,8 +139,9 @@ class UniformGrid(IntegerCodes):
 
 
 def _affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference (ZeroQ/SQuant) parameters for a range [lo, hi], float32, each op rounded separately."""
-    levels = torch.tensor(2.0**bits - 1, dtype=torch.float32)
+    """Reference (ZeroQ/SQuant) parameters for a range [lo, hi] (float32, or float64 for float64 weights),
+    each op rounded separately."""
+    levels = torch.tensor(2.0**bits - 1, dtype=lo.dtype, device=lo.device)
     inv_scale = levels / torch.clamp(hi - lo, min=_EPS)
     zero_point = torch.round(inv_scale * lo) + 2.0 ** (bits - 1)
     return inv_scale, zero_point
@@ -180,7 +187,7 @@ def fit_uniform_grid(
     check_bits(bits)
     granularity = Granularity(granularity)
     range_method = RangeMethod(range_method)
-    rows = check_weight(grouped(w.detach(), granularity, group_size).float())  # (G, n)
+    rows = check_weight(as_float(grouped(w.detach(), granularity, group_size)))  # (G, n)
     lo = rows.min(dim=1, keepdim=True).values
     hi = rows.max(dim=1, keepdim=True).values
     params = _symmetric_params if symmetric else _affine_params

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from postquant.errors import OnnxMismatchError, OutputError, UnsupportedModelError
+from postquant.eval.run import move_batch
 from postquant.model import quantized_layers, set_module
 from postquant.model.hf import no_kv_cache
 from postquant.nn import QuantizedLayer
@@ -797,6 +798,9 @@ def export_onnx(
 
     if opset < 13:
         raise UnsupportedModelError(f"opset {opset} has no per-channel DequantizeLinear; use opset >= 13")
+    if any(t.device.type != "cpu" for t in [*qmodel.parameters(), *qmodel.buffers()]):
+        qmodel = copy.deepcopy(qmodel).cpu()  # exported and verified on the CPU, where onnxruntime runs
+    example_inputs = move_batch(example_inputs, "cpu")
     inputs = _as_inputs(example_inputs)  # first: export_onnx(qmodel, path, inputs) gets a clear error
     if not isinstance(path, str | os.PathLike):
         raise TypeError(

@@ -217,10 +217,13 @@ def loss_costs(
 
 def _sampled_nll(out: torch.Tensor, batch: Any, gen: torch.Generator) -> torch.Tensor:
     """Negative log-likelihood of targets drawn from the model's own predictive distribution."""
+    # Targets are drawn on the CPU (`gen` is a CPU generator), so every device draws the same ones.
     if out.dim() == 2:  # classes: y ~ softmax(logits)
-        y = torch.multinomial(torch.softmax(out.detach().double(), -1), 1, generator=gen).squeeze(1)
+        probs = torch.softmax(out.detach().double(), -1).cpu()
+        y = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(out.device)
         return nn.functional.cross_entropy(out, y, reduction="sum")
-    target = out.detach() + torch.randn(out.shape, generator=gen, dtype=out.dtype)  # t ~ N(f(x), I)
+    noise = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+    target = out.detach() + noise  # t ~ N(f(x), I)
     err = 0.5 * (out - target).pow(2)
     mask = token_mask(batch, out)
     return (err * mask.to(err.dtype).unsqueeze(-1)).sum() if mask is not None else err.sum()

@@ -31,12 +31,20 @@ class ActQuantizer(nn.Module):
     This is exactly what ONNX QuantizeLinear followed by DequantizeLinear computes (round half to even).
     """
 
-    def __init__(self, bits: int, lo: float, hi: float) -> None:
+    def __init__(
+        self,
+        bits: int,
+        lo: float,
+        hi: float,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         scale, zero_point, self.qmin, self.qmax = act_qparams(lo, hi, bits)
         self.bits = bits
-        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
-        self.register_buffer("zero_point", torch.tensor(float(zero_point), dtype=torch.float32))
+        self.register_buffer("scale", torch.tensor(scale, dtype=dtype, device=device))
+        self.register_buffer("zero_point", torch.tensor(float(zero_point), dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q = torch.clamp(torch.round(x / self.scale) + self.zero_point, self.qmin, self.qmax)

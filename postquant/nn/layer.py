@@ -51,8 +51,14 @@ class QuantizedLayer(nn.Module):
     def bits(self) -> int:
         return int(self.grid_config["bits"])  # type: ignore[call-overload]
 
+    def input_quantizer(self, bits: int, lo: float, hi: float) -> ActQuantizer:
+        """An `ActQuantizer` for this layer's input range [lo, hi], on the layer's device, its step in the
+        dtype the layer quantizes inputs in (float32; float64 for a float64 layer). Not installed."""
+        return ActQuantizer(bits, lo, hi, device=self.weight.device, dtype=self.weight.dtype)
+
     def set_codes(self, codes: torch.Tensor) -> None:
-        """Replace the integer codes (and the cached dequantized weight)."""
+        """Replace the integer codes (and the cached dequantized weight), on the layer's device."""
+        codes = codes.to(self.codes.device)
         self.codes = codes.to(torch.int8)
         self.weight = self.grid.dequantize(codes.to(torch.int32))
 

@@ -1,9 +1,15 @@
 """Caching what a unit sees: its inputs in the quantized model, its inputs and outputs in the float model.
 
 Capture uses forward hooks that always go away, and stops the forward pass right after the unit (an
-exception caught here), so caching unit k costs the model prefix up to k, never the whole model. Everything
-is kept on the CPU, bounded by ``max_bytes``: when the calibration set does not fit, the first batches that
-fit are used and the rest is skipped (logged).
+exception caught here), so caching unit k costs the model prefix up to k, never the whole model.
+
+Where the cache lives: on the model's device (that of its parameters) while it fits ``max_bytes``
+(``learned.max_cache_mb``); on an accelerator, the batches beyond that bound spill to CPU memory (pinned when
+CUDA is available, so copies back overlap), up to ``max_bytes`` more, and are moved back to the device one
+sampled batch at a time (`Record.rows_on`). The bound applies per device: at most ``max_bytes`` on the
+accelerator and ``max_bytes`` on the CPU. For a model on the CPU both are the same memory, so the cache holds
+at most ``max_bytes``. When the calibration set does not fit, the first batches that fit are used and the
+rest is skipped (logged).
 
 Unit inputs are kept as the positional and keyword arguments of the unit's first module (tensors with the
 batch as first dimension are split and sampled; anything else, such as a shared mask or a flag, is passed as
@@ -29,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.utils._pytree import register_pytree_node, tree_leaves, tree_map
 
-from postquant.calib.data import Batch, batch_size_of, run_model
+from postquant.calib.data import Batch, batch_size_of, model_placement, run_model
 from postquant.model.blocks import Unit
 from postquant.nn import QuantizedLayer
 from postquant.reconstruct.params import ste_act_quantizers
@@ -50,14 +57,30 @@ class Captured:
     kwargs: dict[str, Any]
 
 
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, tuple | list):
-        return type(obj)(_to_cpu(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    return obj
+register_pytree_node(
+    Captured,
+    lambda c: ([c.args, c.kwargs], None),
+    lambda children, _ctx: Captured(*children),
+    serialized_type_name="postquant.reconstruct.cache.Captured",
+)
+
+
+def _detached_copy(obj: Any) -> Any:
+    """A copy of every tensor in `obj`, detached, on the device it is on (the model may change it in place)."""
+    return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, obj)
+
+
+def to_device(obj: Any, device: torch.device, pin: bool = False) -> Any:
+    """Every tensor of `obj` (nested tuples, lists, dicts, `Captured`) on `device`; tensors already there are
+    kept (no copy). `pin`: tensors copied to the CPU go to pinned memory (fast copies back to CUDA)."""
+
+    def move(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.device == device:
+            return t
+        t = t.to(device, non_blocking=t.is_pinned())
+        return t.pin_memory() if pin and device.type == "cpu" else t
+
+    return tree_map(move, obj)
 
 
 def first_tensor(out: Any) -> torch.Tensor:
@@ -96,13 +119,13 @@ def capture(model: nn.Module, unit: Unit, want_input: bool, want_output: bool) -
 
     def pre_hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if "input" not in seen:
-            seen["input"] = Captured(_to_cpu(args), _to_cpu(kwargs))
+            seen["input"] = Captured(_detached_copy(args), _detached_copy(kwargs))
             if not want_output:
                 raise _StopForward
 
     def post_hook(_mod: nn.Module, _args: Any, output: Any) -> None:
         if "output" not in seen:
-            seen["output"] = first_tensor(output).detach().to("cpu", copy=True)
+            seen["output"] = first_tensor(output).detach().clone()
             raise _StopForward
 
     handles = []
@@ -147,6 +170,8 @@ def run_captured(
 def rows(obj: Any, idx: torch.Tensor | slice, n: int) -> Any:
     """Select rows `idx` of every tensor whose first dimension is the batch size `n`; keep the rest."""
     if isinstance(obj, torch.Tensor):
+        if isinstance(idx, torch.Tensor):
+            idx = idx.to(obj.device)
         return obj[idx] if obj.dim() and obj.shape[0] == n else obj
     if isinstance(obj, tuple | list):
         return type(obj)(rows(o, idx, n) for o in obj)
@@ -198,6 +223,24 @@ class Record:
     model_input: Batch | None = None  # the model's input (loss='output')
     final: torch.Tensor | None = None  # the float model's final output (loss='output')
 
+    _CACHED = ("q_input", "f_input", "target", "weight", "final")  # held on the cache's device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cached tensors (the model input of loss='output' is the caller's batch, not counted)."""
+        return sum(nbytes(getattr(self, name)) for name in self._CACHED)
+
+    def to(self, device: torch.device, pin: bool = False) -> Record:
+        """This record with its cached tensors on `device` (`to_device`)."""
+        moved = {name: to_device(getattr(self, name), device, pin) for name in self._CACHED}
+        return Record(self.n, model_input=self.model_input, **moved)
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where the cached tensors are (None when it holds none)."""
+        leaves = tree_leaves([getattr(self, name) for name in self._CACHED])
+        return next((t.device for t in leaves if isinstance(t, torch.Tensor)), None)
+
 
 @dataclass
 class UnitData:
@@ -212,39 +255,54 @@ class UnitData:
         return sum(r.n for r in self.records)
 
     def per_batch(self) -> list[Record]:
-        """One record per calibration batch held, in order (row views of a merged record)."""
+        """One record per calibration batch held, in order (row views of merged records)."""
         if len(self.records) == len(self.sizes):
             return list(self.records)
-        (merged,) = self.records
-        out, start = [], 0
-        for size in self.sizes:
-            idx = slice(start, start + size)  # views, not copies
-            out.append(
-                Record(
-                    size,
-                    rows(merged.q_input, idx, merged.n),
-                    rows(merged.f_input, idx, merged.n),
-                    rows(merged.target, idx, merged.n),
+        out, k = [], 0
+        for merged in self.records:
+            start = 0
+            while start < merged.n:
+                size = self.sizes[k]
+                idx = slice(start, start + size)  # views, not copies
+                out.append(
+                    Record(
+                        size,
+                        rows(merged.q_input, idx, merged.n),
+                        rows(merged.f_input, idx, merged.n),
+                        rows(merged.target, idx, merged.n),
+                    )
+                    if size < merged.n
+                    else merged
                 )
-            )
-            start += size
+                start += size
+                k += 1
         return out
 
     def merge(self) -> None:
-        """Concatenate all records into one if every per-sample tensor has equal trailing shapes."""
-        if len(self.records) < 2:
+        """Concatenate the records held on each device into one, if every per-sample tensor has equal
+        trailing shapes (else keep one record per batch)."""
+        groups: list[list[Record]] = []
+        for rec in self.records:
+            if groups and groups[-1][0].device == rec.device:
+                groups[-1].append(rec)
+            else:
+                groups.append([rec])
+        if all(len(g) < 2 for g in groups):
             return
-        sizes = [r.n for r in self.records]
-        merged = Record(self.n)
+        merged_records = []
         try:
-            for name in ("q_input", "f_input", "target", "weight", "model_input", "final"):
-                values = [getattr(r, name) for r in self.records]
-                if values[0] is not None:
-                    setattr(merged, name, _cat(values, sizes))
+            for group in groups:
+                merged = Record(sum(r.n for r in group))
+                sizes = [r.n for r in group]
+                for name in ("q_input", "f_input", "target", "weight", "model_input", "final"):
+                    values = [getattr(r, name) for r in group]
+                    if values[0] is not None:
+                        setattr(merged, name, _cat(values, sizes))
+                merged_records.append(merged)
         except ValueError:
             log.debug("unit inputs differ in shape across batches; sampling within batches")
             return
-        self.records = [merged]
+        self.records = merged_records
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[Record, torch.Tensor]:
         """A record (chosen in proportion to its size) and `batch_size` row indices drawn without replacement."""
@@ -325,9 +383,11 @@ def carry_outputs(qmodel: nn.Module, unit: Unit, data: UnitData) -> Carried:
     These are the next unit's inputs if the model feeds one unit into the next; `collect_unit_data` checks it.
     """
     q_inputs, f_inputs = [], []
+    device = model_placement(qmodel)[0]
     for rec in data.per_batch():
         assert rec.q_input is not None and rec.target is not None
-        out = unit_forward(qmodel, unit, {}, rec.q_input).detach()
+        out = unit_forward(qmodel, unit, {}, to_device(rec.q_input, device)).detach()
+        out = out.to(rec.target.device)  # where the batch was held (a spilled batch stays off the device)
         q_inputs.append(Captured((out, *rec.q_input.args[1:]), rec.q_input.kwargs))
         f = rec.f_input if rec.f_input is not None else rec.q_input
         f_inputs.append(Captured((rec.target, *f.args[1:]), f.kwargs))
@@ -361,9 +421,11 @@ def _chain_holds(teacher: nn.Module, unit: Unit, carried: Carried, first: Record
     captured output from its captured input (then targets of later batches can come from the unit alone)."""
     if not carried.q_inputs or first.f_input is None:
         return False
+    device = model_placement(teacher)[0]
+    first = first.to(device)
     return (
-        _same(carried.q_inputs[0], first.q_input)
-        and _same(carried.f_inputs[0], first.f_input)
+        _same(to_device(carried.q_inputs[0], device), first.q_input)
+        and _same(to_device(carried.f_inputs[0], device), first.f_input)
         and _same(unit_forward(teacher, unit, {}, first.f_input), first.target)
     )
 
@@ -385,9 +447,15 @@ def collect_unit_data(
 
     With `carried` (the previous unit's outputs, MSE loss only), batches after the first take their inputs
     from it once batch 0 shows that the chain holds; otherwise every batch runs the model prefixes.
+
+    Records stay on the model's device up to `max_bytes`, then spill to CPU memory up to `max_bytes` more
+    (see the module docstring); the first batch is always kept.
     """
     data = UnitData()
-    used = 0
+    device = model_placement(qmodel)[0]
+    used = {device: 0}  # bytes held per device
+    cpu = torch.device("cpu")
+    pin = torch.cuda.is_available()
     chained = carried is not None and loss == "mse"
     all_layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)}
     for i, batch in enumerate(batches):
@@ -395,11 +463,11 @@ def collect_unit_data(
         rec = Record(n)
         if loss == "output":
             rec.model_input = batch
-            rec.final = run_model(teacher, batch).detach().cpu()
+            rec.final = run_model(teacher, batch).detach()
         elif chained and carried is not None and 0 < i < len(carried.q_inputs):
             rec.q_input = carried.q_inputs[i]
             rec.f_input = carried.f_inputs[i]
-            rec.target = unit_forward(teacher, unit, {}, rec.f_input).detach()
+            rec.target = unit_forward(teacher, unit, {}, to_device(rec.f_input, device)).detach()
         else:
             rec.q_input = run_captured(qmodel, unit, batch, True, False)["input"]
             seen = run_captured(teacher, unit, batch, need_float_input or chained, True)
@@ -415,8 +483,12 @@ def collect_unit_data(
                     rec.weight = fisher_weights(qmodel, unit, batch, final, output_metric)
         if not need_float_input:
             rec.f_input = None
-        size = sum(nbytes(x) for x in (rec.q_input, rec.f_input, rec.target, rec.weight, rec.final))
-        if data.records and used + size > max_bytes:
+        size = rec.nbytes
+        if not data.records or used[device] + size <= max_bytes:
+            where = device
+        elif device != cpu and used.get(cpu, 0) + size <= max_bytes:
+            where = cpu  # spilled: moved back to the device per sampled batch
+        else:
             log.info(
                 "unit %s: cache bound reached, using %d of %d calibration batches (%d samples)",
                 unit.name,
@@ -425,9 +497,13 @@ def collect_unit_data(
                 data.n,
             )
             break
-        data.records.append(rec)
+        if where != device and not used.get(cpu):
+            log.info(
+                "unit %s: cache on %s full; batches %d and later held in CPU memory", unit.name, device, i
+            )
+        data.records.append(rec.to(where, pin))
         data.sizes.append(n)
-        used += size
+        used[where] = used.get(where, 0) + size
     data.chained = chained and len(data.records) > 1
     data.merge()
     return data

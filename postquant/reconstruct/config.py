@@ -152,7 +152,9 @@ class LearnedConfig(BaseModel):
     synthetic_steps: int = Field(default=200, ge=1, description="Adam steps of BN-statistics distillation")
     augment: list[Augmentation] = Field(default_factory=list, description="flip, shift, noise, mixup")
     augment_copies: int = Field(default=1, ge=1, description="augmented copies added per input")
-    max_cache_mb: int = Field(default=1024, ge=1, description="bound on cached unit inputs/outputs (CPU)")
+    max_cache_mb: int = Field(
+        default=1024, ge=1, description="cache bound per device (model device, then CPU)"
+    )
     # bookkeeping (not part of the result)
     checkpoint_dir: Path | None = Field(default=None, description="resume directory for finished units")
     progress: bool = Field(default=True, description="tqdm bar per unit")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from postquant.calib.data import Batch, batch_size_of, run_model
+from postquant.calib.data import Batch, batch_size_of, model_placement, run_model
 from postquant.grids import Grid
 from postquant.model.blocks import Unit
 from postquant.nn import QuantizedLayer
@@ -33,6 +33,7 @@ from postquant.reconstruct.cache import (
     UnitData,
     final_distance,
     rows,
+    to_device,
     unit_forward,
 )
 from postquant.reconstruct.config import LearnedConfig, Loss, Optimizer, Schedule
@@ -137,8 +138,8 @@ def restore(qmodel: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if what is None:
             raise KeyError(f"unknown unit state {key!r}")
         layer: QuantizedLayer = qmodel.get_submodule(key[: -len(what) - 1])
-        if what == "grid_inv_scale":
-            layer.grid_inv_scale = value.clone()
+        if what == "grid_inv_scale":  # a checkpointed state comes from the CPU
+            layer.grid_inv_scale = value.to(layer.grid_inv_scale.device, copy=True)
         elif what == "inner.bias":
             layer.inner.bias.copy_(value)
         elif what == "act_quant.scale":
@@ -175,7 +176,8 @@ def _mix_inputs(q: Captured, f: Captured | None, p: float, generator: torch.Gene
     if f is None or p <= 0 or not q.args or not isinstance(q.args[0], torch.Tensor):
         return q
     xq, xf = q.args[0], f.args[0]
-    mixed = torch.where(torch.rand(xq.shape, generator=generator) < p, xf, xq)
+    keep_float = (torch.rand(xq.shape, generator=generator) < p).to(xq.device)  # drawn on the CPU generator
+    mixed = torch.where(keep_float, xf, xq)
     return Captured((mixed, *q.args[1:]), q.kwargs)
 
 
@@ -229,11 +231,13 @@ def evaluate_unit(
 ) -> float:
     """Mean reconstruction loss of the unit as installed (hard codes, deployed quantizers) on the cache."""
     total, count = 0.0, 0
+    device = model_placement(qmodel)[0]
     for rec in data.records:
         for start in range(0, rec.n, chunk):
-            idx = torch.arange(start, min(start + chunk, rec.n))
-            total += float(_loss(qmodel, unit, rec, idx, {}, cfg, None)) * len(idx)
-            count += len(idx)
+            idx = slice(start, min(start + chunk, rec.n))  # row views: a spilled (pinned) chunk copies fast
+            size = idx.stop - idx.start
+            total += float(_loss(qmodel, unit, rec, idx, {}, cfg, None, device)) * size
+            count += size
     return total / max(count, 1)
 
 
@@ -241,22 +245,25 @@ def _loss(
     qmodel: nn.Module,
     unit: Unit,
     rec: Record,
-    idx: torch.Tensor,
+    idx: torch.Tensor | slice,
     overrides: dict[str, torch.Tensor],
     cfg: LearnedConfig,
     generator: torch.Generator | None,
+    device: torch.device,
 ) -> torch.Tensor:
+    """The reconstruction loss on rows `idx` of a cached record, computed on `device` (the model's)."""
     if cfg.loss is Loss.OUTPUT:
         batch = rows(rec.model_input, idx, rec.n)
         ov = {f"model.{k}": v for k, v in overrides.items()}
         out = functional_call(_Runner(qmodel), ov, (batch,))
-        return final_distance(out, rec.final[idx], cfg.output_metric.value)
-    inp = rows(rec.q_input, idx, rec.n)
+        return final_distance(out, to_device(rows(rec.final, idx, rec.n), device), cfg.output_metric.value)
+    inp = to_device(rows(rec.q_input, idx, rec.n), device)
     if generator is not None and cfg.drop_prob > 0:
-        inp = _mix_inputs(inp, rows(rec.f_input, idx, rec.n), cfg.drop_prob, generator)
+        f_inp = to_device(rows(rec.f_input, idx, rec.n), device)
+        inp = _mix_inputs(inp, f_inp, cfg.drop_prob, generator)
     out = unit_forward(qmodel, unit, overrides, inp)
-    weight = rec.weight[idx] if rec.weight is not None else None
-    return unit_distance(out, rec.target[idx], weight)
+    weight = to_device(rows(rec.weight, idx, rec.n), device) if rec.weight is not None else None
+    return unit_distance(out, to_device(rows(rec.target, idx, rec.n), device), weight)
 
 
 def reconstruct_unit(
@@ -274,6 +281,7 @@ def reconstruct_unit(
     codes reconstruct worse than the starting codes on the cached data, the starting codes are kept.
     """
     start_time = time.perf_counter()
+    device = model_placement(qmodel)[0]
     layers = {n: qmodel.get_submodule(n) for n in unit.layers}
     before = snapshot(qmodel, unit)
     roundings = _make_rounding(qmodel, teacher, unit, cfg, generator)
@@ -292,11 +300,13 @@ def reconstruct_unit(
 
         def step_loss(step: int) -> tuple[torch.Tensor, torch.Tensor]:
             rec, idx = data.sample(cfg.batch_size, generator)
-            rec_loss = _loss(qmodel, unit, rec, idx, _overrides(roundings), cfg, generator)
-            reg = torch.zeros(())
+            rec_loss = _loss(qmodel, unit, rec, idx, _overrides(roundings), cfg, generator, device)
+            reg = rec_loss.new_zeros(())
             if cfg.reg_lambda > 0 and reg_active(step, cfg):
                 beta = beta_at(step, cfg)
-                reg = cfg.reg_lambda * sum((r.regulariser(beta) for r in roundings.values()), torch.zeros(()))
+                reg = cfg.reg_lambda * sum(
+                    (r.regulariser(beta) for r in roundings.values()), rec_loss.new_zeros(())
+                )
             return rec_loss, reg
 
         result = (

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from postquant.grids import Grid
+from postquant.grids.uniform import as_float
 from postquant.nn import ActQuantizer, QuantizedLayer
 from postquant.reconstruct.config import AUTO_RANDOM_MAX_BITS, CodeRange, LearnedConfig, Selection, Variable
 
@@ -54,7 +55,7 @@ def selection_mask(
     if selection is Selection.BAND:
         return (frac - 0.5).abs() <= cfg.band
     if selection is Selection.RANDOM:
-        return torch.rand(frac.shape, generator=generator) < cfg.fraction
+        return (torch.rand(frac.shape, generator=generator) < cfg.fraction).to(frac.device)  # CPU generator
     return torch.ones_like(frac, dtype=torch.bool)
 
 
@@ -83,10 +84,10 @@ class LayerRounding(nn.Module):
         self.grid = grid
         self.variable = cfg.variable
         self.code_range = cfg.codes
-        x = x.detach().float()
+        x = as_float(x.detach())  # float32 (float64 for a float64 model)
         floor = torch.floor(x)
         frac = x - floor
-        init = init_codes.float()
+        init = init_codes.to(x.dtype)
         # Start where the initial codes are: a weight whose initial code differs from nearest rounding
         # (a SQuant flip) starts mirrored across the rounding threshold, as far from it as it was.
         nearest = torch.round(x)
@@ -147,7 +148,7 @@ class LayerRounding(nn.Module):
     def regulariser(self, beta: float) -> torch.Tensor:
         """AdaRound eq. 24: ``sum(1 - |2h - 1|^beta)`` over the learned weights (0 for other variables)."""
         if self.variable is not Variable.ADAROUND:
-            return torch.zeros(())
+            return self.floor.new_zeros(())
         h = self._h()[self.mask]
         return (1 - (2 * h - 1).abs().pow(beta)).sum()
 
@@ -187,7 +188,7 @@ class TrainableActQuant(nn.Module):
         q = torch.clamp(round_ste(x / scale) + self.zero_point, self.qmin, self.qmax)
         xq = (q - self.zero_point) * scale
         if self.drop_prob > 0:
-            keep_float = torch.rand(x.shape, generator=self.generator) < self.drop_prob
+            keep_float = (torch.rand(x.shape, generator=self.generator) < self.drop_prob).to(x.device)
             xq = torch.where(keep_float, x, xq)
         return xq
 
