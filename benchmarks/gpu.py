@@ -143,15 +143,17 @@ def golden_part() -> dict[str, Any]:
     return {"cases": cases, "wrong": wrong}
 
 
-def learned_part(iters_qdrop: int, seed: int, calib_size: int) -> list[dict[str, Any]]:
-    """resnet20 W4A4 learned rounding (default, qdrop preset) with the model and data on the GPU."""
+def learned_part(
+    iters_qdrop: int, seed: int, calib_size: int, rows: list[dict[str, Any]], save: Callable[[], None]
+) -> None:
+    """resnet20 W4A4 learned rounding (default, qdrop preset) with the model and data on the GPU; each
+    row is appended to `rows` and saved as soon as it is measured."""
     from postquant.eval import evaluate
     from postquant.zoo import load_model
 
     zoo = load_model("resnet20-cifar10")
     model = zoo.model.cuda()
     calib = [b.cuda() if isinstance(b, torch.Tensor) else b for b in zoo.calib_batches(limit=calib_size)]
-    rows = []
     start = time.perf_counter()
     fp = evaluate(model, zoo, progress=False)
     rows.append(
@@ -200,7 +202,7 @@ def learned_part(iters_qdrop: int, seed: int, calib_size: int) -> list[dict[str,
             log.exception("%s failed on CUDA", method)
             rows.append({"method": method, "error": f"{type(exc).__name__}: {exc}"})
         log.info("%s", rows[-1])
-    return rows
+        save()
 
 
 def tests_part(timeout: int) -> dict[str, Any]:
@@ -344,8 +346,8 @@ def main() -> None:
         log.info("pytest -m cuda: %s", results["tests"]["summary"])
         save()
     if "learned" in args.parts:
-        results["learned"] = learned_part(args.qdrop_iters, args.seed, args.calib_size)
-        save()
+        results["learned"] = []
+        learned_part(args.qdrop_iters, args.seed, args.calib_size, results["learned"], save)
     log.info("wrote %s", args.out)
 
 

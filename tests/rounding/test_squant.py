@@ -72,13 +72,8 @@ def test_golden_case_bit_exact(stem: str, tid: str, mode: str) -> None:
     assert mismatches == 0, f"{mismatches} of {q.numel()} codes differ from the reference"
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU run is skipped")
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, CUDA])]
-
-
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("stem", GOLDEN_FILES)
-def test_golden_cases_whole_layer_bit_exact(stem: str, device: str) -> None:
+def test_golden_cases_whole_layer_bit_exact(stem: str, device: torch.device) -> None:
     """The whole-layer path (the default on accelerators) reproduces every golden case, on CPU and CUDA."""
     path = GOLDEN / f"{stem}.npz"
     if not path.is_file():
@@ -95,9 +90,8 @@ def test_golden_cases_whole_layer_bit_exact(stem: str, device: str) -> None:
     assert not wrong, f"codes differ from the reference in {len(wrong)} cases: {wrong[:10]}"
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", list(SquantMode), ids=lambda m: m.value)
-def test_many_layers_at_once_equal_each_layer_alone(mode: SquantMode, device: str) -> None:
+def test_many_layers_at_once_equal_each_layer_alone(mode: SquantMode, device: torch.device) -> None:
     """`squant_codes_many` batches layers of one shape (any order, odd shapes and empty ones between)."""
     gen = torch.Generator().manual_seed(5)
     shapes = [
