@@ -236,6 +236,14 @@ class Record:
         return Record(self.n, model_input=self.model_input, **moved)
 
     @property
+    def pinned(self) -> bool:
+        """Whether every cached tensor is in pinned CPU memory (spilled from an accelerator)."""
+        leaves = [
+            t for t in tree_leaves([getattr(self, n) for n in self._CACHED]) if isinstance(t, torch.Tensor)
+        ]
+        return bool(leaves) and all(t.is_pinned() for t in leaves)
+
+    @property
     def device(self) -> torch.device | None:
         """Where the cached tensors are (None when it holds none)."""
         leaves = tree_leaves([getattr(self, name) for name in self._CACHED])
@@ -294,10 +302,16 @@ class UnitData:
             for group in groups:
                 merged = Record(sum(r.n for r in group))
                 sizes = [r.n for r in group]
+                pin = group[0].device == torch.device("cpu") and group[0].pinned
                 for name in ("q_input", "f_input", "target", "weight", "model_input", "final"):
                     values = [getattr(r, name) for r in group]
                     if values[0] is not None:
-                        setattr(merged, name, _cat(values, sizes))
+                        value = _cat(values, sizes)
+                        if pin and name in Record._CACHED:  # spilled batches stay in pinned memory
+                            value = tree_map(
+                                lambda t: t.pin_memory() if isinstance(t, torch.Tensor) else t, value
+                            )
+                        setattr(merged, name, value)
                 merged_records.append(merged)
         except ValueError:
             log.debug("unit inputs differ in shape across batches; sampling within batches")
