@@ -89,11 +89,20 @@ def quantize(
         str, typer.Argument(help="zoo name (see `postquant models`) or module:factory[@weights]")
     ],
     method: Annotated[
-        str, typer.Option(help="rtn | squant | adaround | brecq | qdrop | learned (learned rounding)")
-    ] = "rtn",
-    w_bits: Annotated[int, typer.Option(help="weight bits, 2..8")] = 4,
-    a_bits: Annotated[int | None, typer.Option(help="activation bits, 2..8 (omit for weight-only)")] = None,
-    recipe: Annotated[Path | None, typer.Option(help="YAML recipe; command-line options override it")] = None,
+        str | None,
+        typer.Option(
+            help="rtn | squant | adaround | brecq | qdrop | learned (learned rounding) [default: rtn, or the recipe's]"
+        ),
+    ] = None,
+    w_bits: Annotated[
+        int | None, typer.Option(help="weight bits, 2..8 [default: 4, or the recipe's]")
+    ] = None,
+    a_bits: Annotated[
+        int | None, typer.Option(help="activation bits, 2..8 (omit for weight-only, or the recipe's)")
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="YAML recipe; only the options you type override its fields")
+    ] = None,
     granularity: Annotated[str | None, typer.Option(help="channel | tensor | group")] = None,
     squant_mode: Annotated[str | None, typer.Option(help="SQuant stages: e | ek | ec | ekc")] = None,
     act_ranges: Annotated[str | None, typer.Option(help="auto | calib | squant-noise")] = None,
@@ -172,14 +181,15 @@ def quantize(
 def _mixed_options(
     w_bits_budget: float | None, size_budget: str | None, importance: str | None, bit_choices: str | None
 ) -> dict[str, Any] | None:
-    """The recipe's ``mixed`` field from the command-line options (None when no budget is given)."""
-    if w_bits_budget is None and size_budget is None:
-        if importance is not None or bit_choices is not None:
-            raise RecipeError(
-                "--importance and --bit-choices need a budget: --w-bits-budget or --size-budget"
-            )
+    """The typed mixed-precision options as fields of the recipe's ``mixed`` (None when none is typed).
+
+    A budget replaces the recipe file's budget; `importance` and `bit_choices` alone complete the file's.
+    """
+    if all(v is None for v in (w_bits_budget, size_budget, importance, bit_choices)):
         return None
-    mixed: dict[str, Any] = {"w_bits_budget": w_bits_budget, "size_budget": size_budget}
+    mixed: dict[str, Any] = {}
+    if w_bits_budget is not None or size_budget is not None:  # one budget: the other one is dropped
+        mixed |= {"w_bits_budget": w_bits_budget, "size_budget": size_budget}
     if importance is not None:
         mixed["importance"] = importance
     if bit_choices is not None:
@@ -194,8 +204,8 @@ def _mixed_options(
 
 def _quantize(
     model_name: str,
-    method: str,
-    w_bits: int,
+    method: str | None,
+    w_bits: int | None,
     a_bits: int | None,
     recipe_path: Path | None,
     granularity: str | None,
@@ -220,8 +230,20 @@ def _quantize(
     from postquant.recipe import Recipe
     from postquant.zoo import load_model
 
-    changes: dict[str, Any] = {"method": method, "w_bits": w_bits, "a_bits": a_bits}
+    # Only the options typed (not None) override the recipe file's fields.
+    base = Recipe.coerce(recipe_path) if recipe_path is not None and mixed is not None else None
+    if mixed is not None:
+        if base is not None and base.mixed is not None:
+            mixed = {**base.mixed.model_dump(exclude_unset=True), **mixed}
+        elif "w_bits_budget" not in mixed:
+            raise RecipeError(
+                "--importance and --bit-choices need a budget: --w-bits-budget or --size-budget"
+            )
+    changes: dict[str, Any] = {}
     for key, value in {
+        "method": method,
+        "w_bits": w_bits,
+        "a_bits": a_bits,
         "granularity": granularity,
         "squant_mode": squant_mode,
         "act_ranges": act_ranges,

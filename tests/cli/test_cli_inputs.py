@@ -1,0 +1,82 @@
+"""Hostile command-line inputs (issue 15): recipes, option values and outputs are checked before any work."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import postquant
+import postquant.zoo
+from postquant.cli import app
+from postquant.errors import PostquantError
+
+runner = CliRunner()
+
+
+class _Stop(PostquantError):
+    """Raised by the fake `quantize` once it has seen the recipe."""
+
+
+@pytest.fixture
+def seen(monkeypatch):
+    """Capture the recipe the CLI passes to `postquant.quantize` (and stop there: no model is quantized)."""
+    recipes = []
+
+    def fake_quantize(model, recipe, calib=None, example_inputs=None):
+        recipes.append(recipe)
+        raise _Stop("stopped after planning")
+
+    zoo = SimpleNamespace(
+        name="tiny",
+        task="classification",
+        model=nn.Linear(4, 2),
+        example_inputs=torch.zeros(1, 4),
+        calib_batches=lambda *args, **kwargs: [torch.zeros(2, 4)],
+    )
+    monkeypatch.setattr(postquant, "quantize", fake_quantize)
+    monkeypatch.setattr(postquant.zoo, "load_model", lambda name: zoo)
+    return recipes
+
+
+def _recipe_file(tmp_path, text: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_recipe_file_fields_are_kept_when_no_flag_is_typed(tmp_path, seen):
+    path = _recipe_file(tmp_path, "method: squant\nw_bits: 2\na_bits: 8\ngranularity: tensor\nseed: 3\n")
+    result = runner.invoke(app, ["quantize", "tiny", "--recipe", path])
+    assert result.exit_code == 2 and "stopped after planning" in result.output
+    rec = seen[0]
+    assert (rec.method.value, rec.w_bits, rec.a_bits, rec.granularity.value, rec.seed) == (
+        "squant",
+        2,
+        8,
+        "tensor",
+        3,
+    )
+
+
+def test_typed_flags_override_the_recipe_file(tmp_path, seen):
+    path = _recipe_file(tmp_path, "method: squant\nw_bits: 2\na_bits: 8\n")
+    runner.invoke(app, ["quantize", "tiny", "--recipe", path, "--w-bits", "6", "--method", "rtn"])
+    rec = seen[0]
+    assert (rec.method.value, rec.w_bits, rec.a_bits) == ("rtn", 6, 8)
+
+
+def test_defaults_without_a_recipe_are_unchanged(seen):
+    runner.invoke(app, ["quantize", "tiny"])
+    rec = seen[0]
+    assert (rec.method.value, rec.w_bits, rec.a_bits) == ("rtn", 4, None)
+
+
+def test_mixed_options_complete_the_recipe_files_budget(tmp_path, seen):
+    path = _recipe_file(tmp_path, "w_bits: 4\nmixed:\n  w_bits_budget: 3.0\n  importance: datafree\n")
+    runner.invoke(app, ["quantize", "tiny", "--recipe", path, "--bit-choices", "2,4,8"])
+    mixed = seen[0].mixed
+    assert (mixed.w_bits_budget, mixed.importance.value, mixed.bit_choices) == (3.0, "datafree", [2, 4, 8])
