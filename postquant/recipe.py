@@ -199,13 +199,59 @@ class Recipe(BaseModel):
         return text
 
 
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not one
+_ECHO_CHARS = 80  # at most this much of an input is quoted back in an error message
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to `_ECHO_CHARS` characters (error messages never echo a whole hostile input)."""
+    if isinstance(value, list | tuple | dict | set) and len(value) > _ECHO_CHARS:
+        return f"a {type(value).__name__} of {len(value)} items"
+    return _cut(repr(value), _ECHO_CHARS)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses anchors and aliases (``&a``/``*a``): a recipe never needs them, and
+    nested aliases expand a few hundred bytes into gigabytes (the "billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise RecipeError(
+                f"YAML anchors and aliases (*{event.anchor}) are not allowed in a recipe (line {event.start_mark.line + 1}); "
+                "write the value out"
+            )
+        event = self.peek_event()
+        if getattr(event, "anchor", None) is not None:
+            raise RecipeError(
+                f"YAML anchors and aliases (&{event.anchor}) are not allowed in a recipe (line {event.start_mark.line + 1}); "
+                "write the value out"
+            )
+        return super().compose_node(parent, index)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"recipe file {path} is too large ({size} bytes, at most {MAX_RECIPE_BYTES}); is it a recipe?"
+        )
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"recipe file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader without aliases
     except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe file {path} is not valid YAML: {exc}") from exc
+        raise RecipeError(f"recipe file {path} is not valid YAML: {_cut(str(exc), 300)}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe file {path} must hold a mapping of fields, e.g. 'w_bits: 4'")
     return data
@@ -213,11 +259,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _explain(exc: ValidationError) -> str:
     lines = []
-    for err in exc.errors():
+    for err in exc.errors(include_url=False)[:10]:
         where = ".".join(str(p) for p in err["loc"]) or "recipe"
         ctx = err.get("ctx", {})
         if "error" in ctx and isinstance(ctx["error"], Exception):
-            lines.append(f"{where}: {ctx['error']}")
+            message = str(ctx["error"])  # a validator's message may quote the input: keep it short
+            lines.append(f"{where}: {_cut(message, 300)}")
         else:
-            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{where}: {err['msg']} (got {_short(err.get('input'))})")
     return "invalid recipe: " + "; ".join(lines)
