@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from postquant.calib.moments import input_moments
 from postquant.calib.observers import Observer
 from postquant.errors import DataError
 from postquant.grids import PowerGrid
-from postquant.model import fold_batchnorm, set_module
+from postquant.model import fold_batchnorm, quantized_layers, set_module
 from postquant.model.convert import float_weight_modules, with_linear_layers
 from postquant.nn import ActQuantizer, QuantizedLayer
 from postquant.nn.layer import upcast_half
@@ -86,10 +88,47 @@ def quantize(
             BatchNorm folding uses it to verify the fold.
 
     Returns:
-        An ordinary ``nn.Module`` (a copy of `model`) whose layers are `QuantizedLayer`s.
+        An ordinary ``nn.Module`` (a copy of `model`) whose layers are `QuantizedLayer`s, in eval mode.
+
+    Quantization always runs the model in eval mode (BatchNorm uses its running statistics, dropout is off):
+    a model passed in train mode is switched to eval mode for the call and its modes are restored after it,
+    so its parameters, buffers and ``training`` flags are the same afterwards.
     """
     start = time.perf_counter()
     recipe = Recipe.coerce(recipe)
+    with _eval_mode(model):
+        qmodel = _quantize(model, recipe, calib, example_inputs)
+    log.info(
+        "quantized %d layers (%s, W%s A%s) in %.3f s",
+        len(quantized_layers(qmodel)),
+        qmodel.postquant_recipe.method.value,
+        qmodel.postquant_recipe.w_bits,
+        qmodel.postquant_recipe.a_bits,
+        time.perf_counter() - start,
+    )
+    return qmodel
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run `model` in eval mode inside the block, then give every module back its own ``training`` flag."""
+    modes = [(m, m.training) for m in model.modules()]
+    if any(training for _, training in modes):
+        log.info(
+            "%s is in train mode: quantizing it in eval mode (BatchNorm running statistics are used, not "
+            "updated); its modes are restored afterwards and the quantized model is in eval mode",
+            type(model).__name__,
+        )
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _quantize(model: nn.Module, recipe: Recipe, calib: Any, example_inputs: Any) -> nn.Module:
+    """`quantize` on a validated recipe and a model in eval mode."""
     torch.manual_seed(recipe.seed)
     model = with_linear_layers(model)  # Conv1D and MultiheadAttention rebuilt from nn.Linear, in a copy
     plan = make_plan(model, recipe)  # validates the layer set before any work
@@ -136,15 +175,7 @@ def quantize(
     qmodel.postquant_recipe = recipe  # type: ignore[assignment]
     if mixed is not None:
         qmodel.postquant_mixed = mixed  # type: ignore[assignment]
-    log.info(
-        "quantized %d layers (%s, W%s A%s) in %.3f s",
-        len(layers),
-        recipe.method.value,
-        recipe.w_bits,
-        recipe.a_bits,
-        time.perf_counter() - start,
-    )
-    return qmodel
+    return qmodel.eval()  # the QuantizedLayers are new modules, created in train mode
 
 
 def power_search_importance(

@@ -188,3 +188,26 @@ def test_data_free_default_is_bn_noise_with_batchnorm_else_reference_rule(tiny_c
         example_inputs=images,
     )
     assert torch.equal(q_auto[2].act_quant.scale, q_ref[2].act_quant.scale)
+
+
+LEARNED_TINY = {"method": "learned", "w_bits": 4, "a_bits": 8, "learned": {"iters": 2, "progress": False}}
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [{"w_bits": 4, "a_bits": 8}, {"method": "squant", "w_bits": 4, "a_bits": 8}, LEARNED_TINY],
+    ids=["rtn", "squant", "learned"],
+)
+def test_a_train_mode_model_is_not_modified_and_quantized_in_eval_mode(tiny_cnn, images, recipe):
+    eval_result = postquant.quantize(copy.deepcopy(tiny_cnn), recipe, calib=[images], example_inputs=images)
+    model = tiny_cnn.train()
+    state = copy.deepcopy(model.state_dict())
+    modes = {name: m.training for name, m in model.named_modules()}
+    q = postquant.quantize(model, recipe, calib=[images], example_inputs=images)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m.training for m in q.modules())  # the result is in eval mode
+    with torch.no_grad():
+        assert torch.equal(q(images), eval_result(images))
