@@ -19,7 +19,7 @@ from postquant.calib.moments import input_moments
 from postquant.calib.observers import Observer
 from postquant.errors import DataError
 from postquant.grids import PowerGrid
-from postquant.model import fold_batchnorm, quantized_layers, set_module
+from postquant.model import fold_batchnorm, quantized_layers, replace_module
 from postquant.model.convert import float_weight_modules, with_linear_layers
 from postquant.nn import ActQuantizer, QuantizedLayer
 from postquant.nn.layer import upcast_half
@@ -63,7 +63,11 @@ def quantize_weights(
             log.debug("%s: power grid exponent %.2f", name, float(grid.exponent))
         codes = weight_codes(recipe.method, grid.to_int(w), grid.qmin, grid.qmax, recipe)
         qlayer = QuantizedLayer(layer, grid, codes)
-        set_module(model, name, qlayer)
+        names = replace_module(model, name, qlayer)  # a shared module: every use runs the quantized layer
+        if len(names) > 1:
+            log.info(
+                "%s is shared (also %s): quantized once, used at every place", name, ", ".join(names[1:])
+            )
         done[name] = qlayer
     return done
 

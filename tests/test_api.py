@@ -211,3 +211,37 @@ def test_a_train_mode_model_is_not_modified_and_quantized_in_eval_mode(tiny_cnn,
     assert not any(m.training for m in q.modules())  # the result is in eval mode
     with torch.no_grad():
         assert torch.equal(q(images), eval_result(images))
+
+
+class SharedLinear(nn.Module):
+    """One Linear registered under two names (`a`, `b`) and called three times, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = self.a  # the same module at a second place
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.a(x))
+        x = torch.relu(self.b(x))
+        x = torch.relu(self.a(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("method", ["rtn", "squant", "learned"])
+def test_a_module_used_at_two_places_is_quantized_at_every_use(method):
+    torch.manual_seed(0)
+    model, x = SharedLinear().eval(), torch.randn(32, 8)
+    recipe = {"method": method, "w_bits": 3}
+    if method == "learned":
+        recipe["learned"] = {"iters": 2, "progress": False}
+    q = postquant.quantize(model, recipe, calib=[x], example_inputs=x)
+    assert isinstance(q.a, QuantizedLayer) and q.b is q.a
+    w, head = q.a.weight, q.head.weight  # dequantized weights
+    h = torch.relu(x @ w.T + q.a.inner.bias)
+    h = torch.relu(h @ w.T + q.a.inner.bias)
+    h = torch.relu(h @ w.T + q.a.inner.bias)
+    with torch.no_grad():
+        assert torch.allclose(q(x), h @ head.T + q.head.inner.bias, rtol=0, atol=1e-6)
+    assert isinstance(model.b, nn.Linear) and model.b is model.a  # the original keeps its sharing

@@ -37,7 +37,7 @@ from torch import nn
 from postquant.errors import CheckpointError, OutputError, RecipeError
 from postquant.grids import grid_from_state
 from postquant.io.pack import pack_codes, packed_nbytes, unpack_codes
-from postquant.model import quantized_layers, set_module
+from postquant.model import quantized_layers, replace_module, set_module
 from postquant.model.convert import replace_layers
 from postquant.nn import ActQuantizer, QuantizedLayer
 
@@ -93,7 +93,22 @@ def _split_key(key: str, layers: list[str]) -> tuple[str | None, str]:
     return None, key
 
 
-def _architecture(model: nn.Module) -> dict[str, Any]:
+def _shared_layers(model: nn.Module) -> dict[str, str]:
+    """``{other name: first name}`` of every `QuantizedLayer` registered under more than one name."""
+    first: dict[int, str] = {}
+    shared: dict[str, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, QuantizedLayer):
+            shared.update({name: first[id(m)]} if id(m) in first else {})
+            first.setdefault(id(m), name)
+    return shared
+
+
+def _under(key: str, names: dict[str, str]) -> bool:
+    return any(key.startswith(name + ".") for name in names)
+
+
+def _architecture(model: nn.Module, shared: dict[str, str] | None = None) -> dict[str, Any]:
     """Fingerprint of the float structure: modules, parameter/buffer shapes, ``nn.Identity`` modules.
 
     A quantized model is described as the float model it came from (after BatchNorm folding): a
@@ -114,15 +129,20 @@ def _architecture(model: nn.Module) -> dict[str, Any]:
     by_class: dict[str, list[str]] = {}
     for name, cls in modules:
         by_class.setdefault(cls, []).append(name)
-    shapes = {key: list(t.shape) for key, t in _float_state(model).items()}
+    shapes = {key: list(t.shape) for key, t in _float_state(model, shared or {}).items()}
     return {"modules": by_class, "tensors": shapes, "identity": by_class.get("Identity", [])}
 
 
-def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict in float naming: a quantized layer's tensors as its float module's (weight = codes)."""
+def _float_state(model: nn.Module, shared: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The state dict in float naming: a quantized layer's tensors as its float module's (weight = codes).
+
+    The tensors of a layer's `shared` other names are left out: they are those of its first name.
+    """
     qlayers = quantized_layers(model)
     out: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
+        if _under(key, shared):
+            continue
         name, rest = _split_key(key, list(qlayers))
         if name is None:
             out[key] = t
@@ -165,7 +185,10 @@ def _tensors_to_save(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     stored: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
+    shared = _shared_layers(qmodel)
     for key, t in qmodel.state_dict().items():  # tensors of the live model: storage addresses are stable
+        if _under(key, shared):  # a layer used at several places is saved once, under its first name
+            continue
         name, rest = _split_key(key, list(qlayers))
         out_key = _saved_key(name, rest)
         if out_key in tensors:
@@ -279,7 +302,8 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
         "recipe": _recipe_json(qmodel),
         "layers": {name: _layer_entry(layer) for name, layer in qlayers.items()},
         "aliases": aliases,
-        "architecture": _architecture(qmodel),
+        "shared": _shared_layers(qmodel),
+        "architecture": _architecture(qmodel, _shared_layers(qmodel)),
     }
     tmp = _make_tmp_dir(directory)
     try:
@@ -416,9 +440,11 @@ def _rebuild_structure(model: nn.Module, arch: dict[str, Any]) -> None:
             module.register_parameter(attr, nn.Parameter(torch.zeros(shape, dtype=dtype)))
 
 
-def _check_architecture(model: nn.Module, arch: dict[str, Any], model_name: str | None) -> None:
+def _check_architecture(
+    model: nn.Module, arch: dict[str, Any], model_name: str | None, shared: dict[str, str]
+) -> None:
     """Raise a `CheckpointError` naming the first module or tensor that differs from the checkpoint's."""
-    here = _architecture(model)
+    here = _architecture(model, shared)
     hint = (
         f"the float model it was saved from ({model_name})"
         if model_name
@@ -469,7 +495,7 @@ def _install_layer(
     grid = {k.removeprefix(_GRID): _as_float(v) for k, v in own.items() if k.startswith(_GRID)}
     act = {k.removeprefix(_ACT): v for k, v in own.items() if k.startswith(_ACT)}
     layer = build_quantized_layer(qmodel.get_submodule(name), entry["grid"], grid, codes, entry["act"], act)
-    set_module(qmodel, name, layer)
+    replace_module(qmodel, name, layer)  # at every place a shared layer is used
     state = {f"{name}.codes": codes}
     state |= {f"{name}.grid_{k}": v for k, v in grid.items()}
     state |= {f"{name}.act_quant.{k}": v for k, v in act.items()}
@@ -517,7 +543,8 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     qmodel = copy.deepcopy(_float_model(manifest, model)).eval()
     replace_layers(qmodel)  # as `quantize` did
     _rebuild_structure(qmodel, arch)
-    _check_architecture(qmodel, arch, manifest.get("model_name"))
+    shared: dict[str, str] = manifest.get("shared", {})
+    _check_architecture(qmodel, arch, manifest.get("model_name"), shared)
 
     state: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = manifest["layers"]
@@ -529,6 +556,16 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     for alias, stored in manifest.get("aliases", {}).items():
         name, rest = _split_key(alias, list(layers))
         state[alias if name is None else f"{name}.inner.{rest}"] = tensors[stored]
+    for other, first in shared.items():
+        if qmodel.get_submodule(other) is not qmodel.get_submodule(first):
+            raise CheckpointError(
+                f"layer {other!r} is the same module as {first!r} in the checkpoint but not in the model: load it "
+                "with the float model it was saved from"
+            )
+    for key in qmodel.state_dict():  # a shared layer's tensors under its other names: those of the first
+        for other, first in shared.items():
+            if key.startswith(other + "."):
+                state[key] = state[first + key.removeprefix(other)]
     try:
         qmodel.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -277,3 +277,18 @@ def test_resnet20_w4_checkpoint_is_at_most_a_seventh_of_fp32(resnet20, tmp_path)
     fp32 = float_size(resnet20.model)
     assert fp32 > 1_000_000
     assert size <= fp32 / 7, f"W4 checkpoint {size} bytes vs FP32 {fp32} bytes"
+
+
+def test_a_layer_used_at_two_places_is_saved_once_and_loaded_shared(tmp_path):
+    from tests.test_api import SharedLinear
+
+    torch.manual_seed(0)
+    model, x = SharedLinear().eval(), torch.randn(8, 8)
+    qmodel = postquant.quantize(model, {"w_bits": 3, "a_bits": 8}, calib=[x])
+    save(qmodel, tmp_path / "ckpt")
+    loaded = load(tmp_path / "ckpt", SharedLinear())
+    assert loaded.b is loaded.a and torch.equal(_outputs(loaded, [x]), _outputs(qmodel, [x]))
+    unshared = SharedLinear()
+    unshared.b = nn.Linear(8, 8)
+    with pytest.raises(CheckpointError, match="same module"):
+        load(tmp_path / "ckpt", unshared)
