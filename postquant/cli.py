@@ -410,6 +410,25 @@ def _checkpoint_dir(run_dir: Path) -> Path:
     return sub if (sub / "manifest.json").exists() else run_dir
 
 
+TRUST_CODE_HELP = (
+    "build a model the checkpoint names as module:factory (or a hub name): runs code the file names; "
+    "only for checkpoints from a trusted source"
+)
+
+
+def _load_run(run_dir: Path, trust_code: bool) -> tuple[Any, Any]:
+    """The quantized model of a run directory and the zoo model its manifest names (built once).
+
+    A name that is not a built-in zoo model is built only with ``--trust-code`` (it imports and runs code).
+    """
+    from postquant.io import load
+    from postquant.io.checkpoint import saved_model_name, zoo_model_for
+
+    directory = _checkpoint_dir(run_dir)
+    zoo = zoo_model_for(saved_model_name(directory), trust_code=trust_code)
+    return load(directory, zoo.model), zoo
+
+
 @export_app.command("onnx")
 def export_onnx_cmd(
     run_dir: Annotated[Path, typer.Argument(help="directory written by `postquant quantize ... --out DIR`")],
@@ -417,19 +436,18 @@ def export_onnx_cmd(
         "model.onnx"
     ),
     verify: Annotated[int, typer.Option(help="check agreement with PyTorch on N evaluation samples")] = 256,
+    trust_code: Annotated[bool, typer.Option(help=TRUST_CODE_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Export a saved quantized model to ONNX (QuantizeLinear/DequantizeLinear), checked in onnxruntime."""
     _setup_logging(verbose)
     try:
         from postquant.errors import DataError
-        from postquant.io import export_onnx, load
-        from postquant.zoo import load_model
+        from postquant.io import export_onnx
         from postquant.zoo.datasets import SentencePair
 
         _check_writable_file(output)
-        qmodel = load(_checkpoint_dir(run_dir))
-        zoo = load_model(qmodel.postquant_model_name)
+        qmodel, zoo = _load_run(run_dir, trust_code)
         try:
             batches = [x for x, _ in zoo.eval_batches(limit=verify, batch_size=32)] if verify else None
             if batches and isinstance(batches[0], SentencePair):  # sentence pairs: the model takes one side
@@ -452,16 +470,15 @@ def export_onnx_cmd(
 @app.command("report")
 def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="directory written by `postquant quantize ... --out DIR`")],
+    trust_code: Annotated[bool, typer.Option(help=TRUST_CODE_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Write RUN_DIR/report.html: per-layer SQNR, bits per layer, accuracy vs bits, the recipe."""
     _setup_logging(verbose)
     try:
-        from postquant.io import load, write_report
-        from postquant.zoo import load_model
+        from postquant.io import write_report
 
-        qmodel = load(_checkpoint_dir(run_dir))
-        zoo = load_model(qmodel.postquant_model_name)
+        qmodel, zoo = _load_run(run_dir, trust_code)
         results_file = run_dir / "results.json"
         results = [json.loads(results_file.read_text())] if results_file.exists() else []
         path = write_report(run_dir, qmodel, zoo.model, results, zoo.example_inputs)

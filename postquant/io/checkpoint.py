@@ -41,7 +41,16 @@ from postquant.model import quantized_layers, replace_module, set_module
 from postquant.model.convert import replace_layers
 from postquant.nn import ActQuantizer, QuantizedLayer
 
-__all__ = ["FORMAT_VERSION", "build_quantized_layer", "checkpoint_size", "float_size", "load", "save"]
+__all__ = [
+    "FORMAT_VERSION",
+    "build_quantized_layer",
+    "checkpoint_size",
+    "float_size",
+    "load",
+    "save",
+    "saved_model_name",
+    "zoo_model_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -403,19 +412,47 @@ def _read_tensors(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.
         raise CheckpointError(f"{path} cannot be read as safetensors ({exc}); re-save the model") from exc
 
 
-def _float_model(manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:
-    if model is not None:
-        return model
-    name = manifest.get("model_name")
+def saved_model_name(directory: str | Path) -> str | None:
+    """The model name (zoo name or ``module:factory`` spec) a checkpoint's manifest records, if any."""
+    name = _read_manifest(Path(directory).expanduser()).get("model_name")
+    if name is not None and not isinstance(name, str):
+        raise CheckpointError(f"the manifest's model_name is a {type(name).__name__}, not a name")
+    return name
+
+
+def zoo_model_for(name: str | None, *, trust_code: bool = False) -> Any:
+    """The `ZooModel` a checkpoint names, built only when that runs no code the file names.
+
+    A built-in zoo name is built as usual; any other name (``module:factory``, hub names) imports and runs
+    code chosen by whoever wrote the file, so it is built only with ``trust_code=True``.
+
+    Raises:
+        CheckpointError: no name, or a name that is not a built-in zoo model without ``trust_code``.
+    """
+    from postquant.zoo import load_model
+    from postquant.zoo.builtin import BUILTIN_MODELS
+
     if not name:
         raise CheckpointError(
             "this checkpoint does not name its model: pass the float model, load(directory, model=...), or save "
             "with save(qmodel, directory, model_name='<zoo name>')"
         )
-    from postquant.zoo import load_model
-
+    if name.strip() not in BUILTIN_MODELS and not trust_code:
+        shown = name if len(name) <= 100 else name[:100] + "..."
+        raise CheckpointError(
+            f"the checkpoint names its model {shown!r}, which is not a built-in zoo model: building it would "
+            "import and run code named by the file. Pass the float model, load(directory, model=...), or, if "
+            "you trust where the checkpoint came from, trust_code=True (command line: --trust-code)"
+        )
     log.info("building the float model %s from the zoo", name)
-    return load_model(name).model
+    return load_model(name)
+
+
+def _float_model(manifest: dict[str, Any], model: nn.Module | None, trust_code: bool) -> nn.Module:
+    if model is not None:
+        return model
+    name = manifest.get("model_name")
+    return zoo_model_for(name if isinstance(name, str) else None, trust_code=trust_code).model
 
 
 def _rebuild_structure(model: nn.Module, arch: dict[str, Any]) -> None:
@@ -521,26 +558,31 @@ def _attach_recipe(qmodel: nn.Module, recipe: dict[str, Any]) -> None:
         )
 
 
-def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
+def load(directory: str | Path, model: nn.Module | None = None, *, trust_code: bool = False) -> nn.Module:
     """Load a checkpoint written by `save` into a quantized model with bit-identical outputs.
+
+    Loading never runs code that the checkpoint names unless asked to (``trust_code``).
 
     Args:
         directory: the checkpoint directory.
         model: the original float model (not modified; a copy is quantized). Default: the model named in the
-            manifest, built from the zoo.
+            manifest, built from the zoo when it is a built-in zoo name.
+        trust_code: also build a model the manifest names as ``module:factory`` (or a hub name): this imports
+            and calls code chosen by whoever wrote the file; only for checkpoints from a trusted source.
 
     Returns:
         The quantized model (eval mode), with ``postquant_recipe`` and ``postquant_model_name`` set.
 
     Raises:
         CheckpointError: missing files, a truncated or modified tensor file, an unknown format version, or a
-            model of another architecture (the message names the first differing layer).
+            model of another architecture (the message names the first differing layer), or a named model that
+            is not a built-in zoo model without `model` or `trust_code`.
     """
     directory = Path(directory).expanduser()
     manifest = _read_manifest(directory)
     tensors = _read_tensors(directory, manifest)
     arch = manifest["architecture"]
-    qmodel = copy.deepcopy(_float_model(manifest, model)).eval()
+    qmodel = copy.deepcopy(_float_model(manifest, model, trust_code)).eval()
     replace_layers(qmodel)  # as `quantize` did
     _rebuild_structure(qmodel, arch)
     shared: dict[str, str] = manifest.get("shared", {})

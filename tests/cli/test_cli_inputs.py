@@ -10,6 +10,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import postquant
+import postquant.io
 import postquant.zoo
 from postquant.cli import app
 from postquant.errors import PostquantError
@@ -80,3 +81,18 @@ def test_mixed_options_complete_the_recipe_files_budget(tmp_path, seen):
     runner.invoke(app, ["quantize", "tiny", "--recipe", path, "--bit-choices", "2,4,8"])
     mixed = seen[0].mixed
     assert (mixed.w_bits_budget, mixed.importance.value, mixed.bit_choices) == (3.0, "datafree", [2, 4, 8])
+
+
+@pytest.mark.parametrize("command", [["export", "onnx"], ["report"]])
+def test_commands_reading_a_checkpoint_never_run_code_it_names(tmp_path, command):
+    from tests.io import test_checkpoint as ckpt_tests
+    from tests.io.conftest import make_small_net
+
+    model, x = make_small_net(), torch.randn(4, 3, 16, 16)
+    postquant.io.save(postquant.quantize(model, {"w_bits": 4}, calib=[x]), tmp_path / "ckpt")
+    ckpt_tests._name_model(tmp_path / "ckpt", "tests.io.test_checkpoint:recording_factory")
+    ckpt_tests.FACTORY_CALLS.clear()
+    extra = ["-o", str(tmp_path / "m.onnx")] if command[0] == "export" else []
+    result = runner.invoke(app, [*command, str(tmp_path / "ckpt"), *extra])
+    assert result.exit_code == 2 and "--trust-code" in result.output, result.output
+    assert ckpt_tests.FACTORY_CALLS == [] and not (tmp_path / "m.onnx").exists()

@@ -292,3 +292,45 @@ def test_a_layer_used_at_two_places_is_saved_once_and_loaded_shared(tmp_path):
     unshared.b = nn.Linear(8, 8)
     with pytest.raises(CheckpointError, match="same module"):
         load(tmp_path / "ckpt", unshared)
+
+
+FACTORY_CALLS: list[str] = []
+
+
+def _factory_calls() -> list[str]:
+    """`FACTORY_CALLS` of this module as imported by name (pytest may have imported this file under another)."""
+    import importlib
+
+    return importlib.import_module("tests.io.test_checkpoint").FACTORY_CALLS
+
+
+def recording_factory() -> nn.Module:
+    """A `module:factory` a manifest may name: records that it ran (loading must not run it untrusted)."""
+    from tests.io.conftest import make_small_net
+
+    FACTORY_CALLS.append("called")
+    return make_small_net()
+
+
+def _name_model(saved, name: str) -> None:
+    manifest = json.loads((saved / MANIFEST_FILE).read_text())
+    manifest["model_name"] = name
+    (saved / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["tests.io.test_checkpoint:recording_factory", "os:abort"])
+def test_loading_never_runs_code_a_manifest_names(saved, name):
+    _name_model(saved, name)
+    _factory_calls().clear()
+    with pytest.raises(CheckpointError, match="trust_code=True") as info:
+        load(saved)
+    assert "not a built-in zoo model" in str(info.value) and _factory_calls() == []
+
+
+def test_a_named_factory_runs_with_trust_code_or_is_replaced_by_the_callers_model(saved, small_net):
+    _name_model(saved, "tests.io.test_checkpoint:recording_factory")
+    _factory_calls().clear()
+    load(saved, small_net)
+    assert _factory_calls() == []
+    loaded = load(saved, trust_code=True)
+    assert _factory_calls() == ["called"] and quantized_layers(loaded)
