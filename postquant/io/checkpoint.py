@@ -254,18 +254,37 @@ def _make_tmp_dir(directory: Path) -> Path:
     return tmp
 
 
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    """Move the finished `tmp` to `directory`; an existing checkpoint there is replaced, nothing else is."""
+def _is_checkpoint(directory: Path) -> bool:
+    """Whether `directory` holds exactly a postquant checkpoint: its two files, the manifest written by `save`."""
+    contents = {p.name for p in directory.iterdir()}
+    if contents != {TENSORS_FILE, MANIFEST_FILE} or not (directory / MANIFEST_FILE).is_file():
+        return False
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_bytes()[: 1 << 26])
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(manifest, dict) and {"format_version", "postquant_version", "sha256"} <= set(manifest)
+
+
+def _check_replaceable(directory: Path) -> None:
+    """Raise `OutputError` unless `directory` is absent, empty or a postquant checkpoint (replaced by `save`)."""
     if directory.is_symlink() or directory.is_file():
         raise OutputError(f"{directory} exists and is not a directory; choose another checkpoint path")
+    if not directory.is_dir() or not any(directory.iterdir()) or _is_checkpoint(directory):
+        return
+    contents = sorted(p.name for p in directory.iterdir())
+    shown = ", ".join(contents[:3]) + (", ..." if len(contents) > 3 else "")
+    raise OutputError(
+        f"{directory} exists and is not a postquant checkpoint (it holds {shown}); save replaces only a "
+        "checkpoint it wrote: choose another path or empty it"
+    )
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    """Move the finished `tmp` to `directory`; an existing checkpoint there is replaced, nothing else is."""
+    _check_replaceable(directory)
     old = None
     if directory.is_dir():
-        contents = {p.name for p in directory.iterdir()}
-        if contents and not contents <= {TENSORS_FILE, MANIFEST_FILE}:
-            raise OutputError(
-                f"{directory} exists and holds files that are not a postquant checkpoint "
-                f"({', '.join(sorted(contents)[:3])}...); choose another path or empty it"
-            )
         old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
         directory.rename(old)
     try:
@@ -281,8 +300,8 @@ def _replace_dir(tmp: Path, directory: Path) -> None:
 def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = None) -> Path:
     """Save a quantized model as packed codes (safetensors) plus a manifest; nothing is left half-written.
 
-    The files are written to a temporary sibling directory, which is then renamed to `directory` (an
-    existing checkpoint there is replaced).
+    The files are written to a temporary sibling directory, which is then renamed to `directory`. An existing
+    checkpoint there is replaced; a directory holding anything else is never touched.
 
     Args:
         qmodel: a model returned by `postquant.quantize` (or any model holding `QuantizedLayer`s).
@@ -294,11 +313,12 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
         The checkpoint directory.
 
     Raises:
-        OutputError: the directory cannot be written.
+        OutputError: the directory cannot be written, or it exists and is not empty nor a postquant checkpoint.
     """
     import postquant
 
     directory = Path(directory).expanduser()
+    _check_replaceable(directory)  # before any work; checked again just before the rename
     qlayers = quantized_layers(qmodel)
     if not qlayers:
         log.warning("saving a model without quantized layers: every weight is stored in float")

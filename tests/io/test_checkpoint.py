@@ -334,3 +334,31 @@ def test_a_named_factory_runs_with_trust_code_or_is_replaced_by_the_callers_mode
     assert _factory_calls() == []
     loaded = load(saved, trust_code=True)
     assert _factory_calls() == ["called"] and quantized_layers(loaded)
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {MANIFEST_FILE: '{"my": "project manifest"}'},
+        {MANIFEST_FILE: "not json"},
+        {TENSORS_FILE: "my own tensors"},
+        {MANIFEST_FILE: '{"format_version": 1}', TENSORS_FILE: "x"},
+    ],
+    ids=["foreign-manifest", "unparsable-manifest", "tensors-only", "manifest-without-postquant-version"],
+)
+def test_save_never_replaces_a_directory_that_is_not_a_checkpoint(small_net, batches, tmp_path, files):
+    qmodel = _quantize(small_net, {"w_bits": 4}, batches)
+    target = tmp_path / "mine"
+    target.mkdir()
+    for name, text in files.items():
+        (target / name).write_text(text)
+    with pytest.raises(OutputError, match="not a postquant checkpoint"):
+        save(qmodel, target)
+    assert {p.name: p.read_text() for p in target.iterdir()} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary directory left
+
+
+def test_save_into_an_empty_directory(small_net, batches, tmp_path):
+    (tmp_path / "empty").mkdir()
+    save(_quantize(small_net, {"w_bits": 4}, batches), tmp_path / "empty")
+    assert load(tmp_path / "empty", small_net).conv2.bits == 4
