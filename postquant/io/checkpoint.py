@@ -242,6 +242,21 @@ def _recipe_json(qmodel: nn.Module) -> dict[str, Any] | None:
     return None if recipe is None else recipe.model_dump(mode="json")
 
 
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, in place and at the same length.
+
+    safetensors writes its metadata map in a random order: without this, saving the same model twice gives
+    different bytes (and a different sha256).
+    """
+    with path.open("r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # the same entries: the same length (safetensors pads with spaces)
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
+
+
 def _make_tmp_dir(directory: Path) -> Path:
     tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -337,6 +352,7 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
     tmp = _make_tmp_dir(directory)
     try:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "postquant", "format_version": "1"})
+        _sort_header(tmp / TENSORS_FILE)  # byte-for-byte reproducible files
         manifest["sha256"] = _sha256(tmp / TENSORS_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
         _replace_dir(tmp, directory)

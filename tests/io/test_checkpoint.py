@@ -362,3 +362,13 @@ def test_save_into_an_empty_directory(small_net, batches, tmp_path):
     (tmp_path / "empty").mkdir()
     save(_quantize(small_net, {"w_bits": 4}, batches), tmp_path / "empty")
     assert load(tmp_path / "empty", small_net).conv2.bits == 4
+
+
+def test_saving_the_same_model_twice_gives_the_same_bytes(small_net, batches, tmp_path):
+    qmodel = _quantize(small_net, {"w_bits": 4, "a_bits": 8}, batches)
+    files = []
+    for i in range(4):  # safetensors wrote its metadata map in a random order
+        save(qmodel, tmp_path / f"ckpt{i}")
+        files.append({p.name: p.read_bytes() for p in (tmp_path / f"ckpt{i}").iterdir()})
+    assert all(f == files[0] for f in files[1:])
+    assert torch.equal(_outputs(load(tmp_path / "ckpt3", small_net), batches), _outputs(qmodel, batches))
