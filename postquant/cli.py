@@ -8,12 +8,14 @@ import os
 import shlex
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from postquant.errors import OutputError, PostquantError, RecipeError
@@ -37,6 +39,8 @@ out_console = Console()
 
 def _check_writable_file(path: Path) -> None:
     """Fail before any work if `path` cannot be written (nothing is left behind)."""
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a directory; give a file path, e.g. {path / 'r.json'}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=True):
@@ -74,8 +78,12 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _fail(exc: PostquantError) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+def _fail(exc: PostquantError, verbose: bool = False) -> None:
+    """Print `exc` as one line (its traceback first with --verbose) and exit with code 2."""
+    if verbose:
+        console.print("".join(traceback.format_exception(exc)).rstrip(), markup=False, highlight=False)
+    message = " ".join(str(exc).split())  # one line, however the message was written
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -118,13 +126,14 @@ def quantize(
     calib: Annotated[
         Path | None, typer.Option(help="calibration data (default: the model's own set)")
     ] = None,
-    calib_size: Annotated[int | None, typer.Option(help="number of calibration samples")] = None,
+    calib_size: Annotated[int | None, typer.Option(min=1, help="number of calibration samples")] = None,
     limit: Annotated[
-        int | None, typer.Option(help="evaluate on N samples spread evenly over the set")
+        int | None, typer.Option(min=1, help="evaluate on N samples spread evenly over the set")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     iters: Annotated[
-        int | None, typer.Option(help="learned rounding: optimisation steps per unit (overrides the preset)")
+        int | None,
+        typer.Option(min=1, help="learned rounding: optimisation steps per unit (overrides the preset)"),
     ] = None,
     checkpoint_dir: Annotated[
         Path | None,
@@ -175,7 +184,7 @@ def quantize(
             mixed=_mixed_options(w_bits_budget, size_budget, importance, bit_choices),
         )
     except PostquantError as exc:
-        _fail(exc)
+        _fail(exc, verbose)
 
 
 def _mixed_options(
@@ -273,10 +282,15 @@ def _quantize(
     }
     if learned_changes and rec.learned is not None:
         rec = Recipe.coerce(rec, learned={**rec.learned.model_dump(), **learned_changes})
+    if report and out is None:
+        raise RecipeError("--report writes OUT/report.html: add --out DIR")
     if json_path is not None:
         _check_writable_file(json_path)
     if out is not None:
+        from postquant.io.checkpoint import check_save_target
+
         _check_writable_dir(out)
+        check_save_target(out / CHECKPOINT_SUBDIR)  # save replaces only a checkpoint it wrote
 
     zoo = load_model(model_name)
     data_free_acts = rec.method.value == "squant" and zoo.task != "sts"  # SQuant: no data unless asked
@@ -382,7 +396,7 @@ def eval_cmd(
     model: Annotated[str, typer.Argument(help="zoo name or module:factory[@weights]")],
     data: Annotated[Path | None, typer.Option(help="evaluation data (default: the model's own set)")] = None,
     limit: Annotated[
-        int | None, typer.Option(help="evaluate on N samples spread evenly over the set")
+        int | None, typer.Option(min=1, help="evaluate on N samples spread evenly over the set")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -397,7 +411,7 @@ def eval_cmd(
         extra = ", ".join(f"{k} {v:.2f}" for k, v in res.extra.items())
         out_console.print(f"{zoo.name}: {res.metric} {res.value:.2f} ({extra}) on {res.n} samples")
     except PostquantError as exc:
-        _fail(exc)
+        _fail(exc, verbose)
 
 
 export_app = typer.Typer(help="Export a saved quantized model.", no_args_is_help=True)
@@ -435,7 +449,9 @@ def export_onnx_cmd(
     output: Annotated[Path, typer.Option("-o", "--output", help="the .onnx file to write")] = Path(
         "model.onnx"
     ),
-    verify: Annotated[int, typer.Option(help="check agreement with PyTorch on N evaluation samples")] = 256,
+    verify: Annotated[
+        int, typer.Option(min=0, help="check agreement with PyTorch on N evaluation samples (0: none)")
+    ] = 256,
     trust_code: Annotated[bool, typer.Option(help=TRUST_CODE_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -464,7 +480,7 @@ def export_onnx_cmd(
             f"max |diff| {info.get('max_abs_diff', float('nan')):.3g}; integer kernels: {info.get('integer_kernels')}"
         )
     except PostquantError as exc:
-        _fail(exc)
+        _fail(exc, verbose)
 
 
 @app.command("report")
@@ -484,7 +500,7 @@ def report_cmd(
         path = write_report(run_dir, qmodel, zoo.model, results, zoo.example_inputs)
         out_console.print(f"report: {path}")
     except PostquantError as exc:
-        _fail(exc)
+        _fail(exc, verbose)
 
 
 @app.command("models")
@@ -513,10 +529,14 @@ def study_cmd(
         int | None, typer.Option(min=1, help="seeds 0..N-1 per variant (default: per model, 2-3)")
     ] = None,
     iters: Annotated[
-        int | None, typer.Option(help="steps per unit of the study base (default: per model)")
+        int | None, typer.Option(min=1, help="steps per unit of the study base (default: per model)")
     ] = None,
-    calib_size: Annotated[int | None, typer.Option(help="calibration samples of the study base")] = None,
-    limit: Annotated[int | None, typer.Option(help="evaluate on N samples spread over the set")] = None,
+    calib_size: Annotated[
+        int | None, typer.Option(min=1, help="calibration samples of the study base")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="evaluate on N samples spread over the set")
+    ] = None,
     out: Annotated[Path, typer.Option(help="directory of results.json, tables, plots, STUDY.md")] = Path(
         "study"
     ),
@@ -557,7 +577,7 @@ def study_cmd(
             threads,
         )
     except PostquantError as exc:
-        _fail(exc)
+        _fail(exc, verbose)
 
 
 def _study(

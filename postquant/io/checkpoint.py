@@ -44,6 +44,7 @@ from postquant.nn import ActQuantizer, QuantizedLayer
 __all__ = [
     "FORMAT_VERSION",
     "build_quantized_layer",
+    "check_save_target",
     "checkpoint_size",
     "float_size",
     "load",
@@ -281,7 +282,7 @@ def _is_checkpoint(directory: Path) -> bool:
     return isinstance(manifest, dict) and {"format_version", "postquant_version", "sha256"} <= set(manifest)
 
 
-def _check_replaceable(directory: Path) -> None:
+def check_save_target(directory: Path) -> None:
     """Raise `OutputError` unless `directory` is absent, empty or a postquant checkpoint (replaced by `save`)."""
     if directory.is_symlink() or directory.is_file():
         raise OutputError(f"{directory} exists and is not a directory; choose another checkpoint path")
@@ -297,7 +298,7 @@ def _check_replaceable(directory: Path) -> None:
 
 def _replace_dir(tmp: Path, directory: Path) -> None:
     """Move the finished `tmp` to `directory`; an existing checkpoint there is replaced, nothing else is."""
-    _check_replaceable(directory)
+    check_save_target(directory)
     old = None
     if directory.is_dir():
         old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
@@ -333,7 +334,7 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
     import postquant
 
     directory = Path(directory).expanduser()
-    _check_replaceable(directory)  # before any work; checked again just before the rename
+    check_save_target(directory)  # before any work; checked again just before the rename
     qlayers = quantized_layers(qmodel)
     if not qlayers:
         log.warning("saving a model without quantized layers: every weight is stored in float")

@@ -96,3 +96,44 @@ def test_commands_reading_a_checkpoint_never_run_code_it_names(tmp_path, command
     result = runner.invoke(app, [*command, str(tmp_path / "ckpt"), *extra])
     assert result.exit_code == 2 and "--trust-code" in result.output, result.output
     assert ckpt_tests.FACTORY_CALLS == [] and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--limit", "0"], ["--limit", "-1"], ["--calib-size", "0"], ["--iters", "0", "--method", "learned"]],
+    ids=["limit-0", "limit-negative", "calib-size-0", "iters-0"],
+)
+def test_non_positive_counts_are_refused(seen, args):
+    result = runner.invoke(app, ["quantize", "tiny", *args])
+    assert result.exit_code == 2 and seen == [], result.output
+
+
+def test_negative_verify_is_refused(tmp_path):
+    result = runner.invoke(app, ["export", "onnx", str(tmp_path), "--verify", "-5"])
+    assert result.exit_code == 2 and "verify" in result.output
+
+
+def test_report_without_out_is_an_error_before_any_work(seen):
+    result = runner.invoke(app, ["quantize", "tiny", "--report"])
+    assert result.exit_code == 2 and "--out" in result.output and seen == []
+
+
+def test_json_naming_a_directory_fails_before_any_work(seen, tmp_path):
+    result = runner.invoke(app, ["quantize", "tiny", "--json", str(tmp_path)])
+    assert result.exit_code == 2 and "is a directory" in result.output and seen == []
+
+
+def test_out_holding_foreign_files_in_its_checkpoint_folder_fails_before_any_work(seen, tmp_path):
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint" / "manifest.json").write_text('{"mine": true}')
+    result = runner.invoke(app, ["quantize", "tiny", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "not a postquant checkpoint" in result.output and seen == []
+
+
+def test_errors_are_one_line_without_traceback_unless_verbose(tmp_path, seen):
+    path = _recipe_file(tmp_path, "w_bits: 9\n")
+    result = runner.invoke(app, ["quantize", "tiny", "--recipe", path])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    result = runner.invoke(app, ["quantize", "tiny", "--recipe", path, "--verbose"])
+    assert result.exit_code == 2 and "Traceback" in result.output and "RecipeError" in result.output
