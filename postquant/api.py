@@ -17,9 +17,9 @@ from postquant.calib import ActRanges, as_calibration, calibrate_from_data, cali
 from postquant.calib.act_ranges import bn_noise_ranges
 from postquant.calib.moments import input_moments
 from postquant.calib.observers import Observer
-from postquant.errors import DataError
+from postquant.errors import DataError, UnsupportedModelError
 from postquant.grids import PowerGrid
-from postquant.model import fold_batchnorm, quantized_layers, replace_module
+from postquant.model import fold_batchnorm, matches, quantizable_layers, quantized_layers, replace_module
 from postquant.model.convert import float_weight_modules, with_linear_layers
 from postquant.nn import ActQuantizer, QuantizedLayer
 from postquant.nn.layer import upcast_half
@@ -99,6 +99,16 @@ def quantize(
     so its parameters, buffers and ``training`` flags are the same afterwards.
     """
     start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"quantize takes the float model as a torch.nn.Module, not a {type(model).__name__}; to quantize a "
+            "named model, build it first (postquant.zoo.load_model(name).model)"
+        )
+    if quantized_layers(model):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is already quantized ({len(quantized_layers(model))} QuantizedLayers): "
+            "quantize the float model it came from instead"
+        )
     recipe = Recipe.coerce(recipe)
     with _eval_mode(model):
         qmodel = _quantize(model, recipe, calib, example_inputs)
@@ -136,6 +146,7 @@ def _quantize(model: nn.Module, recipe: Recipe, calib: Any, example_inputs: Any)
     torch.manual_seed(recipe.seed)
     model = with_linear_layers(model)  # Conv1D and MultiheadAttention rebuilt from nn.Linear, in a copy
     plan = make_plan(model, recipe)  # validates the layer set before any work
+    _warn_unmatched_patterns(model, recipe)
     check_finite(model, list(plan))
     left = float_weight_modules(model, list(plan), recipe.ignore)
     if left:
@@ -180,6 +191,25 @@ def _quantize(model: nn.Module, recipe: Recipe, calib: Any, example_inputs: Any)
     if mixed is not None:
         qmodel.postquant_mixed = mixed  # type: ignore[assignment]
     return qmodel.eval()  # the QuantizedLayers are new modules, created in train mode
+
+
+def _warn_unmatched_patterns(model: nn.Module, recipe: Recipe) -> None:
+    """Warn about ignore patterns that match no module and override patterns that match no layer (typos)."""
+    modules = list(model.named_modules())
+    layers = quantizable_layers(model)
+    unmatched = [p for p in recipe.ignore if not any(matches(name, m, p) for name, m in modules)]
+    unmatched += [
+        p
+        for p in recipe.overrides
+        if not p.startswith("@") and not any(matches(name, m, p) for name, m in layers.items())
+    ]
+    if unmatched:
+        log.warning(
+            "%d layer patterns match nothing in %s (a typo?): %s",
+            len(unmatched),
+            type(model).__name__,
+            ", ".join(repr(p) for p in unmatched),
+        )
 
 
 def power_search_importance(

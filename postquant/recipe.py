@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,7 @@ class Recipe(BaseModel):
     fold_bn: bool = True
     squant_mode: SquantMode = SquantMode.EKC
     calib_size: int = Field(default=1024, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**63 - 1, description="random seed, 0..2^63-1")
     learned: LearnedConfig | None = Field(
         default=None, description="learned rounding settings; filled from the method's preset, fields on top"
     )
@@ -143,6 +144,20 @@ class Recipe(BaseModel):
     def searches_on_outputs(self) -> bool:
         """Whether the power exponent is searched on the output error (needs calibration data)."""
         return self.power_search is PowerSearch.OUTPUTS  # the validator ensures a power grid to search
+
+    @field_validator("ignore")
+    @classmethod
+    def _valid_ignore_patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            _check_pattern(pattern)
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _valid_override_patterns(cls, v: dict[str, LayerOverride]) -> dict[str, LayerOverride]:
+        for pattern in v:
+            _check_pattern(pattern)
+        return v
 
     @field_validator("method", mode="before")
     @classmethod
@@ -197,6 +212,17 @@ class Recipe(BaseModel):
             except OSError as exc:
                 raise OutputError(f"cannot write the recipe to {path}: {exc.strerror}") from exc
         return text
+
+
+def _check_pattern(pattern: str) -> None:
+    """Raise `ValueError` for a ``re:`` layer pattern that is not a valid regular expression."""
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ValueError(
+                f"layer pattern {_cut(pattern, 80)!r} is not a valid regular expression ({exc})"
+            ) from None
 
 
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not one

@@ -245,3 +245,23 @@ def test_a_module_used_at_two_places_is_quantized_at_every_use(method):
     with torch.no_grad():
         assert torch.allclose(q(x), h @ head.T + q.head.inner.bias, rtol=0, atol=1e-6)
     assert isinstance(model.b, nn.Linear) and model.b is model.a  # the original keeps its sharing
+
+
+@pytest.mark.parametrize("thing", [None, "resnet20", torch.zeros(3), [nn.Linear(2, 2)]], ids=repr)
+def test_a_model_that_is_not_a_module_is_a_type_error(thing):
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        postquant.quantize(thing, {"w_bits": 4})
+
+
+def test_quantizing_a_quantized_model_again_is_a_clear_error(tiny_cnn, images):
+    q = postquant.quantize(tiny_cnn, {"w_bits": 4}, example_inputs=images)
+    with pytest.raises(UnsupportedModelError, match="already quantized"):
+        postquant.quantize(q, {"w_bits": 4}, example_inputs=images)
+
+
+def test_patterns_that_match_nothing_are_named_in_a_warning(tiny_cnn, images, caplog):
+    recipe = {"w_bits": 4, "ignore": ["conv9", "fc"], "overrides": {"re:^head": {"w_bits": 8}}}
+    with caplog.at_level("WARNING", logger="postquant"):
+        postquant.quantize(tiny_cnn, recipe, example_inputs=images)
+    text = caplog.text
+    assert "'conv9'" in text and "'re:^head'" in text and "'fc'" not in text

@@ -107,3 +107,19 @@ def test_validator_messages_quoting_a_long_input_are_cut():
     with pytest.raises(RecipeError, match="method") as info:
         Recipe.coerce({"method": "q" * 100_000})
     assert len(str(info.value)) < 500
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"ignore": ["re:(unclosed"]}, {"overrides": {"re:[z-a]": {"w_bits": 8}}}],
+    ids=["ignore", "overrides"],
+)
+def test_an_invalid_regex_pattern_is_a_recipe_error(fields):
+    with pytest.raises(RecipeError, match="regular expression"):
+        Recipe.coerce(fields)
+
+
+@pytest.mark.parametrize("seed", [2**64, -1])
+def test_seeds_outside_the_generator_range_are_refused(seed):
+    with pytest.raises(RecipeError, match="seed"):
+        Recipe.coerce({"seed": seed})
