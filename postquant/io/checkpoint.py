@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from postquant.errors import CheckpointError, OutputError, RecipeError
+from postquant.errors import CheckpointError, OutputError, PostquantError, RecipeError
 from postquant.grids import grid_from_state
 from postquant.io.pack import pack_codes, packed_nbytes, unpack_codes
 from postquant.model import quantized_layers, replace_module, set_module
@@ -618,8 +618,23 @@ def load(directory: str | Path, model: nn.Module | None = None, *, trust_code: b
     directory = Path(directory).expanduser()
     manifest = _read_manifest(directory)
     tensors = _read_tensors(directory, manifest)
-    arch = manifest["architecture"]
     qmodel = copy.deepcopy(_float_model(manifest, model, trust_code)).eval()
+    try:
+        _restore(qmodel, manifest, tensors)
+    except PostquantError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # a malformed manifest
+        detail = f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(
+            f"the manifest of {directory} is malformed or was edited ({detail[:200]}); save the model again"
+        ) from None
+    log.info("loaded %d quantized layers from %s", len(manifest["layers"]), directory)
+    return qmodel
+
+
+def _restore(qmodel: nn.Module, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Turn the float copy `qmodel` into the saved quantized model, in place (`load`'s work)."""
+    arch = manifest["architecture"]
     replace_layers(qmodel)  # as `quantize` did
     _rebuild_structure(qmodel, arch)
     shared: dict[str, str] = manifest.get("shared", {})
@@ -652,5 +667,3 @@ def load(directory: str | Path, model: nn.Module | None = None, *, trust_code: b
     if manifest.get("recipe") is not None:
         _attach_recipe(qmodel, manifest["recipe"])
     qmodel.postquant_model_name = manifest.get("model_name")  # type: ignore[assignment]
-    log.info("loaded %d quantized layers from %s", len(layers), directory)
-    return qmodel

@@ -372,3 +372,29 @@ def test_saving_the_same_model_twice_gives_the_same_bytes(small_net, batches, tm
         files.append({p.name: p.read_bytes() for p in (tmp_path / f"ckpt{i}").iterdir()})
     assert all(f == files[0] for f in files[1:])
     assert torch.equal(_outputs(load(tmp_path / "ckpt3", small_net), batches), _outputs(qmodel, batches))
+
+
+def _drop(key):
+    return lambda m: m["layers"]["conv2"].pop(key)
+
+
+TAMPERINGS = {
+    "layer-without-bits": _drop("bits"),
+    "layer-without-grid": _drop("grid"),
+    "weight-shape-text": lambda m: m["layers"]["conv2"].update(weight_shape="abc"),
+    "layers-a-list": lambda m: m.update(layers=[1, 2]),
+    "architecture-a-list": lambda m: m.update(architecture=[]),
+    "architecture-without-identity": lambda m: m["architecture"].pop("identity"),
+    "alias-to-nothing": lambda m: m.update(aliases={"fc.bias": "nowhere"}),
+    "act-bits-text": lambda m: m["layers"]["conv2"].update(act={"bits": "x", "qmin": 0, "qmax": 1}),
+    "shared-a-list": lambda m: m.update(shared=["conv1"]),
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERINGS.values()), ids=list(TAMPERINGS))
+def test_a_tampered_manifest_is_a_checkpoint_error(saved, small_net, tamper):
+    manifest = json.loads((saved / MANIFEST_FILE).read_text())
+    tamper(manifest)
+    (saved / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError):  # not a raw KeyError/TypeError/ValueError
+        load(saved, small_net)
