@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,9 @@ from postquant.calib import ActRanges, as_calibration, calibrate_from_data, cali
 from postquant.calib.act_ranges import bn_noise_ranges
 from postquant.calib.moments import input_moments
 from postquant.calib.observers import Observer
-from postquant.errors import DataError
+from postquant.errors import DataError, UnsupportedModelError
 from postquant.grids import PowerGrid
-from postquant.model import fold_batchnorm, set_module
+from postquant.model import fold_batchnorm, matches, quantizable_layers, quantized_layers, replace_module
 from postquant.model.convert import float_weight_modules, with_linear_layers
 from postquant.nn import QuantizedLayer
 from postquant.nn.layer import upcast_half
@@ -70,9 +72,12 @@ def quantize_weights(
             for i, (_, _, g, x) in enumerate(pending):
                 all_codes[i] = weight_codes(recipe.method, x, g.qmin, g.qmax, recipe)
         for i, (name, layer, grid, _) in enumerate(pending):
-            codes = all_codes[i]
-            qlayer = QuantizedLayer(layer, grid, codes)
-            set_module(model, name, qlayer)
+            qlayer = QuantizedLayer(layer, grid, all_codes[i])
+            names = replace_module(model, name, qlayer)  # a shared module: every use runs the quantized layer
+            if len(names) > 1:
+                log.info(
+                    "%s is shared (also %s): quantized once, used at every place", name, ", ".join(names[1:])
+                )
             done[name] = qlayer
         pending.clear()
 
@@ -116,13 +121,61 @@ def quantize(
             BatchNorm folding uses it to verify the fold.
 
     Returns:
-        An ordinary ``nn.Module`` (a copy of `model`) whose layers are `QuantizedLayer`s.
+        An ordinary ``nn.Module`` (a copy of `model`) whose layers are `QuantizedLayer`s, in eval mode.
+
+    Quantization always runs the model in eval mode (BatchNorm uses its running statistics, dropout is off):
+    a model passed in train mode is switched to eval mode for the call and its modes are restored after it,
+    so its parameters, buffers and ``training`` flags are the same afterwards.
     """
     start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"quantize takes the float model as a torch.nn.Module, not a {type(model).__name__}; to quantize a "
+            "named model, build it first (postquant.zoo.load_model(name).model)"
+        )
+    if quantized_layers(model):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is already quantized ({len(quantized_layers(model))} QuantizedLayers): "
+            "quantize the float model it came from instead"
+        )
     recipe = Recipe.coerce(recipe)
+    with _eval_mode(model):
+        qmodel = _quantize(model, recipe, calib, example_inputs)
+    log.info(
+        "quantized %d layers (%s, W%s A%s) in %.3f s",
+        len(quantized_layers(qmodel)),
+        qmodel.postquant_recipe.method.value,
+        qmodel.postquant_recipe.w_bits,
+        qmodel.postquant_recipe.a_bits,
+        time.perf_counter() - start,
+    )
+    return qmodel
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run `model` in eval mode inside the block, then give every module back its own ``training`` flag."""
+    modes = [(m, m.training) for m in model.modules()]
+    if any(training for _, training in modes):
+        log.info(
+            "%s is in train mode: quantizing it in eval mode (BatchNorm running statistics are used, not "
+            "updated); its modes are restored afterwards and the quantized model is in eval mode",
+            type(model).__name__,
+        )
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _quantize(model: nn.Module, recipe: Recipe, calib: Any, example_inputs: Any) -> nn.Module:
+    """`quantize` on a validated recipe and a model in eval mode."""
     torch.manual_seed(recipe.seed)
     model = with_linear_layers(model)  # Conv1D and MultiheadAttention rebuilt from nn.Linear, in a copy
     plan = make_plan(model, recipe)  # validates the layer set before any work
+    _warn_unmatched_patterns(model, recipe)
     check_finite(model, list(plan))
     left = float_weight_modules(model, list(plan), recipe.ignore)
     if left:
@@ -166,15 +219,26 @@ def quantize(
     qmodel.postquant_recipe = recipe  # type: ignore[assignment]
     if mixed is not None:
         qmodel.postquant_mixed = mixed  # type: ignore[assignment]
-    log.info(
-        "quantized %d layers (%s, W%s A%s) in %.3f s",
-        len(layers),
-        recipe.method.value,
-        recipe.w_bits,
-        recipe.a_bits,
-        time.perf_counter() - start,
-    )
-    return qmodel
+    return qmodel.eval()  # the QuantizedLayers are new modules, created in train mode
+
+
+def _warn_unmatched_patterns(model: nn.Module, recipe: Recipe) -> None:
+    """Warn about ignore patterns that match no module and override patterns that match no layer (typos)."""
+    modules = list(model.named_modules())
+    layers = quantizable_layers(model)
+    unmatched = [p for p in recipe.ignore if not any(matches(name, m, p) for name, m in modules)]
+    unmatched += [
+        p
+        for p in recipe.overrides
+        if not p.startswith("@") and not any(matches(name, m, p) for name, m in layers.items())
+    ]
+    if unmatched:
+        log.warning(
+            "%d layer patterns match nothing in %s (a typo?): %s",
+            len(unmatched),
+            type(model).__name__,
+            ", ".join(repr(p) for p in unmatched),
+        )
 
 
 def power_search_importance(

@@ -8,12 +8,14 @@ import os
 import shlex
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from postquant.errors import OutputError, PostquantError, RecipeError
@@ -37,6 +39,8 @@ out_console = Console()
 
 def _check_writable_file(path: Path) -> None:
     """Fail before any work if `path` cannot be written (nothing is left behind)."""
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a directory; give a file path, e.g. {path / 'r.json'}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=True):
@@ -74,8 +78,12 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _fail(exc: PostquantError) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+def _fail(exc: PostquantError, verbose: bool = False) -> None:
+    """Print `exc` as one line (its traceback first with --verbose) and exit with code 2."""
+    if verbose:
+        console.print("".join(traceback.format_exception(exc)).rstrip(), markup=False, highlight=False)
+    message = " ".join(str(exc).split())  # one line, however the message was written
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True, highlight=False)
     raise typer.Exit(code=2)
 
 
@@ -89,11 +97,20 @@ def quantize(
         str, typer.Argument(help="zoo name (see `postquant models`) or module:factory[@weights]")
     ],
     method: Annotated[
-        str, typer.Option(help="rtn | squant | adaround | brecq | qdrop | learned (learned rounding)")
-    ] = "rtn",
-    w_bits: Annotated[int, typer.Option(help="weight bits, 2..8")] = 4,
-    a_bits: Annotated[int | None, typer.Option(help="activation bits, 2..8 (omit for weight-only)")] = None,
-    recipe: Annotated[Path | None, typer.Option(help="YAML recipe; command-line options override it")] = None,
+        str | None,
+        typer.Option(
+            help="rtn | squant | adaround | brecq | qdrop | learned (learned rounding) [default: rtn, or the recipe's]"
+        ),
+    ] = None,
+    w_bits: Annotated[
+        int | None, typer.Option(help="weight bits, 2..8 [default: 4, or the recipe's]")
+    ] = None,
+    a_bits: Annotated[
+        int | None, typer.Option(help="activation bits, 2..8 (omit for weight-only, or the recipe's)")
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option(help="YAML recipe; only the options you type override its fields")
+    ] = None,
     granularity: Annotated[str | None, typer.Option(help="channel | tensor | group")] = None,
     squant_mode: Annotated[str | None, typer.Option(help="SQuant stages: e | ek | ec | ekc")] = None,
     act_ranges: Annotated[str | None, typer.Option(help="auto | calib | squant-noise")] = None,
@@ -109,13 +126,14 @@ def quantize(
     calib: Annotated[
         Path | None, typer.Option(help="calibration data (default: the model's own set)")
     ] = None,
-    calib_size: Annotated[int | None, typer.Option(help="number of calibration samples")] = None,
+    calib_size: Annotated[int | None, typer.Option(min=1, help="number of calibration samples")] = None,
     limit: Annotated[
-        int | None, typer.Option(help="evaluate on N samples spread evenly over the set")
+        int | None, typer.Option(min=1, help="evaluate on N samples spread evenly over the set")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     iters: Annotated[
-        int | None, typer.Option(help="learned rounding: optimisation steps per unit (overrides the preset)")
+        int | None,
+        typer.Option(min=1, help="learned rounding: optimisation steps per unit (overrides the preset)"),
     ] = None,
     checkpoint_dir: Annotated[
         Path | None,
@@ -170,7 +188,7 @@ def quantize(
             device=resolve_device(device),
         )
     except PostquantError as exc:
-        _fail(exc)
+        _fail(exc, verbose)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -207,14 +225,15 @@ def resolve_device(spec: str) -> torch.device:
 def _mixed_options(
     w_bits_budget: float | None, size_budget: str | None, importance: str | None, bit_choices: str | None
 ) -> dict[str, Any] | None:
-    """The recipe's ``mixed`` field from the command-line options (None when no budget is given)."""
-    if w_bits_budget is None and size_budget is None:
-        if importance is not None or bit_choices is not None:
-            raise RecipeError(
-                "--importance and --bit-choices need a budget: --w-bits-budget or --size-budget"
-            )
+    """The typed mixed-precision options as fields of the recipe's ``mixed`` (None when none is typed).
+
+    A budget replaces the recipe file's budget; `importance` and `bit_choices` alone complete the file's.
+    """
+    if all(v is None for v in (w_bits_budget, size_budget, importance, bit_choices)):
         return None
-    mixed: dict[str, Any] = {"w_bits_budget": w_bits_budget, "size_budget": size_budget}
+    mixed: dict[str, Any] = {}
+    if w_bits_budget is not None or size_budget is not None:  # one budget: the other one is dropped
+        mixed |= {"w_bits_budget": w_bits_budget, "size_budget": size_budget}
     if importance is not None:
         mixed["importance"] = importance
     if bit_choices is not None:
@@ -229,8 +248,8 @@ def _mixed_options(
 
 def _quantize(
     model_name: str,
-    method: str,
-    w_bits: int,
+    method: str | None,
+    w_bits: int | None,
     a_bits: int | None,
     recipe_path: Path | None,
     granularity: str | None,
@@ -257,8 +276,20 @@ def _quantize(
     from postquant.recipe import Recipe
     from postquant.zoo import load_model
 
-    changes: dict[str, Any] = {"method": method, "w_bits": w_bits, "a_bits": a_bits}
+    # Only the options typed (not None) override the recipe file's fields.
+    base = Recipe.coerce(recipe_path) if recipe_path is not None and mixed is not None else None
+    if mixed is not None:
+        if base is not None and base.mixed is not None:
+            mixed = {**base.mixed.model_dump(exclude_unset=True), **mixed}
+        elif "w_bits_budget" not in mixed:
+            raise RecipeError(
+                "--importance and --bit-choices need a budget: --w-bits-budget or --size-budget"
+            )
+    changes: dict[str, Any] = {}
     for key, value in {
+        "method": method,
+        "w_bits": w_bits,
+        "a_bits": a_bits,
         "granularity": granularity,
         "squant_mode": squant_mode,
         "act_ranges": act_ranges,
@@ -288,10 +319,15 @@ def _quantize(
     }
     if learned_changes and rec.learned is not None:
         rec = Recipe.coerce(rec, learned={**rec.learned.model_dump(), **learned_changes})
+    if report and out is None:
+        raise RecipeError("--report writes OUT/report.html: add --out DIR")
     if json_path is not None:
         _check_writable_file(json_path)
     if out is not None:
+        from postquant.io.checkpoint import check_save_target
+
         _check_writable_dir(out)
+        check_save_target(out / CHECKPOINT_SUBDIR)  # save replaces only a checkpoint it wrote
 
     zoo = load_model(model_name)
     data_free_acts = rec.method.value == "squant" and zoo.task != "sts"  # SQuant: no data unless asked
@@ -401,7 +437,7 @@ def eval_cmd(
     model: Annotated[str, typer.Argument(help="zoo name or module:factory[@weights]")],
     data: Annotated[Path | None, typer.Option(help="evaluation data (default: the model's own set)")] = None,
     limit: Annotated[
-        int | None, typer.Option(help="evaluate on N samples spread evenly over the set")
+        int | None, typer.Option(min=1, help="evaluate on N samples spread evenly over the set")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -416,7 +452,7 @@ def eval_cmd(
         extra = ", ".join(f"{k} {v:.2f}" for k, v in res.extra.items())
         out_console.print(f"{zoo.name}: {res.metric} {res.value:.2f} ({extra}) on {res.n} samples")
     except PostquantError as exc:
-        _fail(exc)
+        _fail(exc, verbose)
 
 
 export_app = typer.Typer(help="Export a saved quantized model.", no_args_is_help=True)
@@ -429,26 +465,46 @@ def _checkpoint_dir(run_dir: Path) -> Path:
     return sub if (sub / "manifest.json").exists() else run_dir
 
 
+TRUST_CODE_HELP = (
+    "build a model the checkpoint names as module:factory (or a hub name): runs code the file names; "
+    "only for checkpoints from a trusted source"
+)
+
+
+def _load_run(run_dir: Path, trust_code: bool) -> tuple[Any, Any]:
+    """The quantized model of a run directory and the zoo model its manifest names (built once).
+
+    A name that is not a built-in zoo model is built only with ``--trust-code`` (it imports and runs code).
+    """
+    from postquant.io import load
+    from postquant.io.checkpoint import saved_model_name, zoo_model_for
+
+    directory = _checkpoint_dir(run_dir)
+    zoo = zoo_model_for(saved_model_name(directory), trust_code=trust_code)
+    return load(directory, zoo.model), zoo
+
+
 @export_app.command("onnx")
 def export_onnx_cmd(
     run_dir: Annotated[Path, typer.Argument(help="directory written by `postquant quantize ... --out DIR`")],
     output: Annotated[Path, typer.Option("-o", "--output", help="the .onnx file to write")] = Path(
         "model.onnx"
     ),
-    verify: Annotated[int, typer.Option(help="check agreement with PyTorch on N evaluation samples")] = 256,
+    verify: Annotated[
+        int, typer.Option(min=0, help="check agreement with PyTorch on N evaluation samples (0: none)")
+    ] = 256,
+    trust_code: Annotated[bool, typer.Option(help=TRUST_CODE_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Export a saved quantized model to ONNX (QuantizeLinear/DequantizeLinear), checked in onnxruntime."""
     _setup_logging(verbose)
     try:
         from postquant.errors import DataError
-        from postquant.io import export_onnx, load
-        from postquant.zoo import load_model
+        from postquant.io import export_onnx
         from postquant.zoo.datasets import SentencePair
 
         _check_writable_file(output)
-        qmodel = load(_checkpoint_dir(run_dir))
-        zoo = load_model(qmodel.postquant_model_name)
+        qmodel, zoo = _load_run(run_dir, trust_code)
         try:
             batches = [x for x, _ in zoo.eval_batches(limit=verify, batch_size=32)] if verify else None
             if batches and isinstance(batches[0], SentencePair):  # sentence pairs: the model takes one side
@@ -465,28 +521,27 @@ def export_onnx_cmd(
             f"max |diff| {info.get('max_abs_diff', float('nan')):.3g}; integer kernels: {info.get('integer_kernels')}"
         )
     except PostquantError as exc:
-        _fail(exc)
+        _fail(exc, verbose)
 
 
 @app.command("report")
 def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="directory written by `postquant quantize ... --out DIR`")],
+    trust_code: Annotated[bool, typer.Option(help=TRUST_CODE_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Write RUN_DIR/report.html: per-layer SQNR, bits per layer, accuracy vs bits, the recipe."""
     _setup_logging(verbose)
     try:
-        from postquant.io import load, write_report
-        from postquant.zoo import load_model
+        from postquant.io import write_report
 
-        qmodel = load(_checkpoint_dir(run_dir))
-        zoo = load_model(qmodel.postquant_model_name)
+        qmodel, zoo = _load_run(run_dir, trust_code)
         results_file = run_dir / "results.json"
         results = [json.loads(results_file.read_text())] if results_file.exists() else []
         path = write_report(run_dir, qmodel, zoo.model, results, zoo.example_inputs)
         out_console.print(f"report: {path}")
     except PostquantError as exc:
-        _fail(exc)
+        _fail(exc, verbose)
 
 
 @app.command("models")
@@ -515,10 +570,14 @@ def study_cmd(
         int | None, typer.Option(min=1, help="seeds 0..N-1 per variant (default: per model, 2-3)")
     ] = None,
     iters: Annotated[
-        int | None, typer.Option(help="steps per unit of the study base (default: per model)")
+        int | None, typer.Option(min=1, help="steps per unit of the study base (default: per model)")
     ] = None,
-    calib_size: Annotated[int | None, typer.Option(help="calibration samples of the study base")] = None,
-    limit: Annotated[int | None, typer.Option(help="evaluate on N samples spread over the set")] = None,
+    calib_size: Annotated[
+        int | None, typer.Option(min=1, help="calibration samples of the study base")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="evaluate on N samples spread over the set")
+    ] = None,
     out: Annotated[Path, typer.Option(help="directory of results.json, tables, plots, STUDY.md")] = Path(
         "study"
     ),
@@ -559,7 +618,7 @@ def study_cmd(
             threads,
         )
     except PostquantError as exc:
-        _fail(exc)
+        _fail(exc, verbose)
 
 
 def _study(

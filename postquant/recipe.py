@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,7 @@ class Recipe(BaseModel):
     fold_bn: bool = True
     squant_mode: SquantMode = SquantMode.EKC
     calib_size: int = Field(default=1024, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**63 - 1, description="random seed, 0..2^63-1")
     learned: LearnedConfig | None = Field(
         default=None, description="learned rounding settings; filled from the method's preset, fields on top"
     )
@@ -143,6 +144,20 @@ class Recipe(BaseModel):
     def searches_on_outputs(self) -> bool:
         """Whether the power exponent is searched on the output error (needs calibration data)."""
         return self.power_search is PowerSearch.OUTPUTS  # the validator ensures a power grid to search
+
+    @field_validator("ignore")
+    @classmethod
+    def _valid_ignore_patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            _check_pattern(pattern)
+        return v
+
+    @field_validator("overrides")
+    @classmethod
+    def _valid_override_patterns(cls, v: dict[str, LayerOverride]) -> dict[str, LayerOverride]:
+        for pattern in v:
+            _check_pattern(pattern)
+        return v
 
     @field_validator("method", mode="before")
     @classmethod
@@ -199,13 +214,70 @@ class Recipe(BaseModel):
         return text
 
 
+def _check_pattern(pattern: str) -> None:
+    """Raise `ValueError` for a ``re:`` layer pattern that is not a valid regular expression."""
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ValueError(
+                f"layer pattern {_cut(pattern, 80)!r} is not a valid regular expression ({exc})"
+            ) from None
+
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; anything near this is not one
+_ECHO_CHARS = 80  # at most this much of an input is quoted back in an error message
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to `_ECHO_CHARS` characters (error messages never echo a whole hostile input)."""
+    if isinstance(value, list | tuple | dict | set) and len(value) > _ECHO_CHARS:
+        return f"a {type(value).__name__} of {len(value)} items"
+    return _cut(repr(value), _ECHO_CHARS)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses anchors and aliases (``&a``/``*a``): a recipe never needs them, and
+    nested aliases expand a few hundred bytes into gigabytes (the "billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise RecipeError(
+                f"YAML anchors and aliases (*{event.anchor}) are not allowed in a recipe (line {event.start_mark.line + 1}); "
+                "write the value out"
+            )
+        event = self.peek_event()
+        if getattr(event, "anchor", None) is not None:
+            raise RecipeError(
+                f"YAML anchors and aliases (&{event.anchor}) are not allowed in a recipe (line {event.start_mark.line + 1}); "
+                "write the value out"
+            )
+        return super().compose_node(parent, index)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"recipe file {path} is too large ({size} bytes, at most {MAX_RECIPE_BYTES}); is it a recipe?"
+        )
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"recipe file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader without aliases
     except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe file {path} is not valid YAML: {exc}") from exc
+        raise RecipeError(f"recipe file {path} is not valid YAML: {_cut(str(exc), 300)}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe file {path} must hold a mapping of fields, e.g. 'w_bits: 4'")
     return data
@@ -213,11 +285,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _explain(exc: ValidationError) -> str:
     lines = []
-    for err in exc.errors():
+    for err in exc.errors(include_url=False)[:10]:
         where = ".".join(str(p) for p in err["loc"]) or "recipe"
         ctx = err.get("ctx", {})
         if "error" in ctx and isinstance(ctx["error"], Exception):
-            lines.append(f"{where}: {ctx['error']}")
+            message = str(ctx["error"])  # a validator's message may quote the input: keep it short
+            lines.append(f"{where}: {_cut(message, 300)}")
         else:
-            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{where}: {err['msg']} (got {_short(err.get('input'))})")
     return "invalid recipe: " + "; ".join(lines)

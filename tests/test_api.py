@@ -188,3 +188,80 @@ def test_data_free_default_is_bn_noise_with_batchnorm_else_reference_rule(tiny_c
         example_inputs=images,
     )
     assert torch.equal(q_auto[2].act_quant.scale, q_ref[2].act_quant.scale)
+
+
+LEARNED_TINY = {"method": "learned", "w_bits": 4, "a_bits": 8, "learned": {"iters": 2, "progress": False}}
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [{"w_bits": 4, "a_bits": 8}, {"method": "squant", "w_bits": 4, "a_bits": 8}, LEARNED_TINY],
+    ids=["rtn", "squant", "learned"],
+)
+def test_a_train_mode_model_is_not_modified_and_quantized_in_eval_mode(tiny_cnn, images, recipe):
+    eval_result = postquant.quantize(copy.deepcopy(tiny_cnn), recipe, calib=[images], example_inputs=images)
+    model = tiny_cnn.train()
+    state = copy.deepcopy(model.state_dict())
+    modes = {name: m.training for name, m in model.named_modules()}
+    q = postquant.quantize(model, recipe, calib=[images], example_inputs=images)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m.training for m in q.modules())  # the result is in eval mode
+    with torch.no_grad():
+        assert torch.equal(q(images), eval_result(images))
+
+
+class SharedLinear(nn.Module):
+    """One Linear registered under two names (`a`, `b`) and called three times, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = self.a  # the same module at a second place
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.a(x))
+        x = torch.relu(self.b(x))
+        x = torch.relu(self.a(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("method", ["rtn", "squant", "learned"])
+def test_a_module_used_at_two_places_is_quantized_at_every_use(method):
+    torch.manual_seed(0)
+    model, x = SharedLinear().eval(), torch.randn(32, 8)
+    recipe = {"method": method, "w_bits": 3}
+    if method == "learned":
+        recipe["learned"] = {"iters": 2, "progress": False}
+    q = postquant.quantize(model, recipe, calib=[x], example_inputs=x)
+    assert isinstance(q.a, QuantizedLayer) and q.b is q.a
+    w, head = q.a.weight, q.head.weight  # dequantized weights
+    h = torch.relu(x @ w.T + q.a.inner.bias)
+    h = torch.relu(h @ w.T + q.a.inner.bias)
+    h = torch.relu(h @ w.T + q.a.inner.bias)
+    with torch.no_grad():
+        assert torch.allclose(q(x), h @ head.T + q.head.inner.bias, rtol=0, atol=1e-6)
+    assert isinstance(model.b, nn.Linear) and model.b is model.a  # the original keeps its sharing
+
+
+@pytest.mark.parametrize("thing", [None, "resnet20", torch.zeros(3), [nn.Linear(2, 2)]], ids=repr)
+def test_a_model_that_is_not_a_module_is_a_type_error(thing):
+    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+        postquant.quantize(thing, {"w_bits": 4})
+
+
+def test_quantizing_a_quantized_model_again_is_a_clear_error(tiny_cnn, images):
+    q = postquant.quantize(tiny_cnn, {"w_bits": 4}, example_inputs=images)
+    with pytest.raises(UnsupportedModelError, match="already quantized"):
+        postquant.quantize(q, {"w_bits": 4}, example_inputs=images)
+
+
+def test_patterns_that_match_nothing_are_named_in_a_warning(tiny_cnn, images, caplog):
+    recipe = {"w_bits": 4, "ignore": ["conv9", "fc"], "overrides": {"re:^head": {"w_bits": 8}}}
+    with caplog.at_level("WARNING", logger="postquant"):
+        postquant.quantize(tiny_cnn, recipe, example_inputs=images)
+    text = caplog.text
+    assert "'conv9'" in text and "'re:^head'" in text and "'fc'" not in text

@@ -64,3 +64,62 @@ def test_yaml_round_trip_keeps_inherit_vs_float_in_overrides(tmp_path, tiny_cnn)
     assert make_plan(tiny_cnn, again) == make_plan(tiny_cnn, r)
     assert make_plan(tiny_cnn, again)["conv1"].w_bits == 3  # unset w_bits inherits, it is not "float"
     assert "w_bits" not in again.overrides["@first"].model_fields_set
+
+
+BILLION_LAUGHS = "\n".join(
+    ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    + ["w_bits: *i"]
+)
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path):
+    path = tmp_path / "laughs.yaml"
+    path.write_text(BILLION_LAUGHS)
+    assert path.stat().st_size < 600
+    with pytest.raises(RecipeError, match="alias") as info:
+        Recipe.coerce(path)
+    assert len(str(info.value)) < 500
+
+
+def test_oversized_recipe_files_are_refused(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("w_bits: 4\n" + "# padding\n" * 200_000)
+    with pytest.raises(RecipeError, match="too large"):
+        Recipe.coerce(path)
+
+
+@pytest.mark.parametrize("value", ["x" * 100_000, list(range(50_000))], ids=["long-string", "long-list"])
+def test_error_messages_echo_at_most_a_short_piece_of_the_input(value):
+    with pytest.raises(RecipeError, match="w_bits") as info:
+        Recipe.coerce({"w_bits": value})
+    assert len(str(info.value)) < 400
+
+
+def test_non_utf8_recipe_file_is_a_recipe_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("method: rtn\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match="UTF-8"):
+        Recipe.coerce(path)
+
+
+def test_validator_messages_quoting_a_long_input_are_cut():
+    with pytest.raises(RecipeError, match="method") as info:
+        Recipe.coerce({"method": "q" * 100_000})
+    assert len(str(info.value)) < 500
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"ignore": ["re:(unclosed"]}, {"overrides": {"re:[z-a]": {"w_bits": 8}}}],
+    ids=["ignore", "overrides"],
+)
+def test_an_invalid_regex_pattern_is_a_recipe_error(fields):
+    with pytest.raises(RecipeError, match="regular expression"):
+        Recipe.coerce(fields)
+
+
+@pytest.mark.parametrize("seed", [2**64, -1])
+def test_seeds_outside_the_generator_range_are_refused(seed):
+    with pytest.raises(RecipeError, match="seed"):
+        Recipe.coerce({"seed": seed})

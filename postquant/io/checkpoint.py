@@ -34,14 +34,24 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from postquant.errors import CheckpointError, OutputError, RecipeError
+from postquant.errors import CheckpointError, OutputError, PostquantError, RecipeError
 from postquant.grids import grid_from_state
 from postquant.io.pack import pack_codes, packed_nbytes, unpack_codes
-from postquant.model import quantized_layers, set_module
+from postquant.model import quantized_layers, replace_module, set_module
 from postquant.model.convert import replace_layers
 from postquant.nn import ActQuantizer, QuantizedLayer
 
-__all__ = ["FORMAT_VERSION", "build_quantized_layer", "checkpoint_size", "float_size", "load", "save"]
+__all__ = [
+    "FORMAT_VERSION",
+    "build_quantized_layer",
+    "check_save_target",
+    "checkpoint_size",
+    "float_size",
+    "load",
+    "save",
+    "saved_model_name",
+    "zoo_model_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +103,22 @@ def _split_key(key: str, layers: list[str]) -> tuple[str | None, str]:
     return None, key
 
 
-def _architecture(model: nn.Module) -> dict[str, Any]:
+def _shared_layers(model: nn.Module) -> dict[str, str]:
+    """``{other name: first name}`` of every `QuantizedLayer` registered under more than one name."""
+    first: dict[int, str] = {}
+    shared: dict[str, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, QuantizedLayer):
+            shared.update({name: first[id(m)]} if id(m) in first else {})
+            first.setdefault(id(m), name)
+    return shared
+
+
+def _under(key: str, names: dict[str, str]) -> bool:
+    return any(key.startswith(name + ".") for name in names)
+
+
+def _architecture(model: nn.Module, shared: dict[str, str] | None = None) -> dict[str, Any]:
     """Fingerprint of the float structure: modules, parameter/buffer shapes, ``nn.Identity`` modules.
 
     A quantized model is described as the float model it came from (after BatchNorm folding): a
@@ -114,15 +139,20 @@ def _architecture(model: nn.Module) -> dict[str, Any]:
     by_class: dict[str, list[str]] = {}
     for name, cls in modules:
         by_class.setdefault(cls, []).append(name)
-    shapes = {key: list(t.shape) for key, t in _float_state(model).items()}
+    shapes = {key: list(t.shape) for key, t in _float_state(model, shared or {}).items()}
     return {"modules": by_class, "tensors": shapes, "identity": by_class.get("Identity", [])}
 
 
-def _float_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict in float naming: a quantized layer's tensors as its float module's (weight = codes)."""
+def _float_state(model: nn.Module, shared: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The state dict in float naming: a quantized layer's tensors as its float module's (weight = codes).
+
+    The tensors of a layer's `shared` other names are left out: they are those of its first name.
+    """
     qlayers = quantized_layers(model)
     out: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
+        if _under(key, shared):
+            continue
         name, rest = _split_key(key, list(qlayers))
         if name is None:
             out[key] = t
@@ -165,7 +195,10 @@ def _tensors_to_save(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     stored: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
+    shared = _shared_layers(qmodel)
     for key, t in qmodel.state_dict().items():  # tensors of the live model: storage addresses are stable
+        if _under(key, shared):  # a layer used at several places is saved once, under its first name
+            continue
         name, rest = _split_key(key, list(qlayers))
         out_key = _saved_key(name, rest)
         if out_key in tensors:
@@ -210,6 +243,21 @@ def _recipe_json(qmodel: nn.Module) -> dict[str, Any] | None:
     return None if recipe is None else recipe.model_dump(mode="json")
 
 
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys, in place and at the same length.
+
+    safetensors writes its metadata map in a random order: without this, saving the same model twice gives
+    different bytes (and a different sha256).
+    """
+    with path.open("r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= size:  # the same entries: the same length (safetensors pads with spaces)
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
+
+
 def _make_tmp_dir(directory: Path) -> Path:
     tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -222,18 +270,37 @@ def _make_tmp_dir(directory: Path) -> Path:
     return tmp
 
 
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    """Move the finished `tmp` to `directory`; an existing checkpoint there is replaced, nothing else is."""
+def _is_checkpoint(directory: Path) -> bool:
+    """Whether `directory` holds exactly a postquant checkpoint: its two files, the manifest written by `save`."""
+    contents = {p.name for p in directory.iterdir()}
+    if contents != {TENSORS_FILE, MANIFEST_FILE} or not (directory / MANIFEST_FILE).is_file():
+        return False
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_bytes()[: 1 << 26])
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+    return isinstance(manifest, dict) and {"format_version", "postquant_version", "sha256"} <= set(manifest)
+
+
+def check_save_target(directory: Path) -> None:
+    """Raise `OutputError` unless `directory` is absent, empty or a postquant checkpoint (replaced by `save`)."""
     if directory.is_symlink() or directory.is_file():
         raise OutputError(f"{directory} exists and is not a directory; choose another checkpoint path")
+    if not directory.is_dir() or not any(directory.iterdir()) or _is_checkpoint(directory):
+        return
+    contents = sorted(p.name for p in directory.iterdir())
+    shown = ", ".join(contents[:3]) + (", ..." if len(contents) > 3 else "")
+    raise OutputError(
+        f"{directory} exists and is not a postquant checkpoint (it holds {shown}); save replaces only a "
+        "checkpoint it wrote: choose another path or empty it"
+    )
+
+
+def _replace_dir(tmp: Path, directory: Path) -> None:
+    """Move the finished `tmp` to `directory`; an existing checkpoint there is replaced, nothing else is."""
+    check_save_target(directory)
     old = None
     if directory.is_dir():
-        contents = {p.name for p in directory.iterdir()}
-        if contents and not contents <= {TENSORS_FILE, MANIFEST_FILE}:
-            raise OutputError(
-                f"{directory} exists and holds files that are not a postquant checkpoint "
-                f"({', '.join(sorted(contents)[:3])}...); choose another path or empty it"
-            )
         old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
         directory.rename(old)
     try:
@@ -249,8 +316,8 @@ def _replace_dir(tmp: Path, directory: Path) -> None:
 def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = None) -> Path:
     """Save a quantized model as packed codes (safetensors) plus a manifest; nothing is left half-written.
 
-    The files are written to a temporary sibling directory, which is then renamed to `directory` (an
-    existing checkpoint there is replaced).
+    The files are written to a temporary sibling directory, which is then renamed to `directory`. An existing
+    checkpoint there is replaced; a directory holding anything else is never touched.
 
     Args:
         qmodel: a model returned by `postquant.quantize` (or any model holding `QuantizedLayer`s).
@@ -262,11 +329,12 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
         The checkpoint directory.
 
     Raises:
-        OutputError: the directory cannot be written.
+        OutputError: the directory cannot be written, or it exists and is not empty nor a postquant checkpoint.
     """
     import postquant
 
     directory = Path(directory).expanduser()
+    check_save_target(directory)  # before any work; checked again just before the rename
     qlayers = quantized_layers(qmodel)
     if not qlayers:
         log.warning("saving a model without quantized layers: every weight is stored in float")
@@ -279,11 +347,13 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
         "recipe": _recipe_json(qmodel),
         "layers": {name: _layer_entry(layer) for name, layer in qlayers.items()},
         "aliases": aliases,
-        "architecture": _architecture(qmodel),
+        "shared": _shared_layers(qmodel),
+        "architecture": _architecture(qmodel, _shared_layers(qmodel)),
     }
     tmp = _make_tmp_dir(directory)
     try:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "postquant", "format_version": "1"})
+        _sort_header(tmp / TENSORS_FILE)  # byte-for-byte reproducible files
         manifest["sha256"] = _sha256(tmp / TENSORS_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
         _replace_dir(tmp, directory)
@@ -379,19 +449,47 @@ def _read_tensors(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.
         raise CheckpointError(f"{path} cannot be read as safetensors ({exc}); re-save the model") from exc
 
 
-def _float_model(manifest: dict[str, Any], model: nn.Module | None) -> nn.Module:
-    if model is not None:
-        return model
-    name = manifest.get("model_name")
+def saved_model_name(directory: str | Path) -> str | None:
+    """The model name (zoo name or ``module:factory`` spec) a checkpoint's manifest records, if any."""
+    name = _read_manifest(Path(directory).expanduser()).get("model_name")
+    if name is not None and not isinstance(name, str):
+        raise CheckpointError(f"the manifest's model_name is a {type(name).__name__}, not a name")
+    return name
+
+
+def zoo_model_for(name: str | None, *, trust_code: bool = False) -> Any:
+    """The `ZooModel` a checkpoint names, built only when that runs no code the file names.
+
+    A built-in zoo name is built as usual; any other name (``module:factory``, hub names) imports and runs
+    code chosen by whoever wrote the file, so it is built only with ``trust_code=True``.
+
+    Raises:
+        CheckpointError: no name, or a name that is not a built-in zoo model without ``trust_code``.
+    """
+    from postquant.zoo import load_model
+    from postquant.zoo.builtin import BUILTIN_MODELS
+
     if not name:
         raise CheckpointError(
             "this checkpoint does not name its model: pass the float model, load(directory, model=...), or save "
             "with save(qmodel, directory, model_name='<zoo name>')"
         )
-    from postquant.zoo import load_model
-
+    if name.strip() not in BUILTIN_MODELS and not trust_code:
+        shown = name if len(name) <= 100 else name[:100] + "..."
+        raise CheckpointError(
+            f"the checkpoint names its model {shown!r}, which is not a built-in zoo model: building it would "
+            "import and run code named by the file. Pass the float model, load(directory, model=...), or, if "
+            "you trust where the checkpoint came from, trust_code=True (command line: --trust-code)"
+        )
     log.info("building the float model %s from the zoo", name)
-    return load_model(name).model
+    return load_model(name)
+
+
+def _float_model(manifest: dict[str, Any], model: nn.Module | None, trust_code: bool) -> nn.Module:
+    if model is not None:
+        return model
+    name = manifest.get("model_name")
+    return zoo_model_for(name if isinstance(name, str) else None, trust_code=trust_code).model
 
 
 def _rebuild_structure(model: nn.Module, arch: dict[str, Any]) -> None:
@@ -416,9 +514,11 @@ def _rebuild_structure(model: nn.Module, arch: dict[str, Any]) -> None:
             module.register_parameter(attr, nn.Parameter(torch.zeros(shape, dtype=dtype)))
 
 
-def _check_architecture(model: nn.Module, arch: dict[str, Any], model_name: str | None) -> None:
+def _check_architecture(
+    model: nn.Module, arch: dict[str, Any], model_name: str | None, shared: dict[str, str]
+) -> None:
     """Raise a `CheckpointError` naming the first module or tensor that differs from the checkpoint's."""
-    here = _architecture(model)
+    here = _architecture(model, shared)
     hint = (
         f"the float model it was saved from ({model_name})"
         if model_name
@@ -469,7 +569,7 @@ def _install_layer(
     grid = {k.removeprefix(_GRID): _as_float(v) for k, v in own.items() if k.startswith(_GRID)}
     act = {k.removeprefix(_ACT): v for k, v in own.items() if k.startswith(_ACT)}
     layer = build_quantized_layer(qmodel.get_submodule(name), entry["grid"], grid, codes, entry["act"], act)
-    set_module(qmodel, name, layer)
+    replace_module(qmodel, name, layer)  # at every place a shared layer is used
     state = {f"{name}.codes": codes}
     state |= {f"{name}.grid_{k}": v for k, v in grid.items()}
     state |= {f"{name}.act_quant.{k}": v for k, v in act.items()}
@@ -495,29 +595,50 @@ def _attach_recipe(qmodel: nn.Module, recipe: dict[str, Any]) -> None:
         )
 
 
-def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
+def load(directory: str | Path, model: nn.Module | None = None, *, trust_code: bool = False) -> nn.Module:
     """Load a checkpoint written by `save` into a quantized model with bit-identical outputs.
+
+    Loading never runs code that the checkpoint names unless asked to (``trust_code``).
 
     Args:
         directory: the checkpoint directory.
         model: the original float model (not modified; a copy is quantized). Default: the model named in the
-            manifest, built from the zoo.
+            manifest, built from the zoo when it is a built-in zoo name.
+        trust_code: also build a model the manifest names as ``module:factory`` (or a hub name): this imports
+            and calls code chosen by whoever wrote the file; only for checkpoints from a trusted source.
 
     Returns:
         The quantized model (eval mode), with ``postquant_recipe`` and ``postquant_model_name`` set.
 
     Raises:
         CheckpointError: missing files, a truncated or modified tensor file, an unknown format version, or a
-            model of another architecture (the message names the first differing layer).
+            model of another architecture (the message names the first differing layer), or a named model that
+            is not a built-in zoo model without `model` or `trust_code`.
     """
     directory = Path(directory).expanduser()
     manifest = _read_manifest(directory)
     tensors = _read_tensors(directory, manifest)
+    qmodel = copy.deepcopy(_float_model(manifest, model, trust_code)).eval()
+    try:
+        _restore(qmodel, manifest, tensors)
+    except PostquantError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # a malformed manifest
+        detail = f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(
+            f"the manifest of {directory} is malformed or was edited ({detail[:200]}); save the model again"
+        ) from None
+    log.info("loaded %d quantized layers from %s", len(manifest["layers"]), directory)
+    return qmodel
+
+
+def _restore(qmodel: nn.Module, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Turn the float copy `qmodel` into the saved quantized model, in place (`load`'s work)."""
     arch = manifest["architecture"]
-    qmodel = copy.deepcopy(_float_model(manifest, model)).eval()
     replace_layers(qmodel)  # as `quantize` did
     _rebuild_structure(qmodel, arch)
-    _check_architecture(qmodel, arch, manifest.get("model_name"))
+    shared: dict[str, str] = manifest.get("shared", {})
+    _check_architecture(qmodel, arch, manifest.get("model_name"), shared)
 
     state: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = manifest["layers"]
@@ -529,6 +650,16 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     for alias, stored in manifest.get("aliases", {}).items():
         name, rest = _split_key(alias, list(layers))
         state[alias if name is None else f"{name}.inner.{rest}"] = tensors[stored]
+    for other, first in shared.items():
+        if qmodel.get_submodule(other) is not qmodel.get_submodule(first):
+            raise CheckpointError(
+                f"layer {other!r} is the same module as {first!r} in the checkpoint but not in the model: load it "
+                "with the float model it was saved from"
+            )
+    for key in qmodel.state_dict():  # a shared layer's tensors under its other names: those of the first
+        for other, first in shared.items():
+            if key.startswith(other + "."):
+                state[key] = state[first + key.removeprefix(other)]
     try:
         qmodel.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -536,5 +667,3 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
     if manifest.get("recipe") is not None:
         _attach_recipe(qmodel, manifest["recipe"])
     qmodel.postquant_model_name = manifest.get("model_name")  # type: ignore[assignment]
-    log.info("loaded %d quantized layers from %s", len(layers), directory)
-    return qmodel

@@ -103,19 +103,26 @@ def _layer_plot(rows: list[dict[str, Any]]) -> str:
     return _png(fig)
 
 
+def _weight_bits(result: dict[str, Any]) -> float | None:
+    """A result's weight bits: ``w_bits``, or a mixed-precision run's ``avg_w_bits`` (its ``w_bits`` is null)."""
+    bits = result.get("w_bits")
+    return int(bits) if bits is not None else result.get("avg_w_bits")
+
+
 def _results_plot(results: list[dict[str, Any]]) -> str:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.subplots()
-    series: dict[str, list[tuple[int, float]]] = {}
+    series: dict[str, list[tuple[float, float]]] = {}
+    results = [r for r in results if _weight_bits(r) is not None]
     for r in results:
         label = (
             f"{r['method']} A{r['a_bits']}"
             if r.get("a_bits") is not None
             else f"{r['method']} (float inputs)"
         )
-        series.setdefault(label, []).append((int(r["w_bits"]), float(r["quantized"])))
+        series.setdefault(label, []).append((float(_weight_bits(r)), float(r["quantized"])))  # type: ignore[arg-type]
     for label, points in sorted(series.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
@@ -124,10 +131,10 @@ def _results_plot(results: list[dict[str, Any]]) -> str:
         ax.axhline(fp, color="gray", linestyle="--", linewidth=1)
     if fps:
         ax.plot([], [], color="gray", linestyle="--", label="float")
-    metric = results[0].get("metric", "metric")
+    metric = results[0].get("metric", "metric") if results else "metric"
     ax.set_xlabel("weight bits")
     ax.set_ylabel(str(metric))
-    ax.set_xticks(sorted({int(r["w_bits"]) for r in results}))
+    ax.set_xticks(sorted({_weight_bits(r) for r in results}))  # type: ignore[type-var]
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)

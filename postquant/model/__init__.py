@@ -2,7 +2,14 @@
 
 from postquant.model.blocks import Unit, find_blocks, make_units
 from postquant.model.fold import fold_batchnorm, fold_bn_into
-from postquant.model.walk import matches, quantizable_layers, quantized_layers, set_module
+from postquant.model.walk import (
+    matches,
+    module_names,
+    quantizable_layers,
+    quantized_layers,
+    replace_module,
+    set_module,
+)
 
 __all__ = [
     "Unit",
@@ -11,7 +18,9 @@ __all__ = [
     "fold_bn_into",
     "make_units",
     "matches",
+    "module_names",
     "quantizable_layers",
     "quantized_layers",
+    "replace_module",
     "set_module",
 ]

@@ -58,6 +58,23 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def module_names(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every name `module` is registered under in `model` (more than one when one module is shared)."""
+    return [name for name, m in model.named_modules(remove_duplicate=False) if m is module]
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> list[str]:
+    """Replace the module at dotted `name` by `new` at every place it is registered; return those names.
+
+    One module registered twice (``self.b = self.a``) is one layer: replacing it at one name only would leave
+    its other uses running the old module.
+    """
+    names = module_names(model, model.get_submodule(name)) or [name]
+    for where in names:
+        set_module(model, where, new)
+    return names
+
+
 def walk_children(module: nn.Module) -> Iterator[tuple[str, nn.Module, list[tuple[str, nn.Module]]]]:
     """Yield (prefix, parent, its direct children) for every module, depth first."""
     for prefix, parent in module.named_modules():

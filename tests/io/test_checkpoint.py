@@ -277,3 +277,124 @@ def test_resnet20_w4_checkpoint_is_at_most_a_seventh_of_fp32(resnet20, tmp_path)
     fp32 = float_size(resnet20.model)
     assert fp32 > 1_000_000
     assert size <= fp32 / 7, f"W4 checkpoint {size} bytes vs FP32 {fp32} bytes"
+
+
+def test_a_layer_used_at_two_places_is_saved_once_and_loaded_shared(tmp_path):
+    from tests.test_api import SharedLinear
+
+    torch.manual_seed(0)
+    model, x = SharedLinear().eval(), torch.randn(8, 8)
+    qmodel = postquant.quantize(model, {"w_bits": 3, "a_bits": 8}, calib=[x])
+    save(qmodel, tmp_path / "ckpt")
+    loaded = load(tmp_path / "ckpt", SharedLinear())
+    assert loaded.b is loaded.a and torch.equal(_outputs(loaded, [x]), _outputs(qmodel, [x]))
+    unshared = SharedLinear()
+    unshared.b = nn.Linear(8, 8)
+    with pytest.raises(CheckpointError, match="same module"):
+        load(tmp_path / "ckpt", unshared)
+
+
+FACTORY_CALLS: list[str] = []
+
+
+def _factory_calls() -> list[str]:
+    """`FACTORY_CALLS` of this module as imported by name (pytest may have imported this file under another)."""
+    import importlib
+
+    return importlib.import_module("tests.io.test_checkpoint").FACTORY_CALLS
+
+
+def recording_factory() -> nn.Module:
+    """A `module:factory` a manifest may name: records that it ran (loading must not run it untrusted)."""
+    from tests.io.conftest import make_small_net
+
+    FACTORY_CALLS.append("called")
+    return make_small_net()
+
+
+def _name_model(saved, name: str) -> None:
+    manifest = json.loads((saved / MANIFEST_FILE).read_text())
+    manifest["model_name"] = name
+    (saved / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["tests.io.test_checkpoint:recording_factory", "os:abort"])
+def test_loading_never_runs_code_a_manifest_names(saved, name):
+    _name_model(saved, name)
+    _factory_calls().clear()
+    with pytest.raises(CheckpointError, match="trust_code=True") as info:
+        load(saved)
+    assert "not a built-in zoo model" in str(info.value) and _factory_calls() == []
+
+
+def test_a_named_factory_runs_with_trust_code_or_is_replaced_by_the_callers_model(saved, small_net):
+    _name_model(saved, "tests.io.test_checkpoint:recording_factory")
+    _factory_calls().clear()
+    load(saved, small_net)
+    assert _factory_calls() == []
+    loaded = load(saved, trust_code=True)
+    assert _factory_calls() == ["called"] and quantized_layers(loaded)
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        {MANIFEST_FILE: '{"my": "project manifest"}'},
+        {MANIFEST_FILE: "not json"},
+        {TENSORS_FILE: "my own tensors"},
+        {MANIFEST_FILE: '{"format_version": 1}', TENSORS_FILE: "x"},
+    ],
+    ids=["foreign-manifest", "unparsable-manifest", "tensors-only", "manifest-without-postquant-version"],
+)
+def test_save_never_replaces_a_directory_that_is_not_a_checkpoint(small_net, batches, tmp_path, files):
+    qmodel = _quantize(small_net, {"w_bits": 4}, batches)
+    target = tmp_path / "mine"
+    target.mkdir()
+    for name, text in files.items():
+        (target / name).write_text(text)
+    with pytest.raises(OutputError, match="not a postquant checkpoint"):
+        save(qmodel, target)
+    assert {p.name: p.read_text() for p in target.iterdir()} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary directory left
+
+
+def test_save_into_an_empty_directory(small_net, batches, tmp_path):
+    (tmp_path / "empty").mkdir()
+    save(_quantize(small_net, {"w_bits": 4}, batches), tmp_path / "empty")
+    assert load(tmp_path / "empty", small_net).conv2.bits == 4
+
+
+def test_saving_the_same_model_twice_gives_the_same_bytes(small_net, batches, tmp_path):
+    qmodel = _quantize(small_net, {"w_bits": 4, "a_bits": 8}, batches)
+    files = []
+    for i in range(4):  # safetensors wrote its metadata map in a random order
+        save(qmodel, tmp_path / f"ckpt{i}")
+        files.append({p.name: p.read_bytes() for p in (tmp_path / f"ckpt{i}").iterdir()})
+    assert all(f == files[0] for f in files[1:])
+    assert torch.equal(_outputs(load(tmp_path / "ckpt3", small_net), batches), _outputs(qmodel, batches))
+
+
+def _drop(key):
+    return lambda m: m["layers"]["conv2"].pop(key)
+
+
+TAMPERINGS = {
+    "layer-without-bits": _drop("bits"),
+    "layer-without-grid": _drop("grid"),
+    "weight-shape-text": lambda m: m["layers"]["conv2"].update(weight_shape="abc"),
+    "layers-a-list": lambda m: m.update(layers=[1, 2]),
+    "architecture-a-list": lambda m: m.update(architecture=[]),
+    "architecture-without-identity": lambda m: m["architecture"].pop("identity"),
+    "alias-to-nothing": lambda m: m.update(aliases={"fc.bias": "nowhere"}),
+    "act-bits-text": lambda m: m["layers"]["conv2"].update(act={"bits": "x", "qmin": 0, "qmax": 1}),
+    "shared-a-list": lambda m: m.update(shared=["conv1"]),
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPERINGS.values()), ids=list(TAMPERINGS))
+def test_a_tampered_manifest_is_a_checkpoint_error(saved, small_net, tamper):
+    manifest = json.loads((saved / MANIFEST_FILE).read_text())
+    tamper(manifest)
+    (saved / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError):  # not a raw KeyError/TypeError/ValueError
+        load(saved, small_net)

@@ -43,3 +43,10 @@ def test_unwritable_run_dir(tmp_path):
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(OutputError):
         write_report(tmp_path / "file.txt" / "run", results=RESULTS)
+
+
+def test_a_mixed_precision_result_is_plotted_at_its_average_bits(tmp_path):
+    mixed = {**RESULTS[0], "w_bits": None, "avg_w_bits": 3.02}  # as `quantize --w-bits-budget` writes it
+    unknown = {**RESULTS[0], "w_bits": None}  # no bits at all: left out of the plot, not a crash
+    page = write_report(tmp_path / "mixed", results=[*RESULTS, mixed, unknown]).read_text()
+    assert "data:image/png;base64," in page
