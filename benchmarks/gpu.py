@@ -11,7 +11,9 @@ One command, about 8 minutes on one GPU; it refuses to run without CUDA.
 2. Learned rounding on resnet20 / CIFAR-10 W4A4, the model and its calibration batches on the GPU: the
    default recipe (200 iterations per unit) and the ``qdrop`` preset at 2000 iterations per unit, top-1
    on the 10,000 test images and quantize seconds, beside the CPU run of the same recipes
-   (``benchmarks/results/default_vs_qdrop/learned.json``).
+   (``benchmarks/results/default_vs_qdrop/learned.json``). On an H200 the default takes about a minute and
+   the qdrop preset about 8 (37-64 s per residual block): give the run 10 minutes, or `--parts` a subset.
+   Each row is saved as soon as it is measured; a row still running when the run is stopped says so.
 3. ``pytest -m cuda``: every test that has a CUDA parameter.
 
     python benchmarks/gpu.py --out benchmarks/results/gpu.md
@@ -178,6 +180,10 @@ def learned_part(
             "learned": learned,
             "calib_size": calib_size,
         }
+        rows.append(
+            {"method": method, "iters": iters or "default", "error": "not finished when the run ended"}
+        )
+        save()  # a run stopped at its time limit shows which row it was measuring
         try:
             torch.cuda.synchronize()
             start = time.perf_counter()
@@ -187,20 +193,22 @@ def learned_part(
             devices = sorted({str(t.device) for t in [*qmodel.parameters(), *qmodel.buffers()]})
             start = time.perf_counter()
             res = evaluate(qmodel, zoo, progress=False)
-            rows.append(
-                {
-                    "method": method,
-                    "iters": iters or "default",
-                    "value": res.value,
-                    "n": res.n,
-                    "quantize_s": seconds,
-                    "eval_s": time.perf_counter() - start,
-                    "devices": devices,
-                }
-            )
+            rows[-1] = {
+                "method": method,
+                "iters": iters or "default",
+                "value": res.value,
+                "n": res.n,
+                "quantize_s": seconds,
+                "eval_s": time.perf_counter() - start,
+                "devices": devices,
+            }
         except Exception as exc:  # recorded in the report: a failure on the GPU is a result here
             log.exception("%s failed on CUDA", method)
-            rows.append({"method": method, "error": f"{type(exc).__name__}: {exc}"})
+            rows[-1] = {
+                "method": method,
+                "iters": iters or "default",
+                "error": f"{type(exc).__name__}: {exc}",
+            }
         log.info("%s", rows[-1])
         save()
 
@@ -298,7 +306,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             c = cpu.get(r["method"], {})
             cpu_cells = f"{c['value']:.2f} | {c['quantize_s']:.0f}" if c else "- | -"
             if "error" in r:
-                lines.append(f"| {r['method']} | | failed: {r['error'][:200]} | | {cpu_cells} |")
+                lines.append(
+                    f"| {r['method']} | {r.get('iters', '-')} | {r['error'][:200]} | | {cpu_cells} |"
+                )
             else:
                 lines.append(
                     f"| {r['method']} | {r.get('iters', '-')} | {r['value']:.2f} | {r['quantize_s']:.1f} | {cpu_cells} |"
