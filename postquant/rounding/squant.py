@@ -38,7 +38,7 @@ import dataclasses
 import enum
 import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -135,7 +135,9 @@ def squant_codes(
                     xb, ob, s, ks.h_pos.view(n, ic), ks.h_pri.view(n, ic), ks.h_up.view(n, ic), tmin, tmax
                 )
         elif channel:
-            _channel_stage_full(xb, ob, tmin, tmax)
+            ties = _channel_stage_full(xb, ob, tmin, tmax, _boundary)
+            if bool(ties.ambiguous.any()):
+                ties.redo(tmin, tmax)
         else:
             ob.copy_(torch.round(xb).clamp_(tmin, tmax))
     return out.view(x.shape)
@@ -428,26 +430,6 @@ def _boundary(p: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return v_k, ambiguous
 
 
-def _channel_stage_full(xb: torch.Tensor, ob: torch.Tensor, tmin: int, tmax: int) -> None:
-    """Channel stage on the initial priorities of every element (mode "ec", or Linear / 1x1 conv)."""
-    n = xb.shape[0]
-    xr = xb.reshape(n, -1)  # (n, IC*L)
-    r = torch.round(xr)
-    e = r - xr
-    _, k, step = _direction(e.sum(-1))  # (n,)
-    if int(k.max()) > 0:
-        p = _priority(e, r, step.unsqueeze(1), tmin, tmax)  # (n, IC*L)
-        v_k, ambiguous = _boundary(p, k)
-        take = (k > 0) & ~ambiguous
-        flip = (p > v_k.unsqueeze(1)) & take.unsqueeze(1)  # p > v_k >= 0: real candidates
-        r = torch.addcmul(r, flip, step.unsqueeze(1))
-        if bool(ambiguous.any()):
-            rows = ambiguous.nonzero().squeeze(1)
-            ridx, cols = _first_k_sorted(p[rows], k[rows])
-            r[rows[ridx], cols] = _new_rounding(xr[rows[ridx], cols], step[rows[ridx]], tmin, tmax)
-    ob.view(n, -1).copy_(r.clamp_(tmin, tmax))
-
-
 def _channel_stage_handoffs(
     xb: torch.Tensor,
     ob: torch.Tensor,
@@ -580,7 +562,7 @@ def _squant_dense(
             part = _KernelResult(ks.r[g0:g1], ks.e[g0:g1], ks.h_pos[g0:g1], ks.h_pri[g0:g1], ks.h_up[g0:g1])
             ties.append(_channel_stage_handoffs_dense(x3, ob, part, tmin, tmax))
         elif channel:
-            ties.append(_channel_stage_full_dense(x3, ob, tmin, tmax))
+            ties.append(_channel_stage_full(x3, ob, tmin, tmax, _boundary_sorted))
         start = stop
     flags = torch.stack([bad, *(t.ambiguous.any() for t in ties)]).tolist()  # the one synchronisation
     if flags[0]:
@@ -611,15 +593,25 @@ def _channel_stage_handoffs_dense(
     return _ChannelTies(x3, ob, pri, k, step, ambiguous, pos, pri)
 
 
-def _channel_stage_full_dense(x3: torch.Tensor, ob: torch.Tensor, tmin: int, tmax: int) -> _ChannelTies:
-    """`_channel_stage_full` on whole layers, flips of untied channels done; tied ones returned."""
+def _channel_stage_full(
+    x3: torch.Tensor,
+    ob: torch.Tensor,
+    tmin: int,
+    tmax: int,
+    boundary: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> _ChannelTies:
+    """Channel stage on the initial priorities of every element (mode "ec", or Linear / 1x1 conv): the flips
+    of untied channels are done; the tied ones are returned to be redone (`_ChannelTies.redo`).
+
+    `boundary` is `_boundary` (a top-k sized on the host: the CPU) or `_boundary_sorted` (no host sync).
+    """
     n = x3.shape[0]
     xr = x3.view(n, -1)  # (n, IC*L)
     r = torch.round(xr)
     e = r - xr
     _, k, step = _direction(e.sum(-1))  # (n,)
     p = _priority(e, r, step.unsqueeze(1), tmin, tmax)  # (n, IC*L)
-    v_k, ambiguous = _boundary_sorted(p, k)
+    v_k, ambiguous = boundary(p, k)
     flip = (p > v_k.unsqueeze(1)) & ((k > 0) & ~ambiguous).unsqueeze(1)
     ob.view(n, -1).copy_(torch.addcmul(r, flip, step.unsqueeze(1)).clamp_(tmin, tmax))
     return _ChannelTies(x3, ob, p, k, step, ambiguous, None, None)
