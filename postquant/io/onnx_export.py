@@ -758,6 +758,34 @@ def _check_agreement(
     )
 
 
+def _exported(tmp: Path, path: Path, opset: int, plans: dict[str, _LayerQDQ]) -> dict[str, Any]:
+    """The result of `export_onnx` for the graph written at `tmp` (to be renamed to `path`), before verifying."""
+    result: dict[str, Any] = {
+        "path": str(path),
+        "bytes": tmp.stat().st_size,
+        "opset": opset,
+        "int8_weight_layers": len(plans),
+        "uint8_weight_layers": sum(p.weight.dtype == "uint8" for p in plans.values()),
+        "weight_dtypes": {name: p.weight.dtype for name, p in plans.items()},
+        "float_compute_layers": {name: p.weight.why_float for name, p in plans.items() if p.weight.why_float},
+        **count_kernels(tmp),
+        "top1_agreement": None,
+        "max_abs_diff": None,
+        "sqnr_db": None,
+        "n": None,
+    }
+    log.info(
+        "exported %s (%d bytes): %d layers with 8-bit weights (%d stored as uint8), %d integer kernels after "
+        "onnxruntime fusion",
+        path,
+        result["bytes"],
+        result["int8_weight_layers"],
+        result["uint8_weight_layers"],
+        result["integer_kernels"],
+    )
+    return result
+
+
 def export_onnx(
     qmodel: nn.Module,
     example_inputs: Any,
@@ -791,7 +819,8 @@ def export_onnx(
     Raises:
         UnsupportedModelError: a layer QDQ cannot express (the message names it), or the exporter failed.
         OutputError: `path` cannot be written.
-        OnnxMismatchError: onnxruntime disagrees with the simulation on `verify_batches` (the file is kept,
+        OnnxMismatchError: onnxruntime disagrees with the simulation on `verify_batches` (nothing is written
+            at `path`; the graph is kept beside it as ``<stem>.rejected.onnx``,
             for inspection).
     """
     import onnx
@@ -826,49 +855,45 @@ def export_onnx(
     _drop_zero_gemm_biases(model.graph)
     _rewrite(model, plans)
     onnx.checker.check_model(model)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save(model, str(path))
+    try:  # written beside `path` and renamed into place once verified: never a half-written or
+        path.parent.mkdir(parents=True, exist_ok=True)  # unverified file at `path`
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(tmp_name)
     except OSError as exc:
         raise OutputError(f"cannot write the ONNX model to {path}: {exc.strerror or exc}") from exc
-    result: dict[str, Any] = {
-        "path": str(path),
-        "bytes": path.stat().st_size,
-        "opset": opset,
-        "int8_weight_layers": len(plans),
-        "uint8_weight_layers": sum(p.weight.dtype == "uint8" for p in plans.values()),
-        "weight_dtypes": {name: p.weight.dtype for name, p in plans.items()},
-        "float_compute_layers": {name: p.weight.why_float for name, p in plans.items() if p.weight.why_float},
-        **count_kernels(path),
-        "top1_agreement": None,
-        "max_abs_diff": None,
-        "sqnr_db": None,
-        "n": None,
-    }
-    log.info(
-        "exported %s (%d bytes): %d layers with 8-bit weights (%d stored as uint8), %d integer kernels after "
-        "onnxruntime fusion",
-        path,
-        result["bytes"],
-        result["int8_weight_layers"],
-        result["uint8_weight_layers"],
-        result["integer_kernels"],
-    )
-    if verify_batches is not None:
-        result.update(
-            verify_onnx(
-                qmodel,
-                path,
-                verify_batches,
-                min_sqnr_db=min_sqnr_db,
-                min_top1_agreement=min_top1_agreement,
+    try:
+        try:
+            onnx.save(model, str(tmp))
+        except OSError as exc:
+            raise OutputError(f"cannot write the ONNX model to {path}: {exc.strerror or exc}") from exc
+        result = _exported(tmp, path, opset, plans)
+        if verify_batches is not None:
+            result.update(
+                verify_onnx(
+                    qmodel,
+                    tmp,
+                    verify_batches,
+                    min_sqnr_db=min_sqnr_db,
+                    min_top1_agreement=min_top1_agreement,
+                )
             )
-        )
-        log.info(
-            "onnxruntime vs PyTorch on %d samples: top-1 agreement %.2f %%, max |diff| %.3g, SQNR %.1f dB",
-            result["n"],
-            result["top1_agreement"],
-            result["max_abs_diff"],
-            result["sqnr_db"],
-        )
+            log.info(
+                "onnxruntime vs PyTorch on %d samples: top-1 agreement %.2f %%, max |diff| %.3g, SQNR %.1f dB",
+                result["n"],
+                result["top1_agreement"],
+                result["max_abs_diff"],
+                result["sqnr_db"],
+            )
+    except OnnxMismatchError as exc:
+        rejected = path.with_name(f"{path.stem}.rejected{path.suffix}")
+        os.replace(tmp, rejected)
+        raise OnnxMismatchError(
+            f"{exc} Nothing was written to {path}; the rejected graph is kept at {rejected} for inspection.",
+            exc.metrics,
+        ) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
     return result

@@ -112,10 +112,30 @@ def test_a_graph_that_disagrees_with_the_simulation_fails_loudly(small_net, batc
     assert "min_sqnr_db=" in str(err.value)  # says what to do when the difference is expected
     metrics = verify_onnx(qmodel, path, batches, min_sqnr_db=None, min_top1_agreement=None)  # checks off
     assert metrics["sqnr_db"] == err.value.metrics["sqnr_db"]
-    # the export path checks too: an unreachable floor fails it, and the file is kept for inspection
-    with pytest.raises(OnnxMismatchError, match=r"SQNR .* < 1000 dB"):
+    # the export path checks too: an unreachable floor fails it; nothing unverified is left at the path,
+    # the rejected graph is kept beside it for inspection, and no temporary file stays behind
+    with pytest.raises(OnnxMismatchError, match=r"SQNR .* < 1000 dB.*ok\.rejected\.onnx"):
         export_onnx(qmodel, batches[0], tmp_path / "ok.onnx", verify_batches=batches, min_sqnr_db=1000)
-    assert (tmp_path / "ok.onnx").exists()
+    assert not (tmp_path / "ok.onnx").exists() and (tmp_path / "ok.rejected.onnx").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_an_interrupted_export_leaves_no_file(small_net, batches, tmp_path):
+    """Ctrl-C (or any error) while verifying: no .onnx at the path, no temporary file beside it."""
+    qmodel = postquant.quantize(small_net, {"method": "rtn", "w_bits": 8, "a_bits": 8}, calib=batches)
+
+    def interrupted():
+        yield batches[0]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(qmodel, batches[0], tmp_path / "m.onnx", verify_batches=interrupted())
+    assert list(tmp_path.iterdir()) == []
+    result = export_onnx(qmodel, batches[0], tmp_path / "m.onnx", verify_batches=batches)
+    assert (
+        result["path"] == str(tmp_path / "m.onnx") and result["bytes"] == (tmp_path / "m.onnx").stat().st_size
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
 def test_low_bit_codes_stay_on_their_own_grid(small_net, batches, tmp_path):
