@@ -6,7 +6,7 @@ One command, about 8 minutes on one GPU; it refuses to run without CUDA.
    grid, as ``benchmarks/squant_speed.py``): whole-model and per-layer time of ``squant_codes`` (its default
    on a GPU, the whole-layer path; and the CPU's blocked path on the GPU for comparison) against nearest
    rounding, CUDA-synchronised wall time, best of ``--repeats``. The published SQuant CUDA kernel took
-   34.6 ms on these shapes on an H200 (issue 17; it cannot run here). Codes are compared with the CPU's
+   34.6 ms on these shapes on an H200 (a reference figure; it is not run here). Codes are compared with the CPU's
    (integer for integer), and the golden reference vectors are checked on the GPU.
 2. Learned rounding on resnet20 / CIFAR-10 W4A4, the model and its calibration batches on the GPU: the
    default recipe (200 iterations per unit) and the ``qdrop`` preset at 2000 iterations per unit, top-1
@@ -45,7 +45,7 @@ from postquant.rounding import SquantMode, nearest_codes, squant_codes, squant_c
 
 log = logging.getLogger("gpu")
 
-PUBLISHED_KERNEL_MS = 34.6  # the published SQuant CUDA kernel, ResNet-18 shapes at 4 bits, H200 (issue 17)
+PUBLISHED_KERNEL_MS = 34.6  # the published SQuant CUDA kernel, ResNet-18 shapes at 4 bits, H200
 CPU_RESULTS = Path(__file__).resolve().parent / "results" / "default_vs_qdrop" / "learned.json"
 GOLDEN_MODES = {"squant-e": "e", "squant-k": "ek", "squant-c": "ec", "squant": "ekc"}
 
@@ -265,7 +265,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"| `squant_codes(whole_layer=False)` (the CPU's blocked path) | {t['squant_blocked'] * 1e3:.2f} "
             f"| {t['squant_blocked'] / t['nearest']:.1f}x |",
             f"| nearest rounding | {t['nearest'] * 1e3:.2f} | 1x |",
-            f"| published SQuant CUDA kernel (H200, issue 17; not run here) | {PUBLISHED_KERNEL_MS} | |",
+            f"| published SQuant CUDA kernel (H200; not run here) | {PUBLISHED_KERNEL_MS} | |",
             "",
             f"Codes differing from the CPU's: {sq['differ_from_cpu']} of {sq['weights']:,} layer by layer, "
             f"{sq['many_differ_from_cpu']} with `squant_codes_many`.",

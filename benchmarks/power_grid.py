@@ -1,4 +1,4 @@
-"""Uniform vs power grid (ALGORITHMS.md 1.2): weight-only W3/W4, RTN and SQuant, beside FP32.
+"""Uniform vs power grid (docs/algorithms.md 1.2): weight-only W3/W4, RTN and SQuant, beside FP32.
 
     OMP_NUM_THREADS=1 python benchmarks/power_grid.py --models resnet20-cifar10
     OMP_NUM_THREADS=1 python benchmarks/power_grid.py --models efficientnet-lite0 --limit 500

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every results table of the README, then copy them in. Each benchmark keeps its rows in
+# Regenerate every results table, then copy them into the README and docs/. Each benchmark keeps its rows in
 # benchmarks/results/*.json and skips rows already there (delete a JSON file to measure it again).
 # Several hours on a 2-core CPU; run on an otherwise idle machine for meaningful times.
 set -euo pipefail
@@ -35,4 +35,4 @@ OMP_NUM_THREADS=1 postquant study all --out benchmarks/results/study &
 OMP_NUM_THREADS=1 postquant study all --out benchmarks/results/study &
 wait
 postquant study all --out benchmarks/results/study --no-run  # seeds per model (3 CIFAR, 2 Lite0/MiniLM)
-python3 benchmarks/update_readme.py
+python3 benchmarks/update_docs.py

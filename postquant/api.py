@@ -48,7 +48,7 @@ def quantize_weights(
     """Replace every planned layer of `model` (in place) by a `QuantizedLayer` with the recipe's codes.
 
     Each layer gets the recipe's grid (`recipe.grid`: uniform, or power with its exponent fixed or searched
-    per layer, ALGORITHMS.md 1.1-1.2; `importance` weighs the search's error per layer, see
+    per layer, docs/algorithms.md 1.1-1.2; `importance` weighs the search's error per layer, see
     `power_search_importance`); the rounding method chooses codes in that grid's integer domain. Off the CPU,
     SQuant chooses the codes of layers of one shape together (`squant_codes_many`: the same codes, fewer GPU
     operations), holding at most `_BATCH_ELEMENTS` integer-domain weights at once.

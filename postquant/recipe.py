@@ -32,15 +32,15 @@ class Method(enum.StrEnum):
     """How integer codes are chosen."""
 
     RTN = "rtn"  # nearest rounding
-    SQUANT = "squant"  # data-free flips (ALGORITHMS.md 2.2)
-    ADAROUND = "adaround"  # learned rounding, layer-wise (ALGORITHMS.md 2.3; preset in reconstruct.presets)
+    SQUANT = "squant"  # data-free flips (docs/algorithms.md 2.2)
+    ADAROUND = "adaround"  # layer-wise learned rounding (docs/algorithms.md 2.3; reconstruct.presets)
     BRECQ = "brecq"  # learned rounding, block-wise
     QDROP = "qdrop"  # BRECQ + randomly dropped activation quantization
     LEARNED = "learned"  # this project's measured default of learned rounding
 
 
 class PowerSearch(enum.StrEnum):
-    """What the power grid's exponent search minimises (ALGORITHMS.md 1.2)."""
+    """What the power grid's exponent search minimises (docs/algorithms.md 1.2)."""
 
     WEIGHTS = "weights"  # the weights' squared error
     OUTPUTS = "outputs"  # the layer's output error, diagonal approximation: sum E[x_j^2] (w - w_hat)^2
@@ -82,7 +82,7 @@ class Recipe(BaseModel):
     symmetric: bool = False
     w_range: RangeMethod = Field(default=RangeMethod.MINMAX, description="weight range: minmax or mse search")
     grid: GridKind = Field(
-        default=GridKind.UNIFORM, description="weight grid: uniform or power (ALGORITHMS.md 1.2)"
+        default=GridKind.UNIFORM, description="weight grid: uniform or power (docs/algorithms.md 1.2)"
     )
     power_exponent: float | None = Field(
         default=None,

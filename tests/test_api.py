@@ -265,3 +265,19 @@ def test_patterns_that_match_nothing_are_named_in_a_warning(tiny_cnn, images, ca
         postquant.quantize(tiny_cnn, recipe, example_inputs=images)
     text = caplog.text
     assert "'conv9'" in text and "'re:^head'" in text and "'fc'" not in text
+
+
+def test_save_and_load_are_top_level():
+    """`postquant.save` / `postquant.load` are the checkpoint functions of `postquant.io`, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    import postquant.io
+
+    assert postquant.save is postquant.io.save and postquant.load is postquant.io.load
+    done = subprocess.run(
+        [sys.executable, "-c", "import postquant; postquant.save; postquant.load"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr

@@ -1,4 +1,4 @@
-"""The non-uniform power grid (PowerQuant-style, ALGORITHMS.md 1.2).
+"""The non-uniform power grid (PowerQuant-style, docs/algorithms.md 1.2).
 
 Weights are quantized in a transformed space ``u = sign(w) * |w / m|^a`` (``m = max |w|`` of the row, one
 exponent ``0 < a <= 1`` per layer) on a uniform grid fitted to ``u``, and mapped back with
@@ -44,7 +44,7 @@ def check_exponent(a: float) -> float:
 
 
 def power_transform(rows: torch.Tensor, max_abs: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
-    """``u = sign(w) * |w / m|^a`` (ALGORITHMS.md 1.2) for rows (G, n), `max_abs` (G, 1), `exponent` (1, 1)."""
+    """``u = sign(w) * |w / m|^a`` (docs/algorithms.md 1.2) for rows (G, n), `max_abs` (G, 1), `exponent` (1, 1)."""
     return torch.sign(rows) * (rows.abs() / max_abs).pow(exponent)
 
 
@@ -121,7 +121,7 @@ def fit_power_grid(
     range_method: RangeMethod | str = RangeMethod.MINMAX,
     group_size: int = 128,
 ) -> PowerGrid:
-    """Fit a power grid (ALGORITHMS.md 1.2) to weight `w`, searching the layer's exponent if not given.
+    """Fit a power grid (docs/algorithms.md 1.2) to weight `w`, searching the layer's exponent if not given.
 
     Args:
         w: the float weight (OC, ...).

@@ -16,7 +16,7 @@ Grid = UniformGrid | PowerGrid
 
 
 class GridKind(enum.StrEnum):
-    """The family of a weight grid (ALGORITHMS.md 1.1, 1.2)."""
+    """The family of a weight grid (docs/algorithms.md 1.1, 1.2)."""
 
     UNIFORM = "uniform"  # affine integer grid
     POWER = "power"  # uniform grid on sign(w)|w/m|^a (PowerQuant-style)

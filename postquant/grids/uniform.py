@@ -2,7 +2,7 @@
 
 A grid maps a float weight to the integer domain, ``x = S * w - Z`` (S is the *inverse* step), and
 back, ``w_hat = (q + Z) / S``, with integer codes ``q`` in ``[qmin, qmax]``. This is the convention of
-the SQuant reference (inherited from ZeroQ; ALGORITHMS.md 1.1), kept exactly so that SQuant codes are
+the SQuant reference (inherited from ZeroQ; docs/algorithms.md 1.1), kept exactly so that SQuant codes are
 bit-identical to the published implementation. Every rounding method works through this interface:
 ``to_int`` (float values in the integer domain), a rounding rule (nearest, SQuant flips, learned) and
 ``dequantize``.
@@ -179,7 +179,7 @@ def fit_uniform_grid(
         bits: 2..8.
         granularity: channel, tensor or group (group size along the flattened input dimension).
         symmetric: ``Z = 0`` and ``S = (2^(b-1)-1)/max|w|``; otherwise the reference affine grid.
-        range_method: ``minmax`` (exact reference convention, ALGORITHMS.md 1.1) or ``mse``: shrink the
+        range_method: ``minmax`` (exact reference convention, docs/algorithms.md 1.1) or ``mse``: shrink the
             range by a ratio in ``[mse_min_ratio, 1]`` per row and keep the ratio with the lowest
             ``sum |w - w_hat|^mse_p`` under nearest rounding.
         group_size: inputs per group for ``granularity="group"``.

@@ -1,4 +1,4 @@
-"""Exact bit allocation: a multiple-choice knapsack over layers (ALGORITHMS.md 3).
+"""Exact bit allocation: a multiple-choice knapsack over layers (docs/algorithms.md 3).
 
 Choose one bit width ``b_l`` per layer to minimise the summed predicted damage ``sum_l cost[l, b_l]``
 subject to ``sum_l weight[l, b_l] <= capacity``, where the weight of a choice is an integer: ``n_l * b``

@@ -1,4 +1,4 @@
-"""`MixedConfig`: the typed settings of importance-based mixed precision (ALGORITHMS.md 3)."""
+"""`MixedConfig`: the typed settings of importance-based mixed precision (docs/algorithms.md 3)."""
 
 from __future__ import annotations
 

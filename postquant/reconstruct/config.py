@@ -1,6 +1,6 @@
 """`LearnedConfig`: every choice of learned rounding (AdaRound / BRECQ / QDrop family) as a typed field.
 
-The fields follow the axes of ALGORITHMS.md 2.4 (the study "challenging common choices in gradient-based
+The fields follow the axes of docs/algorithms.md 2.4 (the study "challenging common choices in gradient-based
 PTQ"): the reconstruction unit (granularity), the optimised variable, the degrees of freedom, the loss, the
 optimizer, the weight selection, the calibration source and augmentation. The presets that reproduce
 AdaRound (Nagel et al., ICML 2020), BRECQ (Li et al., ICLR 2021) and QDrop (Wei et al., ICLR 2022) are data
@@ -86,7 +86,7 @@ class Init(enum.StrEnum):
     """Starting codes of the learned rounding."""
 
     NEAREST = "nearest"
-    SQUANT = "squant"  # SQuant flips (ALGORITHMS.md 2.2), then learned from there
+    SQUANT = "squant"  # SQuant flips (docs/algorithms.md 2.2), then learned from there
 
 
 class CalibSource(enum.StrEnum):
@@ -98,7 +98,7 @@ class CalibSource(enum.StrEnum):
 
 
 class LearnedConfig(BaseModel):
-    """One learned-rounding run. The defaults are BRECQ's published settings (ALGORITHMS.md 2.3)."""
+    """One learned-rounding run. The defaults are BRECQ's published settings (docs/algorithms.md 2.3)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -48,7 +48,7 @@ def selection_mask(
     frac: torch.Tensor, cfg: LearnedConfig, generator: torch.Generator, bits: int
 ) -> torch.Tensor:
     """Which weights of a `bits`-bit layer are learned, from their fractional parts ``x - floor(x)``
-    (ALGORITHMS.md 2.4 (i))."""
+    (docs/algorithms.md 2.4 (i))."""
     selection = cfg.selection
     if selection is Selection.AUTO:
         selection = Selection.RANDOM if bits <= AUTO_RANDOM_MAX_BITS else Selection.ALL

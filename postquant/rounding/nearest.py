@@ -1,4 +1,4 @@
-"""Nearest rounding (RTN), the baseline of every comparison (ALGORITHMS.md 2.1)."""
+"""Nearest rounding (RTN), the baseline of every comparison (docs/algorithms.md 2.1)."""
 
 from __future__ import annotations
 

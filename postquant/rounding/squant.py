@@ -1,4 +1,4 @@
-"""SQuant rounding: data-free flips of nearest-rounding decisions (ALGORITHMS.md 2.2).
+"""SQuant rounding: data-free flips of nearest-rounding decisions (docs/algorithms.md 2.2).
 
 SQuant (Guo et al., "SQuant: On-the-Fly Data-Free Quantization via Diagonal Hessian Approximation",
 ICLR 2022) approximates the loss increase of a layer by a Hessian made of three parts: element-wise (E),

@@ -1,4 +1,4 @@
-"""The study of ALGORITHMS.md 2.4 and 3: each choice of learned rounding measured over seeds, one axis at a time."""
+"""The study of docs/algorithms.md 2.4 and 3: each choice of learned rounding measured over seeds, one axis at a time."""
 
 from postquant.study.axes import AXES, AXIS_NAMES, Axis, Variant, get_axis
 from postquant.study.driver import AxisReport, study_all, study_axis

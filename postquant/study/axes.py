@@ -1,4 +1,4 @@
-"""The study's axes (ALGORITHMS.md 2.4 and 3) as data: each axis is a baseline and variants of recipe changes.
+"""The study's axes (docs/algorithms.md 2.4 and 3) as data: each axis is a baseline and variants of recipe changes.
 
 A variant's ``changes`` are recipe fields applied on top of the study's base recipe (see
 `postquant.study.runner.base_recipe`); the key ``"learned"`` holds `LearnedConfig` fields, merged into the
@@ -46,7 +46,7 @@ class Axis:
     Attributes:
         name: command-line name, e.g. ``"selection"``.
         title: the heading in reports.
-        description: what is varied and why (ALGORITHMS.md section).
+        description: what is varied and why (docs/algorithms.md section).
         baseline: the label of the variant every other one is compared with.
         variants: the settings, baseline included.
     """
@@ -188,7 +188,7 @@ AXES: tuple[Axis, ...] = (
     Axis(
         "grid",
         "Non-uniform grid",
-        "Uniform affine grid vs PowerQuant-style power grid with a searched exponent (2.4 vi, ALGORITHMS.md 1.2).",
+        "Uniform affine grid vs PowerQuant-style power grid with a searched exponent (2.4 vi, docs/algorithms.md 1.2).",
         "uniform",
         (
             Variant("uniform", {}),
@@ -234,7 +234,7 @@ AXES: tuple[Axis, ...] = (
         "mixed",
         "Mixed precision",
         "Uniform weight bits vs importance-based mixed precision at the same average weight bits "
-        "(ALGORITHMS.md 3; the budget is the study's weight bits).",
+        "(docs/algorithms.md 3; the budget is the study's weight bits).",
         "uniform",
         (
             Variant("uniform", {}),

@@ -220,7 +220,7 @@ def study_markdown(sections: list[str], summary: list[str], missing: list[str], 
     lines = [
         "# Study: the choices of gradient-based PTQ, one axis at a time",
         "",
-        "Each table changes one choice of learned rounding (ALGORITHMS.md 2.4 and 3) on the same model, bits "
+        "Each table changes one choice of learned rounding (docs/algorithms.md 2.4 and 3) on the same model, bits "
         "and calibration data, repeated over seeds (the seed fixes every random choice: QDrop, batch order, "
         "random selection, synthetic data). Wall time is quantization plus evaluation on a shared 2-core CPU "
         "(1 thread; other jobs running), so it is indicative only.",

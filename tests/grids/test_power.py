@@ -1,4 +1,4 @@
-"""The power grid (ALGORITHMS.md 1.2): a = 1 is the uniform grid, invariants, the exponent search, rounding."""
+"""The power grid (docs/algorithms.md 1.2): a = 1 is the uniform grid, invariants, the exponent search, rounding."""
 
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def test_squant_on_a_power_grid_keeps_codes_in_range_and_lowers_channel_error_su
         assert int(codes.min()) >= grid.qmin and int(codes.max()) <= grid.qmax
         rtn_sum = (grid.nearest(w) - x).sum(dim=(1, 2, 3)).abs()
         sq_sum = (codes - x).sum(dim=(1, 2, 3)).abs()
-        assert (sq_sum <= 0.5 + 1e-3).all()  # ALGORITHMS.md 2.2: |channel error sum| <= 0.5
+        assert (sq_sum <= 0.5 + 1e-3).all()  # docs/algorithms.md 2.2: |channel error sum| <= 0.5
         assert sq_sum.sum() < 0.5 * rtn_sum.sum()
         assert torch.isfinite(grid.dequantize(codes)).all()
 

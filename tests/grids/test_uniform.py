@@ -21,7 +21,7 @@ def _golden_tensors():
 
 
 def test_reference_grid_matches_golden_bitwise():
-    """ALGORITHMS.md 1.1: S, Z and x = S*w - Z equal the reference's float32 values for every golden tensor."""
+    """docs/algorithms.md 1.1: S, Z and x = S*w - Z equal the reference's float32 values for every golden tensor."""
     mismatches, n = [], 0
     for case, d, tid, w in _golden_tensors():
         bits = int(d[f"{tid}/bits"])

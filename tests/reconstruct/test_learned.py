@@ -399,7 +399,7 @@ def test_augmentation_adds_seeded_copies(calib):
 
 @pytest.mark.parametrize("learn_scales", [False, True], ids=["codes", "codes+scales"])
 def test_learned_rounding_on_a_power_grid_lowers_block_error_below_nearest(net, calib, learn_scales):
-    """ALGORITHMS.md 1.2: learned rounding works on the power grid's integer domain unchanged."""
+    """docs/algorithms.md 1.2: learned rounding works on the power grid's integer domain unchanged."""
     teacher, _ = fold_batchnorm(net, calib[:2])
     power = {"grid": "power", "power_exponent": 0.7}
     rtn = postquant.quantize(net, {"method": "rtn", "w_bits": 3, **power}, calib=calib)

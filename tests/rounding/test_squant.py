@@ -1,4 +1,4 @@
-"""Tests of SQuant rounding (ALGORITHMS.md 2.2): golden vectors, invariants, edge cases.
+"""Tests of SQuant rounding (docs/algorithms.md 2.2): golden vectors, invariants, edge cases.
 
 The golden vectors in ``shared/golden/squant/`` are the integer outputs of the reference implementation
 (README there). Every case must match integer for integer, including the cases where a stable sort would
@@ -259,7 +259,7 @@ def test_codes_in_range_and_one_step_from_nearest(
 @settings(max_examples=50, deadline=None)
 @given(layers(repeated=st.just(False)))
 def test_error_sum_bounds(layer: tuple[torch.Tensor, int, int]) -> None:
-    """CASE bounds (ALGORITHMS.md 2.2): |kernel sum| <= 0.5 after K alone, |channel sum| <= 0.5 after C
+    """CASE bounds (docs/algorithms.md 2.2): |kernel sum| <= 0.5 after K alone, |channel sum| <= 0.5 after C
     (alone or after K), |kernel sum| <= 1 after K+C.
 
     They hold exactly when x lies inside [tmin, tmax]: then every element with a negative (positive) error is
