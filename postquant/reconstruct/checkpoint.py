@@ -100,8 +100,32 @@ class CheckpointStore:
                 raise CheckpointError(
                     f"{self.index_path} is not valid JSON; delete it to start over"
                 ) from exc
-            if index.get("key") == key and index.get("units") == units:
-                self.index = index
+            if isinstance(index, dict) and index.get("key") == key and index.get("units") == units:
+                self.index = self._checked(index)
+
+    def _checked(self, index: dict[str, Any]) -> dict[str, Any]:
+        """`index` if every finished-unit entry is one this class writes, else a CheckpointError: a file name
+        is only ever ``unit_<k>.safetensors`` inside this directory (never a path that leaves it)."""
+        done = index.get("done")
+        if not isinstance(done, dict):
+            raise CheckpointError(
+                f"{self.index_path}: 'done' is not a mapping; delete {self.dir} to start over"
+            )
+        for k, entry in done.items():
+            ok = (
+                isinstance(k, str)
+                and k.isdigit()
+                and int(k) < len(self.units)
+                and isinstance(entry, dict)
+                and entry.get("file") == _unit_file(int(k))
+                and isinstance(entry.get("outcome"), dict)
+            )
+            if not ok:
+                raise CheckpointError(
+                    f"{self.index_path}: entry {str(k)[:40]!r} is not one postquant writes (a unit file is "
+                    f"{_unit_file(0)!r}, ... in this directory); delete {self.dir} to start over"
+                )
+        return index
 
     def finished(self) -> list[int]:
         """Indices of the saved units, in order, up to the first gap."""
@@ -118,17 +142,27 @@ class CheckpointStore:
     def load(self, k: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The state tensors and the outcome of finished unit `k`."""
         entry = self.index["done"][str(k)]
-        return load_file(str(self.dir / entry["file"])), entry["outcome"]
+        path = self.dir / entry["file"]
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types on a damaged file
+            raise CheckpointError(f"{path} cannot be read ({exc}); delete it to redo that unit") from exc
+        return tensors, entry["outcome"]
 
     def save(self, k: int, state: dict[str, torch.Tensor], outcome: dict[str, Any]) -> None:
         """Save unit `k` (tensors first, then the index, both atomically)."""
-        name = f"unit_{k:04d}.safetensors"
+        name = _unit_file(k)
         tensors = {key: t.detach().cpu().contiguous() for key, t in state.items()}
         write_atomic(self.dir / name, lambda tmp: save_file(tensors, tmp))
         self.index["done"][str(k)] = {"file": name, "unit": self.units[k], "outcome": outcome}
         text = json.dumps(self.index, indent=1)
         write_atomic(self.index_path, lambda tmp: Path(tmp).write_text(text))
         log.debug("checkpointed unit %d (%s) to %s", k, self.units[k], self.dir)
+
+
+def _unit_file(k: int) -> str:
+    """The file of finished unit `k` in a checkpoint directory."""
+    return f"unit_{k:04d}.safetensors"
 
 
 def cached_batches(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -475,3 +476,34 @@ def test_keep_better_start_guards_units_that_learn_worse(net, calib, keep):
         assert kept and not worse
     else:
         assert worse and not kept
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda e: e.update(file="../../outside.safetensors"),  # a path that leaves the directory
+        lambda e: e.update(file="/etc/passwd"),
+        lambda e: e.update(file="unit_0003.safetensors"),  # another unit's file
+        lambda e: e.pop("outcome"),
+        lambda e: e.update(outcome="ok"),
+    ],
+    ids=["escaping", "absolute", "other-unit", "no-outcome", "bad-outcome"],
+)
+def test_a_tampered_checkpoint_index_is_a_checkpoint_error(tmp_path, tamper):
+    store = CheckpointStore(tmp_path, "k", ["a", "b"])
+    store.save(0, {"w": torch.ones(2)}, {"status": "ok"})
+    index = json.loads(store.index_path.read_text())
+    tamper(index["done"]["0"])
+    store.index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="delete"):
+        CheckpointStore(tmp_path, "k", ["a", "b"])
+
+
+def test_a_damaged_unit_file_is_a_checkpoint_error(tmp_path):
+    store = CheckpointStore(tmp_path, "k", ["a"])
+    store.save(0, {"w": torch.ones(2)}, {"status": "ok"})
+    (store.dir / "unit_0000.safetensors").write_bytes(b"\x00garbage")
+    again = CheckpointStore(tmp_path, "k", ["a"])
+    assert again.finished() == [0]
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        again.load(0)
