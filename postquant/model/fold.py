@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from postquant.errors import DataError
 from postquant.eval.run import run_model
 from postquant.model.walk import set_module, walk_children
 from postquant.nn.layer import upcast_half
@@ -64,6 +65,9 @@ def fold_batchnorm(
     `example_inputs` is given, the copy's output is compared with the original's, and if they differ (a BN
     was not really applied to that layer's output) the original is returned unfolded with a warning.
 
+    Raises:
+        DataError: the float model's output on `example_inputs` is not finite (NaN inputs, say).
+
     Returns:
         (model, pairs): the folded copy (or `model` itself) and the folded (layer, bn) names.
     """
@@ -77,6 +81,11 @@ def fold_batchnorm(
     if example_inputs is not None:
         with torch.inference_mode():
             ref, out = run_model(model, example_inputs), run_model(folded, example_inputs)
+        if not bool(torch.isfinite(ref).all()):
+            raise DataError(
+                "the float model's output on the example inputs holds NaN or Inf, so BatchNorm folding cannot "
+                "be verified; check the example inputs (or the first calibration batch) for NaN/Inf values"
+            )
         err = ((ref - out).double().norm() / ref.double().norm().clamp(min=1e-12)).item()
         rtol = max(rtol, 4 * torch.finfo(ref.dtype).eps)  # a half-precision model rounds to ~0.4 % (bfloat16)
         if not err <= rtol:

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+import postquant
+from postquant.errors import DataError
 from postquant.model import fold_batchnorm, quantizable_layers
 
 
@@ -49,3 +52,13 @@ def test_walker_finds_layers_in_order_with_ignore(tiny_cnn):
 def test_walker_sees_modulelist_children():
     model = nn.Sequential(nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)]))
     assert list(quantizable_layers(model)) == ["0.0", "0.1"]
+
+
+def test_nan_example_inputs_are_a_data_error_not_a_silently_skipped_fold(tiny_cnn, images):
+    """NaN example inputs used to leave BatchNorm unfolded with only a warning (the check compared NaNs)."""
+    bad = images.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(DataError, match="NaN or Inf"):
+        fold_batchnorm(tiny_cnn, bad)
+    with pytest.raises(DataError, match="NaN or Inf"):
+        postquant.quantize(tiny_cnn, {"method": "squant", "w_bits": 4}, example_inputs=bad)
