@@ -27,6 +27,7 @@ from postquant.plan import LayerPlan, check_finite, make_plan
 from postquant.recipe import Method, Recipe
 from postquant.reconstruct import is_learned, learned_rounding
 from postquant.reconstruct import prepare as prepare_learned
+from postquant.reconstruct.engine import check_calibration
 from postquant.rounding import nearest_codes, squant_codes, squant_codes_many
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,8 @@ def _quantize(model: nn.Module, recipe: Recipe, calib: Any, example_inputs: Any)
             + (", ..." if len(left) > 8 else ""),
         )
     batches = as_calibration(calib, recipe.calib_size) if calib is not None else None
+    if isinstance(batches, list) and batches:
+        check_calibration(model, batches, 0)  # a batch the model cannot run: a DataError before any work
     if example_inputs is None and isinstance(batches, list):
         example_inputs = batches[0]
     if is_learned(recipe):  # preset first/last-layer policy, synthetic calibration data (float model)

@@ -281,3 +281,20 @@ def test_save_and_load_are_top_level():
         text=True,
     )
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("method", ["rtn", "squant"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.randn(4, 5, 12, 12),  # wrong channel count
+        torch.randint(0, 255, (4, 3, 12, 12), dtype=torch.uint8),  # raw uint8 images
+        {"pixel_values": torch.randn(4, 3, 12, 12)},  # keyword the model does not take
+    ],
+    ids=["shape", "dtype", "keys"],
+)
+def test_calibration_batches_the_model_cannot_run_are_a_data_error(tiny_cnn, method, bad):
+    """The RTN/SQuant path checks the first calibration batch as the learned path does (a raw torch error,
+    or for some inputs a silently wrong range, came from the middle of activation calibration)."""
+    with pytest.raises(DataError, match="cannot run on calibration batch 0"):
+        postquant.quantize(tiny_cnn, {"method": method, "w_bits": 4, "a_bits": 8}, calib=[bad])
