@@ -58,7 +58,8 @@ def load_factory(spec: str) -> ZooModel:
 
     Raises:
         UnknownNameError: malformed spec, module not importable, no such factory.
-        UnsupportedModelError: the factory returned something else than an ``nn.Module`` or ``ZooModel``.
+        UnsupportedModelError: importing the module or calling the factory raised, or the factory returned
+            something else than an ``nn.Module`` or ``ZooModel``.
         CheckpointError: unreadable weights, or weights that do not fit.
     """
     target, at, weights = spec.partition("@")
@@ -71,13 +72,24 @@ def load_factory(spec: str) -> ZooModel:
         raise UnknownNameError(
             f"cannot import module {module_name!r} for model {spec!r} ({err}). Is it installed or on PYTHONPATH?"
         ) from err
+    except Exception as err:  # the module's own code failed while importing
+        raise UnsupportedModelError(
+            f"importing module {module_name!r} for model {spec!r} raised {type(err).__name__}: "
+            f"{str(err)[:300]} (--verbose shows its traceback)"
+        ) from err
     try:
         factory = functools.reduce(getattr, attr.split("."), module)
     except AttributeError as err:
         raise UnknownNameError(f"module {module_name!r} has no attribute {attr!r} (model {spec!r}).") from err
     if not callable(factory):
         raise UnknownNameError(f"{module_name}:{attr} is a {type(factory).__name__}, not a callable factory.")
-    built = factory()
+    try:
+        built = factory()
+    except Exception as err:  # the user's factory failed: say so in one line, keep its traceback as the cause
+        raise UnsupportedModelError(
+            f"the model factory {module_name}:{attr}() raised {type(err).__name__}: {str(err)[:300]} "
+            "(--verbose shows its traceback)"
+        ) from err
     if isinstance(built, ZooModel):
         zoo = built
     elif isinstance(built, nn.Module):

@@ -156,13 +156,18 @@ def user_module(tmp_path, monkeypatch):
             def not_a_model():
                 return 42
 
+            def raises():
+                raise RuntimeError("out of memory while building")
+
             NOT_CALLABLE = 3
             """
         )
     )
+    (tmp_path / "pq_broken_module.py").write_text("x = 1 / 0\n")  # fails while importing
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
     sys.modules.pop("pq_user_models", None)
+    sys.modules.pop("pq_broken_module", None)
 
 
 def test_factory_without_weights(user_module):
@@ -210,8 +215,23 @@ def test_factory_with_wrong_weights(user_module):
         ("pq_user_models:", UnknownNameError, "expected 'module.path:factory'"),
         ("pq_user_models:build@", UnknownNameError, "expected 'module.path:factory'"),
         ("pq_user_models:not_a_model", UnsupportedModelError, "returned a int"),
+        ("pq_user_models:raises", UnsupportedModelError, r"raises\(\) raised RuntimeError: out of memory"),
+        (
+            "pq_broken_module:build",
+            UnsupportedModelError,
+            "importing module 'pq_broken_module'.*ZeroDivision",
+        ),
     ],
-    ids=["module", "attribute", "not-callable", "no-factory", "empty-weights", "not-a-model"],
+    ids=[
+        "module",
+        "attribute",
+        "not-callable",
+        "no-factory",
+        "empty-weights",
+        "not-a-model",
+        "raises",
+        "import",
+    ],
 )
 def test_bad_factory_specs(user_module, spec, error, message):
     with pytest.raises(error, match=message):
