@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from postquant.errors import DataError
+
 __all__ = [
     "average_ranks",
     "pearson",
@@ -90,6 +92,13 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: Iterable[int] = (1, 5)) -> 
         raise ValueError(
             f"topk needs (N, C) logits and (N,) labels, got {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
+    if labels.numel():
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= logits.shape[1]:
+            raise DataError(
+                f"labels must be class indices in [0, {logits.shape[1]}) for a model with {logits.shape[1]} "
+                f"outputs, got labels from {lo} to {hi}; check the label file and that the model's classes match"
+            )
     true = logits.gather(1, labels[:, None])  # (N, 1)
     others_at_least = (logits >= true).sum(dim=1) - 1  # (N,) classes other than the label scoring >= it
     valid = ~torch.isnan(logits).any(dim=1)

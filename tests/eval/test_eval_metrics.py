@@ -12,6 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from postquant.errors import DataError
 from postquant.eval import average_ranks, pearson, spearman, sqnr_db, topk_accuracy
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, width=64)
@@ -163,3 +164,10 @@ def test_sqnr_error_bound_is_tight_for_normal_numbers():
     ref = torch.linspace(-3.0, 3.0, 50, dtype=torch.float64)
     assert _sqnr_error_db(ref, ref + 0.1) < 1e-10
     assert _sqnr_error_db(torch.full((3,), 1e-162, dtype=torch.float64), torch.ones(3)) == math.inf
+
+
+@pytest.mark.parametrize("labels", [[0, 10, 2], [0, -1, 2]], ids=["too-large", "negative"])
+def test_labels_outside_the_models_classes_are_a_data_error(labels):
+    """An out-of-range label was a raw index error on the CPU (a device-side assert on CUDA)."""
+    with pytest.raises(DataError, match=r"class indices in \[0, 10\)"):
+        topk_accuracy(torch.randn(3, 10), torch.tensor(labels))
