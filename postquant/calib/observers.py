@@ -14,9 +14,10 @@ _SELECT_MIN = 1 << 14
 def _extreme_values(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     """The `k` largest (or smallest) values of the 1-D `x`, sorted from the extreme inwards.
 
-    Equal to ``x.topk(k, largest=largest).values``, faster for k << n: a threshold is guessed from a strided
-    subsample, the values beyond it are kept (one pass), and only those are ranked. The guess only steers the
-    work: when fewer than k values pass it, the whole tensor is ranked.
+    Equal to ``x.topk(k, largest=largest).values``, faster for k << n: a threshold t (one of x's values) is
+    guessed from a strided subsample, the values strictly beyond it are kept (one pass) and ranked; when they
+    are fewer than k, the rest are copies of t as long as x holds enough of them (ties, e.g. the zeros of a
+    ReLU). The guess only steers the work: otherwise the whole tensor is ranked.
     """
     n = x.numel()
     stride = max(1, n // (1 << 16))
@@ -24,9 +25,13 @@ def _extreme_values(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
         sub = x[::stride]  # (~65536,)
         m = min(sub.numel(), 4 * k * sub.numel() // n + 8)
         threshold = sub.topk(m, largest=largest).values[-1]
-        kept = x[x >= threshold] if largest else x[x <= threshold]
-        if kept.numel() >= k:
-            return kept.topk(k, largest=largest).values
+        beyond = x[x > threshold] if largest else x[x < threshold]
+        if beyond.numel() >= k:
+            return beyond.topk(k, largest=largest).values
+        missing = k - beyond.numel()
+        if int((x == threshold).sum()) >= missing:
+            ranked = beyond.sort(descending=largest).values
+            return torch.cat([ranked, threshold.expand(missing)])
     return x.topk(k, largest=largest).values
 
 
