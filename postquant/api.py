@@ -24,6 +24,7 @@ from postquant.model.convert import float_weight_modules, with_linear_layers
 from postquant.nn import QuantizedLayer
 from postquant.nn.layer import upcast_half
 from postquant.plan import LayerPlan, check_finite, make_plan
+from postquant.progress import progress_bar
 from postquant.recipe import Method, Recipe
 from postquant.reconstruct import is_learned, learned_rounding
 from postquant.reconstruct import prepare as prepare_learned
@@ -82,7 +83,7 @@ def quantize_weights(
             done[name] = qlayer
         pending.clear()
 
-    for name, lp in plan.items():
+    for name, lp in progress_bar(plan.items(), total=len(plan), desc="quantize weights", unit="layer"):
         if lp.w_bits is None:
             continue
         layer = model.get_submodule(name)

@@ -1,4 +1,8 @@
-"""Command line: a thin layer that builds a recipe, calls the API and prints a table."""
+"""Command line: a thin layer that builds a recipe, calls the API and prints a table.
+
+Heavy modules (torch, the API, the zoo) are imported inside the commands, so that ``postquant --help`` and
+``postquant quantize --help`` answer at once.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,19 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from postquant import __version__
+from postquant.choices import ActRanges, Granularity, GridKind, Importance, Method, PowerSearch, SquantMode
 from postquant.errors import OutputError, PostquantError, RecipeError
+
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINT_SUBDIR = "checkpoint"  # inside a run directory written by `quantize --out`
 
@@ -35,6 +43,30 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 out_console = Console()
+
+MODEL_HELP = "zoo name (see `postquant models`), module:factory\\[@weights], or timm:, torchvision:, hf: NAME"
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def _complete_device(incomplete: str) -> list[str]:
+    """Shell completion of ``--device``: auto, cpu, cuda and cuda:0.. (the CUDA devices are not counted here)."""
+    return [d for d in ("auto", "cpu", "cuda", "cuda:0", "cuda:1") if d.startswith(incomplete)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"postquant {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_version, help="print the version and exit"),
+    ] = False,
+) -> None:
+    """postquant: quantize trained PyTorch models to 2-8 bits after training."""
 
 
 def _check_writable_file(path: Path) -> None:
@@ -93,13 +125,11 @@ def _fmt(v: float | None) -> str:
 
 @app.command()
 def quantize(
-    model: Annotated[
-        str, typer.Argument(help="zoo name (see `postquant models`) or module:factory[@weights]")
-    ],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     method: Annotated[
-        str | None,
+        Method | None,
         typer.Option(
-            help="rtn | squant | adaround | brecq | qdrop | learned (learned rounding) [default: rtn, or the recipe's]"
+            help="rounding: adaround, brecq, qdrop, learned are learned rounding [default: rtn, or the recipe's]"
         ),
     ] = None,
     w_bits: Annotated[
@@ -111,16 +141,25 @@ def quantize(
     recipe: Annotated[
         Path | None, typer.Option(help="YAML recipe; only the options you type override its fields")
     ] = None,
-    granularity: Annotated[str | None, typer.Option(help="channel | tensor | group")] = None,
-    squant_mode: Annotated[str | None, typer.Option(help="SQuant stages: e | ek | ec | ekc")] = None,
-    act_ranges: Annotated[str | None, typer.Option(help="auto | calib | squant-noise")] = None,
-    grid: Annotated[str | None, typer.Option(help="weight grid: uniform | power (non-uniform)")] = None,
+    granularity: Annotated[Granularity | None, typer.Option(help="weights sharing one step size")] = None,
+    squant_mode: Annotated[
+        SquantMode | None, typer.Option(help="SQuant stages: e (nearest), k (kernel), c (channel)")
+    ] = None,
+    act_ranges: Annotated[
+        ActRanges | None,
+        typer.Option(
+            help="activation ranges: auto (calib with calibration data, else data-free: bn-noise for models "
+            "with BatchNorm, squant-noise otherwise), calib (observers over calibration data), squant-noise "
+            "(SQuant's uniform-noise rule), bn-noise (noise matched to the BatchNorm statistics)"
+        ),
+    ] = None,
+    grid: Annotated[GridKind | None, typer.Option(help="weight grid (power: non-uniform)")] = None,
     power_exponent: Annotated[
         float | None, typer.Option(help="power grid exponent in (0, 1] (omit to search it per layer)")
     ] = None,
     power_search: Annotated[
-        str | None,
-        typer.Option(help="power exponent search error: weights | outputs (calibration data)"),
+        PowerSearch | None,
+        typer.Option(help="power exponent search error (outputs: needs calibration data)"),
     ] = None,
     data: Annotated[Path | None, typer.Option(help="evaluation data (default: the model's own set)")] = None,
     calib: Annotated[
@@ -149,13 +188,18 @@ def quantize(
     ] = None,
     size_budget: Annotated[str | None, typer.Option(help="mixed precision: model size, e.g. 2MB")] = None,
     importance: Annotated[
-        str | None, typer.Option(help="mixed precision: loss | taylor | fisher | datafree")
+        Importance | None, typer.Option(help="mixed precision: how a layer's damage is predicted")
     ] = None,
     bit_choices: Annotated[
         str | None, typer.Option(help="mixed precision: allowed weight bits, e.g. 2,3,4,6,8")
     ] = None,
     device: Annotated[
-        str, typer.Option(help="where the model and data run: auto (CUDA if available) | cpu | cuda[:N]")
+        str,
+        typer.Option(
+            metavar="[" + "|".join(DEVICES) + "]",
+            autocompletion=_complete_device,
+            help="where the model and data run (auto: CUDA if available)",
+        ),
     ] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -197,6 +241,8 @@ def resolve_device(spec: str) -> torch.device:
     Raises:
         DeviceError: an unknown device, or CUDA asked for where it is not available.
     """
+    import torch
+
     from postquant.errors import DeviceError
 
     spec = spec.strip().lower()
@@ -409,6 +455,8 @@ def _w_label(qmodel: Any, w_bits: int) -> str:
 
 def _score(zoo: Any, qmodel: Any, data: Path | None, limit: int | None) -> tuple[Any, Any]:
     """FP32 and quantized metric on the evaluation set; without one, label-free fidelity on noise."""
+    import torch
+
     from postquant.errors import DataError
     from postquant.eval import EvalResult, evaluate, fidelity
 
@@ -434,7 +482,7 @@ def _score(zoo: Any, qmodel: Any, data: Path | None, limit: int | None) -> tuple
 
 @app.command("eval")
 def eval_cmd(
-    model: Annotated[str, typer.Argument(help="zoo name or module:factory[@weights]")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     data: Annotated[Path | None, typer.Option(help="evaluation data (default: the model's own set)")] = None,
     limit: Annotated[
         int | None, typer.Option(min=1, help="evaluate on N samples spread evenly over the set")
@@ -546,11 +594,26 @@ def report_cmd(
 
 @app.command("models")
 def models_cmd() -> None:
-    """List the named models of the zoo."""
-    from postquant.zoo import list_models
+    """List the named models of the zoo: task, data, and whether they are available here."""
+    from postquant.paths import ENV_VAR, shared_dir
+    from postquant.zoo.builtin import BUILTIN_INFO
 
-    for name in list_models():
-        out_console.print(name)
+    out_console.print(f"Zoo models (shared files from {ENV_VAR}={shared_dir()}):", markup=False)
+    for info in BUILTIN_INFO:
+        missing = info.missing()
+        status = "available here" if not missing else "not available here, missing " + "; ".join(missing)
+        out_console.print(
+            f"  {info.name:<19} {info.task}; data: {info.data}; {status}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    out_console.print(
+        "Any other model: module.path:factory or module.path:factory@weights.pt (factory() returns an "
+        "nn.Module), timm:<arch>, torchvision:<arch>, hf:<hub id or local folder>.",
+        markup=False,
+        highlight=False,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- study
@@ -652,6 +715,8 @@ def _study(
             out_console.print(f"{ax.name:<13} {labels}", markup=False, highlight=False, soft_wrap=True)
         out_console.print("(* = baseline)", markup=False)
         return
+    import torch
+
     torch.set_num_threads(threads)
     labels = [s.strip() for s in variants.split(",")] if variants else None
     options = {"bits": bits, "seeds": seeds, "iters": iters, "calib_size": calib_size, "limit": limit}

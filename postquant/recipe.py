@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import re
 from pathlib import Path
 from typing import Any
@@ -21,29 +20,12 @@ from pydantic import (
 
 from postquant.calib.act_ranges import ActRanges
 from postquant.calib.observers import Observer
+from postquant.choices import Method, PowerSearch
 from postquant.errors import OutputError, RecipeError, unknown_name
 from postquant.grids import Granularity, Grid, GridKind, RangeMethod, fit_grid
 from postquant.mixed.config import MixedConfig
 from postquant.reconstruct.config import LearnedConfig
 from postquant.rounding.squant import SquantMode
-
-
-class Method(enum.StrEnum):
-    """How integer codes are chosen."""
-
-    RTN = "rtn"  # nearest rounding
-    SQUANT = "squant"  # data-free flips (docs/algorithms.md 2.2)
-    ADAROUND = "adaround"  # layer-wise learned rounding (docs/algorithms.md 2.3; reconstruct.presets)
-    BRECQ = "brecq"  # learned rounding, block-wise
-    QDROP = "qdrop"  # BRECQ + randomly dropped activation quantization
-    LEARNED = "learned"  # this project's measured default of learned rounding
-
-
-class PowerSearch(enum.StrEnum):
-    """What the power grid's exponent search minimises (docs/algorithms.md 1.2)."""
-
-    WEIGHTS = "weights"  # the weights' squared error
-    OUTPUTS = "outputs"  # the layer's output error, diagonal approximation: sum E[x_j^2] (w - w_hat)^2
 
 
 class LayerOverride(BaseModel):

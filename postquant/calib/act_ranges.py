@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,18 +12,11 @@ from torch import nn
 
 from postquant.calib.data import Batch, ForwardLoop, forward_all
 from postquant.calib.observers import Observer, RangeObserver
+from postquant.choices import ActRanges  # noqa: F401 (re-exported; defined there, torch-free)
 from postquant.nn import QuantizedLayer
+from postquant.progress import progress_bar
 
 log = logging.getLogger(__name__)
-
-
-class ActRanges(enum.StrEnum):
-    """Where activation ranges come from."""
-
-    AUTO = "auto"  # calibration data when given, else the data-free default
-    CALIB = "calib"  # observers over calibration data
-    SQUANT_NOISE = "squant-noise"  # SQuant reference: one pass of uniform noise, range = s * std
-    BN_NOISE = "bn-noise"  # data-free: noise whose activations are re-standardised to the BN statistics
 
 
 # The reference's multiplier s by activation bits (12/14/25 at 4/6/8 bits; other widths interpolated).
@@ -33,11 +25,22 @@ NOISE_STD_MULTIPLIER = {2: 12.0, 3: 12.0, 4: 12.0, 5: 13.0, 6: 14.0, 7: 19.5, 8:
 
 @contextlib.contextmanager
 def input_hooks(
-    layers: dict[str, nn.Module], fn: Callable[[str, nn.Module, torch.Tensor], None]
+    layers: dict[str, nn.Module],
+    fn: Callable[[str, nn.Module, torch.Tensor], None],
+    bar: Any = None,
 ) -> Iterator[None]:
-    """Call ``fn(name, layer, input)`` before every forward of each layer; hooks always go away."""
+    """Call ``fn(name, layer, input)`` before every forward of each layer; hooks always go away.
+
+    With a progress `bar` (tqdm), each call advances it by one.
+    """
+
+    def hook(name: str, mod: nn.Module, x: torch.Tensor) -> None:
+        fn(name, mod, x)
+        if bar is not None:
+            bar.update()
+
     handles = [
-        layer.register_forward_pre_hook(lambda mod, args, _name=name: fn(_name, mod, args[0]))
+        layer.register_forward_pre_hook(lambda mod, args, _name=name: hook(_name, mod, args[0]))
         for name, layer in layers.items()
     ]
     try:
@@ -47,6 +50,12 @@ def input_hooks(
             h.remove()
 
 
+def _observation_bar(desc: str, n_layers: int, calib: Any, enabled: bool) -> Any:
+    """A bar over the layer inputs a calibration pass observes (layers x batches; unknown for a loop)."""
+    total = n_layers * len(calib) if isinstance(calib, list) else None
+    return progress_bar(total=total, desc=desc, unit="input", enabled=enabled, dynamic_ncols=True)
+
+
 def calibrate_from_data(
     model: nn.Module,
     layers: dict[str, QuantizedLayer],
@@ -54,17 +63,22 @@ def calibrate_from_data(
     calib: list[Batch] | ForwardLoop,
     observer: Observer | str = Observer.MINMAX,
     percentile: float = 99.99,
+    progress: bool = True,
 ) -> None:
     """Observe the float inputs of `layers` over `calib`, then install an input quantizer on each.
 
-    Observation runs with every input quantizer off (float activations, quantized weights).
+    Observation runs with every input quantizer off (float activations, quantized weights); `progress`
+    shows a bar over the observed layer inputs.
     """
     observers = {name: RangeObserver(observer, percentile) for name in layers}
     saved = {name: layer.act_quant for name, layer in layers.items()}
     for layer in layers.values():
         layer.act_quant = None
     try:
-        with input_hooks(layers, lambda name, _, x: observers[name].update(x)):
+        with (
+            _observation_bar(f"activation ranges ({observer})", len(layers), calib, progress) as bar,
+            input_hooks(layers, lambda name, _, x: observers[name].update(x), bar),
+        ):
             forward_all(model, calib)
     finally:
         for name, layer in layers.items():
@@ -87,7 +101,7 @@ def _positive_std(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_noise_range(x: torch.Tensor, bits: int) -> tuple[float, float]:
-    """SQuant's data-free range for one activation tensor (ALGORITHMS.md 2.2)."""
+    """SQuant's data-free range for one activation tensor (docs/algorithms.md 2.2)."""
     s = NOISE_STD_MULTIPLIER[bits]
     x = x.detach().float()
     if x.min() >= 0:
@@ -110,6 +124,7 @@ def calibrate_reference_noise(
     example: Any,
     seed: int = 0,
     n: int = 256,
+    progress: bool = True,
 ) -> None:
     """SQuant's reference rule: one forward pass of seeded ``torch.rand(n, *input_shape)``.
 
@@ -127,7 +142,10 @@ def calibrate_reference_noise(
 
     for layer in layers.values():
         layer.act_quant = None
-    with input_hooks(layers, install):
+    with (
+        _observation_bar("activation ranges (squant-noise)", len(layers), [noise], progress) as bar,
+        input_hooks(layers, install, bar),
+    ):
         forward_all(model, [noise])
 
 
@@ -148,7 +166,8 @@ def bn_matched(model: nn.Module) -> Iterator[int]:
         shape = [1, -1] + [1] * (x.dim() - 2)
         mean, std = x.mean(dim=dims, keepdim=True), x.std(dim=dims, keepdim=True).clamp(min=1e-6)
         target_std = torch.sqrt(bn.running_var + bn.eps).reshape(shape)
-        return ((x - mean) / std * target_std + bn.running_mean.reshape(shape),)
+        y = x - mean  # then in place, the same arithmetic as (x - mean) / std * target_std + mean_bn
+        return (y.div_(std).mul_(target_std).add_(bn.running_mean.reshape(shape)),)
 
     handles = [bn.register_forward_pre_hook(restandardise) for bn in bns]
     try:
@@ -166,12 +185,14 @@ def bn_noise_ranges(
     observer: Observer | str,
     seed: int = 0,
     n: int = 256,
+    progress: bool = True,
 ) -> dict[str, tuple[float, float]]:
     """Data-free activation ranges from the *float* model (before BN folding).
 
     Standard-normal noise shaped like `example` (the scale of normalised inputs) is run through the float
     model with every BatchNorm input re-standardised to the BN's running statistics (`bn_matched`); the
-    inputs of the layers in `names` (name -> bits) are observed with `observer`.
+    inputs of the layers in `names` (name -> bits) are observed with `observer`; `progress` shows a bar over
+    the observed layer inputs.
     """
     if not isinstance(example, torch.Tensor):
         raise TypeError("the bn-noise rule needs tensor inputs; pass calibration data instead")
@@ -182,6 +203,12 @@ def bn_noise_ranges(
     with bn_matched(float_model) as n_bn:
         if n_bn == 0:
             log.warning("bn-noise: the model has no BatchNorm; activations come from plain Gaussian noise")
-        with input_hooks(layers, lambda name, _, x: observers[name].update(x)):  # type: ignore[arg-type]
-            forward_all(float_model.eval(), list(torch.split(noise, 64)))
+        batches = list(torch.split(noise, 64))
+        with (
+            _observation_bar(
+                f"activation ranges (bn-noise, {observer})", len(layers), batches, progress
+            ) as bar,
+            input_hooks(layers, lambda name, _, x: observers[name].update(x), bar),  # type: ignore[arg-type]
+        ):
+            forward_all(float_model.eval(), batches)
     return {name: observers[name].range(bits) for name, bits in names.items() if observers[name].seen}

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import enum
-
 import torch
 
+from postquant.choices import GridKind
 from postquant.errors import RecipeError
 from postquant.grids.power import PowerGrid, fit_power_grid
 from postquant.grids.uniform import Granularity, RangeMethod, UniformGrid, fit_uniform_grid
@@ -13,13 +12,6 @@ from postquant.grids.uniform import Granularity, RangeMethod, UniformGrid, fit_u
 Grid = UniformGrid | PowerGrid
 """Any weight grid: ``to_int``, ``dequantize``, ``nearest``, ``clamp``, ``with_inv_scale``, ``qmin``/``qmax``,
 ``bits``, ``granularity``, ``group_size``, ``inv_scale`` and ``zero_point`` (G, 1)."""
-
-
-class GridKind(enum.StrEnum):
-    """The family of a weight grid (docs/algorithms.md 1.1, 1.2)."""
-
-    UNIFORM = "uniform"  # affine integer grid
-    POWER = "power"  # uniform grid on sign(w)|w/m|^a (PowerQuant-style)
 
 
 def fit_grid(

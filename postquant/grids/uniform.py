@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from postquant.choices import Granularity
 from postquant.errors import NonFiniteWeightError, RecipeError
 
 _EPS = 1e-8
@@ -24,14 +25,6 @@ def as_float(t: torch.Tensor) -> torch.Tensor:
     """`t` in the precision grids compute in: float64 stays float64 (a float64 model keeps its precision);
     half precision, float32 and integer codes become float32."""
     return t if t.dtype == torch.float64 else t.float()
-
-
-class Granularity(enum.StrEnum):
-    """Which weights share one step size."""
-
-    CHANNEL = "channel"  # one (S, Z) per output channel (dim 0)
-    TENSOR = "tensor"  # one (S, Z) for the whole tensor
-    GROUP = "group"  # one (S, Z) per `group_size` consecutive inputs of one output channel
 
 
 class RangeMethod(enum.StrEnum):

@@ -63,6 +63,7 @@ from postquant.model import quantized_layers, set_module
 from postquant.model.hf import no_kv_cache
 from postquant.nn import QuantizedLayer
 from postquant.nn.layer import HALF, upcast_half
+from postquant.progress import progress_bar
 
 __all__ = ["count_kernels", "export_onnx", "float_twin", "verify_onnx"]
 
@@ -670,6 +671,7 @@ def verify_onnx(
     *,
     min_sqnr_db: float | None = MIN_SQNR_DB,
     min_top1_agreement: float | None = MIN_TOP1_AGREEMENT,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Compare the ONNX model in onnxruntime (CPU) with the PyTorch simulation on `batches`; fail when they
     disagree.
@@ -686,6 +688,7 @@ def verify_onnx(
         batches: model inputs (tensors, tuples, or ``(inputs, labels)`` pairs of an evaluation set).
         min_sqnr_db: the lowest accepted SQNR of the ONNX outputs against PyTorch's, in dB (None: no floor).
         min_top1_agreement: the lowest accepted top-1 agreement in percent, for (N, C) outputs (None: no floor).
+        progress: show a bar over the batches.
 
     Returns:
         ``top1_agreement`` (percent of samples with the same arg-max, NaN unless outputs are (N, C)),
@@ -703,7 +706,8 @@ def verify_onnx(
     signal = noise = max_abs = 0.0
     agree = samples = 0
     two_d = True
-    for batch in batches:
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for batch in progress_bar(batches, total=total, desc="verify onnx", unit="batch", enabled=progress):
         inputs = _model_inputs(batch, len(names))
         with torch.inference_mode(), eval_mode(qmodel):
             ref = qmodel(**inputs) if isinstance(inputs, Mapping) else qmodel(*inputs)
@@ -795,6 +799,7 @@ def export_onnx(
     opset: int = 17,
     min_sqnr_db: float | None = MIN_SQNR_DB,
     min_top1_agreement: float | None = MIN_TOP1_AGREEMENT,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Export a quantized model to ONNX with QuantizeLinear/DequantizeLinear, and check it in onnxruntime.
 
@@ -807,6 +812,7 @@ def export_onnx(
         verify_batches: batches to compare onnxruntime with the PyTorch simulation on (see `verify_onnx`).
         opset: ONNX opset, 13 or more (per-channel DequantizeLinear).
         min_sqnr_db, min_top1_agreement: the floors of the verification (see `verify_onnx`).
+        progress: show a bar over the export's steps, then one over the verification batches.
 
     Returns:
         ``path``, ``bytes``, ``opset``, ``int8_weight_layers`` (layers with 8-bit integer codes, int8 or
@@ -839,6 +845,8 @@ def export_onnx(
     plans = _plan(qmodel)
     if not plans:
         log.info("%s has no quantized layer: exporting it in float", type(qmodel).__name__)
+    steps = progress_bar(total=4, desc="export onnx", unit="step", enabled=progress)
+    steps.set_postfix_str("trace")
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.onnx"
         twin = float_twin(qmodel)
@@ -850,11 +858,15 @@ def export_onnx(
         with no_kv_cache(twin):  # a causal LM's key/value cache object is no ONNX output
             _torch_export(twin, inputs, float_path, opset)
         model = onnx.load(str(float_path))
+    steps.update()
+    steps.set_postfix_str("quantize graph")
     if inputs.kwargs:
         _Keywords.unwrap(model.graph)
     _drop_zero_gemm_biases(model.graph)
     _rewrite(model, plans)
     onnx.checker.check_model(model)
+    steps.update()
+    steps.set_postfix_str("save")
     try:  # written beside `path` and renamed into place once verified: never a half-written or
         path.parent.mkdir(parents=True, exist_ok=True)  # unverified file at `path`
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -867,7 +879,11 @@ def export_onnx(
             onnx.save(model, str(tmp))
         except OSError as exc:
             raise OutputError(f"cannot write the ONNX model to {path}: {exc.strerror or exc}") from exc
+        steps.update()
+        steps.set_postfix_str("count kernels")  # an onnxruntime session: its graph optimisation takes a while
         result = _exported(tmp, path, opset, plans)
+        steps.update()
+        steps.close()
         if verify_batches is not None:
             result.update(
                 verify_onnx(
@@ -876,6 +892,7 @@ def export_onnx(
                     verify_batches,
                     min_sqnr_db=min_sqnr_db,
                     min_top1_agreement=min_top1_agreement,
+                    progress=progress,
                 )
             )
             log.info(

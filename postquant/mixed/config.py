@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import enum
 import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from postquant.choices import Importance
+
 __all__ = ["DEFAULT_BIT_CHOICES", "Importance", "MixedConfig", "parse_size"]
 
 DEFAULT_BIT_CHOICES = (2, 3, 4, 6, 8)
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-class Importance(enum.StrEnum):
-    """How the damage of quantizing one layer at b bits is predicted (`postquant.mixed.importance`)."""
-
-    LOSS = "loss"  # measured: output KL/MSE vs the float model with only that layer quantized
-    TAYLOR = "taylor"  # first-order Taylor: sum |g * (W - Q_b(W))|
-    FISHER = "fisher"  # diagonal Fisher: sum g^2 * (W - Q_b(W))^2 / 2
-    DATAFREE = "datafree"  # no data: ||W - Q_b(W)||^2 / ||W||^2
 
 
 def parse_size(value: Any) -> int:

@@ -35,13 +35,13 @@ How the reference's sorts are reproduced without sorting every row:
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
 import itertools
 from collections.abc import Callable, Sequence
 
 import torch
 
+from postquant.choices import SquantMode
 from postquant.errors import NonFiniteWeightError
 
 __all__ = ["SquantMode", "squant_codes", "squant_codes_many"]
@@ -53,15 +53,6 @@ _STABLE_SORT_MAX = 16
 # The kernel stage's sorting network orders positions 0 .. _FAST_K + 1; kernels flipping more elements
 # (|error sum| > 2.5, rare) take the exact path.
 _FAST_K = 2
-
-
-class SquantMode(enum.StrEnum):
-    """Which SQuant stages run after nearest rounding (the ablation of the paper, Table 4)."""
-
-    E = "e"  # nearest rounding only (round half to even, clamp)
-    EK = "ek"  # + kernel stage
-    EC = "ec"  # + output-channel stage
-    EKC = "ekc"  # kernel stage, then output-channel stage: full SQuant
 
 
 def _parse_mode(mode: SquantMode | str) -> SquantMode:

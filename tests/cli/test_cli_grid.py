@@ -21,7 +21,10 @@ runner = CliRunner()
         (["--grid", "power", "--power-exponent", "0"], "power_exponent"),
         (["--power-exponent", "0.5"], "set grid: power"),
         (["--power-search", "outputs"], "set grid: power"),
-        (["--grid", "power", "--power-search", "activations"], "power_search"),
+        (
+            ["--grid", "power", "--power-search", "activations"],
+            "'weights', 'outputs'",
+        ),  # click lists the choices
     ],
 )
 def test_bad_grid_options_are_clear_errors(args, message, tmp_path):

@@ -387,3 +387,15 @@ def test_swapped_path_and_inputs_are_a_clear_error(small_net, batches, tmp_path)
         export_onnx(qmodel, str(tmp_path / "m.onnx"), batches[0])
     with pytest.raises(TypeError, match=r"path is a str or Path, not Tensor"):
         export_onnx(qmodel, batches[0], batches[0])
+
+
+def test_export_and_verification_show_progress(small_net, batches, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    qmodel = postquant.quantize(small_net, {"w_bits": 8, "a_bits": 8}, calib=batches)
+    capsys.readouterr()
+    export_onnx(qmodel, batches[0], tmp_path / "model.onnx", verify_batches=batches)
+    err = capsys.readouterr().err
+    assert "export onnx" in err and "4/4" in err
+    assert "verify onnx" in err and f"{len(batches)}/{len(batches)}" in err
+    export_onnx(qmodel, batches[0], tmp_path / "quiet.onnx", verify_batches=batches, progress=False)
+    assert "onnx" not in capsys.readouterr().err
