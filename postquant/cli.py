@@ -183,6 +183,9 @@ def quantize(
     out: Annotated[Path | None, typer.Option(help="directory for the recipe and results")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the results as JSON here")] = None,
     report: Annotated[bool, typer.Option(help="with --out: also write an HTML report")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="with --out: replace a previous run's results there")
+    ] = False,
     w_bits_budget: Annotated[
         float | None, typer.Option(help="mixed precision: average weight bits per layer, e.g. 3.0")
     ] = None,
@@ -230,6 +233,7 @@ def quantize(
             power_search=power_search,
             mixed=_mixed_options(w_bits_budget, size_budget, importance, bit_choices),
             device=resolve_device(device),
+            overwrite=overwrite,
         )
     except PostquantError as exc:
         _fail(exc, verbose)
@@ -316,6 +320,7 @@ def _quantize(
     power_search: str | None = None,
     mixed: dict[str, Any] | None = None,
     device: torch.device | None = None,
+    overwrite: bool = False,
 ) -> None:
     import postquant
     from postquant.calib.data import move_batch
@@ -374,6 +379,10 @@ def _quantize(
 
         _check_writable_dir(out)
         check_save_target(out / CHECKPOINT_SUBDIR)  # save replaces only a checkpoint it wrote
+        if (out / "results.json").exists() and not overwrite:
+            raise OutputError(
+                f"{out} holds a previous run (results.json); pass --overwrite to replace it, or choose another --out"
+            )
 
     zoo = load_model(model_name)
     data_free_acts = rec.method.value == "squant" and zoo.task != "sts"  # SQuant: no data unless asked

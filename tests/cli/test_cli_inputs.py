@@ -130,6 +130,18 @@ def test_out_holding_foreign_files_in_its_checkpoint_folder_fails_before_any_wor
     assert result.exit_code == 2 and "not a postquant checkpoint" in result.output and seen == []
 
 
+def test_out_holding_a_previous_run_needs_overwrite(seen, tmp_path):
+    """A second run into the same --out replaced the first's results silently."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text('{"previous": true}')
+    result = runner.invoke(app, ["quantize", "tiny", "--out", str(run)])
+    assert result.exit_code == 2 and "--overwrite" in result.output and seen == []
+    assert (run / "results.json").read_text() == '{"previous": true}'
+    result = runner.invoke(app, ["quantize", "tiny", "--out", str(run), "--overwrite"])
+    assert len(seen) == 1  # past the check: the (fake) quantization ran
+
+
 def test_errors_are_one_line_without_traceback_unless_verbose(tmp_path, seen):
     path = _recipe_file(tmp_path, "w_bits: 9\n")
     result = runner.invoke(app, ["quantize", "tiny", "--recipe", path])
