@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from postquant.reconstruct.checkpoint import write_atomic
+from postquant.files import write_text_atomic
 
 __all__ = ["alive", "held_by_another", "locked", "process_start", "read_json", "replace_json", "this_process"]
 
@@ -99,4 +99,4 @@ def read_json(path: Path) -> Any | None:
 def replace_json(path: Path, data: Any, sort_keys: bool = False) -> None:
     """Rewrite `path` with `data` as JSON atomically (a crash leaves the previous file intact)."""
     text = json.dumps(data, indent=1, sort_keys=sort_keys)
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    write_text_atomic(path, text)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import tempfile
 import time
@@ -24,6 +23,7 @@ from rich.table import Table
 from postquant import __version__
 from postquant.choices import ActRanges, Granularity, GridKind, Importance, Method, PowerSearch, SquantMode
 from postquant.errors import OutputError, PostquantError, RecipeError
+from postquant.files import write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -90,18 +90,6 @@ def _check_writable_dir(path: Path) -> None:
         raise OutputError(
             f"cannot write to directory {path}: {exc.strerror or exc}; choose a writable location"
         ) from exc
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary name next to `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -446,14 +434,14 @@ def _quantize(
             f"(FP32 {result['fp32_bytes'] / 1e6:.2f} MB, {result['fp32_bytes'] / result['checkpoint_bytes']:.1f}x smaller)"
         )
         rec.to_yaml(out / "recipe.yaml")
-        write_atomic(out / "results.json", json.dumps(result, indent=2))
+        write_text_atomic(out / "results.json", json.dumps(result, indent=2))
         if report:
             from postquant.io import write_report
 
             path = write_report(out, qmodel, zoo.model, [result], zoo.example_inputs)
             out_console.print(f"report: {path}")
     if json_path is not None:
-        write_atomic(json_path, json.dumps(result, indent=2))
+        write_text_atomic(json_path, json.dumps(result, indent=2))
 
 
 def _w_label(qmodel: Any, w_bits: int) -> str:

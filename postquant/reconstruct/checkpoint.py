@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from postquant.errors import CheckpointError, OutputError
+from postquant.files import write_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +65,6 @@ def run_key(parts: dict[str, Any]) -> str:
 def unit_seed(seed: int, index: int) -> int:
     """The seed of every RNG of unit `index` (independent of what ran before)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:7], "little")
-
-
-def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
-    """``write(tmp)`` into a temporary file beside `path`, then rename it over `path` (never half written)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class CheckpointStore:
@@ -156,7 +143,7 @@ class CheckpointStore:
         write_atomic(self.dir / name, lambda tmp: save_file(tensors, tmp))
         self.index["done"][str(k)] = {"file": name, "unit": self.units[k], "outcome": outcome}
         text = json.dumps(self.index, indent=1)
-        write_atomic(self.index_path, lambda tmp: Path(tmp).write_text(text))
+        write_text_atomic(self.index_path, text)
         log.debug("checkpointed unit %d (%s) to %s", k, self.units[k], self.dir)
 
 
