@@ -1,6 +1,6 @@
 """postquant on a CUDA GPU: SQuant speed, learned rounding end to end, and the CUDA test selection.
 
-One command, about 8 minutes on one GPU; it refuses to run without CUDA.
+One command, about 10 minutes on one H200 (the qdrop preset alone about 8); it refuses to run without CUDA.
 
 1. SQuant on the 21 layer shapes of ResNet-18 at 4 bits (random weights on the reference's per-channel
    grid, as ``benchmarks/squant_speed.py``): whole-model and per-layer time of ``squant_codes`` (its default
