@@ -121,6 +121,27 @@ def test_every_stage_runs_on_the_models_device(name, device):
             assert same >= 0.99 * sum(t.numel() for t in codes.values())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["rtn", "squant", "learned"])
+def test_a_half_precision_model_quantizes_on_the_device_in_its_dtype(name, dtype, device):
+    """bfloat16/float16 models quantize on the device as on the CPU: weights stay in their dtype, codes are
+    the CPU's (fitted in float32), outputs are close to the CPU run's."""
+    _, q = quantize(name, device, dtype)
+    assert_on(q, device)
+    assert all(p.dtype == dtype for p in q.parameters() if p.is_floating_point())
+    x = calib_images(dtype)[:8]
+    out = run_model(q, x)
+    assert out.dtype == dtype and torch.isfinite(out.float()).all()
+    if device.type != "cpu":
+        _, q_cpu = quantize(name, torch.device("cpu"), dtype)
+        assert rel_err(out.float(), q_cpu(x).float()) < 0.1
+        if name != "learned":
+            codes = {k: t for k, t in tensors(q).items() if k.endswith("codes")}
+            ref_codes = {k: t for k, t in tensors(q_cpu).items() if k.endswith("codes")}
+            same = sum(int((codes[k].cpu() == ref_codes[k]).sum()) for k in codes)
+            assert same >= 0.99 * sum(t.numel() for t in codes.values())
+
+
 def test_calibration_on_the_device_is_used_as_it_is(device):
     model = tiny_resnet().to(device)
     images = calib_images().to(device)
