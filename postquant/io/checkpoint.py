@@ -339,6 +339,7 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
     if not qlayers:
         log.warning("saving a model without quantized layers: every weight is stored in float")
     tensors, aliases = _tensors_to_save(qmodel)
+    shared = _shared_layers(qmodel)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "postquant_version": postquant.__version__,
@@ -347,8 +348,8 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
         "recipe": _recipe_json(qmodel),
         "layers": {name: _layer_entry(layer) for name, layer in qlayers.items()},
         "aliases": aliases,
-        "shared": _shared_layers(qmodel),
-        "architecture": _architecture(qmodel, _shared_layers(qmodel)),
+        "shared": shared,
+        "architecture": _architecture(qmodel, shared),
     }
     tmp = _make_tmp_dir(directory)
     try:

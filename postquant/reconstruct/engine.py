@@ -85,9 +85,7 @@ def prepare(model: nn.Module, recipe: Recipe, batches: Any, example_inputs: Any)
     cfg = learned_config(recipe)
     if cfg.first_last_w_bits is not None:
         recipe = _first_last_policy(recipe, cfg.first_last_w_bits)
-    if cfg.calib_source is CalibSource.DATA:
-        if isinstance(batches, list):  # fail before BN folding and activation calibration run on it
-            check_calibration(model, batches, 0)  # the sample-count warning comes later, once
+    if cfg.calib_source is CalibSource.DATA:  # `quantize` has checked that the model runs on the batches
         return recipe, batches
     shape_src = (
         example_inputs if example_inputs is not None else (batches[0] if isinstance(batches, list) else None)
