@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 import postquant
-from postquant.eval import evaluate
-from postquant.zoo import ZooModel, load_model
+from postquant_lab.evaluate import evaluate
+from postquant_lab.zoo import ZooModel, load_model
 
 log = logging.getLogger("benchmarks.accuracy")
 RESULTS = Path(__file__).parent / "results"

@@ -24,7 +24,7 @@ import torch
 import postquant
 import postquant.reconstruct.engine as engine
 from postquant.model import quantized_layers
-from postquant.zoo import load_model
+from postquant_lab.zoo import load_model
 
 log = logging.getLogger("benchmarks.chain_cache")
 RESULTS = Path(__file__).parent / "results"

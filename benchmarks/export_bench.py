@@ -38,7 +38,7 @@ import torch
 
 import postquant
 from postquant.io import checkpoint_size, export_onnx, float_size, save
-from postquant.zoo import ZooModel, load_model
+from postquant_lab.zoo import ZooModel, load_model
 
 log = logging.getLogger("export_bench")
 

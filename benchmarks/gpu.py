@@ -150,8 +150,8 @@ def learned_part(
 ) -> None:
     """resnet20 W4A4 learned rounding (default, qdrop preset) with the model and data on the GPU; each
     row is appended to `rows` and saved as soon as it is measured."""
-    from postquant.eval import evaluate
-    from postquant.zoo import load_model
+    from postquant_lab.evaluate import evaluate
+    from postquant_lab.zoo import load_model
 
     zoo = load_model("resnet20-cifar10")
     model = zoo.model.cuda()

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 
 import postquant
-from postquant.eval import evaluate
 from postquant.reconstruct import PRESETS
-from postquant.zoo import load_model
+from postquant_lab.evaluate import evaluate
+from postquant_lab.zoo import load_model
 
 log = logging.getLogger("learned_bench")
 
@@ -102,7 +102,7 @@ def run_row(zoo: Any, model: str, bits: str, method: str, args: argparse.Namespa
         iters = f"{recipe.learned.iters}" + (
             "" if recipe.learned.iters == published else f" (of {published})"
         )
-    report = getattr(qmodel, "postquant_learned", None)
+    report = postquant.result(qmodel).learned
     return {
         "model": model,
         "bits": bits,

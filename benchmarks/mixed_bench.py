@@ -37,12 +37,12 @@ import torch
 
 import postquant
 from postquant.calib.data import batch_size_of
-from postquant.eval import evaluate
 from postquant.eval.run import run_model
 from postquant.mixed.importance import batch_distance
 from postquant.mixed.size import model_bytes
 from postquant.recipe import LayerOverride
-from postquant.zoo import load_model
+from postquant_lab.evaluate import evaluate
+from postquant_lab.zoo import load_model
 
 log = logging.getLogger("mixed_bench")
 
@@ -129,7 +129,7 @@ def run_row(
     seconds = time.perf_counter() - start
     start = time.perf_counter()
     res = evaluate(qmodel, zoo, limit=limit)
-    mixed = getattr(qmodel, "postquant_mixed", None)
+    mixed = postquant.result(qmodel).mixed
     return row | {
         "metric": res.metric,
         "value": res.value,

@@ -22,7 +22,7 @@ from scipy.stats import spearmanr
 
 import postquant
 from postquant.io import export_onnx
-from postquant.zoo import load_model
+from postquant_lab.zoo import load_model
 
 log = logging.getLogger("onnx_sts")
 

@@ -25,9 +25,9 @@ from accuracy import CachedEval  # the sibling benchmark script (its folder is o
 from torch import nn
 
 import postquant
-from postquant.eval import evaluate
 from postquant.model import quantized_layers
-from postquant.zoo import load_model
+from postquant_lab.evaluate import evaluate
+from postquant_lab.zoo import load_model
 
 log = logging.getLogger("benchmarks.power_grid")
 RESULTS = Path(__file__).parent / "results"

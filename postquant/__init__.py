@@ -1,6 +1,6 @@
 """postquant: post-training quantization of PyTorch models to 2-8 bits.
 
-The public names are imported on first use (PEP 562), so that ``import postquant.cli`` and
+The public names are imported on first use (PEP 562), so that ``import postquant_lab.cli`` and
 ``postquant --help`` do not pay for importing torch.
 """
 
@@ -11,13 +11,28 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Method", "Recipe", "SquantMode", "__version__", "load", "quantize", "save", "squant_codes"]
+__all__ = [
+    "Method",
+    "QuantizationResult",
+    "Recipe",
+    "SquantMode",
+    "__version__",
+    "load",
+    "quantize",
+    "requirements",
+    "result",
+    "save",
+    "squant_codes",
+]
 
 _LAZY = {
     "quantize": "postquant.api",
     "save": "postquant.io.checkpoint",
     "load": "postquant.io.checkpoint",
     "Method": "postquant.recipe",
+    "QuantizationResult": "postquant.outcome",
+    "result": "postquant.outcome",
+    "requirements": "postquant.pipeline",
     "Recipe": "postquant.recipe",
     "SquantMode": "postquant.rounding",
     "squant_codes": "postquant.rounding",
@@ -26,6 +41,8 @@ _LAZY = {
 if TYPE_CHECKING:
     from postquant.api import quantize
     from postquant.io.checkpoint import load, save
+    from postquant.outcome import QuantizationResult, result
+    from postquant.pipeline import requirements
     from postquant.recipe import Method, Recipe
     from postquant.rounding import SquantMode, squant_codes
 

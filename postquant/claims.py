@@ -1,6 +1,6 @@
 """Processes sharing work through files: an exclusive lock, atomic JSON rewrites, and claims by live processes.
 
-Used where several processes (one per core) split one job: the study's runs (`postquant.study.runner`) and the
+Used where several processes (one per core) split one job: the study's runs (`postquant_lab.study.runner`) and the
 layers of one importance measurement (`postquant.mixed.cache`). A claim names its process by host, pid and
 start time, so a claim left by a process that died (or whose pid was reused) is recognised and taken over.
 """

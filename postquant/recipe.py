@@ -25,6 +25,7 @@ from postquant.errors import OutputError, RecipeError, unknown_name
 from postquant.grids import Granularity, Grid, GridKind, RangeMethod, fit_grid
 from postquant.mixed.config import MixedConfig
 from postquant.reconstruct.config import LearnedConfig
+from postquant.reconstruct.presets import resolve_learned
 from postquant.rounding.squant import SquantMode
 
 
@@ -103,8 +104,6 @@ class Recipe(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _learned_preset(cls, data: Any) -> Any:
-        from postquant.reconstruct.presets import resolve_learned
-
         return resolve_learned(data)
 
     @model_validator(mode="after")

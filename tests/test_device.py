@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import postquant
 from postquant.calib.data import move_batch
-from postquant.eval import evaluate, fidelity
+from postquant.eval import fidelity
 from postquant.eval.run import model_placement, run_model
+from postquant_lab.evaluate import evaluate
 from tests.conftest import TinyResNet, randomize_bn
 
 pytestmark = pytest.mark.usefixtures("one_thread")

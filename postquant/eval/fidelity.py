@@ -8,9 +8,8 @@ from typing import Any
 
 from torch import nn
 
-from postquant.eval.evaluate import eval_mode
 from postquant.eval.metrics import sqnr_from_sums
-from postquant.eval.run import run_model, token_mask
+from postquant.eval.run import eval_mode, run_model, token_mask
 
 __all__ = ["fidelity"]
 

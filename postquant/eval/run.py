@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-__all__ = ["main_output", "model_placement", "move_batch", "run_model", "token_mask"]
+__all__ = ["eval_mode", "main_output", "model_placement", "move_batch", "run_model", "token_mask"]
 
 # Attribute / key names of the main tensor in Hugging Face and similar output objects, in order of preference.
 _OUTPUT_KEYS = ("logits", "last_hidden_state")
@@ -108,3 +109,16 @@ def token_mask(batch: Any, out: Tensor) -> Tensor | None:
         if mask.shape == out.shape[:2]:
             return mask.to(out.device).bool()
     return None
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode and inference mode; restore every submodule's training flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag

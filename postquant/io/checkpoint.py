@@ -26,20 +26,26 @@ import json
 import logging
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from postquant import __version__
 from postquant.errors import CheckpointError, OutputError, PostquantError, RecipeError
 from postquant.grids import grid_from_state
 from postquant.io.pack import pack_codes, packed_nbytes, unpack_codes
 from postquant.model import quantized_layers, replace_module, set_module
 from postquant.model.convert import replace_layers
 from postquant.nn import ActQuantizer, QuantizedLayer
+from postquant.outcome import QuantizationResult, attach_result, find_result
+from postquant.plan import LayerPlan, Plan
+from postquant.recipe import Recipe
 
 __all__ = [
     "FORMAT_VERSION",
@@ -50,7 +56,6 @@ __all__ = [
     "load",
     "save",
     "saved_model_name",
-    "zoo_model_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -235,12 +240,15 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
 
 
 def _model_name(qmodel: nn.Module, model_name: str | None) -> str | None:
-    return model_name if model_name is not None else getattr(qmodel, "postquant_model_name", None)
+    if model_name is not None:
+        return model_name
+    done = find_result(qmodel)
+    return done.model_name if done is not None else None
 
 
 def _recipe_json(qmodel: nn.Module) -> dict[str, Any] | None:
-    recipe = getattr(qmodel, "postquant_recipe", None)
-    return None if recipe is None else recipe.model_dump(mode="json")
+    done = find_result(qmodel)
+    return None if done is None or done.recipe is None else done.recipe.model_dump(mode="json")
 
 
 def _sort_header(path: Path) -> None:
@@ -323,7 +331,7 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
         qmodel: a model returned by `postquant.quantize` (or any model holding `QuantizedLayer`s).
         directory: the checkpoint directory to create.
         model_name: the zoo name (or ``module:factory`` spec) of the float model, so that ``load(directory)``
-            can rebuild it; defaults to ``qmodel.postquant_model_name`` when set.
+            can rebuild it; defaults to ``postquant.result(qmodel).model_name`` when set.
 
     Returns:
         The checkpoint directory.
@@ -331,8 +339,6 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
     Raises:
         OutputError: the directory cannot be written, or it exists and is not empty nor a postquant checkpoint.
     """
-    import postquant
-
     directory = Path(directory).expanduser()
     check_save_target(directory)  # before any work; checked again just before the rename
     qlayers = quantized_layers(qmodel)
@@ -342,7 +348,7 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
     shared = _shared_layers(qmodel)
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
-        "postquant_version": postquant.__version__,
+        "postquant_version": __version__,
         "torch_version": torch.__version__,
         "model_name": _model_name(qmodel, model_name),
         "recipe": _recipe_json(qmodel),
@@ -458,39 +464,23 @@ def saved_model_name(directory: str | Path) -> str | None:
     return name
 
 
-def zoo_model_for(name: str | None, *, trust_code: bool = False) -> Any:
-    """The `ZooModel` a checkpoint names, built only when that runs no code the file names.
-
-    A built-in zoo name is built as usual; any other name (``module:factory``, hub names) imports and runs
-    code chosen by whoever wrote the file, so it is built only with ``trust_code=True``.
-
-    Raises:
-        CheckpointError: no name, or a name that is not a built-in zoo model without ``trust_code``.
-    """
-    from postquant.zoo import load_model
-    from postquant.zoo.builtin import BUILTIN_MODELS
-
-    if not name:
-        raise CheckpointError(
-            "this checkpoint does not name its model: pass the float model, load(directory, model=...), or save "
-            "with save(qmodel, directory, model_name='<zoo name>')"
-        )
-    if name.strip() not in BUILTIN_MODELS and not trust_code:
-        shown = name if len(name) <= 100 else name[:100] + "..."
-        raise CheckpointError(
-            f"the checkpoint names its model {shown!r}, which is not a built-in zoo model: building it would "
-            "import and run code named by the file. Pass the float model, load(directory, model=...), or, if "
-            "you trust where the checkpoint came from, trust_code=True (command line: --trust-code)"
-        )
-    log.info("building the float model %s from the zoo", name)
-    return load_model(name)
-
-
-def _float_model(manifest: dict[str, Any], model: nn.Module | None, trust_code: bool) -> nn.Module:
-    if model is not None:
+def _float_model(manifest: dict[str, Any], model: nn.Module | Callable[[], nn.Module] | None) -> nn.Module:
+    if isinstance(model, nn.Module):
         return model
+    if callable(model):
+        built = model()
+        if not isinstance(built, nn.Module):
+            raise CheckpointError(
+                f"the model factory passed to load returned a {type(built).__name__}, not a torch.nn.Module"
+            )
+        return built
     name = manifest.get("model_name")
-    return zoo_model_for(name if isinstance(name, str) else None, trust_code=trust_code).model
+    named = f" (the checkpoint names it {name!r})" if isinstance(name, str) and name else ""
+    raise CheckpointError(
+        f"load needs the float model the checkpoint was saved from{named}: pass load(directory, model) with "
+        "the model or a function that builds it; for the zoo's named models, postquant_lab.load(directory) "
+        "builds it (the command line does too)"
+    )
 
 
 def _rebuild_structure(model: nn.Module, arch: dict[str, Any]) -> None:
@@ -580,46 +570,47 @@ def _install_layer(
     return state
 
 
-def _attach_recipe(qmodel: nn.Module, recipe: dict[str, Any]) -> None:
-    """Set ``qmodel.postquant_recipe``; a recipe from another postquant version only gets a warning."""
-    from pydantic import ValidationError
+def _loaded_result(qmodel: nn.Module, manifest: dict[str, Any]) -> QuantizationResult:
+    """The result a loaded model carries: its saved recipe (a recipe from another postquant version only gets
+    a warning), a plan read off its layers, and the model name."""
+    recipe = None
+    if manifest.get("recipe") is not None:
+        try:
+            recipe = Recipe.model_validate(manifest["recipe"])
+        except ValidationError as exc:
+            log.warning(
+                "the checkpoint's recipe does not validate with this postquant (%s); its result has no recipe",
+                str(exc).splitlines()[0],
+            )
+    plan = Plan(
+        LayerPlan(name, layer.bits, layer.act_quant.bits if layer.act_quant is not None else None)
+        for name, layer in quantized_layers(qmodel).items()
+    )
+    name = manifest.get("model_name")
+    return QuantizationResult(recipe, plan, model_name=name if isinstance(name, str) else None)
 
-    from postquant.recipe import Recipe
 
-    try:
-        qmodel.postquant_recipe = Recipe.model_validate(recipe)  # type: ignore[assignment]
-    except ValidationError as exc:
-        log.warning(
-            "the checkpoint's recipe does not validate with this postquant (%s); the model has no "
-            "postquant_recipe",
-            str(exc).splitlines()[0],
-        )
-
-
-def load(directory: str | Path, model: nn.Module | None = None, *, trust_code: bool = False) -> nn.Module:
+def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | None = None) -> nn.Module:
     """Load a checkpoint written by `save` into a quantized model with bit-identical outputs.
 
-    Loading never runs code that the checkpoint names unless asked to (``trust_code``).
+    Loading never runs code that the checkpoint names: the caller gives the float model.
 
     Args:
         directory: the checkpoint directory.
-        model: the original float model (not modified; a copy is quantized). Default: the model named in the
-            manifest, built from the zoo when it is a built-in zoo name.
-        trust_code: also build a model the manifest names as ``module:factory`` (or a hub name): this imports
-            and calls code chosen by whoever wrote the file; only for checkpoints from a trusted source.
+        model: the original float model (not modified; a copy is quantized), or a function that builds it.
+            ``postquant_lab.load(directory)`` builds the zoo model a checkpoint names.
 
     Returns:
-        The quantized model (eval mode), with ``postquant_recipe`` and ``postquant_model_name`` set.
+        The quantized model (eval mode); `postquant.result(qmodel)` holds its recipe.
 
     Raises:
         CheckpointError: missing files, a truncated or modified tensor file, an unknown format version, or a
-            model of another architecture (the message names the first differing layer), or a named model that
-            is not a built-in zoo model without `model` or `trust_code`.
+            model of another architecture (the message names the first differing layer), or no `model`.
     """
     directory = Path(directory).expanduser()
     manifest = _read_manifest(directory)
     tensors = _read_tensors(directory, manifest)
-    qmodel = copy.deepcopy(_float_model(manifest, model, trust_code)).eval()
+    qmodel = copy.deepcopy(_float_model(manifest, model)).eval()
     try:
         _restore(qmodel, manifest, tensors)
     except PostquantError:
@@ -665,6 +656,4 @@ def _restore(qmodel: nn.Module, manifest: dict[str, Any], tensors: dict[str, tor
         qmodel.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"the checkpoint's tensors do not fit the model: {exc}") from exc
-    if manifest.get("recipe") is not None:
-        _attach_recipe(qmodel, manifest["recipe"])
-    qmodel.postquant_model_name = manifest.get("model_name")  # type: ignore[assignment]
+    attach_result(qmodel, _loaded_result(qmodel, manifest))

@@ -698,8 +698,8 @@ def verify_onnx(
         OnnxMismatchError: the SQNR or the top-1 agreement is below its floor (or NaN); the error's
             ``metrics`` holds the returned dict.
     """
-    from postquant.eval.evaluate import eval_mode
     from postquant.eval.metrics import sqnr_from_sums
+    from postquant.eval.run import eval_mode
 
     session = _session(Path(path))
     names = [i.name for i in session.get_inputs()]

@@ -17,7 +17,9 @@ from typing import Any
 from torch import nn
 
 from postquant.errors import OutputError
+from postquant.eval.metrics import sqnr_db
 from postquant.model import fold_batchnorm, quantized_layers
+from postquant.outcome import find_result
 
 __all__ = ["layer_table", "write_report"]
 
@@ -54,8 +56,6 @@ def layer_table(
         ``10 log10(sum w^2 / sum (w - w_hat)^2)`` of the (folded) float weight `w` against the dequantized
         weight `w_hat`.
     """
-    from postquant.eval.metrics import sqnr_db
-
     reference = _reference(qmodel, float_model, example_inputs) if float_model is not None else None
     rows = []
     for name, layer in quantized_layers(qmodel).items():
@@ -85,7 +85,7 @@ def _png(fig: Any) -> str:
 
 
 def _layer_plot(rows: list[dict[str, Any]]) -> str:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional dependency (the report extra)
 
     names = [r["layer"] for r in rows]
     fig = Figure(figsize=(max(6.0, 0.22 * len(rows) + 2), 5.5))
@@ -110,7 +110,7 @@ def _weight_bits(result: dict[str, Any]) -> float | None:
 
 
 def _results_plot(results: list[dict[str, Any]]) -> str:
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional dependency (the report extra)
 
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.subplots()
@@ -199,7 +199,8 @@ def write_report(
                 _img(_layer_plot(rows), "per-layer weight SQNR and bits"),
                 _table(rows, ["layer", "w_bits", "a_bits", "granularity", "params", "sqnr_db"]),
             ]
-        recipe = getattr(qmodel, "postquant_recipe", None)
+        done = find_result(qmodel)
+        recipe = done.recipe if done is not None else None
         text = recipe.to_yaml() if recipe is not None else "(the model carries no recipe)"
         parts += ["<h2>Recipe</h2>", f"<pre>{html.escape(text)}</pre>"]
     if results:

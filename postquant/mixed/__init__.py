@@ -2,7 +2,8 @@
 
 The pure parts are exported here. The model plumbing lives in `postquant.mixed.importance` (cost tables),
 `postquant.mixed.apply` (called by `postquant.quantize`) and `postquant.mixed.report` (table, plot, JSON);
-import them from their modules (they depend on `postquant.api`, which depends on this package's config).
+import them from their modules: `postquant.recipe` holds a `MixedConfig`, and importing it must not import
+the plumbing, which takes a `Recipe`.
 """
 
 from postquant.mixed.allocate import allocate_bits, budget_table, solve_knapsack

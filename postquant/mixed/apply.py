@@ -26,7 +26,7 @@ from postquant.mixed.allocate import allocate_bits, budget_table
 from postquant.mixed.config import MixedConfig
 from postquant.mixed.importance import fit_weight_grid, importance_table
 from postquant.mixed.size import codes_bytes, float_tensor_bytes, grid_bytes
-from postquant.plan import make_plan
+from postquant.plan import Plan, Source
 from postquant.recipe import LayerOverride, Recipe
 
 __all__ = ["LayerAllocation", "MixedResult", "apply_mixed", "free_and_fixed"]
@@ -48,7 +48,7 @@ class LayerAllocation:
 
 @dataclass
 class MixedResult:
-    """The outcome of mixed precision, attached to the quantized model as ``qmodel.postquant_mixed``."""
+    """The outcome of mixed precision: ``postquant.result(qmodel).mixed``."""
 
     importance: str
     w_bits_budget: float | None
@@ -73,17 +73,9 @@ class MixedResult:
         return data
 
 
-def free_and_fixed(model: nn.Module, recipe: Recipe) -> tuple[list[str], dict[str, int]]:
-    """Layers whose bits follow ``recipe.w_bits`` (free to allocate), and layers pinned by overrides."""
-    low = make_plan(model, recipe.model_copy(update={"w_bits": 2}))
-    high = make_plan(model, recipe.model_copy(update={"w_bits": 3}))
-    free = [name for name, lp in low.items() if lp.w_bits == 2 and high[name].w_bits == 3]
-    fixed = {
-        name: lp.w_bits
-        for name, lp in low.items()
-        if lp.w_bits is not None and lp.w_bits == high[name].w_bits
-    }
-    return free, fixed  # type: ignore[return-value]
+def free_and_fixed(plan: Plan) -> tuple[list[str], dict[str, int]]:
+    """Layers whose bits follow the recipe's ``w_bits`` (free to allocate), and layers pinned by overrides."""
+    return list(plan.by_source(Source.DEFAULT)), plan.by_source(Source.OVERRIDE)
 
 
 def _layer_nbytes(numel: int, grids: dict[int, Grid]) -> dict[int, int]:
@@ -92,15 +84,20 @@ def _layer_nbytes(numel: int, grids: dict[int, Grid]) -> dict[int, int]:
 
 
 def apply_mixed(
-    model: nn.Module, recipe: Recipe, batches: Any, search: dict[str, torch.Tensor] | None = None
+    model: nn.Module,
+    recipe: Recipe,
+    plan: Plan,
+    batches: Any,
+    search: dict[str, torch.Tensor] | None = None,
 ) -> tuple[Recipe, MixedResult]:
     """Allocate weight bits per layer for ``recipe.mixed`` and return the recipe with those overrides.
 
     Args:
         model: the float model as it will be quantized (BatchNorm folded); not modified.
         recipe: a recipe with ``mixed`` set.
+        plan: the recipe's plan for `model` (`postquant.plan.make_plan`).
         batches: calibration batches (a list), or None for ``importance='datafree'``.
-        search: per-layer error factors of the power exponent search (`postquant.api.power_search_importance`),
+        search: per-layer error factors of the power exponent search (the pipeline's search stage),
             so that the grids measured here are the grids `quantize` installs.
 
     Returns:
@@ -108,8 +105,8 @@ def apply_mixed(
     """
     cfg: MixedConfig = recipe.mixed  # type: ignore[assignment]
     start = time.perf_counter()
-    free, fixed = free_and_fixed(model, recipe)
-    names = [name for name in make_plan(model, recipe) if name in fixed or name in free]
+    free, fixed = free_and_fixed(plan)
+    names = [name for name in plan if name in fixed or name in free]
     weights = {name: model.get_submodule(name).weight for name in names}
     numel = {name: w.numel() for name, w in weights.items()}
     grids = {  # fitted once: the size model and the importance measures share them
@@ -120,7 +117,7 @@ def apply_mixed(
         for name, w in weights.items()
     }
     nbytes = {name: _layer_nbytes(numel[name], grids[name]) for name in names}
-    act_bytes = 8 * sum(1 for lp in make_plan(model, recipe).values() if lp.a_bits is not None)
+    act_bytes = 8 * sum(1 for lp in plan.values() if lp.a_bits is not None)
     other = float_tensor_bytes(model, names) + act_bytes  # float tensors + input quantizers
     budget = {
         "w_bits_budget": cfg.w_bits_budget,
@@ -159,7 +156,11 @@ def apply_mixed(
         objective=sum(row.cost for row in rows),
         seconds=time.perf_counter() - start,
     )
-    overrides = {**recipe.overrides, **{n: LayerOverride(w_bits=bits[n]) for n in free}}
+    overrides = dict(recipe.overrides)
+    for n in free:  # an exact-name override that set other fields keeps them
+        old = overrides.get(n)
+        fields = old.model_dump(include=old.model_fields_set) if old is not None else {}
+        overrides[n] = LayerOverride(**{**fields, "w_bits": bits[n]})
     log.info(
         "mixed precision (%s importance): %.3f average weight bits, %d bytes, bits %s, in %.1f s",
         result.importance,

@@ -2,7 +2,7 @@
 
 Every measure returns a table ``cost[layer][bits]`` (non-negative floats) for `postquant.mixed.allocate`.
 ``Q_b(W)`` is the layer's weight quantized exactly as `postquant.quantize` will do it: the recipe's grid
-(`fit_weight_grid`, the one place to switch grids) and its rounding (`postquant.api.weight_codes`: nearest,
+(`fit_weight_grid`, the one place to switch grids) and its rounding (`postquant.weights.weight_codes`: nearest,
 or SQuant's flips; learned methods are measured with nearest rounding, their starting point).
 
 * ``loss``: the distance of the model's output to the float model's when only that layer is quantized at b
@@ -49,6 +49,7 @@ from postquant.nn.layer import upcast_half
 from postquant.progress import progress_bar
 from postquant.recipe import Recipe
 from postquant.reconstruct.checkpoint import data_fingerprint, model_fingerprint
+from postquant.weights import weight_codes
 
 __all__ = [
     "CostTable",
@@ -91,7 +92,6 @@ def quantized_weight(w: torch.Tensor, bits: int, recipe: Recipe, grid: Grid | No
     `grid`: the grid `fit_weight_grid` gives `w` at `bits`, when the caller already has it (a power grid's
     exponent search is the costly part).
     """
-    from postquant.api import weight_codes  # api imports the recipe, which imports this package's config
 
     w = upcast_half(w)
     grid = grid if grid is not None else fit_weight_grid(w, bits, recipe)

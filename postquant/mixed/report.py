@@ -52,7 +52,7 @@ def plot_bits(result: MixedResult, path: str | Path) -> Path:
     Raises:
         OutputError: `path` cannot be written.
     """
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # optional dependency (the report extra)
 
     path = Path(path)
     rows = result.layers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable, Iterator
 
 from torch import nn
@@ -17,8 +18,6 @@ def matches(name: str, module: nn.Module, pattern: str) -> bool:
     (``"Linear"``, ``"type:Conv2d"``; subclasses count), or ``"re:<regex>"`` matched against the name.
     """
     if pattern.startswith("re:"):
-        import re
-
         return re.search(pattern[3:], name) is not None
     if pattern.startswith("type:"):
         pattern = pattern[5:]

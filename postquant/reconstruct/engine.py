@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from postquant.calib.synthetic import distill_bn_data, noise_data
 from postquant.errors import DataError
 from postquant.model.blocks import Unit, make_units
 from postquant.model.hf import no_kv_cache
+from postquant.recipe import LayerOverride, Recipe
 from postquant.reconstruct.cache import Carried, carry_outputs, collect_unit_data, nbytes
 from postquant.reconstruct.checkpoint import (
     CheckpointStore,
@@ -33,10 +34,7 @@ from postquant.reconstruct.checkpoint import (
 )
 from postquant.reconstruct.config import CalibSource, LearnedConfig, Loss
 from postquant.reconstruct.loop import UnitOutcome, check_batch_size, reconstruct_unit, restore, snapshot
-from postquant.reconstruct.presets import PRESETS, preset
-
-if TYPE_CHECKING:
-    from postquant.recipe import Recipe
+from postquant.reconstruct.presets import is_learned, learned_config
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +51,6 @@ class ReconstructionReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"seconds": self.seconds, "resumed": self.resumed, "units": [asdict(u) for u in self.units]}
-
-
-def is_learned(recipe: Recipe) -> bool:
-    """Whether the recipe's method is a learned-rounding method."""
-    return recipe.method.value in PRESETS
-
-
-def learned_config(recipe: Recipe) -> LearnedConfig:
-    """The effective learned config of a recipe (its ``learned`` field, else its method's preset)."""
-    return recipe.learned if recipe.learned is not None else preset(recipe.method.value)
 
 
 # ----------------------------------------------------------------------------------- before planning
@@ -133,8 +121,6 @@ def prepare(model: nn.Module, recipe: Recipe, batches: Any, example_inputs: Any)
 
 def _first_last_policy(recipe: Recipe, bits: int) -> Recipe:
     """Set ``w_bits`` of '@first' and '@last' to `bits` unless the recipe already sets them."""
-    from postquant.recipe import LayerOverride
-
     overrides = dict(recipe.overrides)
     for key in ("@first", "@last"):
         old = overrides.get(key)

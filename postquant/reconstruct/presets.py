@@ -17,9 +17,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from postquant.reconstruct.config import LearnedConfig
+
+if TYPE_CHECKING:
+    from postquant.recipe import Recipe
 
 _BRECQ: dict[str, Any] = {
     "unit": "block",
@@ -93,3 +96,13 @@ def resolve_learned(data: Any) -> Any:
     if isinstance(user, dict):  # validated as a field, so errors name e.g. 'learned.iters'
         return {**data, "learned": {**PRESETS[method], **user}}
     return data
+
+
+def is_learned(recipe: Recipe) -> bool:
+    """Whether the recipe's method is a learned-rounding method."""
+    return recipe.method.value in PRESETS
+
+
+def learned_config(recipe: Recipe) -> LearnedConfig:
+    """The effective learned config of a recipe (its ``learned`` field, else its method's preset)."""
+    return recipe.learned if recipe.learned is not None else preset(recipe.method.value)

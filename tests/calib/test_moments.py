@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 import postquant
-from postquant.api import power_search_importance
 from postquant.calib.moments import input_moments
 from postquant.errors import DataError, RecipeError
 from postquant.grids import fit_power_grid
@@ -76,7 +75,7 @@ def test_output_search_minimises_the_weighted_error(tiny_cnn, images):
     recipe = Recipe.coerce({"method": "rtn", "w_bits": 3, "grid": "power", "power_search": "outputs"})
     qmodel = postquant.quantize(tiny_cnn, recipe, calib=images)
     folded, _ = fold_batchnorm(tiny_cnn, images)
-    imp = power_search_importance(folded, make_plan(folded, recipe), recipe, [images])
+    imp = input_moments(folded, make_plan(folded, recipe).weight_layers, [images])
     assert imp is not None
     plain = postquant.quantize(
         tiny_cnn, {"method": "rtn", "w_bits": 3, "grid": "power"}, example_inputs=images
@@ -105,7 +104,7 @@ def test_output_search_with_mixed_precision_installs_the_grids_it_measured(tiny_
     recipe = Recipe.coerce({"grid": "power", "power_search": "outputs", "mixed": mixed})
     qmodel = postquant.quantize(tiny_cnn, recipe, calib=images)
     folded, _ = fold_batchnorm(tiny_cnn, images)
-    imp = power_search_importance(folded, make_plan(folded, recipe), recipe, [images])
+    imp = input_moments(folded, make_plan(folded, recipe).weight_layers, [images])
     assert imp is not None
     for name, layer in quantized_layers(qmodel).items():
         w = folded.get_submodule(name).weight.detach()

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from postquant.cli import app
+from postquant_lab.cli import app
 from tests.conftest import require_shared
 
 runner = CliRunner()

@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from postquant.cli import app, resolve_device
 from postquant.errors import DeviceError
+from postquant_lab.cli import app, resolve_device
 from tests.conftest import require_shared
 
 runner = CliRunner()

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import postquant
 from postquant.choices import ActRanges, Granularity, GridKind, Importance, Method, PowerSearch, SquantMode
-from postquant.cli import app
+from postquant_lab.cli import app
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "300", "TERMINAL_WIDTH": "300"}  # no wrapping inside the option table
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _IMPORTS_TORCH = """
 import sys
 from typer.testing import CliRunner
-from postquant.cli import app
+from postquant_lab.cli import app
 result = CliRunner().invoke(app, {args!r})
 assert result.exit_code == 0, result.output
 print("torch" in sys.modules)

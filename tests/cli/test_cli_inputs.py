@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 import postquant
 import postquant.io
-import postquant.zoo
-from postquant.cli import app
+import postquant_lab.zoo
 from postquant.errors import PostquantError
+from postquant_lab.cli import app
 
 runner = CliRunner()
 
@@ -39,7 +39,7 @@ def seen(monkeypatch):
         calib_batches=lambda *args, **kwargs: [torch.zeros(2, 4)],
     )
     monkeypatch.setattr(postquant, "quantize", fake_quantize)
-    monkeypatch.setattr(postquant.zoo, "load_model", lambda name: zoo)
+    monkeypatch.setattr(postquant_lab.zoo, "load_model", lambda name: zoo)
     return recipes
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from postquant.eval import evaluate
 from postquant.paths import shared_path
-from postquant.zoo import load_model
+from postquant_lab.evaluate import evaluate
+from postquant_lab.zoo import load_model
 
 
 def _need_shared(*parts: str) -> None:

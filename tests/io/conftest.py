@@ -64,7 +64,7 @@ def resnet20():
     path = shared_path("models", "cifar10", "resnet20.th")
     if not path.exists():
         pytest.skip(f"shared data not found at {path}; set POSTQUANT_SHARED to the folder holding it")
-    from postquant.zoo import load_model
+    from postquant_lab.zoo import load_model
 
     return load_model("resnet20-cifar10")
 

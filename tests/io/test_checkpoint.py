@@ -13,6 +13,7 @@ from postquant.errors import CheckpointError, OutputError
 from postquant.io import checkpoint_size, float_size, load, save
 from postquant.io.checkpoint import MANIFEST_FILE, TENSORS_FILE
 from postquant.model import quantized_layers
+from postquant_lab import load as lab_load
 
 RECIPES = {
     f"{method}-w{w}-{'a8' if a else 'wonly'}": {"method": method, "w_bits": w, "a_bits": a}
@@ -73,7 +74,7 @@ def test_save_load_gives_bit_identical_outputs(small_net, batches, tmp_path, rec
         assert twin.grid_config == layer.grid_config
         assert (twin.act_quant is None) == (layer.act_quant is None)
     assert isinstance(loaded.bn1, nn.Identity) and isinstance(loaded.bn3, nn.BatchNorm1d)  # same fold
-    assert loaded.postquant_recipe == qmodel.postquant_recipe
+    assert postquant.result(loaded).recipe == postquant.result(qmodel).recipe
     assert isinstance(small_net.bn1, nn.BatchNorm2d)  # the float model is not modified
 
 
@@ -238,8 +239,23 @@ def test_another_architecture_names_the_first_mismatching_layer(saved, net_facto
 
 
 def test_a_checkpoint_without_model_name_needs_the_model(saved):
-    with pytest.raises(CheckpointError, match="pass the float model"):
+    with pytest.raises(CheckpointError, match="needs the float model"):
         load(saved)
+    with pytest.raises(CheckpointError, match="pass the float model"):
+        lab_load(saved)
+
+
+def test_the_float_model_may_come_from_a_factory(saved, small_net, batches):
+    calls = []
+
+    def build() -> nn.Module:
+        calls.append(1)
+        return small_net
+
+    loaded = load(saved, build)
+    assert calls == [1] and torch.equal(_outputs(loaded, batches), _outputs(load(saved, small_net), batches))
+    with pytest.raises(CheckpointError, match="returned a str"):
+        load(saved, lambda: "not a model")
 
 
 def test_unwritable_destinations(small_net, batches, tmp_path):
@@ -264,10 +280,10 @@ def test_unwritable_destinations(small_net, batches, tmp_path):
 def test_resnet20_round_trip_from_the_zoo_name(resnet20, tmp_path, recipe):
     qmodel = postquant.quantize(resnet20.model, recipe, example_inputs=resnet20.example_inputs)
     save(qmodel, tmp_path / "ckpt", model_name=resnet20.name)
-    loaded = load(tmp_path / "ckpt")  # builds the float model from the zoo
+    loaded = lab_load(tmp_path / "ckpt")  # builds the float model from the zoo
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert torch.equal(_outputs(loaded, [x]), _outputs(qmodel, [x]))
-    assert loaded.postquant_model_name == "resnet20-cifar10"
+    assert postquant.result(loaded).model_name == "resnet20-cifar10"
 
 
 @pytest.mark.slow
@@ -322,17 +338,19 @@ def _name_model(saved, name: str) -> None:
 def test_loading_never_runs_code_a_manifest_names(saved, name):
     _name_model(saved, name)
     _factory_calls().clear()
+    with pytest.raises(CheckpointError, match="needs the float model"):
+        load(saved)  # the library never builds a model a file names
     with pytest.raises(CheckpointError, match="trust_code=True") as info:
-        load(saved)
+        lab_load(saved)
     assert "not a built-in zoo model" in str(info.value) and _factory_calls() == []
 
 
 def test_a_named_factory_runs_with_trust_code_or_is_replaced_by_the_callers_model(saved, small_net):
     _name_model(saved, "tests.io.test_checkpoint:recording_factory")
     _factory_calls().clear()
-    load(saved, small_net)
+    lab_load(saved, small_net)
     assert _factory_calls() == []
-    loaded = load(saved, trust_code=True)
+    loaded = lab_load(saved, trust_code=True)
     assert _factory_calls() == ["called"] and quantized_layers(loaded)
 
 

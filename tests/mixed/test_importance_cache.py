@@ -151,13 +151,17 @@ def test_quantize_with_another_budget_reuses_the_measurement(tiny_cnn, images, t
 
     plain = run(3.0)
     cached = run(3.0, tmp_path)
-    assert cached.postquant_mixed.bits == plain.postquant_mixed.bits
-    assert [r.costs for r in cached.postquant_mixed.layers] == [r.costs for r in plain.postquant_mixed.layers]
+    assert postquant.result(cached).mixed.bits == postquant.result(plain).mixed.bits
+    assert [r.costs for r in postquant.result(cached).mixed.layers] == [
+        r.costs for r in postquant.result(plain).mixed.layers
+    ]
     forwards[0] = 0
     other = run(4.0, tmp_path)
     assert forwards[0] == 0  # nothing measured again
-    assert other.postquant_mixed.avg_w_bits > plain.postquant_mixed.avg_w_bits
-    assert [r.costs for r in other.postquant_mixed.layers] == [r.costs for r in plain.postquant_mixed.layers]
+    assert postquant.result(other).mixed.avg_w_bits > postquant.result(plain).mixed.avg_w_bits
+    assert [r.costs for r in postquant.result(other).mixed.layers] == [
+        r.costs for r in postquant.result(plain).mixed.layers
+    ]
 
 
 # ------------------------------------------------------------------------------ processes sharing the work

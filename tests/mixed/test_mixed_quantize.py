@@ -44,7 +44,7 @@ def test_budget_holds_and_bits_differ(sensitive_cnn, images, method, importance)
         recipe["learned"] = LEARNED
     calib = None if importance == "datafree" else images
     qmodel = postquant.quantize(sensitive_cnn, recipe, calib=calib, example_inputs=images)
-    result = qmodel.postquant_mixed
+    result = postquant.result(qmodel).mixed
     bits = _bits(qmodel)
     assert bits == result.bits  # the installed layers are the allocation
     numel = {name: layer.codes.numel() for name, layer in quantized_layers(qmodel).items()}
@@ -52,14 +52,14 @@ def test_budget_holds_and_bits_differ(sensitive_cnn, images, method, importance)
     assert avg == pytest.approx(result.avg_w_bits) and avg <= 3.0
     assert len(set(bits.values())) > 1, bits
     assert bits["conv3"] == max(bits.values()), bits  # the sensitive layer gets the most bits
-    overrides = qmodel.postquant_recipe.overrides
+    overrides = postquant.result(qmodel).recipe.overrides
     assert all(overrides[name] == LayerOverride(w_bits=b) for name, b in bits.items())
 
 
 def test_pinned_layers_are_fixed_and_counted(tiny_cnn, images):
     recipe = {"overrides": {"fc": {"w_bits": 8}, "conv1": {"w_bits": None}}, "mixed": {"w_bits_budget": 6.0}}
     qmodel = postquant.quantize(tiny_cnn, recipe, calib=images)
-    result = qmodel.postquant_mixed
+    result = postquant.result(qmodel).mixed
     rows = {row.name: row for row in result.layers}
     assert "conv1" not in rows and "conv1" not in _bits(qmodel)  # float: outside the budget
     assert rows["fc"].fixed and rows["fc"].bits == 8 and _bits(qmodel)["fc"] == 8
@@ -70,7 +70,7 @@ def test_learned_preset_first_last_8_bit_are_fixed(tiny_cnn, images):
     learned = {**LEARNED, "first_last_w_bits": 8}
     recipe = {"method": "learned", "learned": learned, "mixed": {"w_bits_budget": 7.0, "calib_size": 16}}
     qmodel = postquant.quantize(tiny_cnn, recipe, calib=images)
-    rows = {row.name: row for row in qmodel.postquant_mixed.layers}
+    rows = {row.name: row for row in postquant.result(qmodel).mixed.layers}
     assert rows["conv1"].fixed and rows["fc"].fixed and _bits(qmodel)["conv1"] == _bits(qmodel)["fc"] == 8
     assert not rows["conv2"].fixed
 
@@ -89,14 +89,14 @@ def test_size_budget_and_save_load_round_trip(tiny_cnn, images, tmp_path, granul
         "mixed": {"size_budget": 700, "importance": "datafree"},
     }
     qmodel = postquant.quantize(tiny_cnn, recipe, calib=images)
-    result = qmodel.postquant_mixed
+    result = postquant.result(qmodel).mixed
     assert result.size_bytes <= 700
     save(qmodel, tmp_path / "ckpt")
     data = _safetensors_data_bytes(tmp_path / "ckpt" / "model.safetensors")
     assert data == result.size_bytes == model_bytes(qmodel)  # the size model is the checkpoint's tensor bytes
     loaded = load(tmp_path / "ckpt", model=tiny_cnn)
     assert _bits(loaded) == _bits(qmodel) == result.bits
-    assert loaded.postquant_recipe.overrides == qmodel.postquant_recipe.overrides
+    assert postquant.result(loaded).recipe.overrides == postquant.result(qmodel).recipe.overrides
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert {name: e["bits"] for name, e in manifest["layers"].items()} == result.bits
     with torch.inference_mode():
@@ -105,10 +105,10 @@ def test_size_budget_and_save_load_round_trip(tiny_cnn, images, tmp_path, granul
 
 def test_saved_recipe_reproduces_the_allocation(tiny_cnn, images):
     first = postquant.quantize(tiny_cnn, {"mixed": {"w_bits_budget": 3.5, "calib_size": 16}}, calib=images)
-    again = postquant.quantize(tiny_cnn, first.postquant_recipe.model_dump(mode="json"), calib=images)
+    again = postquant.quantize(tiny_cnn, postquant.result(first).recipe.model_dump(mode="json"), calib=images)
     assert _bits(again) == _bits(first)
-    assert all(row.fixed for row in again.postquant_mixed.layers)  # pinned by the saved overrides
-    assert again.postquant_mixed.avg_w_bits == first.postquant_mixed.avg_w_bits <= 3.5
+    assert all(row.fixed for row in postquant.result(again).mixed.layers)  # pinned by the saved overrides
+    assert postquant.result(again).mixed.avg_w_bits == postquant.result(first).mixed.avg_w_bits <= 3.5
 
 
 def test_infeasible_budget_fails_before_measuring(tiny_cnn, images):

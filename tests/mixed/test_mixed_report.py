@@ -11,10 +11,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import postquant
-from postquant.cli import app
-from postquant.io import load
 from postquant.mixed.report import allocation_table, write_allocation
 from postquant.model import quantized_layers
+from postquant_lab import load
+from postquant_lab.cli import app
 from tests.conftest import require_shared
 
 runner = CliRunner()
@@ -22,7 +22,7 @@ runner = CliRunner()
 
 def test_table_plot_and_json(tiny_cnn, images, tmp_path):
     recipe = {"overrides": {"fc": {"w_bits": 8}}, "mixed": {"w_bits_budget": 6.0}}
-    result = postquant.quantize(tiny_cnn, recipe, calib=images).postquant_mixed
+    result = postquant.result(postquant.quantize(tiny_cnn, recipe, calib=images)).mixed
     json_path, png = write_allocation(result, tmp_path / "run")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     data = json.loads(json_path.read_text())

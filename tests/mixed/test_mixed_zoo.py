@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 import postquant
-from postquant.eval import evaluate
 from postquant.mixed.size import model_bytes
-from postquant.zoo import load_model
+from postquant_lab.evaluate import evaluate
+from postquant_lab.zoo import load_model
 from tests.conftest import require_shared
 
 
@@ -20,7 +20,7 @@ def test_resnet20_mixed_three_bits_beats_uniform_w3():
     mixed = postquant.quantize(
         zoo.model, {"mixed": {"w_bits_budget": 3.0}}, calib=calib, example_inputs=zoo.example_inputs
     )
-    assert mixed.postquant_mixed.avg_w_bits <= 3.0
+    assert postquant.result(mixed).mixed.avg_w_bits <= 3.0
     assert model_bytes(mixed) <= model_bytes(uniform)
     data = zoo.eval_batches(limit=1000)
     # full test set (benchmarks/results/mixed.md): 74.19 vs 68.60

@@ -7,7 +7,7 @@ import torch
 
 import postquant
 from postquant.model.blocks import make_units
-from postquant.zoo.resnet_cifar import resnet20
+from postquant_lab.zoo.resnet_cifar import resnet20
 
 
 def rtn(model: torch.nn.Module) -> torch.nn.Module:

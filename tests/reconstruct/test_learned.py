@@ -73,7 +73,7 @@ def test_learned_rounding_lowers_block_error_below_nearest(net, calib):
     teacher, _ = fold_batchnorm(net, calib[:2])
     rtn = postquant.quantize(net, {"method": "rtn", "w_bits": 3}, calib=calib)
     q = postquant.quantize(net, learned("brecq", iters=100, lr=1e-2), calib=calib)
-    report = q.postquant_learned
+    report = postquant.result(q).learned
     assert [u.name for u in report.units] == ["conv1", "stage.0", "stage.1", "fc"]
     for u in report.units:
         assert u.status == "ok" and u.error_after < u.error_before, u
@@ -188,7 +188,7 @@ def test_interrupted_run_resumes_with_identical_codes(net, calib, tmp_path, monk
         postquant.quantize(net, recipe, calib=calib)
     monkeypatch.setattr(CheckpointStore, "save", original)
     q = postquant.quantize(net, recipe, calib=calib)
-    assert q.postquant_learned.resumed == 2
+    assert postquant.result(q).learned.resumed == 2
     got = codes(q)
     assert got.keys() == ref.keys()
     for name in ref:
@@ -210,7 +210,7 @@ def test_nan_loss_keeps_previous_codes_with_a_warning(net, calib, monkeypatch, c
     rtn = codes(postquant.quantize(net, {"method": "rtn", "w_bits": 3}, calib=calib))
     with caplog.at_level(logging.WARNING, logger="postquant.reconstruct"):
         q = postquant.quantize(net, learned("brecq", iters=20), calib=calib)
-    statuses = {u.name: u.status for u in q.postquant_learned.units}
+    statuses = {u.name: u.status for u in postquant.result(q).learned.units}
     assert statuses["stage.0"] == "nan" and statuses["stage.1"] == "nan"
     assert "non-finite" in caplog.text
     got = codes(q)
@@ -245,7 +245,7 @@ def test_fewer_samples_than_batch_size_warns_and_runs(net, calib, caplog):
     with caplog.at_level(logging.WARNING, logger="postquant.reconstruct"):
         q = postquant.quantize(net, learned(iters=5, batch_size=32), calib=calib[:8])
     assert "only 8 calibration samples" in caplog.text
-    assert len(q.postquant_learned.units) == 4
+    assert len(postquant.result(q).learned.units) == 4
 
 
 def test_block_pattern_matching_nothing_is_a_recipe_error(net, calib):
@@ -255,7 +255,7 @@ def test_block_pattern_matching_nothing_is_a_recipe_error(net, calib):
 
 def test_forward_loop_calibration(net, calib):
     q = postquant.quantize(net, learned(iters=5), calib=lambda m: [m(b) for b in calib.split(16)])
-    assert len(q.postquant_learned.units) == 4
+    assert len(postquant.result(q).learned.units) == 4
 
 
 # ------------------------------------------------------------------------------- units and recipes
@@ -332,7 +332,7 @@ def test_first_last_policy_of_brecq(net, calib):
 @pytest.mark.parametrize("loss", ["fisher", "output"])
 def test_other_losses_run_and_improve(net, calib, loss):
     q = postquant.quantize(net, learned("brecq", a_bits=4, loss=loss, iters=40, lr=1e-2), calib=calib)
-    units = q.postquant_learned.units
+    units = postquant.result(q).learned.units
     assert all(u.status in ("ok", "kept-start") for u in units)
     assert any(u.error_after < u.error_before for u in units)
 
@@ -354,7 +354,7 @@ def test_synthetic_source_in_quantize(net, calib):
         {**learned(iters=5, calib_source="synthetic", synthetic_steps=5), "calib_size": 32},
         example_inputs=calib[:2],
     )
-    assert len(q.postquant_learned.units) == 4
+    assert len(postquant.result(q).learned.units) == 4
 
 
 def test_synthetic_data_is_kept_in_the_checkpoint_dir_for_a_resume(net, calib, tmp_path, monkeypatch):
@@ -414,7 +414,7 @@ def test_learned_rounding_on_a_power_grid_lowers_block_error_below_nearest(net, 
         assert qlayer.grid_config["kind"] == "power" and float(qlayer.grid_exponent) == pytest.approx(0.7)
         assert layer.min() >= qlayer.grid.qmin and layer.max() <= qlayer.grid.qmax
         assert torch.equal(qlayer.weight, qlayer.grid.dequantize(layer.to(torch.int32)))
-    for u in q.postquant_learned.units:  # a unit that does not improve keeps its start ('kept-start')
+    for u in postquant.result(q).learned.units:  # a unit that does not improve keeps its start ('kept-start')
         assert u.error_after <= u.error_before, u
         if u.name.startswith("stage"):
             assert u.status == "ok" and u.error_after < 0.95 * u.error_before, u
@@ -460,7 +460,7 @@ def test_losses_through_the_final_output_tolerate_a_unit_it_ignores(calib, loss)
     torch.manual_seed(0)
     model = WithPooler().eval()
     q = postquant.quantize(model, learned("brecq", loss=loss, iters=5), calib=calib)
-    units = {u.name: u for u in q.postquant_learned.units}
+    units = {u.name: u for u in postquant.result(q).learned.units}
     assert "pooler" in units and all(u.status in ("ok", "kept-start") for u in units.values())
     assert isinstance(q.pooler, QuantizedLayer)
 
@@ -469,7 +469,7 @@ def test_losses_through_the_final_output_tolerate_a_unit_it_ignores(calib, loss)
 def test_keep_better_start_guards_units_that_learn_worse(net, calib, keep):
     """A far too large learning rate spoils the learned codes: the guard keeps the start, or (off) not."""
     recipe = learned("learned", iters=8, lr=50.0, drop_prob=0.0, keep_better_start=keep)
-    units = postquant.quantize(net, recipe, calib=calib).postquant_learned.units
+    units = postquant.result(postquant.quantize(net, recipe, calib=calib)).learned.units
     worse = [u for u in units if u.error_after > u.error_before]
     kept = [u for u in units if u.status == "kept-start"]
     if keep:

@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent(
     }
     q = postquant.quantize(net, recipe, calib=calib)
     codes = {n: m.codes for n, m in q.named_modules() if isinstance(m, QuantizedLayer)}
-    torch.save({"codes": codes, "resumed": q.postquant_learned.resumed}, sys.argv[1])
+    torch.save({"codes": codes, "resumed": postquant.result(q).learned.resumed}, sys.argv[1])
     """
 )
 

@@ -1,4 +1,4 @@
-"""The study (postquant.study): axes data, verdict rule, cached and resumable runner, reports, CLI. Tiny models."""
+"""The study (postquant_lab.study): axes data, verdict rule, cached and resumable runner, reports, CLI. Tiny models."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import postquant.study.runner as runner_mod
+import postquant_lab.study.runner as runner_mod
 from postquant import claims
 from postquant.calib.observers import Observer
-from postquant.cli import app
 from postquant.errors import RecipeError, UnknownNameError
-from postquant.study import (
+from postquant_lab.cli import app
+from postquant_lab.study import (
     AXES,
     StudyRunner,
     StudySettings,
@@ -31,13 +31,13 @@ from postquant.study import (
     variant_recipe,
     verdict,
 )
-from postquant.study.axes import combined_axis, fill_bits
-from postquant.study.driver import breadth_first
-from postquant.study.report import HELPS, HURTS, NO_VERDICT, NOISE
-from postquant.study.runner import plan_axis
-from postquant.study.settings import OTHER_CALIB, default_settings
-from postquant.zoo import CIFAR10_PREPROCESS, ZooModel
-from postquant.zoo.datasets import calibration_inputs
+from postquant_lab.study.axes import combined_axis, fill_bits
+from postquant_lab.study.driver import breadth_first
+from postquant_lab.study.report import HELPS, HURTS, NO_VERDICT, NOISE
+from postquant_lab.study.runner import plan_axis
+from postquant_lab.study.settings import OTHER_CALIB, default_settings
+from postquant_lab.zoo import CIFAR10_PREPROCESS, ZooModel
+from postquant_lab.zoo.datasets import calibration_inputs
 from tests.conftest import TinyResNet, require_shared
 
 REPO = Path(__file__).resolve().parents[2]

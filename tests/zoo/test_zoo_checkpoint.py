@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from postquant.errors import CheckpointError
-from postquant.zoo.checkpoint import load_state_dict, load_weights, read_checkpoint
+from postquant_lab.zoo.checkpoint import load_state_dict, load_weights, read_checkpoint
 
 
 class NotATensor:

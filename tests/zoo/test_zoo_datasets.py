@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from postquant.errors import DataError
-from postquant.zoo.datasets import (
+from postquant_lab.zoo.datasets import (
     CIFAR10_PREPROCESS,
     MNIST_PREPROCESS,
     SentencePair,

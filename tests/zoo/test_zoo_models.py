@@ -14,8 +14,8 @@ from torch import nn
 
 from postquant.errors import CheckpointError, DataError, UnknownNameError, UnsupportedModelError
 from postquant.paths import shared_path
-from postquant.zoo import ZooModel, list_models, load_model
-from postquant.zoo.resnet_cifar import ZeroPadShortcut, resnet20
+from postquant_lab.zoo import ZooModel, list_models, load_model
+from postquant_lab.zoo.resnet_cifar import ZeroPadShortcut, resnet20
 
 
 def _need_shared(*parts: str):
@@ -139,7 +139,7 @@ def user_module(tmp_path, monkeypatch):
             """
             import torch
             from torch import nn
-            from postquant.zoo import ZooModel
+            from postquant_lab.zoo import ZooModel
 
             def build():
                 torch.manual_seed(0)

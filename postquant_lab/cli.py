@@ -312,8 +312,9 @@ def _quantize(
 ) -> None:
     import postquant
     from postquant.calib.data import move_batch
-    from postquant.recipe import Recipe
-    from postquant.zoo import load_model
+    from postquant.pipeline import Need
+    from postquant.recipe import Method, Recipe
+    from postquant_lab.zoo import load_model
 
     # Only the options typed (not None) override the recipe file's fields.
     base = Recipe.coerce(recipe_path) if recipe_path is not None and mixed is not None else None
@@ -373,16 +374,11 @@ def _quantize(
             )
 
     zoo = load_model(model_name)
-    data_free_acts = rec.method.value == "squant" and zoo.task != "sts"  # SQuant: no data unless asked
-    needs_calib = (
-        rec.a_bits is not None and rec.act_ranges.value in ("auto", "calib") and not data_free_acts
-    ) or rec.learned is not None  # learned rounding always learns from calibration data
-    mixed_calib = rec.mixed is not None and rec.mixed.importance.value != "datafree"
-    mixed_calib = mixed_calib or rec.searches_on_outputs  # input moments of every layer
-    limit_calib = rec.calib_size if needs_calib or rec.mixed is None else rec.mixed.calib_size
-    calib = (
-        zoo.calib_batches(calib_path, limit=limit_calib) if needs_calib or mixed_calib or calib_path else None
-    )
+    # The stages say what they need; the command adds one policy: SQuant stays data-free unless asked
+    # (data-free activation ranges where calibration data is only useful), except for sentence models.
+    needs = postquant.requirements(rec, optional_data=not (rec.method is Method.SQUANT and zoo.task != "sts"))
+    calib_limit = needs.calib_size or rec.calib_size
+    calib = zoo.calib_batches(calib_path, limit=calib_limit) if needs.calib is not Need.NONE or calib_path else None
     if device is not None:  # the model and its data on the device (quantize keeps the model's device)
         zoo.model.to(device)
         zoo.example_inputs = move_batch(zoo.example_inputs, device)
@@ -413,7 +409,7 @@ def _quantize(
         fp.metric, _fmt(fp.value), _fmt(q.value), f"{q.value - fp.value:+.2f}", f"{seconds:.3f} s", str(q.n)
     )
     out_console.print(table)
-    allocation = getattr(qmodel, "postquant_mixed", None)
+    allocation = postquant.result(qmodel).mixed
     if allocation is not None:
         from postquant.mixed.report import allocation_table, write_allocation
 
@@ -425,7 +421,6 @@ def _quantize(
     if out is not None:
         from postquant.io import checkpoint_size, float_size, save
 
-        qmodel.postquant_model_name = model_name  # so `load(dir)` can rebuild the float model
         save(qmodel, out / CHECKPOINT_SUBDIR, model_name=model_name)
         result["checkpoint_bytes"] = checkpoint_size(out / CHECKPOINT_SUBDIR)
         result["fp32_bytes"] = float_size(zoo.model)
@@ -446,7 +441,9 @@ def _quantize(
 
 def _w_label(qmodel: Any, w_bits: int) -> str:
     """``W4``, or ``W2.98(mixed)`` (average weight bits) for a mixed-precision model."""
-    allocation = getattr(qmodel, "postquant_mixed", None)
+    import postquant
+
+    allocation = postquant.result(qmodel).mixed
     return f"W{w_bits}" if allocation is None else f"W{allocation.avg_w_bits:.2f}(mixed)"
 
 
@@ -455,7 +452,8 @@ def _score(zoo: Any, qmodel: Any, data: Path | None, limit: int | None) -> tuple
     import torch
 
     from postquant.errors import DataError
-    from postquant.eval import EvalResult, evaluate, fidelity
+    from postquant.eval import fidelity
+    from postquant_lab.evaluate import EvalResult, evaluate
 
     try:
         dataset = zoo.eval_batches(data, limit=limit)
@@ -489,8 +487,8 @@ def eval_cmd(
     """Evaluate the float MODEL on its evaluation set."""
     _setup_logging(verbose)
     try:
-        from postquant.eval import evaluate
-        from postquant.zoo import load_model
+        from postquant_lab.evaluate import evaluate
+        from postquant_lab.zoo import load_model
 
         zoo = load_model(model)
         res = evaluate(zoo.model, zoo, data, limit=limit)
@@ -522,7 +520,8 @@ def _load_run(run_dir: Path, trust_code: bool) -> tuple[Any, Any]:
     A name that is not a built-in zoo model is built only with ``--trust-code`` (it imports and runs code).
     """
     from postquant.io import load
-    from postquant.io.checkpoint import saved_model_name, zoo_model_for
+    from postquant.io.checkpoint import saved_model_name
+    from postquant_lab.checkpoint import zoo_model_for
 
     directory = _checkpoint_dir(run_dir)
     zoo = zoo_model_for(saved_model_name(directory), trust_code=trust_code)
@@ -546,7 +545,7 @@ def export_onnx_cmd(
     try:
         from postquant.errors import DataError
         from postquant.io import export_onnx
-        from postquant.zoo.datasets import SentencePair
+        from postquant_lab.zoo.datasets import SentencePair
 
         _check_writable_file(output)
         qmodel, zoo = _load_run(run_dir, trust_code)
@@ -593,7 +592,7 @@ def report_cmd(
 def models_cmd() -> None:
     """List the named models of the zoo: task, data, and whether they are available here."""
     from postquant.paths import ENV_VAR, shared_dir
-    from postquant.zoo.builtin import BUILTIN_INFO
+    from postquant_lab.zoo.builtin import BUILTIN_INFO
 
     out_console.print(f"Zoo models (shared files from {ENV_VAR}={shared_dir()}):", markup=False)
     for info in BUILTIN_INFO:
@@ -696,7 +695,7 @@ def _study(
     run: bool,
     threads: int = 1,
 ) -> None:
-    from postquant.study import (
+    from postquant_lab.study import (
         AXES,
         DEFAULT_BITS,
         StudyRunner,

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from postquant.errors import OutputError
-from postquant.study.axes import Axis, Variant, combined_axis
-from postquant.study.report import Row, axis_section, best_helping, missing_runs, study_markdown
-from postquant.study.runner import PlannedRun, StudyRunner, plan_axis, run_axis
-from postquant.study.settings import StudySettings
+from postquant_lab.study.axes import Axis, Variant, combined_axis
+from postquant_lab.study.report import Row, axis_section, best_helping, missing_runs, study_markdown
+from postquant_lab.study.runner import PlannedRun, StudyRunner, plan_axis, run_axis
+from postquant_lab.study.settings import StudySettings
 
 log = logging.getLogger(__name__)
 

@@ -6,15 +6,15 @@ import logging
 import time
 
 from postquant.errors import unknown_name
-from postquant.zoo.builtin import BUILTIN_MODELS
-from postquant.zoo.external import (
+from postquant_lab.zoo.builtin import BUILTIN_MODELS
+from postquant_lab.zoo.external import (
     HUB_PREFIXES,
     checkpoint_without_architecture,
     is_checkpoint_path,
     load_factory,
     load_hub_model,
 )
-from postquant.zoo.zoo_model import ZooModel
+from postquant_lab.zoo.zoo_model import ZooModel
 
 __all__ = ["list_models", "load_model"]
 

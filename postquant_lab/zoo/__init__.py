@@ -1,7 +1,7 @@
 """Named float models with their data and preprocessing: ``load_model("resnet20-cifar10")``."""
 
-from postquant.zoo.checkpoint import load_state_dict, load_weights, read_checkpoint
-from postquant.zoo.datasets import (
+from postquant_lab.zoo.checkpoint import load_state_dict, load_weights, read_checkpoint
+from postquant_lab.zoo.datasets import (
     CIFAR10_PREPROCESS,
     MNIST_PREPROCESS,
     EvalData,
@@ -13,8 +13,8 @@ from postquant.zoo.datasets import (
     efficientnet_lite_preprocess,
     imagenet_preprocess,
 )
-from postquant.zoo.registry import list_models, load_model
-from postquant.zoo.zoo_model import Task, ZooModel
+from postquant_lab.zoo.registry import list_models, load_model
+from postquant_lab.zoo.zoo_model import Task, ZooModel
 
 __all__ = [
     "CIFAR10_PREPROCESS",

@@ -14,10 +14,10 @@ from torch import nn
 
 from postquant.errors import CheckpointError
 from postquant.paths import ENV_VAR, shared_dir, shared_path
-from postquant.zoo.checkpoint import load_weights, sha256_of
-from postquant.zoo.datasets import CIFAR10_PREPROCESS, TextPreprocess, efficientnet_lite_preprocess
-from postquant.zoo.resnet_cifar import resnet20, resnet56
-from postquant.zoo.zoo_model import ZooModel
+from postquant_lab.zoo.checkpoint import load_weights, sha256_of
+from postquant_lab.zoo.datasets import CIFAR10_PREPROCESS, TextPreprocess, efficientnet_lite_preprocess
+from postquant_lab.zoo.resnet_cifar import resnet20, resnet56
+from postquant_lab.zoo.zoo_model import ZooModel
 
 __all__ = [
     "BUILTIN_INFO",

@@ -1,10 +1,10 @@
 """The study's axes (docs/algorithms.md 2.4 and 3) as data: each axis is a baseline and variants of recipe changes.
 
 A variant's ``changes`` are recipe fields applied on top of the study's base recipe (see
-`postquant.study.runner.base_recipe`); the key ``"learned"`` holds `LearnedConfig` fields, merged into the
+`postquant_lab.study.runner.base_recipe`); the key ``"learned"`` holds `LearnedConfig` fields, merged into the
 base's learned config. A value ``"@w_bits"`` stands for the study's weight bits (as a float), so the mixed
 precision budget follows the bits being studied. ``calib_data="other"`` calibrates on another dataset
-(`postquant.study.runner.OTHER_CALIB`) instead of the model's own calibration set.
+(`postquant_lab.study.runner.OTHER_CALIB`) instead of the model's own calibration set.
 
 A variant that cannot run on a model (no other dataset known, a recipe the model rejects) is reported as
 "unavailable: <reason>" instead of being run.

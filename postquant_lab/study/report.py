@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from postquant.study.axes import Axis
-from postquant.study.runner import PlannedRun
-from postquant.study.settings import StudySettings
+from postquant_lab.study.axes import Axis
+from postquant_lab.study.runner import PlannedRun
+from postquant_lab.study.settings import StudySettings
 
 log = logging.getLogger(__name__)
 

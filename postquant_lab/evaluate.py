@@ -1,12 +1,10 @@
-"""`evaluate`: a model's score on a zoo model's evaluation set (top-1/top-5, or STS Spearman)."""
+"""`evaluate`: a model's score on a zoo model's evaluation set (top-1/top-5, or STS Spearman); lab code."""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +14,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from postquant.eval.metrics import pearson, spearman, topk_correct
-from postquant.eval.run import run_model
+from postquant.eval.run import eval_mode, run_model
 from postquant.progress import progress_bar
-from postquant.zoo.datasets import EvalData
-from postquant.zoo.zoo_model import ZooModel
+from postquant_lab.zoo.datasets import EvalData
+from postquant_lab.zoo.zoo_model import ZooModel
 
 __all__ = ["EvalResult", "eval_mode", "evaluate", "mean_pool", "sentence_embeddings"]
 
@@ -41,19 +39,6 @@ class EvalResult:
     value: float
     n: int
     extra: dict[str, float] = field(default_factory=dict)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and inference mode; restore every submodule's training flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:

@@ -13,10 +13,10 @@ from torch import nn
 
 from postquant.errors import CheckpointError, UnknownNameError, UnsupportedModelError
 from postquant.paths import shared_path
-from postquant.zoo.builtin import example_images, hf_sentence_encoder
-from postquant.zoo.checkpoint import CHECKPOINT_SUFFIXES, load_weights
-from postquant.zoo.datasets import imagenet_preprocess
-from postquant.zoo.zoo_model import ZooModel
+from postquant_lab.zoo.builtin import example_images, hf_sentence_encoder
+from postquant_lab.zoo.checkpoint import CHECKPOINT_SUFFIXES, load_weights
+from postquant_lab.zoo.datasets import imagenet_preprocess
+from postquant_lab.zoo.zoo_model import ZooModel
 
 __all__ = [
     "HUB_PREFIXES",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from postquant.errors import RecipeError
-from postquant.zoo import CIFAR10_PREPROCESS, ImagePreprocess, efficientnet_lite_preprocess
+from postquant_lab.zoo import CIFAR10_PREPROCESS, ImagePreprocess, efficientnet_lite_preprocess
 
 # The study base per model: the `learned` default with its cost cut to fit ~1-3 min a run on one thread.
 # Measured on resnet20-cifar10 W4A4, 1 thread, on the shared 2-core CPU with two other jobs running:

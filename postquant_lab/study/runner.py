@@ -28,14 +28,14 @@ import torch
 from postquant.api import quantize
 from postquant.claims import held_by_another, locked, read_json, replace_json, this_process
 from postquant.errors import DataError, OutputError, PostquantError, RecipeError
-from postquant.eval import evaluate
 from postquant.paths import shared_path
 from postquant.progress import progress_bar
 from postquant.recipe import Recipe
-from postquant.study.axes import Axis, Variant, fill_bits
-from postquant.study.settings import OTHER_CALIB, TEXT_MODELS, StudySettings, digest, parse_bits
-from postquant.zoo import ZooModel, load_model
-from postquant.zoo.datasets import calibration_inputs
+from postquant_lab.evaluate import evaluate
+from postquant_lab.study.axes import Axis, Variant, fill_bits
+from postquant_lab.study.settings import OTHER_CALIB, TEXT_MODELS, StudySettings, digest, parse_bits
+from postquant_lab.zoo import ZooModel, load_model
+from postquant_lab.zoo.datasets import calibration_inputs
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ class StudyRunner:
 
     Args:
         out_dir: where ``results.json`` lives.
-        loader: model name -> `ZooModel` (default `postquant.zoo.load_model`).
+        loader: model name -> `ZooModel` (default `postquant_lab.zoo.load_model`).
         progress: show a tqdm bar over runs, with ETA.
         max_seconds: stop starting new runs after this much wall time (finished runs are kept).
         poll_seconds: how often to look whether runs that other processes are running have finished.

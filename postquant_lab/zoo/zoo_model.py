@@ -9,7 +9,7 @@ from typing import Any, Literal
 from torch import nn
 
 from postquant.errors import DataError
-from postquant.zoo.datasets import (
+from postquant_lab.zoo.datasets import (
     EvalData,
     Preprocess,
     calibration_inputs,

@@ -1,0 +1,91 @@
+"""Weights to codes: a grid per planned layer, integer codes by the recipe's rounding, `QuantizedLayer`s."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from postquant.grids import PowerGrid
+from postquant.model import replace_module
+from postquant.nn import QuantizedLayer
+from postquant.nn.layer import upcast_half
+from postquant.plan import Plan
+from postquant.progress import progress_bar
+from postquant.recipe import Method, Recipe
+from postquant.rounding import nearest_codes, squant_codes, squant_codes_many
+
+__all__ = ["quantize_weights", "weight_codes"]
+
+log = logging.getLogger(__name__)
+
+
+def weight_codes(method: Method, x: torch.Tensor, qmin: int, qmax: int, recipe: Recipe) -> torch.Tensor:
+    """Integer codes for integer-domain weights `x` by the recipe's rounding method."""
+    if method is Method.SQUANT:
+        return squant_codes(x, qmin, qmax, recipe.squant_mode)
+    return nearest_codes(x, qmin, qmax)
+
+
+def quantize_weights(
+    model: nn.Module,
+    plan: Plan,
+    recipe: Recipe,
+    importance: dict[str, torch.Tensor] | None = None,
+) -> dict[str, QuantizedLayer]:
+    """Replace every planned layer of `model` (in place) by a `QuantizedLayer` with the recipe's codes.
+
+    Each layer gets the recipe's grid (`recipe.grid`: uniform, or power with its exponent fixed or searched
+    per layer, docs/algorithms.md 1.1-1.2; `importance` weighs the search's error per layer, see
+    `power_search_importance`); the rounding method chooses codes in that grid's integer domain. Off the CPU,
+    SQuant chooses the codes of layers of one shape together (`squant_codes_many`: the same codes, fewer GPU
+    operations), holding at most `_BATCH_ELEMENTS` integer-domain weights at once.
+    """
+    importance = importance or {}
+    done: dict[str, QuantizedLayer] = {}
+    pending: list[tuple[str, nn.Module, Any, torch.Tensor]] = []  # layers whose codes are chosen together
+
+    def install() -> None:
+        all_codes: dict[int, torch.Tensor] = {}
+        if recipe.method is Method.SQUANT:  # one batch per integer range (squant_codes_many)
+            ranges: dict[tuple[int, int], list[int]] = {}
+            for i, (_, _, g, _) in enumerate(pending):
+                ranges.setdefault((g.qmin, g.qmax), []).append(i)
+            for (qmin, qmax), members in ranges.items():
+                xs = [pending[i][3] for i in members]
+                all_codes.update(
+                    zip(members, squant_codes_many(xs, qmin, qmax, recipe.squant_mode), strict=True)
+                )
+        else:
+            for i, (_, _, g, x) in enumerate(pending):
+                all_codes[i] = weight_codes(recipe.method, x, g.qmin, g.qmax, recipe)
+        for i, (name, layer, grid, _) in enumerate(pending):
+            qlayer = QuantizedLayer(layer, grid, all_codes[i])
+            names = replace_module(model, name, qlayer)  # a shared module: every use runs the quantized layer
+            if len(names) > 1:
+                log.info(
+                    "%s is shared (also %s): quantized once, used at every place", name, ", ".join(names[1:])
+                )
+            done[name] = qlayer
+        pending.clear()
+
+    for name, lp in progress_bar(plan.items(), total=len(plan), desc="quantize weights", unit="layer"):
+        if lp.w_bits is None:
+            continue
+        layer = model.get_submodule(name)
+        w = upcast_half(layer.weight.detach())  # grids and codes of half-precision weights in float32
+        grid = recipe.weight_grid(w, lp.w_bits, importance.get(name))
+        if isinstance(grid, PowerGrid):
+            log.debug("%s: power grid exponent %.2f", name, float(grid.exponent))
+        pending.append((name, layer, grid, grid.to_int(w)))
+        if sum(x.numel() for *_, x in pending) >= _BATCH_ELEMENTS or w.device.type == "cpu":
+            install()
+    if pending:
+        install()
+    return done
+
+
+# Integer-domain weights held at once while their codes are chosen together (float32: 1 GiB).
+_BATCH_ELEMENTS = 1 << 28
