@@ -23,7 +23,7 @@ from rich.table import Table
 from postquant import __version__
 from postquant.choices import ActRanges, Granularity, GridKind, Importance, Method, PowerSearch, SquantMode
 from postquant.errors import OutputError, PostquantError, RecipeError
-from postquant.files import write_text_atomic
+from postquant.store.files import write_text_atomic
 
 if TYPE_CHECKING:
     import torch

@@ -16,10 +16,10 @@ import torch
 from typer.testing import CliRunner
 
 import postquant.study.runner as runner_mod
-from postquant import claims
 from postquant.calib.observers import Observer
 from postquant.cli import app
 from postquant.errors import RecipeError, UnknownNameError
+from postquant.store import claims
 from postquant.study import (
     AXES,
     StudyRunner,
