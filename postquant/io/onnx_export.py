@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from postquant.choices import Granularity, GridKind
 from postquant.errors import OnnxMismatchError, OutputError, UnsupportedModelError
 from postquant.eval.run import move_batch
 from postquant.model import quantized_layers, set_module
@@ -149,9 +150,9 @@ def _weight_qdq(name: str, layer: QuantizedLayer) -> _WeightQDQ:
 def _int8_weight_qdq(name: str, layer: QuantizedLayer) -> _WeightQDQ:
     """`_weight_qdq` with int8 codes, whatever their range."""
     config = layer.grid_config
-    if config.get("kind") != "uniform":
+    if config.kind is not GridKind.UNIFORM:
         raise UnsupportedModelError(
-            f"layer {name!r}: grid kind {config.get('kind')!r} has no ONNX QDQ form (DequantizeLinear is affine: "
+            f"layer {name!r}: grid kind {config.kind.value!r} has no ONNX QDQ form (DequantizeLinear is affine: "
             "(q - zero_point) * scale, a power grid is not); quantize with the recipe field grid: uniform "
             "(CLI --grid uniform) for ONNX, exclude the layer with ignore=[...], or save it with "
             "postquant.io.save instead"
@@ -162,17 +163,15 @@ def _int8_weight_qdq(name: str, layer: QuantizedLayer) -> _WeightQDQ:
     scale = (1.0 / inv_scale).float()  # (G,)
     fits = bool(torch.equal(z, z.round()) and (-z).min() >= -128 and (-z).max() <= 127)
     why = []
-    if config["granularity"] == "group":
-        why.append(
-            f"per-group grid (group_size {config['group_size']}): dequantized per group, then reshaped"
-        )
+    if config.granularity is Granularity.GROUP:
+        why.append(f"per-group grid (group_size {config.group_size}): dequantized per group, then reshaped")
     if not fits:
         why.append(
             f"zero point -Z in [{-z.max():.0f}, {-z.min():.0f}] does not fit int8 (channels whose weights all "
             "have one sign): dequantized with zero point 0, then Z/S added; symmetric=True avoids it"
         )
     if not why:
-        per_tensor = config["granularity"] == "tensor"
+        per_tensor = config.granularity is Granularity.TENSOR
         zp = (-z).to(torch.int8)
         return _WeightQDQ(
             codes.numpy(),

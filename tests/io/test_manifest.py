@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from postquant.errors import CheckpointError
+from postquant.grids import GridConfig
 from postquant.io import load, save
 from postquant.io.checkpoint import MANIFEST_FILE, TENSORS_FILE
+from postquant.io.manifest import Manifest
 from postquant.model import quantized_layers
 from tests.io.conftest import make_small_net
 
@@ -39,3 +43,21 @@ def test_a_checkpoint_written_by_the_untyped_manifest_loads_and_saves_the_same_f
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert torch.equal(load(new_dir, make_small_net())(x), loaded(x))
+
+
+@pytest.mark.parametrize("name", ["small_net_w4a8", "small_net_power_w3_tensor"])
+def test_the_typed_manifest_reads_and_writes_the_same_text(name):
+    text = (WRITTEN_BEFORE / name / MANIFEST_FILE).read_text()
+    manifest = Manifest.model_validate_json(text)
+    assert isinstance(manifest.layers["conv2"].grid, GridConfig)
+    assert manifest.to_json() == text
+
+
+def test_a_manifest_with_a_field_of_the_wrong_type_names_it(tmp_path):
+    saved = tmp_path / "ckpt"
+    shutil.copytree(WRITTEN_BEFORE / "small_net_w4a8", saved)
+    manifest = json.loads((saved / MANIFEST_FILE).read_text())
+    manifest["layers"]["conv2"]["grid"]["group_size"] = "many"
+    (saved / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"malformed or was edited \(layers\.conv2\.grid\.group_size: "):
+        load(saved, make_small_net())
