@@ -48,6 +48,7 @@ import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ from postquant.model.hf import no_kv_cache
 from postquant.nn import QuantizedLayer
 from postquant.nn.layer import HALF, upcast_half
 from postquant.progress import progress_bar
+from postquant.store.files import atomic_path
 
 __all__ = ["count_kernels", "export_onnx", "float_twin", "verify_onnx"]
 
@@ -866,14 +868,12 @@ def export_onnx(
     onnx.checker.check_model(model)
     steps.update()
     steps.set_postfix_str("save")
-    try:  # written beside `path` and renamed into place once verified: never a half-written or
-        path.parent.mkdir(parents=True, exist_ok=True)  # unverified file at `path`
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(tmp_name)
-    except OSError as exc:
-        raise OutputError(f"cannot write the ONNX model to {path}: {exc.strerror or exc}") from exc
-    try:
+    with ExitStack() as written:  # beside `path`, renamed into place once verified: never a half-written or
+        try:  # unverified file at `path`
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = written.enter_context(atomic_path(path))
+        except OSError as exc:
+            raise OutputError(f"cannot write the ONNX model to {path}: {exc.strerror or exc}") from exc
         try:
             onnx.save(model, str(tmp))
         except OSError as exc:
@@ -884,16 +884,24 @@ def export_onnx(
         steps.update()
         steps.close()
         if verify_batches is not None:
-            result.update(
-                verify_onnx(
-                    qmodel,
-                    tmp,
-                    verify_batches,
-                    min_sqnr_db=min_sqnr_db,
-                    min_top1_agreement=min_top1_agreement,
-                    progress=progress,
+            try:
+                result.update(
+                    verify_onnx(
+                        qmodel,
+                        tmp,
+                        verify_batches,
+                        min_sqnr_db=min_sqnr_db,
+                        min_top1_agreement=min_top1_agreement,
+                        progress=progress,
+                    )
                 )
-            )
+            except OnnxMismatchError as exc:
+                rejected = path.with_name(f"{path.stem}.rejected{path.suffix}")
+                os.replace(tmp, rejected)
+                raise OnnxMismatchError(
+                    f"{exc} Nothing was written to {path}; the rejected graph is kept at {rejected} for inspection.",
+                    exc.metrics,
+                ) from None
             log.info(
                 "onnxruntime vs PyTorch on %d samples: top-1 agreement %.2f %%, max |diff| %.3g, SQNR %.1f dB",
                 result["n"],
@@ -901,15 +909,4 @@ def export_onnx(
                 result["max_abs_diff"],
                 result["sqnr_db"],
             )
-    except OnnxMismatchError as exc:
-        rejected = path.with_name(f"{path.stem}.rejected{path.suffix}")
-        os.replace(tmp, rejected)
-        raise OnnxMismatchError(
-            f"{exc} Nothing was written to {path}; the rejected graph is kept at {rejected} for inspection.",
-            exc.metrics,
-        ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
     return result
