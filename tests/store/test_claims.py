@@ -12,15 +12,6 @@ import pytest
 from postquant.store.claims import Claims, SharedLock, alive, process_start, this_process
 
 
-@pytest.fixture
-def other_process():
-    """A live process other than this one (another worker sharing the claims)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
 def _holder(pid: int) -> dict:
     return {"host": socket.gethostname(), "pid": pid, "start": process_start(pid)}
 
