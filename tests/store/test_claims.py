@@ -87,3 +87,10 @@ def test_the_lock_is_reentrant_and_creates_its_folder(tmp_path):
     lock = SharedLock(tmp_path / "new" / "dir" / "t.lock")
     with lock.held(), lock.held():  # a nested block does not wait for itself
         assert (tmp_path / "new" / "dir").is_dir()
+
+
+def test_claims_and_tables_import_where_there_is_no_fcntl():
+    """Windows has no fcntl: the store must not import it itself (filelock picks the platform's lock)."""
+    code = "import sys; sys.modules['fcntl'] = None; import postquant.store.claims, postquant.store.table"
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
