@@ -3,14 +3,14 @@
     python benchmarks/accuracy.py --suite all          # every table (about 30-60 min on 2 cores)
     python benchmarks/accuracy.py --suite rtn --models resnet20-cifar10
 
-Rows already in the JSON file are skipped (delete it to start over), so an interrupted run resumes.
+Rows already in the JSON file are skipped (delete it to start over), so an interrupted run resumes; processes
+running at once (one per core) share the file and split the rows (`postquant.store.table.ResultTable`).
 Writes ``benchmarks/results/accuracy.json`` and the markdown tables ``benchmarks/results/accuracy.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 import postquant
+from postquant.store.files import write_text_atomic
+from postquant.store.table import ResultTable
 from postquant_lab.evaluate import evaluate
 from postquant_lab.zoo import ZooModel, load_model
 
@@ -120,41 +122,46 @@ def _row_id(model: str, row: dict[str, Any]) -> str:
 
 
 def run(
-    models: list[str], suites: list[str], json_path: Path, limit: int | None
+    models: list[str], suites: list[str], table: ResultTable, limit: int | None
 ) -> dict[str, dict[str, Any]]:
-    done: dict[str, dict[str, Any]] = json.loads(json_path.read_text()) if json_path.exists() else {}
+    """Evaluate every row of `models` that `table` lacks (FP32 first), writing each row as it is done."""
     for name in models:
-        todo = {_row_id(name, r): (s, r) for s in suites for r in _suite_rows(s, name)}
-        todo = [v for k, v in todo.items() if k not in done]
+        rows = {_row_id(name, r): (s, r) for s in suites for r in _suite_rows(s, name)}
         fp_id = f"{name}:fp32"
-        if not todo and fp_id in done:
+        todo = table.missing([fp_id, *rows])
+        if not todo:
             continue
         zoo: ZooModel = load_model(name)
         data = zoo.eval_batches(limit=limit)
         cached = CachedEval(data.path, data.task, list(data), data.n)
         calib = zoo.calib_batches(limit=CALIB_SIZE)
-        if fp_id not in done:
-            fp = evaluate(zoo.model, zoo, data=cached)
-            done[fp_id] = {"model": name, "suite": "fp32", "metric": fp.metric, "value": fp.value, "n": fp.n}
-            json_path.write_text(json.dumps(done, indent=1))
-        for suite, row in todo:
+        for key in table.todo(todo):
+            if key == fp_id:
+                fp = evaluate(zoo.model, zoo, data=cached)
+                table.put(
+                    fp_id, {"model": name, "suite": "fp32", "metric": fp.metric, "value": fp.value, "n": fp.n}
+                )
+                continue
+            suite, row = rows[key]
             recipe = {k: v for k, v in row.items() if k != "label"}
             start = time.perf_counter()
             qmodel = postquant.quantize(zoo.model, recipe, calib=calib, example_inputs=zoo.example_inputs)
             seconds = time.perf_counter() - start
             res = evaluate(qmodel, zoo, data=cached)
-            done[_row_id(name, row)] = {
-                "model": name,
-                "suite": suite,
-                **row,
-                "metric": res.metric,
-                "value": res.value,
-                "n": res.n,
-                "quantize_seconds": seconds,
-            }
+            table.put(
+                key,
+                {
+                    "model": name,
+                    "suite": suite,
+                    **row,
+                    "metric": res.metric,
+                    "value": res.value,
+                    "n": res.n,
+                    "quantize_seconds": seconds,
+                },
+            )
             log.info("%s %s: %.2f (%.2f s)", name, row, res.value, seconds)
-            json_path.write_text(json.dumps(done, indent=1))
-    return done
+    return table.rows
 
 
 def _bits(r: dict[str, Any]) -> str:
@@ -218,13 +225,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     suites = ["rtn", "squant", "ablation"] if args.suite == "all" else [args.suite]
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    for extra in args.merge:  # results of other runs (e.g. one process per model)
+    table = ResultTable(args.json)
+    for extra in args.merge:  # results of other runs (e.g. one process per model); rows here are kept
         if extra.exists():
-            done = json.loads(args.json.read_text()) if args.json.exists() else {}
-            args.json.write_text(json.dumps({**json.loads(extra.read_text()), **done}, indent=1))
-    done = run(args.models, suites, args.json, args.limit)
-    args.out.write_text(markdown(done, args.limit))
+            table.put_many({k: v for k, v in ResultTable(extra).rows.items() if k not in table})
+    done = run(args.models, suites, table, args.limit)
+    write_text_atomic(args.out, markdown(done, args.limit))
     log.info("wrote %s", args.out)
 
 

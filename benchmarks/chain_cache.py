@@ -13,7 +13,6 @@ gives the wall time of both, their ratio, and whether the integer codes are bit-
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,6 +23,8 @@ import torch
 import postquant
 import postquant.reconstruct.engine as engine
 from postquant.model import quantized_layers
+from postquant.store.files import write_text_atomic
+from postquant.store.table import ResultTable
 from postquant_lab.zoo import load_model
 
 log = logging.getLogger("benchmarks.chain_cache")
@@ -78,8 +79,7 @@ def run(model: str, calib_size: int, iters: int, repeats: int) -> dict[str, Any]
     }
 
 
-def write(rows: dict[str, dict[str, Any]]) -> None:
-    (RESULTS / "chain_cache.json").write_text(json.dumps(rows, indent=2) + "\n")
+def write_markdown(rows: dict[str, dict[str, Any]]) -> None:
     lines = [
         "| model | bits | calib | iters | chained | model prefixes | speed-up | identical codes |",
         "|---|---|---|---|---|---|---|---|",
@@ -89,7 +89,7 @@ def write(rows: dict[str, dict[str, Any]]) -> None:
         f"{r['prefixes_s']} s | {r['speedup']}x | {'yes' if r['identical_codes'] else 'NO'} |"
         for r in rows.values()
     ]
-    (RESULTS / "chain_cache.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(RESULTS / "chain_cache.md", "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -100,12 +100,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each kind (the fastest counts)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path = RESULTS / "chain_cache.json"
-    rows = json.loads(path.read_text()) if path.exists() else {}
-    for model in args.models:
-        rows[model] = run(model, args.calib_size, args.iters, args.repeats)
-        write(rows)
-        log.info("%s", rows[model])
+    table = ResultTable(RESULTS / "chain_cache.json", indent=2, newline=True)
+    for model in args.models:  # measured again (a timing), beside the rows of other models
+        table.put(model, run(model, args.calib_size, args.iters, args.repeats))
+        write_markdown(table.rows)
+        log.info("%s", table.get(model))
 
 
 if __name__ == "__main__":

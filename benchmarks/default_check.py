@@ -24,6 +24,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from postquant.store.files import write_text_atomic
+
 log = logging.getLogger("benchmarks.default_check")
 OUT = Path(__file__).parent / "results" / "default_check"
 # label -> (file prefix, recipe YAML in OUT or None for the CLI default). The YAMLs pin every field that the
@@ -123,7 +125,7 @@ def main() -> None:
                 for seed in range(args.seeds):
                     if not json_path(label, column, seed).exists():
                         run_one(label, column, seed)
-    (OUT / "table.md").write_text(table())
+    write_text_atomic(OUT / "table.md", table())
     log.info("wrote %s", OUT / "table.md")
 
 

@@ -38,6 +38,7 @@ import torch
 
 import postquant
 from postquant.io import checkpoint_size, export_onnx, float_size, save
+from postquant.store.files import write_text_atomic
 from postquant_lab.zoo import ZooModel, load_model
 
 log = logging.getLogger("export_bench")
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         r20 = resnet20_agreement(args, Path(tmp))
     text = markdown(rows, r20, args, time.perf_counter() - start)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_text_atomic(args.out, text)
     log.info("wrote %s", args.out)
 
 

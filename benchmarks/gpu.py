@@ -42,6 +42,7 @@ import postquant
 from postquant.grids import fit_uniform_grid
 from postquant.paths import shared_path
 from postquant.rounding import SquantMode, nearest_codes, squant_codes, squant_codes_many
+from postquant.store.files import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("gpu")
 
@@ -343,8 +344,8 @@ def main() -> None:
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(results, indent=1, default=str))
-        args.out.write_text(report(results, args))
+        write_json_atomic(json_path, results, default=str)
+        write_text_atomic(args.out, report(results, args))
 
     if "squant" in args.parts:
         results["squant"] = squant_part(args.repeats, args.seed)

@@ -2,7 +2,7 @@
 
 Writes ``benchmarks/results/learned.md`` (a table) and ``benchmarks/results/learned.json`` (one row per
 model x bits x method). Resumable: rows already in the JSON file are skipped, so an interrupted run can be
-restarted with the same command.
+restarted with the same command; several runs at once (one per core) share the file and split the rows.
 
 The published iteration counts (AdaRound 10k, BRECQ/QDrop 20k per unit) do not fit a shared 2-core CPU:
 ``--classic-iters`` caps them, and the table says so in its "iters" column.
@@ -14,8 +14,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 import logging
 import os
 import sys
@@ -27,6 +25,8 @@ import torch
 
 import postquant
 from postquant.reconstruct import PRESETS
+from postquant.store.files import write_text_atomic
+from postquant.store.table import ListedRows, ResultTable
 from postquant_lab.evaluate import evaluate
 from postquant_lab.zoo import load_model
 
@@ -118,20 +118,6 @@ def run_row(zoo: Any, model: str, bits: str, method: str, args: argparse.Namespa
     }
 
 
-def append_row(json_path: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
-    """Add `row` to the JSON file under an exclusive lock, re-reading it first, so that several runs of this
-    script (one per core) can share one results file. Returns all rows."""
-    with open(json_path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = json.loads(json_path.read_text()) if json_path.is_file() else []
-        key = row_key(row["model"], row["bits"], row["method"])
-        rows = [r for r in rows if row_key(r["model"], r["bits"], r["method"]) != key] + [row]
-        tmp = json_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        tmp.replace(json_path)
-    return rows
-
-
 def summary_table(rows: list[dict[str, Any]]) -> list[str]:
     """One line per model x bits, one column per method: ``value (seconds s, iters)``; '-' = not measured."""
     fp = {r["model"]: r["value"] for r in rows if r["method"] == "fp32"}
@@ -197,7 +183,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, commands: list[str]) 
             f"| {r['model']} | {r['bits']} | {r['method']} | {r['value']:.2f} | {delta} | {r['quantize_s']:.1f} | "
             f"{r['iters']} | {r['calib']} | {r['n']} |"
         )
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -228,19 +214,20 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = args.out / "learned.json", args.out / "learned.md"
-    rows: list[dict[str, Any]] = json.loads(json_path.read_text()) if json_path.is_file() else []
+    md_path, commands_path = args.out / "learned.md", args.out / "learned_commands.txt"
+    table = ResultTable(
+        args.out / "learned.json",
+        layout=ListedRows(lambda r: row_key(r["model"], r["bits"], r["method"])),
+        lock_path=args.out / "learned.lock",
+    )
     if args.render:
-        commands_path = args.out / "learned_commands.txt"
-        write_markdown(rows, md_path, commands_path.read_text().splitlines())
+        write_markdown(list(table.rows.values()), md_path, commands_path.read_text().splitlines())
         return
-    done = {row_key(r["model"], r["bits"], r["method"]) for r in rows}
-    commands_path = args.out / "learned_commands.txt"
     commands = commands_path.read_text().splitlines() if commands_path.is_file() else []
     command = "python benchmarks/learned_bench.py " + " ".join(sys.argv[1:])
     if command not in commands:
         commands.append(command)
-        commands_path.write_text("\n".join(commands) + "\n")
+        write_text_atomic(commands_path, "\n".join(commands) + "\n")
     for model in args.models:
         zoo = None
         todo = [("-", "fp32")] if "fp32" in args.methods else []
@@ -251,16 +238,15 @@ def main() -> None:
             for m in args.methods
             if m != "fp32"
         ]
-        for bits, method in todo:
-            if row_key(model, bits, method) in done:
-                continue
+        rows = {row_key(model, bits, method): (bits, method) for bits, method in todo}
+        for key in table.todo(rows):  # rows already in the JSON file, or in another process's hands, skipped
+            bits, method = rows[key]
             zoo = zoo or load_model(model)
             log.info("row %s %s %s", model, bits, method)
             row = run_row(zoo, model, bits, method, args)
             log.info("-> %.2f in %.1f s", row["value"], row["quantize_s"])
-            done.add(row_key(model, bits, method))
-            rows = append_row(json_path, row)
-            write_markdown(rows, md_path, commands_path.read_text().splitlines())
+            table.put(key, row)
+            write_markdown(list(table.rows.values()), md_path, commands_path.read_text().splitlines())
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ first `ERROR_SAMPLES` calibration samples. It tells a poor allocation apart from
 follow the output error.
 
 Writes ``benchmarks/results/mixed.md`` and ``benchmarks/results/mixed.json``. Resumable: rows already in the
-JSON file are skipped, so an interrupted run can be restarted with the same command; rows measured before the
+JSON file are skipped, so an interrupted run can be restarted with the same command (processes running at once
+share the file and split the rows); rows measured before the
 output error existed get it from their recorded bits (the model is quantized again with those bits, and its
 size is checked against the row's).
 
@@ -25,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -41,6 +41,8 @@ from postquant.eval.run import run_model
 from postquant.mixed.importance import batch_distance
 from postquant.mixed.size import model_bytes
 from postquant.recipe import LayerOverride
+from postquant.store.files import write_text_atomic
+from postquant.store.table import ListedRows, ResultTable
 from postquant_lab.evaluate import evaluate
 from postquant_lab.zoo import load_model
 
@@ -191,7 +193,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, commands: list[str], 
             f"| {r['model']} | {r['method']} | {r['config']} | {r['value']:.2f} | {delta} | {err} | {avg} | {size} | "
             f"{r.get('histogram') or ''} | {r.get('calib', '')} | {r['quantize_s']:.1f} | {r['n']} |"
         )
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -213,20 +215,20 @@ def main() -> None:
     logging.getLogger("postquant.model.fold").setLevel(logging.WARNING)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = args.out / "mixed.json", args.out / "mixed.md"
-    rows: list[dict[str, Any]] = json.loads(json_path.read_text()) if json_path.is_file() else []
-    done = {row_key(r["model"], r["method"], r["config"]) for r in rows}
+    md_path = args.out / "mixed.md"
+    table = ResultTable(
+        args.out / "mixed.json", layout=ListedRows(lambda r: row_key(r["model"], r["method"], r["config"]))
+    )
     commands_path = args.out / "mixed_commands.txt"
     commands = commands_path.read_text().splitlines() if commands_path.is_file() else []
     command = "python benchmarks/mixed_bench.py " + " ".join(sys.argv[1:])
     if command not in commands:
         commands.append(command)
-        commands_path.write_text("\n".join(commands) + "\n")
+        write_text_atomic(commands_path, "\n".join(commands) + "\n")
     configs = [f"W{int(args.budget)}", *[f"mixed-{i}" for i in args.importances]]
     for model in args.models:
         zoo, error = None, None
-        todo = [("fp32", "-")] + [(m, c) for m in args.methods for c in configs]
-        for row in rows:
+        for key, row in list(table.rows.items()):
             if row["model"] == model and "out_err" not in row:
                 zoo = zoo or load_model(model)
                 error = error or OutputDistance(zoo)
@@ -235,11 +237,12 @@ def main() -> None:
                 else:
                     log.info("output error of %s %s %s", model, row["method"], row["config"])
                     fill_output_error(zoo, row, error, args)
-                json_path.write_text(json.dumps(rows, indent=1))
-                write_markdown(rows, md_path, commands, args.budget)
-        for method, config in todo:
-            if row_key(model, method, config) in done:
-                continue
+                table.put(key, row)
+                write_markdown(list(table.rows.values()), md_path, commands, args.budget)
+        todo = [("fp32", "-")] + [(m, c) for m in args.methods for c in configs]
+        rows = {row_key(model, method, config): (method, config) for method, config in todo}
+        for key in table.todo(rows):  # rows already in the JSON file, or in another process's hands, skipped
+            method, config = rows[key]
             zoo = zoo or load_model(model)
             error = error or OutputDistance(zoo)
             log.info("row %s %s %s", model, method, config)
@@ -251,10 +254,8 @@ def main() -> None:
                 row["bytes"],
                 row["quantize_s"],
             )
-            rows.append(row)
-            done.add(row_key(model, method, config))
-            json_path.write_text(json.dumps(rows, indent=1))
-            write_markdown(rows, md_path, commands, args.budget)
+            table.put(key, row)
+            write_markdown(list(table.rows.values()), md_path, commands, args.budget)
 
 
 if __name__ == "__main__":

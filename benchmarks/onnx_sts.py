@@ -22,6 +22,7 @@ from scipy.stats import spearmanr
 
 import postquant
 from postquant.io import export_onnx
+from postquant.store.files import write_text_atomic
 from postquant_lab.zoo import load_model
 
 log = logging.getLogger("onnx_sts")
@@ -85,7 +86,7 @@ def main() -> None:
         ]
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_text_atomic(args.out, text)
     log.info("%s", text)
 
 

@@ -6,14 +6,14 @@
 The power grid's exponent is searched per layer (recipe ``grid: power``, ``power_exponent: null``); the table
 shows the median, min and max of the chosen exponents. Each grid is fitted with min/max ranges (the reference
 convention) and with the MSE range search (``w_range: mse``; on the power grid it searches the range of u). Rows already in the JSON file are skipped (delete it
-to start over), so an interrupted run resumes and runs for different models (and limits) add up.
+to start over), so an interrupted run resumes and runs for different models (and limits) add up; processes running
+at once share the file (`postquant.store.table.ResultTable`).
 Writes ``benchmarks/results/power_grid.json`` and ``benchmarks/results/power_grid.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import time
@@ -26,6 +26,8 @@ from torch import nn
 
 import postquant
 from postquant.model import quantized_layers
+from postquant.store.files import write_text_atomic
+from postquant.store.table import ResultTable
 from postquant_lab.evaluate import evaluate
 from postquant_lab.zoo import load_model
 
@@ -52,28 +54,31 @@ def _row_id(model: str, row: dict[str, Any]) -> str:
 def _exponents(qmodel: nn.Module) -> list[float]:
     """The exponent chosen for each quantized layer (1.0 for a uniform grid)."""
     return [
-        float(layer.grid_exponent) if layer.grid_config["kind"] == "power" else 1.0
+        float(layer.grid_exponent) if layer.grid_config.kind == "power" else 1.0
         for layer in quantized_layers(qmodel).values()
     ]
 
 
-def run(models: list[str], json_path: Path, limit: int | None) -> dict[str, dict[str, Any]]:
-    """Evaluate every missing row of `models`; write the JSON after each row."""
-    done: dict[str, dict[str, Any]] = json.loads(json_path.read_text()) if json_path.exists() else {}
+def run(models: list[str], table: ResultTable, limit: int | None) -> dict[str, dict[str, Any]]:
+    """Evaluate every row of `models` that `table` lacks (FP32 first), writing each row as it is done."""
     for name in models:
-        todo = [r for r in ROWS if _row_id(name, r) not in done]
+        rows = {_row_id(name, r): r for r in ROWS}
         fp_id = f"{name}:fp32"
-        if not todo and fp_id in done:
+        todo = table.missing([fp_id, *rows])
+        if not todo:
             continue
         zoo = load_model(name)
         raw = zoo.eval_batches(limit=limit)
         data = CachedEval(raw.path, raw.task, list(raw), raw.n)  # decoded once, evaluated many times
-        if fp_id not in done:
-            fp = evaluate(zoo.model, zoo, data=data)
-            done[fp_id] = {"model": name, "metric": fp.metric, "value": fp.value, "n": fp.n, "limit": limit}
-            json_path.write_text(json.dumps(done, indent=1))
         calib = None
-        for row in todo:
+        for key in table.todo(todo):
+            if key == fp_id:
+                fp = evaluate(zoo.model, zoo, data=data)
+                table.put(
+                    fp_id, {"model": name, "metric": fp.metric, "value": fp.value, "n": fp.n, "limit": limit}
+                )
+                continue
+            row = rows[key]
             recipe = {**row, "a_bits": None, "calib_size": CALIB_SIZE}
             if row["power_search"] == "outputs" and calib is None:
                 calib = zoo.calib_batches(limit=CALIB_SIZE)
@@ -86,18 +91,20 @@ def run(models: list[str], json_path: Path, limit: int | None) -> dict[str, dict
             )
             seconds = time.perf_counter() - start
             res = evaluate(qmodel, zoo, data=data)
-            done[_row_id(name, row)] = {
-                "model": name,
-                **row,
-                "exponents": _exponents(qmodel),
-                "metric": res.metric,
-                "value": res.value,
-                "n": res.n,
-                "quantize_seconds": seconds,
-            }
+            table.put(
+                key,
+                {
+                    "model": name,
+                    **row,
+                    "exponents": _exponents(qmodel),
+                    "metric": res.metric,
+                    "value": res.value,
+                    "n": res.n,
+                    "quantize_seconds": seconds,
+                },
+            )
             log.info("%s %s: %.2f (%.1f s)", name, row, res.value, seconds)
-            json_path.write_text(json.dumps(done, indent=1))
-    return done
+    return table.rows
 
 
 def _exponent_cell(exps: list[float]) -> str:
@@ -159,11 +166,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    done = run(args.models, args.json, args.limit)
+    done = run(args.models, ResultTable(args.json), args.limit)
     for extra in args.merge:  # e.g. a concurrent run of another model into its own JSON file
-        done = {**json.loads(extra.read_text()), **done}
-    args.out.write_text(markdown(done))
+        done = {**ResultTable(extra).rows, **done}
+    write_text_atomic(args.out, markdown(done))
     log.info("wrote %s", args.out)
 
 

@@ -24,6 +24,7 @@ import torch
 
 from postquant.grids import fit_uniform_grid
 from postquant.rounding import SquantMode, nearest_codes, squant_codes
+from postquant.store.files import write_text_atomic
 
 log = logging.getLogger("squant_speed")
 
@@ -206,7 +207,7 @@ def main() -> None:
         total = results[model][0]
         log.info("%s: SQuant %.4f s, nearest %.4f s", model, total["squant"], total["nearest"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(results, args))
+    write_text_atomic(args.out, report(results, args))
     log.info("wrote %s", args.out)
 
 

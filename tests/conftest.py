@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -124,3 +127,12 @@ def require_shared(*parts: str):
     if not path.exists():
         pytest.skip(f"shared data not found at {path}; set POSTQUANT_SHARED to the folder holding it")
     return path
+
+
+@pytest.fixture
+def other_process():
+    """A live process other than this one, killed at the end (a stand-in for another worker holding claims)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()

@@ -1,7 +1,7 @@
 """Grids: pure tensor math that maps float values to integer codes and back."""
 
 from postquant.grids.power import PowerGrid, fit_power_grid
-from postquant.grids.state import Grid, GridKind, fit_grid, grid_from_state, grid_state
+from postquant.grids.state import Grid, GridConfig, GridKind, fit_grid, grid_from_state, grid_state
 from postquant.grids.uniform import (
     Granularity,
     RangeMethod,
@@ -14,6 +14,7 @@ from postquant.grids.uniform import (
 __all__ = [
     "Granularity",
     "Grid",
+    "GridConfig",
     "GridKind",
     "PowerGrid",
     "RangeMethod",

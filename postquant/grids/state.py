@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from postquant.choices import GridKind
 from postquant.errors import RecipeError
@@ -39,43 +42,62 @@ def fit_grid(
     return fit_uniform_grid(w, bits, granularity, **common)  # type: ignore[arg-type]
 
 
-def grid_state(grid: Grid) -> tuple[dict[str, object], dict[str, torch.Tensor]]:
-    """Split a grid into a JSON-able config and its tensors (for saving and for module buffers)."""
+class GridConfig(BaseModel):
+    """What a grid is apart from its tensors: its kind, bits, granularity and group size.
+
+    A `QuantizedLayer` keeps it (``grid_config``) and a checkpoint's manifest records it per layer, as
+    ``{"kind", "bits", "granularity", "group_size"}``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: GridKind
+    bits: int
+    granularity: Granularity
+    group_size: int
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _known_kind(cls, value: Any) -> Any:
+        if value not in {k.value for k in GridKind}:
+            known = ", ".join(k.value for k in GridKind)
+            raise ValueError(
+                f"unknown grid kind {value!r} (known: {known}); was it saved by a newer postquant?"
+            )
+        return value
+
+
+def grid_state(grid: Grid) -> tuple[GridConfig, dict[str, torch.Tensor]]:
+    """Split a grid into its config and its tensors (for saving and for module buffers)."""
     kind = GridKind.POWER if isinstance(grid, PowerGrid) else GridKind.UNIFORM
-    config = {
-        "kind": kind.value,
-        "bits": grid.bits,
-        "granularity": grid.granularity.value,
-        "group_size": grid.group_size,
-    }
+    config = GridConfig(kind=kind, bits=grid.bits, granularity=grid.granularity, group_size=grid.group_size)
     tensors = {"inv_scale": grid.inv_scale, "zero_point": grid.zero_point}
     if isinstance(grid, PowerGrid):
         tensors |= {"max_abs": grid.max_abs, "exponent": grid.exponent}
     return config, tensors
 
 
-def grid_from_state(config: dict[str, object], tensors: dict[str, torch.Tensor]) -> Grid:
-    """Rebuild a grid written by `grid_state`."""
-    kind = str(config.get("kind"))
-    if kind not in {k.value for k in GridKind}:
-        known = ", ".join(k.value for k in GridKind)
-        raise RecipeError(f"unknown grid kind {kind!r} (known: {known}); was it saved by a newer postquant?")
-    bits = int(config["bits"])  # type: ignore[call-overload]
-    granularity = Granularity(config["granularity"])
-    group_size = int(config["group_size"])  # type: ignore[call-overload]
+def grid_from_state(config: GridConfig, tensors: dict[str, torch.Tensor]) -> Grid:
+    """Rebuild a grid written by `grid_state`.
+
+    Raises:
+        RecipeError: a tensor the grid's kind needs is missing.
+    """
     try:
-        if kind == GridKind.POWER:
+        if config.kind is GridKind.POWER:
             return PowerGrid(
                 tensors["inv_scale"],
                 tensors["zero_point"],
                 tensors["max_abs"],
                 tensors["exponent"],
-                bits,
-                granularity,
-                group_size,
+                config.bits,
+                config.granularity,
+                config.group_size,
             )
-        return UniformGrid(tensors["inv_scale"], tensors["zero_point"], bits, granularity, group_size)
+        return UniformGrid(
+            tensors["inv_scale"], tensors["zero_point"], config.bits, config.granularity, config.group_size
+        )
     except KeyError as exc:
         raise RecipeError(
-            f"a {kind} grid needs the tensor {exc.args[0]!r}; the saved grid is incomplete"
+            f"a {config.kind.value} grid needs the tensor {exc.args[0]!r}; the saved grid is incomplete"
         ) from None

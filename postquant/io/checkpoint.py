@@ -8,7 +8,7 @@ A checkpoint is a directory with two files:
   float module under their usual names (``<name>.bias``...) and ``<name>.act.scale`` /
   ``<name>.act.zero_point`` for an input quantizer; then every other parameter and buffer of the model
   (BatchNorms that were not folded, embeddings, norms...), each stored once.
-* ``manifest.json``: format and library versions, the model name (so ``load(dir)`` can rebuild a zoo model),
+* ``manifest.json`` (`postquant.io.manifest.Manifest`): format and library versions, the model name (so ``load(dir)`` can rebuild a zoo model),
   the recipe, per quantized layer its weight shape, bits, grid config, packed length and input quantizer,
   an architecture fingerprint of the float model after BatchNorm folding (modules, parameter shapes, the
   modules that became ``nn.Identity``) and the sha256 of ``model.safetensors``.
@@ -21,11 +21,8 @@ the loaded model computes bit-identical outputs.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
-import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,7 +35,8 @@ from torch import nn
 
 from postquant import __version__
 from postquant.errors import CheckpointError, OutputError, PostquantError, RecipeError
-from postquant.grids import grid_from_state
+from postquant.grids import GridConfig, grid_from_state
+from postquant.io.manifest import FORMAT_VERSION, ActEntry, Architecture, LayerEntry, Manifest, first_error
 from postquant.io.pack import pack_codes, packed_nbytes, unpack_codes
 from postquant.model import quantized_layers, replace_module, set_module
 from postquant.model.convert import replace_layers
@@ -46,6 +44,7 @@ from postquant.nn import ActQuantizer, QuantizedLayer
 from postquant.outcome import QuantizationResult, attach_result, find_result
 from postquant.plan import LayerPlan, Plan
 from postquant.recipe import Recipe
+from postquant.store.files import file_sha256, write_dir_atomic
 
 __all__ = [
     "FORMAT_VERSION",
@@ -60,21 +59,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 _CODES, _GRID, _ACT = "codes", "grid.", "act."
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_size(directory: str | Path) -> int:
@@ -123,7 +113,7 @@ def _under(key: str, names: dict[str, str]) -> bool:
     return any(key.startswith(name + ".") for name in names)
 
 
-def _architecture(model: nn.Module, shared: dict[str, str] | None = None) -> dict[str, Any]:
+def _architecture(model: nn.Module, shared: dict[str, str] | None = None) -> Architecture:
     """Fingerprint of the float structure: modules, parameter/buffer shapes, ``nn.Identity`` modules.
 
     A quantized model is described as the float model it came from (after BatchNorm folding): a
@@ -145,7 +135,7 @@ def _architecture(model: nn.Module, shared: dict[str, str] | None = None) -> dic
     for name, cls in modules:
         by_class.setdefault(cls, []).append(name)
     shapes = {key: list(t.shape) for key, t in _float_state(model, shared or {}).items()}
-    return {"modules": by_class, "tensors": shapes, "identity": by_class.get("Identity", [])}
+    return Architecture(modules=by_class, tensors=shapes, identity=by_class.get("Identity", []))
 
 
 def _float_state(model: nn.Module, shared: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -171,15 +161,15 @@ def _float_state(model: nn.Module, shared: dict[str, str]) -> dict[str, torch.Te
 # ------------------------------------------------------------------------------------------------- save
 
 
-def _layer_entry(layer: QuantizedLayer) -> dict[str, Any]:
+def _layer_entry(layer: QuantizedLayer) -> LayerEntry:
     act = layer.act_quant
-    return {
-        "weight_shape": list(layer.codes.shape),
-        "bits": layer.bits,
-        "grid": dict(layer.grid_config),
-        "packed_bytes": packed_nbytes(layer.codes.numel(), layer.bits),
-        "act": None if act is None else {"bits": act.bits, "qmin": act.qmin, "qmax": act.qmax},
-    }
+    return LayerEntry(
+        weight_shape=list(layer.codes.shape),
+        bits=layer.bits,
+        grid=layer.grid_config,
+        packed_bytes=packed_nbytes(layer.codes.numel(), layer.bits),
+        act=None if act is None else ActEntry(bits=act.bits, qmin=act.qmin, qmax=act.qmax),
+    )
 
 
 def _saved_key(name: str | None, rest: str) -> str:
@@ -266,18 +256,6 @@ def _sort_header(path: Path) -> None:
             f.write(text + b" " * (size - len(text)))
 
 
-def _make_tmp_dir(directory: Path) -> Path:
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir(parents=True)
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write a checkpoint to {directory}: {exc.strerror or exc}. Choose a directory whose parent "
-            "exists (or can be created) and is writable."
-        ) from exc
-    return tmp
-
-
 def _is_checkpoint(directory: Path) -> bool:
     """Whether `directory` holds exactly a postquant checkpoint: its two files, the manifest written by `save`."""
     contents = {p.name for p in directory.iterdir()}
@@ -302,23 +280,6 @@ def check_save_target(directory: Path) -> None:
         f"{directory} exists and is not a postquant checkpoint (it holds {shown}); save replaces only a "
         "checkpoint it wrote: choose another path or empty it"
     )
-
-
-def _replace_dir(tmp: Path, directory: Path) -> None:
-    """Move the finished `tmp` to `directory`; an existing checkpoint there is replaced, nothing else is."""
-    check_save_target(directory)
-    old = None
-    if directory.is_dir():
-        old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-        directory.rename(old)
-    try:
-        tmp.rename(directory)
-    except OSError:
-        if old is not None:
-            old.rename(directory)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = None) -> Path:
@@ -346,7 +307,7 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
         log.warning("saving a model without quantized layers: every weight is stored in float")
     tensors, aliases = _tensors_to_save(qmodel)
     shared = _shared_layers(qmodel)
-    manifest: dict[str, Any] = {
+    fields = {
         "format_version": FORMAT_VERSION,
         "postquant_version": __version__,
         "torch_version": torch.__version__,
@@ -357,18 +318,22 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
         "shared": shared,
         "architecture": _architecture(qmodel, shared),
     }
-    tmp = _make_tmp_dir(directory)
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "postquant", "format_version": "1"})
         _sort_header(tmp / TENSORS_FILE)  # byte-for-byte reproducible files
-        manifest["sha256"] = _sha256(tmp / TENSORS_FILE)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
-        _replace_dir(tmp, directory)
+        manifest = Manifest(**fields, sha256=file_sha256(tmp / TENSORS_FILE))
+        (tmp / MANIFEST_FILE).write_text(manifest.to_json())
+
+    try:  # an existing checkpoint is replaced, nothing else is
+        write_dir_atomic(directory, write, replaceable=check_save_target)
+    except OutputError:
+        raise
     except OSError as exc:
-        raise OutputError(f"cannot write the checkpoint {directory}: {exc.strerror or exc}") from exc
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(
+            f"cannot write the checkpoint {directory}: {exc.strerror or exc}. Choose a directory whose parent "
+            "exists (or can be created) and is writable."
+        ) from exc
     log.info(
         "saved %d quantized layers to %s (%d bytes)", len(qlayers), directory, checkpoint_size(directory)
     )
@@ -380,10 +345,10 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
 
 def build_quantized_layer(
     layer: nn.Module,
-    grid_config: dict[str, Any],
+    grid_config: GridConfig,
     grid_tensors: dict[str, torch.Tensor],
     codes: torch.Tensor,
-    act: dict[str, Any] | None = None,
+    act: ActEntry | None = None,
     act_tensors: dict[str, torch.Tensor] | None = None,
 ) -> QuantizedLayer:
     """A `QuantizedLayer` from a float layer, a saved grid, integer codes and a saved input quantizer.
@@ -392,27 +357,27 @@ def build_quantized_layer(
         layer: the float Conv/Linear (its weight is dropped; its other tensors are kept).
         grid_config, grid_tensors: as written by `postquant.grids.grid_state`.
         codes: integer codes of the weight's shape.
-        act: ``{"bits", "qmin", "qmax"}`` of the input quantizer, or None for a float input.
+        act: bits and integer range of the input quantizer, or None for a float input.
         act_tensors: its ``scale`` and ``zero_point``.
     """
     act_quant = None
     if act is not None:
-        act_quant = ActQuantizer(int(act["bits"]), -1.0 if act["qmin"] < 0 else 0.0, 1.0)
-        if (act_quant.qmin, act_quant.qmax) != (act["qmin"], act["qmax"]):
+        act_quant = ActQuantizer(act.bits, -1.0 if act.qmin < 0 else 0.0, 1.0)
+        if (act_quant.qmin, act_quant.qmax) != (act.qmin, act.qmax):
             raise CheckpointError(
-                f"input quantizer range [{act['qmin']}, {act['qmax']}] is not a {act['bits']}-bit range"
+                f"input quantizer range [{act.qmin}, {act.qmax}] is not a {act.bits}-bit range"
             )
         if act_tensors is not None:
             act_quant.scale.copy_(act_tensors["scale"])
             act_quant.zero_point.copy_(act_tensors["zero_point"])
     try:
         grid = grid_from_state(grid_config, grid_tensors)
-    except (RecipeError, ValueError) as exc:  # unknown kind, missing tensor, bad granularity
+    except (RecipeError, ValueError) as exc:  # a missing tensor, a granularity the shapes do not fit
         raise CheckpointError(f"cannot rebuild a saved grid: {exc}") from None
     return QuantizedLayer(layer, grid, codes, act_quant)
 
 
-def _read_manifest(directory: Path) -> dict[str, Any]:
+def _read_manifest(directory: Path) -> Manifest:
     if not directory.is_dir():
         raise CheckpointError(
             f"checkpoint directory {directory} does not exist; pass the directory given to save()"
@@ -439,16 +404,21 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     missing = [key for key in ("layers", "architecture", "sha256") if key not in manifest]
     if missing:
         raise CheckpointError(f"{directory / MANIFEST_FILE} lacks {', '.join(missing)}; save the model again")
-    return manifest
+    try:
+        return Manifest.model_validate(manifest)
+    except ValidationError as exc:
+        raise CheckpointError(
+            f"the manifest of {directory} is malformed or was edited ({first_error(exc)[:200]}); save the model again"
+        ) from None
 
 
-def _read_tensors(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _read_tensors(directory: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
     path = directory / TENSORS_FILE
-    digest = _sha256(path)
-    if digest != manifest.get("sha256"):
+    digest = file_sha256(path)
+    if digest != manifest.sha256:
         raise CheckpointError(
             f"{path} is truncated or was modified after saving (sha256 {digest[:12]}... differs from the manifest's "
-            f"{str(manifest.get('sha256'))[:12]}...). Copy the checkpoint again or re-save the model."
+            f"{manifest.sha256[:12]}...). Copy the checkpoint again or re-save the model."
         )
     try:
         return load_file(str(path))
@@ -458,13 +428,10 @@ def _read_tensors(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.
 
 def saved_model_name(directory: str | Path) -> str | None:
     """The model name (zoo name or ``module:factory`` spec) a checkpoint's manifest records, if any."""
-    name = _read_manifest(Path(directory).expanduser()).get("model_name")
-    if name is not None and not isinstance(name, str):
-        raise CheckpointError(f"the manifest's model_name is a {type(name).__name__}, not a name")
-    return name
+    return _read_manifest(Path(directory).expanduser()).model_name
 
 
-def _float_model(manifest: dict[str, Any], model: nn.Module | Callable[[], nn.Module] | None) -> nn.Module:
+def _float_model(manifest: Manifest, model: nn.Module | Callable[[], nn.Module] | None) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
     if callable(model):
@@ -474,8 +441,8 @@ def _float_model(manifest: dict[str, Any], model: nn.Module | Callable[[], nn.Mo
                 f"the model factory passed to load returned a {type(built).__name__}, not a torch.nn.Module"
             )
         return built
-    name = manifest.get("model_name")
-    named = f" (the checkpoint names it {name!r})" if isinstance(name, str) and name else ""
+    name = manifest.model_name
+    named = f" (the checkpoint names it {name!r})" if name else ""
     raise CheckpointError(
         f"load needs the float model the checkpoint was saved from{named}: pass load(directory, model) with "
         "the model or a function that builds it; for the zoo's named models, postquant_lab.load(directory) "
@@ -483,17 +450,17 @@ def _float_model(manifest: dict[str, Any], model: nn.Module | Callable[[], nn.Mo
     )
 
 
-def _rebuild_structure(model: nn.Module, arch: dict[str, Any]) -> None:
+def _rebuild_structure(model: nn.Module, arch: Architecture) -> None:
     """Redo the structural changes of quantization in place: Identity modules, biases created by folding."""
     names = dict(model.named_modules())
-    for name in arch["identity"]:
+    for name in arch.identity:
         if name in names and not isinstance(names[name], nn.Identity):
             log.debug(
                 "replacing %s (%s) with Identity, as in the checkpoint", name, type(names[name]).__name__
             )
             set_module(model, name, nn.Identity())
     state = model.state_dict()
-    for key, shape in arch["tensors"].items():
+    for key, shape in arch.tensors.items():
         if key in state:
             continue
         owner, _, attr = key.rpartition(".")
@@ -506,7 +473,7 @@ def _rebuild_structure(model: nn.Module, arch: dict[str, Any]) -> None:
 
 
 def _check_architecture(
-    model: nn.Module, arch: dict[str, Any], model_name: str | None, shared: dict[str, str]
+    model: nn.Module, arch: Architecture, model_name: str | None, shared: dict[str, str]
 ) -> None:
     """Raise a `CheckpointError` naming the first module or tensor that differs from the checkpoint's."""
     here = _architecture(model, shared)
@@ -515,8 +482,8 @@ def _check_architecture(
         if model_name
         else "the float model it was saved from"
     )
-    got_modules = {name: cls for cls, names in here["modules"].items() for name in names}
-    want_modules = {name: cls for cls, names in arch["modules"].items() for name in names}
+    got_modules = {name: cls for cls, names in here.modules.items() for name in names}
+    want_modules = {name: cls for cls, names in arch.modules.items() for name in names}
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     for name, cls in sorted(want_modules.items(), key=lambda item: order.get(item[0], len(order))):
         if got_modules.get(name) != cls:
@@ -526,8 +493,8 @@ def _check_architecture(
                 f"the model does not match the checkpoint's architecture: layer {name!r} {what} but the "
                 f"checkpoint has a {cls}. Load the checkpoint with {hint}."
             )
-    for key, shape in arch["tensors"].items():
-        got = here["tensors"].get(key)
+    for key, shape in arch.tensors.items():
+        got = here.tensors.get(key)
         if got != shape:
             layer = key.rpartition(".")[0] or key
             what = "is missing" if got is None else f"has shape {tuple(got)}"
@@ -535,7 +502,7 @@ def _check_architecture(
                 f"the model does not match the checkpoint's architecture: layer {layer!r}: {key} {what} but the "
                 f"checkpoint has shape {tuple(shape)}. Load the checkpoint with {hint}."
             )
-    extra = [key for key in here["tensors"] if key not in arch["tensors"]]
+    extra = [key for key in here.tensors if key not in arch.tensors]
     if extra:
         raise CheckpointError(
             f"the model does not match the checkpoint's architecture: it has {extra[0]!r} (and {len(extra) - 1} more "
@@ -549,17 +516,17 @@ def _layer_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, tor
 
 
 def _install_layer(
-    qmodel: nn.Module, name: str, entry: dict[str, Any], own: dict[str, torch.Tensor]
+    qmodel: nn.Module, name: str, entry: LayerEntry, own: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Wrap layer `name` of `qmodel` in a `QuantizedLayer` from its saved tensors; return its state dict entries."""
-    numel = int(torch.Size(entry["weight_shape"]).numel())
+    numel = int(torch.Size(entry.weight_shape).numel())
     packed = own.get(_CODES)
-    if packed is None or packed.numel() != entry["packed_bytes"]:
+    if packed is None or packed.numel() != entry.packed_bytes:
         raise CheckpointError(f"the packed codes of layer {name!r} are missing or of the wrong length")
-    codes = unpack_codes(packed, entry["bits"], numel).reshape(entry["weight_shape"])
+    codes = unpack_codes(packed, entry.bits, numel).reshape(entry.weight_shape)
     grid = {k.removeprefix(_GRID): _as_float(v) for k, v in own.items() if k.startswith(_GRID)}
     act = {k.removeprefix(_ACT): v for k, v in own.items() if k.startswith(_ACT)}
-    layer = build_quantized_layer(qmodel.get_submodule(name), entry["grid"], grid, codes, entry["act"], act)
+    layer = build_quantized_layer(qmodel.get_submodule(name), entry.grid, grid, codes, entry.act, act)
     replace_module(qmodel, name, layer)  # at every place a shared layer is used
     state = {f"{name}.codes": codes}
     state |= {f"{name}.grid_{k}": v for k, v in grid.items()}
@@ -570,13 +537,13 @@ def _install_layer(
     return state
 
 
-def _loaded_result(qmodel: nn.Module, manifest: dict[str, Any]) -> QuantizationResult:
+def _loaded_result(qmodel: nn.Module, manifest: Manifest) -> QuantizationResult:
     """The result a loaded model carries: its saved recipe (a recipe from another postquant version only gets
     a warning), a plan read off its layers, and the model name."""
     recipe = None
-    if manifest.get("recipe") is not None:
+    if manifest.recipe is not None:
         try:
-            recipe = Recipe.model_validate(manifest["recipe"])
+            recipe = Recipe.model_validate(manifest.recipe)
         except ValidationError as exc:
             log.warning(
                 "the checkpoint's recipe does not validate with this postquant (%s); its result has no recipe",
@@ -586,8 +553,7 @@ def _loaded_result(qmodel: nn.Module, manifest: dict[str, Any]) -> QuantizationR
         LayerPlan(name, layer.bits, layer.act_quant.bits if layer.act_quant is not None else None)
         for name, layer in quantized_layers(qmodel).items()
     )
-    name = manifest.get("model_name")
-    return QuantizationResult(recipe, plan, model_name=name if isinstance(name, str) else None)
+    return QuantizationResult(recipe, plan, model_name=manifest.model_name)
 
 
 def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | None = None) -> nn.Module:
@@ -620,26 +586,26 @@ def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | Non
         raise CheckpointError(
             f"the manifest of {directory} is malformed or was edited ({detail[:200]}); save the model again"
         ) from None
-    log.info("loaded %d quantized layers from %s", len(manifest["layers"]), directory)
+    log.info("loaded %d quantized layers from %s", len(manifest.layers), directory)
     return qmodel
 
 
-def _restore(qmodel: nn.Module, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+def _restore(qmodel: nn.Module, manifest: Manifest, tensors: dict[str, torch.Tensor]) -> None:
     """Turn the float copy `qmodel` into the saved quantized model, in place (`load`'s work)."""
-    arch = manifest["architecture"]
+    arch = manifest.architecture
     replace_layers(qmodel)  # as `quantize` did
     _rebuild_structure(qmodel, arch)
-    shared: dict[str, str] = manifest.get("shared", {})
-    _check_architecture(qmodel, arch, manifest.get("model_name"), shared)
+    shared = manifest.shared
+    _check_architecture(qmodel, arch, manifest.model_name, shared)
 
     state: dict[str, torch.Tensor] = {}
-    layers: dict[str, dict[str, Any]] = manifest["layers"]
+    layers = manifest.layers
     for name, entry in layers.items():
         state.update(_install_layer(qmodel, name, entry, _layer_tensors(tensors, name)))
     for key, t in tensors.items():
         if _split_key(key, list(layers))[0] is None:
             state[key] = t
-    for alias, stored in manifest.get("aliases", {}).items():
+    for alias, stored in manifest.aliases.items():
         name, rest = _split_key(alias, list(layers))
         state[alias if name is None else f"{name}.inner.{rest}"] = tensors[stored]
     for other, first in shared.items():

@@ -48,6 +48,7 @@ import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from postquant.choices import Granularity, GridKind
 from postquant.errors import OnnxMismatchError, OutputError, UnsupportedModelError
 from postquant.eval.run import move_batch
 from postquant.model import quantized_layers, set_module
@@ -64,6 +66,7 @@ from postquant.model.hf import no_kv_cache
 from postquant.nn import QuantizedLayer
 from postquant.nn.layer import HALF, upcast_half
 from postquant.progress import progress_bar
+from postquant.store.files import atomic_path
 
 __all__ = ["count_kernels", "export_onnx", "float_twin", "verify_onnx"]
 
@@ -149,9 +152,9 @@ def _weight_qdq(name: str, layer: QuantizedLayer) -> _WeightQDQ:
 def _int8_weight_qdq(name: str, layer: QuantizedLayer) -> _WeightQDQ:
     """`_weight_qdq` with int8 codes, whatever their range."""
     config = layer.grid_config
-    if config.get("kind") != "uniform":
+    if config.kind is not GridKind.UNIFORM:
         raise UnsupportedModelError(
-            f"layer {name!r}: grid kind {config.get('kind')!r} has no ONNX QDQ form (DequantizeLinear is affine: "
+            f"layer {name!r}: grid kind {config.kind.value!r} has no ONNX QDQ form (DequantizeLinear is affine: "
             "(q - zero_point) * scale, a power grid is not); quantize with the recipe field grid: uniform "
             "(CLI --grid uniform) for ONNX, exclude the layer with ignore=[...], or save it with "
             "postquant.io.save instead"
@@ -162,17 +165,15 @@ def _int8_weight_qdq(name: str, layer: QuantizedLayer) -> _WeightQDQ:
     scale = (1.0 / inv_scale).float()  # (G,)
     fits = bool(torch.equal(z, z.round()) and (-z).min() >= -128 and (-z).max() <= 127)
     why = []
-    if config["granularity"] == "group":
-        why.append(
-            f"per-group grid (group_size {config['group_size']}): dequantized per group, then reshaped"
-        )
+    if config.granularity is Granularity.GROUP:
+        why.append(f"per-group grid (group_size {config.group_size}): dequantized per group, then reshaped")
     if not fits:
         why.append(
             f"zero point -Z in [{-z.max():.0f}, {-z.min():.0f}] does not fit int8 (channels whose weights all "
             "have one sign): dequantized with zero point 0, then Z/S added; symmetric=True avoids it"
         )
     if not why:
-        per_tensor = config["granularity"] == "tensor"
+        per_tensor = config.granularity is Granularity.TENSOR
         zp = (-z).to(torch.int8)
         return _WeightQDQ(
             codes.numpy(),
@@ -867,14 +868,12 @@ def export_onnx(
     onnx.checker.check_model(model)
     steps.update()
     steps.set_postfix_str("save")
-    try:  # written beside `path` and renamed into place once verified: never a half-written or
-        path.parent.mkdir(parents=True, exist_ok=True)  # unverified file at `path`
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(tmp_name)
-    except OSError as exc:
-        raise OutputError(f"cannot write the ONNX model to {path}: {exc.strerror or exc}") from exc
-    try:
+    with ExitStack() as written:  # beside `path`, renamed into place once verified: never a half-written or
+        try:  # unverified file at `path`
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = written.enter_context(atomic_path(path))
+        except OSError as exc:
+            raise OutputError(f"cannot write the ONNX model to {path}: {exc.strerror or exc}") from exc
         try:
             onnx.save(model, str(tmp))
         except OSError as exc:
@@ -885,16 +884,24 @@ def export_onnx(
         steps.update()
         steps.close()
         if verify_batches is not None:
-            result.update(
-                verify_onnx(
-                    qmodel,
-                    tmp,
-                    verify_batches,
-                    min_sqnr_db=min_sqnr_db,
-                    min_top1_agreement=min_top1_agreement,
-                    progress=progress,
+            try:
+                result.update(
+                    verify_onnx(
+                        qmodel,
+                        tmp,
+                        verify_batches,
+                        min_sqnr_db=min_sqnr_db,
+                        min_top1_agreement=min_top1_agreement,
+                        progress=progress,
+                    )
                 )
-            )
+            except OnnxMismatchError as exc:
+                rejected = path.with_name(f"{path.stem}.rejected{path.suffix}")
+                os.replace(tmp, rejected)
+                raise OnnxMismatchError(
+                    f"{exc} Nothing was written to {path}; the rejected graph is kept at {rejected} for inspection.",
+                    exc.metrics,
+                ) from None
             log.info(
                 "onnxruntime vs PyTorch on %d samples: top-1 agreement %.2f %%, max |diff| %.3g, SQNR %.1f dB",
                 result["n"],
@@ -902,15 +909,4 @@ def export_onnx(
                 result["max_abs_diff"],
                 result["sqnr_db"],
             )
-    except OnnxMismatchError as exc:
-        rejected = path.with_name(f"{path.stem}.rejected{path.suffix}")
-        os.replace(tmp, rejected)
-        raise OnnxMismatchError(
-            f"{exc} Nothing was written to {path}; the rejected graph is kept at {rejected} for inspection.",
-            exc.metrics,
-        ) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
     return result

@@ -70,7 +70,7 @@ def layer_table(
                 "layer": name,
                 "w_bits": layer.bits,
                 "a_bits": act.bits if act is not None else None,
-                "granularity": layer.grid_config["granularity"],
+                "granularity": layer.grid_config.granularity.value,
                 "params": layer.codes.numel(),
                 "sqnr_db": sqnr,
             }

@@ -9,7 +9,7 @@ what comes after the allocation, e.g. its learned rounding) reuses the table ins
 Several processes measuring the same table at the same time (e.g. two seeds of one study run, one per core)
 split it: each claims a layer before measuring it (``importance_<key>.claims``, under a lock), skips the
 layers others have claimed or finished, and waits at the end for the ones still being measured elsewhere. A
-claim left by a process that died is taken over (`postquant.claims`).
+claim left by a process that died is taken over (`postquant.store.table`).
 
 The key is a hash of everything a cost depends on: the measure, the float model's weights and buffers, the
 calibration samples, the dequantized weight ``Q_b(W)`` of every scored layer at every bit width (so the grid,
@@ -20,17 +20,15 @@ the same table, hence the same allocation, as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from postquant.claims import held_by_another, locked, read_json, replace_json, this_process
-from postquant.errors import CheckpointError, OutputError
-from postquant.reconstruct.checkpoint import run_key
+from postquant.errors import CheckpointError
+from postquant.store.files import fingerprint
+from postquant.store.table import HeaderedRows, ResultTable
 
 __all__ = ["WAIT", "ImportanceCache"]
 
@@ -41,14 +39,30 @@ WAIT = "<wait>"  # `next_layer`: every layer left is being measured by another p
 
 
 class ImportanceCache:
-    """The rows ``layer -> {bits: cost}`` measured so far for one key, in ``root/importance_<key>.json``."""
+    """The rows ``layer -> {bits: cost}`` measured so far for one key, in ``root/importance_<key>.json``.
+
+    On disk ``{"key": key, "rows": {layer: {"<bits>": cost}}}``, a `ResultTable` whose rows widen: a layer
+    measured again at other bit widths keeps the costs it had.
+    """
 
     def __init__(self, root: str | Path, parts: dict[str, Any], poll_seconds: float = 2.0) -> None:
-        self.key = run_key(parts)
-        self.path = Path(root).expanduser() / f"importance_{self.key}.json"
-        self.claims_path = self.path.with_suffix(".claims")
+        self.key = fingerprint(parts)
+        path = Path(root).expanduser() / f"importance_{self.key}.json"
+        self.table = ResultTable(
+            path,
+            layout=HeaderedRows({"key": self.key}),
+            merge=lambda stored, new: {**stored, **new},
+            sort_keys=True,
+            lock_path=path.with_suffix(".lock"),
+            claims_path=path.with_suffix(".claims"),
+            what="importance table",
+            damaged_hint="delete it to measure again",
+            writable_hint="choose a writable mixed.checkpoint_dir",
+            damaged_error=CheckpointError,
+        )
+        self.path, self.claims_path = path, self.table.claims.path
         self.poll_seconds = poll_seconds
-        self.rows: dict[str, CostRow] = self._read()
+        self.rows: dict[str, CostRow] = self._costs()
         if self.rows:
             log.info("importance: %d layers already measured in %s", len(self.rows), self.path)
 
@@ -65,19 +79,15 @@ class ImportanceCache:
         layer has its row.
         """
         bits = list(bit_choices)
-        with self._locked():
+        waiting = False
+        with self.table.locked():
             self._refresh()
-            claims = self._claims()
-            waiting = False
             for name in layers:
                 if self.row(name, bits) is not None:
                     continue
-                if held_by_another(claims.get(name)):
-                    waiting = True
-                    continue
-                claims[name] = this_process()
-                replace_json(self.claims_path, claims)
-                return name
+                if self.table.claims.take(name):
+                    return name
+                waiting = True
         return WAIT if waiting else None
 
     def wait(self) -> None:
@@ -86,63 +96,27 @@ class ImportanceCache:
 
     def record(self, rows: dict[str, CostRow]) -> None:
         """Add (or widen) the rows of some layers, write the table and drop this process's claims on them."""
-        with self._locked():
-            self._refresh()
-            for name, row in rows.items():
-                self.rows[name] = {**self.rows.get(name, {}), **row}
-            data = {
-                "key": self.key,
-                "rows": {name: {str(b): c for b, c in row.items()} for name, row in self.rows.items()},
-            }
-            replace_json(self.path, data, sort_keys=True)
-            self._drop_claims(set(rows))
+        with self.table.locked():
+            self.table.put_many({name: {str(b): c for b, c in row.items()} for name, row in rows.items()})
+            self.rows = self._costs()
+            self.table.claims.release(rows)
 
     def release(self) -> None:
         """Drop every claim of this process (the measurement ended, finished or not)."""
-        with self._locked():
-            self._drop_claims(None)
-
-    def _drop_claims(self, names: set[str] | None) -> None:
-        claims = self._claims()
-        me = this_process()
-        mine = [n for n, holder in claims.items() if holder == me and (names is None or n in names)]
-        if mine:
-            replace_json(self.claims_path, {n: h for n, h in claims.items() if n not in mine})
-
-    def _claims(self) -> dict[str, Any]:
-        try:
-            return read_json(self.claims_path) or {}
-        except json.JSONDecodeError:  # written atomically, so only a hand edit gets here
-            log.warning("%s is not valid JSON; ignoring the claims in it", self.claims_path)
-            return {}
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        try:
-            with locked(self.path.with_suffix(".lock")):
-                yield
-        except OSError as exc:
-            raise OutputError(
-                f"cannot write {self.path}: {exc.strerror or exc}; choose a writable mixed.checkpoint_dir"
-            ) from exc
+        self.table.release()
 
     def _refresh(self) -> None:
         """Merge in the rows other processes have written since this cache last read the file."""
-        on_disk = self._read()
-        for name, row in on_disk.items():
-            self.rows[name] = {**row, **self.rows.get(name, {})}
+        self.table.refresh()
+        self.rows = self._costs()
 
-    def _read(self) -> dict[str, CostRow]:
+    def _costs(self) -> dict[str, CostRow]:
+        """The table's rows as costs, checked."""
         try:
-            data = read_json(self.path)
-            if data is None:
-                return {}
             rows = {
-                str(name): {int(b): float(c) for b, c in row.items()} for name, row in data["rows"].items()
+                str(name): {int(b): float(c) for b, c in row.items()} for name, row in self.table.rows.items()
             }
-            if data["key"] != self.key:
-                raise ValueError(f"it holds key {data['key']!r}")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (ValueError, TypeError, AttributeError) as exc:
             raise CheckpointError(
                 f"{self.path} is not a readable importance table ({exc}); delete it to measure again"
             ) from exc

@@ -49,7 +49,7 @@ class QuantizedLayer(nn.Module):
 
     @property
     def bits(self) -> int:
-        return int(self.grid_config["bits"])  # type: ignore[call-overload]
+        return self.grid_config.bits
 
     def input_quantizer(self, bits: int, lo: float, hi: float) -> ActQuantizer:
         """An `ActQuantizer` for this layer's input range [lo, hi], on the layer's device, its step in the
@@ -72,4 +72,4 @@ class QuantizedLayer(nn.Module):
         return functional_call(self.inner, {"weight": weight}, (x,))
 
     def extra_repr(self) -> str:
-        return f"w_bits={self.bits}, grid={self.grid_config['kind']}, granularity={self.grid_config['granularity']}"
+        return f"w_bits={self.bits}, grid={self.grid_config.kind.value}, granularity={self.grid_config.granularity.value}"

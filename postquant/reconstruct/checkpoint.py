@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from postquant.errors import CheckpointError, OutputError
-from postquant.files import write_atomic, write_text_atomic
+from postquant.store.files import fingerprint, read_json, write_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,6 @@ def data_fingerprint(batches: Any) -> str:
     return h.hexdigest()
 
 
-def run_key(parts: dict[str, Any]) -> str:
-    """A short stable hash of JSON-able `parts`."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def unit_seed(seed: int, index: int) -> int:
     """The seed of every RNG of unit `index` (independent of what ran before)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:7], "little")
@@ -80,15 +75,12 @@ class CheckpointStore:
         self.units = units
         self.index_path = self.dir / "index.json"
         self.index: dict[str, Any] = {"key": key, "units": units, "done": {}}
-        if self.index_path.is_file():
-            try:
-                index = json.loads(self.index_path.read_text())
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(
-                    f"{self.index_path} is not valid JSON; delete it to start over"
-                ) from exc
-            if isinstance(index, dict) and index.get("key") == key and index.get("units") == units:
-                self.index = self._checked(index)
+        try:
+            index = read_json(self.index_path)
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{self.index_path} is not valid JSON; delete it to start over") from exc
+        if isinstance(index, dict) and index.get("key") == key and index.get("units") == units:
+            self.index = self._checked(index)
 
     def _checked(self, index: dict[str, Any]) -> dict[str, Any]:
         """`index` if every finished-unit entry is one this class writes, else a CheckpointError: a file name
@@ -142,8 +134,7 @@ class CheckpointStore:
         tensors = {key: t.detach().cpu().contiguous() for key, t in state.items()}
         write_atomic(self.dir / name, lambda tmp: save_file(tensors, tmp))
         self.index["done"][str(k)] = {"file": name, "unit": self.units[k], "outcome": outcome}
-        text = json.dumps(self.index, indent=1)
-        write_text_atomic(self.index_path, text)
+        write_json_atomic(self.index_path, self.index)
         log.debug("checkpointed unit %d (%s) to %s", k, self.units[k], self.dir)
 
 
@@ -163,7 +154,7 @@ def cached_batches(
     """
     if root is None:
         return make()
-    path = Path(root).expanduser() / f"data_{run_key(parts)}.safetensors"
+    path = Path(root).expanduser() / f"data_{fingerprint(parts)}.safetensors"
     if path.is_file():
         try:
             tensors = load_file(str(path))

@@ -29,12 +29,12 @@ from postquant.reconstruct.checkpoint import (
     cached_batches,
     data_fingerprint,
     model_fingerprint,
-    run_key,
     unit_seed,
 )
 from postquant.reconstruct.config import CalibSource, LearnedConfig, Loss
 from postquant.reconstruct.loop import UnitOutcome, check_batch_size, reconstruct_unit, restore, snapshot
 from postquant.reconstruct.presets import is_learned, learned_config
+from postquant.store.files import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def reconstruct_model(
     report = ReconstructionReport()
     store = None
     if cfg.checkpoint_dir is not None:
-        key = run_key(
+        key = fingerprint(
             {
                 "config": cfg.result_fields(),
                 "extra": key_fields or {},

@@ -14,11 +14,9 @@ the work without repeating a run. A claim whose process has died is taken over.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,21 +24,21 @@ from typing import Any
 import torch
 
 from postquant.api import quantize
-from postquant.claims import held_by_another, locked, read_json, replace_json, this_process
-from postquant.errors import DataError, OutputError, PostquantError, RecipeError
+from postquant.errors import PostquantError, RecipeError
 from postquant.paths import shared_path
 from postquant.progress import progress_bar
 from postquant.recipe import Recipe
+from postquant.store.files import fingerprint
+from postquant.store.table import ResultTable
 from postquant_lab.evaluate import evaluate
 from postquant_lab.study.axes import Axis, Variant, fill_bits
-from postquant_lab.study.settings import OTHER_CALIB, TEXT_MODELS, StudySettings, digest, parse_bits
+from postquant_lab.study.settings import DIGEST_LENGTH, OTHER_CALIB, TEXT_MODELS, StudySettings, parse_bits
 from postquant_lab.zoo import ZooModel, load_model
 from postquant_lab.zoo.datasets import calibration_inputs
 
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
-CLAIMS_SUFFIX = ".claims"  # OUT/results.json.claims: run hash -> the process running it
 IMPORTANCE_DIR = "importance"  # OUT/importance/: mixed-precision importance tables, reused across runs
 
 
@@ -121,8 +119,9 @@ def _plan_one(settings: StudySettings, axis: Axis, variant: Variant, seed: int) 
         for key, value in pins.items():  # runs cached before a pin was needed keep their hash
             if fields.get(key) == value:
                 del fields[key]
-    run_hash = digest(
-        {"model": settings.model, "recipe": effective, "calib": variant.calib_data, "limit": settings.limit}
+    run_hash = fingerprint(
+        {"model": settings.model, "recipe": effective, "calib": variant.calib_data, "limit": settings.limit},
+        DIGEST_LENGTH,
     )
     key = f"{settings.model}|{settings.bits}|{axis.name}|{variant.label}|seed{seed}|{settings.digest()}|{run_hash}"
     return PlannedRun(axis.name, variant, seed, recipe, None, run_hash, key)
@@ -132,30 +131,39 @@ def _plan_one(settings: StudySettings, axis: Axis, variant: Variant, seed: int) 
 
 
 class ResultStore:
-    """Finished runs in one JSON file (key -> record), rewritten atomically after every run.
+    """Finished runs in ``OUT/results.json`` (key -> record), a `ResultTable` rewritten atomically after every
+    run and shared by the processes (one per core) running the study on one ``OUT``.
 
-    Several processes (one per core) may share the file: every write takes an exclusive lock on
-    ``results.json.lock``, re-reads the file and merges, so no process loses another's records, and
-    `refresh` lets a process see what the others finished before it starts a run.
+    Every write takes an exclusive lock on ``results.json.lock``, re-reads the file and merges, so no process
+    loses another's records, and `refresh` lets a process see what the others finished before it starts a run.
+    A run is claimed by its run hash (``results.json.claims``), so that two runs with one effective recipe are
+    never run at once.
     """
 
     def __init__(self, out_dir: Path) -> None:
         self.path = Path(out_dir) / RESULTS_FILE
-        self.records: dict[str, dict[str, Any]] = {}
+        self.table = ResultTable(
+            self.path,
+            what="study results file",
+            damaged_hint="move it away to start the study afresh",
+            writable_hint="choose a writable --out",
+        )
         self._by_hash: dict[str, dict[str, Any]] = {}
-        self.refresh()
+        self._index()
+
+    @property
+    def records(self) -> dict[str, dict[str, Any]]:
+        """Every finished record, by run key, as of the last read."""
+        return self.table.rows
+
+    @property
+    def claims_path(self) -> Path:
+        return self.table.claims.path
 
     def refresh(self) -> None:
         """Merge in the records other processes have written since this store last read the file."""
-        if self.path.is_file():
-            try:
-                on_disk = json.loads(self.path.read_text())
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{self.path} is not valid JSON ({exc}); move it away to start the study afresh"
-                ) from exc
-            self.records = {**on_disk, **self.records}
-        self._by_hash = {r["run_hash"]: r for r in self.records.values()}
+        self.table.refresh()
+        self._index()
 
     def find(self, run: PlannedRun) -> dict[str, Any] | None:
         """The finished record of `run`, or of another run with the identical effective recipe."""
@@ -165,60 +173,26 @@ class ResultStore:
 
     def put(self, key: str, record: dict[str, Any]) -> None:
         """Store `record` and rewrite the file atomically (a crash leaves the previous file intact)."""
-        self.records[key] = record
-        with self._locked():
-            self.refresh()
-            replace_json(self.path, self.records)
-
-    # Claims: which process is running which run (by run hash), so that processes sharing OUT split the work.
-
-    @property
-    def claims_path(self) -> Path:
-        return self.path.with_name(self.path.name + CLAIMS_SUFFIX)
+        self.table.put(key, record)
+        self._index()
 
     def claim(self, run: PlannedRun) -> bool:
         """Claim `run` for this process; False when another live process holds it (a dead one's is taken) or
         has just finished it."""
-        with self._locked():
+        with self.table.locked():
             self.refresh()  # records are written under this lock before their claim is released
-            if self.find(run) is not None:
-                return False
-            claims = self._claims()
-            if held_by_another(claims.get(run.run_hash)):
-                return False
-            claims[run.run_hash] = this_process()
-            replace_json(self.claims_path, claims)
-        return True
+            return self.find(run) is None and self.table.claims.take(run.run_hash)
 
     def release(self, run: PlannedRun) -> None:
         """Drop this process's claim on `run` (finished, failed or interrupted)."""
-        with self._locked():
-            claims = self._claims()
-            if claims.get(run.run_hash) == this_process():
-                del claims[run.run_hash]
-                replace_json(self.claims_path, claims)
+        self.table.release([run.run_hash])
 
     def held_elsewhere(self, run: PlannedRun) -> bool:
         """Whether another live process has claimed `run`."""
-        return held_by_another(self._claims().get(run.run_hash))
+        return self.table.claims.held_elsewhere(run.run_hash)
 
-    def _claims(self) -> dict[str, dict[str, Any]]:
-        try:
-            return read_json(self.claims_path) or {}
-        except json.JSONDecodeError:  # written atomically, so only a hand edit gets here: start afresh
-            log.warning("%s is not valid JSON; ignoring the claims in it", self.claims_path)
-            return {}
-
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """An exclusive lock on ``results.json.lock`` shared by every process using this OUT."""
-        try:
-            with locked(self.path.with_name(self.path.name + ".lock")):
-                yield
-        except OSError as exc:
-            raise OutputError(
-                f"cannot write {self.path}: {exc.strerror or exc}; choose a writable --out"
-            ) from exc
+    def _index(self) -> None:
+        self._by_hash = {r["run_hash"]: r for r in self.records.values()}
 
 
 # ------------------------------------------------------------------------------------------------ running

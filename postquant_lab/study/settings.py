@@ -3,13 +3,12 @@ and the "other dataset" each model can be calibrated on."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from postquant.errors import RecipeError
+from postquant.store.files import fingerprint
 from postquant_lab.zoo import CIFAR10_PREPROCESS, ImagePreprocess, efficientnet_lite_preprocess
 
 # The study base per model: the `learned` default with its cost cut to fit ~1-3 min a run on one thread.
@@ -25,6 +24,9 @@ DEFAULT_BASE: dict[str, dict[str, Any]] = {
     "minilm-l6": {"iters": 50, "calib_size": 256, "limit": None, "seeds": 2},
 }
 FALLBACK_BASE: dict[str, Any] = {"iters": 50, "calib_size": 256, "limit": None, "seeds": 3}
+DIGEST_LENGTH = (
+    12  # hex digits of the base digest and of a run hash (`fingerprint`): part of every cached key
+)
 
 # The bits of `study all` (the issue's list).
 DEFAULT_BITS: dict[str, list[str]] = {
@@ -119,7 +121,9 @@ class StudySettings:
 
     def digest(self) -> str:
         """A short hash of the base settings: results of other settings are never mixed in."""
-        return digest({"base": self.base_recipe(), "limit": self.limit, "model": self.model})
+        return fingerprint(
+            {"base": self.base_recipe(), "limit": self.limit, "model": self.model}, DIGEST_LENGTH
+        )
 
     def header(self) -> str:
         """One line for table headers."""
@@ -149,7 +153,3 @@ def default_settings(
         limit if limit is not None else base["limit"],
         seeds if seeds is not None else base["seeds"],
     )
-
-
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]

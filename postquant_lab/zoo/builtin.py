@@ -14,7 +14,8 @@ from torch import nn
 
 from postquant.errors import CheckpointError
 from postquant.paths import ENV_VAR, shared_dir, shared_path
-from postquant_lab.zoo.checkpoint import load_weights, sha256_of
+from postquant.store.files import file_sha256
+from postquant_lab.zoo.checkpoint import load_weights
 from postquant_lab.zoo.datasets import CIFAR10_PREPROCESS, TextPreprocess, efficientnet_lite_preprocess
 from postquant_lab.zoo.resnet_cifar import resnet20, resnet56
 from postquant_lab.zoo.zoo_model import ZooModel
@@ -59,7 +60,7 @@ def _cifar_resnet(arch: str, build: Callable[[], nn.Module]) -> ZooModel:
             f"checkpoint {weights} for {arch}-cifar10 is missing. Set {ENV_VAR} to the folder that holds "
             f"models/ and data/ (now {shared_dir()})."
         )
-    if sha256_of(weights) != _RESNET_SHA256[arch]:
+    if file_sha256(weights) != _RESNET_SHA256[arch]:
         log.warning("%s: sha256 differs from the akamaster release %s...", weights, _RESNET_SHA256[arch][:8])
     model = _finish(load_weights(build(), weights, strip_prefix="module."))
     return ZooModel(

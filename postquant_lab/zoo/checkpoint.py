@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 from collections.abc import Mapping
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 
 from postquant.errors import CheckpointError
 
-__all__ = ["CHECKPOINT_SUFFIXES", "load_state_dict", "load_weights", "read_checkpoint", "sha256_of"]
+__all__ = ["CHECKPOINT_SUFFIXES", "load_state_dict", "load_weights", "read_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -171,12 +170,3 @@ def load_weights(model: nn.Module, path: str | Path, strip_prefix: str = "module
     model.load_state_dict(state, strict=True)
     log.debug("loaded %d tensors from %s into %s", len(state), path, type(model).__name__)
     return model
-
-
-def sha256_of(path: str | Path) -> str:
-    """Hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import postquant
 from postquant.errors import NonFiniteWeightError, RecipeError
 from postquant.grids import (
+    GridConfig,
     GridKind,
     PowerGrid,
     UniformGrid,
@@ -194,7 +195,7 @@ def test_state_round_trips(kind):
     w = _laplace((6, 24), 4)
     grid = fit_grid(w, 3, kind, "group", group_size=8)
     config, tensors = grid_state(grid)
-    assert config["kind"] == kind
+    assert config.kind == kind
     back = grid_from_state(config, tensors)
     assert type(back) is (PowerGrid if kind == "power" else UniformGrid)
     assert torch.equal(back.dequantize(back.nearest(w)), grid.dequantize(grid.nearest(w)))
@@ -204,8 +205,8 @@ def test_state_errors():
     config, tensors = grid_state(fit_power_grid(torch.randn(4, 8), 4, exponent=0.5))
     with pytest.raises(RecipeError, match="max_abs"):
         grid_from_state(config, {k: v for k, v in tensors.items() if k != "max_abs"})
-    with pytest.raises(RecipeError, match="known: uniform, power"):
-        grid_from_state({**config, "kind": "lloyd"}, tensors)
+    with pytest.raises(ValueError, match=r"unknown grid kind 'lloyd' \(known: uniform, power\)"):
+        GridConfig.model_validate({**config.model_dump(), "kind": "lloyd"})
 
 
 def test_fit_grid_dispatches_on_kind():
@@ -260,7 +261,7 @@ def test_quantize_fits_the_recipe_grid_per_layer(tiny_cnn, images, method):
         example_inputs=images,
     )
     for name, layer in quantized_layers(pw).items():
-        assert layer.grid_config["kind"] == "power" and isinstance(layer.grid, PowerGrid)
+        assert layer.grid_config.kind == "power" and isinstance(layer.grid, PowerGrid)
         assert 0 < float(layer.grid_exponent) <= 1
         assert float(fixed.get_submodule(name).grid_exponent) == pytest.approx(0.6)
         assert int(layer.codes.min()) >= -4 and int(layer.codes.max()) <= 3

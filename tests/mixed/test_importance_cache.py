@@ -233,8 +233,8 @@ def test_a_layer_claimed_by_another_process_is_waited_for_then_taken_over(
     import sys
     import threading
 
-    from postquant import claims
     from postquant.mixed.cache import ImportanceCache
+    from postquant.store import claims
 
     plain = _table(folded, images)
     layers = list(plain)

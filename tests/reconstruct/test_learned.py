@@ -411,7 +411,7 @@ def test_learned_rounding_on_a_power_grid_lowers_block_error_below_nearest(net, 
     )
     for name, layer in codes(q).items():
         qlayer = q.get_submodule(name)
-        assert qlayer.grid_config["kind"] == "power" and float(qlayer.grid_exponent) == pytest.approx(0.7)
+        assert qlayer.grid_config.kind == "power" and float(qlayer.grid_exponent) == pytest.approx(0.7)
         assert layer.min() >= qlayer.grid.qmin and layer.max() <= qlayer.grid.qmax
         assert torch.equal(qlayer.weight, qlayer.grid.dequantize(layer.to(torch.int32)))
     for u in postquant.result(q).learned.units:  # a unit that does not improve keeps its start ('kept-start')

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,9 +14,9 @@ import torch
 from typer.testing import CliRunner
 
 import postquant_lab.study.runner as runner_mod
-from postquant import claims
 from postquant.calib.observers import Observer
 from postquant.errors import RecipeError, UnknownNameError
+from postquant.store import claims
 from postquant_lab.cli import app
 from postquant_lab.study import (
     AXES,
@@ -249,15 +247,6 @@ def test_two_processes_share_one_results_file(tmp_path, tiny_zoo, calls):
     assert {(r["variant"], r["seed"]) for r in records.values()} == {
         (v, s) for v in SELECTION for s in (0, 1)
     }
-
-
-@pytest.fixture
-def other_process():
-    """A live process other than this one (a stand-in for a second study process sharing --out)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc
-    proc.kill()
-    proc.wait()
 
 
 def _claim_for(out: Path, run: runner_mod.PlannedRun, pid: int) -> None:
