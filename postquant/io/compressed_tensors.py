@@ -291,7 +291,10 @@ def _float_tensors(qmodel: nn.Module, qlayers: dict[str, QuantizedLayer]) -> dic
 
 
 def _check_hf_model(qmodel: nn.Module) -> None:
-    from transformers import PreTrainedModel
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # then the model cannot be one
+        PreTrainedModel = ()
 
     if not isinstance(qmodel, PreTrainedModel):
         raise ExportError(

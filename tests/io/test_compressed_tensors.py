@@ -229,6 +229,15 @@ def test_input_quantizers_are_static_input_activations(ct, llama, ids, tmp_path)
     assert result.check is not None and result.check.rel_max_diff < 1e-5
 
 
+def test_bfloat16_model_agrees_within_its_rounding(ct, ids, tmp_path):
+    """The consumer holds bfloat16 scales: weights agree to bfloat16 rounding, logits within the bf16 tolerance."""
+    qmodel = postquant.quantize(tiny_llama().to(torch.bfloat16), W8_CHANNEL_SYM)
+    result = export_compressed_tensors(qmodel, tmp_path / "bf16", verify_inputs=ids)
+    assert _tensors(tmp_path / "bf16")["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.bfloat16
+    assert result.check is not None and result.check.tolerance == ct_export.TOLERANCE[torch.bfloat16]
+    assert result.check.top1_agreement >= 90.0
+
+
 def test_tied_embeddings_with_quantized_head_are_untied(ct, ids, tmp_path):
     qmodel = postquant.quantize(tiny_llama(tie=True), {"w_bits": 8, "symmetric": True})
     result = export_compressed_tensors(qmodel, tmp_path / "tied", verify_inputs=ids)
