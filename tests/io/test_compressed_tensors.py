@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import postquant
 from postquant.errors import ExportError, ExportMismatchError, OutputError
 from postquant.io import compressed_tensors as ct_export
-from postquant.io import export_compressed_tensors
+from postquant.io import export_compressed_tensors, hf_check
 from postquant.io.compressed_tensors import layer_scheme, pack_int32, transformers_route
 from postquant.model import quantized_layers
 
@@ -174,7 +174,7 @@ def test_weights_in_transformers_within_one_ulp(ct, w4_group, tmp_path):
     """Every dequantized weight transformers computes is postquant's, or its float32 neighbour."""
     out = tmp_path / "w4"
     export_compressed_tensors(w4_group, out)
-    consumer = ct_export._load_consumer(w4_group, out, "dequantize", torch.float32)
+    consumer = hf_check._load_consumer(w4_group, out, "dequantize", torch.float32)
     same = total = 0
     for name, layer in quantized_layers(w4_group).items():
         got, want = consumer.get_submodule(name).weight.detach(), layer.weight
@@ -234,7 +234,7 @@ def test_bfloat16_model_agrees_within_its_rounding(ct, ids, tmp_path):
     qmodel = postquant.quantize(tiny_llama().to(torch.bfloat16), W8_CHANNEL_SYM)
     result = export_compressed_tensors(qmodel, tmp_path / "bf16", verify_inputs=ids)
     assert _tensors(tmp_path / "bf16")["model.layers.0.mlp.up_proj.weight_scale"].dtype == torch.bfloat16
-    assert result.check is not None and result.check.tolerance == ct_export.TOLERANCE[torch.bfloat16]
+    assert result.check is not None and result.check.tolerance == hf_check.TOLERANCE[torch.bfloat16]
     assert result.check.top1_agreement >= 90.0
 
 
