@@ -69,3 +69,21 @@ def unknown_name(kind: str, name: str, known: Iterable[str]) -> UnknownNameError
 
 class BudgetError(RecipeError):
     """A mixed-precision budget that no allocation of the allowed bit widths can meet (or that needs none)."""
+
+
+class ExportError(UnsupportedModelError):
+    """A model, or one of its layers, has no form in the export format (the message names the layer and why)."""
+
+
+class ExportMismatchError(PostquantError, RuntimeError):
+    """An exported model, loaded by its real consumer, does not compute what the quantized model computes.
+
+    ``metrics`` holds the comparison (e.g. ``max_abs_diff``, ``rel_max_diff``, ``sqnr_db``, ``top1_agreement``).
+    """
+
+    def __init__(self, message: str, metrics: dict[str, float]) -> None:
+        super().__init__(message)
+        self.metrics = metrics
+
+    def __reduce__(self) -> tuple[type, tuple[str, dict[str, float]]]:  # picklable across processes
+        return type(self), (str(self), self.metrics)

@@ -1,17 +1,26 @@
-"""Saving, loading and exporting quantized models: packed safetensors checkpoints, QDQ ONNX, HTML reports.
+"""Saving, loading and exporting quantized models: packed safetensors checkpoints, QDQ ONNX, compressed-tensors
+checkpoints for Hugging Face transformers and vLLM, HTML reports.
 
-onnx/onnxruntime (``export_onnx``, ``verify_onnx``) and matplotlib (``write_report``) are optional dependencies,
-imported only when those functions run.
+onnx/onnxruntime (``export_onnx``, ``verify_onnx``), transformers/compressed-tensors
+(``export_compressed_tensors``, ``verify_compressed_tensors``) and matplotlib (``write_report``) are optional
+dependencies, imported only when those functions run.
 """
 
 from postquant.io.checkpoint import build_quantized_layer, checkpoint_size, float_size, load, save
+from postquant.io.compressed_tensors import (
+    CompressedTensorsExport,
+    export_compressed_tensors,
+    verify_compressed_tensors,
+)
 from postquant.io.onnx_export import export_onnx, verify_onnx
 from postquant.io.pack import pack_codes, packed_nbytes, unpack_codes
 from postquant.io.report import write_report
 
 __all__ = [
+    "CompressedTensorsExport",
     "build_quantized_layer",
     "checkpoint_size",
+    "export_compressed_tensors",
     "export_onnx",
     "float_size",
     "load",
@@ -19,6 +28,7 @@ __all__ = [
     "packed_nbytes",
     "save",
     "unpack_codes",
+    "verify_compressed_tensors",
     "verify_onnx",
     "write_report",
 ]
