@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from postquant.files import write_text_atomic
 
 import postquant
-from postquant.files import write_text_atomic
 from postquant.io import export_compressed_tensors
 from postquant.paths import shared_path
 

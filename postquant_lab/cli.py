@@ -572,6 +572,73 @@ def export_onnx_cmd(
         _fail(exc, verbose)
 
 
+@export_app.command("compressed-tensors")
+def export_compressed_tensors_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="directory written by `postquant quantize ... --out DIR`")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the directory to write")],
+    source: Annotated[
+        Path | None,
+        typer.Option(help="the float model's directory: its tokenizer, chat template and generation config"),
+    ] = None,
+    verify_text: Annotated[
+        Path | None,
+        typer.Option(help="check the export in transformers on windows of this text (needs --source)"),
+    ] = None,
+    verify_windows: Annotated[int, typer.Option(min=1, help="windows of --verify-text to compare on")] = 4,
+    window: Annotated[int, typer.Option(min=2, help="tokens per window")] = 256,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing export directory")] = False,
+    trust_code: Annotated[bool, typer.Option(help=TRUST_CODE_HELP)] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Export a saved quantized Hugging Face model as a compressed-tensors checkpoint (transformers, vLLM)."""
+    _setup_logging(verbose)
+    try:
+        from postquant.errors import DataError
+        from postquant.io import export_compressed_tensors
+
+        inputs = None
+        if verify_text is not None:
+            if source is None:
+                raise DataError(
+                    "--verify-text is tokenized with the tokenizer of --source: pass --source DIR"
+                )
+            inputs = _text_windows(source, verify_text, verify_windows, window)
+        qmodel, _ = _load_run(run_dir, trust_code)
+        done = export_compressed_tensors(
+            qmodel, output, source=str(source) if source else None, overwrite=overwrite, verify_inputs=inputs
+        )
+        check = (
+            f"; in transformers: max |diff| {done.check.max_abs_diff:.3g}, top-1 agreement "
+            f"{done.check.top1_agreement:.2f} %"
+            if done.check is not None
+            else "; not checked in transformers (pass --source and --verify-text)"
+        )
+        out_console.print(
+            f"wrote {output} ({done.bytes / 1e6:.2f} MB, weights {done.compression:.2f}x smaller than float, "
+            f"{len(done.groups)} config groups){check}"
+        )
+    except PostquantError as exc:
+        _fail(exc, verbose)
+
+
+def _text_windows(source: Path, text_file: Path, n: int, length: int) -> list[Any]:
+    """The first `n` windows of `length` tokens of `text_file`, tokenized by `source`'s tokenizer."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from postquant.errors import DataError
+
+    if not text_file.is_file():
+        raise DataError(f"{text_file} is not a file")
+    ids = AutoTokenizer.from_pretrained(str(source))(text_file.read_text(encoding="utf-8"))["input_ids"]
+    if len(ids) < length:
+        raise DataError(
+            f"{text_file} holds {len(ids)} tokens, fewer than one window of {length}: use --window"
+        )
+    count = min(n, len(ids) // length)
+    return [torch.tensor(ids[i * length : (i + 1) * length]).unsqueeze(0) for i in range(count)]
+
+
 @app.command("report")
 def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="directory written by `postquant quantize ... --out DIR`")],

@@ -66,6 +66,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from postquant.choices import Granularity, GridKind
 from postquant.errors import ExportError, ExportMismatchError, OutputError
 from postquant.io.hf_check import (
     CONFIG_FILE,
@@ -165,10 +166,10 @@ class LayerScheme:
 
 def _uniform_grid_tensors(name: str, layer: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor]:
     """``(S, Z)`` of the layer's grid, each (G, 1) float64; `ExportError` for a grid without an affine form."""
-    kind = layer.grid_config.get("kind")
+    kind = layer.grid_config.kind
     s = layer.grid_inv_scale.detach().double()
     z = layer.grid_zero_point.detach().double()
-    if kind == "power":
+    if kind is GridKind.POWER:
         exponent = layer.get_buffer("grid_exponent")
         max_abs = layer.get_buffer("grid_max_abs")
         if not (bool((exponent == 1).all()) and bool((max_abs == 1).all())):
@@ -177,7 +178,7 @@ def _uniform_grid_tensors(name: str, layer: QuantizedLayer) -> tuple[torch.Tenso
                 "compressed-tensors form: the format dequantizes (q - zero_point) * scale, an affine grid. "
                 "Quantize with grid: uniform (CLI --grid uniform), or keep the layer float with ignore=[...]"
             )
-    elif kind != "uniform":
+    elif kind is not GridKind.UNIFORM:
         raise ExportError(f"layer {name!r}: grid kind {kind!r} has no compressed-tensors form")
     if not torch.equal(z, z.round()):
         raise ExportError(f"layer {name!r}: its grid's zero points are not integers; quantize it again")
@@ -193,8 +194,9 @@ def layer_scheme(name: str, layer: QuantizedLayer) -> LayerScheme:
         )
     _, z = _uniform_grid_tensors(name, layer)
     bits = layer.bits
-    granularity = layer.grid_config["granularity"]
-    strategy = {"group": "group", "channel": "channel", "tensor": "tensor"}[granularity]  # type: ignore[index]
+    strategy = {Granularity.GROUP: "group", Granularity.CHANNEL: "channel", Granularity.TENSOR: "tensor"}[
+        layer.grid_config.granularity
+    ]
     symmetric = bool((z == 0).all())
     zp = -z
     lo, hi = (-128, 127) if strategy == "tensor" else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
@@ -205,7 +207,7 @@ def layer_scheme(name: str, layer: QuantizedLayer) -> LayerScheme:
             f"compressed-tensors stores {bits}-bit zero points in (groups whose weights all have one sign). "
             "Quantize with symmetric=True, or keep the layer float with ignore=[...]"
         )
-    group_size = int(layer.grid_config["group_size"]) if strategy == "group" else None  # type: ignore[call-overload]
+    group_size = layer.grid_config.group_size if strategy == "group" else None
     act = layer.act_quant
     if act is None:
         return LayerScheme(bits, symmetric, strategy, group_size)

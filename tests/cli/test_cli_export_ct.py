@@ -1,0 +1,55 @@
+"""`postquant export compressed-tensors`: a saved run becomes a directory transformers loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import postquant
+from postquant_lab.cli import app
+
+pytest.importorskip("transformers")
+pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (extra: hf)")
+
+
+def tiny_llama() -> torch.nn.Module:
+    """A `module:factory` a checkpoint can name: a tiny random Llama, the same every call."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_a_saved_run_exports_and_transformers_loads_it(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = {"w_bits": 4, "granularity": "group", "group_size": 32, "symmetric": True, "ignore": ["lm_head"]}
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    qmodel = postquant.quantize(tiny_llama(), recipe, calib=[ids])
+    postquant.save(qmodel, tmp_path / "run", model_name="tests.cli.test_cli_export_ct:tiny_llama")
+    out = tmp_path / "ct"
+    args = ["export", "compressed-tensors", str(tmp_path / "run"), "-o", str(out)]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2 and "--trust-code" in refused.output  # the file names code to run
+    done = CliRunner().invoke(app, [*args, "--trust-code"])
+    assert done.exit_code == 0, done.output
+    assert "not checked in transformers" in " ".join(done.output.split())
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, qmodel(ids).logits, rtol=1e-4, atol=1e-4)
+    again = CliRunner().invoke(app, [*args, "--trust-code"])
+    assert again.exit_code != 0 and "overwrite" in again.output.lower()
