@@ -5,7 +5,7 @@ imported only when those functions run.
 """
 
 from postquant.io.checkpoint import build_quantized_layer, checkpoint_size, float_size, load, save
-from postquant.io.onnx_export import export_onnx, verify_onnx
+from postquant.io.onnx import export_onnx, verify_onnx
 from postquant.io.pack import pack_codes, packed_nbytes, unpack_codes
 from postquant.io.report import write_report
 
