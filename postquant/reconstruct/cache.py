@@ -11,9 +11,10 @@ accelerator and ``max_bytes`` on the CPU. For a model on the CPU both are the sa
 at most ``max_bytes``. When the calibration set does not fit, the first batches that fit are used and the
 rest is skipped (logged).
 
-Cached unit inputs are nested structures (`Captured` arguments: tuples, lists, dicts, tensors and other
-values), walked with `torch.utils._pytree`: tensors with the batch as first dimension are split and sampled;
-anything else, such as a shared mask or a flag, is passed as it was. BRECQ and QDrop reconstruct from the
+Cached unit inputs are nested structures (`Captured` arguments), walked with `torch.utils._pytree`: the
+containers it knows (tuples, lists, dicts, named tuples, `Captured`, Hugging Face outputs) are walked, any
+other object (a key/value cache object, a flag) is one value. Tensors with the batch as first dimension are
+split and sampled; anything else, such as a shared mask or a flag, is passed as it was. BRECQ and QDrop reconstruct from the
 quantized model's inputs; QDrop mixes them element-wise with the float model's inputs (Wei et al., ICLR
 2022, Sec. 4).
 
