@@ -18,6 +18,7 @@ __all__ = [
     "Observer",
     "PowerSearch",
     "SquantMode",
+    "UnitKind",
 ]
 
 
@@ -90,3 +91,11 @@ class Importance(enum.StrEnum):
     TAYLOR = "taylor"  # first-order Taylor: sum |g * (W - Q_b(W))|
     FISHER = "fisher"  # diagonal Fisher: sum g^2 * (W - Q_b(W))^2 / 2
     DATAFREE = "datafree"  # no data: ||W - Q_b(W)||^2 / ||W||^2
+
+
+class UnitKind(enum.StrEnum):
+    """What learned rounding reconstructs at once (`postquant.model.blocks.make_units`)."""
+
+    LAYER = "layer"  # one quantized layer (AdaRound)
+    BLOCK = "block"  # one residual / transformer block (BRECQ, QDrop); stem and head layers alone
+    BLOCKS = "blocks"  # `blocks_per_unit` consecutive blocks of the same stage

@@ -214,6 +214,7 @@ def test_onnx_export_of_a_model_on_the_device(device, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_unit_caches_spill_to_cpu_memory_beyond_the_bound_and_learn_the_same():
     from postquant.model.blocks import make_units
+    from postquant.reconstruct import Loss, OutputMetric
     from postquant.reconstruct.cache import collect_unit_data
 
     model = tiny_resnet().cuda()
@@ -221,10 +222,10 @@ def test_unit_caches_spill_to_cpu_memory_beyond_the_bound_and_learn_the_same():
     q = postquant.quantize(model, {"method": "rtn", "w_bits": 4}, calib=images)
     teacher = tiny_resnet().cuda()
     unit = make_units(q, "block", None, 1)[1]
-    full = collect_unit_data(q, teacher, unit, images, need_float_input=True, loss="mse", output_metric="auto",
+    full = collect_unit_data(q, teacher, unit, images, need_float_input=True, loss=Loss.MSE, output_metric=OutputMetric.AUTO,
                              max_bytes=1 << 30)  # fmt: skip
     size = full.records[0].nbytes // len(images)  # bytes per batch
-    spilled = collect_unit_data(q, teacher, unit, images, need_float_input=True, loss="mse", output_metric="auto",
+    spilled = collect_unit_data(q, teacher, unit, images, need_float_input=True, loss=Loss.MSE, output_metric=OutputMetric.AUTO,
                                 max_bytes=2 * size)  # fmt: skip
     assert [r.device.type for r in spilled.records] == ["cuda", "cpu"] and spilled.n == full.n
     assert spilled.records[1].target.is_pinned()

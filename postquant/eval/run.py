@@ -1,7 +1,13 @@
-"""Calling a model on one batch, whatever the batch and output types, on the device the model lives on."""
+"""Calling a model on one batch and taking its main output: the one rule every part of postquant uses.
+
+Calibration, learned rounding (whole models and the unit outputs it caches), evaluation, fidelity and the
+ONNX verification all call models through `call_model` / `run_model` and take the main tensor of what they
+return with `main_output`.
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -10,32 +16,126 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-__all__ = ["eval_mode", "main_output", "model_placement", "move_batch", "run_model", "token_mask"]
+__all__ = [
+    "call_model",
+    "eval_mode",
+    "main_output",
+    "model_placement",
+    "move_batch",
+    "output_tensors",
+    "replace_main_output",
+    "run_model",
+    "token_mask",
+]
 
 # Attribute / key names of the main tensor in Hugging Face and similar output objects, in order of preference.
 _OUTPUT_KEYS = ("logits", "last_hidden_state")
 
 
+def _children(out: Any) -> list[tuple[Any, Any]]:
+    """The (key, item) pairs of a mapping, tuple or list output, in order; nothing for anything else."""
+    if isinstance(out, Mapping):
+        return list(out.items())
+    if isinstance(out, tuple | list):
+        return list(enumerate(out))
+    return []
+
+
+def _main_path(out: Any) -> tuple[Any, ...] | None:
+    """The keys leading from `out` to its main tensor (see `main_output`); None when it holds no tensor."""
+    if isinstance(out, Tensor):
+        return ()
+    for key in _OUTPUT_KEYS:
+        value = out.get(key) if isinstance(out, Mapping) else getattr(out, key, None)
+        if isinstance(value, Tensor):
+            return (key,)
+    for key, item in _children(out):
+        path = _main_path(item)
+        if path is not None:
+            return (key, *path)
+    return None
+
+
 def main_output(out: Any) -> Tensor:
-    """The main tensor of a model output: itself, ``logits`` / ``last_hidden_state``, or the first item.
+    """The main tensor of what a model (or a module) returns.
+
+    The rule, in order:
+
+    1. a tensor is its own main output;
+    2. an output with a ``logits`` tensor, else a ``last_hidden_state`` tensor (a key of a dict or a Hugging
+       Face ``ModelOutput``, or an attribute of another object): that tensor. A Hugging Face model given
+       labels returns ``loss`` first; the main output is still its logits;
+    3. otherwise the first item of a tuple or list, or the first value of a mapping, that holds a tensor,
+       searched by the same rule (items without a tensor, such as None or a key/value cache object, are
+       skipped).
+
+    For a tensor, a tuple whose first item is a tensor and a ``ModelOutput`` whose first field is its logits or
+    last hidden state (every Hugging Face output without a loss), this is the first tensor output, which is
+    output 0 of an ONNX export (`output_tensors`).
 
     Args:
-        out: a tensor, a Hugging Face ``ModelOutput``, a dict, or a tuple/list whose first item is the output.
+        out: a tensor, a Hugging Face ``ModelOutput``, a dict, an object with a ``logits`` /
+            ``last_hidden_state`` attribute, or a (nested) tuple/list of them.
 
     Raises:
         TypeError: no tensor found.
     """
+    path = _main_path(out)
+    if path is None:
+        raise TypeError(f"cannot find the output tensor in a {type(out).__name__}")
+    for key in path:
+        out = _child(out, key)
+    return out
+
+
+def _child(out: Any, key: Any) -> Any:
+    """Item `key` of a mapping, tuple or list; attribute `key` of anything else (or a named tuple's field)."""
+    if isinstance(out, Mapping) or (isinstance(out, tuple | list) and isinstance(key, int)):
+        return out[key]
+    return getattr(out, key)
+
+
+def replace_main_output(out: Any, tensor: Tensor) -> Any:
+    """`out` with its main tensor (`main_output`) replaced by `tensor`, e.g. in a forward hook.
+
+    Containers on the way are shallow copies (of the same type); `out` itself is not changed.
+
+    Raises:
+        TypeError: `out` holds no tensor.
+    """
+    path = _main_path(out)
+    if path is None:
+        raise TypeError(f"cannot find the output tensor in a {type(out).__name__}")
+    return _replace(out, path, tensor)
+
+
+def _replace(out: Any, path: tuple[Any, ...], tensor: Tensor) -> Any:
+    if not path:
+        return tensor
+    key, rest = path[0], path[1:]
+    value = _replace(_child(out, key), rest, tensor)
+    if isinstance(out, tuple | list):
+        if hasattr(out, "_fields"):  # a named tuple
+            return out._replace(**{out._fields[key] if isinstance(key, int) else key: value})
+        items = list(out)
+        items[key] = value
+        return type(out)(items)
+    new = copy.copy(out)
+    if isinstance(out, Mapping):
+        new[key] = value  # a Hugging Face ModelOutput sets the attribute too
+    else:
+        setattr(new, key, value)
+    return new
+
+
+def output_tensors(out: Any) -> list[Tensor]:
+    """Every tensor of a model output, in order: tuple and list items, mapping values, depth first.
+
+    This is the order of the outputs of an ONNX export of the model; `main_output` is one of them.
+    """
     if isinstance(out, Tensor):
-        return out
-    for key in _OUTPUT_KEYS:
-        value = out.get(key) if isinstance(out, Mapping) else getattr(out, key, None)
-        if isinstance(value, Tensor):
-            return value
-    if isinstance(out, Mapping) and out:
-        return main_output(next(iter(out.values())))
-    if isinstance(out, tuple | list) and out:
-        return main_output(out[0])
-    raise TypeError(f"cannot find the output tensor in a {type(out).__name__}")
+        return [out]
+    return [t for _, item in _children(out) for t in output_tensors(item)]
 
 
 def model_placement(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
@@ -73,8 +173,8 @@ def move_batch(batch: Any, device: torch.device | str, dtype: torch.dtype | None
     return tree_map(move, batch, is_leaf=other_mapping)
 
 
-def run_model(model: nn.Module, batch: Any) -> Tensor:
-    """Call ``model`` on one batch and return its main output tensor (see `main_output`).
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` on one batch and return what it returns.
 
     Dicts are passed as keyword arguments (``model(**batch)``, e.g. tokenizer outputs), tuples and lists as
     positional arguments (``model(*batch)``), anything else as the single argument (``model(batch)``).
@@ -84,18 +184,26 @@ def run_model(model: nn.Module, batch: Any) -> Tensor:
     Args:
         model: the model.
         batch: one batch of model inputs.
+    """
+    batch = move_batch(batch, *model_placement(model))
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, tuple | list):
+        return model(*batch)
+    return model(batch)
+
+
+def run_model(model: nn.Module, batch: Any) -> Tensor:
+    """Call ``model`` on one batch (`call_model`) and return its main output tensor (`main_output`).
+
+    Args:
+        model: the model.
+        batch: one batch of model inputs.
 
     Returns:
         The logits, or ``last_hidden_state`` for Hugging Face encoders.
     """
-    batch = move_batch(batch, *model_placement(model))
-    if isinstance(batch, Mapping):
-        out = model(**batch)
-    elif isinstance(batch, tuple | list):
-        out = model(*batch)
-    else:
-        out = model(batch)
-    return main_output(out)
+    return main_output(call_model(model, batch))
 
 
 def token_mask(batch: Any, out: Tensor) -> Tensor | None:

@@ -12,7 +12,7 @@ from postquant.io.compressed_tensors import (
     export_compressed_tensors,
     verify_compressed_tensors,
 )
-from postquant.io.onnx_export import export_onnx, verify_onnx
+from postquant.io.onnx import export_onnx, verify_onnx
 from postquant.io.pack import pack_codes, packed_nbytes, unpack_codes
 from postquant.io.report import write_report
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from postquant.choices import UnitKind
 from postquant.errors import RecipeError
 from postquant.nn import QUANTIZABLE, QuantizedLayer
 
@@ -115,7 +116,7 @@ def find_blocks(
 
 def make_units(
     model: nn.Module,
-    kind: str = "block",
+    kind: UnitKind | str = UnitKind.BLOCK,
     patterns: list[str] | tuple[str, ...] = (),
     blocks_per_unit: int = 1,
     is_layer: IsLayer = _is_quantized,
@@ -123,16 +124,17 @@ def make_units(
     """The reconstruction units of `model`, in execution (registration) order.
 
     Args:
-        kind: ``"layer"`` (every quantized layer alone), ``"block"`` or ``"blocks"`` (`blocks_per_unit`
-            consecutive blocks of the same parent container per unit).
+        kind: `UnitKind` (or its value): ``layer`` (every quantized layer alone), ``block`` or ``blocks``
+            (`blocks_per_unit` consecutive blocks of the same parent container per unit).
         patterns: block globs, see `find_blocks`.
         blocks_per_unit: for ``kind="blocks"``.
     """
+    kind = UnitKind(kind)
     layers = _layers_under(model, "", is_layer)
-    if kind == "layer":
+    if kind is UnitKind.LAYER:
         return [Unit(n, (n,), (n,)) for n in layers]
     blocks = find_blocks(model, patterns, is_layer)
-    group = blocks_per_unit if kind == "blocks" else 1
+    group = blocks_per_unit if kind is UnitKind.BLOCKS else 1
     runs: list[list[str]] = []
     for b in blocks:
         parent = b.rpartition(".")[0]

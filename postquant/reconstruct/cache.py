@@ -1,20 +1,22 @@
-"""Caching what a unit sees: its inputs in the quantized model, its inputs and outputs in the float model.
+"""The calibration cache of learned rounding: what each unit sees, held on the model's device or spilled.
 
-Capture uses forward hooks that always go away, and stops the forward pass right after the unit (an
-exception caught here), so caching unit k costs the model prefix up to k, never the whole model.
+What a record holds comes from `postquant.reconstruct.capture` (the unit's inputs in the quantized model, its
+inputs and output in the float model) and what the loss needs (`postquant.reconstruct.losses`).
 
 Where the cache lives: on the model's device (that of its parameters) while it fits ``max_bytes``
 (``learned.max_cache_mb``); on an accelerator, the batches beyond that bound spill to CPU memory (pinned when
 CUDA is available, so copies back overlap), up to ``max_bytes`` more, and are moved back to the device one
-sampled batch at a time (`Record.rows_on`). The bound applies per device: at most ``max_bytes`` on the
+sampled batch at a time (`rows`, `to_device`). The bound applies per device: at most ``max_bytes`` on the
 accelerator and ``max_bytes`` on the CPU. For a model on the CPU both are the same memory, so the cache holds
 at most ``max_bytes``. When the calibration set does not fit, the first batches that fit are used and the
 rest is skipped (logged).
 
-Unit inputs are kept as the positional and keyword arguments of the unit's first module (tensors with the
-batch as first dimension are split and sampled; anything else, such as a shared mask or a flag, is passed as
-it was). BRECQ and QDrop reconstruct from the quantized model's inputs; QDrop mixes them element-wise with
-the float model's inputs (Wei et al., ICLR 2022, Sec. 4).
+Cached unit inputs are nested structures (`Captured` arguments), walked with `torch.utils._pytree`: the
+containers it knows (tuples, lists, dicts, named tuples, `Captured`, Hugging Face outputs) are walked, any
+other object (a key/value cache object, a flag) is one value. Tensors with the batch as first dimension are
+split and sampled; anything else, such as a shared mask or a flag, is passed as it was. BRECQ and QDrop reconstruct from the
+quantized model's inputs; QDrop mixes them element-wise with the float model's inputs (Wei et al., ICLR
+2022, Sec. 4).
 
 Chaining: when unit k+1 is fed by unit k's output (a chain of blocks), its inputs are unit k's outputs on the
 cached data (`carry_outputs`), so caching costs one unit, not a model prefix, per batch: O(units), not
@@ -25,49 +27,26 @@ ReLU or a pooling), the unit is cached from model prefixes as before.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
-from torch.utils._pytree import register_pytree_node, tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from postquant.calib.data import Batch, batch_size_of, model_placement, run_model
 from postquant.model.blocks import Unit
 from postquant.nn import QuantizedLayer
+from postquant.reconstruct.capture import Captured, run_captured, unit_forward
+from postquant.reconstruct.config import Loss, OutputMetric
+from postquant.reconstruct.losses import fisher_weights
 from postquant.reconstruct.params import ste_act_quantizers
 
 log = logging.getLogger(__name__)
 
 
-class _StopForward(Exception):
-    """Raised by a capture hook once it has what it needs; ends the forward pass early."""
-
-
-@dataclass
-class Captured:
-    """Arguments of a module call: positional `args`, keyword `kwargs`."""
-
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-
-
-register_pytree_node(
-    Captured,
-    lambda c: ([c.args, c.kwargs], None),
-    lambda children, _ctx: Captured(*children),
-    serialized_type_name="postquant.reconstruct.cache.Captured",
-)
-
-
-def _detached_copy(obj: Any) -> Any:
-    """A copy of every tensor in `obj`, detached, on the device it is on (the model may change it in place)."""
-    return tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, obj)
+# ------------------------------------------------------------------------------ walking cached structures
 
 
 def to_device(obj: Any, device: torch.device, pin: bool = False) -> Any:
@@ -83,107 +62,24 @@ def to_device(obj: Any, device: torch.device, pin: bool = False) -> Any:
     return tree_map(move, obj)
 
 
-def first_tensor(out: Any) -> torch.Tensor:
-    """The main tensor of a module output (the tensor itself, or the first item of a tuple/ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"cannot find the output tensor of a unit in a {type(out).__name__}")
-
-
 def nbytes(obj: Any) -> int:
     """Bytes held by the tensors in a nested structure."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, tuple | list):
-        return sum(nbytes(o) for o in obj)
-    if isinstance(obj, dict):
-        return sum(nbytes(v) for v in obj.values())
-    if isinstance(obj, Captured):
-        return nbytes(obj.args) + nbytes(obj.kwargs)
-    return 0
-
-
-@contextlib.contextmanager
-def capture(model: nn.Module, unit: Unit, want_input: bool, want_output: bool) -> Iterator[dict[str, Any]]:
-    """Record the unit's input arguments and/or output during one forward pass, then stop the pass.
-
-    Yields a dict that receives ``"input"`` (a `Captured`) and ``"output"`` (a tensor) after the pass.
-    """
-    seen: dict[str, Any] = {}
-    first = model.get_submodule(unit.modules[0])
-    last = model.get_submodule(unit.modules[-1])
-
-    def pre_hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if "input" not in seen:
-            seen["input"] = Captured(_detached_copy(args), _detached_copy(kwargs))
-            if not want_output:
-                raise _StopForward
-
-    def post_hook(_mod: nn.Module, _args: Any, output: Any) -> None:
-        if "output" not in seen:
-            seen["output"] = first_tensor(output).detach().clone()
-            raise _StopForward
-
-    handles = []
-    if want_input:
-        handles.append(first.register_forward_pre_hook(pre_hook, with_kwargs=True))
-    if want_output:
-        handles.append(last.register_forward_hook(post_hook))
-    try:
-        yield seen
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def unit_forward(
-    qmodel: nn.Module, unit: Unit, overrides: dict[str, torch.Tensor], inp: Captured
-) -> torch.Tensor:
-    """Run the unit's modules in order on captured arguments, with parameters/buffers `overrides`."""
-    args, kwargs = inp.args, inp.kwargs
-    out: Any = None
-    for name in unit.modules:
-        mod = qmodel.get_submodule(name)
-        sub = {k[len(name) + 1 :]: v for k, v in overrides.items() if k.startswith(name + ".")}
-        out = functional_call(mod, sub, args, kwargs)
-        args = (first_tensor(out), *args[1:])
-    return first_tensor(out)
-
-
-@torch.no_grad()
-def run_captured(
-    model: nn.Module, unit: Unit, batch: Batch, want_input: bool, want_output: bool
-) -> dict[str, Any]:
-    """Run `model` on `batch` until the unit has been seen; return what was captured."""
-    with capture(model, unit, want_input, want_output) as seen, contextlib.suppress(_StopForward):
-        run_model(model, batch)
-    missing = [k for k, w in (("input", want_input), ("output", want_output)) if w and k not in seen]
-    if missing:
-        raise RuntimeError(f"unit {unit.name} was not called in the forward pass (no {', '.join(missing)})")
-    return seen
+    return sum(t.numel() * t.element_size() for t in tree_leaves(obj) if isinstance(t, torch.Tensor))
 
 
 def rows(obj: Any, idx: torch.Tensor | slice, n: int) -> Any:
     """Select rows `idx` of every tensor whose first dimension is the batch size `n`; keep the rest."""
-    if isinstance(obj, torch.Tensor):
-        if isinstance(idx, torch.Tensor):
-            idx = idx.to(obj.device)
-        return obj[idx] if obj.dim() and obj.shape[0] == n else obj
-    if isinstance(obj, tuple | list):
-        return type(obj)(rows(o, idx, n) for o in obj)
-    if isinstance(obj, dict):
-        return {k: rows(v, idx, n) for k, v in obj.items()}
-    if isinstance(obj, Captured):
-        return Captured(rows(obj.args, idx, n), rows(obj.kwargs, idx, n))
-    return obj
+
+    def select(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or not (t.dim() and t.shape[0] == n):
+            return t
+        return t[idx.to(t.device) if isinstance(idx, torch.Tensor) else idx]
+
+    return tree_map(select, obj)
 
 
-def _cat(items: list[Any], sizes: list[int]) -> Any:
-    """Concatenate along dim 0 the per-sample tensors of structurally equal items; raise ValueError if not."""
+def _cat_leaves(items: list[Any], sizes: list[int]) -> Any:
+    """One leaf from the same leaf of every batch: per-sample tensors concatenated, shared values kept."""
     head = items[0]
     if isinstance(head, torch.Tensor):
         if all(
@@ -196,19 +92,22 @@ def _cat(items: list[Any], sizes: list[int]) -> Any:
         if all(isinstance(t, torch.Tensor) and t.shape == head.shape and torch.equal(t, head) for t in items):
             return head
         raise ValueError("a tensor is neither per-sample nor shared")
-    if isinstance(head, tuple | list):
-        if any(not isinstance(i, tuple | list) or len(i) != len(head) for i in items):
-            raise ValueError("structure differs")
-        return type(head)(_cat([i[k] for i in items], sizes) for k in range(len(head)))
-    if isinstance(head, dict):
-        if any(not isinstance(i, dict) or i.keys() != head.keys() for i in items):
-            raise ValueError("structure differs")
-        return {k: _cat([i[k] for i in items], sizes) for k in head}
-    if isinstance(head, Captured):
-        return Captured(_cat([i.args for i in items], sizes), _cat([i.kwargs for i in items], sizes))
-    if any(i != head for i in items):
+    if any(isinstance(i, torch.Tensor) or i != head for i in items):
         raise ValueError("non-tensor values differ")
     return head
+
+
+def _cat(items: list[Any], sizes: list[int]) -> Any:
+    """Concatenate along dim 0 the per-sample tensors of structurally equal items; raise ValueError if not."""
+    flat = [tree_flatten(i) for i in items]
+    spec = flat[0][1]
+    if any(s != spec for _, s in flat):
+        raise ValueError("structure differs")
+    leaves = [_cat_leaves([f[0][k] for f in flat], sizes) for k in range(spec.num_leaves)]
+    return tree_unflatten(leaves, spec)
+
+
+# ------------------------------------------------------------------------------------- the records
 
 
 @dataclass
@@ -329,57 +228,7 @@ class UnitData:
         return rec, idx
 
 
-def fisher_weights(
-    qmodel: nn.Module, unit: Unit, batch: Batch, final_target: torch.Tensor, metric: str
-) -> torch.Tensor:
-    """BRECQ's Fisher diagonal at the unit output: ``(|dL/dz| + 1)^2`` per element.
-
-    ``L`` is the distance between the quantized model's final output and the float model's (KL for class
-    logits: the model's own prediction stands in for labels), summed over the batch so that the gradient of
-    each sample does not shrink with the batch size (Li et al., BRECQ, ICLR 2021, Sec. 3.2 and its code).
-    """
-    last = qmodel.get_submodule(unit.modules[-1])
-    holder: dict[str, torch.Tensor] = {}
-
-    def hook(_mod: nn.Module, _args: Any, output: Any) -> Any:
-        z = first_tensor(output).detach().requires_grad_(True)
-        holder["z"] = z
-        if isinstance(output, torch.Tensor):
-            return z
-        if hasattr(output, "to_tuple"):
-            output[next(iter(output.keys()))] = z
-            return output
-        return type(output)((z, *output[1:]))
-
-    handle = last.register_forward_hook(hook)
-    try:
-        with torch.enable_grad():
-            out = run_model(qmodel, batch)
-            loss = final_distance(out, final_target, metric, reduction="sum")
-            # A unit the final output ignores (e.g. a Hugging Face pooler beside last_hidden_state) gets no
-            # gradient: its weights are all 1, i.e. the plain MSE of its own output.
-            (grad,) = torch.autograd.grad(loss, holder["z"], allow_unused=True)
-    finally:
-        handle.remove()
-    if grad is None:
-        return torch.ones_like(holder["z"]).detach()
-    return (grad.abs() + 1.0).pow(2).detach()
-
-
-def final_distance(
-    out: torch.Tensor, target: torch.Tensor, metric: str, reduction: str = "mean"
-) -> torch.Tensor:
-    """KL(target || out) on logits, or MSE, between final outputs (per-sample sum, then batch mean/sum)."""
-    if metric == "auto":
-        metric = "kl" if out.dim() == 2 else "mse"
-    if metric == "kl":
-        per = F.kl_div(
-            F.log_softmax(out, dim=-1), F.log_softmax(target, dim=-1), log_target=True, reduction="none"
-        )
-    else:
-        per = (out - target).pow(2)
-    per = per.reshape(per.shape[0], -1).sum(dim=1)  # (N,)
-    return per.sum() if reduction == "sum" else per.mean()
+# ---------------------------------------------------------------------------------------- chaining
 
 
 @dataclass
@@ -410,6 +259,11 @@ def carry_outputs(qmodel: nn.Module, unit: Unit, data: UnitData) -> Carried:
 
 def _same(a: Any, b: Any) -> bool:
     """Structurally equal, tensors equal up to float rounding (a different kernel path may reorder sums)."""
+    (leaves_a, spec_a), (leaves_b, spec_b) = tree_flatten(a), tree_flatten(b)
+    return spec_a == spec_b and all(_same_leaf(x, y) for x, y in zip(leaves_a, leaves_b, strict=True))
+
+
+def _same_leaf(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return False
@@ -420,12 +274,6 @@ def _same(a: Any, b: Any) -> bool:
         if not a.is_floating_point() or not a.numel():
             return False
         return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max())))
-    if isinstance(a, Captured) and isinstance(b, Captured):
-        return _same(a.args, b.args) and _same(a.kwargs, b.kwargs)
-    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return type(a) is type(b) and bool(a == b)
 
 
@@ -452,8 +300,8 @@ def collect_unit_data(
     batches: list[Batch],
     *,
     need_float_input: bool,
-    loss: str,
-    output_metric: str,
+    loss: Loss,
+    output_metric: OutputMetric,
     max_bytes: int,
     carried: Carried | None = None,
 ) -> UnitData:
@@ -465,17 +313,18 @@ def collect_unit_data(
     Records stay on the model's device up to `max_bytes`, then spill to CPU memory up to `max_bytes` more
     (see the module docstring); the first batch is always kept.
     """
+    loss, output_metric = Loss(loss), OutputMetric(output_metric)
     data = UnitData()
     device = model_placement(qmodel)[0]
     used = {device: 0}  # bytes held per device
     cpu = torch.device("cpu")
     pin = torch.cuda.is_available()
-    chained = carried is not None and loss == "mse"
+    chained = carried is not None and loss is Loss.MSE
     all_layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)}
     for i, batch in enumerate(batches):
         n = batch_size_of(batch)
         rec = Record(n)
-        if loss == "output":
+        if loss is Loss.OUTPUT:
             rec.model_input = batch
             rec.final = run_model(teacher, batch).detach()
         elif chained and carried is not None and 0 < i < len(carried.q_inputs):
@@ -491,7 +340,7 @@ def collect_unit_data(
                 assert carried is not None
                 chained = _chain_holds(teacher, unit, carried, rec)
                 log.debug("unit %s: %s", unit.name, "inputs carried" if chained else "cached from prefixes")
-            if loss == "fisher":
+            if loss is Loss.FISHER:
                 final = run_model(teacher, batch).detach()
                 with ste_act_quantizers(all_layers, set(), set(), 0.0, torch.Generator()):
                     rec.weight = fisher_weights(qmodel, unit, batch, final, output_metric)

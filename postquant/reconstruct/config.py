@@ -15,14 +15,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from postquant.calib.augment import Augmentation
-
-
-class UnitKind(enum.StrEnum):
-    """What is reconstructed at once."""
-
-    LAYER = "layer"  # one quantized layer (AdaRound)
-    BLOCK = "block"  # one residual / transformer block (BRECQ, QDrop); stem and head layers alone
-    BLOCKS = "blocks"  # `blocks_per_unit` consecutive blocks of the same stage
+from postquant.choices import UnitKind
 
 
 class Variable(enum.StrEnum):

@@ -31,9 +31,10 @@ from postquant.reconstruct.checkpoint import (
     model_fingerprint,
     unit_seed,
 )
-from postquant.reconstruct.config import CalibSource, LearnedConfig, Loss
+from postquant.reconstruct.config import CalibSource, Init, LearnedConfig, Loss
 from postquant.reconstruct.loop import UnitOutcome, check_batch_size, reconstruct_unit, restore, snapshot
 from postquant.reconstruct.presets import is_learned, learned_config
+from postquant.rounding import SquantMode
 from postquant.store.files import fingerprint
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,15 @@ def learned_rounding(
         )
     fields = recipe.model_dump(mode="json", exclude={"learned": True, "mixed": {"checkpoint_dir"}})
     with no_kv_cache(qmodel, teacher):  # a decoder layer must not append to a cache on every step
-        return reconstruct_model(qmodel, teacher, calib, cfg, seed=recipe.seed, key_fields=fields)
+        return reconstruct_model(
+            qmodel,
+            teacher,
+            calib,
+            cfg,
+            seed=recipe.seed,
+            key_fields=fields,
+            squant_mode=recipe.squant_mode,
+        )
 
 
 def record_model_inputs(model: nn.Module, forward_loop: ForwardLoop, limit: int | None) -> list[Batch]:
@@ -207,6 +216,7 @@ def reconstruct_model(
     seed: int = 0,
     key_fields: dict[str, Any] | None = None,
     on_unit_end: OnUnitEnd | None = None,
+    squant_mode: SquantMode = SquantMode.EKC,
 ) -> ReconstructionReport:
     """Learn the rounding of every unit of `qmodel`, in order, in place.
 
@@ -218,31 +228,36 @@ def reconstruct_model(
         seed: every RNG of unit k is seeded from ``(seed, k)``.
         key_fields: extra JSON-able fields for the checkpoint key (e.g. the recipe).
         on_unit_end: called as ``on_unit_end(k, unit, outcome)`` after each unit is installed and saved.
+        squant_mode: the SQuant variant of the starting codes when ``cfg.init`` is ``squant`` (`quantize`
+            passes the recipe's ``squant_mode``).
 
     Raises:
         DataError: calibration data missing, empty or not runnable by the model.
         RecipeError: a block pattern matches nothing.
     """
     start = time.perf_counter()
+    squant_mode = SquantMode(squant_mode)
     qmodel.eval()
     teacher.eval()
     batches = calib if isinstance(calib, list) else record_model_inputs(teacher, calib, None)
     check_calibration(teacher, batches, cfg.batch_size)
     if cfg.augment:
         batches = augment_batches(batches, cfg.augment, cfg.augment_copies, seed=seed)
-    units = make_units(qmodel, cfg.unit.value, cfg.block_patterns, cfg.blocks_per_unit)
+    units = make_units(qmodel, cfg.unit, cfg.block_patterns, cfg.blocks_per_unit)
     report = ReconstructionReport()
     store = None
     if cfg.checkpoint_dir is not None:
-        key = fingerprint(
-            {
-                "config": cfg.result_fields(),
-                "extra": key_fields or {},
-                "model": model_fingerprint(teacher),
-                "data": data_fingerprint(batches),
-                "units": [u.name for u in units],
-            }
-        )
+        parts: dict[str, Any] = {
+            "config": cfg.result_fields(),
+            "extra": key_fields or {},
+            "model": model_fingerprint(teacher),
+            "data": data_fingerprint(batches),
+            "units": [u.name for u in units],
+        }
+        # a SQuant start other than full SQuant changes the codes; keys of the default stay as they were
+        if cfg.init is Init.SQUANT and squant_mode is not SquantMode.EKC:
+            parts["squant_mode"] = squant_mode.value
+        key = fingerprint(parts)
         store = CheckpointStore(cfg.checkpoint_dir, key, [u.name for u in units])
     done = set(store.finished()) if store is not None else set()
     if done:
@@ -270,8 +285,8 @@ def reconstruct_model(
             unit,
             batches,
             need_float_input=cfg.drop_prob > 0,
-            loss=cfg.loss.value,
-            output_metric=cfg.output_metric.value,
+            loss=cfg.loss,
+            output_metric=cfg.output_metric,
             max_bytes=max_bytes,
             carried=carried,
         )
@@ -285,7 +300,14 @@ def reconstruct_model(
             sum(nbytes(r.target) for r in data.records) / 2**20 if cfg.loss is not Loss.OUTPUT else 0,
         )
         outcome = reconstruct_unit(
-            qmodel, teacher, unit, data, cfg, generator, desc=f"[{k + 1}/{len(units)}] {unit.name}"
+            qmodel,
+            teacher,
+            unit,
+            data,
+            cfg,
+            generator,
+            desc=f"[{k + 1}/{len(units)}] {unit.name}",
+            squant_mode=squant_mode,
         )
         if cfg.loss is Loss.MSE and k + 1 < len(units) and k + 1 not in done:
             carried = carry_outputs(qmodel, unit, data)

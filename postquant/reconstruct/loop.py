@@ -27,17 +27,12 @@ from postquant.grids import Grid
 from postquant.model.blocks import Unit
 from postquant.nn import QuantizedLayer
 from postquant.progress import progress_bar
-from postquant.reconstruct.cache import (
-    Captured,
-    Record,
-    UnitData,
-    final_distance,
-    rows,
-    to_device,
-    unit_forward,
-)
-from postquant.reconstruct.config import LearnedConfig, Loss, Optimizer, Schedule
+from postquant.reconstruct.cache import Record, UnitData, rows, to_device
+from postquant.reconstruct.capture import Captured, unit_forward
+from postquant.reconstruct.config import Init, LearnedConfig, Loss, Optimizer, Schedule
+from postquant.reconstruct.losses import final_distance, unit_distance
 from postquant.reconstruct.params import LayerRounding, beta_at, reg_active, ste_act_quantizers
+from postquant.rounding import SquantMode, squant_codes
 
 log = logging.getLogger(__name__)
 
@@ -160,17 +155,6 @@ class _Runner(nn.Module):
         return run_model(self.model, batch)
 
 
-def unit_distance(
-    out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """BRECQ's ``lp_loss`` (p=2): squared error summed over features (channels), mean over the rest."""
-    err = (out - target).pow(2)
-    if weight is not None:
-        err = err * weight
-    dim = 1 if err.dim() == 4 else -1
-    return err.sum(dim=dim).mean()
-
-
 def _mix_inputs(q: Captured, f: Captured | None, p: float, generator: torch.Generator) -> Captured:
     """QDrop input: each element of the first argument from the float input w.p. `p`, else quantized."""
     if f is None or p <= 0 or not q.args or not isinstance(q.args[0], torch.Tensor):
@@ -197,18 +181,22 @@ class UnitOutcome:
 
 
 def _make_rounding(
-    qmodel: nn.Module, teacher: nn.Module, unit: Unit, cfg: LearnedConfig, generator: torch.Generator
+    qmodel: nn.Module,
+    teacher: nn.Module,
+    unit: Unit,
+    cfg: LearnedConfig,
+    generator: torch.Generator,
+    squant_mode: SquantMode,
 ) -> dict[str, LayerRounding]:
-    from postquant.rounding import squant_codes
-
+    """The rounding variables of the unit's layers, from their starting codes (`cfg.init`)."""
     out = {}
     for name in unit.layers:
         layer: QuantizedLayer = qmodel.get_submodule(name)
         grid: Grid = layer.grid
         w = teacher.get_submodule(name).weight.detach()
         x = grid.to_int(w)
-        if cfg.init.value == "squant":
-            init = squant_codes(x, grid.qmin, grid.qmax, "ekc").to(torch.int32)
+        if cfg.init is Init.SQUANT:
+            init = squant_codes(x, grid.qmin, grid.qmax, squant_mode).to(torch.int32)
         else:
             init = grid.nearest(w)
         bias = getattr(layer.inner, "bias", None)
@@ -256,7 +244,7 @@ def _loss(
         batch = rows(rec.model_input, idx, rec.n)
         ov = {f"model.{k}": v for k, v in overrides.items()}
         out = functional_call(_Runner(qmodel), ov, (batch,))
-        return final_distance(out, to_device(rows(rec.final, idx, rec.n), device), cfg.output_metric.value)
+        return final_distance(out, to_device(rows(rec.final, idx, rec.n), device), cfg.output_metric)
     inp = to_device(rows(rec.q_input, idx, rec.n), device)
     if generator is not None and cfg.drop_prob > 0:
         f_inp = to_device(rows(rec.f_input, idx, rec.n), device)
@@ -274,17 +262,19 @@ def reconstruct_unit(
     cfg: LearnedConfig,
     generator: torch.Generator,
     desc: str,
+    squant_mode: SquantMode = SquantMode.EKC,
 ) -> UnitOutcome:
     """Learn the rounding of one unit on its cached data and install the result in `qmodel`.
 
     On a non-finite loss the unit keeps the codes it had before and a warning is logged; if the learned
     codes reconstruct worse than the starting codes on the cached data, the starting codes are kept.
+    `squant_mode` is the SQuant variant of the starting codes when ``cfg.init`` is ``squant`` (the recipe's).
     """
     start_time = time.perf_counter()
     device = model_placement(qmodel)[0]
     layers = {n: qmodel.get_submodule(n) for n in unit.layers}
     before = snapshot(qmodel, unit)
-    roundings = _make_rounding(qmodel, teacher, unit, cfg, generator)
+    roundings = _make_rounding(qmodel, teacher, unit, cfg, generator, squant_mode)
     _install(qmodel, roundings, {})  # the starting codes (nearest or SQuant)
     error_before = evaluate_unit(qmodel, unit, data, cfg)
 

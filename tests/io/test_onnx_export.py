@@ -399,3 +399,26 @@ def test_export_and_verification_show_progress(small_net, batches, tmp_path, cap
     assert "verify onnx" in err and f"{len(batches)}/{len(batches)}" in err
     export_onnx(qmodel, batches[0], tmp_path / "quiet.onnx", verify_batches=batches, progress=False)
     assert "onnx" not in capsys.readouterr().err
+
+
+class FeaturesAndLogits(nn.Module):
+    """Returns a dict whose main output (``logits``) is its second tensor, after (N, 1, 8) features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(6, 8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.body(x))
+        return {"features": h[:, None], "logits": self.head(h)}
+
+
+def test_verification_compares_the_main_output_of_a_dict(tmp_path):
+    """The graph's outputs follow the dict's order; verification compares the logits (graph output 1), as
+    evaluation does: their top-1 agreement is measured (3-D features would give NaN)."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 6)
+    qmodel = postquant.quantize(FeaturesAndLogits().eval(), {"w_bits": 8, "a_bits": 8}, calib=x)
+    result = export_onnx(qmodel, x[:2], tmp_path / "m.onnx", verify_batches=[x], progress=False)
+    assert len(onnx.load(str(tmp_path / "m.onnx")).graph.output) == 2
+    assert result["top1_agreement"] >= 90.0 and result["sqnr_db"] > 30

@@ -13,7 +13,8 @@ import postquant
 import postquant.reconstruct.cache as cache
 import postquant.reconstruct.engine as engine
 from postquant.nn import QuantizedLayer
-from postquant.reconstruct.cache import Captured, _same
+from postquant.reconstruct.cache import _same
+from postquant.reconstruct.capture import Captured
 from tests.conftest import TinyResNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")

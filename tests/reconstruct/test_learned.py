@@ -507,3 +507,19 @@ def test_a_damaged_unit_file_is_a_checkpoint_error(tmp_path):
     assert again.finished() == [0]
     with pytest.raises(CheckpointError, match="cannot be read"):
         again.load(0)
+
+
+def test_a_squant_start_uses_the_recipe_squant_mode(net, calib):
+    """init='squant' starts from the recipe's SQuant variant: 'e' (nearest rounding only) gives the codes of
+    init='nearest'; the default 'ekc' flips some of them."""
+
+    def start_codes(init: str, **recipe_fields) -> dict[str, torch.Tensor]:
+        recipe = {**learned("brecq", iters=0, init=init, keep_better_start=False), **recipe_fields}
+        return codes(postquant.quantize(net, recipe, calib=calib))
+
+    nearest = start_codes("nearest")
+    only_e = start_codes("squant", squant_mode="e")
+    full = start_codes("squant")  # the recipe's default squant_mode
+    assert Recipe().squant_mode == "ekc"
+    assert all(torch.equal(only_e[n], nearest[n]) for n in nearest)
+    assert any(not torch.equal(full[n], nearest[n]) for n in nearest)

@@ -1,0 +1,15 @@
+"""QDQ ONNX export of quantized models, verified in onnxruntime.
+
+* `postquant.io.onnx.params`: a quantized layer's parameters in ONNX form (8-bit codes, scales, zero points);
+* `postquant.io.onnx.rewrite`: the QDQ nodes inserted into the exported float graph;
+* `postquant.io.onnx.export`: `export_onnx` (and `float_twin`, the float model it traces);
+* `postquant.io.onnx.verify`: `verify_onnx` against the PyTorch simulation, `count_kernels` after onnxruntime's
+  graph optimizations.
+
+onnx and onnxruntime are optional dependencies (``postquant[onnx]``), imported when these functions run.
+"""
+
+from postquant.io.onnx.export import export_onnx, float_twin
+from postquant.io.onnx.verify import MIN_SQNR_DB, MIN_TOP1_AGREEMENT, count_kernels, verify_onnx
+
+__all__ = ["MIN_SQNR_DB", "MIN_TOP1_AGREEMENT", "count_kernels", "export_onnx", "float_twin", "verify_onnx"]

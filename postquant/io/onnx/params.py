@@ -1,0 +1,220 @@
+"""The ONNX form of a quantized layer's parameters: 8-bit weight codes, their DequantizeLinear, the input QDQ.
+
+A grid's ``w_hat = (q + Z)/S`` is ONNX's ``(q - zp) * scale`` with ``scale = 1/S`` per output channel (axis 0)
+and ``zp = -Z``; an input quantizer becomes a ``QuantizeLinear``/``DequantizeLinear`` pair (uint8 when
+``qmin == 0``, else int8). Codes of fewer than 8 bits are stored on their own grid and activations of fewer
+than 8 bits get a ``Clip`` to their range before the 8-bit quantizer: the low bit width is simulated, the
+arithmetic is 8-bit.
+
+Weight storage, one fixed rule whatever CPU exports or runs the model: a layer whose codes all lie in
+``[-64, 63]`` (every layer of 7 bits or fewer, and 8-bit layers that do not use the full range) stores int8
+codes; any other layer stores uint8 codes ``q + 128`` with zero point ``-Z + 128``, which dequantize to the
+same float weights exactly. The reason: onnxruntime runs u8 activations x s8 weights (QLinearConv, QGemm,
+MatMulInteger after its QDQ fusion) on x86 CPUs without AVX-512 VNNI with ``vpmaddubsw``, which adds pairs
+of u8*s8 products into a *saturating* int16: ``2 * 255 * 127 = 64770 > 32767``. With 7-bit codes a pair is at
+most ``2 * 255 * 64 = 32640`` and cannot saturate; u8 x u8 runs on a kernel that widens to int16 before
+multiplying and cannot saturate either. Full-range int8 weights gave 25 % top-1 agreement (SQNR 8.9 dB)
+with the simulation on an AVX2 CPU for a small W8A8 CNN, uint8 ones 100 % (98 dB), with the same integer
+kernels. The alternatives were rejected: 7-bit weights for every layer (onnxruntime's ``reduce_range``)
+change the quantized model; uint8 for every layer would move 4- to 7-bit layers off the faster u8 x s8
+kernels (VNNI's ``vpdpbusd``) for no gain; choosing by the exporting CPU gives graphs that break on another.
+The export result's ``weight_dtypes`` says which storage each layer got.
+
+Grids DequantizeLinear (opset < 21) cannot express directly, per-group grids and zero points outside int8,
+are dequantized as rows (one scale per row, an ``Add`` of ``Z/S`` when needed) and reshaped: exact, but the
+layer runs in float.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from postquant.choices import GridKind
+from postquant.errors import UnsupportedModelError
+from postquant.model import quantized_layers
+from postquant.nn import QuantizedLayer
+
+__all__ = [
+    "INT8_SAFE_CODES",
+    "UINT8_SHIFT",
+    "ActQDQ",
+    "LayerQDQ",
+    "WeightQDQ",
+    "act_qdq",
+    "plan_layers",
+    "weight_qdq",
+]
+
+log = logging.getLogger(__name__)
+
+INT8_SAFE_CODES = (-64, 63)  # int8 weight codes u8 x s8 kernels cannot saturate on (see the module docstring)
+UINT8_SHIFT = 128  # uint8 storage: codes q + 128, zero point -Z + 128
+
+
+@dataclass
+class WeightQDQ:
+    """8-bit codes on the layer's own grid and the ``DequantizeLinear`` that gives back ``(q + Z) / S``.
+
+    The codes are int8 when they lie in `INT8_SAFE_CODES`, else uint8 ``q + 128`` (zero point ``-Z + 128``).
+    The direct form (``shape`` None) dequantizes the weight tensor itself, per output channel (axis 0) or per
+    tensor: onnxruntime fuses it into integer kernels. Grids it cannot express go through rows: the codes as
+    (G, n), one scale per row, an ``Add`` of ``Z/S`` when ``-Z`` does not fit int8, then a ``Reshape``.
+    """
+
+    codes: np.ndarray  # int8 or uint8: the weight's shape, or (G, n) rows
+    scale: np.ndarray  # float32: (OC,) per channel, () per tensor, (G,) rows
+    zero_point: np.ndarray | None  # the codes' dtype, like `scale`; None: 0, and `offset` instead
+    offset: np.ndarray | None  # float32 (G, 1): Z/S, added after dequantizing rows
+    shape: tuple[int, ...] | None  # the weight's shape when dequantized as rows
+    why_float: str = ""  # why onnxruntime cannot run the layer with integer kernels
+
+    @property
+    def dtype(self) -> str:
+        """``"int8"`` or ``"uint8"``: how the codes are stored."""
+        return str(self.codes.dtype)
+
+
+def _as_uint8(w: WeightQDQ) -> WeightQDQ:
+    """The same weight with uint8 codes ``q + 128`` and zero point ``zp + 128`` (``(q - zp) * scale`` unchanged)."""
+    zp = np.zeros(w.scale.shape, np.int16) if w.zero_point is None else w.zero_point.astype(np.int16)
+    return WeightQDQ(
+        codes=(w.codes.astype(np.int16) + UINT8_SHIFT).astype(np.uint8),
+        scale=w.scale,
+        zero_point=(zp + UINT8_SHIFT).astype(np.uint8),
+        offset=w.offset,
+        shape=w.shape,
+        why_float=w.why_float,
+    )
+
+
+def _fits_int8_safely(codes: torch.Tensor) -> bool:
+    lo, hi = INT8_SAFE_CODES
+    return codes.numel() == 0 or (int(codes.min()) >= lo and int(codes.max()) <= hi)
+
+
+@dataclass
+class ActQDQ:
+    scale: np.ndarray  # float32 ()
+    zero_point: np.ndarray  # uint8 or int8 ()
+    clip: tuple[float, float] | None  # the float range of a < 8-bit quantizer
+
+
+@dataclass
+class LayerQDQ:
+    name: str
+    weight: WeightQDQ
+    act: ActQDQ | None
+
+
+def weight_qdq(name: str, layer: QuantizedLayer) -> WeightQDQ:
+    """ONNX parameters for a layer's codes: ``w_hat = (q + Z)/S = (q - zp) * scale``, ``scale = 1/S``, ``zp = -Z``.
+
+    Stored as int8 when every code lies in `INT8_SAFE_CODES`, else as uint8 (`_as_uint8`).
+    """
+    w = _int8_weight_qdq(name, layer)
+    return w if _fits_int8_safely(layer.codes) else _as_uint8(w)
+
+
+def _int8_weight_qdq(name: str, layer: QuantizedLayer) -> WeightQDQ:
+    """`weight_qdq` with int8 codes, whatever their range."""
+    config = layer.grid_config
+    if config.kind is not GridKind.UNIFORM:
+        raise UnsupportedModelError(
+            f"layer {name!r}: grid kind {config.kind.value!r} has no ONNX QDQ form (DequantizeLinear is affine: "
+            "(q - zero_point) * scale, a power grid is not); quantize with the recipe field grid: uniform "
+            "(CLI --grid uniform) for ONNX, exclude the layer with ignore=[...], or save it with "
+            "postquant.io.save instead"
+        )
+    inv_scale = layer.grid_inv_scale.detach().reshape(-1).double()  # (G,) S
+    z = layer.grid_zero_point.detach().reshape(-1).double()  # (G,) Z
+    codes = layer.codes.detach().to(torch.int8)  # weight shape
+    scale = (1.0 / inv_scale).float()  # (G,)
+    fits = bool(torch.equal(z, z.round()) and (-z).min() >= -128 and (-z).max() <= 127)
+    why = []
+    if config["granularity"] == "group":
+        why.append(
+            f"per-group grid (group_size {config['group_size']}): dequantized per group, then reshaped"
+        )
+    if not fits:
+        why.append(
+            f"zero point -Z in [{-z.max():.0f}, {-z.min():.0f}] does not fit int8 (channels whose weights all "
+            "have one sign): dequantized with zero point 0, then Z/S added; symmetric=True avoids it"
+        )
+    if not why:
+        per_tensor = config["granularity"] == "tensor"
+        zp = (-z).to(torch.int8)
+        return WeightQDQ(
+            codes.numpy(),
+            scale.numpy().reshape(() if per_tensor else -1),
+            zp.numpy().reshape(() if per_tensor else -1),
+            None,
+            None,
+        )
+    rows = codes.reshape(z.numel(), -1)  # (G, n)
+    return WeightQDQ(
+        codes=rows.numpy(),
+        scale=scale.numpy(),
+        zero_point=(-z).to(torch.int8).numpy() if fits else None,
+        offset=None if fits else (z / inv_scale).float().reshape(-1, 1).numpy(),
+        shape=tuple(codes.shape),
+        why_float="; ".join(why),
+    )
+
+
+def act_qdq(layer: QuantizedLayer) -> ActQDQ | None:
+    act = layer.act_quant
+    if act is None:
+        return None
+    scale = float(act.scale)
+    zp = int(act.zero_point)
+    dtype = np.uint8 if act.qmin == 0 else np.int8
+    clip = None
+    # an 8-bit QuantizeLinear saturates at 0/255 or -128/127: clip to the narrower range first
+    if act.bits < 8:
+        clip = ((act.qmin - zp) * scale, (act.qmax - zp) * scale)
+    return ActQDQ(np.array(scale, dtype=np.float32), np.array(zp, dtype=dtype), clip)
+
+
+def plan_layers(qmodel: nn.Module) -> dict[str, LayerQDQ]:
+    """The ONNX parameters of every quantized layer of `qmodel`, by name (what the export will say, logged)."""
+    plans = {}
+    for name, layer in quantized_layers(qmodel).items():
+        weight = weight_qdq(name, layer)
+        plans[name] = LayerQDQ(name, weight, act_qdq(layer))
+        if weight.why_float:
+            log.warning("layer %s runs in float in onnxruntime: %s", name, weight.why_float)
+        if layer.bits < 8:
+            log.info(
+                "layer %s: W%d codes stored as %s on their own grid (simulated low-bit)",
+                name,
+                layer.bits,
+                weight.dtype,
+            )
+        act = layer.act_quant
+        if act is not None and act.bits < 8:
+            log.info("layer %s: A%d input as an 8-bit QDQ after a Clip (simulated low-bit)", name, act.bits)
+    wide = [n for n, p in plans.items() if p.weight.dtype == "uint8"]
+    if wide:
+        log.info(
+            "%d of %d layers store uint8 weights (codes q + 128): they use codes outside [%d, %d], on which "
+            "onnxruntime's u8 x s8 kernels can saturate on x86 CPUs without VNNI",
+            len(wide),
+            len(plans),
+            *INT8_SAFE_CODES,
+        )
+        log.debug("layers with uint8 weights: %s", ", ".join(wide))
+    asymmetric = [
+        n for n, p in plans.items() if p.weight.zero_point is not None and p.weight.zero_point.any()
+    ]
+    if asymmetric:
+        log.info(
+            "%d layers have weight zero points other than 0: onnxruntime's integer convolutions are several times "
+            "slower with them than with symmetric weights (quantize with symmetric=True for deployment)",
+            len(asymmetric),
+        )
+    return plans
