@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from postquant.choices import GridKind
+from postquant.choices import Granularity, GridKind
 from postquant.errors import UnsupportedModelError
 from postquant.model import quantized_layers
 from postquant.nn import QuantizedLayer
@@ -136,17 +136,15 @@ def _int8_weight_qdq(name: str, layer: QuantizedLayer) -> WeightQDQ:
     scale = (1.0 / inv_scale).float()  # (G,)
     fits = bool(torch.equal(z, z.round()) and (-z).min() >= -128 and (-z).max() <= 127)
     why = []
-    if config["granularity"] == "group":
-        why.append(
-            f"per-group grid (group_size {config['group_size']}): dequantized per group, then reshaped"
-        )
+    if config.granularity is Granularity.GROUP:
+        why.append(f"per-group grid (group_size {config.group_size}): dequantized per group, then reshaped")
     if not fits:
         why.append(
             f"zero point -Z in [{-z.max():.0f}, {-z.min():.0f}] does not fit int8 (channels whose weights all "
             "have one sign): dequantized with zero point 0, then Z/S added; symmetric=True avoids it"
         )
     if not why:
-        per_tensor = config["granularity"] == "tensor"
+        per_tensor = config.granularity is Granularity.TENSOR
         zp = (-z).to(torch.int8)
         return WeightQDQ(
             codes.numpy(),
