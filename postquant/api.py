@@ -320,7 +320,7 @@ def _calibrate_activations(
         )
     if rule is ActRanges.BN_NOISE:
         ranges = bn_noise_ranges(
-            copy.deepcopy(float_model), a_bits, example_inputs, _observer(recipe, rule), seed=recipe.seed
+            float_model, a_bits, example_inputs, _observer(recipe, rule), seed=recipe.seed
         )
         for name, (lo, hi) in ranges.items():
             layers[name].act_quant = layers[name].input_quantizer(a_bits[name], lo, hi)
