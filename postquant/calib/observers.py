@@ -185,9 +185,11 @@ class MSEObserver(_SamplingObserver):
         for ratio in torch.linspace(1.0, 0.3, 50).tolist():
             lo, hi = self.lo * ratio, self.hi * ratio
             scale, zp, qmin, qmax = act_qparams(lo, hi, bits)
-            # ((clamp(round(v / scale) + zp) - zp) * scale - v)^2, in place on one buffer
+            # ((clamp(round(v / scale) + zp, qmin, qmax) - zp) * scale - v)^2 in place on one buffer; adding the
+            # integer zp to integer-valued floats is exact, so clamping round(v / scale) to [qmin - zp,
+            # qmax - zp] gives the same floats with two passes fewer (beyond 2^24 both clamp to the bound)
             torch.div(values, scale, out=q)
-            q.round_().add_(zp).clamp_(qmin, qmax).sub_(zp).mul_(scale).sub_(values)
+            q.round_().clamp_(qmin - zp, qmax - zp).mul_(scale).sub_(values)
             err = q.square_().mean().item()
             if err < best_err:
                 best, best_err = (lo, hi), err

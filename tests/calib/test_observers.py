@@ -102,14 +102,20 @@ def test_observers_give_the_reference_ranges_exactly(kind, data, channels_last, 
     assert (new.lo, new.hi) == (ref.lo, ref.hi)
 
 
-@settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31), n=st.integers(1, 5000), bits=st.sampled_from([2, 4, 6, 8]))
-def test_mse_search_equals_the_reference(seed, n, bits):
-    x = torch.randn(n, generator=torch.Generator().manual_seed(seed)).exp()  # skewed, positive
-    new, ref = (
-        make_observer("mse", sample_size=1000, seed=seed),
-        ReferenceObserver("mse", sample_size=1000, seed=seed),
-    )
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    n=st.integers(1, 5000),
+    bits=st.sampled_from([2, 4, 6, 8]),
+    spread=st.sampled_from([1e-9, 1e-3, 1.0, 1e4]),
+    outlier=st.sampled_from([0.0, 1e3, -1e9, 3e38]),
+)
+def test_mse_search_equals_the_reference(seed, n, bits, spread, outlier):
+    """Skewed data at scales from tiny to huge, with outliers far beyond 2^24 steps of the grid."""
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed)).exp() * spread
+    x[0] += outlier
+    new = make_observer("mse", sample_size=1000, seed=seed)
+    ref = ReferenceObserver("mse", sample_size=1000, seed=seed)
     new.update(x)
     ref.update(x)
     assert new.range(bits) == ref.range(bits)
