@@ -380,9 +380,7 @@ def _calibrate_activations(
         )
     state.act_ranges, state.act_observer = rule, _observer(recipe, rule)
     if rule is ActRanges.BN_NOISE:
-        ranges = bn_noise_ranges(
-            copy.deepcopy(state.model), a_bits, example_inputs, state.act_observer, seed=recipe.seed
-        )
+        ranges = bn_noise_ranges(state.model, a_bits, example_inputs, state.act_observer, seed=recipe.seed)
         for name, (lo, hi) in ranges.items():
             layers[name].act_quant = layers[name].input_quantizer(a_bits[name], lo, hi)
         return

@@ -1,142 +1,231 @@
-"""Observers choose the float range of an activation tensor from calibration data."""
+"""Observers choose the float range of an activation tensor from the tensors they see.
+
+One small class per kind behind one interface (`RangeObserver`: ``update(x)``, ``seen``, ``range(bits)``);
+`make_observer` builds the one a recipe names. Statistics are computed on the device of the tensors seen;
+seeded draws (the MSE and std samples) come from a CPU generator, so every device draws the same values.
+"""
 
 from __future__ import annotations
 
+import abc
+from typing import ClassVar
+
 import torch
 
+from postquant.calib.quantiles import OrderStatistics, quantiles
 from postquant.choices import Observer
 from postquant.nn.act import act_qparams
 
-# Below this many values, a quantile is taken by sorting (torch.quantile); above it, by selection.
-_SELECT_MIN = 1 << 14
+__all__ = [
+    "NOISE_STD_MULTIPLIER",
+    "MSEObserver",
+    "MinMaxObserver",
+    "Observer",
+    "PercentileObserver",
+    "RangeObserver",
+    "StdObserver",
+    "make_observer",
+    "quantiles",
+    "reference_noise_range",
+]
+
+# The reference's multiplier s by activation bits (12/14/25 at 4/6/8 bits; other widths interpolated).
+NOISE_STD_MULTIPLIER = {2: 12.0, 3: 12.0, 4: 12.0, 5: 13.0, 6: 14.0, 7: 19.5, 8: 25.0}
 
 
-def _extreme_values(x: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """The `k` largest (or smallest) values of the 1-D `x`, sorted from the extreme inwards.
-
-    Equal to ``x.topk(k, largest=largest).values``, faster for k << n: a threshold t (one of x's values) is
-    guessed from a strided subsample, the values strictly beyond it are kept (one pass) and ranked; when they
-    are fewer than k, the rest are copies of t as long as x holds enough of them (ties, e.g. the zeros of a
-    ReLU). The guess only steers the work: otherwise the whole tensor is ranked.
-    """
-    n = x.numel()
-    stride = max(1, n // (1 << 16))
-    if k * 64 < n and stride > 1:
-        sub = x[::stride]  # (~65536,)
-        m = min(sub.numel(), 4 * k * sub.numel() // n + 8)
-        threshold = sub.topk(m, largest=largest).values[-1]
-        beyond = x[x > threshold] if largest else x[x < threshold]
-        if beyond.numel() >= k:
-            return beyond.topk(k, largest=largest).values
-        missing = k - beyond.numel()
-        if int((x == threshold).sum()) >= missing:
-            ranked = beyond.sort(descending=largest).values
-            return torch.cat([ranked, threshold.expand(missing)])
-    return x.topk(k, largest=largest).values
+def _positive_std(x: torch.Tensor) -> torch.Tensor:
+    """Unbiased std of the positive elements of `x` (as ``x[x > 0].std()``, without the slow gather)."""
+    mask = x > 0
+    count = torch.count_nonzero(mask)
+    mean = torch.where(mask, x, 0).sum() / count
+    var = torch.where(mask, (x - mean).square(), 0).sum() / (count - 1)
+    return var.sqrt()
 
 
-def quantiles(x: torch.Tensor, probs: list[float]) -> list[float]:
-    """``torch.quantile(x, probs)`` (linear interpolation) of a 1-D float tensor without NaN, bit for bit.
-
-    ``torch.quantile`` sorts all of `x`; for the tail quantiles of an observer (99.99 %) only a few hundred
-    values at either end are needed, so they are selected instead (`_extreme_values`), and interpolated as
-    ``torch.quantile`` does: ``rank = q * (n - 1)`` in `x`'s dtype, ``lerp(x_(floor), x_(ceil), rank - floor)``.
-    """
-    n = x.numel()
-    q = x.new_tensor(probs)
-    if n < _SELECT_MIN:
-        return torch.quantile(x, q).tolist()
-    ranks = q * (n - 1)  # (P,) in x's dtype, as torch.quantile computes them
-    below, above = ranks.long(), ranks.ceil().long()
-    weights = ranks - below
-    low = [r for r in below.tolist() + above.tolist() if r < n // 2]
-    high = [r for r in below.tolist() + above.tolist() if r >= n // 2]
-    values: dict[int, torch.Tensor] = {}
-    if low:
-        smallest = _extreme_values(x, max(low) + 1, largest=False)  # ascending: rank r at index r
-        values |= {r: smallest[r] for r in low}
-    if high:
-        largest = _extreme_values(x, n - min(high), largest=True)  # descending: rank r at index n - 1 - r
-        values |= {r: largest[n - 1 - r] for r in high}
-    out = [
-        torch.lerp(values[b], values[a], w).item()
-        for b, a, w in zip(below.tolist(), above.tolist(), weights, strict=True)
-    ]
-    return out
+def reference_noise_range(x: torch.Tensor, bits: int) -> tuple[float, float]:
+    """SQuant's data-free range for one activation tensor (docs/algorithms.md 2.2)."""
+    s = NOISE_STD_MULTIPLIER[bits]
+    x = x.detach().float()
+    if x.min() >= 0:
+        count = int(torch.count_nonzero(x > 0))
+        alpha = s * _positive_std(x).item() if count > 1 else x.max().item()
+        if bits < 6:
+            alpha = min(alpha, x.max().item())
+        return 0.0, alpha
+    alpha = s * x.std().item() / 1.25
+    if bits < 6:
+        alpha = min(alpha, x.abs().max().item())
+    return -alpha, alpha
 
 
-class RangeObserver:
-    """Accumulates statistics of the tensors it sees and proposes a range [lo, hi].
+def _values(x: torch.Tensor) -> torch.Tensor:
+    """The values of `x` as a float 1-D tensor in memory order: a view when `x` is dense (contiguous, or a
+    permutation of a contiguous tensor such as channels-last), else a copy. For order-free statistics."""
+    x = x.detach().float()
+    if not x.is_contiguous() and x.dim() > 1:
+        order = sorted(range(x.dim()), key=lambda d: x.stride(d), reverse=True)
+        permuted = x.permute(order)
+        if permuted.is_contiguous():
+            return permuted.view(-1)
+    return x.reshape(-1)
 
-    minmax: the extreme values seen. percentile: the mean over batches of the `percentile`-th and
-    (100 - `percentile`)-th percentiles. mse: the clipping of the min/max range (by a ratio in [0.3, 1]) that
-    minimises the mean squared quantization error over a bounded sample of the values seen. Statistics
-    are computed on the device of the tensors seen.
+
+class RangeObserver(abc.ABC):
+    """Accumulates statistics of the tensors it sees and proposes a range [lo, hi] for `bits`-bit codes.
+
+    Every observer tracks the extreme values seen (`lo`, `hi`); `seen` says whether it saw any value.
     """
 
-    def __init__(
-        self,
-        kind: Observer | str = Observer.MINMAX,
-        percentile: float = 99.99,
-        sample_size: int = 1 << 20,
-        seed: int = 0,
-    ) -> None:
-        self.kind = Observer(kind)
-        self.percentile = percentile
-        self.sample_size = sample_size
+    kind: ClassVar[Observer]
+
+    def __init__(self) -> None:
         self.lo = float("inf")
         self.hi = float("-inf")
-        self._pct: list[tuple[float, float]] = []
-        self._samples: list[torch.Tensor] = []
-        self._generator = torch.Generator().manual_seed(seed)
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().float().flatten()
-        if x.numel() == 0:
-            return
-        lo, hi = torch.aminmax(x)
-        self.lo = min(self.lo, lo.item())
-        self.hi = max(self.hi, hi.item())
-        if self.kind is Observer.PERCENTILE:
-            sample = self._subsample(x, 1 << 22)
-            q_lo, q_hi = quantiles(sample, [1 - self.percentile / 100, self.percentile / 100])
-            self._pct.append((q_lo, q_hi))
-        elif self.kind in (Observer.MSE, Observer.STD):
-            self._samples.append(self._subsample(x, self.sample_size))
+        """Observe one tensor (any shape; empty tensors are ignored)."""
+        if x.numel():
+            self._observe(x)
 
-    def _subsample(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        if x.numel() <= n:
-            return x
-        idx = torch.randint(0, x.numel(), (n,), generator=self._generator)  # seeded on the CPU, any device
-        return x.index_select(0, idx.to(x.device))
+    def _extend(self, lo: float, hi: float) -> None:
+        self.lo = min(self.lo, lo)
+        self.hi = max(self.hi, hi)
+
+    @abc.abstractmethod
+    def _observe(self, x: torch.Tensor) -> None:
+        """Observe one non-empty tensor (updating `lo` and `hi`)."""
 
     @property
     def seen(self) -> bool:
         return self.lo <= self.hi
 
     def range(self, bits: int) -> tuple[float, float]:
+        """The chosen range [lo, hi] for `bits`-bit activation codes.
+
+        Raises:
+            RuntimeError: the observer saw no data.
+        """
         if not self.seen:
             raise RuntimeError("observer saw no data")
-        if self.kind is Observer.MINMAX:
-            return self.lo, self.hi
-        if self.kind is Observer.PERCENTILE:
-            lo = sum(p[0] for p in self._pct) / len(self._pct)
-            hi = sum(p[1] for p in self._pct) / len(self._pct)
-            return min(lo, 0.0) if self.lo < 0 else 0.0, hi
-        if self.kind is Observer.STD:
-            from postquant.calib.act_ranges import reference_noise_range
+        return self._range(bits)
 
-            return reference_noise_range(torch.cat(self._samples), bits)
-        return self._mse_range(bits)
+    @abc.abstractmethod
+    def _range(self, bits: int) -> tuple[float, float]: ...
 
-    def _mse_range(self, bits: int) -> tuple[float, float]:
-        values = self._subsample(torch.cat(self._samples), self.sample_size)
+
+class MinMaxObserver(RangeObserver):
+    """The extreme values seen."""
+
+    kind = Observer.MINMAX
+
+    def _observe(self, x: torch.Tensor) -> None:
+        lo, hi = torch.aminmax(_values(x))
+        self._extend(lo.item(), hi.item())
+
+    def _range(self, bits: int) -> tuple[float, float]:
+        return self.lo, self.hi
+
+
+class PercentileObserver(RangeObserver):
+    """The mean over the tensors seen of each tensor's (100 - `percentile`)-th and `percentile`-th
+    percentiles (``torch.quantile`` of all its values, computed by selection: `OrderStatistics`). The low
+    end is 0 unless a negative value was seen."""
+
+    kind = Observer.PERCENTILE
+
+    def __init__(self, percentile: float = 99.99) -> None:
+        super().__init__()
+        self.percentile = percentile
+        self._quantiles: list[tuple[float, float]] = []
+
+    def _observe(self, x: torch.Tensor) -> None:
+        stats = OrderStatistics(_values(x))
+        self._extend(stats.extreme(largest=False), stats.extreme(largest=True))
+        q_lo, q_hi = stats.quantiles([1 - self.percentile / 100, self.percentile / 100])
+        self._quantiles.append((q_lo, q_hi))
+
+    def _range(self, bits: int) -> tuple[float, float]:
+        lo = sum(q[0] for q in self._quantiles) / len(self._quantiles)
+        hi = sum(q[1] for q in self._quantiles) / len(self._quantiles)
+        return min(lo, 0.0) if self.lo < 0 else 0.0, hi
+
+
+class _SamplingObserver(RangeObserver):
+    """Keeps a seeded uniform sample (with replacement) of at most `sample_size` values of each tensor."""
+
+    def __init__(self, sample_size: int = 1 << 20, seed: int = 0) -> None:
+        super().__init__()
+        self.sample_size = sample_size
+        self._samples: list[torch.Tensor] = []
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        x = x.detach().float().flatten()  # logical order: the seeded indices pick the same values anywhere
+        lo, hi = torch.aminmax(x)
+        self._extend(lo.item(), hi.item())
+        self._samples.append(self._subsample(x))
+
+    def _subsample(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= self.sample_size:
+            return x
+        idx = torch.randint(0, x.numel(), (self.sample_size,), generator=self._generator)  # on the CPU
+        return x.index_select(0, idx.to(x.device))
+
+
+class MSEObserver(_SamplingObserver):
+    """The clipping of the min/max range (by a ratio in [0.3, 1], 50 steps) that minimises the mean squared
+    quantization error over a seeded sample of at most `sample_size` of the values seen."""
+
+    kind = Observer.MSE
+
+    def _range(self, bits: int) -> tuple[float, float]:
+        values = self._subsample(torch.cat(self._samples))  # (<= sample_size,)
         best, best_err = (self.lo, self.hi), float("inf")
+        q = torch.empty_like(values)
         for ratio in torch.linspace(1.0, 0.3, 50).tolist():
             lo, hi = self.lo * ratio, self.hi * ratio
             scale, zp, qmin, qmax = act_qparams(lo, hi, bits)
-            q = torch.clamp(torch.round(values / scale) + zp, qmin, qmax)
-            err = ((q - zp) * scale - values).pow(2).mean().item()
+            # ((clamp(round(v / scale) + zp, qmin, qmax) - zp) * scale - v)^2 in place on one buffer; adding the
+            # integer zp to integer-valued floats is exact, so clamping round(v / scale) to [qmin - zp,
+            # qmax - zp] gives the same floats with two passes fewer (beyond 2^24 both clamp to the bound)
+            torch.div(values, scale, out=q)
+            q.round_().clamp_(qmin - zp, qmax - zp).mul_(scale).sub_(values)
+            err = q.square_().mean().item()
             if err < best_err:
                 best, best_err = (lo, hi), err
         return best
+
+
+class StdObserver(_SamplingObserver):
+    """SQuant's rule on the values seen (`reference_noise_range` of a seeded sample of each tensor)."""
+
+    kind = Observer.STD
+
+    def _range(self, bits: int) -> tuple[float, float]:
+        return reference_noise_range(torch.cat(self._samples), bits)
+
+
+_KINDS: dict[Observer, type[RangeObserver]] = {
+    cls.kind: cls for cls in (MinMaxObserver, PercentileObserver, MSEObserver, StdObserver)
+}
+
+
+def make_observer(
+    kind: Observer | str = Observer.MINMAX,
+    *,
+    percentile: float = 99.99,
+    sample_size: int = 1 << 20,
+    seed: int = 0,
+) -> RangeObserver:
+    """The observer of `kind` (minmax, percentile, mse, std); each takes only the settings it uses:
+    `percentile` (percentile), `sample_size` and `seed` (mse, std).
+
+    Raises:
+        ValueError: an unknown kind.
+    """
+    cls = _KINDS[Observer(kind)]
+    if cls is PercentileObserver:
+        return PercentileObserver(percentile)
+    if issubclass(cls, _SamplingObserver):
+        return cls(sample_size, seed)
+    return cls()
