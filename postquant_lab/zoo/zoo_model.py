@@ -19,7 +19,7 @@ from postquant_lab.zoo.datasets import (
 
 __all__ = ["Task", "ZooModel"]
 
-Task = Literal["classification", "sts"]
+Task = Literal["classification", "sts", "lm"]
 
 
 @dataclass
@@ -36,6 +36,7 @@ class ZooModel:
         eval_data: the default evaluation set (may not exist on this machine).
         calib_data: the default calibration set (may not exist on this machine).
         preprocess: how files are turned into model inputs; ``None`` when unknown (custom models).
+        tokenizer: the tokenizer of a causal LM (task ``"lm"``: text windows, perplexity), else ``None``.
     """
 
     name: str
@@ -46,6 +47,7 @@ class ZooModel:
     eval_data: Path | None
     calib_data: Path | None
     preprocess: Preprocess | None = None
+    tokenizer: Any = None
 
     def __repr__(self) -> str:  # the generated repr would print the whole model and input tensors
         params = sum(p.numel() for p in self.model.parameters())
