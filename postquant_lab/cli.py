@@ -378,11 +378,7 @@ def _quantize(
     # (data-free activation ranges where calibration data is only useful), except for sentence models.
     needs = postquant.requirements(rec, optional_data=not (rec.method is Method.SQUANT and zoo.task != "sts"))
     calib_limit = needs.calib_size or rec.calib_size
-    calib = (
-        zoo.calib_batches(calib_path, limit=calib_limit)
-        if needs.calib is not Need.NONE or calib_path
-        else None
-    )
+    calib = zoo.calib_batches(calib_path, limit=calib_limit) if needs.calib is not Need.NONE or calib_path else None
     if device is not None:  # the model and its data on the device (quantize keeps the model's device)
         zoo.model.to(device)
         zoo.example_inputs = move_batch(zoo.example_inputs, device)
