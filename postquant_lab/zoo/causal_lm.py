@@ -8,6 +8,7 @@ tokenizer. Calibration text is ``pydocs-calib.txt`` and evaluation text ``handbo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import logging
 import os
@@ -17,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from postquant.calib.text import check_seqlen, eval_windows, random_windows, tokenize_file
 from postquant.errors import CheckpointError
 from postquant.paths import shared_path
 from postquant_lab.zoo.zoo_model import ZooModel
@@ -144,22 +144,12 @@ def text_windows(
     seed: int = 0,
     evaluation: bool = True,
 ) -> torch.Tensor:
-    """Token windows of a text file for `zoo`'s model: non-overlapping from the start (evaluation; at most
-    `n`), or `n` random seeded windows (calibration). Default file: the zoo's eval/calib text.
+    """`ZooModel.text_windows` with windows of `seqlen` tokens (for evaluation or calibration alike).
 
     Raises:
         DataError: no tokenizer, file missing, shorter than one window, or `seqlen` beyond the context.
     """
-    from postquant.errors import DataError
-
-    if zoo.tokenizer is None:
-        raise DataError(f"model {zoo.name!r} has no tokenizer: text windows need one")
-    check_seqlen(zoo.model, seqlen)
-    default = zoo.eval_data if evaluation else zoo.calib_data
-    chosen = Path(path) if path is not None else default
-    if chosen is None:
-        raise DataError(f"model {zoo.name!r} has no default text; pass a file")
-    tokens = tokenize_file(chosen, zoo.tokenizer)
-    if evaluation:
-        return eval_windows(tokens, seqlen, n)
-    return random_windows(tokens, n if n is not None else 128, seqlen, seed)
+    attr = "seqlen" if evaluation else "calib_seqlen"
+    return dataclasses.replace(zoo, **{attr: seqlen}).text_windows(
+        path, evaluation=evaluation, n=n, seed=seed
+    )

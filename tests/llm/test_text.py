@@ -83,3 +83,27 @@ def test_a_tokenizer_less_checkpoint_is_refused() -> None:
 
     with pytest.raises(CheckpointError, match="no tokenizer"):
         causal_lm(nn.Linear(2, 2), None, "x")
+
+
+def test_a_causal_lm_zoo_model_gives_windows_and_perplexity(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from postquant_lab.evaluate import evaluate
+    from postquant_lab.zoo.causal_lm import causal_lm
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    zoo = causal_lm(transformers.LlamaForCausalLM(config), CharTokenizer(), "tiny")
+    zoo.seqlen, zoo.calib_seqlen = 32, 16
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 10)
+    batches = zoo.calib_batches(text, limit=6, batch_size=4)
+    assert [tuple(b.shape) for b in batches] == [(4, 16), (2, 16)]
+    result = evaluate(zoo.model, zoo, text, limit=3)
+    assert result.metric == "perplexity" and result.n == 3 * 31
+    assert 1 < result.value < 200  # a random model: near its vocabulary (50), never below 1
+    zoo.seqlen = 128
+    with pytest.raises(DataError, match="beyond the context"):
+        evaluate(zoo.model, zoo, text)
