@@ -89,6 +89,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_float(args.cache)
+    rss = {"after_load": _peak_rss_mb()}
     text = shared_path("data", "text")
     windows = eval_windows(tokenize_file(text / "handbook-eval.txt", tokenizer), 512, 16)
     seconds = 0.0
@@ -99,6 +100,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
         start = time.perf_counter()
         model = quantize_blocks(model, recipe_for(row, args.calib_size), list(calib.split(4)), inplace=True)
         seconds = time.perf_counter() - start
+    rss["after_quantize"] = _peak_rss_mb()
     start = time.perf_counter()
     ppl = perplexity(model, windows)
     return {
@@ -108,10 +110,17 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
         "tokens": ppl.tokens,
         "quantize_s": round(seconds, 1),
         "eval_s": round(time.perf_counter() - start, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_after_load_mb": rss["after_load"],
+        "peak_rss_after_quantize_mb": rss["after_quantize"],
         "threads": args.threads,
         "calib": f"{args.calib_size}x{args.seqlen}" if row.startswith("learned") else None,
     }
+
+
+def _peak_rss_mb() -> int:
+    """This process's peak resident set so far, in MB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
@@ -122,17 +131,22 @@ def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
         f"weight-only, asymmetric min/max groups of {GROUP}, every Linear but `lm_head`; `postquant.blockwise.",
         "quantize_blocks(..., inplace=True)`. Learned rounding: the `learned` preset (SQuant start, QDrop",
         f"p=0.5, lr 1e-2) with {LEARNED_ITERS} iterations per decoder layer, batch 4, calibration windows from",
-        "`pydocs-calib.txt`. Peak RSS: the row's own process (model load included). The weights come from a Q4_1",
+        "`pydocs-calib.txt`. Peak RSS: the row's own process, after loading, quantizing and evaluating (the first",
+        "row to run also dequantizes the GGUF into the cache). The weights come from a Q4_1",
         "GGUF (4-bit groups of 32): W4 g32 would be lossless, g64 is not. Times on a shared, loaded 2-core CPU.",
         "",
-        "| row | perplexity | quantize (s) | eval (s) | peak RSS (MB) | calibration |",
+        "| row | perplexity | quantize (s) | eval (s) | peak RSS (MB): load / +quantize / +eval | calibration |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['row']} | {r['ppl']:.2f} | {r['quantize_s']} | {r['eval_s']} | {r['peak_rss_mb']} | "
+            f"| {r['row']} | {r['ppl']:.2f} | {r['quantize_s']} | {r['eval_s']} | "
+            f"{r.get('peak_rss_after_load_mb', '-')} / {r.get('peak_rss_after_quantize_mb', '-')} / {r['peak_rss_mb']} | "
             f"{r['calib'] or '-'} |"
         )
+    missing = [name for name in ROWS if not any(r["row"] == name for r in rows)]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)} (rerun the command: finished rows are skipped)."]
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 

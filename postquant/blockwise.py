@@ -337,8 +337,8 @@ def quantize_blocks(
         )
         for k in bar:
             unit = units[k]
-            if inplace:
-                teacher_layer = copy.deepcopy(layers[k])  # this layer only
+            if inplace:  # the float layer is needed after its codes are chosen only by learned rounding
+                teacher_layer = copy.deepcopy(layers[k]) if learned and k not in done else layers[k]
                 teacher: nn.Module = _TeacherView(names[k], teacher_layer)
             else:
                 qlayers[k] = copy.deepcopy(layers[k])
