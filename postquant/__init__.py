@@ -19,6 +19,7 @@ __all__ = [
     "__version__",
     "load",
     "quantize",
+    "quantize_blocks",
     "requirements",
     "result",
     "save",
@@ -27,6 +28,7 @@ __all__ = [
 
 _LAZY = {
     "quantize": "postquant.api",
+    "quantize_blocks": "postquant.blockwise",
     "save": "postquant.io.checkpoint",
     "load": "postquant.io.checkpoint",
     "Method": "postquant.recipe",
@@ -40,6 +42,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from postquant.api import quantize
+    from postquant.blockwise import quantize_blocks
     from postquant.io.checkpoint import load, save
     from postquant.outcome import QuantizationResult, result
     from postquant.pipeline import requirements

@@ -142,6 +142,8 @@ def evaluate(
     Raises:
         DataError: missing or malformed data.
     """
+    if zoo.task == "lm" and data is None:
+        return _perplexity(model, zoo, path, limit)
     if data is None:
         data = zoo.eval_batches(path, limit=limit, batch_size=batch_size)
     start = time.perf_counter()
@@ -163,3 +165,22 @@ def evaluate(
         " ".join(f"{k} {v:.2f}" for k, v in result.extra.items()), result.n, time.perf_counter() - start,
     )  # fmt: skip
     return result
+
+
+def _perplexity(model: nn.Module, zoo: ZooModel, path: str | Path | None, limit: int | None) -> EvalResult:
+    """A causal LM's perplexity on non-overlapping windows of `zoo.seqlen` tokens of its evaluation text
+    (`limit` windows; default 16, as data/text/README.md); ``n`` is the number of predicted tokens."""
+    from postquant.eval.perplexity import perplexity
+
+    windows = zoo.text_windows(path, evaluation=True, n=limit if limit is not None else 16)
+    start = time.perf_counter()
+    with eval_mode(model):
+        ppl = perplexity(model, windows)
+    log.info(
+        "%s: perplexity %.2f on %d tokens (%.1f s)",
+        zoo.name,
+        ppl.value,
+        ppl.tokens,
+        time.perf_counter() - start,
+    )
+    return EvalResult("perplexity", ppl.value, ppl.tokens, {"nll": ppl.nll})

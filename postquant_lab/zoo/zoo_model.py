@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from postquant.errors import DataError
@@ -19,7 +20,7 @@ from postquant_lab.zoo.datasets import (
 
 __all__ = ["Task", "ZooModel"]
 
-Task = Literal["classification", "sts"]
+Task = Literal["classification", "sts", "lm"]
 
 
 @dataclass
@@ -36,6 +37,8 @@ class ZooModel:
         eval_data: the default evaluation set (may not exist on this machine).
         calib_data: the default calibration set (may not exist on this machine).
         preprocess: how files are turned into model inputs; ``None`` when unknown (custom models).
+        tokenizer: the tokenizer of a causal LM (task ``"lm"``: text windows, perplexity), else ``None``.
+        seqlen: tokens per window of a causal LM's evaluation (calibration windows: `calib_seqlen`).
     """
 
     name: str
@@ -46,6 +49,9 @@ class ZooModel:
     eval_data: Path | None
     calib_data: Path | None
     preprocess: Preprocess | None = None
+    tokenizer: Any = None
+    seqlen: int = 512
+    calib_seqlen: int = 256
 
     def __repr__(self) -> str:  # the generated repr would print the whole model and input tensors
         params = sum(p.numel() for p in self.model.parameters())
@@ -99,5 +105,31 @@ class ZooModel:
         Raises:
             DataError: missing path or wrong layout.
         """
+        if self.task == "lm":  # `limit` random windows of `calib_seqlen` tokens (seed 0), as (B, L) token ids
+            windows = self.text_windows(path, evaluation=False, n=limit if limit is not None else 128)
+            return list(windows.split(batch_size))
         path, pre = self._resolve(path, self.calib_data, "calibration")
         return calibration_inputs(path, pre, limit, batch_size)
+
+    def text_windows(
+        self, path: str | Path | None, *, evaluation: bool, n: int | None, seed: int = 0
+    ) -> torch.Tensor:
+        """Token windows of a causal LM's text (default: its eval/calib file): the first `n` non-overlapping
+        windows of `seqlen` tokens (evaluation), or `n` seeded random windows of `calib_seqlen` tokens.
+
+        Raises:
+            DataError: no tokenizer, a missing file, text shorter than one window, a window beyond the context.
+        """
+        from postquant.calib.text import check_seqlen, eval_windows, random_windows, tokenize_file
+
+        if self.tokenizer is None:
+            raise DataError(f"model {self.name!r} has no tokenizer: text windows need one")
+        seqlen = self.seqlen if evaluation else self.calib_seqlen
+        check_seqlen(self.model, seqlen)
+        chosen = path if path is not None else (self.eval_data if evaluation else self.calib_data)
+        if chosen is None:
+            raise DataError(f"model {self.name!r} has no default text; pass a file")
+        tokens = tokenize_file(chosen, self.tokenizer)
+        if evaluation:
+            return eval_windows(tokens, seqlen, n)
+        return random_windows(tokens, n if n is not None else 128, seqlen, seed)

@@ -30,7 +30,13 @@ def _count(model: nn.Module, kind: type) -> int:
 
 
 def test_list_models():
-    assert list_models() == ["efficientnet-lite0", "minilm-l6", "resnet20-cifar10", "resnet56-cifar10"]
+    assert list_models() == [
+        "efficientnet-lite0",
+        "minilm-l6",
+        "resnet20-cifar10",
+        "resnet56-cifar10",
+        "smollm2-135m",
+    ]
 
 
 # ------------------------------------------------------------------------------------------ ResNets

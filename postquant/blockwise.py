@@ -1,0 +1,408 @@
+"""Block-sequential quantization of decoder stacks (causal LMs) in bounded memory: one decoder layer at a time.
+
+`quantize` keeps the whole float model as the teacher of learned rounding beside the quantized copy and
+caches every unit from model prefixes. For a decoder stack (``model.layers``, GPT-2's ``transformer.h``, ...)
+`quantize_blocks` instead walks the layers in order (llm-compressor's sequential pipeline, GPTQ's
+layer-by-layer loop):
+
+1. the inputs of decoder layer 0 are captured once per calibration batch (embeddings; the rotary tables,
+   masks and flags the model passes to every layer are kept as they came);
+2. for layer k: its float weights are the teacher (the caller's model is not touched; with
+   ``inplace=True`` a copy of that one layer is kept instead), its planned Linears get codes by the recipe's
+   rounding, and learned rounding reconstructs its output with the existing unit loop
+   (`postquant.reconstruct.loop.reconstruct_unit`) from two chains: the *quantized* chain (layer k's input
+   in the quantized model: quantized-input propagation, BRECQ/QDrop) and the float chain (the teacher's
+   input, whose output is the target and QDrop's float input);
+3. layer k's outputs become layer k+1's inputs in both chains, and the teacher is released.
+
+Nothing copies the whole model: the quantized model is built from a copy of everything *but* the decoder
+layers, then one layer copy at a time (``inplace=True`` skips even that). With a checkpoint directory, each
+finished layer's state (codes, steps, biases) and both chains are saved, so a killed run resumes at the next
+layer and ends with the same codes, bit for bit, as an uninterrupted one.
+
+RTN and SQuant are per-layer and data-free: the same walk runs without calibration data or chains, and
+gives exactly the codes `quantize` gives. Not here (use `quantize`): activation quantization, mixed
+precision, the power grid's output-error search, loss='output' / Fisher weights and augmentation. Layers
+outside the decoder stack that the plan quantizes (``lm_head`` unless ignored) get the recipe's data-free
+codes (nearest for learned methods). Chains stay in memory (``n x seqlen x hidden`` floats each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from postquant.calib import as_calibration
+from postquant.calib.data import run_model
+from postquant.choices import GridKind, PowerSearch
+from postquant.errors import CheckpointError, DataError, RecipeError, UnsupportedModelError
+from postquant.files import write_atomic
+from postquant.model.blocks import Unit
+from postquant.model.hf import no_kv_cache
+from postquant.model.walk import quantized_layers
+from postquant.outcome import QuantizationResult, attach_result
+from postquant.plan import Plan, check_finite, make_plan
+from postquant.progress import progress_bar
+from postquant.recipe import Recipe
+from postquant.reconstruct.cache import Captured, Record, UnitData, _StopForward, capture, first_tensor
+from postquant.reconstruct.checkpoint import (
+    CheckpointStore,
+    data_fingerprint,
+    model_fingerprint,
+    run_key,
+    unit_seed,
+)
+from postquant.reconstruct.config import Loss
+from postquant.reconstruct.engine import ReconstructionReport, prepare
+from postquant.reconstruct.loop import UnitOutcome, reconstruct_unit, restore, snapshot
+from postquant.reconstruct.presets import is_learned, learned_config
+from postquant.weights import quantize_weights
+
+__all__ = ["DECODER_LISTS", "decoder_layers", "quantize_blocks"]
+
+log = logging.getLogger(__name__)
+
+# Where the decoder layers of the common causal-LM families live (Llama/Qwen/Mistral/Gemma, OPT, GPT-2,
+# GPT-NeoX, multimodal Gemma 3 text towers).
+DECODER_LISTS = (
+    "model.layers",
+    "model.decoder.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.language_model.layers",
+)
+
+OnBlockEnd = Callable[[int, str], None]
+
+
+def decoder_layers(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The dotted name and the ``nn.ModuleList`` of `model`'s decoder layers.
+
+    Args:
+        blocks: the list's dotted name; None looks for the `DECODER_LISTS` in order.
+
+    Raises:
+        UnsupportedModelError: no such list (the message names the lists looked for).
+    """
+    for name in (blocks,) if blocks else DECODER_LISTS:
+        try:
+            found = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return name, found
+    looked = repr(blocks) if blocks else ", ".join(DECODER_LISTS)
+    lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1][:4]
+    raise UnsupportedModelError(
+        f"{type(model).__name__} has no decoder-layer list at {looked}: pass blocks='<dotted name of the "
+        f"nn.ModuleList of its layers>'" + (f" (its module lists: {', '.join(lists)})" if lists else "")
+    )
+
+
+def _check_recipe(recipe: Recipe) -> None:
+    """What the block path does not do raises a `RecipeError` that points to `quantize`."""
+    problems = []
+    if recipe.a_bits is not None:
+        problems.append("activation quantization (a_bits)")
+    if recipe.mixed is not None:
+        problems.append("mixed precision")
+    if recipe.grid is GridKind.POWER and recipe.power_search is PowerSearch.OUTPUTS:
+        problems.append("power_search: outputs")
+    if is_learned(recipe):
+        cfg = learned_config(recipe)
+        if cfg.loss is not Loss.MSE:
+            problems.append(f"learned.loss={cfg.loss.value} (only mse)")
+        if cfg.unit.value != "block":
+            problems.append(f"learned.unit={cfg.unit.value} (a unit here is one decoder layer)")
+        if cfg.augment:
+            problems.append("learned.augment")
+        if cfg.calib_source.value != "data":
+            problems.append(f"learned.calib_source={cfg.calib_source.value} (text data only)")
+    if problems:
+        raise RecipeError(
+            f"the block-sequential path does not support {', '.join(problems)}: use postquant.quantize for "
+            "these, or change the recipe"
+        )
+
+
+def _skeleton_copy(model: nn.Module, layers: nn.ModuleList) -> nn.Module:
+    """A deep copy of `model` whose decoder layers are empty placeholders (filled one at a time)."""
+    memo: dict[int, Any] = {id(layer): nn.Module() for layer in layers}
+    return copy.deepcopy(model, memo)
+
+
+class _TeacherView(nn.Module):
+    """A module tree that holds one float layer at its dotted name, so the unit loop finds
+    ``teacher.get_submodule('model.layers.3.mlp.up_proj')`` without a whole float model."""
+
+    def __init__(self, path: str, layer: nn.Module) -> None:
+        super().__init__()
+        parts = path.split(".")
+        node: nn.Module = self
+        for part in parts[:-1]:
+            child = nn.Module()
+            node.add_module(part, child)
+            node = child
+        node.add_module(parts[-1], layer)
+
+
+def _split_hidden(c: Captured) -> Captured:
+    """The captured call with the hidden states as its first positional argument."""
+    if c.args and isinstance(c.args[0], torch.Tensor):
+        return c
+    if "hidden_states" in c.kwargs:
+        kwargs = dict(c.kwargs)
+        hidden = kwargs.pop("hidden_states")
+        return Captured((hidden, *c.args), kwargs)
+    raise UnsupportedModelError("the first decoder layer is called without its hidden states as input")
+
+
+@torch.no_grad()
+def _first_inputs(model: nn.Module, first: str, batches: list[Any]) -> list[Captured]:
+    """Layer 0's call arguments for every calibration batch (the model runs only up to layer 0)."""
+    unit = Unit(first, (first,), ())
+    out = []
+    for batch in batches:
+        with (
+            capture(model, unit, want_input=True, want_output=False) as seen,
+            contextlib.suppress(_StopForward),
+        ):
+            run_model(model, batch)
+        if "input" not in seen:
+            raise UnsupportedModelError(f"{first} was not called when the model ran on a calibration batch")
+        out.append(_split_hidden(seen["input"]))
+    return out
+
+
+@torch.no_grad()
+def _run_layer(layer: nn.Module, inputs: list[Captured], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`layer` on each batch's captured arguments with the hidden states replaced by `hidden`."""
+    return [
+        first_tensor(layer(h, *c.args[1:], **c.kwargs)).detach() for c, h in zip(inputs, hidden, strict=True)
+    ]
+
+
+def _unit_data(
+    inputs: list[Captured],
+    q_hidden: list[torch.Tensor],
+    f_hidden: list[torch.Tensor],
+    targets: list[torch.Tensor],
+) -> UnitData:
+    data = UnitData()
+    for c, hq, hf, t in zip(inputs, q_hidden, f_hidden, targets, strict=True):
+        n = hq.shape[0]
+        rest = c.args[1:]
+        data.records.append(Record(n, Captured((hq, *rest), c.kwargs), Captured((hf, *rest), c.kwargs), t))
+        data.sizes.append(n)
+    data.merge()
+    return data
+
+
+class _Chains:
+    """Both chains after finished layer k, saved beside the checkpoint store (``chains_<k>.safetensors``)."""
+
+    def __init__(self, store: CheckpointStore | None) -> None:
+        self.store = store
+
+    def path(self, k: int) -> Path | None:
+        return None if self.store is None else self.store.dir / f"chains_{k:04d}.safetensors"
+
+    def save(self, k: int, q: list[torch.Tensor], f: list[torch.Tensor]) -> None:
+        path = self.path(k)
+        if path is None:
+            return
+        tensors = {f"q.{b}": t.cpu().contiguous() for b, t in enumerate(q)}
+        tensors.update({f"f.{b}": t.cpu().contiguous() for b, t in enumerate(f)})
+        write_atomic(path, lambda tmp: save_file(tensors, tmp))
+
+    def load(self, k: int, batches: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        path = self.path(k)
+        if path is None or not path.is_file():
+            raise CheckpointError(
+                f"the chains of finished layer {k} are missing ({path}); delete the checkpoint directory "
+                f"{None if self.store is None else self.store.dir} to start over"
+            )
+        try:
+            tensors = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types on a damaged file
+            raise CheckpointError(
+                f"{path} cannot be read ({exc}); delete it and the checkpoint to redo"
+            ) from exc
+        return [tensors[f"q.{b}"] for b in range(batches)], [tensors[f"f.{b}"] for b in range(batches)]
+
+    def drop(self, k: int) -> None:
+        path = self.path(k)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
+def quantize_blocks(
+    model: nn.Module,
+    recipe: Recipe | dict[str, Any] | str | Path | None = None,
+    calib: Any = None,
+    *,
+    blocks: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    inplace: bool = False,
+    on_block_end: OnBlockEnd | None = None,
+) -> nn.Module:
+    """Quantize a decoder stack one decoder layer at a time (module docstring).
+
+    Args:
+        model: a causal LM (or any model with a list of decoder layers), float, in eval mode.
+        recipe: as for `postquant.quantize`; weight-only RTN, SQuant or a learned-rounding method.
+        calib: calibration batches of token ids, e.g. (n, seqlen) windows (`postquant.calib.text`); learned
+            methods need it, RTN and SQuant do not use it.
+        blocks: the dotted name of the decoder-layer list (default: found among `DECODER_LISTS`).
+        checkpoint_dir: resume directory (default: ``learned.checkpoint_dir``); each finished layer is saved.
+        inplace: quantize `model` itself (its layers become `QuantizedLayer`s; peak memory: the model plus one
+            layer's float copy) instead of a copy built layer by layer.
+        on_block_end: called as ``on_block_end(k, name)`` after layer k is finished (and checkpointed).
+
+    Returns:
+        The quantized model (eval mode), with its `QuantizationResult` (``postquant.result``).
+
+    Raises:
+        RecipeError: a recipe field the block path does not support.
+        UnsupportedModelError: no decoder-layer list; an already quantized model.
+        DataError: a learned method without calibration data.
+    """
+    start = time.perf_counter()
+    recipe = Recipe.coerce(recipe)
+    _check_recipe(recipe)
+    if quantized_layers(model):
+        raise UnsupportedModelError(f"{type(model).__name__} is already quantized: pass the float model")
+    model.eval()
+    container, layers = decoder_layers(model, blocks)
+    learned = is_learned(recipe)
+    recipe, _ = prepare(model, recipe, None, None)  # learned presets' first/last-layer policy
+    plan = make_plan(model, recipe)
+    check_finite(model, list(plan))
+    batches = None
+    if learned:
+        batches = as_calibration(calib, recipe.calib_size) if calib is not None else None
+        if not batches:
+            raise DataError(
+                f"method '{recipe.method.value}' learns the rounding from calibration data: pass calib=... "
+                "(token windows, e.g. postquant.calib.text.random_windows)"
+            )
+        if not isinstance(batches, list):
+            raise DataError("the block path takes calibration batches (tensors or dicts), not a forward loop")
+    cfg = learned_config(recipe) if learned else None
+    if checkpoint_dir is None and cfg is not None:
+        checkpoint_dir = cfg.checkpoint_dir
+    names = [f"{container}.{i}" for i in range(len(layers))]
+    units = [Unit(n, (n,), tuple(p for p in plan.weight_layers if p.startswith(n + "."))) for n in names]
+    store = None
+    if checkpoint_dir is not None:
+        key = run_key(
+            {
+                "blockwise": recipe.model_dump(
+                    mode="json", exclude={"learned": {"checkpoint_dir", "progress"}}
+                ),
+                "model": model_fingerprint(model),
+                "data": data_fingerprint(batches) if batches is not None else None,
+                "units": names,
+            }
+        )
+        store = CheckpointStore(checkpoint_dir, key, names)
+    chains = _Chains(store)
+    done = set(store.finished()) if store is not None else set()
+    if done:
+        log.info("resuming: %d of %d decoder layers already finished in %s", len(done), len(names), store.dir)
+
+    qmodel = model if inplace else _skeleton_copy(model, layers)
+    qlayers: nn.ModuleList = qmodel.get_submodule(container)
+    report = ReconstructionReport()
+    with no_kv_cache(model, qmodel):
+        inputs: list[Captured] = []
+        q_hidden: list[torch.Tensor] = []
+        f_hidden: list[torch.Tensor] = []
+        if learned and len(done) < len(names):
+            inputs = _first_inputs(model, names[0], batches)  # type: ignore[arg-type]
+            q_hidden = [c.args[0] for c in inputs]
+            f_hidden = list(q_hidden)
+        bar = progress_bar(
+            range(len(names)), enabled=cfg.progress if cfg else True, desc="decoder layers", unit="layer"
+        )
+        for k in bar:
+            unit = units[k]
+            if inplace:  # the float layer is needed after its codes are chosen only by learned rounding
+                teacher_layer = copy.deepcopy(layers[k]) if learned and k not in done else layers[k]
+                teacher: nn.Module = _TeacherView(names[k], teacher_layer)
+            else:
+                qlayers[k] = copy.deepcopy(layers[k])
+                teacher_layer, teacher = layers[k], model
+            quantize_weights(qmodel, _sub_plan(plan, unit.layers), recipe)
+            if k in done:
+                state, outcome = store.load(k)  # type: ignore[union-attr]
+                restore(qmodel, state)
+                if outcome:
+                    report.units.append(UnitOutcome(**outcome))
+                report.resumed += 1
+                if learned and k + 1 not in done and k + 1 < len(names):
+                    q_hidden, f_hidden = chains.load(k, len(inputs))
+                continue
+            if learned:
+                assert cfg is not None
+                targets = _run_layer(teacher_layer, inputs, f_hidden)
+                if unit.layers:
+                    data = _unit_data(inputs, q_hidden, f_hidden, targets)
+                    generator = torch.Generator().manual_seed(unit_seed(recipe.seed, k))
+                    outcome = reconstruct_unit(
+                        qmodel,
+                        teacher,
+                        unit,
+                        data,
+                        cfg,
+                        generator,
+                        desc=f"[{k + 1}/{len(names)}] {unit.name}",
+                    )
+                    del data
+                    report.units.append(outcome)
+                    bar.set_postfix(loss=f"{outcome.error_after:.4g}", refresh=False)
+                    log.info(
+                        "layer %d/%d %s: %s, error %.4g -> %.4g, %.1f s",
+                        k + 1, len(names), unit.name, outcome.status,
+                        outcome.error_before, outcome.error_after, outcome.seconds,
+                    )  # fmt: skip
+                q_hidden = _run_layer(qlayers[k], inputs, q_hidden)
+                f_hidden = targets
+                chains.save(k, q_hidden, f_hidden)
+            if store is not None:
+                last = asdict(report.units[-1]) if learned and unit.layers else {}
+                store.save(k, snapshot(qmodel, unit), last)
+                chains.drop(k - 1)
+            del teacher, teacher_layer
+            if on_block_end is not None:
+                on_block_end(k, names[k])
+        bar.close()
+    outside = [n for n in plan.weight_layers if not any(n.startswith(b + ".") for b in names)]
+    if outside:
+        log.info(
+            "%d layers outside the decoder stack get data-free codes: %s", len(outside), ", ".join(outside)
+        )
+        quantize_weights(qmodel, _sub_plan(plan, tuple(outside)), recipe)
+    report.seconds = time.perf_counter() - start
+    qmodel.eval()
+    attach_result(
+        qmodel,
+        QuantizationResult(recipe, plan, {"blocks": report.seconds}, None, report if learned else None),
+    )
+    log.info("quantized %d decoder layers block by block in %.1f s", len(names), report.seconds)
+    return qmodel
+
+
+def _sub_plan(plan: Plan, names: tuple[str, ...]) -> Plan:
+    """The plan restricted to `names` (its layers' bits and sources as they were)."""
+    return Plan(plan[n] for n in names)

@@ -1,0 +1,162 @@
+"""Block-sequential quantization of a tiny random Llama: same codes as `quantize` for the per-layer methods,
+learned rounding lowers each layer's error, resume after a kill, no whole-model teacher, clear errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+import postquant  # noqa: E402
+from postquant.blockwise import decoder_layers, quantize_blocks  # noqa: E402
+from postquant.errors import DataError, RecipeError, UnsupportedModelError  # noqa: E402
+from postquant.model import quantized_layers  # noqa: E402
+
+VOCAB = 64
+
+
+def tiny_llama(layers: int = 3, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def calib(n: int = 8, seqlen: int = 16, batch: int = 4) -> list[torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(1))
+    return list(ids.split(batch))
+
+
+def codes(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: layer.codes.clone() for name, layer in quantized_layers(model).items()}
+
+
+def grid_recipe(method: str, **extra) -> dict:
+    return dict(method=method, w_bits=3, granularity="group", group_size=16, ignore=["lm_head"], **extra)
+
+
+LEARNED = dict(iters=12, batch_size=4, progress=False)
+
+
+@pytest.mark.parametrize("method", ["rtn", "squant"])
+def test_per_layer_methods_give_the_codes_of_quantize(method: str) -> None:
+    model = tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    whole = postquant.quantize(model, grid_recipe(method))
+    blocks = quantize_blocks(model, grid_recipe(method))
+    a, b = codes(whole), codes(blocks)
+    assert a.keys() == b.keys() and len(a) == 3 * 7
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    ids = calib()[0]
+    torch.testing.assert_close(whole(ids).logits, blocks(ids).logits, rtol=0, atol=0)
+    for key, value in model.state_dict().items():  # the float model is untouched
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_learned_rounding_lowers_every_layer_error() -> None:
+    model = tiny_llama()
+    q = quantize_blocks(model, grid_recipe("learned", learned=LEARNED, calib_size=8), calib())
+    report = postquant.result(q).learned
+    assert report is not None and len(report.units) == 3
+    for unit in report.units:
+        assert unit.error_after <= unit.error_before
+    assert any(u.error_after < u.error_before for u in report.units)
+    rtn = quantize_blocks(model, grid_recipe("rtn"))
+    assert any(not torch.equal(codes(q)[n], c) for n, c in codes(rtn).items())
+
+
+def test_learned_block_path_matches_the_whole_model_path() -> None:
+    """Same seeds per unit, same chains (quantized and float) and targets: the same codes as `quantize`."""
+    model = tiny_llama()
+    recipe = grid_recipe("learned", learned=LEARNED, calib_size=8)
+    whole = postquant.quantize(model, recipe, calib())
+    blocks = quantize_blocks(model, recipe, calib())
+    a, b = codes(whole), codes(blocks)
+    mismatched = [n for n in a if not torch.equal(a[n], b[n])]
+    assert not mismatched
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_with_identical_codes(tmp_path) -> None:
+    model = tiny_llama(layers=3)
+    recipe = grid_recipe("learned", learned=LEARNED, calib_size=8)
+    full = quantize_blocks(model, recipe, calib())
+
+    def kill_after_first(k: int, _name: str) -> None:
+        if k == 0:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        quantize_blocks(model, recipe, calib(), checkpoint_dir=tmp_path, on_block_end=kill_after_first)
+    seen: list[int] = []
+    resumed = quantize_blocks(
+        model, recipe, calib(), checkpoint_dir=tmp_path, on_block_end=lambda k, _: seen.append(k)
+    )
+    assert seen == [1, 2]  # layer 0 came from the checkpoint
+    assert postquant.result(resumed).learned.resumed == 1
+    for name, c in codes(full).items():
+        torch.testing.assert_close(codes(resumed)[name], c, rtol=0, atol=0)
+    assert len(list(tmp_path.rglob("chains_*.safetensors"))) == 1  # only the last layer's chains are kept
+
+
+def _block_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in decoder_layers(model)[1][0].parameters())
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "copy"])
+def test_no_whole_model_copy(monkeypatch: pytest.MonkeyPatch, inplace: bool) -> None:
+    """Every deep copy the block path makes holds at most one decoder layer's (inplace) or the non-layer
+    skeleton's parameters; the whole-model path copies the whole model (so the probe can fail)."""
+    model = tiny_llama(layers=2)
+    total = sum(p.numel() for p in model.parameters())
+    biggest = [0]
+    real = copy.deepcopy
+
+    def probe(obj, memo=None):
+        if isinstance(obj, nn.Module) and not memo:  # a top-level copy (nested ones share its memo)
+            biggest[0] = max(biggest[0], sum(p.numel() for p in obj.parameters()))
+        return real(obj, memo)
+
+    recipe = grid_recipe("learned", learned=LEARNED, calib_size=8)
+    monkeypatch.setattr(copy, "deepcopy", probe)
+    quantize_blocks(model if not inplace else real(model), recipe, calib(), inplace=inplace)
+    layer_params = _block_params(model)
+    skeleton = total - 2 * layer_params
+    assert biggest[0] <= (layer_params if inplace else max(layer_params, skeleton))
+    biggest[0] = 0
+    postquant.quantize(model, recipe, calib())
+    assert biggest[0] >= total
+
+
+def test_inplace_quantizes_the_given_model() -> None:
+    model = tiny_llama()
+    q = quantize_blocks(model, grid_recipe("rtn"), inplace=True)
+    assert q is model and len(quantized_layers(model)) == 3 * 7
+
+
+def test_errors() -> None:
+    model = tiny_llama()
+    with pytest.raises(UnsupportedModelError, match=r"model\.layers"):
+        quantize_blocks(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)), grid_recipe("rtn"))
+    with pytest.raises(DataError, match="calib"):
+        quantize_blocks(model, grid_recipe("learned", learned=LEARNED))
+    with pytest.raises(RecipeError, match="a_bits"):
+        quantize_blocks(model, grid_recipe("rtn", a_bits=8))
+    with pytest.raises(RecipeError, match="loss"):
+        quantize_blocks(model, grid_recipe("learned", learned={**LEARNED, "loss": "output"}), calib())
