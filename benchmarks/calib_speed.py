@@ -31,7 +31,6 @@ from typing import Any
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported
 
 import torch
-from postquant.files import write_text_atomic
 from postquant.zoo import load_model
 
 import postquant
@@ -40,6 +39,7 @@ from postquant.calib.data import forward_all
 from postquant.model import quantized_layers
 from postquant.plan import make_plan
 from postquant.recipe import Recipe
+from postquant.store.files import write_text_atomic
 
 log = logging.getLogger("calib_speed")
 RESULTS = Path(__file__).parent / "results"

@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from postquant.files import write_text_atomic
 
 import postquant
 from postquant.io import export_compressed_tensors
 from postquant.paths import shared_path
+from postquant.store.files import write_text_atomic
 
 log = logging.getLogger("compressed_tensors_bench")
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from postquant.files import write_text_atomic
+from postquant.store.files import write_text_atomic
 
 log = logging.getLogger("llm_bench")
 

@@ -46,7 +46,7 @@ from postquant.calib import as_calibration
 from postquant.calib.data import run_model
 from postquant.choices import GridKind, PowerSearch
 from postquant.errors import CheckpointError, DataError, RecipeError, UnsupportedModelError
-from postquant.files import write_atomic
+from postquant.eval.run import main_output
 from postquant.model.blocks import Unit
 from postquant.model.hf import no_kv_cache
 from postquant.model.walk import quantized_layers
@@ -54,18 +54,19 @@ from postquant.outcome import QuantizationResult, attach_result
 from postquant.plan import Plan, check_finite, make_plan
 from postquant.progress import progress_bar
 from postquant.recipe import Recipe
-from postquant.reconstruct.cache import Captured, Record, UnitData, _StopForward, capture, first_tensor
+from postquant.reconstruct.cache import Record, UnitData
+from postquant.reconstruct.capture import Captured, _StopForward, capture
 from postquant.reconstruct.checkpoint import (
     CheckpointStore,
     data_fingerprint,
     model_fingerprint,
-    run_key,
     unit_seed,
 )
 from postquant.reconstruct.config import Loss
 from postquant.reconstruct.engine import ReconstructionReport, prepare
 from postquant.reconstruct.loop import UnitOutcome, reconstruct_unit, restore, snapshot
 from postquant.reconstruct.presets import is_learned, learned_config
+from postquant.store.files import fingerprint, write_atomic
 from postquant.weights import quantize_weights
 
 __all__ = ["DECODER_LISTS", "decoder_layers", "quantize_blocks"]
@@ -188,7 +189,7 @@ def _first_inputs(model: nn.Module, first: str, batches: list[Any]) -> list[Capt
 def _run_layer(layer: nn.Module, inputs: list[Captured], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
     """`layer` on each batch's captured arguments with the hidden states replaced by `hidden`."""
     return [
-        first_tensor(layer(h, *c.args[1:], **c.kwargs)).detach() for c, h in zip(inputs, hidden, strict=True)
+        main_output(layer(h, *c.args[1:], **c.kwargs)).detach() for c, h in zip(inputs, hidden, strict=True)
     ]
 
 
@@ -305,7 +306,7 @@ def quantize_blocks(
     units = [Unit(n, (n,), tuple(p for p in plan.weight_layers if p.startswith(n + "."))) for n in names]
     store = None
     if checkpoint_dir is not None:
-        key = run_key(
+        key = fingerprint(
             {
                 "blockwise": recipe.model_dump(
                     mode="json", exclude={"learned": {"checkpoint_dir", "progress"}}
