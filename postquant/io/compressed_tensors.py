@@ -64,6 +64,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from postquant.choices import Granularity, GridKind
@@ -294,7 +295,7 @@ def _float_tensors(qmodel: nn.Module, qlayers: dict[str, QuantizedLayer]) -> dic
 
 def _check_hf_model(qmodel: nn.Module) -> None:
     try:
-        from transformers import PreTrainedModel
+        from transformers import PreTrainedModel  # optional dependency (the hf extra)
     except ImportError:  # then the model cannot be one
         PreTrainedModel = ()
 
@@ -561,8 +562,6 @@ def export_compressed_tensors(
         OutputError: `out_dir` exists (without `overwrite`) or cannot be written.
         ExportMismatchError: transformers' outputs differ from `qmodel`'s beyond `tolerance`; nothing is written.
     """
-    from safetensors.torch import save_file
-
     _check_hf_model(qmodel)
     out_dir = Path(out_dir).expanduser()
     _check_target(out_dir, overwrite)  # before any work; again before the rename

@@ -149,8 +149,8 @@ def transformers_route(qconfig: dict[str, Any]) -> str:
 def _load_consumer(qmodel: nn.Module, directory: Path, route: str, dtype: torch.dtype) -> nn.Module:
     """The export as transformers loads it (CPU), with compressed-tensors, by `route`."""
     try:
-        import compressed_tensors  # noqa: F401
-        from transformers import CompressedTensorsConfig
+        import compressed_tensors  # noqa: F401  (optional dependency, the hf extra: registers the format)
+        from transformers import CompressedTensorsConfig  # optional dependency (extra: hf)
     except ImportError as exc:
         raise ImportError(
             "verifying a compressed-tensors export needs the compressed-tensors package: "

@@ -234,7 +234,7 @@ def export_onnx(
             at `path`; the graph is kept beside it as ``<stem>.rejected.onnx``,
             for inspection).
     """
-    import onnx
+    import onnx  # optional dependency (extra: onnx)
 
     if opset < 13:
         raise UnsupportedModelError(f"opset {opset} has no per-channel DequantizeLinear; use opset >= 13")

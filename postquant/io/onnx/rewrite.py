@@ -32,14 +32,14 @@ log = logging.getLogger(__name__)
 
 
 def _initializer(name: str, array: np.ndarray) -> Any:
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # optional dependency (extra: onnx)
 
     return numpy_helper.from_array(np.require(array, requirements="C"), name)  # keeps 0-d scalars 0-d
 
 
 def _quantize_weight(graph: Any, name: str, wname: str, w: WeightQDQ) -> list[Any]:
     """Replace initializer `wname` by 8-bit codes + DequantizeLinear (+ Add, Reshape) writing the same name."""
-    from onnx import helper
+    from onnx import helper  # optional dependency (extra: onnx)
 
     old = next(i for i in graph.initializer if i.name == wname)
     graph.initializer.remove(old)
@@ -78,7 +78,7 @@ def _quantize_weight(graph: Any, name: str, wname: str, w: WeightQDQ) -> list[An
 
 def _constant(graph: Any, tensor: str) -> np.ndarray | None:
     """The value of `tensor` when it is an initializer or a Constant node's output, else None."""
-    from onnx import numpy_helper
+    from onnx import numpy_helper  # optional dependency (extra: onnx)
 
     for init in graph.initializer:
         if init.name == tensor:
@@ -119,7 +119,7 @@ def _input_site(graph: Any, node: Any) -> Any:
 
 def _quantize_input(graph: Any, name: str, node: Any, act: ActQDQ) -> list[Any]:
     """Q/DQ (after a Clip for < 8 bits) on input 0 of `node`; returns the new nodes, to go before it."""
-    from onnx import helper
+    from onnx import helper  # optional dependency (extra: onnx)
 
     x = node.input[0]
     nodes = []
@@ -161,7 +161,7 @@ def _quantize_gemm_bias(graph: Any, name: str, node: Any, w: WeightQDQ, act: Act
 
     onnxruntime quantizes a Conv's float bias itself when it fuses the Conv; for Gemm it does not.
     """
-    from onnx import helper, numpy_helper
+    from onnx import helper, numpy_helper  # optional dependency (extra: onnx)
 
     if len(node.input) < 3 or not node.input[2]:
         return []

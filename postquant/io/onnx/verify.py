@@ -41,7 +41,7 @@ MIN_TOP1_AGREEMENT = 90.0
 
 def ort_session(path: Path, optimized_path: Path | None = None) -> Any:
     """An onnxruntime CPU session on `path`; with `optimized_path`, the optimized graph is written there."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional dependency (extra: onnx)
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -58,7 +58,7 @@ def count_kernels(path: str | Path) -> dict[str, Any]:
         ``integer_kernels`` (QLinear*, QGemm, MatMulInteger, ConvInteger... nodes), ``float_kernels`` (Conv,
         Gemm, MatMul and their fused forms that still run in float) and ``ops`` (every op type's count).
     """
-    import onnx
+    import onnx  # optional dependency (extra: onnx)
 
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
