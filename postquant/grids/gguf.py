@@ -192,19 +192,16 @@ def _block_error(rows: torch.Tensor, d: torch.Tensor, m: torch.Tensor, fmt: Bloc
     return (w_hat - rows).pow(2).sum(dim=1, keepdim=True)
 
 
-def _candidates(
-    rows: torch.Tensor, fmt: BlockFormat, ratio: float
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(d, m) before fp16 rounding for the range shrunk by `ratio`; llama.cpp's rule at ratio 1 comes first."""
+def _candidates(rows: torch.Tensor, fmt: BlockFormat) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Unshrunk (d, m) per block (G, 1) before fp16 rounding; llama.cpp's rule comes first."""
     zeros = torch.zeros_like(rows[:, :1])
-    if fmt.has_min:  # Q4_1
-        lo = rows.min(dim=1, keepdim=True).values * ratio
-        hi = rows.max(dim=1, keepdim=True).values * ratio
+    if fmt.has_min:  # Q4_1: d = (max - min)/15, m = min
+        lo, hi = rows.min(dim=1, keepdim=True).values, rows.max(dim=1, keepdim=True).values
         return [((hi - lo) / (fmt.qmax - fmt.qmin), lo)]
-    if fmt.qmin == -fmt.qmax:  # Q8_0: symmetric codes
-        return [(rows.abs().amax(dim=1, keepdim=True) * ratio / fmt.qmax, zeros)]
-    # Q4_0: the weight of largest magnitude on the side of -8 (llama.cpp), or on the side of +7
-    peak = rows.gather(1, rows.abs().argmax(dim=1, keepdim=True)) * ratio
+    if fmt.qmin == -fmt.qmax:  # Q8_0: symmetric codes, d = max|w|/127
+        return [(rows.abs().amax(dim=1, keepdim=True) / fmt.qmax, zeros)]
+    # Q4_0: the weight of largest magnitude on the code -8 (llama.cpp), or on +7 (the other sign of d)
+    peak = rows.gather(1, rows.abs().argmax(dim=1, keepdim=True))
     return [(peak / fmt.qmin, zeros), (peak / fmt.qmax, zeros)]
 
 
@@ -245,7 +242,8 @@ def fit_gguf_grid(
         if range_method is RangeMethod.MSE
         else [1.0]
     )
-    fits = [(fp16_scale(d), to_fp16(m)) for ratio in ratios for d, m in _candidates(rows, fmt, ratio)]
+    base = _candidates(rows, fmt)
+    fits = [(fp16_scale(d * r), to_fp16(m * r)) for r in ratios for d, m in base]
     best_d, best_m = fits[0]  # llama.cpp's rule
     if range_method is RangeMethod.MSE:
         best_err = _block_error(rows, best_d, best_m, fmt)

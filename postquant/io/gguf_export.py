@@ -166,8 +166,10 @@ def rotary_row_order(rows: int, n_head: int) -> torch.Tensor:
     return torch.arange(rows).reshape(n_head, 2, dim).transpose(1, 2).reshape(rows)
 
 
-def _quantized_tensor(name: str, layer: QuantizedLayer, order: torch.Tensor | None) -> _Tensor:
-    grid = _layer_grid(name, layer)
+def _quantized_tensor(
+    name: str, layer_name: str, layer: QuantizedLayer, order: torch.Tensor | None
+) -> _Tensor:
+    grid = _layer_grid(layer_name, layer)
     fmt = grid.format
     codes = layer.codes.detach().cpu().to(torch.int32)  # (OC, IC)
     out_ch = codes.shape[0]
@@ -245,7 +247,7 @@ def _named_tensor(
     elif gguf_name.endswith("attn_k.weight"):
         order = rotary_row_order(rows, n_kv)
     if layer is not None:
-        return _quantized_tensor(gguf_name, layer, order)
+        return _quantized_tensor(gguf_name, key.removesuffix(".weight"), layer, order)
     assert value is not None
     if value.dim() == 1:  # norms
         return _float_tensor(gguf_name, value, FloatType.F32, None)
