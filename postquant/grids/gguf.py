@@ -187,9 +187,13 @@ class GGUFGrid(IntegerCodes):
 
 def _block_error(rows: torch.Tensor, d: torch.Tensor, m: torch.Tensor, fmt: BlockFormat) -> torch.Tensor:
     """Per-block squared error (G, 1) of nearest rounding with fp16 scale `d` and minimum `m` (G, 1)."""
-    q = torch.round((rows - m) / d - fmt.zero_point).clamp(fmt.qmin, fmt.qmax)
-    w_hat = d * (q + fmt.zero_point) + m
-    return (w_hat - rows).pow(2).sum(dim=1, keepdim=True)
+    if fmt.has_min:
+        centred = rows - m  # (G, 32)
+        q = torch.round(centred / d - fmt.zero_point).clamp_(fmt.qmin, fmt.qmax).add_(fmt.zero_point)
+    else:
+        centred = rows
+        q = torch.round(rows / d).clamp_(fmt.qmin, fmt.qmax)
+    return (q.mul_(d).sub_(centred)).pow_(2).sum(dim=1, keepdim=True)
 
 
 def _candidates(rows: torch.Tensor, fmt: BlockFormat) -> list[tuple[torch.Tensor, torch.Tensor]]:

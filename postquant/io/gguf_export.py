@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from postquant.choices import GridKind
 from postquant.errors import OutputError, RecipeError, UnsupportedModelError
 from postquant.files import write_atomic
-from postquant.grids.gguf import FORMATS, GGUFGrid
+from postquant.grids.gguf import FORMATS, GGUFGrid, gguf_grid_kind
 from postquant.io.gguf_blocks import pack_blocks
 from postquant.model import quantized_layers
 from postquant.nn import QuantizedLayer
@@ -128,6 +129,20 @@ def _check_target(out_path: Path, overwrite: bool) -> None:
         raise OutputError(f"{out_path} exists; pass overwrite=True (CLI --overwrite) to replace it")
     if not out_path.parent.is_dir():
         raise OutputError(f"the folder {out_path.parent} does not exist; create it first")
+
+
+def _check_type(qmodel: nn.Module, kind: GridKind) -> None:
+    """Raise a `RecipeError` naming the quantized layers that are not of GGUF grid `kind`."""
+    other = {n: layer.grid_config["kind"] for n, layer in quantized_layers(qmodel).items()}
+    other = {n: k for n, k in other.items() if k != kind.value}
+    if other:
+        shown = ", ".join(f"{n} ({k})" for n, k in list(other.items())[:4]) + (
+            ", ..." if len(other) > 4 else ""
+        )
+        raise RecipeError(
+            f"{len(other)} layers are not {FORMATS[kind].ggml_name}: {shown}; quantize with grid: {kind.value} "
+            "and no other w_bits per layer, or export without a type to keep the mix (llama.cpp runs it)"
+        )
 
 
 def _layer_grid(name: str, layer: QuantizedLayer) -> GGUFGrid:
@@ -436,6 +451,7 @@ def export_gguf(
     float_type: FloatType | str = FloatType.F16,
     embedding_type: FloatType | str = FloatType.F16,
     verify: bool = True,
+    expect_type: str | None = None,
 ) -> GGUFExport:
     """Write a Llama causal LM quantized on GGUF grids (or a float one) as a GGUF file for llama.cpp.
 
@@ -450,6 +466,8 @@ def export_gguf(
         embedding_type: the token embedding: ``f16``, ``f32`` or ``q8_0`` (llama.cpp's reference Q8_0).
         verify: read the file back and check every tensor equals postquant's weights exactly before
             renaming it into place (`verify_gguf`).
+        expect_type: the GGUF type the quantized layers must have (``q4_0``, ``q4_1``, ``q8_0``; the CLI's
+            ``--type``): a `RecipeError` names the layers of another type. None: whatever they are.
 
     Returns:
         A `GGUFExport`: the path, each tensor's GGML type, the file size and the verification count.
@@ -458,6 +476,7 @@ def export_gguf(
         UnsupportedModelError: not a supported Llama, a layer on a grid llama.cpp cannot store exactly, input
             quantizers or biases.
         OutputError: `out_path` exists (without `overwrite`), is a folder, or its folder is missing.
+        RecipeError: `expect_type` is not a supported type, or layers have another one.
         GGUFMismatchError: the file read back differs (nothing is written then).
     """
     start = time.perf_counter()
@@ -471,6 +490,8 @@ def export_gguf(
     float_type, embedding_type = FloatType(float_type), FloatType(embedding_type)
     config = _check_model(qmodel)
     _check_target(out_path, overwrite)
+    if expect_type is not None:
+        _check_type(qmodel, gguf_grid_kind(expect_type))
     hparams = _hparams(config)
     copied = _source_fields(Path(source_gguf), hparams) if source_gguf is not None else []
     if source_gguf is None:

@@ -244,3 +244,19 @@ def test_an_interrupted_export_leaves_nothing(llama, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         export_gguf(llama, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_expected_type_is_checked_and_unknown_types_list_the_supported(llama, tokens, tmp_path):
+    from postquant.errors import RecipeError
+
+    recipe = {"grid": "gguf-q4_0", "ignore": ["lm_head"], "overrides": {"re:.*down_proj": {"w_bits": 8}}}
+    qmodel = postquant.quantize(llama, recipe, example_inputs=tokens)
+    with pytest.raises(
+        RecipeError, match=r"2 layers are not Q4_0: model.layers.0.mlp.down_proj \(gguf-q8_0\)"
+    ):
+        export_gguf(qmodel, tmp_path / "m.gguf", expect_type="q4_0")
+    with pytest.raises(RecipeError, match="supported: Q8_0, Q4_0, Q4_1"):
+        export_gguf(qmodel, tmp_path / "m.gguf", expect_type="q4_k")
+    result = export_gguf(qmodel, tmp_path / "m.gguf")  # mixed Q4_0 / Q8_0, as llama.cpp allows
+    assert result.tensor_types["blk.0.ffn_down.weight"] == "Q8_0"
+    assert result.tensor_types["blk.0.ffn_up.weight"] == "Q4_0" and result.file_type == "MOSTLY_Q4_0"
