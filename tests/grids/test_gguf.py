@@ -169,3 +169,17 @@ def test_every_method_puts_layers_on_the_format(kind, method):
         assert isinstance(grid, GGUFGrid)
         assert torch.equal(layer.weight, grid.dequantize(layer.codes.to(torch.int32)))
         assert grid.qmin <= int(layer.codes.min()) and int(layer.codes.max()) <= grid.qmax
+
+
+def test_a_saved_checkpoint_keeps_the_format_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    x = torch.randn(16, 64)
+    recipe = {"grid": "gguf-q4_1", "method": "squant", "w_range": "mse"}
+    qmodel = postquant.quantize(model, recipe, example_inputs=x)
+    postquant.save(qmodel, tmp_path / "ckpt")
+    loaded = postquant.load(tmp_path / "ckpt", model)
+    for name, layer in quantized_layers(loaded).items():
+        assert isinstance(layer.grid, GGUFGrid) and layer.grid.kind is GridKind.GGUF_Q4_1
+        assert torch.equal(layer.weight, quantized_layers(qmodel)[name].weight)
+    assert torch.equal(loaded(x), qmodel(x))
