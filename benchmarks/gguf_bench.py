@@ -250,6 +250,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _total_s(rows: dict[str, Any]) -> float:
+    return sum(r.get("make_s", 0) + r.get("eval_s", 0) for r in rows.values())
+
+
 def markdown(table: dict[str, Any]) -> str:
     s, rows = table["settings"], table["rows"]
     ref = rows.get("f32", {}).get("ppl")
@@ -263,8 +267,8 @@ def markdown(table: dict[str, Any]) -> str:
         "token embedding Q8_0 by llama.cpp's reference quantizer (the tied output), norms F32. postquant's "
         "files were read back with `gguf` and matched postquant's weights bit for bit (`verified`).",
         "",
-        "| row | how | llama.cpp perplexity | vs f32 | file MB | tensor types | verified | make s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | how | llama.cpp perplexity | vs f32 | file MB | tensor types | verified | make s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     how = {
         "f32": "float weights (SmolLM2's Q4_1 dequantized), F32",
@@ -289,7 +293,7 @@ def markdown(table: dict[str, Any]) -> str:
         ppl_s = f"{ppl:.3f}" if ppl is not None else "(pending)"
         lines.append(
             f"| {name} | {how[name]} | {ppl_s} | {delta} | {r['bytes'] / 1e6:.1f} | {types} | {verified} | "
-            f"{r.get('make_s', '')} |"
+            f"{r.get('make_s', '')} | {r.get('eval_s', '')} |"
         )
     agree = table.get("agreement")
     if agree:
@@ -304,8 +308,9 @@ def markdown(table: dict[str, Any]) -> str:
     lines += [
         "",
         f"Settings: {s}. Machine: {table.get('machine')}; load averages at the start "
-        f"{table.get('load_start')}, at the end {table.get('load_end')}; total {table.get('seconds', 0):.0f} s "
-        "(this run's rows only). Date: " + str(table.get("date")),
+        f"{table.get('load_start')}, at the end {table.get('load_end')} (2 cores shared with other jobs: times "
+        f"are slow and noisy); rows made and evaluated in {_total_s(rows):.0f} s, plus loading the model "
+        f"(~2 min per run). Date: {table.get('date')}",
         "",
         "Caveat: SmolLM2's published weights already lie on a Q4_1 grid with blocks of 32 (the `q4_1-rtn` row "
         "reproduces them), which makes Q4_1 lossless; the comparison is on Q4_0, whose grid differs.",
@@ -343,9 +348,14 @@ def main() -> None:
         raise SystemExit(f"{json_path} holds rows with settings {table['settings']}; delete it or pass them")
     args.work.mkdir(parents=True, exist_ok=True)
     try:
-        table["llama_cpp_version"] = importlib.metadata.version("llama-cpp-python")
-    except importlib.metadata.PackageNotFoundError:
-        table["llama_cpp_version"] = None
+        import llama_cpp
+
+        table["llama_cpp_version"] = llama_cpp.__version__
+    except ImportError:
+        if not args.no_eval:
+            raise SystemExit(
+                "needs llama.cpp: pip install -c /work/constraints.txt llama-cpp-python"
+            ) from None
     table["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     table["load_start"] = [round(x, 1) for x in os.getloadavg()]
     table["date"] = datetime.date.today().isoformat()

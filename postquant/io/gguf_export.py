@@ -60,6 +60,14 @@ class FloatType(enum.StrEnum):
     Q8_0 = "q8_0"  # llama.cpp's reference Q8_0 (token embedding only)
 
 
+def _float_type(value: FloatType | str) -> FloatType:
+    try:
+        return FloatType(value)
+    except ValueError:
+        known = ", ".join(t.value for t in FloatType)
+        raise RecipeError(f"unknown GGUF float type {value!r}; known: {known}") from None
+
+
 @dataclass
 class GGUFExport:
     """What `export_gguf` wrote: the file, each tensor's GGML type, its size and the verification."""
@@ -191,7 +199,7 @@ def _quantized_tensor(
     blocks = codes.reshape(-1, 32)  # (OC*IC/32, 32), one grid row per block
     scale = grid.scale.detach().cpu().reshape(out_ch, -1)  # (OC, IC/32)
     offset = grid.offset.detach().cpu().reshape(out_ch, -1)
-    expected = grid.dequantize(layer.codes.to(torch.int32)).detach().cpu()  # (OC, IC) float32
+    expected = layer.weight.detach().cpu().float()  # (OC, IC): the weight postquant's model computes with
     packed = pack_blocks(blocks, scale.reshape(-1), offset.reshape(-1), fmt.kind).reshape(out_ch, -1)
     if order is not None:
         packed, expected = packed[order.numpy()], expected[order]
@@ -268,10 +276,6 @@ def _named_tensor(
         return _float_tensor(gguf_name, value, FloatType.F32, None)
     if gguf_name == "token_embd.weight":
         return _float_tensor(gguf_name, value, embedding_type, None)
-    if float_type is FloatType.Q8_0:
-        raise RecipeError(
-            "float_type q8_0 would re-quantize float layers by llama.cpp's rule; use f16 or f32"
-        )
     return _float_tensor(gguf_name, value, float_type, order)
 
 
@@ -487,7 +491,12 @@ def export_gguf(
             "GGUF export needs the gguf package: pip install 'postquant[gguf]' (or pip install gguf)"
         ) from None
     out_path = Path(out_path)
-    float_type, embedding_type = FloatType(float_type), FloatType(embedding_type)
+    float_type, embedding_type = _float_type(float_type), _float_type(embedding_type)
+    if float_type is FloatType.Q8_0:
+        raise RecipeError(
+            "float_type q8_0 would quantize the float Linears by llama.cpp's rule, not postquant's: quantize "
+            "them with grid: gguf-q8_0 (or w_bits: 8 per layer), or use float_type f16 or f32"
+        )
     config = _check_model(qmodel)
     _check_target(out_path, overwrite)
     if expect_type is not None:

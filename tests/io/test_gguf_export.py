@@ -260,3 +260,13 @@ def test_an_expected_type_is_checked_and_unknown_types_list_the_supported(llama,
     result = export_gguf(qmodel, tmp_path / "m.gguf")  # mixed Q4_0 / Q8_0, as llama.cpp allows
     assert result.tensor_types["blk.0.ffn_down.weight"] == "Q8_0"
     assert result.tensor_types["blk.0.ffn_up.weight"] == "Q4_0" and result.file_type == "MOSTLY_Q4_0"
+
+
+def test_bad_float_types_are_typed_errors(llama, tmp_path):
+    from postquant.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="known: f32, f16, q8_0"):
+        export_gguf(llama, tmp_path / "m.gguf", embedding_type="bf16")
+    with pytest.raises(RecipeError, match="grid: gguf-q8_0"):
+        export_gguf(llama, tmp_path / "m.gguf", float_type="q8_0")
+    assert list(tmp_path.iterdir()) == []
