@@ -57,6 +57,14 @@ class GridKind(enum.StrEnum):
 
     UNIFORM = "uniform"  # affine integer grid
     POWER = "power"  # uniform grid on sign(w)|w/m|^a (PowerQuant-style)
+    GGUF_Q4_0 = "gguf-q4_0"  # llama.cpp's Q4_0: blocks of 32 inputs, fp16 scale, w = d*q, q in [-8, 7]
+    GGUF_Q4_1 = "gguf-q4_1"  # llama.cpp's Q4_1: blocks of 32 inputs, fp16 scale and minimum, w = d*(q+8) + m
+    GGUF_Q8_0 = "gguf-q8_0"  # llama.cpp's Q8_0: blocks of 32 inputs, fp16 scale, w = d*q, q in [-127, 127]
+
+    @property
+    def is_gguf(self) -> bool:
+        """Whether the grid is one of llama.cpp's block formats (`postquant.grids.gguf`)."""
+        return self.value.startswith("gguf-")
 
 
 class PowerSearch(enum.StrEnum):

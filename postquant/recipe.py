@@ -23,6 +23,8 @@ from postquant.calib.observers import Observer
 from postquant.choices import Method, PowerSearch
 from postquant.errors import OutputError, RecipeError, unknown_name
 from postquant.grids import Granularity, Grid, GridKind, RangeMethod, fit_grid
+from postquant.grids.gguf import BLOCK as GGUF_BLOCK
+from postquant.grids.gguf import block_format
 from postquant.mixed.config import MixedConfig
 from postquant.reconstruct.config import LearnedConfig
 from postquant.reconstruct.presets import resolve_learned
@@ -65,7 +67,10 @@ class Recipe(BaseModel):
     symmetric: bool = False
     w_range: RangeMethod = Field(default=RangeMethod.MINMAX, description="weight range: minmax or mse search")
     grid: GridKind = Field(
-        default=GridKind.UNIFORM, description="weight grid: uniform or power (docs/algorithms.md 1.2)"
+        default=GridKind.UNIFORM,
+        description="weight grid: uniform, power (docs/algorithms.md 1.2), or one of llama.cpp's block formats "
+        "gguf-q4_0, gguf-q4_1, gguf-q8_0 (blocks of 32 inputs with fp16 scales; they fix w_bits, granularity, "
+        "group_size and symmetric)",
     )
     power_exponent: float | None = Field(
         default=None,
@@ -105,6 +110,45 @@ class Recipe(BaseModel):
     @classmethod
     def _learned_preset(cls, data: Any) -> Any:
         return resolve_learned(data)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gguf_fields(cls, data: Any) -> Any:
+        """A GGUF grid fills the fields its format fixes (bits, blocks of 32 inputs, symmetry) when not given."""
+        if not isinstance(data, dict):
+            return data
+        try:
+            kind = GridKind(data.get("grid", GridKind.UNIFORM))
+        except ValueError:
+            return data  # the field's own validation names the bad value
+        if not kind.is_gguf:
+            return data
+        return {**_gguf_fixed(kind), **data}
+
+    @model_validator(mode="after")
+    def _gguf_fixes_the_grid(self) -> Recipe:
+        if not self.grid.is_gguf:
+            return self
+        fmt = block_format(self.grid)
+        fixed = _gguf_fixed(self.grid)
+        clash = [
+            f"{k}: {getattr(v, 'value', v)}"
+            for k, v in fixed.items()
+            if (k == "w_bits" or k in self.model_fields_set) and getattr(self, k) != v
+        ]
+        if clash:
+            raise ValueError(
+                f"grid {self.grid.value} is llama.cpp's {fmt.ggml_name}: {fmt.bits}-bit codes in blocks of "
+                f"{GGUF_BLOCK} inputs, {'asymmetric' if fmt.has_min else 'symmetric'}; set "
+                f"{', '.join(clash)} (or leave them out)"
+            )
+        bad = [p for p, o in self.overrides.items() if o.w_bits not in (None, 4, 8)]
+        if bad:
+            raise ValueError(
+                f"grid {self.grid.value}: the overrides {', '.join(repr(p) for p in bad)} ask for a bit width "
+                "llama.cpp's Q4_0/Q4_1/Q8_0 do not have; use w_bits 4, 8 or null (float)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _exponent_needs_power_grid(self) -> Recipe:
@@ -193,6 +237,17 @@ class Recipe(BaseModel):
             except OSError as exc:
                 raise OutputError(f"cannot write the recipe to {path}: {exc.strerror}") from exc
         return text
+
+
+def _gguf_fixed(kind: GridKind) -> dict[str, Any]:
+    """The recipe fields a GGUF grid's format fixes."""
+    fmt = block_format(kind)
+    return {
+        "w_bits": fmt.bits,
+        "granularity": Granularity.GROUP,
+        "group_size": GGUF_BLOCK,
+        "symmetric": not fmt.has_min,
+    }
 
 
 def _check_pattern(pattern: str) -> None:

@@ -9,10 +9,11 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from postquant.choices import GridKind
 from postquant.errors import RecipeError
+from postquant.grids.gguf import GGUFGrid, fit_gguf_grid, gguf_kind_for_bits
 from postquant.grids.power import PowerGrid, fit_power_grid
 from postquant.grids.uniform import Granularity, RangeMethod, UniformGrid, fit_uniform_grid
 
-Grid = UniformGrid | PowerGrid
+Grid = UniformGrid | PowerGrid | GGUFGrid
 """Any weight grid: ``to_int``, ``dequantize``, ``nearest``, ``clamp``, ``with_inv_scale``, ``qmin``/``qmax``,
 ``bits``, ``granularity``, ``group_size``, ``inv_scale`` and ``zero_point`` (G, 1)."""
 
@@ -29,13 +30,18 @@ def fit_grid(
     range_method: RangeMethod | str = RangeMethod.MINMAX,
     group_size: int = 128,
 ) -> Grid:
-    """Fit a grid of `kind` to weight `w` (`fit_uniform_grid` or `fit_power_grid`, same options).
+    """Fit a grid of `kind` to weight `w` (`fit_uniform_grid`, `fit_power_grid` or `fit_gguf_grid`).
 
     `power_exponent` is the power grid's exponent (None: searched per layer, on the weight error weighted
     by `importance` if given, e.g. `postquant.calib.moments.input_moments`); a uniform grid ignores both.
+    A GGUF kind fixes the granularity (blocks of 32 inputs) and the symmetry; `bits` picks the format
+    (`gguf_kind_for_bits`: the kind's own width, or Q8_0 at 8 bits, Q4_0 at 4).
     """
+    kind = GridKind(kind)
+    if kind.is_gguf:
+        return fit_gguf_grid(w, gguf_kind_for_bits(kind, bits), range_method)
     common = {"symmetric": symmetric, "range_method": range_method, "group_size": group_size}
-    if GridKind(kind) is GridKind.POWER:
+    if kind is GridKind.POWER:
         return fit_power_grid(  # type: ignore[arg-type]
             w, bits, granularity, exponent=power_exponent, importance=importance, **common
         )
@@ -69,11 +75,16 @@ class GridConfig(BaseModel):
 
 def grid_state(grid: Grid) -> tuple[GridConfig, dict[str, torch.Tensor]]:
     """Split a grid into its config and its tensors (for saving and for module buffers)."""
-    kind = GridKind.POWER if isinstance(grid, PowerGrid) else GridKind.UNIFORM
+    if isinstance(grid, GGUFGrid):
+        kind = grid.kind
+    else:
+        kind = GridKind.POWER if isinstance(grid, PowerGrid) else GridKind.UNIFORM
     config = GridConfig(kind=kind, bits=grid.bits, granularity=grid.granularity, group_size=grid.group_size)
     tensors = {"inv_scale": grid.inv_scale, "zero_point": grid.zero_point}
     if isinstance(grid, PowerGrid):
         tensors |= {"max_abs": grid.max_abs, "exponent": grid.exponent}
+    if isinstance(grid, GGUFGrid):
+        tensors["offset"] = grid.offset
     return config, tensors
 
 
@@ -84,6 +95,10 @@ def grid_from_state(config: GridConfig, tensors: dict[str, torch.Tensor]) -> Gri
         RecipeError: a tensor the grid's kind needs is missing.
     """
     try:
+        if config.kind.is_gguf:
+            return GGUFGrid(
+                tensors["inv_scale"], tensors["zero_point"], tensors["offset"], config.kind, config.bits
+            )
         if config.kind is GridKind.POWER:
             return PowerGrid(
                 tensors["inv_scale"],
