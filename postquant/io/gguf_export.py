@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,7 +219,7 @@ def _float_tensor(name: str, weight: torch.Tensor, kind: FloatType, order: torch
             raise UnsupportedModelError(f"{name} holds values beyond fp16's range; export it as f32")
         half = values.astype(np.float16)
         return _Tensor(name, np.ascontiguousarray(half), "F16", half.astype(np.float32))
-    from gguf import GGMLQuantizationType, quants
+    from gguf import GGMLQuantizationType, quants  # optional dependency (extra: gguf)
 
     if values.ndim != 2 or values.shape[1] % 32:
         raise UnsupportedModelError(f"{name} of shape {values.shape} cannot be stored as Q8_0 (rows of 32)")
@@ -230,7 +231,7 @@ def _collect_tensors(
     qmodel: nn.Module, config: Any, float_type: FloatType, embedding_type: FloatType
 ) -> list[_Tensor]:
     """Every tensor of the GGUF file, in the model's order, named as llama.cpp names them."""
-    import gguf
+    import gguf  # optional dependency (extra: gguf)
 
     n_blocks = int(config.num_hidden_layers)
     n_head, n_kv = int(config.num_attention_heads), int(config.num_key_value_heads)
@@ -287,7 +288,7 @@ def _float_state(qmodel: nn.Module, qnames: list[str]) -> dict[str, torch.Tensor
 
 def _weight_order(qmodel: nn.Module) -> list[str]:
     """llama.cpp names of the model's weights in registration order (the file's tensor order)."""
-    import gguf
+    import gguf  # optional dependency (extra: gguf)
 
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, int(qmodel.config.num_hidden_layers))
     keys = [
@@ -335,7 +336,7 @@ def _hparams(config: Any) -> dict[str, tuple[Any, str]]:
 
 def _source_fields(source_gguf: Path, hparams: dict[str, tuple[Any, str]]) -> list[tuple[str, Any, Any, Any]]:
     """The source GGUF's tokenizer and general metadata, after checking it describes the same model."""
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFReader, GGUFValueType  # optional dependency (extra: gguf)
 
     if not source_gguf.is_file():
         raise OutputError(f"source GGUF {source_gguf} does not exist")
@@ -369,7 +370,6 @@ def _source_fields(source_gguf: Path, hparams: dict[str, tuple[Any, str]]) -> li
 
 def _file_type(tensors: list[_Tensor]) -> str:
     """general.file_type: the type of most quantized weights (by bytes), else all F32 / mostly F16."""
-    from collections import Counter
 
     weights = Counter({t.ggml_type: 0 for t in tensors})
     for t in tensors:
@@ -391,7 +391,7 @@ def _write(
     copied: list[tuple[str, Any, Any, Any]],
     file_type: str,
 ) -> None:
-    import gguf
+    import gguf  # optional dependency (extra: gguf)
 
     writer = gguf.GGUFWriter(path, "llama")
     try:
@@ -424,7 +424,7 @@ def verify_gguf(path: str | Path, tensors: dict[str, np.ndarray]) -> int:
     Raises:
         GGUFMismatchError: a tensor is missing, extra, of another shape, or differs in any value.
     """
-    from gguf import GGUFReader, quants
+    from gguf import GGUFReader, quants  # optional dependency (extra: gguf)
 
     reader = GGUFReader(path)
     seen = set()

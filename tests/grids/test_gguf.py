@@ -121,7 +121,7 @@ def test_state_round_trip_and_bits_pick_the_format():
         grid = fit_grid(w, FORMATS[kind].bits, kind)
         config, tensors = grid_state(grid)
         back = grid_from_state(config, tensors)
-        assert isinstance(back, GGUFGrid) and back.kind is kind and config["kind"] == kind.value
+        assert isinstance(back, GGUFGrid) and back.kind is kind and config.kind.value == kind.value
         assert torch.equal(back.dequantize(grid.nearest(w)), grid.dequantize(grid.nearest(w)))
     assert gguf_kind_for_bits(GridKind.GGUF_Q4_1, 8) is GridKind.GGUF_Q8_0
     assert gguf_kind_for_bits(GridKind.GGUF_Q8_0, 4) is GridKind.GGUF_Q4_0

@@ -205,7 +205,7 @@ def test_state_errors():
     config, tensors = grid_state(fit_power_grid(torch.randn(4, 8), 4, exponent=0.5))
     with pytest.raises(RecipeError, match="max_abs"):
         grid_from_state(config, {k: v for k, v in tensors.items() if k != "max_abs"})
-    with pytest.raises(ValueError, match=r"unknown grid kind 'lloyd' \(known: uniform, power\)"):
+    with pytest.raises(ValueError, match=r"unknown grid kind 'lloyd' \(known: uniform, power, gguf-q4_0"):
         GridConfig.model_validate({**config.model_dump(), "kind": "lloyd"})
 
 
