@@ -270,3 +270,26 @@ def test_bad_float_types_are_typed_errors(llama, tmp_path):
     with pytest.raises(RecipeError, match="grid: gguf-q8_0"):
         export_gguf(llama, tmp_path / "m.gguf", float_type="q8_0")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", [*PRESETS, None], ids=[*PRESETS, "float"])
+def test_llama_cpp_computes_our_logits(llama, tokens, preset, tmp_path):
+    """llama.cpp itself (llama-cpp-python, which compiles llama.cpp on install) runs the exported file: its logits
+    are postquant's up to llama.cpp's 8-bit rounding of activations in quantized matmuls."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    qmodel = postquant.quantize(llama, {"grid": preset}, example_inputs=tokens) if preset else llama
+    export_gguf(qmodel, tmp_path / "m.gguf", float_type="f32", embedding_type="f32")
+    llm = llama_cpp.Llama(
+        str(tmp_path / "m.gguf"), n_ctx=64, n_batch=64, logits_all=True, n_threads=1, verbose=False
+    )
+    try:
+        llm.eval(tokens[0].tolist())
+        theirs = np.asarray(llm.scores[: tokens.shape[1]])
+    finally:
+        llm.close()
+    with torch.no_grad():
+        ours = qmodel(tokens[:1]).logits[0].numpy()
+    tolerance = (0.05 if preset else 0.002) * ours.std()  # measured: 0.022 (Q4_0) and 0.0007 (float) x std
+    assert np.abs(ours - theirs).max() < tolerance
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.9
