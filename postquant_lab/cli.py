@@ -639,6 +639,39 @@ def _text_windows(source: Path, text_file: Path, n: int, length: int) -> list[An
     return [torch.tensor(ids[i * length : (i + 1) * length]).unsqueeze(0) for i in range(count)]
 
 
+@export_app.command("gguf")
+def export_gguf_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="directory written by `postquant quantize ... --out DIR`")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="the .gguf file to write")],
+    type_: Annotated[
+        str | None,
+        typer.Option("--type", help="the GGUF type the quantized layers must have: q4_0, q4_1 or q8_0"),
+    ] = None,
+    source_gguf: Annotated[
+        Path | None, typer.Option(help="a GGUF of the same model: its tokenizer and metadata are copied")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing file")] = False,
+    trust_code: Annotated[bool, typer.Option(help=TRUST_CODE_HELP)] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Export a saved Llama quantized on a GGUF grid (grid: gguf-q4_0 | gguf-q4_1 | gguf-q8_0) for llama.cpp;
+    the file is read back and checked against postquant's weights before it is renamed into place."""
+    _setup_logging(verbose)
+    try:
+        from postquant.io import export_gguf
+
+        qmodel, _ = _load_run(run_dir, trust_code)
+        done = export_gguf(
+            qmodel, output, source_gguf=source_gguf, overwrite=overwrite, expect_type=type_, verify=True
+        )
+        out_console.print(
+            f"wrote {output} ({done.file_bytes / 1e6:.2f} MB, {done.file_type}); "
+            f"{done.verified_tensors} tensors read back equal to postquant's"
+        )
+    except PostquantError as exc:
+        _fail(exc, verbose)
+
+
 @app.command("report")
 def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="directory written by `postquant quantize ... --out DIR`")],

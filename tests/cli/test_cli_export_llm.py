@@ -1,4 +1,4 @@
-"""`postquant export compressed-tensors`: a saved run becomes a directory transformers loads."""
+"""`postquant export compressed-tensors` and `export gguf`: a saved run becomes what transformers and llama.cpp load."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_a_saved_run_exports_and_transformers_loads_it(tmp_path):
     recipe = {"w_bits": 4, "granularity": "group", "group_size": 32, "symmetric": True, "ignore": ["lm_head"]}
     ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
     qmodel = postquant.quantize(tiny_llama(), recipe, calib=[ids])
-    postquant.save(qmodel, tmp_path / "run", model_name="tests.cli.test_cli_export_ct:tiny_llama")
+    postquant.save(qmodel, tmp_path / "run", model_name="tests.cli.test_cli_export_llm:tiny_llama")
     out = tmp_path / "ct"
     args = ["export", "compressed-tensors", str(tmp_path / "run"), "-o", str(out)]
     refused = CliRunner().invoke(app, args)
@@ -53,3 +53,20 @@ def test_a_saved_run_exports_and_transformers_loads_it(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, qmodel(ids).logits, rtol=1e-4, atol=1e-4)
     again = CliRunner().invoke(app, [*args, "--trust-code"])
     assert again.exit_code != 0 and "overwrite" in again.output.lower()
+
+
+def test_a_saved_gguf_grid_run_exports_for_llama_cpp(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    qmodel = postquant.quantize(
+        tiny_llama(), {"grid": "gguf-q4_0", "w_bits": 4, "ignore": ["lm_head"]}, calib=[ids]
+    )
+    postquant.save(qmodel, tmp_path / "run", model_name="tests.cli.test_cli_export_llm:tiny_llama")
+    out = tmp_path / "m.gguf"
+    base = ["export", "gguf", str(tmp_path / "run"), "-o", str(out), "--trust-code"]
+    wrong = CliRunner().invoke(app, [*base, "--type", "q8_0"])
+    assert wrong.exit_code == 2 and not out.exists()  # the layers are Q4_0: a typed error, no file
+    done = CliRunner().invoke(app, [*base, "--type", "q4_0"])
+    assert done.exit_code == 0, done.output
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_0"
