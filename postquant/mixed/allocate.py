@@ -19,7 +19,6 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from postquant.errors import BudgetError, RecipeError
 from postquant.mixed.size import codes_bytes
@@ -97,6 +96,12 @@ def _solve_dp(cost: np.ndarray, extra: np.ndarray, cells: int) -> np.ndarray:
 
 def _solve_milp(cost: np.ndarray, extra: np.ndarray, room: int) -> np.ndarray:
     """The same problem as a 0/1 integer program (one binary per layer and choice), solved by HiGHS."""
+    from scipy.optimize import (  # heavy (~300 modules): only this solver uses it
+        Bounds,
+        LinearConstraint,
+        milp,
+    )
+
     n_layers, n_choices = cost.shape
     allowed = np.isfinite(cost)
     finite = np.where(allowed, cost, 0.0)
