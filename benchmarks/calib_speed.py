@@ -31,7 +31,6 @@ from typing import Any
 os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported
 
 import torch
-from postquant.zoo import load_model
 
 import postquant
 from postquant.calib.act_ranges import bn_noise_ranges, calibrate_from_data
@@ -40,6 +39,7 @@ from postquant.model import quantized_layers
 from postquant.plan import make_plan
 from postquant.recipe import Recipe
 from postquant.store.files import write_text_atomic
+from postquant_lab.zoo import load_model
 
 log = logging.getLogger("calib_speed")
 RESULTS = Path(__file__).parent / "results"
