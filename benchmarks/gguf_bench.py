@@ -47,8 +47,7 @@ import torch
 import postquant
 from postquant.io.gguf_export import export_gguf
 from postquant.paths import shared_path
-from postquant.store.claims import read_json, replace_json
-from postquant.store.files import write_text_atomic
+from postquant.store.files import read_json, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("gguf_bench")
 
@@ -363,7 +362,7 @@ def main() -> None:
     def save() -> None:
         table["load_end"] = [round(x, 1) for x in os.getloadavg()]
         table["seconds"] = time.perf_counter() - start
-        replace_json(json_path, table)
+        write_json_atomic(json_path, table)
         write_text_atomic(args.out, markdown(table))
 
     source = source_gguf()
