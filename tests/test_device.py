@@ -167,7 +167,7 @@ def test_evaluation_and_fidelity_run_on_the_models_device(device):
     fid = fidelity(model, q, list(x.split(16)))  # CPU batches, models on the device
     assert fid["top1_agreement"] > 50 and fid["sqnr_db"] > 5
     data = EvalBatches("classification", 32, [(x[:16], labels[:16]), (x[16:], labels[16:])])
-    result = evaluate(model, SimpleNamespace(name="tiny"), progress=False, data=data)
+    result = evaluate(model, SimpleNamespace(name="tiny", task="classification"), progress=False, data=data)
     assert result.value == 100.0 and result.n == 32
 
 
@@ -195,7 +195,7 @@ def test_tokenized_batches_and_sentence_similarity_on_the_models_device(device):
     assert_on(q, device)
     pairs = [(SimpleNamespace(first=batch, second=dict(batch)), torch.linspace(0, 5, 8))]
     data = EvalBatches("sts", 8, pairs)
-    result = evaluate(q, SimpleNamespace(name="tiny"), progress=False, data=data)
+    result = evaluate(q, SimpleNamespace(name="tiny", task="sts"), progress=False, data=data)
     assert result.n == 8
 
 

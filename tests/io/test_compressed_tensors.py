@@ -311,9 +311,7 @@ def test_interrupted_export_leaves_nothing(w4_group, tmp_path, monkeypatch, wher
         raise KeyboardInterrupt
 
     if where == "save_file":
-        import safetensors.torch
-
-        monkeypatch.setattr(safetensors.torch, "save_file", fail)
+        monkeypatch.setattr(ct_export, "save_file", fail)
     else:
         monkeypatch.setattr(ct_export, where, fail)
     with pytest.raises(KeyboardInterrupt):

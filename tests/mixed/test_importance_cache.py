@@ -231,7 +231,6 @@ def test_a_layer_claimed_by_another_process_is_waited_for_then_taken_over(
 ):
     import subprocess
     import sys
-    import threading
 
     from postquant.mixed.cache import ImportanceCache
     from postquant.store import claims
@@ -248,10 +247,15 @@ def test_a_layer_claimed_by_another_process_is_waited_for_then_taken_over(
         tmp_path.joinpath(cache.claims_path.name).write_text(json.dumps({layers[0]: holder}))
         order: list[str] = []
         real = ImportanceCache.record
-        monkeypatch.setattr(
-            ImportanceCache, "record", lambda self, rows: (order.extend(rows), real(self, rows))[1]
-        )
-        threading.Timer(1.5, other.kill).start()  # the other process dies before measuring its layer
+
+        def record(self, rows):
+            order.extend(rows)
+            out = real(self, rows)
+            if layers[-1] in rows:  # every free layer done: the other process dies before measuring its own
+                other.kill()
+            return out
+
+        monkeypatch.setattr(ImportanceCache, "record", record)
         table = _table(folded, images, ckpt=tmp_path)
     finally:
         other.kill()
