@@ -80,6 +80,7 @@ from postquant.io.hf_check import (
 from postquant.io.pack import pack_codes
 from postquant.model import quantized_layers
 from postquant.nn import QuantizedLayer
+from postquant.store.files import replace_dir
 
 __all__ = [
     "CompressedTensorsExport",
@@ -484,18 +485,7 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
 def _replace_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Move the finished `tmp` to `out_dir` (an existing one is replaced only with `overwrite`)."""
     _check_target(out_dir, overwrite)
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)
-    except OSError:
-        if old is not None:
-            old.rename(out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out_dir)
 
 
 def _copy_source(source: Any, directory: Path, qmodel: nn.Module) -> None:

@@ -78,6 +78,23 @@ def write_json_atomic(
     write_text_atomic(path, text + ("\n" if newline else ""))
 
 
+def replace_dir(tmp: Path, directory: Path) -> None:
+    """Rename the finished directory `tmp` to `directory`: an existing one is moved aside, replaced, and deleted
+    once the new one is in place (put back if the rename fails)."""
+    old = None
+    if directory.exists():
+        old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+        directory.rename(old)
+    try:
+        tmp.rename(directory)
+    except OSError:
+        if old is not None:
+            old.rename(directory)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_dir_atomic(
     directory: Path, write: Callable[[Path], Any], *, replaceable: Callable[[Path], None] | None = None
 ) -> None:
@@ -102,18 +119,7 @@ def write_dir_atomic(
         write(tmp)
         if replaceable is not None:
             replaceable(directory)
-        old = None
-        if directory.is_dir():
-            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            directory.rename(old)
-        try:
-            tmp.rename(directory)
-        except OSError:
-            if old is not None:
-                old.rename(directory)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, directory)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
