@@ -194,6 +194,23 @@ def agreement_with_llama_cpp(ours: Path, theirs: Path) -> dict[str, float]:
     }
 
 
+def identical_blocks(ours: Path, theirs: Path, ggml_type: str) -> dict[str, Any]:
+    """Share of the `ggml_type` blocks of `ours` byte-identical to those of the same tensors in `theirs`."""
+    from gguf import GGUFReader
+
+    a = {t.name: t for t in GGUFReader(ours).tensors}
+    b = {t.name: t for t in GGUFReader(theirs).tensors}
+    same = blocks = 0
+    for name, t in a.items():
+        if t.tensor_type.name != ggml_type or name not in b or b[name].tensor_type != t.tensor_type:
+            continue
+        x, y = np.asarray(t.data), np.asarray(b[name].data)
+        width = int(x.shape[-1]) // (int(t.shape[0]) // 32)  # bytes per block
+        same += int((x.reshape(-1, width) == y.reshape(-1, width)).all(axis=1).sum())
+        blocks += int(x.size) // width
+    return {"blocks": blocks, "identical": same / max(blocks, 1)}
+
+
 # ------------------------------------------------------------------------------------------------- rows
 
 
@@ -294,6 +311,16 @@ def markdown(table: dict[str, Any]) -> str:
             f"| {name} | {how[name]} | {ppl_s} | {delta} | {r['bytes'] / 1e6:.1f} | {types} | {verified} | "
             f"{r.get('make_s', '')} | {r.get('eval_s', '')} |"
         )
+    ours_ppl = rows.get("learned-mse", {}).get("ppl")
+    theirs_ppl = rows.get("llama.cpp-q4_0", {}).get("ppl")
+    if ours_ppl is not None and theirs_ppl is not None and ref is not None:
+        verdict = "lower" if ours_ppl < theirs_ppl else "not lower"
+        lines += [
+            "",
+            f"postquant's learned Q4_0 codes: perplexity {ours_ppl:.3f} in llama.cpp, {verdict} than llama.cpp's "
+            f"own Q4_0 ({theirs_ppl:.3f}); {100 * (theirs_ppl - ours_ppl) / (theirs_ppl - ref):.0f} % of "
+            "llama.cpp's Q4_0 loss over f32 recovered, in a file of the same types and size.",
+        ]
     agree = table.get("agreement")
     if agree:
         lines += [
@@ -304,9 +331,18 @@ def markdown(table: dict[str, Any]) -> str:
             "postquant with the stored fp16 scale); Q8_0 token embeddings byte-identical: "
             f"{agree['token_embd_identical']}.",
         ]
+    q41 = table.get("q4_1_vs_source")
+    if q41:
+        lines += [
+            "",
+            f"`q4_1-rtn` vs the published SmolLM2 file: {100 * q41['identical']:.2f} % of its {q41['blocks']:,} "
+            "Q4_1 blocks are byte-identical (published GGUF -> transformers' dequantization -> postquant RTN on "
+            "`gguf-q4_1` -> `export_gguf` gives the published codes and scales back); its perplexity differs from "
+            "`f32` only by llama.cpp's 8-bit rounding of activations in quantized matmuls.",
+        ]
     lines += [
         "",
-        f"Settings: {s}. Machine: {table.get('machine')}; load averages at the start "
+        f"Settings: {s}. Machine: {table.get('machine')}; load averages at the start of the last run "
         f"{table.get('load_start')}, at the end {table.get('load_end')} (2 cores shared with other jobs: times "
         f"are slow and noisy); rows made and evaluated in {_total_s(rows):.0f} s, plus loading the model "
         f"(~2 min per run). Date: {table.get('date')}",
@@ -366,8 +402,14 @@ def main() -> None:
         write_text_atomic(args.out, markdown(table))
 
     source = source_gguf()
-    model, tokenizer = load_float(source)
-    windows = eval_windows(tokenizer, args.windows, args.window)
+    loaded: dict[str, Any] = {}  # the float model and tokenizer, loaded once when a row needs them
+
+    def float_model() -> tuple[torch.nn.Module, Any]:
+        if not loaded:
+            loaded["model"], loaded["tokenizer"] = load_float(source)
+            loaded["windows"] = eval_windows(loaded["tokenizer"], args.windows, args.window)
+        return loaded["model"], loaded["tokenizer"]
+
     wanted = set(args.rows) | {"f32"} | ({"llama.cpp-q4_0"} if "rtn-minmax" in args.rows else set())
     todo = [r for r in ROWS if r in wanted and not (args.no_eval and r == "llama.cpp-q4_0")]
     for name in todo:
@@ -377,16 +419,17 @@ def main() -> None:
         if row is not None and "ppl" in row:
             continue  # measured; its file is gone (a new work folder)
         if name == "llama.cpp-q4_0" and not (args.work / "f32.gguf").exists():
-            make_row("f32", args, model, tokenizer, source, args.work)  # its input
+            make_row("f32", args, *float_model(), source, args.work)  # its input
         if row is None or not Path(row["file"]).exists():
             log.info("making %s", name)
-            row = make_row(name, args, model, tokenizer, source, args.work)
+            row = make_row(name, args, *float_model(), source, args.work)
             table["rows"][name] = row
             save()
         if args.no_eval:
             continue
         t = time.perf_counter()
-        row["ppl"] = llama_perplexity(Path(row["file"]), windows, args.threads)
+        float_model()
+        row["ppl"] = llama_perplexity(Path(row["file"]), loaded["windows"], args.threads)
         row["eval_s"] = round(time.perf_counter() - t, 1)
         log.info("%s: perplexity %.3f", name, row["ppl"])
         save()
@@ -394,6 +437,10 @@ def main() -> None:
     if "agreement" not in table and ours.exists() and theirs.exists():
         table["agreement"] = agreement_with_llama_cpp(ours, theirs)
         save()
+    q41 = args.work / "q4_1-rtn.gguf"
+    if "q4_1_vs_source" not in table and q41.exists():
+        table["q4_1_vs_source"] = identical_blocks(q41, source, "Q4_1")
+    save()  # the Markdown from the JSON, also when every row was done
 
 
 if __name__ == "__main__":
