@@ -34,7 +34,6 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported
 import torch
 
 import postquant
-from postquant.allocator import reuse_freed_memory
 from postquant.calib.act_ranges import bn_noise_ranges, calibrate_from_data
 from postquant.calib.data import forward_all
 from postquant.files import write_text_atomic
@@ -163,7 +162,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    reused = reuse_freed_memory() if args.reuse_memory else False
+    reused = False
+    if args.reuse_memory:
+        from postquant.allocator import reuse_freed_memory  # here: the script also measures older versions
+
+        reused = reuse_freed_memory()
     load_before = os.getloadavg()
     rows = [row for name in args.models for row in measure(name)]
     load_after = os.getloadavg()
