@@ -11,6 +11,7 @@ calibration images.
 
     python benchmarks/calib_speed.py --out benchmarks/results/calib_speed.md
     python benchmarks/calib_speed.py --models resnet20-cifar10 --threads 1
+    python benchmarks/calib_speed.py --reuse-memory   # malloc keeps freed memory, as the CLI may
 
 The machine's load average is printed with the results: compare ratios, or times taken in one run.
 """
@@ -154,16 +155,25 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["resnet20-cifar10", "efficientnet-lite0"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "calib_speed.md")
+    parser.add_argument(
+        "--reuse-memory", action="store_true", help="malloc keeps freed memory (postquant.allocator)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    reused = False
+    if args.reuse_memory:
+        from postquant.allocator import reuse_freed_memory  # here: the script also measures older versions
+
+        reused = reuse_freed_memory()
     load_before = os.getloadavg()
     rows = [row for name in args.models for row in measure(name)]
     load_after = os.getloadavg()
     header = (
         f"Activation calibration cost ({postquant.__file__}): {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; load average "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, freed memory reused: {reused}; "
+        "load average "
         f"{load_before[0]:.1f} before, {load_after[0]:.1f} after."
     )
     text = markdown(rows, header)

@@ -163,3 +163,14 @@ def test_bn_noise_calibration_shows_a_progress_bar(capsys, monkeypatch):
     bn_noise_ranges(ConvBN().eval(), {"conv": 8, "head": 8}, torch.zeros(2, 3, 8, 8), "percentile", n=128)
     err = capsys.readouterr().err
     assert "activation ranges (bn-noise, percentile)" in err and "4/4" in err  # 2 layers x 2 batches of 64
+
+
+def test_order_free_observers_read_channels_last_tensors_without_a_copy():
+    from postquant.calib.observers import _values
+
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    assert _values(x).data_ptr() == x.data_ptr() and sorted(_values(x).tolist()) == sorted(
+        x.flatten().tolist()
+    )
+    strided = torch.randn(4, 6)[:, ::2]  # not dense: copied
+    assert torch.equal(_values(strided), strided.reshape(-1))
