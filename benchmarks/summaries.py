@@ -264,6 +264,43 @@ def gpu(results: Path) -> str:
     return _table(("", device.strip(), "reference"), rows, "`benchmarks/results/gpu.json` and `gpu.md`")
 
 
+def llm(results: Path) -> str:
+    """SmolLM2-135M perplexity at 4 bits where it runs: postquant's simulation, transformers, llama.cpp."""
+    sim = {r["row"]: r["ppl"] for r in _json(results / "llm.json")}
+    ct = _json(results / "compressed_tensors.json")
+    gguf = _json(results / "gguf.json")["rows"]
+
+    def mb(n: int) -> str:
+        return f"{n / 1e6:.0f} MB"
+
+    rows = [
+        ("PyTorch (postquant)", "W4 g64 asym", _f(sim["fp32"]), _f(sim["rtn-w4"]), _f(sim["squant-w4"]), "-", "-"),
+        (
+            "transformers",
+            f"compressed-tensors {ct['scheme']}",
+            _f(ct["perplexity"]["float"]),
+            _f(ct["perplexity"]["transformers"]),
+            "-",
+            "-",
+            f"{mb(ct['bytes']['float_safetensors'])} -> {mb(ct['bytes']['export_safetensors'])}",
+        ),
+        (
+            "llama.cpp",
+            f"GGUF Q4_0 (llama.cpp's own: {_f(gguf['llama.cpp-q4_0']['ppl'])})",
+            _f(gguf["f32"]["ppl"]),
+            _f(gguf["rtn-minmax"]["ppl"]),
+            _f(gguf["squant-mse"]["ppl"]),
+            f"**{_f(gguf['learned-mse']['ppl'])}**",
+            f"{mb(gguf['f32']['bytes'])} -> {mb(gguf['learned-mse']['bytes'])}",
+        ),
+    ]
+    return _table(
+        ("runs in", "format", "FP32", "RTN", "SQuant", "learned", "size"),
+        rows,
+        "`benchmarks/results/llm.json`, `compressed_tensors.json`, `gguf.json` (perplexity, lower is better)",
+    )
+
+
 SUMMARIES: dict[str, Callable[[Path], str]] = {
     "squant": squant,
     "learned": learned,
@@ -272,4 +309,5 @@ SUMMARIES: dict[str, Callable[[Path], str]] = {
     "study": study,
     "export": export,
     "gpu": gpu,
+    "llm": llm,
 }
