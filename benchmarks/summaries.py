@@ -274,7 +274,15 @@ def llm(results: Path) -> str:
         return f"{n / 1e6:.0f} MB"
 
     rows = [
-        ("PyTorch (postquant)", "W4 g64 asym", _f(sim["fp32"]), _f(sim["rtn-w4"]), _f(sim["squant-w4"]), "-", "-"),
+        (
+            "PyTorch (postquant)",
+            "W4 g64 asym",
+            _f(sim["fp32"]),
+            _f(sim["rtn-w4"]),
+            _f(sim["squant-w4"]),
+            "-",
+            "-",
+        ),
         (
             "transformers",
             f"compressed-tensors {ct['scheme']}",
