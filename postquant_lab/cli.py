@@ -459,6 +459,8 @@ def _score(zoo: Any, qmodel: Any, data: Path | None, limit: int | None) -> tuple
     from postquant.eval import fidelity
     from postquant_lab.evaluate import EvalResult, evaluate
 
+    if zoo.task == "lm":  # perplexity on the first `limit` windows of the text (default: the model's file)
+        return evaluate(zoo.model, zoo, data, limit=limit), evaluate(qmodel, zoo, data, limit=limit)
     try:
         dataset = zoo.eval_batches(data, limit=limit)
     except DataError as exc:

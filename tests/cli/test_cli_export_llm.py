@@ -70,3 +70,30 @@ def test_a_saved_gguf_grid_run_exports_for_llama_cpp(tmp_path):
     assert done.exit_code == 0, done.output
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_0"
+
+
+class _CharTokenizer:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) % 64 for c in text]
+
+
+def tiny_llama_zoo():
+    """A `module:factory` returning a causal-LM zoo entry (task ``lm``) around the tiny Llama."""
+    from postquant_lab.zoo.causal_lm import causal_lm
+
+    zoo = causal_lm(tiny_llama(), _CharTokenizer(), "tiny-llama")
+    zoo.seqlen, zoo.calib_seqlen = 32, 16
+    return zoo
+
+
+def test_quantize_of_a_causal_lm_reports_perplexity_on_its_text(tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    args = ["quantize", "tests.cli.test_cli_export_llm:tiny_llama_zoo", "--method", "rtn", "--w-bits", "4"]
+    args += ["--data", str(text), "--limit", "3", "--json", str(tmp_path / "r.json")]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["metric"] == "perplexity" and report["n_eval"] == 3 * 31
+    assert 1 < report["fp"] < 200 and 1 < report["quantized"] < 200
+    assert report["quantized"] != report["fp"]
