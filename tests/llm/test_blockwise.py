@@ -115,6 +115,47 @@ def test_a_killed_run_resumes_with_identical_codes(tmp_path) -> None:
     assert len(list(tmp_path.rglob("chains_*.safetensors"))) == 1  # only the last layer's chains are kept
 
 
+_KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+from tests.llm.test_blockwise import LEARNED, calib, grid_recipe, tiny_llama
+from postquant.blockwise import quantize_blocks
+
+def die(k, _name):
+    if k == 0:  # layer 0 checkpointed: the process dies as under `kill -9`, no cleanup, no exception
+        os.kill(os.getpid(), signal.SIGKILL)
+
+recipe = grid_recipe("learned", learned=LEARNED, calib_size=8)
+quantize_blocks(tiny_llama(layers=2), recipe, calib(), checkpoint_dir=sys.argv[1], on_block_end=die)
+"""
+
+
+def test_a_process_killed_by_sigkill_resumes_at_the_next_layer(tmp_path) -> None:
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_RUN, str(tmp_path), root], capture_output=True, text=True, timeout=300
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    recipe = grid_recipe("learned", learned=LEARNED, calib_size=8)
+    seen: list[int] = []
+    resumed = quantize_blocks(
+        tiny_llama(layers=2),
+        recipe,
+        calib(),
+        checkpoint_dir=tmp_path,
+        on_block_end=lambda k, _: seen.append(k),
+    )
+    assert seen == [1] and postquant.result(resumed).learned.resumed == 1
+    full = quantize_blocks(tiny_llama(layers=2), recipe, calib())
+    for name, c in codes(full).items():
+        torch.testing.assert_close(codes(resumed)[name], c, rtol=0, atol=0)
+
+
 def _block_params(model: nn.Module) -> int:
     return sum(p.numel() for p in decoder_layers(model)[1][0].parameters())
 
