@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from postquant.errors import NonFiniteWeightError, RecipeError
 from postquant.grids import PowerGrid
 from postquant.model import replace_module
 from postquant.nn import QuantizedLayer
@@ -76,7 +77,10 @@ def quantize_weights(
             continue
         layer = model.get_submodule(name)
         w = upcast_half(layer.weight.detach())  # grids and codes of half-precision weights in float32
-        grid = recipe.weight_grid(w, lp.w_bits, importance.get(name))
+        try:
+            grid = recipe.weight_grid(w, lp.w_bits, importance.get(name))
+        except (RecipeError, NonFiniteWeightError) as exc:  # say which layer (shape) the grid did not fit
+            raise type(exc)(f"layer {name!r} (weight {tuple(w.shape)}): {exc}") from exc
         if isinstance(grid, PowerGrid):
             log.debug("%s: power grid exponent %.2f", name, float(grid.exponent))
         pending.append((name, layer, grid, grid.to_int(w)))

@@ -293,3 +293,11 @@ def test_calibration_batches_the_model_cannot_run_are_a_data_error(tiny_cnn, met
     or for some inputs a silently wrong range, came from the middle of activation calibration)."""
     with pytest.raises(DataError, match="cannot run on calibration batch 0"):
         postquant.quantize(tiny_cnn, {"method": method, "w_bits": 4, "a_bits": 8}, calib=[bad])
+
+
+def test_a_grid_that_does_not_fit_a_layer_names_the_layer():
+    from postquant.errors import RecipeError
+
+    model = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 48), nn.ReLU(), nn.Linear(48, 4))
+    with pytest.raises(RecipeError, match=r"layer '4' \(weight \(4, 48\)\): group_size 32 does not divide"):
+        postquant.quantize(model, {"method": "rtn", "w_bits": 4, "granularity": "group", "group_size": 32})
