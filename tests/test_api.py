@@ -298,6 +298,6 @@ def test_calibration_batches_the_model_cannot_run_are_a_data_error(tiny_cnn, met
 def test_a_grid_that_does_not_fit_a_layer_names_the_layer():
     from postquant.errors import RecipeError
 
-    model = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 48), nn.ReLU(), nn.Linear(48, 4))
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 4))
     with pytest.raises(RecipeError, match=r"layer '4' \(weight \(4, 48\)\): group_size 32 does not divide"):
         postquant.quantize(model, {"method": "rtn", "w_bits": 4, "granularity": "group", "group_size": 32})
