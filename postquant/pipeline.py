@@ -34,7 +34,7 @@ from postquant.calib import ActRanges, as_calibration, calibrate_from_data, cali
 from postquant.calib.act_ranges import bn_noise_ranges
 from postquant.calib.moments import input_moments
 from postquant.calib.observers import Observer
-from postquant.choices import Importance
+from postquant.choices import Importance, Method
 from postquant.errors import DataError
 from postquant.mixed.apply import MixedResult, apply_mixed
 from postquant.model import fold_batchnorm, matches, quantizable_layers
@@ -45,7 +45,7 @@ from postquant.plan import Plan, Source, check_finite, make_plan
 from postquant.recipe import Recipe
 from postquant.reconstruct import CalibSource, is_learned, learned_config
 from postquant.reconstruct.engine import ReconstructionReport, check_calibration, learned_rounding, prepare
-from postquant.weights import quantize_weights
+from postquant.weights import gptq_weights, quantize_weights
 
 __all__ = [
     "STAGES",
@@ -206,6 +206,16 @@ def _allocate(state: PipelineState) -> None:
 def _weights(state: PipelineState) -> None:
     if is_learned(state.recipe):  # float, folded: the target of learning
         state.teacher = copy.deepcopy(state.working_model())
+    if state.recipe.method is Method.GPTQ:
+        if not isinstance(state.batches, list) or not state.batches:
+            raise DataError(
+                "method 'gptq' chooses codes from each layer's inputs on calibration data: pass calib=... "
+                "(tensors, batches or a DataLoader; not a forward loop)"
+            )
+        state.layers = gptq_weights(
+            state.working_model(), state.current_plan(), state.recipe, state.batches, state.search
+        )
+        return
     state.layers = quantize_weights(state.working_model(), state.current_plan(), state.recipe, state.search)
 
 
@@ -261,7 +271,11 @@ STAGES: tuple[Stage, ...] = (
         applies=lambda r: r.searches_on_outputs,
     ),
     Stage("allocate", _allocate, needs=_mixed_needs, applies=lambda r: r.mixed is not None),
-    Stage("weights", _weights),
+    Stage(
+        "weights",
+        _weights,
+        needs=lambda r: Needs(Need.REQUIRED, r.calib_size) if r.method is Method.GPTQ else Needs(),
+    ),
     Stage("activations", _activations, needs=_activation_needs),
     Stage("reconstruct", _reconstruct, needs=_learned_needs, applies=is_learned),
 )

@@ -48,6 +48,16 @@ class LayerOverride(BaseModel):
         return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
 
 
+class GptqConfig(BaseModel):
+    """GPTQ's settings (docs/algorithms.md 2.5)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    damp: float = Field(default=0.01, gt=0, le=1, description="diagonal damping, a fraction of mean(diag H)")
+    act_order: bool = Field(default=False, description="round columns in order of decreasing H_jj")
+    block_size: int = Field(default=128, ge=1, description="columns per lazy-update block")
+
+
 def _default_overrides() -> dict[str, LayerOverride]:
     # The reference convention (SQuant, BRECQ): the image input of the first layer stays float and the
     # input of the last layer is 8-bit.
@@ -105,6 +115,22 @@ class Recipe(BaseModel):
     mixed: MixedConfig | None = Field(
         default=None, description="mixed precision: weight bits per layer from an importance and a budget"
     )
+    gptq: GptqConfig | None = Field(
+        default=None, description="GPTQ settings (method: gptq); defaults if unset"
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_unset_gptq(self, handler: Any) -> dict[str, Any]:
+        # Recipes without GPTQ settings dump as before the field existed (their fingerprints stay the same).
+        data = handler(self)
+        if self.gptq is None:
+            data.pop("gptq", None)
+        return data
+
+    @property
+    def gptq_config(self) -> GptqConfig:
+        """The effective GPTQ settings."""
+        return self.gptq if self.gptq is not None else GptqConfig()
 
     @model_validator(mode="before")
     @classmethod
@@ -148,6 +174,14 @@ class Recipe(BaseModel):
                 f"grid {self.grid.value}: the overrides {', '.join(repr(p) for p in bad)} ask for a bit width "
                 "llama.cpp's Q4_0/Q4_1/Q8_0 do not have; use w_bits 4, 8 or null (float)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _gptq_needs_an_affine_grid(self) -> Recipe:
+        if self.method is Method.GPTQ and self.grid is GridKind.POWER:
+            raise ValueError("method gptq updates weights on an affine grid: use grid uniform or a gguf grid")
+        if self.gptq is not None and self.method is not Method.GPTQ:
+            raise ValueError(f"gptq settings apply to method gptq, not {self.method.value}: drop them")
         return self
 
     @model_validator(mode="after")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
 import torch
 from torch import nn
 
+from postquant.calib.data import run_model
 from postquant.errors import NonFiniteWeightError, RecipeError
 from postquant.grids import PowerGrid
 from postquant.model import replace_module
@@ -17,6 +19,7 @@ from postquant.plan import Plan
 from postquant.progress import progress_bar
 from postquant.recipe import Method, Recipe
 from postquant.rounding import nearest_codes, squant_codes, squant_codes_many
+from postquant.rounding.gptq import HessianAccumulator, affine_params, gptq_codes
 
 __all__ = ["quantize_weights", "weight_codes"]
 
@@ -93,3 +96,78 @@ def quantize_weights(
 
 # Integer-domain weights held at once while their codes are chosen together (float32: 1 GiB).
 _BATCH_ELEMENTS = 1 << 28
+
+
+class _Seen(Exception):
+    """Raised by the Hessian hook once the layer has its input: the rest of the forward pass is not needed."""
+
+
+def layer_hessian(model: nn.Module, name: str, batches: list[Any]) -> HessianAccumulator:
+    """The input Hessian of layer `name` of `model` over calibration `batches`, each forward pass stopped
+    once the layer has been called (the layers before it run as they are: quantized ones quantized)."""
+    layer = model.get_submodule(name)
+    acc = HessianAccumulator(layer)
+
+    def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+        acc.add(upcast_half(args[0]))
+        raise _Seen
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        for batch in batches:
+            with contextlib.suppress(_Seen):
+                run_model(model, batch)
+    finally:
+        handle.remove()
+    if acc.n == 0:
+        log.warning("GPTQ: %s was not called on the calibration data; it keeps nearest rounding", name)
+    return acc
+
+
+def gptq_weights(
+    model: nn.Module,
+    plan: Plan,
+    recipe: Recipe,
+    batches: list[Any],
+    importance: dict[str, torch.Tensor] | None = None,
+) -> dict[str, QuantizedLayer]:
+    """Replace every planned layer of `model` (in place, in plan order) by a `QuantizedLayer` whose codes GPTQ
+    chose on the recipe's grid, from the layer's inputs in the model as quantized so far (docs/algorithms.md
+    2.5): each layer sees the error of the layers before it, as in GPTQ's sequential form."""
+    cfg = recipe.gptq_config
+    importance = importance or {}
+    done: dict[str, QuantizedLayer] = {}
+    for name, lp in progress_bar(plan.items(), total=len(plan), desc="GPTQ", unit="layer"):
+        if lp.w_bits is None:
+            continue
+        layer = model.get_submodule(name)
+        w = upcast_half(layer.weight.detach())
+        try:
+            grid = recipe.weight_grid(w, lp.w_bits, importance.get(name))
+            s, z = affine_params(grid, w)
+        except (RecipeError, NonFiniteWeightError) as exc:
+            raise type(exc)(f"layer {name!r} (weight {tuple(w.shape)}): {exc}") from exc
+        acc = layer_hessian(model, name, batches)
+        rows = w.reshape(w.shape[0], -1)
+        s2, z2 = s.reshape(rows.shape), z.reshape(rows.shape)
+        per_group = rows.shape[0] // acc.groups
+        codes = torch.cat(
+            [
+                gptq_codes(
+                    rows[g * per_group : (g + 1) * per_group],
+                    acc.h[g],
+                    s2[g * per_group : (g + 1) * per_group],
+                    z2[g * per_group : (g + 1) * per_group],
+                    grid.qmin,
+                    grid.qmax,
+                    damp=cfg.damp,
+                    act_order=cfg.act_order,
+                    block_size=cfg.block_size,
+                )
+                for g in range(acc.groups)
+            ]
+        ).view(w.shape)
+        qlayer = QuantizedLayer(layer, grid, codes)
+        replace_module(model, name, qlayer)
+        done[name] = qlayer
+    return done
