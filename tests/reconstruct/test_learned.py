@@ -357,27 +357,26 @@ def test_synthetic_source_in_quantize(net, calib):
     assert len(postquant.result(q).learned.units) == 4
 
 
-def test_synthetic_data_is_kept_in_the_checkpoint_dir_for_a_resume(net, calib, tmp_path, monkeypatch):
+def test_synthetic_data_is_kept_in_the_checkpoint_dir_for_a_resume(net, calib, tmp_path, caplog):
     """Distilling costs a model forward+backward per step: a resumed run loads the data instead."""
-    import postquant.reconstruct.engine as engine
-
-    made = []
-    real = engine.distill_bn_data
-    monkeypatch.setattr(engine, "distill_bn_data", lambda *a, **k: made.append(1) or real(*a, **k))
     recipe = {
         **learned(iters=5, calib_source="synthetic", synthetic_steps=5, checkpoint_dir=str(tmp_path)),
         "calib_size": 32,
     }
     first = postquant.quantize(net, recipe, example_inputs=calib[:2])
     (data_file,) = tmp_path.glob("data_*.safetensors")
-    assert len(made) == 1
-    again = postquant.quantize(net, recipe, example_inputs=calib[:2])
-    assert len(made) == 1  # loaded, not distilled again
+    written = (data_file.stat().st_ino, data_file.stat().st_mtime_ns)
+    with caplog.at_level(logging.INFO, logger="postquant.reconstruct.checkpoint"):
+        again = postquant.quantize(net, recipe, example_inputs=calib[:2])
+    assert f"calibration data loaded from {data_file}" in caplog.text
+    assert (data_file.stat().st_ino, data_file.stat().st_mtime_ns) == written  # loaded, not distilled again
     for a, b in zip(first.modules(), again.modules(), strict=True):
         if isinstance(a, QuantizedLayer):
             assert torch.equal(a.codes, b.codes)
     other_seed = postquant.quantize(net, {**recipe, "seed": 1}, example_inputs=calib[:2])
-    assert len(made) == 2 and other_seed is not None  # other data: distilled
+    assert (
+        len(list(tmp_path.glob("data_*.safetensors"))) == 2 and other_seed is not None
+    )  # other data: distilled
     data_file.write_bytes(b"broken")
     with pytest.raises(CheckpointError, match="delete it"):
         postquant.quantize(net, recipe, example_inputs=calib[:2])
