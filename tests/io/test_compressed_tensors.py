@@ -338,7 +338,7 @@ def test_mismatch_in_transformers_is_refused(ct, w4_group, ids, tmp_path, monkey
             tensors[f"{name}.weight_scale"] = tensors[f"{name}.weight_scale"] * 1.5
         return tensors
 
-    monkeypatch.setattr(ct_export, "_layer_tensors", wrong_scale)
+    monkeypatch.setattr(ct_export, "_layer_tensors", wrong_scale)  # fault injection: a corrupted tensor
     with pytest.raises(ExportMismatchError, match=r"disagrees.*Nothing was written") as info:
         export_compressed_tensors(w4_group, tmp_path / "out", verify_inputs=ids)
     assert info.value.metrics["rel_max_diff"] > 1e-3

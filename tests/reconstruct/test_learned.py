@@ -205,6 +205,7 @@ def test_nan_loss_keeps_previous_codes_with_a_warning(net, calib, monkeypatch, c
         value = real(out, target, weight)
         return value * float("nan") if out.shape[1] == 8 and out.dim() == 4 and calls["n"] > 5 else value
 
+    # fault injection (a loss that turns NaN mid-optimisation): no input makes only these units diverge
     monkeypatch.setattr(loop, "unit_distance", poisoned)
     rtn = codes(postquant.quantize(net, {"method": "rtn", "w_bits": 3}, calib=calib))
     with caplog.at_level(logging.WARNING, logger="postquant.reconstruct"):
