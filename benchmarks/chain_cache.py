@@ -5,9 +5,10 @@
 
 Learned rounding (the QDrop-style default at W4A4, or W4A8 for EfficientNet-Lite0) runs twice in one process,
 alternating order per repeat: with chained caching (a unit's inputs are the previous unit's outputs where the
-model chains them, checked on the first batch) and with every unit cached from model prefixes. The table
-gives the wall time of both, their ratio, and whether the integer codes are bit-identical. Writes
-``benchmarks/results/chain_cache.json`` and ``.md`` (rows of other models are kept).
+model chains them, checked on the first batch) and with every unit cached from model prefixes
+(``learned.chain_inputs: false``). The table gives the wall time of both, their ratio, and whether the integer
+codes are bit-identical. Writes ``benchmarks/results/chain_cache.json`` and ``.md`` (rows of other models are
+kept).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Any
 import torch
 
 import postquant
-import postquant.reconstruct.engine as engine
 from postquant.model import quantized_layers
 from postquant.store.files import write_text_atomic
 from postquant.store.table import ResultTable
@@ -35,16 +35,11 @@ A_BITS = {"efficientnet-lite0": 8}
 def _timed(model: str, recipe: dict[str, Any], chain: bool) -> tuple[float, dict[str, torch.Tensor]]:
     zoo = load_model(model)
     calib = zoo.calib_batches(limit=recipe["calib_size"])
-    real = engine.carry_outputs
-    if not chain:
-        engine.carry_outputs = lambda *a: None  # type: ignore[assignment]
-    try:
-        torch.manual_seed(0)
-        start = time.perf_counter()
-        q = postquant.quantize(zoo.model, recipe, calib=calib, example_inputs=zoo.example_inputs)
-        seconds = time.perf_counter() - start
-    finally:
-        engine.carry_outputs = real
+    recipe = {**recipe, "learned": {**recipe["learned"], "chain_inputs": chain}}
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    q = postquant.quantize(zoo.model, recipe, calib=calib, example_inputs=zoo.example_inputs)
+    seconds = time.perf_counter() - start
     return seconds, {n: m.codes.clone() for n, m in quantized_layers(q).items()}
 
 

@@ -21,8 +21,11 @@ python3 benchmarks/learned_bench.py --threads 1 --models resnet20-cifar10 --bits
 # learned rounding: the commands that produced benchmarks/results/learned.md
 while read -r cmd; do [ -n "$cmd" ] && eval "python3 ${cmd#python }"; done < benchmarks/results/learned_commands.txt
 # study findings at the default's full budget (benchmarks/results/default_check/)
-python3 benchmarks/default_check.py --seeds 3 --bits W2A4
-python3 benchmarks/default_check.py --seeds 1 --bits W4A4
+python3 benchmarks/default_check.py --seeds 3 --settings W2A4
+python3 benchmarks/default_check.py --seeds 1 --settings W4A4
+python3 benchmarks/default_check.py --seeds 2 --settings "lite0 W4A8" \
+    --variants "default (MSE ranges, selection auto)" \
+    "default + learned steps (STE grid codes, weight and activation step sizes)"
 # chained caching of unit inputs vs model prefixes: time ratio in one run, identical codes
 python3 benchmarks/chain_cache.py --models resnet20-cifar10
 # mixed precision vs uniform W3 (resumable by row)

@@ -18,6 +18,8 @@ import re
 import sys
 from pathlib import Path
 
+from postquant.store.files import write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from summaries import SUMMARIES  # noqa: E402
@@ -78,11 +80,18 @@ def update_text(text: str, results: Path) -> tuple[str, list[str]]:
 
 
 def update(files: list[Path] | None = None, results: Path = ROOT / "benchmarks" / "results") -> list[str]:
-    """Refill the sections of `files` (default: README.md and docs/*.md); returns 'file: section' names."""
+    """Refill the sections of `files` (default: README.md and docs/*.md); returns 'file: section' names.
+
+    A file is rewritten only when its text changed, and atomically (never half written, its date kept
+    otherwise).
+    """
     done = []
     for path in files if files is not None else pages():
-        text, names = update_text(path.read_text(), results)
-        path.write_text(text)
+        before = path.read_text()
+        text, names = update_text(before, results)
+        if text != before:
+            write_text_atomic(path, text)
+            log.info("rewrote %s", path)
         done += [f"{path.name}: {name}" for name in names]
     return done
 

@@ -62,7 +62,7 @@ from postquant.reconstruct.checkpoint import (
     model_fingerprint,
     unit_seed,
 )
-from postquant.reconstruct.config import Loss
+from postquant.reconstruct.config import BOOKKEEPING, Loss
 from postquant.reconstruct.engine import ReconstructionReport, prepare
 from postquant.reconstruct.loop import UnitOutcome, reconstruct_unit, restore, snapshot
 from postquant.reconstruct.presets import is_learned, learned_config
@@ -308,9 +308,7 @@ def quantize_blocks(
     if checkpoint_dir is not None:
         key = fingerprint(
             {
-                "blockwise": recipe.model_dump(
-                    mode="json", exclude={"learned": {"checkpoint_dir", "progress"}}
-                ),
+                "blockwise": recipe.model_dump(mode="json", exclude={"learned": set(BOOKKEEPING)}),
                 "model": model_fingerprint(model),
                 "data": data_fingerprint(batches) if batches is not None else None,
                 "units": names,

@@ -24,6 +24,15 @@ from postquant import __version__
 from postquant.choices import ActRanges, Granularity, GridKind, Importance, Method, PowerSearch, SquantMode
 from postquant.errors import OutputError, PostquantError, RecipeError
 from postquant.store.files import write_text_atomic
+from postquant_lab.cli_options import (
+    CompressedTensorsExportOptions,
+    GgufExportOptions,
+    Lab,
+    MixedOptions,
+    OnnxExportOptions,
+    QuantizeOptions,
+    StudyOptions,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -113,6 +122,7 @@ def _fmt(v: float | None) -> str:
 
 @app.command()
 def quantize(
+    ctx: typer.Context,
     model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     method: Annotated[
         Method | None,
@@ -196,35 +206,41 @@ def quantize(
 ) -> None:
     """Quantize MODEL and print its metric beside FP32 (--out DIR also saves the packed checkpoint)."""
     _setup_logging(verbose)
+    options = QuantizeOptions(
+        model=model,
+        recipe_file=recipe,
+        method=method,
+        w_bits=w_bits,
+        a_bits=a_bits,
+        granularity=granularity,
+        squant_mode=squant_mode,
+        act_ranges=act_ranges,
+        calib_size=calib_size,
+        seed=seed,
+        grid=grid,
+        power_exponent=power_exponent,
+        power_search=power_search,
+        mixed=MixedOptions(w_bits_budget, size_budget, importance, bit_choices),
+        iters=iters,
+        checkpoint_dir=checkpoint_dir,
+        data=data,
+        calib=calib,
+        limit=limit,
+        out=out,
+        json_path=json_path,
+        report=report,
+        overwrite=overwrite,
+        device=device,
+    )
     try:
-        _quantize(
-            model,
-            method,
-            w_bits,
-            a_bits,
-            recipe,
-            granularity,
-            squant_mode,
-            act_ranges,
-            data,
-            calib,
-            calib_size,
-            limit,
-            seed,
-            out,
-            json_path,
-            iters,
-            checkpoint_dir,
-            report,
-            grid=grid,
-            power_exponent=power_exponent,
-            power_search=power_search,
-            mixed=_mixed_options(w_bits_budget, size_budget, importance, bit_choices),
-            device=resolve_device(device),
-            overwrite=overwrite,
-        )
+        _quantize(options, _lab(ctx))
     except PostquantError as exc:
         _fail(exc, verbose)
+
+
+def _lab(ctx: typer.Context) -> Lab:
+    """The `Lab` passed as the context object (``app(obj=Lab(...))``), else the lab's own functions."""
+    return ctx.obj if isinstance(ctx.obj, Lab) else Lab()
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -260,137 +276,54 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def _mixed_options(
-    w_bits_budget: float | None, size_budget: str | None, importance: str | None, bit_choices: str | None
-) -> dict[str, Any] | None:
-    """The typed mixed-precision options as fields of the recipe's ``mixed`` (None when none is typed).
-
-    A budget replaces the recipe file's budget; `importance` and `bit_choices` alone complete the file's.
-    """
-    if all(v is None for v in (w_bits_budget, size_budget, importance, bit_choices)):
-        return None
-    mixed: dict[str, Any] = {}
-    if w_bits_budget is not None or size_budget is not None:  # one budget: the other one is dropped
-        mixed |= {"w_bits_budget": w_bits_budget, "size_budget": size_budget}
-    if importance is not None:
-        mixed["importance"] = importance
-    if bit_choices is not None:
-        try:
-            mixed["bit_choices"] = [int(b) for b in bit_choices.split(",")]
-        except ValueError:
-            raise RecipeError(
-                f"--bit-choices takes integers separated by commas, e.g. 2,3,4,6,8; got {bit_choices!r}"
-            ) from None
-    return mixed
-
-
-def _quantize(
-    model_name: str,
-    method: str | None,
-    w_bits: int | None,
-    a_bits: int | None,
-    recipe_path: Path | None,
-    granularity: str | None,
-    squant_mode: str | None,
-    act_ranges: str | None,
-    data: Path | None,
-    calib_path: Path | None,
-    calib_size: int | None,
-    limit: int | None,
-    seed: int | None,
-    out: Path | None,
-    json_path: Path | None,
-    iters: int | None = None,
-    checkpoint_dir: Path | None = None,
-    report: bool = False,
-    grid: str | None = None,
-    power_exponent: float | None = None,
-    power_search: str | None = None,
-    mixed: dict[str, Any] | None = None,
-    device: torch.device | None = None,
-    overwrite: bool = False,
-) -> None:
-    import postquant
-    from postquant.calib.data import move_batch
-    from postquant.pipeline import Need
-    from postquant.recipe import Method, Recipe
-    from postquant_lab.zoo import load_model
-
-    # Only the options typed (not None) override the recipe file's fields.
-    base = Recipe.coerce(recipe_path) if recipe_path is not None and mixed is not None else None
-    if mixed is not None:
-        if base is not None and base.mixed is not None:
-            mixed = {**base.mixed.model_dump(exclude_unset=True), **mixed}
-        elif "w_bits_budget" not in mixed:
-            raise RecipeError(
-                "--importance and --bit-choices need a budget: --w-bits-budget or --size-budget"
-            )
-    changes: dict[str, Any] = {}
-    for key, value in {
-        "method": method,
-        "w_bits": w_bits,
-        "a_bits": a_bits,
-        "granularity": granularity,
-        "squant_mode": squant_mode,
-        "act_ranges": act_ranges,
-        "calib_size": calib_size,
-        "seed": seed,
-        "grid": grid,
-        "power_exponent": power_exponent,
-        "power_search": power_search,
-        "mixed": mixed,
-    }.items():
-        if value is not None:
-            changes[key] = value
-    rec = Recipe.coerce(recipe_path, **changes)  # validate before loading anything
-    if checkpoint_dir is not None and rec.learned is None and rec.mixed is None:
-        raise RecipeError(
-            "--checkpoint-dir saves the finished work of learned rounding or of a mixed-precision importance "
-            "measurement: use --method adaround, brecq, qdrop or learned, or a --w-bits-budget/--size-budget"
-        )
-    if iters is not None and rec.learned is None:
-        raise RecipeError(
-            "--iters applies to learned rounding: use --method adaround, brecq, qdrop or learned"
-        )
-    if rec.mixed is not None and checkpoint_dir is not None:
-        rec = Recipe.coerce(rec, mixed={**rec.mixed.model_dump(), "checkpoint_dir": checkpoint_dir})
-    learned_changes = {
-        k: v for k, v in {"iters": iters, "checkpoint_dir": checkpoint_dir}.items() if v is not None
-    }
-    if learned_changes and rec.learned is not None:
-        rec = Recipe.coerce(rec, learned={**rec.learned.model_dump(), **learned_changes})
-    if report and out is None:
+def _check_outputs(options: QuantizeOptions) -> None:
+    """Fail before any work when an output of `options` cannot be written or would replace another run's."""
+    out = options.out
+    if options.report and out is None:
         raise RecipeError("--report writes OUT/report.html: add --out DIR")
-    if json_path is not None:
-        _check_writable_file(json_path)
+    if options.json_path is not None:
+        _check_writable_file(options.json_path)
     if out is not None:
         from postquant.io.checkpoint import check_save_target
 
         _check_writable_dir(out)
         check_save_target(out / CHECKPOINT_SUBDIR)  # save replaces only a checkpoint it wrote
-        if (out / "results.json").exists() and not overwrite:
+        if (out / "results.json").exists() and not options.overwrite:
             raise OutputError(
                 f"{out} holds a previous run (results.json); pass --overwrite to replace it, or choose another --out"
             )
 
-    zoo = load_model(model_name)
+
+def _quantize(options: QuantizeOptions, lab: Lab) -> None:
+    """Run ``postquant quantize``: check the recipe and the outputs, load, quantize, score, print, save."""
+    import postquant
+    from postquant.calib.data import move_batch
+    from postquant.pipeline import Need
+    from postquant.recipe import Method
+
+    device = resolve_device(options.device)
+    rec = options.build_recipe()  # validate before loading anything
+    _check_outputs(options)
+    out = options.out
+
+    zoo = lab.model_loader()(options.model)
     # The stages say what they need; the command adds one policy: SQuant stays data-free unless asked
     # (data-free activation ranges where calibration data is only useful), except for sentence models.
     needs = postquant.requirements(rec, optional_data=not (rec.method is Method.SQUANT and zoo.task != "sts"))
     calib_limit = needs.calib_size or rec.calib_size
     calib = (
-        zoo.calib_batches(calib_path, limit=calib_limit)
-        if needs.calib is not Need.NONE or calib_path
+        zoo.calib_batches(options.calib, limit=calib_limit)
+        if needs.calib is not Need.NONE or options.calib
         else None
     )
-    if device is not None:  # the model and its data on the device (quantize keeps the model's device)
-        zoo.model.to(device)
-        zoo.example_inputs = move_batch(zoo.example_inputs, device)
-        calib = move_batch(calib, device) if calib is not None else None
+    # the model and its data on the device (quantize keeps the model's device)
+    zoo.model.to(device)
+    zoo.example_inputs = move_batch(zoo.example_inputs, device)
+    calib = move_batch(calib, device) if calib is not None else None
     start = time.perf_counter()
-    qmodel = postquant.quantize(zoo.model, rec, calib=calib, example_inputs=zoo.example_inputs)
+    qmodel = lab.quantizer()(zoo.model, rec, calib=calib, example_inputs=zoo.example_inputs)
     seconds = time.perf_counter() - start
-    fp, q = _score(zoo, qmodel, data, limit)
+    fp, q = _score(zoo, qmodel, options.data, options.limit)
     result = {
         "model": zoo.name,
         "method": rec.method.value,
@@ -425,7 +358,7 @@ def _quantize(
     if out is not None:
         from postquant.io import checkpoint_size, float_size, save
 
-        save(qmodel, out / CHECKPOINT_SUBDIR, model_name=model_name)
+        save(qmodel, out / CHECKPOINT_SUBDIR, model_name=options.model)
         result["checkpoint_bytes"] = checkpoint_size(out / CHECKPOINT_SUBDIR)
         result["fp32_bytes"] = float_size(zoo.model)
         out_console.print(
@@ -434,13 +367,13 @@ def _quantize(
         )
         rec.to_yaml(out / "recipe.yaml")
         write_text_atomic(out / "results.json", json.dumps(result, indent=2))
-        if report:
+        if options.report:
             from postquant.io import write_report
 
             path = write_report(out, qmodel, zoo.model, [result], zoo.example_inputs)
             out_console.print(f"report: {path}")
-    if json_path is not None:
-        write_text_atomic(json_path, json.dumps(result, indent=2))
+    if options.json_path is not None:
+        write_text_atomic(options.json_path, json.dumps(result, indent=2))
 
 
 def _w_label(qmodel: Any, w_bits: int) -> str:
@@ -549,29 +482,34 @@ def export_onnx_cmd(
     """Export a saved quantized model to ONNX (QuantizeLinear/DequantizeLinear), checked in onnxruntime."""
     _setup_logging(verbose)
     try:
-        from postquant.errors import DataError
-        from postquant.io import export_onnx
-        from postquant_lab.zoo.datasets import SentencePair
-
-        _check_writable_file(output)
-        qmodel, zoo = _load_run(run_dir, trust_code)
-        try:
-            batches = [x for x, _ in zoo.eval_batches(limit=verify, batch_size=32)] if verify else None
-            if batches and isinstance(batches[0], SentencePair):  # sentence pairs: the model takes one side
-                batches = [pair.first for pair in batches]
-        except DataError as exc:
-            console.print(f"[yellow]warning:[/] {exc}; verifying on the example inputs only")
-            batches = [zoo.example_inputs]
-        info = export_onnx(qmodel, zoo.example_inputs, output, verify_batches=batches)
-        top1 = info.get("top1_agreement")
-        agreement = f"top-1 agreement {top1:.2f} %, " if top1 is not None and top1 == top1 else ""
-        out_console.print(
-            f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB): against the PyTorch simulation "
-            f"{agreement}SQNR {info.get('sqnr_db', float('nan')):.1f} dB, "
-            f"max |diff| {info.get('max_abs_diff', float('nan')):.3g}; integer kernels: {info.get('integer_kernels')}"
-        )
+        _export_onnx(OnnxExportOptions(run_dir, output, verify, trust_code))
     except PostquantError as exc:
         _fail(exc, verbose)
+
+
+def _export_onnx(options: OnnxExportOptions) -> None:
+    from postquant.errors import DataError
+    from postquant.io import export_onnx
+    from postquant_lab.zoo.datasets import SentencePair
+
+    output, verify = options.output, options.verify
+    _check_writable_file(output)
+    qmodel, zoo = _load_run(options.run_dir, options.trust_code)
+    try:
+        batches = [x for x, _ in zoo.eval_batches(limit=verify, batch_size=32)] if verify else None
+        if batches and isinstance(batches[0], SentencePair):  # sentence pairs: the model takes one side
+            batches = [pair.first for pair in batches]
+    except DataError as exc:
+        console.print(f"[yellow]warning:[/] {exc}; verifying on the example inputs only")
+        batches = [zoo.example_inputs]
+    info = export_onnx(qmodel, zoo.example_inputs, output, verify_batches=batches)
+    top1 = info.get("top1_agreement")
+    agreement = f"top-1 agreement {top1:.2f} %, " if top1 is not None and top1 == top1 else ""
+    out_console.print(
+        f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB): against the PyTorch simulation "
+        f"{agreement}SQNR {info.get('sqnr_db', float('nan')):.1f} dB, "
+        f"max |diff| {info.get('max_abs_diff', float('nan')):.3g}; integer kernels: {info.get('integer_kernels')}"
+    )
 
 
 @export_app.command("compressed-tensors")
@@ -594,33 +532,43 @@ def export_compressed_tensors_cmd(
 ) -> None:
     """Export a saved quantized Hugging Face model as a compressed-tensors checkpoint (transformers, vLLM)."""
     _setup_logging(verbose)
+    options = CompressedTensorsExportOptions(
+        run_dir, output, source, verify_text, verify_windows, window, overwrite, trust_code
+    )
     try:
-        from postquant.errors import DataError
-        from postquant.io import export_compressed_tensors
-
-        inputs = None
-        if verify_text is not None:
-            if source is None:
-                raise DataError(
-                    "--verify-text is tokenized with the tokenizer of --source: pass --source DIR"
-                )
-            inputs = _text_windows(source, verify_text, verify_windows, window)
-        qmodel, _ = _load_run(run_dir, trust_code)
-        done = export_compressed_tensors(
-            qmodel, output, source=str(source) if source else None, overwrite=overwrite, verify_inputs=inputs
-        )
-        check = (
-            f"; in transformers: max |diff| {done.check.max_abs_diff:.3g}, top-1 agreement "
-            f"{done.check.top1_agreement:.2f} %"
-            if done.check is not None
-            else "; not checked in transformers (pass --source and --verify-text)"
-        )
-        out_console.print(
-            f"wrote {output} ({done.bytes / 1e6:.2f} MB, weights {done.compression:.2f}x smaller than float, "
-            f"{len(done.groups)} config groups){check}"
-        )
+        _export_compressed_tensors(options)
     except PostquantError as exc:
         _fail(exc, verbose)
+
+
+def _export_compressed_tensors(options: CompressedTensorsExportOptions) -> None:
+    from postquant.errors import DataError
+    from postquant.io import export_compressed_tensors
+
+    source, output = options.source, options.output
+    inputs = None
+    if options.verify_text is not None:
+        if source is None:
+            raise DataError("--verify-text is tokenized with the tokenizer of --source: pass --source DIR")
+        inputs = _text_windows(source, options.verify_text, options.verify_windows, options.window)
+    qmodel, _ = _load_run(options.run_dir, options.trust_code)
+    done = export_compressed_tensors(
+        qmodel,
+        output,
+        source=str(source) if source else None,
+        overwrite=options.overwrite,
+        verify_inputs=inputs,
+    )
+    check = (
+        f"; in transformers: max |diff| {done.check.max_abs_diff:.3g}, top-1 agreement "
+        f"{done.check.top1_agreement:.2f} %"
+        if done.check is not None
+        else "; not checked in transformers (pass --source and --verify-text)"
+    )
+    out_console.print(
+        f"wrote {output} ({done.bytes / 1e6:.2f} MB, weights {done.compression:.2f}x smaller than float, "
+        f"{len(done.groups)} config groups){check}"
+    )
 
 
 def _text_windows(source: Path, text_file: Path, n: int, length: int) -> list[Any]:
@@ -660,18 +608,27 @@ def export_gguf_cmd(
     the file is read back and checked against postquant's weights before it is renamed into place."""
     _setup_logging(verbose)
     try:
-        from postquant.io import export_gguf
-
-        qmodel, _ = _load_run(run_dir, trust_code)
-        done = export_gguf(
-            qmodel, output, source_gguf=source_gguf, overwrite=overwrite, expect_type=type_, verify=True
-        )
-        out_console.print(
-            f"wrote {output} ({done.file_bytes / 1e6:.2f} MB, {done.file_type}); "
-            f"{done.verified_tensors} tensors read back equal to postquant's"
-        )
+        _export_gguf(GgufExportOptions(run_dir, output, type_, source_gguf, overwrite, trust_code))
     except PostquantError as exc:
         _fail(exc, verbose)
+
+
+def _export_gguf(options: GgufExportOptions) -> None:
+    from postquant.io import export_gguf
+
+    qmodel, _ = _load_run(options.run_dir, options.trust_code)
+    done = export_gguf(
+        qmodel,
+        options.output,
+        source_gguf=options.source_gguf,
+        overwrite=options.overwrite,
+        expect_type=options.type_,
+        verify=True,
+    )
+    out_console.print(
+        f"wrote {options.output} ({done.file_bytes / 1e6:.2f} MB, {done.file_type}); "
+        f"{done.verified_tensors} tensors read back equal to postquant's"
+    )
 
 
 @app.command("report")
@@ -766,41 +723,29 @@ def study_cmd(
     Start the same command once per core to share the work: each process claims the runs it starts.
     """
     _setup_logging(verbose)
+    options = StudyOptions(
+        axis=axis,
+        models=tuple(models or ()),
+        bits=bits,
+        seeds=seeds,
+        iters=iters,
+        calib_size=calib_size,
+        limit=limit,
+        out=out,
+        variants=variants,
+        axes=axes,
+        max_minutes=max_minutes,
+        run=run,
+        threads=threads,
+    )
     try:
-        _study(
-            axis,
-            models or [],
-            bits,
-            seeds,
-            iters,
-            calib_size,
-            limit,
-            out,
-            variants,
-            axes,
-            max_minutes,
-            run,
-            threads,
-        )
+        _study(options)
     except PostquantError as exc:
         _fail(exc, verbose)
 
 
-def _study(
-    axis_name: str,
-    models: list[str],
-    bits: str | None,
-    seeds: int | None,
-    iters: int | None,
-    calib_size: int | None,
-    limit: int | None,
-    out: Path,
-    variants: str | None,
-    axes: str | None,
-    max_minutes: float | None,
-    run: bool,
-    threads: int = 1,
-) -> None:
+def _study(options: StudyOptions) -> None:
+    """Run ``postquant study``: list the axes, measure one axis, or every axis into STUDY.md."""
     from postquant_lab.study import (
         AXES,
         DEFAULT_BITS,
@@ -811,6 +756,8 @@ def _study(
         study_axis,
     )
 
+    axis_name, models, bits, out = options.axis, list(options.models), options.bits, options.out
+    iters, calib_size, limit, seeds = options.iters, options.calib_size, options.limit, options.seeds
     if axis_name == "list":
         for ax in AXES:
             labels = ", ".join(f"{v.label}*" if v.label == ax.baseline else v.label for v in ax.variants)
@@ -819,17 +766,14 @@ def _study(
         return
     import torch
 
-    torch.set_num_threads(threads)
-    labels = [s.strip() for s in variants.split(",")] if variants else None
-    options = {"bits": bits, "seeds": seeds, "iters": iters, "calib_size": calib_size, "limit": limit}
+    torch.set_num_threads(options.threads)
     if axis_name == "all":
-        chosen = [get_axis(a.strip()) for a in axes.split(",")] if axes else list(AXES)
+        chosen = [get_axis(a.strip()) for a in options.axes.split(",")] if options.axes else list(AXES)
         settings = [
             default_settings(m, b, iters, calib_size, limit, seeds)
             for m in models or list(DEFAULT_BITS)
             for b in ([bits] if bits else DEFAULT_BITS.get(m, ["W4A4"]))
         ]
-        options["axes"] = axes
     else:
         ax = get_axis(axis_name)  # unknown axis: a typed error with suggestions
         if len(models) != 1:
@@ -840,16 +784,17 @@ def _study(
                 model, bits or DEFAULT_BITS.get(model, ["W4A4"])[0], iters, calib_size, limit, seeds
             )
         ]
-        options["variants"] = variants
     _check_writable_dir(out)
-    runner = StudyRunner(out, max_seconds=None if max_minutes is None else 60 * max_minutes)
-    command = _study_command(axis_name, models, run, **options, out=out, max_minutes=max_minutes)
+    max_seconds = None if options.max_minutes is None else 60 * options.max_minutes
+    runner = StudyRunner(out, max_seconds=max_seconds)
+    command = _study_command(axis_name, models, options.run, **options.command_options())
     if axis_name == "all":
-        path = study_all(settings, chosen, None, runner, command, run=run)
+        path = study_all(settings, chosen, None, runner, command, run=options.run)
         out_console.print(f"wrote {path}")
         return
     seed_list = list(range(settings[0].seeds))
-    report = study_axis(settings[0], ax, seed_list, runner, labels, run=run, command=command)
+    labels = options.variant_labels()
+    report = study_axis(settings[0], ax, seed_list, runner, labels, run=options.run, command=command)
     typer.echo(report.section + "\n" + report.summary)
     if report.missing:
         console.print(

@@ -55,3 +55,21 @@ def test_generated_tables_match_the_results_files(tmp_path):
         if p.read_text() != c.read_text()
     ]
     assert stale == [], f"run `python benchmarks/update_docs.py`: {stale} differ from benchmarks/results/"
+
+
+def test_update_rewrites_only_the_pages_that_changed_by_renaming_a_whole_file(tmp_path):
+    update_docs = _update_docs()
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "t.md").write_text("| a |\n|---|\n| 1 |\n")
+    page = "# Page\n<!-- results:t -->\n{}\n<!-- /results:t -->\n"
+    fresh, stale = tmp_path / "fresh.md", tmp_path / "stale.md"
+    fresh.write_text(page.format("| a |\n|---|\n| 1 |"))
+    stale.write_text(page.format("an old table"))
+    inodes = {p: p.stat().st_ino for p in (fresh, stale)}
+    done = update_docs.update([fresh, stale], results)
+    assert done == ["fresh.md: t", "stale.md: t"]
+    assert fresh.stat().st_ino == inodes[fresh]  # same text: the file is not touched
+    assert stale.stat().st_ino != inodes[stale]  # a new file renamed over the old one
+    assert stale.read_text() == fresh.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.md", "results", "stale.md"]  # no temp file

@@ -329,9 +329,10 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
         write_dir_atomic(directory, write, replaceable=check_save_target)
     except OutputError:
         raise
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as a SafetensorError
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise OutputError(
-            f"cannot write the checkpoint {directory}: {exc.strerror or exc}. Choose a directory whose parent "
+            f"cannot write the checkpoint {directory}: {reason}. Choose a directory whose parent "
             "exists (or can be created) and is writable."
         ) from exc
     log.info(

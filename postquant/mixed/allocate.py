@@ -32,7 +32,11 @@ Solver = Literal["auto", "dp", "milp"]
 
 
 def solve_knapsack(
-    cost: np.ndarray, weight: np.ndarray, capacity: int, solver: Solver = "auto"
+    cost: np.ndarray,
+    weight: np.ndarray,
+    capacity: int,
+    solver: Solver = "auto",
+    max_dp_cells: int = MAX_DP_CELLS,
 ) -> np.ndarray:
     """The exact minimum-cost choice of one column per row with total weight at most `capacity`.
 
@@ -42,7 +46,9 @@ def solve_knapsack(
         capacity: the integer budget.
         solver: ``dp`` (dynamic programming, exact in integer arithmetic), ``milp`` (HiGHS integer
             program: the budget is checked exactly, the optimum is within HiGHS's absolute gap of about 1e-6
-            of the largest cost) or ``auto`` (dp unless its table exceeds `MAX_DP_CELLS`).
+            of the largest cost) or ``auto`` (dp unless its table exceeds `max_dp_cells`).
+        max_dp_cells: for ``auto``, the largest dp table (layers x capacity cells, one int8 back-pointer
+            each) before the integer program is used instead.
 
     Returns:
         (L,) column indices. Among equal-cost optima, dp prefers lower columns.
@@ -64,7 +70,7 @@ def solve_knapsack(
     positive = extra[allowed & (extra > 0)]
     step = int(np.gcd.reduce(positive)) if positive.size else 1
     cells = room // step + 1
-    if solver == "dp" or (solver == "auto" and cells * len(cost) <= MAX_DP_CELLS):
+    if solver == "dp" or (solver == "auto" and cells * len(cost) <= max_dp_cells):
         return _solve_dp(cost, extra // step, cells)
     return _solve_milp(cost, extra // step, room // step)
 

@@ -90,6 +90,10 @@ class CalibSource(enum.StrEnum):
     NOISE = "noise"  # standard normal noise of the example input's shape
 
 
+# LearnedConfig fields that do not change the result: left out of checkpoint keys.
+BOOKKEEPING = frozenset({"checkpoint_dir", "progress", "chain_inputs"})
+
+
 class LearnedConfig(BaseModel):
     """One learned-rounding run. The defaults are BRECQ's published settings (docs/algorithms.md 2.3)."""
 
@@ -151,6 +155,12 @@ class LearnedConfig(BaseModel):
     # bookkeeping (not part of the result)
     checkpoint_dir: Path | None = Field(default=None, description="resume directory for finished units")
     progress: bool = Field(default=True, description="tqdm bar per unit")
+    chain_inputs: bool = Field(
+        default=True,
+        description="MSE loss, whole-model path: take a unit's inputs from the previous unit's outputs where "
+        "batch 0 shows that the model chains them (same codes, fewer forwards); False: run the model "
+        "prefixes for every batch",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> LearnedConfig:
@@ -163,4 +173,4 @@ class LearnedConfig(BaseModel):
 
     def result_fields(self) -> dict[str, object]:
         """The fields that change the result (for checkpoint keys): all but bookkeeping."""
-        return self.model_dump(mode="json", exclude={"checkpoint_dir", "progress"})
+        return self.model_dump(mode="json", exclude=BOOKKEEPING)

@@ -49,9 +49,17 @@ class ReconstructionReport:
     units: list[UnitOutcome] = field(default_factory=list)
     seconds: float = 0.0
     resumed: int = 0
+    chained_units: list[str] = field(
+        default_factory=list
+    )  # inputs after batch 0 carried from the unit before
 
     def as_dict(self) -> dict[str, Any]:
-        return {"seconds": self.seconds, "resumed": self.resumed, "units": [asdict(u) for u in self.units]}
+        return {
+            "seconds": self.seconds,
+            "resumed": self.resumed,
+            "chained_units": self.chained_units,
+            "units": [asdict(u) for u in self.units],
+        }
 
 
 # ----------------------------------------------------------------------------------- before planning
@@ -269,7 +277,6 @@ def reconstruct_model(
         )
     max_bytes = cfg.max_cache_mb * 2**20
     carried: Carried | None = None
-    chained = 0
     for k, unit in enumerate(units):
         if k in done:
             state, outcome = store.load(k)
@@ -291,7 +298,8 @@ def reconstruct_model(
             carried=carried,
         )
         carried = None  # consumed: do not hold the previous unit's outputs while this unit learns
-        chained += data.chained
+        if data.chained:
+            report.chained_units.append(unit.name)
         check_batch_size(data, cfg, unit)
         log.debug(
             "unit %s: %d samples cached (%.1f MB)",
@@ -309,7 +317,7 @@ def reconstruct_model(
             desc=f"[{k + 1}/{len(units)}] {unit.name}",
             squant_mode=squant_mode,
         )
-        if cfg.loss is Loss.MSE and k + 1 < len(units) and k + 1 not in done:
+        if cfg.chain_inputs and cfg.loss is Loss.MSE and k + 1 < len(units) and k + 1 not in done:
             carried = carry_outputs(qmodel, unit, data)
         del data
         log.info(
@@ -329,6 +337,8 @@ def reconstruct_model(
         if on_unit_end is not None:
             on_unit_end(k, unit, outcome)
     report.seconds = time.perf_counter() - start
-    if chained:
-        log.info("%d of %d units cached from the previous unit's outputs", chained, len(units))
+    if report.chained_units:
+        log.info(
+            "%d of %d units cached from the previous unit's outputs", len(report.chained_units), len(units)
+        )
     return report

@@ -227,6 +227,8 @@ class StudyRunner:
     Args:
         out_dir: where ``results.json`` lives.
         loader: model name -> `ZooModel` (default `postquant_lab.zoo.load_model`).
+        quantize: ``quantize(model, recipe, calib=..., example_inputs=...)`` of each run (default
+            `postquant.quantize`; a test counts the runs or fails one with it).
         progress: show a tqdm bar over runs, with ETA.
         max_seconds: stop starting new runs after this much wall time (finished runs are kept).
         poll_seconds: how often to look whether runs that other processes are running have finished.
@@ -236,6 +238,7 @@ class StudyRunner:
         self,
         out_dir: Path,
         loader: Callable[[str], ZooModel] = load_model,
+        quantize: Callable[..., torch.nn.Module] = quantize,
         progress: bool = True,
         max_seconds: float | None = None,
         poll_seconds: float = 10.0,
@@ -243,6 +246,7 @@ class StudyRunner:
         self.store = ResultStore(out_dir)
         self.poll_seconds = poll_seconds
         self.loader = loader
+        self.quantize = quantize
         self.progress = progress
         self.deadline = None if max_seconds is None else time.monotonic() + max_seconds
         self._loaded: dict[tuple[str, int | None], _Loaded] = {}
@@ -331,7 +335,9 @@ class StudyRunner:
                 recipe = recipe.model_copy(update={"mixed": mixed})
             torch.manual_seed(run.seed)
             start = time.perf_counter()
-            qmodel = quantize(loaded.zoo.model, recipe, calib=calib, example_inputs=loaded.zoo.example_inputs)
+            qmodel = self.quantize(
+                loaded.zoo.model, recipe, calib=calib, example_inputs=loaded.zoo.example_inputs
+            )
             quantize_s = time.perf_counter() - start
             res = evaluate(qmodel, loaded.zoo, data=loaded.eval_data, progress=False)
         except PostquantError as exc:

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 import postquant
 import postquant.io
-import postquant_lab.zoo
-from postquant.errors import PostquantError
+from postquant.errors import PostquantError, RecipeError
 from postquant_lab.cli import app
+from postquant_lab.cli_options import Lab, MixedOptions, QuantizeOptions
 
 runner = CliRunner()
 
@@ -22,13 +22,23 @@ class _Stop(PostquantError):
     """Raised by the fake `quantize` once it has seen the recipe."""
 
 
+class _Seen(list):
+    """The recipes the command passed to its quantize function; `invoke` runs a command with that function."""
+
+    def __init__(self, lab: Lab) -> None:
+        super().__init__()
+        self.lab = lab
+
+    def invoke(self, args: list[str]):
+        return runner.invoke(app, args, obj=self.lab)
+
+
 @pytest.fixture
-def seen(monkeypatch):
-    """Capture the recipe the CLI passes to `postquant.quantize` (and stop there: no model is quantized)."""
-    recipes = []
+def seen():
+    """Capture the recipe the CLI passes to its quantize function (and stop there: no model is quantized)."""
 
     def fake_quantize(model, recipe, calib=None, example_inputs=None):
-        recipes.append(recipe)
+        seen.append(recipe)
         raise _Stop("stopped after planning")
 
     zoo = SimpleNamespace(
@@ -38,9 +48,8 @@ def seen(monkeypatch):
         example_inputs=torch.zeros(1, 4),
         calib_batches=lambda *args, **kwargs: [torch.zeros(2, 4)],
     )
-    monkeypatch.setattr(postquant, "quantize", fake_quantize)
-    monkeypatch.setattr(postquant_lab.zoo, "load_model", lambda name: zoo)
-    return recipes
+    seen = _Seen(Lab(load_model=lambda name: zoo, quantize=fake_quantize))
+    return seen
 
 
 def _recipe_file(tmp_path, text: str):
@@ -51,7 +60,7 @@ def _recipe_file(tmp_path, text: str):
 
 def test_recipe_file_fields_are_kept_when_no_flag_is_typed(tmp_path, seen):
     path = _recipe_file(tmp_path, "method: squant\nw_bits: 2\na_bits: 8\ngranularity: tensor\nseed: 3\n")
-    result = runner.invoke(app, ["quantize", "tiny", "--recipe", path])
+    result = seen.invoke(["quantize", "tiny", "--recipe", path])
     assert result.exit_code == 2 and "stopped after planning" in result.output
     rec = seen[0]
     assert (rec.method.value, rec.w_bits, rec.a_bits, rec.granularity.value, rec.seed) == (
@@ -65,20 +74,20 @@ def test_recipe_file_fields_are_kept_when_no_flag_is_typed(tmp_path, seen):
 
 def test_typed_flags_override_the_recipe_file(tmp_path, seen):
     path = _recipe_file(tmp_path, "method: squant\nw_bits: 2\na_bits: 8\n")
-    runner.invoke(app, ["quantize", "tiny", "--recipe", path, "--w-bits", "6", "--method", "rtn"])
+    seen.invoke(["quantize", "tiny", "--recipe", path, "--w-bits", "6", "--method", "rtn"])
     rec = seen[0]
     assert (rec.method.value, rec.w_bits, rec.a_bits) == ("rtn", 6, 8)
 
 
 def test_defaults_without_a_recipe_are_unchanged(seen):
-    runner.invoke(app, ["quantize", "tiny"])
+    seen.invoke(["quantize", "tiny"])
     rec = seen[0]
     assert (rec.method.value, rec.w_bits, rec.a_bits) == ("rtn", 4, None)
 
 
 def test_mixed_options_complete_the_recipe_files_budget(tmp_path, seen):
     path = _recipe_file(tmp_path, "w_bits: 4\nmixed:\n  w_bits_budget: 3.0\n  importance: datafree\n")
-    runner.invoke(app, ["quantize", "tiny", "--recipe", path, "--bit-choices", "2,4,8"])
+    seen.invoke(["quantize", "tiny", "--recipe", path, "--bit-choices", "2,4,8"])
     mixed = seen[0].mixed
     assert (mixed.w_bits_budget, mixed.importance.value, mixed.bit_choices) == (3.0, "datafree", [2, 4, 8])
 
@@ -104,7 +113,7 @@ def test_commands_reading_a_checkpoint_never_run_code_it_names(tmp_path, command
     ids=["limit-0", "limit-negative", "calib-size-0", "iters-0"],
 )
 def test_non_positive_counts_are_refused(seen, args):
-    result = runner.invoke(app, ["quantize", "tiny", *args])
+    result = seen.invoke(["quantize", "tiny", *args])
     assert result.exit_code == 2 and seen == [], result.output
 
 
@@ -114,19 +123,19 @@ def test_negative_verify_is_refused(tmp_path):
 
 
 def test_report_without_out_is_an_error_before_any_work(seen):
-    result = runner.invoke(app, ["quantize", "tiny", "--report"])
+    result = seen.invoke(["quantize", "tiny", "--report"])
     assert result.exit_code == 2 and "--out" in result.output and seen == []
 
 
 def test_json_naming_a_directory_fails_before_any_work(seen, tmp_path):
-    result = runner.invoke(app, ["quantize", "tiny", "--json", str(tmp_path)])
+    result = seen.invoke(["quantize", "tiny", "--json", str(tmp_path)])
     assert result.exit_code == 2 and "is a directory" in result.output and seen == []
 
 
 def test_out_holding_foreign_files_in_its_checkpoint_folder_fails_before_any_work(seen, tmp_path):
     (tmp_path / "run" / "checkpoint").mkdir(parents=True)
     (tmp_path / "run" / "checkpoint" / "manifest.json").write_text('{"mine": true}')
-    result = runner.invoke(app, ["quantize", "tiny", "--out", str(tmp_path / "run")])
+    result = seen.invoke(["quantize", "tiny", "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "not a postquant checkpoint" in result.output and seen == []
 
 
@@ -135,17 +144,31 @@ def test_out_holding_a_previous_run_needs_overwrite(seen, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "results.json").write_text('{"previous": true}')
-    result = runner.invoke(app, ["quantize", "tiny", "--out", str(run)])
+    result = seen.invoke(["quantize", "tiny", "--out", str(run)])
     assert result.exit_code == 2 and "--overwrite" in result.output and seen == []
     assert (run / "results.json").read_text() == '{"previous": true}'
-    result = runner.invoke(app, ["quantize", "tiny", "--out", str(run), "--overwrite"])
+    result = seen.invoke(["quantize", "tiny", "--out", str(run), "--overwrite"])
     assert len(seen) == 1  # past the check: the (fake) quantization ran
 
 
 def test_errors_are_one_line_without_traceback_unless_verbose(tmp_path, seen):
     path = _recipe_file(tmp_path, "w_bits: 9\n")
-    result = runner.invoke(app, ["quantize", "tiny", "--recipe", path])
+    result = seen.invoke(["quantize", "tiny", "--recipe", path])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
-    result = runner.invoke(app, ["quantize", "tiny", "--recipe", path, "--verbose"])
+    result = seen.invoke(["quantize", "tiny", "--recipe", path, "--verbose"])
     assert result.exit_code == 2 and "Traceback" in result.output and "RecipeError" in result.output
+
+
+def test_options_build_the_recipe_from_the_typed_fields_only(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("method: squant\nw_bits: 2\na_bits: 8\nmixed:\n  w_bits_budget: 3.0\n")
+    options = QuantizeOptions("tiny", recipe_file=path, w_bits=6, mixed=MixedOptions(bit_choices="2,4,8"))
+    assert options.typed_recipe_fields() == {"w_bits": 6}
+    rec = options.build_recipe()
+    assert (rec.method.value, rec.w_bits, rec.a_bits) == ("squant", 6, 8)
+    assert (rec.mixed.w_bits_budget, rec.mixed.bit_choices) == (3.0, [2, 4, 8])
+    with pytest.raises(RecipeError, match="--bit-choices takes integers"):
+        QuantizeOptions("tiny", mixed=MixedOptions(w_bits_budget=3.0, bit_choices="2,x")).build_recipe()
+    with pytest.raises(RecipeError, match="--iters applies to learned rounding"):
+        QuantizeOptions("tiny", iters=5).build_recipe()

@@ -305,15 +305,25 @@ def test_existing_directory_needs_overwrite(ct, w4_group, tmp_path):
     assert (other / "todo.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("where", ["_copy_source", "save_file"])
-def test_interrupted_export_leaves_nothing(w4_group, tmp_path, monkeypatch, where):
+class _InterruptedTokenizer:
+    """A `source` tokenizer whose saving is interrupted (Ctrl-C while the source files are written)."""
+
+    def save_pretrained(self, directory: str) -> None:
+        (Path(directory) / "tokenizer.json").write_text("{")  # half written
+        raise KeyboardInterrupt
+
+
+def test_an_export_interrupted_while_writing_the_source_files_leaves_nothing(w4_group, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        export_compressed_tensors(w4_group, tmp_path / "out", source=_InterruptedTokenizer())
+    assert _siblings(tmp_path) == []
+
+
+def test_an_export_interrupted_while_writing_the_weights_leaves_nothing(w4_group, tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise KeyboardInterrupt
 
-    if where == "save_file":
-        monkeypatch.setattr(ct_export, "save_file", fail)
-    else:
-        monkeypatch.setattr(ct_export, where, fail)
+    monkeypatch.setattr(ct_export, "save_file", fail)  # fault injection: no public seam for the weights file
     with pytest.raises(KeyboardInterrupt):
         export_compressed_tensors(w4_group, tmp_path / "out")
     assert _siblings(tmp_path) == []
@@ -328,7 +338,7 @@ def test_mismatch_in_transformers_is_refused(ct, w4_group, ids, tmp_path, monkey
             tensors[f"{name}.weight_scale"] = tensors[f"{name}.weight_scale"] * 1.5
         return tensors
 
-    monkeypatch.setattr(ct_export, "_layer_tensors", wrong_scale)
+    monkeypatch.setattr(ct_export, "_layer_tensors", wrong_scale)  # fault injection: a corrupted tensor
     with pytest.raises(ExportMismatchError, match=r"disagrees.*Nothing was written") as info:
         export_compressed_tensors(w4_group, tmp_path / "out", verify_inputs=ids)
     assert info.value.metrics["rel_max_diff"] > 1e-3

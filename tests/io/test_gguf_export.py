@@ -224,7 +224,7 @@ def test_a_file_that_reads_back_differently_is_never_left(llama, tokens, tmp_pat
         packed[0, -1] ^= 0x10  # one nibble of one block
         return packed
 
-    monkeypatch.setattr(gx, "pack_blocks", corrupt)
+    monkeypatch.setattr(gx, "pack_blocks", corrupt)  # fault injection: one corrupted block in the file
     qmodel = postquant.quantize(llama, {"grid": "gguf-q4_0", "ignore": ["lm_head"]}, example_inputs=tokens)
     with pytest.raises(GGUFMismatchError, match="differs from postquant's weights in 1 of"):
         export_gguf(qmodel, tmp_path / "m.gguf")
@@ -240,7 +240,7 @@ def test_an_interrupted_export_leaves_nothing(llama, tmp_path, monkeypatch):
         real(path, *args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gx, "_write", interrupted)
+    monkeypatch.setattr(gx, "_write", interrupted)  # fault injection: Ctrl-C after the file is written
     with pytest.raises(KeyboardInterrupt):
         export_gguf(llama, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []

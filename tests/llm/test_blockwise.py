@@ -175,7 +175,7 @@ def test_no_whole_model_copy(monkeypatch: pytest.MonkeyPatch, inplace: bool) -> 
         return real(obj, memo)
 
     recipe = grid_recipe("learned", learned=LEARNED, calib_size=8)
-    monkeypatch.setattr(copy, "deepcopy", probe)
+    monkeypatch.setattr(copy, "deepcopy", probe)  # a probe on the standard library: what each copy holds
     quantize_blocks(model if not inplace else real(model), recipe, calib(), inplace=inplace)
     layer_params = _block_params(model)
     skeleton = total - 2 * layer_params

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postquant.errors import BudgetError, RecipeError
-from postquant.mixed import allocate as alloc_mod
 from postquant.mixed import allocate_bits, codes_bytes, solve_knapsack
 
 
@@ -76,13 +75,12 @@ def test_size_budget_matches_brute_force(problem, grid):
     assert math.isclose(sum(cost[n][bits[n]] for n in numel), optimum, rel_tol=1e-9, abs_tol=1e-9)
 
 
-def test_milp_path_when_the_table_is_large(monkeypatch):
+def test_milp_path_when_the_table_is_large():
     rng = np.random.default_rng(0)
     cost = rng.random((6, 5))
     weight = rng.integers(1, 1000, size=(6, 5))
     capacity = int(weight.min(axis=1).sum() + 1500)
-    monkeypatch.setattr(alloc_mod, "MAX_DP_CELLS", 10)  # force the integer program
-    auto = solve_knapsack(cost, weight, capacity)
+    auto = solve_knapsack(cost, weight, capacity, max_dp_cells=10)  # the integer program
     dp = solve_knapsack(cost, weight, capacity, solver="dp")
     rows = np.arange(6)
     assert math.isclose(cost[rows, auto].sum(), brute_force(cost, weight, capacity), rel_tol=1e-12)

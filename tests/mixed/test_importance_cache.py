@@ -29,16 +29,14 @@ def folded(tiny_cnn, images):
 
 
 @pytest.fixture
-def forwards(monkeypatch):
-    """Counts the importance measures' forward passes (`run_model` calls in `postquant.mixed.importance`)."""
+def forwards(folded):
+    """Counts the forward passes of the model (a forward hook): the importance measures' model runs."""
     count = [0]
-    real = importance_module.run_model
 
-    def counted(model, batch):
+    def counted(*_):
         count[0] += 1
-        return real(model, batch)
 
-    monkeypatch.setattr(importance_module, "run_model", counted)
+    folded.register_forward_hook(counted)
     return count
 
 
@@ -61,30 +59,26 @@ def test_a_saved_table_is_reused_bit_exactly(folded, images, tmp_path, importanc
     assert set(json.loads(saved.read_text())["rows"]) == set(plain)
 
 
-def test_an_interrupted_measurement_resumes_at_the_next_layer(
-    folded, images, tmp_path, monkeypatch, forwards
-):
+def test_an_interrupted_measurement_resumes_at_the_next_layer(folded, images, tmp_path, forwards):
     plain = _table(folded, images)
     layers = list(plain)
-    real = importance_module.quantized_weight
-    seen: list[int] = []
+    batches = 2
+    before_third_layer = batches * (1 + 2 * len(BITS))  # the references, then two layers at each bit width
 
-    def interrupted(w, bits, recipe, grid=None):
-        seen.append(bits)
-        if len(seen) > 2 * len(BITS) + len(layers) * len(BITS):  # past the key; during the third layer
+    def interrupt(*_):  # a hook registered after the counting one: the count includes this forward
+        if forwards[0] > before_third_layer:
             raise Interrupt
-        return real(w, bits, recipe, grid)
 
-    monkeypatch.setattr(importance_module, "quantized_weight", interrupted)
+    forwards[0] = 0
+    handle = folded.register_forward_hook(interrupt)
     with pytest.raises(Interrupt):
         _table(folded, images, ckpt=tmp_path)
-    monkeypatch.setattr(importance_module, "quantized_weight", real)
+    handle.remove()
     (saved,) = tmp_path.glob("importance_*.json")
     assert list(json.loads(saved.read_text())["rows"]) == layers[:2]  # the two finished layers
     forwards[0] = 0
     resumed = _table(folded, images, ckpt=tmp_path)
     assert resumed == plain  # bit-exact: JSON floats read back exactly
-    batches = 2
     assert forwards[0] == batches * (1 + (len(layers) - 2) * len(BITS))  # references + the layers left
 
 
@@ -226,9 +220,7 @@ def test_two_processes_split_one_measurement(tmp_path):
     assert json.loads(claims_file.read_text()) == {}  # no claim left behind
 
 
-def test_a_layer_claimed_by_another_process_is_waited_for_then_taken_over(
-    folded, images, tmp_path, monkeypatch
-):
+def test_a_layer_claimed_by_another_process_is_waited_for_then_taken_over(folded, images, tmp_path, forwards):
     import subprocess
     import sys
 
@@ -237,7 +229,17 @@ def test_a_layer_claimed_by_another_process_is_waited_for_then_taken_over(
 
     plain = _table(folded, images)
     layers = list(plain)
+    batches = 2
+    free_layers_done = batches * (1 + (len(layers) - 1) * len(BITS))  # the references, then the free layers
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+    written_then: list[str] = []
+
+    def kill_when_the_free_layers_are_done(*_):  # after the counting hook: the count includes this forward
+        if forwards[0] == free_layers_done:  # the last forward of the last free layer
+            written_then.extend(json.loads(cache.path.read_text())["rows"])
+            other.kill()  # the other process dies before measuring its own layer
+
     try:
         parts = importance_module._cache_parts(
             folded, layers, BITS, Recipe(), Importance.LOSS, list(images.split(8)), None
@@ -245,20 +247,15 @@ def test_a_layer_claimed_by_another_process_is_waited_for_then_taken_over(
         cache = ImportanceCache(tmp_path, parts)
         holder = {**claims.this_process(), "pid": other.pid, "start": claims.process_start(other.pid)}
         tmp_path.joinpath(cache.claims_path.name).write_text(json.dumps({layers[0]: holder}))
-        order: list[str] = []
-        real = ImportanceCache.record
-
-        def record(self, rows):
-            order.extend(rows)
-            out = real(self, rows)
-            if layers[-1] in rows:  # every free layer done: the other process dies before measuring its own
-                other.kill()
-            return out
-
-        monkeypatch.setattr(ImportanceCache, "record", record)
+        forwards[0] = 0
+        folded.register_forward_hook(kill_when_the_free_layers_are_done)
         table = _table(folded, images, ckpt=tmp_path)
     finally:
         other.kill()
         other.wait()
     assert table == plain
-    assert order == [*layers[1:], layers[0]]  # the claimed layer last: waited for, then taken over
+    # the claimed layer last (waited for, then taken over): when the free layers were done, the file held
+    # them (the last one being measured) and not the claimed one, which was then measured once
+    assert sorted(written_then) == sorted(layers[1:-1])
+    assert sorted(json.loads(cache.path.read_text())["rows"]) == sorted(layers)
+    assert forwards[0] == batches * (1 + len(layers) * len(BITS))

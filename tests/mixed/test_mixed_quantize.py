@@ -130,6 +130,7 @@ def test_each_layer_grid_is_fitted_once_per_bit_width(tiny_cnn, images, monkeypa
         calls.append(bits)
         return fit(self, w, bits, importance)
 
+    # counts grid fits (a cost, not a result): no public observable, and a counter would be code for tests
     monkeypatch.setattr(Recipe, "weight_grid", counting)
     choices = [2, 4, 8]
     mixed = {"w_bits_budget": 4.0, "importance": importance, "bit_choices": choices, "calib_size": 16}

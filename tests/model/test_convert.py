@@ -135,7 +135,7 @@ def test_weight_modules_without_a_quantizer_are_named(caplog):
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_a_pytorch_transformer_is_quantized_through_its_attention(batch_first, monkeypatch):
+def test_a_pytorch_transformer_is_quantized_through_its_attention(batch_first):
     """nn.MultiheadAttention and the fused paths of nn.TransformerEncoder(Layer) read weights as tensors; the
     attention is rebuilt from Linear layers, so every projection is quantized and actually runs."""
     torch.manual_seed(0)
@@ -159,8 +159,9 @@ def test_a_pytorch_transformer_is_quantized_through_its_attention(batch_first, m
     assert isinstance(model.layers[0].self_attn, nn.MultiheadAttention)  # the original is untouched
 
     calls = []
-    forward = QuantizedLayer.forward
-    monkeypatch.setattr(QuantizedLayer, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    for layer in qmodel.modules():
+        if isinstance(layer, QuantizedLayer):
+            layer.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():  # inference: where PyTorch's fused paths would bypass the layers
         ref, out = model(x), qmodel(x)
         assert 0 < float((out - ref).norm() / ref.norm()) < 0.2

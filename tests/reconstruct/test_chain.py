@@ -10,8 +10,6 @@ import torch
 from torch import nn
 
 import postquant
-import postquant.reconstruct.cache as cache
-import postquant.reconstruct.engine as engine
 from postquant.nn import QuantizedLayer
 from postquant.reconstruct.cache import _same
 from postquant.reconstruct.capture import Captured
@@ -61,13 +59,17 @@ def codes(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: m.codes.clone() for n, m in model.named_modules() if isinstance(m, QuantizedLayer)}
 
 
-def quantize_both_ways(model_fn, recipe: dict, calib, monkeypatch, caplog) -> tuple[dict, dict, str]:
+def without_chaining(recipe: dict) -> dict:
+    """`recipe` with every unit cached from model prefixes (``learned.chain_inputs: false``)."""
+    return {**recipe, "learned": {**recipe["learned"], "chain_inputs": False}}
+
+
+def quantize_both_ways(model_fn, recipe: dict, calib, caplog) -> tuple[dict, dict, str]:
     """Codes with chained caching, codes with every unit cached from model prefixes, and the chained log."""
     with caplog.at_level(logging.INFO, logger="postquant.reconstruct.engine"):
         chained = codes(postquant.quantize(model_fn(), recipe, calib=calib))
     log = caplog.text
-    monkeypatch.setattr(engine, "carry_outputs", lambda *a: None)
-    prefixes = codes(postquant.quantize(model_fn(), recipe, calib=calib))
+    prefixes = codes(postquant.quantize(model_fn(), without_chaining(recipe), calib=calib))
     return chained, prefixes, log
 
 
@@ -82,9 +84,9 @@ def tiny_resnet() -> TinyResNet:
 
 
 @pytest.mark.parametrize("a_bits", [None, 4])
-def test_chained_caching_gives_the_codes_of_prefix_caching_on_a_resnet(monkeypatch, caplog, a_bits):
+def test_chained_caching_gives_the_codes_of_prefix_caching_on_a_resnet(caplog, a_bits):
     calib = torch.randn(48, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    chained, prefixes, log = quantize_both_ways(tiny_resnet, recipe(a_bits), calib, monkeypatch, caplog)
+    chained, prefixes, log = quantize_both_ways(tiny_resnet, recipe(a_bits), calib, caplog)
     assert chained.keys() == prefixes.keys()
     for name in chained:
         assert torch.equal(chained[name], prefixes[name]), name
@@ -93,10 +95,10 @@ def test_chained_caching_gives_the_codes_of_prefix_caching_on_a_resnet(monkeypat
 
 
 @pytest.mark.parametrize(("drop_prob", "ragged"), [(0.0, False), (0.5, False), (0.5, True)])
-def test_chained_caching_carries_keyword_arguments(monkeypatch, caplog, drop_prob, ragged):
+def test_chained_caching_carries_keyword_arguments(caplog, drop_prob, ragged):
     torch.manual_seed(0)
     chained, prefixes, log = quantize_both_ways(
-        MaskedStack, recipe(None, drop_prob=drop_prob), masked_batches(ragged=ragged), monkeypatch, caplog
+        MaskedStack, recipe(None, drop_prob=drop_prob), masked_batches(ragged=ragged), caplog
     )
     for name in chained:
         assert torch.equal(chained[name], prefixes[name]), name
@@ -104,10 +106,10 @@ def test_chained_caching_carries_keyword_arguments(monkeypatch, caplog, drop_pro
     assert "2 of 4 units cached from the previous unit's outputs" in log
 
 
-def test_a_different_keyword_per_unit_falls_back_to_prefixes(monkeypatch, caplog):
+def test_a_different_keyword_per_unit_falls_back_to_prefixes(caplog):
     torch.manual_seed(0)
     chained, prefixes, log = quantize_both_ways(
-        lambda: MaskedStack(depth_arg=True), recipe(None), masked_batches(), monkeypatch, caplog
+        lambda: MaskedStack(depth_arg=True), recipe(None), masked_batches(), caplog
     )
     for name in chained:
         assert torch.equal(chained[name], prefixes[name]), name
@@ -115,25 +117,16 @@ def test_a_different_keyword_per_unit_falls_back_to_prefixes(monkeypatch, caplog
     assert "cached from the previous unit's outputs" not in log
 
 
-def test_chaining_runs_the_model_prefix_on_the_first_batch_only(monkeypatch):
-    """A chained unit runs the model prefixes (quantized and float) on batch 0 only: the check of the chain."""
-    calls: dict[str, int] = {}
-    real = cache.run_captured
-
-    def spy(model, unit, *args, **kwargs):
-        calls[unit.name] = calls.get(unit.name, 0) + 1
-        return real(model, unit, *args, **kwargs)
-
-    monkeypatch.setattr(cache, "run_captured", spy)
+def test_the_report_names_the_chained_units_and_chain_inputs_false_turns_chaining_off():
+    """A chained unit takes batches 1.. from the unit before (the model prefixes run on batch 0 only, to check
+    the chain); the learned-rounding report names those units."""
     batches = masked_batches(n_batches=6)
     torch.manual_seed(0)
-    postquant.quantize(MaskedStack(), recipe(None, iters=2), calib=batches)
-    assert calls == {"layer.0": 12, "layer.1": 2, "layer.2": 2, "head": 12}
-    calls.clear()
-    monkeypatch.setattr(engine, "carry_outputs", lambda *a: None)
+    q = postquant.quantize(MaskedStack(), recipe(None, iters=2), calib=batches)
+    assert postquant.result(q).learned.chained_units == ["layer.1", "layer.2"]
     torch.manual_seed(0)
-    postquant.quantize(MaskedStack(), recipe(None, iters=2), calib=batches)
-    assert calls == {"layer.0": 12, "layer.1": 12, "layer.2": 12, "head": 12}
+    q = postquant.quantize(MaskedStack(), without_chaining(recipe(None, iters=2)), calib=batches)
+    assert postquant.result(q).learned.chained_units == []
 
 
 def test_same_compares_structure_and_values():

@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import postquant
 import postquant_lab.study.runner as runner_mod
 from postquant.calib.observers import Observer
 from postquant.errors import RecipeError, UnknownNameError
@@ -145,28 +146,34 @@ def tiny_zoo(tmp_path) -> ZooModel:
     )
 
 
+class _Calls(dict):
+    """The quantize() calls of the runners given `quantize` (``_runner(out, zoo, calls)``): ``calls["n"]``
+    counts them; ``calls["fail_at"] = n`` makes the n-th call raise ``calls["error"]`` (default
+    KeyboardInterrupt: Ctrl-C)."""
+
+    def __init__(self) -> None:
+        super().__init__(n=0, fail_at=None, error=KeyboardInterrupt)
+
+    def quantize(self, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        self["n"] += 1
+        if self["fail_at"] == self["n"]:
+            raise self["error"]("simulated crash")
+        return postquant.quantize(*args, **kwargs)
+
+
 @pytest.fixture
-def calls(monkeypatch):
-    """Counts quantize() calls of the runner; `calls["fail_at"] = n` makes the n-th call raise
-    `calls["error"]` (default KeyboardInterrupt: Ctrl-C)."""
-    real = runner_mod.quantize
-    state = {"n": 0, "fail_at": None, "error": KeyboardInterrupt}
-
-    def counting(*args, **kwargs):
-        state["n"] += 1
-        if state["fail_at"] == state["n"]:
-            raise state["error"]("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(runner_mod, "quantize", counting)
-    return state
+def calls() -> _Calls:
+    return _Calls()
 
 
 SETTINGS = StudySettings(MODEL, "W4A4", iters=4, calib_size=32)
 SELECTION = ["all", "random 0.5"]
 
 
-def _runner(out: Path, zoo: ZooModel, **kwargs) -> StudyRunner:
+def _runner(out: Path, zoo: ZooModel, calls: _Calls | None = None, **kwargs) -> StudyRunner:
+    """A runner on `zoo`; with `calls`, its quantize() calls are counted there."""
+    if calls is not None:
+        kwargs["quantize"] = calls.quantize
     return StudyRunner(out, loader=lambda name: zoo, progress=False, **kwargs)
 
 
@@ -178,7 +185,7 @@ def _axis(*args, **kwargs) -> tuple[str, str, list[str]]:
 def test_runs_are_cached_and_not_repeated(tmp_path, tiny_zoo, calls):
     out = tmp_path / "out"
     section, summary, missing = _axis(
-        SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION
+        SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo, calls), SELECTION
     )
     assert calls["n"] == 4 and missing == []
     assert summary.startswith("- tiny-resnet W4A4, **selection** vs all: random 0.5: ")
@@ -190,24 +197,24 @@ def test_runs_are_cached_and_not_repeated(tmp_path, tiny_zoo, calls):
     assert all(0 <= r["value"] <= 100 and r["wall_s"] > 0 and r["n"] == 64 for r in records.values())
     assert "| **all** (baseline) | 2 |" in section and "| random 0.5 | 2 |" in section
 
-    section2, _, _ = _axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION)
+    section2, _, _ = _axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo, calls), SELECTION)
     assert calls["n"] == 4  # a second invocation re-runs nothing
     assert section2 == section
     # another axis's baseline is the same recipe: reused, not run again
-    study_axis(SETTINGS, get_axis("variable"), [0, 1], _runner(out, tiny_zoo), ["adaround"])
+    study_axis(SETTINGS, get_axis("variable"), [0, 1], _runner(out, tiny_zoo, calls), ["adaround"])
     assert calls["n"] == 4
     # other base settings are other runs
     other = StudySettings(MODEL, "W4A4", iters=3, calib_size=32)
-    study_axis(other, get_axis("selection"), [0], _runner(out, tiny_zoo), ["all"])
+    study_axis(other, get_axis("selection"), [0], _runner(out, tiny_zoo, calls), ["all"])
     assert calls["n"] == 5
 
 
 def test_seed_fixes_the_result(tmp_path, tiny_zoo, calls):
     out = tmp_path / "out"
-    study_axis(SETTINGS, get_axis("selection"), [0], _runner(out, tiny_zoo), ["random 0.5"])
+    study_axis(SETTINGS, get_axis("selection"), [0], _runner(out, tiny_zoo, calls), ["random 0.5"])
     first = {r["variant"]: r["value"] for r in json.loads((out / "results.json").read_text()).values()}
     (out / "results.json").unlink()
-    study_axis(SETTINGS, get_axis("selection"), [0], _runner(out, tiny_zoo), ["random 0.5"])
+    study_axis(SETTINGS, get_axis("selection"), [0], _runner(out, tiny_zoo, calls), ["random 0.5"])
     again = {r["variant"]: r["value"] for r in json.loads((out / "results.json").read_text()).values()}
     assert first == again
 
@@ -216,21 +223,23 @@ def test_interrupted_study_resumes(tmp_path, tiny_zoo, calls):
     out = tmp_path / "out"
     calls["fail_at"] = 3
     with pytest.raises(KeyboardInterrupt, match="simulated crash"):
-        study_axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION)
+        study_axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo, calls), SELECTION)
     assert len(json.loads((out / "results.json").read_text())) == 2  # the two finished runs were kept
     assert not list(out.glob(".results.json.*"))  # no temporary file left behind
     calls["fail_at"] = None
-    _, _, missing = _axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo), SELECTION)
+    _, _, missing = _axis(SETTINGS, get_axis("selection"), [0, 1], _runner(out, tiny_zoo, calls), SELECTION)
     assert calls["n"] == 3 + 2 and missing == []
 
 
 def test_a_bug_in_one_run_is_reported_and_the_study_goes_on(tmp_path, tiny_zoo, calls):
     calls["fail_at"], calls["error"] = 2, RuntimeError
-    runner = _runner(tmp_path, tiny_zoo)
+    runner = _runner(tmp_path, tiny_zoo, calls)
     section, _, missing = _axis(SETTINGS, get_axis("selection"), [0, 1], runner, SELECTION)
     assert calls["n"] == 4 and len(missing) == 1  # the three other runs finished
     assert "failed: RuntimeError: simulated crash (a bug" in section
-    _, _, missing = _axis(SETTINGS, get_axis("selection"), [0, 1], _runner(tmp_path, tiny_zoo), SELECTION)
+    _, _, missing = _axis(
+        SETTINGS, get_axis("selection"), [0, 1], _runner(tmp_path, tiny_zoo, calls), SELECTION
+    )
     assert calls["n"] == 5 and missing == []  # failures are not cached: tried again
 
 
@@ -238,7 +247,10 @@ def test_two_processes_share_one_results_file(tmp_path, tiny_zoo, calls):
     """Two runners (as two processes, one per core) on one --out: neither loses the other's records, and a
     run the other already finished is not repeated."""
     out = tmp_path / "out"
-    first, second = _runner(out, tiny_zoo), _runner(out, tiny_zoo)  # both read the (empty) file now
+    first, second = (
+        _runner(out, tiny_zoo, calls),
+        _runner(out, tiny_zoo, calls),
+    )  # both read the (empty) file now
     study_axis(SETTINGS, get_axis("selection"), [0], first, SELECTION)
     assert calls["n"] == 2
     study_axis(SETTINGS, get_axis("selection"), [0, 1], second, SELECTION)
@@ -268,7 +280,7 @@ def test_a_run_claimed_by_another_live_process_is_left_to_it(tmp_path, tiny_zoo,
 
     killer = threading.Timer(3.0, die)
     killer.start()
-    records = _runner(out, tiny_zoo, poll_seconds=0.01).run(SETTINGS, runs)
+    records = _runner(out, tiny_zoo, calls, poll_seconds=0.01).run(SETTINGS, runs)
     killer.join()
     assert ran_before_death == [1]  # the baseline only: the claimed run was left to its live process
     assert calls["n"] == 2 and len(records) == 2  # then its process died: taken over and run here
@@ -285,7 +297,7 @@ def test_waiting_picks_up_what_the_other_process_finished(tmp_path, tiny_zoo, ca
         0.5, runner_mod.ResultStore(out).put, (runs[1].key, {**record, "value": 42.0, "wall_s": 1.0})
     )
     finish.start()
-    records = _runner(out, tiny_zoo, poll_seconds=0.01).run(SETTINGS, runs)  # waits by default
+    records = _runner(out, tiny_zoo, calls, poll_seconds=0.01).run(SETTINGS, runs)  # waits by default
     finish.join()
     assert calls["n"] == 1  # the baseline only: the other run was the other process's
     assert {r["variant"]: r["value"] for r in records}["random 0.5"] == 42.0
@@ -338,14 +350,16 @@ def test_image_only_variants_are_unavailable_on_text_models():
 
 def test_unavailable_variants_are_reported_not_run(tmp_path, tiny_zoo, calls):
     out = tmp_path / "out"
-    section, _, _ = _axis(SETTINGS, get_axis("calib-source"), [0], _runner(out, tiny_zoo), ["other dataset"])
+    section, _, _ = _axis(
+        SETTINGS, get_axis("calib-source"), [0], _runner(out, tiny_zoo, calls), ["other dataset"]
+    )
     assert "unavailable: no other calibration dataset is known for 'tiny-resnet'" in section
     assert calls["n"] == 1  # the baseline only
 
 
 def test_time_budget_stops_before_new_runs(tmp_path, tiny_zoo, calls):
     out = tmp_path / "out"
-    runner = _runner(out, tiny_zoo, max_seconds=0)
+    runner = _runner(out, tiny_zoo, calls, max_seconds=0)
     section, _, missing = _axis(SETTINGS, get_axis("selection"), [0, 1], runner, SELECTION)
     assert calls["n"] == 0 and runner.out_of_time
     assert len(missing) == 4 and "missing" in section
@@ -358,7 +372,7 @@ def test_study_all_takes_each_models_own_seed_count(tmp_path, tiny_zoo, calls):
     )
     assert default_settings("minilm-l6", "W4", seeds=4).seeds == 4
     two = StudySettings(MODEL, "W4A4", iters=4, calib_size=32, seeds=2)
-    study_all([two], [get_axis("granularity")], None, _runner(tmp_path, tiny_zoo))
+    study_all([two], [get_axis("granularity")], None, _runner(tmp_path, tiny_zoo, calls))
     records = json.loads((tmp_path / "results.json").read_text()).values()
     assert {r["seed"] for r in records} == {0, 1} and calls["n"] == 2 * 3
     assert two.digest() == StudySettings(MODEL, "W4A4", iters=4, calib_size=32, seeds=5).digest()
@@ -367,7 +381,9 @@ def test_study_all_takes_each_models_own_seed_count(tmp_path, tiny_zoo, calls):
 def test_study_all_writes_tables_and_plots(tmp_path, tiny_zoo, calls):
     out = tmp_path / "out"
     axes = [get_axis("granularity"), get_axis("mixed")]
-    path = study_all([SETTINGS], axes, [0, 1], _runner(out, tiny_zoo), command="postquant study all test")
+    path = study_all(
+        [SETTINGS], axes, [0, 1], _runner(out, tiny_zoo, calls), command="postquant study all test"
+    )
     text = path.read_text()
     assert path == out / "STUDY.md"
     assert (
@@ -388,7 +404,7 @@ def test_study_all_writes_tables_and_plots(tmp_path, tiny_zoo, calls):
 
 def test_study_all_lists_missing_runs(tmp_path, tiny_zoo, calls):
     out = tmp_path / "out"
-    path = study_all([SETTINGS], [get_axis("loss")], [0], _runner(out, tiny_zoo, max_seconds=0))
+    path = study_all([SETTINGS], [get_axis("loss")], [0], _runner(out, tiny_zoo, calls, max_seconds=0))
     text = path.read_text()
     assert calls["n"] == 0
     for label in ("mse", "fisher", "output"):
@@ -426,7 +442,7 @@ def test_other_calibration_dataset_fits_the_model_input(model):
 
 def test_every_available_variant_runs(tmp_path, tiny_zoo, calls):
     """One seed of every variant of every axis on the tiny model: none crashes, none fails."""
-    runner = _runner(tmp_path / "out", tiny_zoo)
+    runner = _runner(tmp_path / "out", tiny_zoo, calls)
     settings = StudySettings(MODEL, "W4A4", iters=2, calib_size=16)
     for axis in AXES:
         runs, records = runner_mod.run_axis(settings, axis, [0], runner)
@@ -437,20 +453,17 @@ def test_every_available_variant_runs(tmp_path, tiny_zoo, calls):
     assert calls["n"] == len({r["run_hash"] for r in runner.store.records.values()})
 
 
-def test_mixed_runs_share_one_importance_measurement(tmp_path, tiny_zoo, calls, monkeypatch):
-    from postquant.mixed.cache import ImportanceCache
-
-    recorded = []
-    real = ImportanceCache.record
-    monkeypatch.setattr(
-        ImportanceCache, "record", lambda self, rows: (recorded.extend(rows), real(self, rows))
-    )
+def test_mixed_runs_share_one_importance_measurement(tmp_path, tiny_zoo, calls):
     out = tmp_path / "out"
-    study_axis(SETTINGS, get_axis("mixed"), [0, 1], _runner(out, tiny_zoo), ["mixed (loss)"])
-    assert calls["n"] == 4  # the uniform baseline and the mixed variant, two seeds
+    study_axis(SETTINGS, get_axis("mixed"), [0], _runner(out, tiny_zoo, calls), ["mixed (loss)"])
     (table,) = (out / runner_mod.IMPORTANCE_DIR).glob("importance_*.json")
-    rows = json.loads(table.read_text())["rows"]
-    assert rows and sorted(recorded) == sorted(rows)  # each layer measured once: seed 1 reused seed 0's
+    written = (table.stat().st_ino, table.stat().st_mtime_ns)
+    study_axis(SETTINGS, get_axis("mixed"), [0, 1], _runner(out, tiny_zoo, calls), ["mixed (loss)"])
+    assert calls["n"] == 4  # the uniform baseline and the mixed variant, two seeds
+    assert json.loads(table.read_text())["rows"]
+    # each layer measured once: seed 1 reused seed 0's rows, and the table (replaced whole on a write) is as
+    # seed 0 left it
+    assert (table.stat().st_ino, table.stat().st_mtime_ns) == written
 
 
 def test_cli_study_axis_on_resnet20_then_report_only(tmp_path):
@@ -563,7 +576,7 @@ def test_best_combination_is_a_greedy_search(tmp_path, tiny_zoo, calls):
         },
         combined=trials,
     )
-    path = study_all([SETTINGS], GREEDY_AXES, [0, 1], _runner(tmp_path, tiny_zoo))
+    path = study_all([SETTINGS], GREEDY_AXES, [0, 1], _runner(tmp_path, tiny_zoo, calls))
     assert calls["n"] == 0  # every trial was cached
     text = path.read_text()
     assert "Kept: **selection: random 0.5 + granularity: 2 blocks**" in text
@@ -575,13 +588,13 @@ def test_best_combination_is_a_greedy_search(tmp_path, tiny_zoo, calls):
 
 def test_best_combination_runs_its_trials_and_waits_for_every_axis(tmp_path, tiny_zoo, calls):
     _fake_results(tmp_path, GREEDY_RESULTS)
-    study_all([SETTINGS], GREEDY_AXES, [0, 1], _runner(tmp_path, tiny_zoo))
+    study_all([SETTINGS], GREEDY_AXES, [0, 1], _runner(tmp_path, tiny_zoo, calls))
     assert calls["n"] == 4  # two new trials (the first is 2 blocks alone, cached), two seeds each
     assert "### Best combination (`combined`)" in (tmp_path / "STUDY.md").read_text()
     # with a run missing on an axis, no combination is attempted yet
     (tmp_path / "results.json").unlink()
     _fake_results(tmp_path, {("granularity", "2 blocks"): [60.0, 60.2], ("grid", "power"): [55.0, 55.3]})
-    study_all([SETTINGS], GREEDY_AXES, [0, 1], _runner(tmp_path, tiny_zoo), run=False)
+    study_all([SETTINGS], GREEDY_AXES, [0, 1], _runner(tmp_path, tiny_zoo, calls), run=False)
     assert "combined" not in (tmp_path / "STUDY.md").read_text()
 
 
