@@ -44,12 +44,13 @@ from torch import nn
 
 from postquant.calib import as_calibration
 from postquant.calib.data import run_model
-from postquant.choices import GridKind, PowerSearch
+from postquant.choices import GridKind, Method, PowerSearch
 from postquant.errors import CheckpointError, DataError, RecipeError, UnsupportedModelError
 from postquant.eval.run import main_output
 from postquant.model.blocks import Unit
 from postquant.model.hf import no_kv_cache
 from postquant.model.walk import quantized_layers
+from postquant.nn.layer import upcast_half
 from postquant.outcome import QuantizationResult, attach_result
 from postquant.plan import Plan, check_finite, make_plan
 from postquant.progress import progress_bar
@@ -66,8 +67,9 @@ from postquant.reconstruct.config import BOOKKEEPING, Loss
 from postquant.reconstruct.engine import ReconstructionReport, prepare
 from postquant.reconstruct.loop import UnitOutcome, reconstruct_unit, restore, snapshot
 from postquant.reconstruct.presets import is_learned, learned_config
+from postquant.rounding.gptq import HessianAccumulator, affine_params
 from postquant.store.files import fingerprint, write_atomic
-from postquant.weights import quantize_weights
+from postquant.weights import layer_gptq_codes, quantize_weights
 
 __all__ = ["DECODER_LISTS", "decoder_layers", "quantize_blocks"]
 
@@ -193,6 +195,37 @@ def _run_layer(layer: nn.Module, inputs: list[Captured], hidden: list[torch.Tens
     ]
 
 
+def _gptq_layer(
+    qmodel: nn.Module,
+    float_layer: nn.Module,
+    prefix: str,
+    layer_names: tuple[str, ...],
+    recipe: Recipe,
+    inputs: list[Captured],
+    hidden: list[torch.Tensor],
+) -> None:
+    """GPTQ codes for the planned layers of one decoder layer, installed in `qmodel`: their Hessians come from
+    one pass of the float decoder layer over the quantized chain's inputs (GPTQ's per-block form)."""
+    accs: dict[str, HessianAccumulator] = {}
+    handles = []
+    for name in layer_names:
+        sub = float_layer.get_submodule(name[len(prefix) + 1 :])
+        acc = accs[name] = HessianAccumulator(sub)
+        handles.append(sub.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(upcast_half(args[0]))))
+    try:
+        with torch.no_grad():
+            _run_layer(float_layer, inputs, hidden)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, acc in accs.items():
+        qlayer = qmodel.get_submodule(name)
+        w = upcast_half(float_layer.get_submodule(name[len(prefix) + 1 :]).weight.detach())
+        grid = qlayer.grid
+        s, z = affine_params(grid, w)
+        qlayer.set_codes(layer_gptq_codes(w, acc, grid, s, z, recipe))
+
+
 def _unit_data(
     inputs: list[Captured],
     q_hidden: list[torch.Tensor],
@@ -286,15 +319,17 @@ def quantize_blocks(
     model.eval()
     container, layers = decoder_layers(model, blocks)
     learned = is_learned(recipe)
+    gptq = recipe.method is Method.GPTQ
+    chained = learned or gptq  # methods that need each layer's inputs in the quantized model
     recipe, _ = prepare(model, recipe, None, None)  # learned presets' first/last-layer policy
     plan = make_plan(model, recipe)
     check_finite(model, list(plan))
     batches = None
-    if learned:
+    if chained:
         batches = as_calibration(calib, recipe.calib_size) if calib is not None else None
         if not batches:
             raise DataError(
-                f"method '{recipe.method.value}' learns the rounding from calibration data: pass calib=... "
+                f"method '{recipe.method.value}' chooses the rounding from calibration data: pass calib=... "
                 "(token windows, e.g. postquant.calib.text.random_windows)"
             )
         if not isinstance(batches, list):
@@ -327,7 +362,7 @@ def quantize_blocks(
         inputs: list[Captured] = []
         q_hidden: list[torch.Tensor] = []
         f_hidden: list[torch.Tensor] = []
-        if learned and len(done) < len(names):
+        if chained and len(done) < len(names):
             inputs = _first_inputs(model, names[0], batches)  # type: ignore[arg-type]
             q_hidden = [c.args[0] for c in inputs]
             f_hidden = list(q_hidden)
@@ -337,7 +372,7 @@ def quantize_blocks(
         for k in bar:
             unit = units[k]
             if inplace:  # the float layer is needed after its codes are chosen only by learned rounding
-                teacher_layer = copy.deepcopy(layers[k]) if learned and k not in done else layers[k]
+                teacher_layer = copy.deepcopy(layers[k]) if chained and k not in done else layers[k]
                 teacher: nn.Module = _TeacherView(names[k], teacher_layer)
             else:
                 qlayers[k] = copy.deepcopy(layers[k])
@@ -349,9 +384,14 @@ def quantize_blocks(
                 if outcome:
                     report.units.append(UnitOutcome(**outcome))
                 report.resumed += 1
-                if learned and k + 1 not in done and k + 1 < len(names):
+                if chained and k + 1 not in done and k + 1 < len(names):
                     q_hidden, f_hidden = chains.load(k, len(inputs))
                 continue
+            if gptq:
+                _gptq_layer(qmodel, teacher_layer, names[k], unit.layers, recipe, inputs, q_hidden)
+                q_hidden = _run_layer(qlayers[k], inputs, q_hidden)
+                f_hidden = q_hidden  # GPTQ needs no float chain
+                chains.save(k, q_hidden, f_hidden)
             if learned:
                 assert cfg is not None
                 targets = _run_layer(teacher_layer, inputs, f_hidden)

@@ -21,7 +21,7 @@ from postquant.recipe import Method, Recipe
 from postquant.rounding import nearest_codes, squant_codes, squant_codes_many
 from postquant.rounding.gptq import HessianAccumulator, affine_params, gptq_codes
 
-__all__ = ["quantize_weights", "weight_codes"]
+__all__ = ["gptq_weights", "layer_gptq_codes", "quantize_weights", "weight_codes"]
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,6 @@ def gptq_weights(
     """Replace every planned layer of `model` (in place, in plan order) by a `QuantizedLayer` whose codes GPTQ
     chose on the recipe's grid, from the layer's inputs in the model as quantized so far (docs/algorithms.md
     2.5): each layer sees the error of the layers before it, as in GPTQ's sequential form."""
-    cfg = recipe.gptq_config
     importance = importance or {}
     done: dict[str, QuantizedLayer] = {}
     for name, lp in progress_bar(plan.items(), total=len(plan), desc="GPTQ", unit="layer"):
@@ -147,27 +146,34 @@ def gptq_weights(
             s, z = affine_params(grid, w)
         except (RecipeError, NonFiniteWeightError) as exc:
             raise type(exc)(f"layer {name!r} (weight {tuple(w.shape)}): {exc}") from exc
-        acc = layer_hessian(model, name, batches)
-        rows = w.reshape(w.shape[0], -1)
-        s2, z2 = s.reshape(rows.shape), z.reshape(rows.shape)
-        per_group = rows.shape[0] // acc.groups
-        codes = torch.cat(
-            [
-                gptq_codes(
-                    rows[g * per_group : (g + 1) * per_group],
-                    acc.h[g],
-                    s2[g * per_group : (g + 1) * per_group],
-                    z2[g * per_group : (g + 1) * per_group],
-                    grid.qmin,
-                    grid.qmax,
-                    damp=cfg.damp,
-                    act_order=cfg.act_order,
-                    block_size=cfg.block_size,
-                )
-                for g in range(acc.groups)
-            ]
-        ).view(w.shape)
+        codes = layer_gptq_codes(w, layer_hessian(model, name, batches), grid, s, z, recipe)
         qlayer = QuantizedLayer(layer, grid, codes)
         replace_module(model, name, qlayer)
         done[name] = qlayer
     return done
+
+
+def layer_gptq_codes(
+    w: torch.Tensor, acc: HessianAccumulator, grid: Any, s: torch.Tensor, z: torch.Tensor, recipe: Recipe
+) -> torch.Tensor:
+    """GPTQ codes of weight `w` (shaped like the layer's weight) on `grid` (``x = s * w - z``), each conv
+    group's rows with that group's Hessian."""
+    cfg = recipe.gptq_config
+    rows = w.reshape(w.shape[0], -1)
+    s2, z2 = s.reshape(rows.shape), z.reshape(rows.shape)
+    per = rows.shape[0] // acc.groups
+    parts = [
+        gptq_codes(
+            rows[g * per : (g + 1) * per],
+            acc.h[g],
+            s2[g * per : (g + 1) * per],
+            z2[g * per : (g + 1) * per],
+            grid.qmin,
+            grid.qmax,
+            damp=cfg.damp,
+            act_order=cfg.act_order,
+            block_size=cfg.block_size,
+        )
+        for g in range(acc.groups)
+    ]
+    return torch.cat(parts).view(w.shape)

@@ -89,6 +89,20 @@ def test_learned_block_path_matches_the_whole_model_path() -> None:
     assert not mismatched
 
 
+def test_gptq_block_path_lowers_the_error_of_nearest_rounding() -> None:
+    from postquant.eval import sqnr_db
+
+    model = tiny_llama()
+    held_out = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(7))
+    ref = model(held_out).logits
+    rtn = quantize_blocks(model, grid_recipe("rtn"))
+    gptq = quantize_blocks(model, grid_recipe("gptq", calib_size=32), calib(n=32))
+    assert any(not torch.equal(codes(gptq)[n], c) for n, c in codes(rtn).items())
+    assert float(sqnr_db(ref, gptq(held_out).logits)) > float(sqnr_db(ref, rtn(held_out).logits))
+    with pytest.raises(DataError, match="calibration data"):
+        quantize_blocks(model, grid_recipe("gptq"))
+
+
 class _Killed(Exception):
     pass
 
