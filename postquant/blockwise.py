@@ -71,7 +71,7 @@ from postquant.rounding.gptq import HessianAccumulator, affine_params
 from postquant.store.files import fingerprint, write_atomic
 from postquant.weights import layer_gptq_codes, quantize_weights
 
-__all__ = ["DECODER_LISTS", "decoder_layers", "quantize_blocks"]
+__all__ = ["DECODER_LISTS", "check_block_recipe", "decoder_layers", "quantize_blocks"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def decoder_layers(model: nn.Module, blocks: str | None = None) -> tuple[str, nn
     )
 
 
-def _check_recipe(recipe: Recipe) -> None:
+def check_block_recipe(recipe: Recipe) -> None:
     """What the block path does not do raises a `RecipeError` that points to `quantize`."""
     problems = []
     if recipe.a_bits is not None:
@@ -313,7 +313,7 @@ def quantize_blocks(
     """
     start = time.perf_counter()
     recipe = Recipe.coerce(recipe)
-    _check_recipe(recipe)
+    check_block_recipe(recipe)
     if quantized_layers(model):
         raise UnsupportedModelError(f"{type(model).__name__} is already quantized: pass the float model")
     model.eval()

@@ -140,6 +140,10 @@ def quantize(
         Path | None, typer.Option(help="YAML recipe; only the options you type override its fields")
     ] = None,
     granularity: Annotated[Granularity | None, typer.Option(help="weights sharing one step size")] = None,
+    group_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="inputs per group of one step size (implies --granularity group)"),
+    ] = None,
     squant_mode: Annotated[
         SquantMode | None, typer.Option(help="SQuant stages: e (nearest), k (kernel), c (channel)")
     ] = None,
@@ -202,6 +206,17 @@ def quantize(
             help="where the model and data run (auto: CUDA if available)",
         ),
     ] = "auto",
+    seqlen: Annotated[
+        int | None, typer.Option(min=2, help="causal LMs: tokens per calibration and evaluation window")
+    ] = None,
+    sequential: Annotated[
+        bool | None,
+        typer.Option(
+            "--sequential/--no-sequential",
+            help="causal LMs: one decoder layer at a time in bounded memory [default: when the recipe allows]",
+            show_default=False,
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Quantize MODEL and print its metric beside FP32 (--out DIR also saves the packed checkpoint)."""
@@ -213,6 +228,7 @@ def quantize(
         w_bits=w_bits,
         a_bits=a_bits,
         granularity=granularity,
+        group_size=group_size,
         squant_mode=squant_mode,
         act_ranges=act_ranges,
         calib_size=calib_size,
@@ -231,11 +247,42 @@ def quantize(
         report=report,
         overwrite=overwrite,
         device=device,
+        seqlen=seqlen,
+        sequential=sequential,
     )
     try:
         _quantize(options, _lab(ctx))
     except PostquantError as exc:
         _fail(exc, verbose)
+
+
+def _sequential(options: QuantizeOptions, zoo: Any, rec: Any) -> bool:
+    """Whether to quantize block by block; applies ``--seqlen`` to a causal LM.
+
+    Raises:
+        RecipeError: ``--seqlen`` or ``--sequential`` for a model that is not a causal LM, or ``--sequential``
+            with a recipe the block path does not run (it says which fields).
+    """
+    from postquant.blockwise import check_block_recipe
+    from postquant.errors import RecipeError
+
+    if zoo.task != "lm":
+        if options.seqlen is not None or options.sequential:
+            raise RecipeError(
+                f"--seqlen and --sequential apply to causal LMs; {zoo.name} is a {zoo.task} model: drop them"
+            )
+        return False
+    if options.seqlen is not None:
+        zoo.seqlen = zoo.calib_seqlen = options.seqlen
+    if options.sequential is False:
+        return False
+    try:
+        check_block_recipe(rec)
+    except RecipeError:
+        if options.sequential:
+            raise
+        return False
+    return True
 
 
 def _lab(ctx: typer.Context) -> Lab:
@@ -307,6 +354,7 @@ def _quantize(options: QuantizeOptions, lab: Lab) -> None:
     out = options.out
 
     zoo = lab.model_loader()(options.model)
+    sequential = _sequential(options, zoo, rec)
     # The stages say what they need; the command adds one policy: SQuant stays data-free unless asked
     # (data-free activation ranges where calibration data is only useful), except for sentence models.
     needs = postquant.requirements(rec, optional_data=not (rec.method is Method.SQUANT and zoo.task != "sts"))
@@ -321,7 +369,10 @@ def _quantize(options: QuantizeOptions, lab: Lab) -> None:
     zoo.example_inputs = move_batch(zoo.example_inputs, device)
     calib = move_batch(calib, device) if calib is not None else None
     start = time.perf_counter()
-    qmodel = lab.quantizer()(zoo.model, rec, calib=calib, example_inputs=zoo.example_inputs)
+    if sequential:
+        qmodel = postquant.quantize_blocks(zoo.model, rec, calib)
+    else:
+        qmodel = lab.quantizer()(zoo.model, rec, calib=calib, example_inputs=zoo.example_inputs)
     seconds = time.perf_counter() - start
     fp, q = _score(zoo, qmodel, options.data, options.limit)
     result = {

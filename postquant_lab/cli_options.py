@@ -107,6 +107,7 @@ RECIPE_FLAGS = (
     "w_bits",
     "a_bits",
     "granularity",
+    "group_size",
     "squant_mode",
     "act_ranges",
     "calib_size",
@@ -130,6 +131,9 @@ class QuantizeOptions:
         data, calib, limit: the evaluation data, the calibration data, the evaluation sample count.
         out, json_path, report, overwrite: where the results go.
         device: ``--device`` as typed (auto, cpu, cuda, cuda:N).
+        seqlen: tokens per window of a causal LM's calibration and evaluation text.
+        sequential: quantize a causal LM one decoder layer at a time (`postquant.quantize_blocks`); None:
+            when the model is a causal LM and the recipe is one the block path runs.
     """
 
     model: str
@@ -138,6 +142,7 @@ class QuantizeOptions:
     w_bits: int | None = None
     a_bits: int | None = None
     granularity: Granularity | None = None
+    group_size: int | None = None
     squant_mode: SquantMode | None = None
     act_ranges: ActRanges | None = None
     calib_size: int | None = None
@@ -156,10 +161,17 @@ class QuantizeOptions:
     report: bool = False
     overwrite: bool = False
     device: str = "auto"
+    seqlen: int | None = None
+    sequential: bool | None = None
 
     def typed_recipe_fields(self) -> dict[str, Any]:
-        """The recipe fields typed on the command line (mixed precision aside), in `RECIPE_FLAGS` order."""
-        return {name: value for name in RECIPE_FLAGS if (value := getattr(self, name)) is not None}
+        """The recipe fields typed on the command line (mixed precision aside), in `RECIPE_FLAGS` order.
+
+        ``--group-size`` without ``--granularity`` means groups (a group size alone would be ignored)."""
+        fields = {name: value for name in RECIPE_FLAGS if (value := getattr(self, name)) is not None}
+        if self.group_size is not None and self.granularity is None:
+            fields["granularity"] = Granularity.GROUP
+        return fields
 
     def build_recipe(self) -> Recipe:
         """The recipe to run: the ``--recipe`` file (or the defaults) with the typed fields over it.

@@ -97,3 +97,52 @@ def test_quantize_of_a_causal_lm_reports_perplexity_on_its_text(tmp_path):
     assert report["metric"] == "perplexity" and report["n_eval"] == 3 * 31
     assert 1 < report["fp"] < 200 and 1 < report["quantized"] < 200
     assert report["quantized"] != report["fp"]
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_causal_lm_is_quantized_block_by_block_with_the_typed_window(tmp_path, method):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    args = ["quantize", "tests.cli.test_cli_export_llm:tiny_llama_zoo", "--method", method, "--w-bits", "4"]
+    args += [
+        "--group-size",
+        "16",
+        "--seqlen",
+        "16",
+        "--sequential",
+        "--data",
+        str(text),
+        "--calib",
+        str(text),
+    ]
+    args += [
+        "--calib-size",
+        "8",
+        "--limit",
+        "2",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["n_eval"] == 2 * 15  # two windows of 16 tokens: 15 predictions each
+    recipe = (tmp_path / "run" / "recipe.yaml").read_text()
+    assert "granularity: group" in recipe and "group_size: 16" in recipe
+
+
+def test_seqlen_and_sequential_are_refused_for_a_model_that_is_not_a_causal_lm(tmp_path):
+    args = ["quantize", "tests.cli.test_cli_export_llm:_image_zoo", "--method", "rtn", "--seqlen", "16"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 2 and "apply to causal LMs" in done.output
+
+
+def _image_zoo():
+    from postquant_lab.zoo.zoo_model import ZooModel
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    return ZooModel(
+        "tiny-cnn", model.eval(), "classification", (3, 8, 8), torch.randn(2, 3, 8, 8), None, None
+    )
