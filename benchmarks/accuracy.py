@@ -84,6 +84,10 @@ def _suite_rows(suite: str, model: str) -> list[dict[str, Any]]:
                             "act_ranges": "calib",
                         }
                     )
+    elif suite == "gptq":  # weights only, beside RTN and SQuant (rows the squant suite may already hold)
+        for w in (4, 3):
+            for method in ("rtn", "squant", "gptq"):
+                rows.append({"label": method, "method": method, "w_bits": w, "a_bits": None})
     elif suite == "ablation" and model in ("resnet20-cifar10", "efficientnet-lite0"):
         for w in (4, 3):
             for mode in ("e", "ek", "ec", "ekc"):
@@ -174,6 +178,7 @@ def markdown(done: dict[str, dict[str, Any]], limit: int | None) -> str:
         "rtn": "Nearest rounding (RTN), activation ranges from 256 calibration samples (min/max)",
         "squant": "SQuant vs RTN, data-free (RTN uses the same activation rule)",
         "ablation": "SQuant stages (E = RTN, K = kernel, C = channel), weights only",
+        "gptq": "GPTQ (calibration data) vs RTN and SQuant (data-free), weights only",
     }
     out = []
     for suite, title in titles.items():
@@ -213,7 +218,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--suite", choices=["rtn", "squant", "ablation", "all"], default="all")
+    parser.add_argument("--suite", choices=["rtn", "squant", "ablation", "gptq", "all"], default="all")
     parser.add_argument("--models", nargs="*", default=IMAGE_MODELS + TEXT_MODELS)
     parser.add_argument("--limit", type=int, default=None, help="evaluate on N samples (default: all)")
     parser.add_argument("--json", type=Path, default=RESULTS / "accuracy.json")
@@ -224,7 +229,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    suites = ["rtn", "squant", "ablation"] if args.suite == "all" else [args.suite]
+    suites = ["rtn", "squant", "ablation", "gptq"] if args.suite == "all" else [args.suite]
     table = ResultTable(args.json)
     for extra in args.merge:  # results of other runs (e.g. one process per model); rows here are kept
         if extra.exists():
