@@ -50,6 +50,7 @@ from postquant.eval.run import main_output
 from postquant.model.blocks import Unit
 from postquant.model.hf import no_kv_cache
 from postquant.model.walk import quantized_layers
+from postquant.nn import cached_weights
 from postquant.nn.layer import upcast_half
 from postquant.outcome import QuantizationResult, attach_result
 from postquant.plan import Plan, check_finite, make_plan
@@ -389,35 +390,38 @@ def quantize_blocks(
                 continue
             if gptq:
                 _gptq_layer(qmodel, teacher_layer, names[k], unit.layers, recipe, inputs, q_hidden)
-                q_hidden = _run_layer(qlayers[k], inputs, q_hidden)
+                with cached_weights(qlayers[k]):
+                    q_hidden = _run_layer(qlayers[k], inputs, q_hidden)
                 f_hidden = q_hidden  # GPTQ needs no float chain
                 chains.save(k, q_hidden, f_hidden)
             if learned:
-                assert cfg is not None
-                targets = _run_layer(teacher_layer, inputs, f_hidden)
-                if unit.layers:
-                    data = _unit_data(inputs, q_hidden, f_hidden, targets)
-                    generator = torch.Generator().manual_seed(unit_seed(recipe.seed, k))
-                    outcome = reconstruct_unit(
-                        qmodel,
-                        teacher,
-                        unit,
-                        data,
-                        cfg,
-                        generator,
-                        desc=f"[{k + 1}/{len(names)}] {unit.name}",
-                    )
-                    del data
-                    report.units.append(outcome)
-                    bar.set_postfix(loss=f"{outcome.error_after:.4g}", refresh=False)
-                    log.info(
-                        "layer %d/%d %s: %s, error %.4g -> %.4g, %.1f s",
-                        k + 1, len(names), unit.name, outcome.status,
-                        outcome.error_before, outcome.error_after, outcome.seconds,
-                    )  # fmt: skip
-                q_hidden = _run_layer(qlayers[k], inputs, q_hidden)
-                f_hidden = targets
-                chains.save(k, q_hidden, f_hidden)
+                # one decoder layer's dequantized weights, kept while it is learned and run
+                with cached_weights(qlayers[k]):
+                    assert cfg is not None
+                    targets = _run_layer(teacher_layer, inputs, f_hidden)
+                    if unit.layers:
+                        data = _unit_data(inputs, q_hidden, f_hidden, targets)
+                        generator = torch.Generator().manual_seed(unit_seed(recipe.seed, k))
+                        outcome = reconstruct_unit(
+                            qmodel,
+                            teacher,
+                            unit,
+                            data,
+                            cfg,
+                            generator,
+                            desc=f"[{k + 1}/{len(names)}] {unit.name}",
+                        )
+                        del data
+                        report.units.append(outcome)
+                        bar.set_postfix(loss=f"{outcome.error_after:.4g}", refresh=False)
+                        log.info(
+                            "layer %d/%d %s: %s, error %.4g -> %.4g, %.1f s",
+                            k + 1, len(names), unit.name, outcome.status,
+                            outcome.error_before, outcome.error_after, outcome.seconds,
+                        )  # fmt: skip
+                    q_hidden = _run_layer(qlayers[k], inputs, q_hidden)
+                    f_hidden = targets
+                    chains.save(k, q_hidden, f_hidden)
             if store is not None:
                 last = asdict(report.units[-1]) if learned and unit.layers else {}
                 store.save(k, snapshot(qmodel, unit), last)

@@ -13,7 +13,7 @@ from postquant.calib.data import run_model
 from postquant.errors import NonFiniteWeightError, RecipeError
 from postquant.grids import PowerGrid
 from postquant.model import replace_module
-from postquant.nn import QuantizedLayer
+from postquant.nn import QuantizedLayer, cached_weights
 from postquant.nn.layer import upcast_half
 from postquant.plan import Plan
 from postquant.progress import progress_bar
@@ -136,21 +136,33 @@ def gptq_weights(
     2.5): each layer sees the error of the layers before it, as in GPTQ's sequential form."""
     importance = importance or {}
     done: dict[str, QuantizedLayer] = {}
-    for name, lp in progress_bar(plan.items(), total=len(plan), desc="GPTQ", unit="layer"):
-        if lp.w_bits is None:
-            continue
-        layer = model.get_submodule(name)
-        w = upcast_half(layer.weight.detach())
-        try:
-            grid = recipe.weight_grid(w, lp.w_bits, importance.get(name))
-            s, z = affine_params(grid, w)
-        except (RecipeError, NonFiniteWeightError) as exc:
-            raise type(exc)(f"layer {name!r} (weight {tuple(w.shape)}): {exc}") from exc
-        codes = layer_gptq_codes(w, layer_hessian(model, name, batches), grid, s, z, recipe)
-        qlayer = QuantizedLayer(layer, grid, codes)
-        replace_module(model, name, qlayer)
-        done[name] = qlayer
+    with contextlib.ExitStack() as keep:  # the layers done so far run on every later layer's Hessian pass
+        for name, lp in progress_bar(plan.items(), total=len(plan), desc="GPTQ", unit="layer"):
+            if lp.w_bits is not None:
+                done[name] = _gptq_layer(model, name, lp.w_bits, recipe, batches, importance.get(name))
+                keep.enter_context(cached_weights(done[name]))
     return done
+
+
+def _gptq_layer(
+    model: nn.Module,
+    name: str,
+    bits: int,
+    recipe: Recipe,
+    batches: list[Any],
+    importance: torch.Tensor | None,
+) -> QuantizedLayer:
+    layer = model.get_submodule(name)
+    w = upcast_half(layer.weight.detach())
+    try:
+        grid = recipe.weight_grid(w, bits, importance)
+        s, z = affine_params(grid, w)
+    except (RecipeError, NonFiniteWeightError) as exc:
+        raise type(exc)(f"layer {name!r} (weight {tuple(w.shape)}): {exc}") from exc
+    codes = layer_gptq_codes(w, layer_hessian(model, name, batches), grid, s, z, recipe)
+    qlayer = QuantizedLayer(layer, grid, codes)
+    replace_module(model, name, qlayer)
+    return qlayer
 
 
 def layer_gptq_codes(

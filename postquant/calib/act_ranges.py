@@ -20,7 +20,7 @@ from postquant.calib.observers import (  # noqa: F401 (NOISE_STD_MULTIPLIER, ref
     reference_noise_range,
 )
 from postquant.choices import ActRanges  # noqa: F401 (re-exported; defined there, torch-free)
-from postquant.nn import QuantizedLayer
+from postquant.nn import QuantizedLayer, cached_weights
 from postquant.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ def calibrate_from_data(
         with (
             _observation_bar(f"activation ranges ({observer})", len(layers), calib, progress) as bar,
             input_hooks(layers, lambda name, _, x: observers[name].update(x), bar),
+            cached_weights(model),
         ):
             forward_all(model, calib)
     finally:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from postquant.eval.run import main_output, model_placement
+from postquant.nn.layer import cached_weights
 
 __all__ = ["Perplexity", "perplexity"]
 
@@ -38,14 +39,17 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> 
     """
     device = model_placement(model)[0]
     total, count = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start : start + batch_size].to(device)  # (B, L)
-        kwargs = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) else {}
-        logits = main_output(model(ids, **kwargs)).float()  # (B, L, V)
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(loss)
-        count += ids[:, 1:].numel()
+    with cached_weights(model):  # quantized layers dequantize once, not per window batch
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start : start + batch_size].to(device)  # (B, L)
+            kwargs = (
+                {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", None) else {}
+            )
+            logits = main_output(model(ids, **kwargs)).float()  # (B, L, V)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(loss)
+            count += ids[:, 1:].numel()
     nll = total / max(count, 1)
     return Perplexity(math.exp(nll), nll, count, int(windows.shape[0]))

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from postquant.nn.layer import cached_weights
+
 __all__ = [
     "call_model",
     "eval_mode",
@@ -221,11 +223,12 @@ def token_mask(batch: Any, out: Tensor) -> Tensor | None:
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and inference mode; restore every submodule's training flag afterwards."""
+    """Put ``model`` in eval mode and inference mode, its quantized layers' dequantized weights kept between
+    forwards (`postquant.nn.cached_weights`); restore every submodule's training flag afterwards."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), cached_weights(model):
             yield model
     finally:
         for m, flag in flags:

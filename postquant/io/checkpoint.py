@@ -37,10 +37,11 @@ from postquant import __version__
 from postquant.errors import CheckpointError, OutputError, PostquantError, RecipeError
 from postquant.grids import GridConfig, grid_from_state
 from postquant.io.manifest import FORMAT_VERSION, ActEntry, Architecture, LayerEntry, Manifest, first_error
-from postquant.io.pack import pack_codes, packed_nbytes, unpack_codes
+from postquant.io.pack import unpack_codes
 from postquant.model import quantized_layers, replace_module, set_module
 from postquant.model.convert import replace_layers
 from postquant.nn import ActQuantizer, QuantizedLayer
+from postquant.nn.layer import compact_grid_tensor
 from postquant.outcome import QuantizationResult, attach_result, find_result
 from postquant.plan import LayerPlan, Plan
 from postquant.recipe import Recipe
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 TENSORS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 _CODES, _GRID, _ACT = "codes", "grid.", "act."
+_PACKED = "packed"  # the layer's buffer of packed codes, saved as ``<name>.codes``
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -139,7 +141,8 @@ def _architecture(model: nn.Module, shared: dict[str, str] | None = None) -> Arc
 
 
 def _float_state(model: nn.Module, shared: dict[str, str]) -> dict[str, torch.Tensor]:
-    """The state dict in float naming: a quantized layer's tensors as its float module's (weight = codes).
+    """The state dict in float naming: a quantized layer's tensors as its float module's (weight = a meta
+    tensor of the codes' shape: only shapes are read).
 
     The tensors of a layer's `shared` other names are left out: they are those of its first name.
     """
@@ -151,8 +154,8 @@ def _float_state(model: nn.Module, shared: dict[str, str]) -> dict[str, torch.Te
         name, rest = _split_key(key, list(qlayers))
         if name is None:
             out[key] = t
-        elif rest == _CODES:
-            out[f"{name}.weight"] = t
+        elif rest == _PACKED:
+            out[f"{name}.weight"] = torch.empty(qlayers[name].weight_shape, dtype=torch.int8, device="meta")
         elif rest.startswith("inner."):
             out[f"{name}.{rest.removeprefix('inner.')}"] = t
     return out
@@ -164,10 +167,10 @@ def _float_state(model: nn.Module, shared: dict[str, str]) -> dict[str, torch.Te
 def _layer_entry(layer: QuantizedLayer) -> LayerEntry:
     act = layer.act_quant
     return LayerEntry(
-        weight_shape=list(layer.codes.shape),
+        weight_shape=list(layer.weight_shape),
         bits=layer.bits,
         grid=layer.grid_config,
-        packed_bytes=packed_nbytes(layer.codes.numel(), layer.bits),
+        packed_bytes=layer.packed.numel(),
         act=None if act is None else ActEntry(bits=act.bits, qmin=act.qmin, qmax=act.qmax),
     )
 
@@ -179,7 +182,7 @@ def _saved_key(name: str | None, rest: str) -> str:
     for prefix, saved in (("grid_", _GRID), ("act_quant.", _ACT), ("inner.", "")):
         if rest.startswith(prefix):
             return f"{name}.{saved}{rest.removeprefix(prefix)}"
-    if rest == _CODES:
+    if rest == _PACKED:
         return f"{name}.{_CODES}"
     raise CheckpointError(f"unexpected tensor {rest!r} in quantized layer {name!r}; cannot save it")
 
@@ -204,28 +207,15 @@ def _tensors_to_save(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
             continue
         stored[ident] = out_key
         t = t.detach().cpu()
-        if name is not None and rest == _CODES:
-            tensors[out_key] = pack_codes(t, qlayers[name].bits)  # (ceil(numel * bits / 8),) uint8
-        elif name is not None and rest.startswith("grid_"):
-            tensors[out_key] = _compact(t).contiguous().clone()
+        if name is not None and rest.startswith("grid_"):
+            tensors[out_key] = compact_grid_tensor(t).contiguous().clone()
         else:
             tensors[out_key] = t.contiguous().clone()
     return tensors, aliases
 
 
-def _compact(t: torch.Tensor) -> torch.Tensor:
-    """An integer-valued float tensor (zero points) as the smallest integer dtype that holds it exactly."""
-    if not t.is_floating_point() or not t.numel() or not torch.equal(t, t.round()):
-        return t
-    for dtype in (torch.int8, torch.int16):
-        info = torch.iinfo(dtype)
-        if info.min <= float(t.min()) and float(t.max()) <= info.max:
-            return t.to(dtype)
-    return t
-
-
 def _as_float(t: torch.Tensor) -> torch.Tensor:
-    """Undo `_compact`: grid tensors are float32 in the layer."""
+    """Undo `compact_grid_tensor`: grid tensors are float32 in the grid."""
     return t if t.is_floating_point() else t.to(torch.float32)
 
 
@@ -529,7 +519,7 @@ def _install_layer(
     act = {k.removeprefix(_ACT): v for k, v in own.items() if k.startswith(_ACT)}
     layer = build_quantized_layer(qmodel.get_submodule(name), entry.grid, grid, codes, entry.act, act)
     replace_module(qmodel, name, layer)  # at every place a shared layer is used
-    state = {f"{name}.codes": codes}
+    state = {f"{name}.{_PACKED}": packed}
     state |= {f"{name}.grid_{k}": v for k, v in grid.items()}
     state |= {f"{name}.act_quant.{k}": v for k, v in act.items()}
     state |= {

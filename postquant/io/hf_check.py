@@ -22,6 +22,7 @@ from torch import nn
 
 from postquant.errors import ExportError, ExportMismatchError
 from postquant.eval.metrics import sqnr_from_sums
+from postquant.nn import cached_weights
 
 __all__ = ["TOLERANCE", "ConsumerCheck", "transformers_route", "verify_compressed_tensors"]
 
@@ -90,11 +91,12 @@ def _logits(out: Any) -> torch.Tensor:
 
 @contextmanager
 def _eval(model: nn.Module) -> Iterator[torch.device]:
-    """`model` in eval and inference mode (its modules' training flags restored after); yields its device."""
+    """`model` in eval and inference mode, dequantized weights kept (`cached_weights`; its modules' training
+    flags restored after); yields its device."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), cached_weights(model):
             yield next((t.device for t in model.parameters()), torch.device("cpu"))
     finally:
         for m, flag in flags:

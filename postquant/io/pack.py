@@ -1,90 +1,9 @@
-"""Dense bit packing of signed integer codes: ``b``-bit codes take exactly ``b`` bits each.
+"""Dense bit packing of integer codes, as stored in checkpoints: see `postquant.grids.pack`.
 
-Codes ``q`` in ``[-2^(b-1), 2^(b-1) - 1]`` are stored offset to unsigned, ``u = q + 2^(b-1)``. Eight codes
-make one chunk of ``b`` bytes: the chunk is the little-endian integer ``sum_i u_i << (b * i)``, so code ``i``
-of a chunk sits at bits ``b*i .. b*i + b - 1`` (the low bits of the first byte first). The last chunk is cut
-to ``ceil(numel * b / 8)`` bytes in total. 4-bit codes are two per byte, 3-bit codes 8 per 3 bytes,
-6-bit codes 4 per 3 bytes.
+The packing is tensor math below the layers (a `QuantizedLayer` keeps its codes packed), so it lives in
+`postquant.grids`; this module keeps the name the checkpoint code and users import it by.
 """
 
-from __future__ import annotations
-
-import math
-
-import torch
-
-from postquant.grids import check_bits
+from postquant.grids.pack import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = ["pack_codes", "packed_nbytes", "unpack_codes"]
-
-_CHUNK = 8  # codes per chunk; a chunk of b-bit codes is b bytes
-
-
-def packed_nbytes(numel: int, bits: int) -> int:
-    """Bytes needed for `numel` codes of `bits` bits: ``ceil(numel * bits / 8)``."""
-    return math.ceil(numel * bits / 8)
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack signed integer codes densely into bytes.
-
-    Args:
-        codes: integer tensor of any shape with values in ``[-2^(bits-1), 2^(bits-1) - 1]``.
-        bits: 2..8.
-
-    Returns:
-        A 1-D uint8 tensor of ``ceil(codes.numel() * bits / 8)`` bytes (read back with `unpack_codes`).
-
-    Raises:
-        ValueError: non-integer codes or codes outside the signed range of `bits`.
-    """
-    check_bits(bits)
-    if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-        raise ValueError(f"pack_codes needs an integer tensor, got {codes.dtype}")
-    offset = 2 ** (bits - 1)
-    u = codes.reshape(-1).to(torch.int64) + offset  # (numel,) unsigned codes
-    if u.numel() and (int(u.min()) < 0 or int(u.max()) >= 2**bits):
-        raise ValueError(
-            f"codes must lie in [{-offset}, {offset - 1}] for {bits} bits, got [{int(u.min()) - offset}, "
-            f"{int(u.max()) - offset}]"
-        )
-    numel = u.numel()
-    if bits == 8:
-        return u.to(torch.uint8)
-    pad = (-numel) % _CHUNK
-    chunks = torch.nn.functional.pad(u, (0, pad)).reshape(-1, _CHUNK)  # (C, 8)
-    shifts = torch.arange(_CHUNK, dtype=torch.int64, device=u.device) * bits  # (8,)
-    value = (chunks << shifts).sum(dim=1, keepdim=True)  # (C, 1), at most 56 bits
-    byte_shifts = torch.arange(bits, dtype=torch.int64, device=u.device) * 8  # (bits,)
-    packed = ((value >> byte_shifts) & 0xFF).to(torch.uint8)  # (C, bits)
-    return packed.reshape(-1)[: packed_nbytes(numel, bits)]
-
-
-def unpack_codes(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    """Inverse of `pack_codes`: the first `numel` codes as a 1-D int8 tensor.
-
-    Args:
-        packed: the uint8 bytes written by `pack_codes`.
-        bits: the bit width they were packed with (2..8).
-        numel: the number of codes.
-
-    Raises:
-        ValueError: `packed` is not uint8 or not exactly ``ceil(numel * bits / 8)`` bytes long.
-    """
-    check_bits(bits)
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"packed codes must be uint8, got {packed.dtype}")
-    expected = packed_nbytes(numel, bits)
-    if packed.numel() != expected:
-        raise ValueError(f"{numel} codes of {bits} bits need {expected} bytes, got {packed.numel()}")
-    offset = 2 ** (bits - 1)
-    data = packed.reshape(-1).to(torch.int64)
-    if bits == 8:
-        return (data - offset).to(torch.int8)
-    pad = (-data.numel()) % bits
-    chunks = torch.nn.functional.pad(data, (0, pad)).reshape(-1, bits)  # (C, bits) bytes
-    byte_shifts = torch.arange(bits, dtype=torch.int64, device=data.device) * 8
-    value = (chunks << byte_shifts).sum(dim=1, keepdim=True)  # (C, 1)
-    shifts = torch.arange(_CHUNK, dtype=torch.int64, device=data.device) * bits  # (8,)
-    u = (value >> shifts) & (2**bits - 1)  # (C, 8)
-    return (u.reshape(-1)[:numel] - offset).to(torch.int8)

@@ -18,6 +18,7 @@ from torch import nn
 
 from postquant.grids import Grid, grid_state
 from postquant.model import quantized_layers
+from postquant.nn.layer import compact_grid_tensor
 
 __all__ = ["codes_bytes", "float_tensor_bytes", "grid_bytes", "model_bytes", "stored_bytes"]
 
@@ -28,15 +29,9 @@ def codes_bytes(numel: int, bits: int) -> int:
 
 
 def stored_bytes(t: torch.Tensor) -> int:
-    """Bytes a grid tensor takes in a checkpoint: integer-valued float tensors (zero points) are stored as
-    int8 or int16 when they fit (the rule of ``postquant.io.checkpoint._compact``)."""
-    if t.is_floating_point() and t.numel() and torch.equal(t, t.round()):
-        lo, hi = float(t.min()), float(t.max())
-        for dtype in (torch.int8, torch.int16):
-            info = torch.iinfo(dtype)
-            if info.min <= lo and hi <= info.max:
-                return t.numel() * torch.tensor([], dtype=dtype).element_size()
-    return t.numel() * t.element_size()
+    """Bytes a grid tensor takes in a checkpoint (and in a `QuantizedLayer`): integer-valued float tensors
+    (zero points) are stored as int8 or int16 when they fit (`postquant.nn.layer.compact_grid_tensor`)."""
+    return t.numel() * compact_grid_tensor(t).element_size()
 
 
 def grid_bytes(grid: Grid) -> int:
@@ -68,6 +63,11 @@ def float_tensor_bytes(model: nn.Module, without_weights: Iterable[str] = ()) ->
 def model_bytes(qmodel: nn.Module) -> int:
     """Bytes of a quantized model's tensors in a checkpoint (``model.safetensors`` without its header)."""
     qlayers = quantized_layers(qmodel)
-    total = sum(codes_bytes(q.codes.numel(), q.bits) + grid_bytes(q.grid) for q in qlayers.values())
-    own = {f"{name}.{key}" for name in qlayers for key in ("codes", "grid_inv_scale", "grid_zero_point")}
+    total = sum(q.packed.numel() + grid_bytes(q.grid) for q in qlayers.values())
+    own = {
+        f"{name}.{key}"
+        for name, q in qlayers.items()
+        for key in q.state_dict(keep_vars=True)
+        if key == "packed" or key.startswith("grid_")
+    }
     return total + sum(t.numel() * t.element_size() for k, t in _unique_state(qmodel).items() if k not in own)

@@ -2,6 +2,7 @@
 
 from postquant.model.blocks import Unit, find_blocks, make_units
 from postquant.model.fold import fold_batchnorm, fold_bn_into
+from postquant.model.kernels import KernelSwap, use_int4_kernels
 from postquant.model.walk import (
     matches,
     module_names,
@@ -12,6 +13,7 @@ from postquant.model.walk import (
 )
 
 __all__ = [
+    "KernelSwap",
     "Unit",
     "find_blocks",
     "fold_batchnorm",
@@ -23,4 +25,5 @@ __all__ = [
     "quantized_layers",
     "replace_module",
     "set_module",
+    "use_int4_kernels",
 ]

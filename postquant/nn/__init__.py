@@ -2,6 +2,15 @@
 
 from postquant.nn.act import ActQuantizer, act_qparams
 from postquant.nn.attention import LinearAttention
-from postquant.nn.layer import QUANTIZABLE, QuantizedLayer
+from postquant.nn.int4 import Int4Linear
+from postquant.nn.layer import QUANTIZABLE, QuantizedLayer, cached_weights
 
-__all__ = ["QUANTIZABLE", "ActQuantizer", "LinearAttention", "QuantizedLayer", "act_qparams"]
+__all__ = [
+    "QUANTIZABLE",
+    "ActQuantizer",
+    "Int4Linear",
+    "LinearAttention",
+    "QuantizedLayer",
+    "act_qparams",
+    "cached_weights",
+]

@@ -22,6 +22,7 @@ from postquant.calib.synthetic import distill_bn_data, noise_data
 from postquant.errors import DataError
 from postquant.model.blocks import Unit, make_units
 from postquant.model.hf import no_kv_cache
+from postquant.nn import cached_weights
 from postquant.recipe import LayerOverride, Recipe
 from postquant.reconstruct.cache import Carried, carry_outputs, collect_unit_data, nbytes
 from postquant.reconstruct.checkpoint import (
@@ -154,7 +155,8 @@ def learned_rounding(
             "a DataLoader or a forward_loop), or set learned.calib_source to 'synthetic' or 'noise'"
         )
     fields = recipe.model_dump(mode="json", exclude={"learned": True, "mixed": {"checkpoint_dir"}})
-    with no_kv_cache(qmodel, teacher):  # a decoder layer must not append to a cache on every step
+    # a decoder layer must not append to a cache on every step; the layers not being learned dequantize once
+    with no_kv_cache(qmodel, teacher), cached_weights(qmodel):
         return reconstruct_model(
             qmodel,
             teacher,

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import postquant
@@ -412,3 +413,30 @@ def test_a_tampered_manifest_is_a_checkpoint_error(saved, small_net, tamper):
     (saved / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError):  # not a raw KeyError/TypeError/ValueError
         load(saved, small_net)
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"w_bits": 4, "granularity": "group", "group_size": 8, "ignore": ["conv1"]},
+        {"w_bits": 3, "grid": "power", "power_exponent": 0.6},
+    ],
+    ids=["w4-group8", "w3-power"],
+)
+def test_the_file_holds_the_layers_own_packed_state_and_loads_back_into_it(
+    small_net, batches, tmp_path, recipe
+):
+    qmodel = _quantize(small_net, recipe, batches)
+    save(qmodel, tmp_path / "ckpt")
+    stored = load_file(str(tmp_path / "ckpt" / TENSORS_FILE))
+    loaded = load(tmp_path / "ckpt", small_net)
+    for name, layer in quantized_layers(qmodel).items():
+        assert torch.equal(stored[f"{name}.codes"], layer.packed)  # the layer's bytes, not a repacking
+        assert stored[f"{name}.grid.zero_point"].dtype == layer.grid_zero_point.dtype == torch.int8
+        state, twin = layer.state_dict(), loaded.get_submodule(name).state_dict()
+        assert list(twin) == list(state)
+        for key, t in state.items():
+            assert twin[key].dtype == t.dtype and torch.equal(twin[key], t), (name, key)
+        numel = layer.codes.numel()
+        assert not any(t.is_floating_point() and t.numel() >= numel for t in twin.values())  # no float weight
+    assert torch.equal(_outputs(loaded, batches), _outputs(qmodel, batches))
