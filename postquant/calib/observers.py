@@ -1,14 +1,16 @@
 """Observers choose the float range of an activation tensor from the tensors they see.
 
 One small class per kind behind one interface (`RangeObserver`: ``update(x)``, ``seen``, ``range(bits)``);
-`make_observer` builds the one a recipe names. Statistics are computed on the device of the tensors seen;
+`make_observer` builds the one a recipe names. Observers of one layer in several processes (data-parallel
+calibration, `postquant.distributed`) are combined by ``merge([o.state() for o in ranks])``: min/max and
+percentile observers then hold exactly what one observer of all the tensors, in order, holds. Statistics are computed on the device of the tensors seen;
 seeded draws (the MSE and std samples) come from a CPU generator, so every device draws the same values.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -99,6 +101,23 @@ class RangeObserver(abc.ABC):
     def seen(self) -> bool:
         return self.lo <= self.hi
 
+    def state(self) -> dict[str, Any]:
+        """What this observer has accumulated, picklable (tensors on the CPU), for `merge` elsewhere."""
+        return {"lo": self.lo, "hi": self.hi, **self._state()}
+
+    def merge(self, states: list[dict[str, Any]]) -> None:
+        """Replace what this observer holds by the `state`s of observers that saw consecutive parts of one
+        stream of tensors, in stream order (this observer's own state among them, e.g. one per rank)."""
+        self.lo = min(s["lo"] for s in states)
+        self.hi = max(s["hi"] for s in states)
+        self._merge(states)
+
+    def _state(self) -> dict[str, Any]:
+        return {}
+
+    def _merge(self, states: list[dict[str, Any]]) -> None:  # noqa: B027 (min/max needs nothing more)
+        """Merge the kind's own statistics (`lo` and `hi` are done)."""
+
     def range(self, bits: int) -> tuple[float, float]:
         """The chosen range [lo, hi] for `bits`-bit activation codes.
 
@@ -144,6 +163,13 @@ class PercentileObserver(RangeObserver):
         q_lo, q_hi = stats.quantiles([1 - self.percentile / 100, self.percentile / 100])
         self._quantiles.append((q_lo, q_hi))
 
+    def _state(self) -> dict[str, Any]:
+        return {"quantiles": list(self._quantiles)}
+
+    def _merge(self, states: list[dict[str, Any]]) -> None:
+        # the per-tensor quantiles in stream order: the same list, so the same sums, as one observer's
+        self._quantiles = [q for s in states for q in s["quantiles"]]
+
     def _range(self, bits: int) -> tuple[float, float]:
         lo = sum(q[0] for q in self._quantiles) / len(self._quantiles)
         hi = sum(q[1] for q in self._quantiles) / len(self._quantiles)
@@ -151,7 +177,15 @@ class PercentileObserver(RangeObserver):
 
 
 class _SamplingObserver(RangeObserver):
-    """Keeps a seeded uniform sample (with replacement) of at most `sample_size` values of each tensor."""
+    """Keeps a seeded uniform sample (with replacement) of at most `sample_size` values of each tensor.
+
+    Merged observers (`merge`) hold the concatenation of their samples in stream order. That is exactly one
+    observer's sample when no tensor had more than `sample_size` values (each was kept whole, and the
+    generator was not used before the range is chosen). Otherwise the observers after the first drew their
+    subsamples from a generator in another state than one observer would have: other uniform draws from the
+    same tensors, so the range is close but not equal (tests/calib/test_observers.py measures it); the
+    merged generator is the last observer's, so every rank chooses the same range.
+    """
 
     def __init__(self, sample_size: int = 1 << 20, seed: int = 0) -> None:
         super().__init__()
@@ -170,6 +204,14 @@ class _SamplingObserver(RangeObserver):
             return x
         idx = torch.randint(0, x.numel(), (self.sample_size,), generator=self._generator)  # on the CPU
         return x.index_select(0, idx.to(x.device))
+
+    def _state(self) -> dict[str, Any]:
+        return {"samples": [t.cpu() for t in self._samples], "generator": self._generator.get_state()}
+
+    def _merge(self, states: list[dict[str, Any]]) -> None:
+        device = self._samples[0].device if self._samples else torch.device("cpu")
+        self._samples = [t.to(device) for s in states for t in s["samples"]]
+        self._generator.set_state(states[-1]["generator"])
 
 
 class MSEObserver(_SamplingObserver):
