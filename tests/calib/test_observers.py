@@ -3,6 +3,8 @@ class branching on the kind, kept here), and progress during calibration."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -188,7 +190,7 @@ def test_merged_observers_equal_one_observer_when_every_tensor_fits_the_sample(k
     gen = torch.Generator().manual_seed(seed)
     xs = [torch.randn(500, generator=gen) * (i + 1) for i in range(6)]
     bounds = [0, *sorted(cuts), 6]
-    parts = [xs[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    parts = [xs[a:b] for a, b in itertools.pairwise(bounds)]
     assert _observed(kind, parts, 512).range(4) == _observed(kind, [xs], 512).range(4)
 
 
