@@ -197,6 +197,7 @@ def quantize(
     """Quantize MODEL and print its metric beside FP32 (--out DIR also saves the packed checkpoint)."""
     _setup_logging(verbose)
     try:
+        _join_ranks()
         _quantize(
             model,
             method,
@@ -225,6 +226,22 @@ def quantize(
         )
     except PostquantError as exc:
         _fail(exc, verbose)
+    finally:
+        _leave_ranks()
+
+
+def _join_ranks() -> None:
+    """Under ``torchrun`` (WORLD_SIZE > 1), join its process group: `quantize` then splits the work."""
+    from postquant.distributed import init_from_env
+
+    init_from_env()
+
+
+def _leave_ranks() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -390,6 +407,10 @@ def _quantize(
     start = time.perf_counter()
     qmodel = postquant.quantize(zoo.model, rec, calib=calib, example_inputs=zoo.example_inputs)
     seconds = time.perf_counter() - start
+    from postquant.distributed import is_main
+
+    if not is_main():  # every rank holds the same model: rank 0 alone evaluates, prints and writes
+        return
     fp, q = _score(zoo, qmodel, data, limit)
     result = {
         "model": zoo.name,
