@@ -153,6 +153,17 @@ class Ranks:
         self._wait(dist.all_gather(out, padded, async_op=True), what)
         return [pickle.loads(t[:n].cpu().numpy().tobytes()) for t, n in zip(out, lengths, strict=True)]
 
+    def all_reduce_sum_(self, tensors: list[torch.Tensor], what: str) -> None:
+        """Sum `tensors` (same shapes on every rank) over the ranks, in place, in one flat buffer."""
+        if not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(self.device)
+        self._wait(dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True), what)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
     def broadcast_object(self, obj: Any, what: str, src: int = 0) -> Any:
         """Rank `src`'s `obj` on every rank (pickled; tensors should be on the CPU)."""
         payload = (

@@ -232,7 +232,9 @@ def _activations(state: PipelineState) -> None:
 def _reconstruct(state: PipelineState) -> None:
     if state.teacher is None:
         raise RuntimeError("learned rounding needs the teacher the weights stage keeps")
-    state.learned = learned_rounding(state.working_model(), state.teacher, state.batches, state.recipe)
+    state.learned = learned_rounding(
+        state.working_model(), state.teacher, state.batches, state.recipe, ranks=state.ranks
+    )
     state.teacher = None  # the float copy is not needed any longer
 
 

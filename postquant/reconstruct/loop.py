@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from postquant.calib.data import Batch, batch_size_of, model_placement, run_model
+from postquant.distributed import Ranks, shard_bounds
 from postquant.grids import Grid
 from postquant.model.blocks import Unit
 from postquant.nn import QuantizedLayer
@@ -67,11 +68,15 @@ def optimise(
     act_params: list[nn.Parameter],
     cfg: LearnedConfig,
     desc: str,
+    ranks: Ranks | None = None,
 ) -> LoopResult:
     """Run `cfg.iters` steps of ``rec + reg = step_loss(step)``.
 
     Weight groups follow `cfg.lr_schedule`; activation steps use Adam at `cfg.act_lr` with a cosine
     schedule to 0 (BRECQ's code). Stops at the first non-finite loss (status ``"nan"``).
+
+    With `ranks` (data-parallel steps), `step_loss` is this rank's part of the step's loss: the gradients
+    and the loss are summed over the ranks before each step, so every rank takes the same step.
     """
     optimizers = [make_optimizer(weight_groups, cfg)] if weight_groups else []
     if act_params:
@@ -88,13 +93,16 @@ def optimise(
             opt.zero_grad(set_to_none=True)
         rec, reg = step_loss(step)
         total = rec + reg
+        if ranks is not None:
+            total = _reduce_step(total, rec, reg, weight_groups, act_params, ranks)
         value = float(total.detach())
         if not torch.isfinite(total.detach()):
             bar.close()
             return LoopResult("nan", step, first, last)
         first = value if first is None else first
         last = value
-        total.backward()
+        if ranks is None:
+            total.backward()
         for opt in optimizers:
             opt.step()
         for sched in schedulers:
@@ -103,6 +111,29 @@ def optimise(
             bar.set_postfix(rec=f"{float(rec.detach()):.4g}", reg=f"{float(reg.detach()):.4g}", refresh=False)
     bar.close()
     return LoopResult("ok", cfg.iters, first, last)
+
+
+def _reduce_step(
+    total: torch.Tensor,
+    rec: torch.Tensor,
+    reg: torch.Tensor,
+    weight_groups: list[dict[str, Any]],
+    act_params: list[nn.Parameter],
+    ranks: Ranks,
+) -> torch.Tensor:
+    """Backward this rank's part of the loss, then sum gradients and losses over the ranks (one all-reduce);
+    returns the step's total loss, the same on every rank."""
+    params = [p for g in weight_groups for p in g["params"]] + list(act_params)
+    if total.requires_grad:
+        total.backward()
+    for p in params:
+        if p.grad is None:  # a rank whose part of the batch is empty
+            p.grad = torch.zeros_like(p)
+    losses = torch.stack([rec.detach().float(), reg.detach().float()]).to(
+        params[0].device if params else "cpu"
+    )
+    ranks.all_reduce_sum_([*(p.grad for p in params), losses], "summing learned-rounding gradients")
+    return losses.sum()
 
 
 # ------------------------------------------------------------------------------- unit state and forward
@@ -263,12 +294,19 @@ def reconstruct_unit(
     generator: torch.Generator,
     desc: str,
     squant_mode: SquantMode = SquantMode.EKC,
+    ranks: Ranks | None = None,
 ) -> UnitOutcome:
     """Learn the rounding of one unit on its cached data and install the result in `qmodel`.
 
     On a non-finite loss the unit keeps the codes it had before and a warning is logged; if the learned
     codes reconstruct worse than the starting codes on the cached data, the starting codes are kept.
     `squant_mode` is the SQuant variant of the starting codes when ``cfg.init`` is ``squant`` (the recipe's).
+
+    With `ranks` (a process group, every rank holding the same cache and generator), each step draws the
+    same batch on every rank, each rank computes the loss of its contiguous share of the batch's rows
+    (weighted by its share; the regulariser once, split evenly) and `optimise` sums the gradients: the
+    step of one process up to float summation order. QDrop's random draws (``drop_prob > 0``) depend on
+    the rows a forward sees, so with them every rank runs the whole batch (no split, the same result).
     """
     start_time = time.perf_counter()
     device = model_placement(qmodel)[0]
@@ -288,19 +326,31 @@ def reconstruct_unit(
         groups = [g for r in roundings.values() for g in r.groups(cfg)]
         params = [p for g in groups for p in g["params"]]
 
+        split = ranks if ranks is not None and cfg.drop_prob == 0 else None
+
         def step_loss(step: int) -> tuple[torch.Tensor, torch.Tensor]:
             rec, idx = data.sample(cfg.batch_size, generator)
-            rec_loss = _loss(qmodel, unit, rec, idx, _overrides(roundings), cfg, generator, device)
+            share = 1.0
+            if split is not None:  # this rank's rows of the step's batch, weighted by their share
+                start, stop = shard_bounds(len(idx), split.world)[split.rank]
+                share, idx = (stop - start) / len(idx), idx[start:stop]
+            if len(idx):
+                rec_loss = _loss(qmodel, unit, rec, idx, _overrides(roundings), cfg, generator, device)
+                rec_loss = rec_loss * share if split is not None else rec_loss
+            else:
+                rec_loss = torch.zeros((), device=device)
             reg = rec_loss.new_zeros(())
             if cfg.reg_lambda > 0 and reg_active(step, cfg):
                 beta = beta_at(step, cfg)
                 reg = cfg.reg_lambda * sum(
                     (r.regulariser(beta) for r in roundings.values()), rec_loss.new_zeros(())
                 )
+                if split is not None:
+                    reg = reg / split.world
             return rec_loss, reg
 
         result = (
-            optimise(step_loss, _merge_groups(groups), act_params, cfg, desc)
+            optimise(step_loss, _merge_groups(groups), act_params, cfg, desc, ranks=split)
             if params or act_params
             else None
         )

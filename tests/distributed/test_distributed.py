@@ -75,9 +75,19 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def one_process(scenario: str) -> dict[str, torch.Tensor]:
+def quantize_one_thread(scenario: str) -> torch.nn.Module:
+    """`scenario` quantized in this process with one thread, as each rank runs (float sums keep the order)."""
     model, recipe, batches = worker.build(scenario)
-    return postquant.quantize(model, recipe, calib=batches).state_dict()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return postquant.quantize(model, recipe, calib=batches)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def one_process(scenario: str) -> dict[str, torch.Tensor]:
+    return quantize_one_thread(scenario).state_dict()
 
 
 def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -124,13 +134,37 @@ def test_a_dead_or_hung_rank_stops_the_other_with_a_clear_error(tmp_path: Path, 
     assert got["seconds"] < 20
 
 
-@pytest.mark.slow
-def test_learned_rounding_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
-    """Every rank runs learned rounding on all samples (not split yet): the model equals one process's."""
-    assert spawn(["learned"], tmp_path, timeout=120) == [0, 0]
-    want = one_process("learned")
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist_learned")
+    assert spawn(["adaround", "brecq", "qdrop"], out, timeout=90) == [0, 0]
+    return out
+
+
+@pytest.mark.parametrize("scenario", ["adaround", "brecq"])
+def test_data_parallel_learned_rounding_gives_the_codes_of_one_process(
+    learned_run: Path, scenario: str
+) -> None:
+    """Each step's batch split over 2 ranks, gradients summed: the codes of one process (measured: 0 of 512
+    differ; allowed: 1 %), per-unit errors within 5 % (measured: at most 2.2 %, on BRECQ's last unit, whose
+    learned activation step moves as far when the data are scaled by 1 + 1e-7 in one process), and the
+    two ranks hold the same model."""
+    qmodel = quantize_one_thread(scenario)
+    want, want_errors = qmodel.state_dict(), [u.error_after for u in postquant.result(qmodel).learned.units]
+    got = [outcome(learned_run, scenario, rank) for rank in range(2)]
+    assert_same_state(got[1]["state"], got[0]["state"])
+    codes = [k for k in want if k.endswith(".codes")]
+    differ = sum(int((got[0]["state"][k] != want[k]).sum()) for k in codes)
+    assert differ <= 0.01 * sum(want[k].numel() for k in codes)
+    for (_, after), expected in zip(got[0]["learned"], want_errors, strict=True):
+        assert after == pytest.approx(expected, rel=0.05)
+
+
+def test_qdrop_on_two_ranks_runs_whole_batches_and_equals_one_process(learned_run: Path) -> None:
+    """QDrop's random draws depend on the rows a forward sees: every rank runs whole batches, bit-identical."""
+    want = one_process("qdrop")
     for rank in range(2):
-        assert_same_state(outcome(tmp_path, "learned", rank)["state"], want)
+        assert_same_state(outcome(learned_run, "qdrop", rank)["state"], want)
 
 
 def test_no_process_group_means_no_ranks() -> None:

@@ -24,11 +24,10 @@ _conftest = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
 _spec.loader.exec_module(_conftest)  # type: ignore[union-attr]
 
 LEARNED = {
-    "method": "adaround",
-    "w_bits": 4,
+    "w_bits": 3,
     "a_bits": 8,
-    "calib_size": 32,
-    "learned": {"iters": 30, "batch_size": 8, "progress": False},
+    "calib_size": 40,
+    "learned": {"iters": 40, "batch_size": 8, "progress": False},
 }
 
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -42,7 +41,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     "rtn_mse": {"method": "rtn", "w_bits": 4, "a_bits": 6, "a_observer": "mse", "w_range": "mse"},
     "squant_std": {"method": "squant", "w_bits": 4, "a_bits": 4, "a_observer": "std", "grid": "power"},
-    "learned": LEARNED,
+    "adaround": {**LEARNED, "method": "adaround"},  # data-parallel steps
+    "brecq": {**LEARNED, "method": "brecq", "a_bits": 4},  # blocks, learned activation steps
+    "qdrop": {**LEARNED, "method": "qdrop", "a_bits": 4},  # drop_prob > 0: each rank runs whole batches
 }
 
 
@@ -74,8 +75,10 @@ def run(scenario: str, rank: int) -> dict[str, Any]:
             "ranks": getattr(exc, "ranks", None),
             "seconds": time.perf_counter() - start,
         }
+    learned = postquant.result(qmodel).learned
     return {
         "state": {k: v.clone() for k, v in qmodel.state_dict().items()},
+        "learned": [(u.error_before, u.error_after) for u in learned.units] if learned is not None else None,
         "seconds": time.perf_counter() - start,
     }
 
