@@ -32,7 +32,14 @@ from postquant.reconstruct.cache import Record, UnitData, rows, to_device
 from postquant.reconstruct.capture import Captured, unit_forward
 from postquant.reconstruct.config import Init, LearnedConfig, Loss, Optimizer, Schedule
 from postquant.reconstruct.losses import final_distance, unit_distance
-from postquant.reconstruct.params import LayerRounding, beta_at, reg_active, ste_act_quantizers
+from postquant.reconstruct.params import (
+    LayerRounding,
+    Rows,
+    beta_at,
+    reg_active,
+    ste_act_quantizers,
+    uniform_rows,
+)
 from postquant.rounding import SquantMode, squant_codes
 
 log = logging.getLogger(__name__)
@@ -127,7 +134,7 @@ def _reduce_step(
     if total.requires_grad:
         total.backward()
     for p in params:
-        if p.grad is None:  # a rank whose part of the batch is empty
+        if p.grad is None:  # a parameter the loss does not reach
             p.grad = torch.zeros_like(p)
     losses = torch.stack([rec.detach().float(), reg.detach().float()]).to(
         params[0].device if params else "cpu"
@@ -186,12 +193,15 @@ class _Runner(nn.Module):
         return run_model(self.model, batch)
 
 
-def _mix_inputs(q: Captured, f: Captured | None, p: float, generator: torch.Generator) -> Captured:
-    """QDrop input: each element of the first argument from the float input w.p. `p`, else quantized."""
+def _mix_inputs(
+    q: Captured, f: Captured | None, p: float, generator: torch.Generator, window: Rows | None = None
+) -> Captured:
+    """QDrop input: each element of the first argument from the float input w.p. `p`, else quantized.
+    `window`: these are rows [start, stop) of a batch of ``total`` (`uniform_rows`)."""
     if f is None or p <= 0 or not q.args or not isinstance(q.args[0], torch.Tensor):
         return q
     xq, xf = q.args[0], f.args[0]
-    keep_float = (torch.rand(xq.shape, generator=generator) < p).to(xq.device)  # drawn on the CPU generator
+    keep_float = (uniform_rows(xq.shape, generator, window) < p).to(xq.device)  # drawn on the CPU generator
     mixed = torch.where(keep_float, xf, xq)
     return Captured((mixed, *q.args[1:]), q.kwargs)
 
@@ -269,8 +279,10 @@ def _loss(
     cfg: LearnedConfig,
     generator: torch.Generator | None,
     device: torch.device,
+    window: Rows | None = None,
 ) -> torch.Tensor:
-    """The reconstruction loss on rows `idx` of a cached record, computed on `device` (the model's)."""
+    """The reconstruction loss on rows `idx` of a cached record, computed on `device` (the model's).
+    `window`: `idx` are rows [start, stop) of a step's batch of ``total`` (data-parallel QDrop draws)."""
     if cfg.loss is Loss.OUTPUT:
         batch = rows(rec.model_input, idx, rec.n)
         ov = {f"model.{k}": v for k, v in overrides.items()}
@@ -279,7 +291,7 @@ def _loss(
     inp = to_device(rows(rec.q_input, idx, rec.n), device)
     if generator is not None and cfg.drop_prob > 0:
         f_inp = to_device(rows(rec.f_input, idx, rec.n), device)
-        inp = _mix_inputs(inp, f_inp, cfg.drop_prob, generator)
+        inp = _mix_inputs(inp, f_inp, cfg.drop_prob, generator, window)
     out = unit_forward(qmodel, unit, overrides, inp)
     weight = to_device(rows(rec.weight, idx, rec.n), device) if rec.weight is not None else None
     return unit_distance(out, to_device(rows(rec.target, idx, rec.n), device), weight)
@@ -305,8 +317,9 @@ def reconstruct_unit(
     With `ranks` (a process group, every rank holding the same cache and generator), each step draws the
     same batch on every rank, each rank computes the loss of its contiguous share of the batch's rows
     (weighted by its share; the regulariser once, split evenly) and `optimise` sums the gradients: the
-    step of one process up to float summation order. QDrop's random draws (``drop_prob > 0``) depend on
-    the rows a forward sees, so with them every rank runs the whole batch (no split, the same result).
+    step of one process up to float summation order. QDrop's random draws are made for the whole batch
+    on every rank and sliced to its rows (`uniform_rows`), so they are one process's draws. A batch of
+    fewer rows than ranks is run whole by every rank, its loss divided among them.
     """
     start_time = time.perf_counter()
     device = model_placement(qmodel)[0]
@@ -326,19 +339,20 @@ def reconstruct_unit(
         groups = [g for r in roundings.values() for g in r.groups(cfg)]
         params = [p for g in groups for p in g["params"]]
 
-        split = ranks if ranks is not None and cfg.drop_prob == 0 else None
+        split = ranks
 
         def step_loss(step: int) -> tuple[torch.Tensor, torch.Tensor]:
             rec, idx = data.sample(cfg.batch_size, generator)
-            share = 1.0
-            if split is not None:  # this rank's rows of the step's batch, weighted by their share
+            window: Rows | None = None
+            if split is not None and len(idx) >= split.world:  # this rank's rows, weighted by their share
                 start, stop = shard_bounds(len(idx), split.world)[split.rank]
-                share, idx = (stop - start) / len(idx), idx[start:stop]
-            if len(idx):
-                rec_loss = _loss(qmodel, unit, rec, idx, _overrides(roundings), cfg, generator, device)
-                rec_loss = rec_loss * share if split is not None else rec_loss
-            else:
-                rec_loss = torch.zeros((), device=device)
+                window, idx = (start, stop, len(idx)), idx[start:stop]
+            for q in act_q.values():
+                q.window = window
+            rec_loss = _loss(qmodel, unit, rec, idx, _overrides(roundings), cfg, generator, device, window)
+            if split is not None:
+                share = (window[1] - window[0]) / window[2] if window is not None else 1 / split.world
+                rec_loss = rec_loss * share
             reg = rec_loss.new_zeros(())
             if cfg.reg_lambda > 0 and reg_active(step, cfg):
                 beta = beta_at(step, cfg)
