@@ -16,9 +16,12 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import postquant
 from postquant.distributed import current, shard_bounds, split_work
+from postquant.reconstruct.params import uniform_rows
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -177,3 +180,24 @@ def test_split_work_balances_sizes() -> None:
     owners = split_work([100, 10, 60, 50, 5], 2)
     loads = [sum(s for s, o in zip([100, 10, 60, 50, 5], owners, strict=True) if o == r) for r in range(2)]
     assert owners == [0, 0, 1, 1, 0] and loads == [115, 110]  # 100 | 60, 50 | 10 to the lighter | 5 on a tie
+
+
+@settings(max_examples=25, deadline=None)
+@given(total=st.integers(1, 12), world=st.integers(1, 4), width=st.integers(1, 5), seed=st.integers(0, 99))
+def test_each_rank_draws_its_rows_of_one_process_draw(total: int, world: int, width: int, seed: int) -> None:
+    """QDrop's masks on data-parallel steps: the ranks' rows together are one process's draw, and every rank's
+    generator ends where one process's does (the next batch is the same everywhere)."""
+    one = torch.Generator().manual_seed(seed)
+    want = uniform_rows((total, width), one, None)
+    parts = []
+    for start, stop in shard_bounds(total, world):
+        gen = torch.Generator().manual_seed(seed)
+        if stop > start:
+            parts.append(uniform_rows((stop - start, width), gen, (start, stop, total)))
+            assert torch.equal(gen.get_state(), one.get_state())
+    assert torch.equal(torch.cat(parts), want)
+
+
+def test_rows_of_an_input_that_is_not_batch_first_are_refused() -> None:
+    with pytest.raises(RuntimeError, match="does not have the 2 rows"):
+        uniform_rows((6, 3), torch.Generator(), (0, 2, 4))
