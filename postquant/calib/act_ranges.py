@@ -97,11 +97,16 @@ def calibrate_from_data(
         for name, layer in layers.items():
             layer.act_quant = saved[name]
     if ranks is not None:
-        every = ranks.gather_objects(
+        states = ranks.gather_objects(
             {n: o.state() for n, o in observers.items()}, "merging activation ranges"
         )
+        layer_states = {name: [s[name] for s in states] for name in observers}
+        sent = ranks.gather_objects(
+            {n: o.values_for(layer_states[n], ranks.rank) for n, o in observers.items()},
+            "merging activation ranges",
+        )
         for name, obs in observers.items():
-            obs.merge([states[name] for states in every])
+            obs.merge(layer_states[name], [v[name] for v in sent])
     for name, layer in layers.items():
         if not observers[name].seen:
             log.warning("layer %s saw no calibration input; its input stays float", name)

@@ -256,17 +256,35 @@ def _overrides(roundings: dict[str, LayerRounding], prefix: str = "") -> dict[st
 
 @torch.no_grad()
 def evaluate_unit(
-    qmodel: nn.Module, unit: Unit, data: UnitData, cfg: LearnedConfig, chunk: int = 128
+    qmodel: nn.Module,
+    unit: Unit,
+    data: UnitData,
+    cfg: LearnedConfig,
+    chunk: int = 128,
+    ranks: Ranks | None = None,
 ) -> float:
-    """Mean reconstruction loss of the unit as installed (hard codes, deployed quantizers) on the cache."""
+    """Mean reconstruction loss of the unit as installed (hard codes, deployed quantizers) on the cache.
+
+    With `ranks`, each rank evaluates a contiguous share of the chunks and the sums are all-reduced (the
+    same mean on every rank; one process's up to float summation order)."""
+    chunks = [
+        (rec, slice(start, min(start + chunk, rec.n)))
+        for rec in data.records
+        for start in range(0, rec.n, chunk)
+    ]
+    if ranks is not None:
+        first, stop = shard_bounds(len(chunks), ranks.world)[ranks.rank]
+        chunks = chunks[first:stop]
     total, count = 0.0, 0
     device = model_placement(qmodel)[0]
-    for rec in data.records:
-        for start in range(0, rec.n, chunk):
-            idx = slice(start, min(start + chunk, rec.n))  # row views: a spilled (pinned) chunk copies fast
-            size = idx.stop - idx.start
-            total += float(_loss(qmodel, unit, rec, idx, {}, cfg, None, device)) * size
-            count += size
+    for rec, idx in chunks:  # row views: a spilled (pinned) chunk copies fast
+        size = idx.stop - idx.start
+        total += float(_loss(qmodel, unit, rec, idx, {}, cfg, None, device)) * size
+        count += size
+    if ranks is not None:
+        sums = torch.tensor([total, float(count)], dtype=torch.float64)
+        ranks.all_reduce_sum_([sums], "summing reconstruction errors")
+        total, count = float(sums[0]), int(sums[1])
     return total / max(count, 1)
 
 
@@ -327,7 +345,7 @@ def reconstruct_unit(
     before = snapshot(qmodel, unit)
     roundings = _make_rounding(qmodel, teacher, unit, cfg, generator, squant_mode)
     _install(qmodel, roundings, {})  # the starting codes (nearest or SQuant)
-    error_before = evaluate_unit(qmodel, unit, data, cfg)
+    error_before = evaluate_unit(qmodel, unit, data, cfg, ranks=ranks)
 
     if cfg.loss is Loss.OUTPUT:  # gradients must pass every activation quantizer of the model
         swap = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)}
@@ -383,7 +401,7 @@ def reconstruct_unit(
 
     start_state = snapshot(qmodel, unit)
     _install(qmodel, roundings, learned_scales)
-    error_after = evaluate_unit(qmodel, unit, data, cfg)
+    error_after = evaluate_unit(qmodel, unit, data, cfg, ranks=ranks)
     status = "ok"
     if cfg.keep_better_start and not error_after <= error_before:
         log.info(

@@ -173,8 +173,9 @@ def _observed(kind: str, parts: list[list[torch.Tensor]], sample_size: int, seed
     for obs, tensors in zip(observers, parts, strict=True):
         for x in tensors:
             obs.update(x)
+    states = [o.state() for o in observers]
     merged = make_observer(kind, percentile=99.0, sample_size=sample_size, seed=seed)
-    merged.merge([o.state() for o in observers])
+    merged.merge(states, [o.values_for(states, i) for i, o in enumerate(observers)])
     return merged
 
 
