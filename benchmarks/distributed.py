@@ -99,6 +99,30 @@ def run_world(args: argparse.Namespace, world: int) -> dict[str, Any]:
         return torch.load(Path(store) / "rank0.pt", weights_only=False)
 
 
+def write_markdown(rows: dict[str, dict[str, Any]]) -> None:
+    """``benchmarks/results/distributed.md`` from the rows of ``distributed.json``."""
+    from postquant.store.files import write_text_atomic
+
+    lines = [
+        "Wall time of `postquant.quantize` on N processes (gloo, 1 thread each, one 2-core machine shared with "
+        "other work: `load` is the 1-minute load average before the run). `collectives` is the share of the "
+        "time rank 0 spent in collectives (communication and waiting for the other rank). Codes are compared "
+        "with the 1-process run; top-1 on `n` test images spread over the test set.",
+        "",
+        "| model | recipe | processes | quantize | stages (s) | speed-up | collectives | codes differing "
+        "| top-1 | n | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows.values():
+        stages = ", ".join(f"{k} {v}" for k, v in row["stages"].items() if v >= 0.1)
+        lines.append(
+            f"| {row['model']} | {row['recipe']} | {row['processes']} | {row['seconds']} s | {stages} | "
+            f"{row['speedup']}x | {row['collective_share']:.1%} | {row['codes_differing']} | {row['top1']:.2f} | "
+            f"{row['limit']} | {row['load_1min']} |"
+        )
+    write_text_atomic(RESULTS / "distributed.md", "\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet20-cifar10")
@@ -119,7 +143,6 @@ def main() -> None:
         worker(args)
         return
 
-    from postquant.store.files import write_text_atomic
     from postquant.store.table import ResultTable
 
     table = ResultTable(RESULTS / "distributed.json", indent=2, newline=True)
@@ -150,24 +173,7 @@ def main() -> None:
                 "torch": torch.__version__,
             },
         )
-    lines = [
-        "Wall time of `postquant.quantize` on N processes (gloo, 1 thread each, one 2-core machine shared with "
-        "other work: `load` is the 1-minute load average before the run). `collectives` is the share of the "
-        "time rank 0 spent in collectives (communication and waiting for the other rank). Codes are compared "
-        "with the 1-process run; top-1 on the first `n` test images.",
-        "",
-        "| model | recipe | processes | quantize | stages (s) | speed-up | collectives | codes differing "
-        "| top-1 | n | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in table.rows.values():
-        stages = ", ".join(f"{k} {v}" for k, v in row["stages"].items() if v >= 0.1)
-        lines.append(
-            f"| {row['model']} | {row['recipe']} | {row['processes']} | {row['seconds']} s | {stages} | "
-            f"{row['speedup']}x | {row['collective_share']:.1%} | {row['codes_differing']} | {row['top1']:.2f} | "
-            f"{row['limit']} | {row['load_1min']} |"
-        )
-    write_text_atomic(RESULTS / "distributed.md", "\n".join(lines) + "\n")
+    write_markdown(table.rows)
     log.info("wrote %s", RESULTS / "distributed.md")
 
 

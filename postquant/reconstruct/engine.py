@@ -267,6 +267,8 @@ def reconstruct_model(
         key = fingerprint(parts)
         store = CheckpointStore(cfg.checkpoint_dir, key, [u.name for u in units])
     done = set(store.finished()) if store is not None else set()
+    if ranks is not None and store is not None:  # ranks that would resume different units would wait forever
+        ranks.check_consistent({"set of checkpointed units (checkpoint_dir)": repr(sorted(done))})
     if done:
         log.info(
             "resuming learned rounding: %d of %d units already finished in %s",
