@@ -87,3 +87,23 @@ class ExportMismatchError(PostquantError, RuntimeError):
 
     def __reduce__(self) -> tuple[type, tuple[str, dict[str, float]]]:  # picklable across processes
         return type(self), (str(self), self.metrics)
+
+
+class DistributedError(PostquantError, RuntimeError):
+    """A collective of a distributed run failed: another rank died, hung past the timeout, or the network
+    broke. Every rank stops; no rank writes output."""
+
+
+class DistributedMismatchError(DistributedError):
+    """The ranks of a distributed run were given different inputs (recipe, model weights or calibration data).
+
+    ``what`` names the input, ``ranks`` the ranks whose copy differs from rank 0's.
+    """
+
+    def __init__(self, message: str, what: str, ranks: list[int]) -> None:
+        super().__init__(message)
+        self.what = what
+        self.ranks = ranks
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, list[int]]]:  # picklable across processes
+        return type(self), (str(self), self.what, self.ranks)

@@ -32,9 +32,11 @@ from torch import nn
 
 from postquant.calib import ActRanges, as_calibration, calibrate_from_data, calibrate_reference_noise
 from postquant.calib.act_ranges import bn_noise_ranges
+from postquant.calib.data import model_placement
 from postquant.calib.moments import input_moments
 from postquant.calib.observers import Observer
 from postquant.choices import Importance, Method
+from postquant.distributed import Ranks, current
 from postquant.errors import DataError
 from postquant.mixed.apply import MixedResult, apply_mixed
 from postquant.model import fold_batchnorm, matches, quantizable_layers
@@ -44,6 +46,7 @@ from postquant.outcome import QuantizationResult, attach_result, result
 from postquant.plan import Plan, Source, check_finite, make_plan
 from postquant.recipe import Recipe
 from postquant.reconstruct import CalibSource, is_learned, learned_config
+from postquant.reconstruct.checkpoint import data_fingerprint, model_fingerprint
 from postquant.reconstruct.engine import ReconstructionReport, check_calibration, learned_rounding, prepare
 from postquant.weights import gptq_weights, quantize_weights
 
@@ -113,6 +116,7 @@ class PipelineState:
     learned: ReconstructionReport | None = None
     act_ranges: ActRanges | None = None
     act_observer: Observer | None = None
+    ranks: Ranks | None = None  # the process group (postquant.distributed), None in a single process
 
     def current_plan(self) -> Plan:
         if self.plan is None:
@@ -158,6 +162,11 @@ def _convert(state: PipelineState) -> None:
         check_calibration(state.model, state.batches, 0)  # a batch the model cannot run: a DataError now
     if state.example_inputs is None and isinstance(state.batches, list):
         state.example_inputs = state.batches[0]
+    if state.ranks is not None:  # every rank must quantize the same model with the same recipe and data
+        hashes = {"recipe": state.recipe.model_dump_json(), "model weights": model_fingerprint(state.model)}
+        if isinstance(state.batches, list):
+            hashes["calibration data"] = data_fingerprint(state.batches)
+        state.ranks.check_consistent(hashes)
 
 
 def _prepare(state: PipelineState) -> None:
@@ -216,7 +225,9 @@ def _weights(state: PipelineState) -> None:
             state.working_model(), state.current_plan(), state.recipe, state.batches, state.search
         )
         return
-    state.layers = quantize_weights(state.working_model(), state.current_plan(), state.recipe, state.search)
+    state.layers = quantize_weights(
+        state.working_model(), state.current_plan(), state.recipe, state.search, ranks=state.ranks
+    )
 
 
 def _activations(state: PipelineState) -> None:
@@ -231,7 +242,9 @@ def _activations(state: PipelineState) -> None:
 def _reconstruct(state: PipelineState) -> None:
     if state.teacher is None:
         raise RuntimeError("learned rounding needs the teacher the weights stage keeps")
-    state.learned = learned_rounding(state.working_model(), state.teacher, state.batches, state.recipe)
+    state.learned = learned_rounding(
+        state.working_model(), state.teacher, state.batches, state.recipe, ranks=state.ranks
+    )
     state.teacher = None  # the float copy is not needed any longer
 
 
@@ -300,8 +313,13 @@ def requirements(recipe: Recipe, *, optional_data: bool = True) -> Needs:
 
 def run_pipeline(model: nn.Module, recipe: Recipe, calib: Any, example_inputs: Any) -> nn.Module:
     """Run the stages on a validated recipe and a model in eval mode; return the quantized copy (eval mode)
-    with its `QuantizationResult` attached."""
-    state = PipelineState(model, recipe, calib, example_inputs)
+    with its `QuantizationResult` attached.
+
+    Inside a torch.distributed process group of several processes (`postquant.distributed.current`), the
+    ranks check that they got the same inputs, split calibration and weight rounding, and end with the same
+    quantized model (rank 0's where a rank computed another one).
+    """
+    state = PipelineState(model, recipe, calib, example_inputs, ranks=current())
     seconds: dict[str, float] = {}
     for stage in STAGES:
         # `prepare` may change the recipe (not the method), so whether a stage applies is asked when it comes
@@ -324,10 +342,27 @@ def run_pipeline(model: nn.Module, recipe: Recipe, calib: Any, example_inputs: A
             act_observer=state.act_observer,
         ),
     )
+    if state.ranks is not None:
+        qmodel = _agree(state.ranks, qmodel)
     return qmodel
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def _agree(ranks: Ranks, qmodel: nn.Module) -> nn.Module:
+    """Every rank's quantized model equal to rank 0's: compared by a hash of its tensors and grid configs
+    (bits, granularity), replaced by rank 0's where it differs."""
+    configs = [
+        (name, m.grid_config.model_dump_json())
+        for name, m in qmodel.named_modules()
+        if isinstance(m, QuantizedLayer)
+    ]
+    digest = model_fingerprint(qmodel) + repr(configs)
+    agreed = ranks.agree(qmodel, digest, "quantized model")
+    if agreed is not qmodel:
+        agreed = agreed.to(model_placement(qmodel)[0])
+    return agreed
 
 
 def _warn_unmatched_patterns(model: nn.Module, recipe: Recipe) -> None:
@@ -385,7 +420,13 @@ def _calibrate_activations(
             )
         state.act_ranges, state.act_observer = rule, _observer(recipe, rule)
         calibrate_from_data(
-            state.working_model(), layers, a_bits, batches, state.act_observer, recipe.a_percentile
+            state.working_model(),
+            layers,
+            a_bits,
+            batches,
+            state.act_observer,
+            recipe.a_percentile,
+            ranks=state.ranks,
         )
         return
     if example_inputs is None:

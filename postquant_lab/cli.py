@@ -251,9 +251,26 @@ def quantize(
         sequential=sequential,
     )
     try:
+        _join_ranks()
         _quantize(options, _lab(ctx))
     except PostquantError as exc:
         _fail(exc, verbose)
+    finally:
+        _leave_ranks()
+
+
+def _join_ranks() -> None:
+    """Under ``torchrun`` (WORLD_SIZE > 1), join its process group: `quantize` then splits the work."""
+    from postquant.distributed import init_from_env
+
+    init_from_env()
+
+
+def _leave_ranks() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _sequential(options: QuantizeOptions, zoo: Any, rec: Any) -> bool:
@@ -374,6 +391,10 @@ def _quantize(options: QuantizeOptions, lab: Lab) -> None:
     else:
         qmodel = lab.quantizer()(zoo.model, rec, calib=calib, example_inputs=zoo.example_inputs)
     seconds = time.perf_counter() - start
+    from postquant.distributed import is_main
+
+    if not is_main():  # every rank holds the same model: rank 0 alone evaluates, prints and writes
+        return
     fp, q = _score(zoo, qmodel, options.data, options.limit)
     result = {
         "model": zoo.name,

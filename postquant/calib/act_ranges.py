@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from postquant.calib.data import Batch, ForwardLoop, forward_all
+from postquant.calib.data import Batch, ForwardLoop, batch_size_of, forward_all
 from postquant.calib.observers import (  # noqa: F401 (NOISE_STD_MULTIPLIER, reference_noise_range re-exported)
     NOISE_STD_MULTIPLIER,
     Observer,
@@ -20,6 +20,7 @@ from postquant.calib.observers import (  # noqa: F401 (NOISE_STD_MULTIPLIER, ref
     reference_noise_range,
 )
 from postquant.choices import ActRanges  # noqa: F401 (re-exported; defined there, torch-free)
+from postquant.distributed import Ranks, shard
 from postquant.nn import QuantizedLayer, cached_weights
 from postquant.progress import progress_bar
 
@@ -67,13 +68,22 @@ def calibrate_from_data(
     observer: Observer | str = Observer.MINMAX,
     percentile: float = 99.99,
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> None:
     """Observe the float inputs of `layers` over `calib`, then install an input quantizer on each.
 
     Observation runs with every input quantizer off (float activations, quantized weights); `progress`
-    shows a bar over the observed layer inputs.
+    shows a bar over the observed layer inputs. With `ranks` (a process group, `postquant.distributed`),
+    each rank observes its contiguous shard of the batches and the observers are merged in rank order, so
+    every rank installs the same ranges: those of one process for min/max and percentile, and for MSE and
+    std unless one layer input holds more values than the observer's sample (`RangeObserver.merge`). A
+    forward loop cannot be split: every rank then runs all of it.
     """
     observers = {name: make_observer(observer, percentile=percentile) for name in layers}
+    if ranks is not None and not isinstance(calib, list):
+        ranks = None  # each rank sees everything: nothing to merge
+    if ranks is not None:
+        calib = shard(ranks, calib, sum(batch_size_of(b) for b in calib))
     saved = {name: layer.act_quant for name, layer in layers.items()}
     for layer in layers.values():
         layer.act_quant = None
@@ -87,6 +97,17 @@ def calibrate_from_data(
     finally:
         for name, layer in layers.items():
             layer.act_quant = saved[name]
+    if ranks is not None:
+        states = ranks.gather_objects(
+            {n: o.state() for n, o in observers.items()}, "merging activation ranges"
+        )
+        layer_states = {name: [s[name] for s in states] for name in observers}
+        sent = ranks.gather_objects(
+            {n: o.values_for(layer_states[n], ranks.rank) for n, o in observers.items()},
+            "merging activation ranges",
+        )
+        for name, obs in observers.items():
+            obs.merge(layer_states[name], [v[name] for v in sent])
     for name, layer in layers.items():
         if not observers[name].seen:
             log.warning("layer %s saw no calibration input; its input stays float", name)

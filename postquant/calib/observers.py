@@ -1,14 +1,16 @@
 """Observers choose the float range of an activation tensor from the tensors they see.
 
 One small class per kind behind one interface (`RangeObserver`: ``update(x)``, ``seen``, ``range(bits)``);
-`make_observer` builds the one a recipe names. Statistics are computed on the device of the tensors seen;
+`make_observer` builds the one a recipe names. Observers of one layer in several processes (data-parallel
+calibration, `postquant.distributed`) are combined by ``merge([o.state() for o in ranks])``: min/max and
+percentile observers then hold exactly what one observer of all the tensors, in order, holds. Statistics are computed on the device of the tensors seen;
 seeded draws (the MSE and std samples) come from a CPU generator, so every device draws the same values.
 """
 
 from __future__ import annotations
 
 import abc
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -99,6 +101,28 @@ class RangeObserver(abc.ABC):
     def seen(self) -> bool:
         return self.lo <= self.hi
 
+    def state(self) -> dict[str, Any]:
+        """A small picklable summary of what this observer has accumulated, for `values_for` and `merge`."""
+        return {"lo": self.lo, "hi": self.hi, **self._state()}
+
+    def values_for(self, states: list[dict[str, Any]], index: int) -> Any:
+        """What this observer, the `index`-th of the observers whose `state`s these are, must send for a
+        `merge` (picklable; None when the states suffice)."""
+        return None
+
+    def merge(self, states: list[dict[str, Any]], values: list[Any] | None = None) -> None:
+        """Replace what this observer holds by what observers that saw consecutive parts of one stream of
+        tensors, in stream order, accumulated: their `state`s and what each sent (`values_for`)."""
+        self.lo = min(s["lo"] for s in states)
+        self.hi = max(s["hi"] for s in states)
+        self._merge(states, values if values is not None else [None] * len(states))
+
+    def _state(self) -> dict[str, Any]:
+        return {}
+
+    def _merge(self, states: list[dict[str, Any]], values: list[Any]) -> None:  # noqa: B027 (min/max: nothing)
+        """Merge the kind's own statistics (`lo` and `hi` are done)."""
+
     def range(self, bits: int) -> tuple[float, float]:
         """The chosen range [lo, hi] for `bits`-bit activation codes.
 
@@ -144,6 +168,13 @@ class PercentileObserver(RangeObserver):
         q_lo, q_hi = stats.quantiles([1 - self.percentile / 100, self.percentile / 100])
         self._quantiles.append((q_lo, q_hi))
 
+    def _state(self) -> dict[str, Any]:
+        return {"quantiles": list(self._quantiles)}
+
+    def _merge(self, states: list[dict[str, Any]], values: list[Any]) -> None:
+        # the per-tensor quantiles in stream order: the same list, so the same sums, as one observer's
+        self._quantiles = [q for s in states for q in s["quantiles"]]
+
     def _range(self, bits: int) -> tuple[float, float]:
         lo = sum(q[0] for q in self._quantiles) / len(self._quantiles)
         hi = sum(q[1] for q in self._quantiles) / len(self._quantiles)
@@ -151,7 +182,17 @@ class PercentileObserver(RangeObserver):
 
 
 class _SamplingObserver(RangeObserver):
-    """Keeps a seeded uniform sample (with replacement) of at most `sample_size` values of each tensor."""
+    """Keeps a seeded uniform sample (with replacement) of at most `sample_size` values of each tensor.
+
+    Merged observers (`merge`) hold the values one observer holding all the samples in stream order chooses
+    the range from: all of them (std), or the MSE observer's final subsample of them, of which each part
+    sends only the values it holds (at most `sample_size` values in all, not every sample). That is exactly
+    one observer's when no tensor had more than `sample_size` values (each was kept whole, and the
+    generator was not used before the final draw). Otherwise the observers after the first drew their
+    subsamples from a generator in another state than one observer would have: other uniform draws from the
+    same tensors, so the range is close but not equal (tests/calib/test_observers.py measures it); the
+    final draw uses the last observer's generator, so every merge chooses the same range.
+    """
 
     def __init__(self, sample_size: int = 1 << 20, seed: int = 0) -> None:
         super().__init__()
@@ -171,12 +212,52 @@ class _SamplingObserver(RangeObserver):
         idx = torch.randint(0, x.numel(), (self.sample_size,), generator=self._generator)  # on the CPU
         return x.index_select(0, idx.to(x.device))
 
+    # MSE subsamples the values seen once more when choosing the range; std uses them all
+    _final_draw: ClassVar[bool] = False
+
+    def _state(self) -> dict[str, Any]:
+        return {"count": sum(t.numel() for t in self._samples), "generator": self._generator.get_state()}
+
+    def _final_indices(self, states: list[dict[str, Any]]) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The indices into all the observers' values, in order, that the range is chosen from (None: all),
+        and the generator's state after drawing them (from the last observer's state: every merge agrees)."""
+        generator = torch.Generator().set_state(states[-1]["generator"])
+        total = sum(s["count"] for s in states)
+        if not self._final_draw or total <= self.sample_size:
+            return None, generator.get_state()
+        return torch.randint(0, total, (self.sample_size,), generator=generator), generator.get_state()
+
+    def values_for(self, states: list[dict[str, Any]], index: int) -> Any:
+        own = torch.cat(self._samples).cpu() if self._samples else torch.empty(0)
+        idx, _ = self._final_indices(states)
+        if idx is None:
+            return own
+        offset = sum(s["count"] for s in states[:index])
+        mine = (idx >= offset) & (idx < offset + own.numel())
+        return own[idx[mine] - offset]  # only the values the range is chosen from
+
+    def _merge(self, states: list[dict[str, Any]], values: list[Any]) -> None:
+        device = self._samples[0].device if self._samples else torch.device("cpu")
+        idx, generator_state = self._final_indices(states)
+        if idx is None:
+            merged = torch.cat(values)
+        else:  # the values one observer's final subsample picks, each sent by the observer that holds it
+            merged = torch.empty(idx.numel(), dtype=values[0].dtype)
+            offset = 0
+            for s, part in zip(states, values, strict=True):
+                mine = (idx >= offset) & (idx < offset + s["count"])
+                merged[mine] = part
+                offset += s["count"]
+        self._samples = [merged.to(device)] if merged.numel() else []
+        self._generator.set_state(generator_state)
+
 
 class MSEObserver(_SamplingObserver):
     """The clipping of the min/max range (by a ratio in [0.3, 1], 50 steps) that minimises the mean squared
     quantization error over a seeded sample of at most `sample_size` of the values seen."""
 
     kind = Observer.MSE
+    _final_draw = True
 
     def _range(self, bits: int) -> tuple[float, float]:
         values = self._subsample(torch.cat(self._samples))  # (<= sample_size,)

@@ -19,6 +19,7 @@ from torch import nn
 from postquant.calib.augment import augment_batches
 from postquant.calib.data import Batch, ForwardLoop, batch_size_of, collect_batches, run_model
 from postquant.calib.synthetic import distill_bn_data, noise_data
+from postquant.distributed import Ranks
 from postquant.errors import DataError
 from postquant.model.blocks import Unit, make_units
 from postquant.model.hf import no_kv_cache
@@ -145,9 +146,10 @@ def _first_last_policy(recipe: Recipe, bits: int) -> Recipe:
 
 
 def learned_rounding(
-    qmodel: nn.Module, teacher: nn.Module, calib: Any, recipe: Recipe
+    qmodel: nn.Module, teacher: nn.Module, calib: Any, recipe: Recipe, ranks: Ranks | None = None
 ) -> ReconstructionReport:
-    """Learn the rounding of `qmodel`'s layers against the float `teacher` (same module names, BN folded)."""
+    """Learn the rounding of `qmodel`'s layers against the float `teacher` (same module names, BN folded);
+    with `ranks`, each step's batch is split across the ranks (`reconstruct_unit`)."""
     cfg = learned_config(recipe)
     if calib is None:
         raise DataError(
@@ -165,6 +167,7 @@ def learned_rounding(
             seed=recipe.seed,
             key_fields=fields,
             squant_mode=recipe.squant_mode,
+            ranks=ranks,
         )
 
 
@@ -227,6 +230,7 @@ def reconstruct_model(
     key_fields: dict[str, Any] | None = None,
     on_unit_end: OnUnitEnd | None = None,
     squant_mode: SquantMode = SquantMode.EKC,
+    ranks: Ranks | None = None,
 ) -> ReconstructionReport:
     """Learn the rounding of every unit of `qmodel`, in order, in place.
 
@@ -240,6 +244,9 @@ def reconstruct_model(
         on_unit_end: called as ``on_unit_end(k, unit, outcome)`` after each unit is installed and saved.
         squant_mode: the SQuant variant of the starting codes when ``cfg.init`` is ``squant`` (`quantize`
             passes the recipe's ``squant_mode``).
+        ranks: a process group (`postquant.distributed`): every rank caches all the data and each step's
+            batch is split across the ranks, gradients summed (`reconstruct_unit`). A checkpoint directory
+            is written by rank 0 alone.
 
     Raises:
         DataError: calibration data missing, empty or not runnable by the model.
@@ -270,6 +277,8 @@ def reconstruct_model(
         key = fingerprint(parts)
         store = CheckpointStore(cfg.checkpoint_dir, key, [u.name for u in units])
     done = set(store.finished()) if store is not None else set()
+    if ranks is not None and store is not None:  # ranks that would resume different units would wait forever
+        ranks.check_consistent({"set of checkpointed units (checkpoint_dir)": repr(sorted(done))})
     if done:
         log.info(
             "resuming learned rounding: %d of %d units already finished in %s",
@@ -318,6 +327,7 @@ def reconstruct_model(
             generator,
             desc=f"[{k + 1}/{len(units)}] {unit.name}",
             squant_mode=squant_mode,
+            ranks=ranks,
         )
         if cfg.chain_inputs and cfg.loss is Loss.MSE and k + 1 < len(units) and k + 1 not in done:
             carried = carry_outputs(qmodel, unit, data)
@@ -334,7 +344,7 @@ def reconstruct_model(
             outcome.seconds,
         )
         report.units.append(outcome)
-        if store is not None:
+        if store is not None and (ranks is None or ranks.is_main):
             store.save(k, snapshot(qmodel, unit), asdict(outcome))
         if on_unit_end is not None:
             on_unit_end(k, unit, outcome)

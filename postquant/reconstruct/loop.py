@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call
 
 from postquant.calib.data import Batch, batch_size_of, model_placement, run_model
+from postquant.distributed import Ranks, shard_bounds
 from postquant.grids import Grid
 from postquant.model.blocks import Unit
 from postquant.nn import QuantizedLayer
@@ -31,7 +32,14 @@ from postquant.reconstruct.cache import Record, UnitData, rows, to_device
 from postquant.reconstruct.capture import Captured, unit_forward
 from postquant.reconstruct.config import Init, LearnedConfig, Loss, Optimizer, Schedule
 from postquant.reconstruct.losses import final_distance, unit_distance
-from postquant.reconstruct.params import LayerRounding, beta_at, reg_active, ste_act_quantizers
+from postquant.reconstruct.params import (
+    LayerRounding,
+    Rows,
+    beta_at,
+    reg_active,
+    ste_act_quantizers,
+    uniform_rows,
+)
 from postquant.rounding import SquantMode, squant_codes
 
 log = logging.getLogger(__name__)
@@ -67,11 +75,15 @@ def optimise(
     act_params: list[nn.Parameter],
     cfg: LearnedConfig,
     desc: str,
+    ranks: Ranks | None = None,
 ) -> LoopResult:
     """Run `cfg.iters` steps of ``rec + reg = step_loss(step)``.
 
     Weight groups follow `cfg.lr_schedule`; activation steps use Adam at `cfg.act_lr` with a cosine
     schedule to 0 (BRECQ's code). Stops at the first non-finite loss (status ``"nan"``).
+
+    With `ranks` (data-parallel steps), `step_loss` is this rank's part of the step's loss: the gradients
+    and the loss are summed over the ranks before each step, so every rank takes the same step.
     """
     optimizers = [make_optimizer(weight_groups, cfg)] if weight_groups else []
     if act_params:
@@ -88,13 +100,16 @@ def optimise(
             opt.zero_grad(set_to_none=True)
         rec, reg = step_loss(step)
         total = rec + reg
+        if ranks is not None:
+            total = _reduce_step(total, rec, reg, weight_groups, act_params, ranks)
         value = float(total.detach())
         if not torch.isfinite(total.detach()):
             bar.close()
             return LoopResult("nan", step, first, last)
         first = value if first is None else first
         last = value
-        total.backward()
+        if ranks is None:
+            total.backward()
         for opt in optimizers:
             opt.step()
         for sched in schedulers:
@@ -103,6 +118,29 @@ def optimise(
             bar.set_postfix(rec=f"{float(rec.detach()):.4g}", reg=f"{float(reg.detach()):.4g}", refresh=False)
     bar.close()
     return LoopResult("ok", cfg.iters, first, last)
+
+
+def _reduce_step(
+    total: torch.Tensor,
+    rec: torch.Tensor,
+    reg: torch.Tensor,
+    weight_groups: list[dict[str, Any]],
+    act_params: list[nn.Parameter],
+    ranks: Ranks,
+) -> torch.Tensor:
+    """Backward this rank's part of the loss, then sum gradients and losses over the ranks (one all-reduce);
+    returns the step's total loss, the same on every rank."""
+    params = [p for g in weight_groups for p in g["params"]] + list(act_params)
+    if total.requires_grad:
+        total.backward()
+    for p in params:
+        if p.grad is None:  # a parameter the loss does not reach
+            p.grad = torch.zeros_like(p)
+    losses = torch.stack([rec.detach().float(), reg.detach().float()]).to(
+        params[0].device if params else "cpu"
+    )
+    ranks.all_reduce_sum_([*(p.grad for p in params), losses], "summing learned-rounding gradients")
+    return losses.sum()
 
 
 # ------------------------------------------------------------------------------- unit state and forward
@@ -155,12 +193,15 @@ class _Runner(nn.Module):
         return run_model(self.model, batch)
 
 
-def _mix_inputs(q: Captured, f: Captured | None, p: float, generator: torch.Generator) -> Captured:
-    """QDrop input: each element of the first argument from the float input w.p. `p`, else quantized."""
+def _mix_inputs(
+    q: Captured, f: Captured | None, p: float, generator: torch.Generator, window: Rows | None = None
+) -> Captured:
+    """QDrop input: each element of the first argument from the float input w.p. `p`, else quantized.
+    `window`: these are rows [start, stop) of a batch of ``total`` (`uniform_rows`)."""
     if f is None or p <= 0 or not q.args or not isinstance(q.args[0], torch.Tensor):
         return q
     xq, xf = q.args[0], f.args[0]
-    keep_float = (torch.rand(xq.shape, generator=generator) < p).to(xq.device)  # drawn on the CPU generator
+    keep_float = (uniform_rows(xq.shape, generator, window) < p).to(xq.device)  # drawn on the CPU generator
     mixed = torch.where(keep_float, xf, xq)
     return Captured((mixed, *q.args[1:]), q.kwargs)
 
@@ -215,17 +256,35 @@ def _overrides(roundings: dict[str, LayerRounding], prefix: str = "") -> dict[st
 
 @torch.no_grad()
 def evaluate_unit(
-    qmodel: nn.Module, unit: Unit, data: UnitData, cfg: LearnedConfig, chunk: int = 128
+    qmodel: nn.Module,
+    unit: Unit,
+    data: UnitData,
+    cfg: LearnedConfig,
+    chunk: int = 128,
+    ranks: Ranks | None = None,
 ) -> float:
-    """Mean reconstruction loss of the unit as installed (hard codes, deployed quantizers) on the cache."""
+    """Mean reconstruction loss of the unit as installed (hard codes, deployed quantizers) on the cache.
+
+    With `ranks`, each rank evaluates a contiguous share of the chunks and the sums are all-reduced (the
+    same mean on every rank; one process's up to float summation order)."""
+    chunks = [
+        (rec, slice(start, min(start + chunk, rec.n)))
+        for rec in data.records
+        for start in range(0, rec.n, chunk)
+    ]
+    if ranks is not None:
+        first, stop = shard_bounds(len(chunks), ranks.world)[ranks.rank]
+        chunks = chunks[first:stop]
     total, count = 0.0, 0
     device = model_placement(qmodel)[0]
-    for rec in data.records:
-        for start in range(0, rec.n, chunk):
-            idx = slice(start, min(start + chunk, rec.n))  # row views: a spilled (pinned) chunk copies fast
-            size = idx.stop - idx.start
-            total += float(_loss(qmodel, unit, rec, idx, {}, cfg, None, device)) * size
-            count += size
+    for rec, idx in chunks:  # row views: a spilled (pinned) chunk copies fast
+        size = idx.stop - idx.start
+        total += float(_loss(qmodel, unit, rec, idx, {}, cfg, None, device)) * size
+        count += size
+    if ranks is not None:
+        sums = torch.tensor([total, float(count)], dtype=torch.float64)
+        ranks.all_reduce_sum_([sums], "summing reconstruction errors")
+        total, count = float(sums[0]), int(sums[1])
     return total / max(count, 1)
 
 
@@ -238,8 +297,10 @@ def _loss(
     cfg: LearnedConfig,
     generator: torch.Generator | None,
     device: torch.device,
+    window: Rows | None = None,
 ) -> torch.Tensor:
-    """The reconstruction loss on rows `idx` of a cached record, computed on `device` (the model's)."""
+    """The reconstruction loss on rows `idx` of a cached record, computed on `device` (the model's).
+    `window`: `idx` are rows [start, stop) of a step's batch of ``total`` (data-parallel QDrop draws)."""
     if cfg.loss is Loss.OUTPUT:
         batch = rows(rec.model_input, idx, rec.n)
         ov = {f"model.{k}": v for k, v in overrides.items()}
@@ -248,7 +309,7 @@ def _loss(
     inp = to_device(rows(rec.q_input, idx, rec.n), device)
     if generator is not None and cfg.drop_prob > 0:
         f_inp = to_device(rows(rec.f_input, idx, rec.n), device)
-        inp = _mix_inputs(inp, f_inp, cfg.drop_prob, generator)
+        inp = _mix_inputs(inp, f_inp, cfg.drop_prob, generator, window)
     out = unit_forward(qmodel, unit, overrides, inp)
     weight = to_device(rows(rec.weight, idx, rec.n), device) if rec.weight is not None else None
     return unit_distance(out, to_device(rows(rec.target, idx, rec.n), device), weight)
@@ -263,12 +324,20 @@ def reconstruct_unit(
     generator: torch.Generator,
     desc: str,
     squant_mode: SquantMode = SquantMode.EKC,
+    ranks: Ranks | None = None,
 ) -> UnitOutcome:
     """Learn the rounding of one unit on its cached data and install the result in `qmodel`.
 
     On a non-finite loss the unit keeps the codes it had before and a warning is logged; if the learned
     codes reconstruct worse than the starting codes on the cached data, the starting codes are kept.
     `squant_mode` is the SQuant variant of the starting codes when ``cfg.init`` is ``squant`` (the recipe's).
+
+    With `ranks` (a process group, every rank holding the same cache and generator), each step draws the
+    same batch on every rank, each rank computes the loss of its contiguous share of the batch's rows
+    (weighted by its share; the regulariser once, split evenly) and `optimise` sums the gradients: the
+    step of one process up to float summation order. QDrop's random draws are made for the whole batch
+    on every rank and sliced to its rows (`uniform_rows`), so they are one process's draws. A batch of
+    fewer rows than ranks is run whole by every rank, its loss divided among them.
     """
     start_time = time.perf_counter()
     device = model_placement(qmodel)[0]
@@ -276,7 +345,7 @@ def reconstruct_unit(
     before = snapshot(qmodel, unit)
     roundings = _make_rounding(qmodel, teacher, unit, cfg, generator, squant_mode)
     _install(qmodel, roundings, {})  # the starting codes (nearest or SQuant)
-    error_before = evaluate_unit(qmodel, unit, data, cfg)
+    error_before = evaluate_unit(qmodel, unit, data, cfg, ranks=ranks)
 
     if cfg.loss is Loss.OUTPUT:  # gradients must pass every activation quantizer of the model
         swap = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantizedLayer)}
@@ -288,19 +357,32 @@ def reconstruct_unit(
         groups = [g for r in roundings.values() for g in r.groups(cfg)]
         params = [p for g in groups for p in g["params"]]
 
+        split = ranks
+
         def step_loss(step: int) -> tuple[torch.Tensor, torch.Tensor]:
             rec, idx = data.sample(cfg.batch_size, generator)
-            rec_loss = _loss(qmodel, unit, rec, idx, _overrides(roundings), cfg, generator, device)
+            window: Rows | None = None
+            if split is not None and len(idx) >= split.world:  # this rank's rows, weighted by their share
+                start, stop = shard_bounds(len(idx), split.world)[split.rank]
+                window, idx = (start, stop, len(idx)), idx[start:stop]
+            for q in act_q.values():
+                q.window = window
+            rec_loss = _loss(qmodel, unit, rec, idx, _overrides(roundings), cfg, generator, device, window)
+            if split is not None:
+                share = (window[1] - window[0]) / window[2] if window is not None else 1 / split.world
+                rec_loss = rec_loss * share
             reg = rec_loss.new_zeros(())
             if cfg.reg_lambda > 0 and reg_active(step, cfg):
                 beta = beta_at(step, cfg)
                 reg = cfg.reg_lambda * sum(
                     (r.regulariser(beta) for r in roundings.values()), rec_loss.new_zeros(())
                 )
+                if split is not None:
+                    reg = reg / split.world
             return rec_loss, reg
 
         result = (
-            optimise(step_loss, _merge_groups(groups), act_params, cfg, desc)
+            optimise(step_loss, _merge_groups(groups), act_params, cfg, desc, ranks=split)
             if params or act_params
             else None
         )
@@ -319,7 +401,7 @@ def reconstruct_unit(
 
     start_state = snapshot(qmodel, unit)
     _install(qmodel, roundings, learned_scales)
-    error_after = evaluate_unit(qmodel, unit, data, cfg)
+    error_after = evaluate_unit(qmodel, unit, data, cfg, ranks=ranks)
     status = "ok"
     if cfg.keep_better_start and not error_after <= error_before:
         log.info(

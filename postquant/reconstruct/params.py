@@ -182,15 +182,41 @@ class TrainableActQuant(nn.Module):
         self.qmin, self.qmax = source.qmin, source.qmax
         self.drop_prob = drop_prob
         self.generator = generator
+        self.window: Rows | None = None  # data-parallel steps: this rank's rows of the batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.scale.abs().clamp_min(1e-8)
         q = torch.clamp(round_ste(x / scale) + self.zero_point, self.qmin, self.qmax)
         xq = (q - self.zero_point) * scale
         if self.drop_prob > 0:
-            keep_float = (torch.rand(x.shape, generator=self.generator) < self.drop_prob).to(x.device)
+            keep_float = (uniform_rows(x.shape, self.generator, self.window) < self.drop_prob).to(x.device)
             xq = torch.where(keep_float, x, xq)
         return xq
+
+
+Rows = tuple[int, int, int]
+"""Rows [start, stop) of a batch of `total` rows: ``(start, stop, total)``."""
+
+
+def uniform_rows(
+    shape: torch.Size | tuple[int, ...], generator: torch.Generator, rows: Rows | None
+) -> torch.Tensor:
+    """``torch.rand(shape, generator=generator)`` on the CPU; with `rows`, the draw for the whole batch
+    (``total`` rows) sliced to rows [start, stop), so that ranks that each hold some rows of one batch draw
+    together what one process draws for all of them, and consume the generator alike.
+
+    Raises:
+        RuntimeError: `shape` does not have the ``stop - start`` rows (an input that is not batch-first).
+    """
+    if rows is None:
+        return torch.rand(shape, generator=generator)
+    start, stop, total = rows
+    if shape[0] != stop - start:
+        raise RuntimeError(
+            f"data-parallel QDrop draws per batch row, but a layer input of shape {tuple(shape)} does not have "
+            f"the {stop - start} rows of this rank: run this model's QDrop in one process (or drop_prob 0)"
+        )
+    return torch.rand((total, *shape[1:]), generator=generator)[start:stop]
 
 
 def beta_at(step: int, cfg: LearnedConfig) -> float:

@@ -3,6 +3,8 @@ class branching on the kind, kept here), and progress during calibration."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -174,3 +176,48 @@ def test_order_free_observers_read_channels_last_tensors_without_a_copy():
     )
     strided = torch.randn(4, 6)[:, ::2]  # not dense: copied
     assert torch.equal(_values(strided), strided.reshape(-1))
+
+
+def _observed(kind: str, parts: list[list[torch.Tensor]], sample_size: int, seed: int = 3):
+    """The observer of `kind` for the stream `parts` seen by one observer per part, merged in order."""
+    observers = [make_observer(kind, percentile=99.0, sample_size=sample_size, seed=seed) for _ in parts]
+    for obs, tensors in zip(observers, parts, strict=True):
+        for x in tensors:
+            obs.update(x)
+    states = [o.state() for o in observers]
+    merged = make_observer(kind, percentile=99.0, sample_size=sample_size, seed=seed)
+    merged.merge(states, [o.values_for(states, i) for i, o in enumerate(observers)])
+    return merged
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    kind=st.sampled_from(["minmax", "percentile", "mse", "std"]),
+    cuts=st.lists(st.integers(0, 6), min_size=1, max_size=3),
+    seed=st.integers(0, 100),
+)
+def test_merged_observers_equal_one_observer_when_every_tensor_fits_the_sample(kind, cuts, seed):
+    """Data-parallel calibration: the stream split anywhere (empty parts too) gives one observer's range
+    exactly, when no tensor holds more values than the MSE/std sample."""
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(500, generator=gen) * (i + 1) for i in range(6)]
+    bounds = [0, *sorted(cuts), 6]
+    parts = [xs[a:b] for a, b in itertools.pairwise(bounds)]
+    assert _observed(kind, parts, 512).range(4) == _observed(kind, [xs], 512).range(4)
+
+
+@pytest.mark.parametrize("kind", ["mse", "std"])
+def test_merged_sampling_observers_differ_from_one_by_no_more_than_another_seed(kind):
+    """Tensors larger than the sample are subsampled with another generator state after a merge: the range
+    then differs from one observer's by about as much as one observer's differs between two seeds (measured:
+    mean |delta hi| / range 0.028 vs 0.026 (mse), 0.030 vs 0.077 (std), 8 tensors of 65536 values, samples of
+    20000, 12 data seeds)."""
+    merged_diff, seed_diff = [], []
+    for data_seed in range(4):
+        gen = torch.Generator().manual_seed(data_seed)
+        xs = [torch.randn(65536, generator=gen).abs() ** 1.5 for _ in range(8)]
+        lo, hi = _observed(kind, [xs], 20000).range(4)
+        merged_diff.append(abs(_observed(kind, [xs[:4], xs[4:]], 20000).range(4)[1] - hi) / (hi - lo))
+        seed_diff.append(abs(_observed(kind, [xs], 20000, seed=4).range(4)[1] - hi) / (hi - lo))
+    assert 0 < max(merged_diff) < 0.2  # approximate, not exact (max over 12 data seeds: 0.057 mse, 0.17 std)
+    assert sum(merged_diff) < 2.5 * sum(seed_diff)

@@ -1,0 +1,103 @@
+"""One rank of the distributed tests: ``python worker.py SCENARIOS RANK WORLD DIR``.
+
+Joins a gloo group through a file store in DIR (no port to pick), runs each scenario (comma-separated names of
+`SCENARIOS`) in order and saves what it got to ``DIR/<scenario>.<rank>.pt``: the quantized model's state dict,
+or the error's type name, message and ranks. `build` is also what the tests call for the one-process result.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import postquant
+from postquant.errors import PostquantError
+
+_spec = importlib.util.spec_from_file_location("_pq_conftest", Path(__file__).parents[1] / "conftest.py")
+_conftest = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
+_spec.loader.exec_module(_conftest)  # type: ignore[union-attr]
+
+LEARNED = {
+    "w_bits": 3,
+    "a_bits": 8,
+    "calib_size": 40,
+    "learned": {"iters": 40, "batch_size": 8, "progress": False},
+}
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "rtn": {"method": "rtn", "w_bits": 4, "a_bits": 8, "a_observer": "minmax"},
+    "squant": {
+        "method": "squant",
+        "w_bits": 3,
+        "a_bits": 4,
+        "a_observer": "percentile",
+        "a_percentile": 99.0,
+    },
+    "rtn_mse": {"method": "rtn", "w_bits": 4, "a_bits": 6, "a_observer": "mse", "w_range": "mse"},
+    "squant_std": {"method": "squant", "w_bits": 4, "a_bits": 4, "a_observer": "std", "grid": "power"},
+    "adaround": {**LEARNED, "method": "adaround"},  # data-parallel steps
+    "brecq": {**LEARNED, "method": "brecq", "a_bits": 4},  # blocks, learned activation steps
+    "qdrop": {**LEARNED, "method": "qdrop", "a_bits": 4},  # drop_prob > 0: each rank runs whole batches
+}
+
+
+def build(scenario: str, rank: int = 0) -> tuple[torch.nn.Module, dict[str, Any], list[torch.Tensor]]:
+    """The model, recipe and calibration batches of `scenario` as rank `rank` holds them (they differ from
+    rank 0's only in the mismatch scenarios)."""
+    model = _conftest.make_tiny_cnn(seed=1 if scenario == "bad_model" and rank == 1 else 0)
+    recipe = dict(SCENARIOS.get(scenario, SCENARIOS["rtn"]))
+    if scenario == "bad_recipe" and rank == 1:
+        recipe["w_bits"] = 3
+    gen = torch.Generator().manual_seed(7)
+    images = torch.randn(1 if scenario == "one_sample" else 40, 3, 12, 12, generator=gen)
+    return model, recipe, list(torch.split(images, 6))  # 7 batches: shards of 4 and 3
+
+
+def run(scenario: str, rank: int) -> dict[str, Any]:
+    model, recipe, batches = build(scenario, rank)
+    if scenario == "dead" and rank == 1:
+        os._exit(3)  # a rank that dies before the first collective
+    if scenario == "hung" and rank == 1:
+        time.sleep(8)  # past the tests' 3 s timeout
+    start = time.perf_counter()
+    try:
+        qmodel = postquant.quantize(model, recipe, calib=batches)
+    except PostquantError as exc:
+        return {
+            "error": type(exc).__name__,
+            "message": str(exc),
+            "ranks": getattr(exc, "ranks", None),
+            "seconds": time.perf_counter() - start,
+        }
+    learned = postquant.result(qmodel).learned
+    return {
+        "state": {k: v.clone() for k, v in qmodel.state_dict().items()},
+        "learned": [(u.error_before, u.error_after) for u in learned.units] if learned is not None else None,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    scenarios, rank, world, out = (
+        sys.argv[1].split(","),
+        int(sys.argv[2]),
+        int(sys.argv[3]),
+        Path(sys.argv[4]),
+    )
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=world
+    )
+    for scenario in scenarios:
+        torch.save(run(scenario, rank), out / f"{scenario}.{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
