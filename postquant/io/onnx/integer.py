@@ -161,15 +161,32 @@ class _Graph:
         return value is not None and value.size == 1 and float(value.reshape(())) == 0.0
 
     def finish(self) -> None:
-        """Insert the new nodes after their producers (before the first node for graph inputs)."""
-        produced = {t for m in self.graph.node for t in m.output}
-        nodes = [n for t, ns in self.new_nodes.items() if t not in produced for n in ns]
+        """Insert the new nodes (after their producers) and sort the graph topologically, keeping the
+        order of nodes that do not depend on each other (a rewired input may come from a later pair)."""
+        nodes = list(self.graph.node)
         for node in self.graph.node:
-            nodes.append(node)
             for out in node.output:
                 nodes += self.new_nodes.get(out, [])
+        produced = {t for m in self.graph.node for t in m.output}
+        nodes += [n for t, ns in self.new_nodes.items() if t not in produced for n in ns]
+        made = {t for n in nodes for t in n.output}
+        ready = {i.name for i in self.graph.input} | {i.name for i in self.graph.initializer} | {""}
+        ordered: list[Any] = []
+        while nodes:
+            left = []
+            for node in nodes:
+                if all(x in ready or x not in made for x in node.input):
+                    ordered.append(node)
+                    ready.update(node.output)
+                else:
+                    left.append(node)
+            if len(left) == len(nodes):
+                raise AssertionError(
+                    f"full-integer rewrite made a cycle through {[n.name for n in left[:3]]}"
+                )
+            nodes = left
         del self.graph.node[:]
-        self.graph.node.extend(nodes)
+        self.graph.node.extend(ordered)
         self.new_nodes = {}
 
 
