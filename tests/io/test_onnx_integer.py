@@ -146,3 +146,31 @@ def test_full_integer_without_calibration_batches_warns(residual_net, images, tm
         export_onnx(
             qmodel, images[0], tmp_path / "n.onnx", full_integer=True, calib_batches=[], progress=False
         )
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x + self.fc2(torch.relu(self.fc1(x))))
+
+
+def test_adds_without_a_conv_stay_float(tmp_path):
+    """Only CNN residual adds are joined: a residual stream of Linears (as in transformers, whose adds also
+    take attention masks) is left as the simulation computes it."""
+    torch.manual_seed(0)
+    model = ResidualMLP().eval()
+    data = [torch.randn(32, 16) for _ in range(3)]
+    qmodel = postquant.quantize(model, {"w_bits": 8, "a_bits": 8, "symmetric": True}, calib=data[:2])
+    result = export_onnx(
+        qmodel,
+        data[0],
+        tmp_path / "m.onnx",
+        full_integer=True,
+        calib_batches=data[:2],
+        verify_batches=data[2:],
+    )
+    assert result["full_integer"]["joins"] == 0 and result["ops"].get("QLinearAdd", 0) == 0
+    assert result["sqnr_db"] > 30

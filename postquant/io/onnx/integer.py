@@ -5,7 +5,8 @@ quantized layers. A conv whose output feeds a residual ``Add`` then runs in floa
 ``GlobalAveragePool`` and layout change between integer kernels runs in float, with NHWC <-> NCHW transposes
 around each integer kernel. `integerize` adds the QuantizeLinear/DequantizeLinear pairs that let onnxruntime's
 graph optimizer fuse ``DQ -> Add -> Q`` into ``QLinearAdd``, ``DQ -> GlobalAveragePool -> Q`` into
-``QLinearGlobalAveragePool``, and keep whole chains of QLinearConv/QLinearAdd in integers (and in NHWC):
+``QLinearGlobalAveragePool``, and keep whole chains of QLinearConv/QLinearAdd in integers (and in NHWC).
+The adds joined are a CNN's residual adds (one input computed by a convolution); other adds stay float:
 
 * an input of an ``Add`` or ``GlobalAveragePool`` that the simulation quantizes already (a tensor that also
   feeds a layer's input quantizer, e.g. a residual block's input) is taken from that quantizer's
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 MOVEMENT_OPS = frozenset(
     {"Slice", "Pad", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "MaxPool", "Identity"}
 )
-_JOINS = frozenset({"Add", "GlobalAveragePool"})  # the float ops given quantized inputs and outputs
 _ACTIVATIONS = frozenset({"Relu", "Clip"})
 
 
@@ -247,11 +247,27 @@ def _quantize_output(g: _Graph, tensor: str, ranges: dict[str, tuple[float, floa
 
 
 def _joins(graph: Any, constants: dict[str, np.ndarray]) -> list[Any]:
-    """The Add nodes of two computed tensors, and the GlobalAveragePool nodes."""
+    """The GlobalAveragePool nodes, and the Add nodes of two computed tensors one of which is a convolution's
+    output (directly or through a Relu/Clip): residual adds of CNNs. Other adds (a transformer's residual
+    stream, attention masks) stay float."""
+    made = {out: n for n in graph.node for out in n.output}
+
+    def from_conv(tensor: str) -> bool:
+        node = made.get(tensor)
+        if node is not None and node.op_type in _ACTIVATIONS:
+            node = made.get(node.input[0])
+        return node is not None and node.op_type == "Conv"
+
     return [
         n
         for n in graph.node
-        if n.op_type in _JOINS and all(x and x not in constants for x in n.input) and len(n.input) <= 2
+        if n.op_type == "GlobalAveragePool"
+        or (
+            n.op_type == "Add"
+            and len(n.input) == 2
+            and all(x and x not in constants for x in n.input)
+            and any(from_conv(x) for x in n.input)
+        )
     ]
 
 
