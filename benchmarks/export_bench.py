@@ -1,22 +1,26 @@
-"""Deployment numbers: FP32 vs W8A8 ONNX in onnxruntime (latency, size, top-1) and postquant checkpoint sizes.
+"""Deployment numbers: FP32 vs quantized ONNX in onnxruntime (latency, kernels, top-1) and checkpoint sizes.
 
 For each model (ResNet-56 on CIFAR-10 and EfficientNet-Lite0 by default):
 
-* the float model and two W8A8 quantizations are exported with `postquant.io.export_onnx` (the float one as
-  a plain float graph). Both W8A8 variants use ``rtn`` with 256 calibration images (or data-free ``squant``):
-  ``asym`` keeps the SQuant reference grid (asymmetric, per channel), ``sym`` uses ``symmetric=True``
-  (weight zero point 0, the form onnxruntime's integer convolutions are fast with);
-* latency in onnxruntime (CPU, ``--threads`` intra-op threads) at batch 1 and 32: the median of the timed
-  runs after warm-up, the three models alternating run by run so that they see the same machine load;
-* top-1 on the full evaluation set of PyTorch FP32, each PyTorch W8A8 simulation, ONNX FP32 and each ONNX
-  W8A8, and the top-1 agreement of each ONNX W8A8 with its simulation;
-* the size of saved postquant checkpoints (`postquant.io.save`) at W8/W4/W3/W2 (weight-only RTN) against the
-  FP32 size of the float model (parameters and buffers).
+* the float model is exported as a plain float graph; postquant's quantized models (``rtn``, symmetric
+  per-channel weights, per-tensor activations, ``--calib`` calibration images) are exported with
+  `postquant.io.export_onnx` in three forms: ``qdq`` (W8A8, the simulation's quantization points only),
+  ``full`` (W8A8, ``full_integer=True``: residual adds and global pooling on quantized tensors, the new
+  ranges calibrated on the same images) and ``full-w7`` (W7A8 full-integer: 7-bit codes lie in [-64, 63],
+  stored int8, onnxruntime's fast u8 x s8 kernels cannot saturate on any x86 CPU);
+* the peer: ``onnxruntime.quantization.quantize_static`` on the same float ONNX model (QDQ, per-channel,
+  uint8 activations, MinMax on the same calibration images), with int8 weights (``ort-s8``, its default)
+  and with ``reduce_range=True`` (``ort-s7``, 7-bit weights);
+* latency in onnxruntime (CPU) at batch 1 and 32 with 1 and 2 intra-op threads: the median of the timed runs
+  after warm-up, all graphs of a model alternating run by run so that they see the same machine load;
+* the kernels onnxruntime runs (op counts after its graph optimizations);
+* top-1 on `--limit` evaluation images of PyTorch FP32, each simulation and each ONNX graph, the top-1
+  agreement of each postquant ONNX graph with its simulation, and of every graph with the FP32 ONNX model;
+* the size of saved postquant checkpoints (`postquant.io.save`) at W8/W4/W3/W2 (weight-only RTN).
 
-Finally ResNet-20 W8A8 (``asym``) is exported and compared with its PyTorch simulation on the full CIFAR-10
-test set.
+Finally ResNet-20 W8A8 (``qdq``) is exported and compared with its PyTorch simulation on `--limit` images.
 
-    python benchmarks/export_bench.py --out benchmarks/results/export.md
+    python benchmarks/export_bench.py --limit 1000 --out benchmarks/results/export.md
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,20 +43,46 @@ import torch
 
 import postquant
 from postquant.io import checkpoint_size, export_onnx, float_size, save
+from postquant.io.onnx import count_kernels
 from postquant.store.files import write_text_atomic
 from postquant_lab.zoo import ZooModel, load_model
 
 log = logging.getLogger("export_bench")
 
-VARIANTS = {"asym": {}, "sym": {"symmetric": True}}  # recipe changes of the W8A8 variants
+# postquant variants: (weight bits, full_integer)
+OURS = {"qdq": (8, False), "full": (8, True), "full-w7": (7, True)}
+PEERS = {"ort-s8": False, "ort-s7": True}  # quantize_static, reduce_range
+KERNELS = ("QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm")
+FLOAT_OPS = ("Conv", "FusedConv", "Add", "GlobalAveragePool", "Gemm", "FusedGemm")
 
 
-def quantize_w8a8(zoo: ZooModel, method: str, calib_size: int, **changes: Any) -> torch.nn.Module:
-    """W8A8 per the brief: data-free SQuant, or RTN with `calib_size` calibration images."""
-    recipe = {"method": method, "w_bits": 8, "a_bits": 8, **changes}
-    if method == "squant":
-        return postquant.quantize(zoo.model, recipe, example_inputs=zoo.example_inputs)
-    return postquant.quantize(zoo.model, recipe, calib=zoo.calib_batches(limit=calib_size))
+def quantize(zoo: ZooModel, bits: int, calib: list[Any]) -> torch.nn.Module:
+    """W`bits`A8: RTN, symmetric per-channel weights, per-tensor activations from `calib`."""
+    recipe = {"method": "rtn", "w_bits": bits, "a_bits": 8, "symmetric": True}
+    return postquant.quantize(zoo.model, recipe, calib=calib)
+
+
+def quantize_static_peer(fp32: str, out: str, calib: list[torch.Tensor], reduce_range: bool) -> None:
+    """onnxruntime's own static quantization of the float graph (QDQ, per channel, MinMax on `calib`)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": x.numpy()} for x in calib])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    quantize_static(
+        fp32,
+        out,
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        reduce_range=reduce_range,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
 
 
 def session(path: str, threads: int) -> Any:
@@ -82,28 +113,31 @@ def latency_ms(
 def top1(
     zoo: ZooModel, models: dict[str, Any], limit: int | None
 ) -> tuple[dict[str, float], dict[str, float], int]:
-    """Top-1 (%) of PyTorch models and ONNX sessions on the evaluation set, and ONNX vs simulation agreement.
-
-    `models` maps ``torch:<v>`` / ``onnx:<v>`` to a module or an onnxruntime session; agreement is reported per
-    ``<v>`` that has both.
-    """
+    """Top-1 (%) of PyTorch models (``torch:<v>``) and ONNX sessions (``onnx:<v>``) on the evaluation set, and
+    top-1 agreement (%): ``<v>`` = ONNX vs the simulation ``torch:<v>``, ``<v>/fp32`` = ONNX vs ONNX FP32."""
     correct = dict.fromkeys(models, 0)
-    variants = [
-        k.split(":")[1] for k in models if k.startswith("onnx:") and f"torch:{k.split(':')[1]}" in models
-    ]
-    agree = dict.fromkeys(variants, 0)
+    agree: dict[str, int] = {}
     n = 0
     for x, y in zoo.eval_batches(limit=limit, batch_size=128):
-        preds = {}
+        preds: dict[str, torch.Tensor] = {}
+        done: dict[int, str] = {}  # one simulation may stand for several graphs: run it once
         for name, model in models.items():
-            if isinstance(model, torch.nn.Module):
+            if id(model) in done:
+                preds[name] = preds[done[id(model)]]
+            elif isinstance(model, torch.nn.Module):
                 with torch.inference_mode():
                     preds[name] = model(x).argmax(dim=1)
             else:
                 preds[name] = torch.from_numpy(model.run(None, {"input": x.numpy()})[0]).argmax(dim=1)
+            done.setdefault(id(model), name)
             correct[name] += int((preds[name] == y).sum())
-        for v in variants:
-            agree[v] += int((preds[f"onnx:{v}"] == preds[f"torch:{v}"]).sum())
+        for name in models:
+            kind, v = name.split(":")
+            if kind != "onnx":
+                continue
+            if f"torch:{v}" in preds:
+                agree[v] = agree.get(v, 0) + int((preds[name] == preds[f"torch:{v}"]).sum())
+            agree[f"{v}/fp32"] = agree.get(f"{v}/fp32", 0) + int((preds[name] == preds["onnx:fp32"]).sum())
         n += len(y)
     return {k: 100.0 * c / n for k, c in correct.items()}, {v: 100.0 * a / n for v, a in agree.items()}, n
 
@@ -118,22 +152,39 @@ def checkpoint_sizes(zoo: ZooModel, tmp: Path) -> dict[int, int]:
 
 def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     zoo = load_model(name)
+    calib = zoo.calib_batches(limit=args.calib)
     paths = {"fp32": str(tmp / f"{name}-fp32.onnx")}
-    exports = {"fp32": export_onnx(zoo.model, zoo.example_inputs, paths["fp32"])}
+    exports = {"fp32": export_onnx(zoo.model, zoo.example_inputs, paths["fp32"], progress=False)}
     models: dict[str, Any] = {"torch:fp32": zoo.model}
-    for variant, changes in VARIANTS.items():
-        log.info("%s: W8A8 %s (%s)", name, variant, args.method)
-        models[f"torch:{variant}"] = quantize_w8a8(zoo, args.method, args.calib, **changes)
-        paths[variant] = str(tmp / f"{name}-w8a8-{variant}.onnx")
-        exports[variant] = export_onnx(models[f"torch:{variant}"], zoo.example_inputs, paths[variant])
-    sessions = {v: session(p, args.threads) for v, p in paths.items()}
-    lat = {}
-    for batch in (1, 32):
-        runs = args.runs if batch == 1 else max(3, args.runs // 4)
-        lat[batch] = latency_ms(sessions, (batch, *zoo.input_shape), runs)
-        log.info("%s batch %d: %s", name, batch, lat[batch])
-    log.info("%s: top-1 on the evaluation set", name)
-    models |= {f"onnx:{v}": s for v, s in sessions.items()}
+    sims: dict[int, torch.nn.Module] = {}
+    for variant, (bits, full) in OURS.items():
+        log.info("%s: %s (W%dA8, full_integer=%s)", name, variant, bits, full)
+        if bits not in sims:
+            sims[bits] = quantize(zoo, bits, calib)
+        models[f"torch:{variant}"] = sims[bits]
+        paths[variant] = str(tmp / f"{name}-{variant}.onnx")
+        exports[variant] = export_onnx(
+            sims[bits],
+            zoo.example_inputs,
+            paths[variant],
+            full_integer=full,
+            calib_batches=calib if full else None,
+            progress=False,
+        )
+    for variant, reduce_range in PEERS.items():
+        log.info("%s: %s (onnxruntime quantize_static)", name, variant)
+        paths[variant] = str(tmp / f"{name}-{variant}.onnx")
+        quantize_static_peer(paths["fp32"], paths[variant], calib, reduce_range)
+        exports[variant] = {"bytes": Path(paths[variant]).stat().st_size, **count_kernels(paths[variant])}
+    lat: dict[tuple[int, int], dict[str, float]] = {}
+    for threads in args.threads:
+        sessions = {v: session(p, threads) for v, p in paths.items()}
+        for batch in (1, 32):
+            runs = args.runs if batch == 1 else max(3, args.runs // 4)
+            lat[threads, batch] = latency_ms(sessions, (batch, *zoo.input_shape), runs)
+            log.info("%s %d thread(s) batch %d: %s", name, threads, batch, lat[threads, batch])
+    log.info("%s: top-1 on %s evaluation images", name, args.limit)
+    models |= {f"onnx:{v}": session(p, 1) for v, p in paths.items()}
     acc, agreement, n = top1(zoo, models, args.limit)
     log.info("%s: %s, agreement %s on %d", name, acc, agreement, n)
     return {
@@ -150,92 +201,127 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
 
 def resnet20_agreement(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     zoo = load_model("resnet20-cifar10")
-    qmodel = quantize_w8a8(zoo, args.method, args.calib)
+    qmodel = quantize(zoo, 8, zoo.calib_batches(limit=args.calib))
     batches = zoo.eval_batches(limit=args.limit, batch_size=256)
-    return export_onnx(qmodel, zoo.example_inputs, tmp / "resnet20-w8a8.onnx", verify_batches=batches)
+    path = tmp / "resnet20-w8a8.onnx"
+    return export_onnx(qmodel, zoo.example_inputs, path, verify_batches=batches, progress=False)
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def _header(args: argparse.Namespace, seconds: float) -> list[str]:
+def _uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        load = os.getloadavg()
+        return f"load average: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}"
+
+
+def _cpu() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line), "?")
+    flags = set(next((line for line in info.splitlines() if line.startswith("flags")), "").split())
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return f"{model} ({', '.join(simd) or 'no AVX2'}; {'no ' if not {'avx512_vnni', 'avx_vnni'} & flags else ''}VNNI)"
+
+
+def _header(args: argparse.Namespace, seconds: float, load_start: str) -> list[str]:
     import onnxruntime as ort
 
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    calib = (
-        f" with {args.calib} calibration images" if args.method == "rtn" else " (data-free activation ranges)"
-    )
     return [
         "# Export and deployment benchmark",
         "",
         f"`python benchmarks/export_bench.py {' '.join(args.argv)}` on {datetime.date.today()}, "
-        f"{platform.machine()}, {os.cpu_count()} CPUs (shared: load average {load[0]:.1f} at the end), torch "
-        f"{torch.__version__}, onnxruntime {ort.__version__}, postquant {postquant.__version__}; {seconds / 60:.1f} min.",
+        f"{platform.machine()}, {os.cpu_count()} CPUs: {_cpu()}, torch {torch.__version__}, onnxruntime "
+        f"{ort.__version__}, postquant {postquant.__version__}; {seconds / 60:.1f} min. The machine is shared: "
+        f"`uptime` at the start `{load_start}`, at the end `{_uptime()}`.",
         "",
-        f"W8A8 = `{args.method}`{calib}; per-channel weights, per-tensor activations, the first layer's input "
-        "float. `asym`: the SQuant reference grid (asymmetric, zero point -Z); `sym`: `symmetric=True` (zero "
-        f"point 0). onnxruntime: CPUExecutionProvider, all graph optimizations, {args.threads} intra-op thread(s); "
-        f"PyTorch {args.torch_threads} thread(s).",
+        f"postquant: `rtn` with {args.calib} calibration images, symmetric per-channel weights, per-tensor "
+        "activations, the first layer's input float. `qdq`: W8A8, the simulation's quantization points only; "
+        "`full`: W8A8 with `full_integer=True`; `full-w7`: W7A8 with `full_integer=True`. Peer: onnxruntime's "
+        "`quantize_static` on the same FP32 ONNX graph (QDQ, per-channel, uint8 activations, MinMax on the same "
+        "calibration images; it also quantizes the first layer's input): `ort-s8` int8 weights (its default), "
+        "`ort-s7` `reduce_range=True` (7-bit weights). onnxruntime: CPUExecutionProvider, all graph "
+        f"optimizations; PyTorch {args.torch_threads} thread(s).",
     ]
+
+
+def _variants(row: dict[str, Any]) -> list[str]:
+    return [v for v in row["exports"] if v != "fp32"]
 
 
 def markdown(
-    rows: list[dict[str, Any]], r20: dict[str, Any], args: argparse.Namespace, seconds: float
+    rows: list[dict[str, Any]], r20: dict[str, Any], args: argparse.Namespace, seconds: float, load: str
 ) -> str:
+    variants = _variants(rows[0])
     lines = [
-        *_header(args, seconds),
+        *_header(args, seconds, load),
         "",
-        "## onnxruntime latency and size: FP32 vs W8A8",
+        "## onnxruntime speed-up over the FP32 ONNX model (ratio of median latencies in one run)",
         "",
-        "| model | batch | FP32 ms | asym ms | sym ms | asym speed-up | sym speed-up |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | threads | batch | FP32 ms | " + " | ".join(variants) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(variants),
     ]
     for r in rows:
-        for batch, t in r["latency"].items():
-            lines.append(
-                f"| {r['name']} | {batch} | {t['fp32']:.2f} | {t['asym']:.2f} | {t['sym']:.2f} "
-                f"| {t['fp32'] / t['asym']:.2f}x | {t['fp32'] / t['sym']:.2f}x |"
-            )
+        for (threads, batch), t in r["latency"].items():
+            cells = " | ".join(f"{t['fp32'] / t[v]:.2f}x ({t[v]:.1f} ms)" for v in variants)
+            lines.append(f"| {r['name']} | {threads} | {batch} | {t['fp32']:.1f} | {cells} |")
     lines += [
         "",
-        "| model | variant | .onnx size | integer kernels | layers in float (why) |",
-        "|---|---|---:|---:|---|",
-    ]
-    for r in rows:
-        for v, e in r["exports"].items():
-            floats = e["float_compute_layers"]
-            why = f"{len(floats)} ({sorted(set(floats.values()))[0].split(':')[0]})" if floats else "0"
-            kernels = "-" if v == "fp32" else f"{e['integer_kernels']} of {e['int8_weight_layers']} layers"
-            lines.append(
-                f"| {r['name']} | {v} | {_mb(e['bytes'])} | {kernels} | {why if v != 'fp32' else '-'} |"
-            )
-    lines += [
+        "## Top-1 and agreement on the evaluation images",
         "",
-        "Latency: median of the timed runs, the three models alternating in one loop. Integer kernels: QLinearConv",
-        "and QGemm nodes after onnxruntime's graph optimizations. A conv becomes QLinearConv when its input comes",
-        "from a DequantizeLinear and its output goes to a QuantizeLinear (through ReLU/ReLU6); convs whose output",
-        "feeds a float residual Add (as in the PyTorch simulation) stay float Convs on a weight dequantized at run",
-        "time, which also keeps them off onnxruntime's NCHWc float kernels.",
+        "Agreement with the simulation: the share of images on which the ONNX graph's top-1 class is the "
+        "PyTorch simulation's (postquant graphs only); with FP32: the same against the FP32 ONNX model.",
         "",
-        "## Top-1 on the full evaluation sets",
-        "",
-        "| model | samples | PyTorch FP32 | ONNX FP32 | simulation asym | ONNX asym | simulation sym | ONNX sym "
-        "| ONNX = simulation (asym / sym) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | images | graph | top-1 PyTorch | top-1 ONNX | agreement with the simulation | agreement with FP32 |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         a, g = r["top1"], r["agreement"]
         lines.append(
-            f"| {r['name']} | {r['n']} | {a['torch:fp32']:.2f} | {a['onnx:fp32']:.2f} | {a['torch:asym']:.2f} "
-            f"| {a['onnx:asym']:.2f} | {a['torch:sym']:.2f} | {a['onnx:sym']:.2f} "
-            f"| {g['asym']:.2f} % / {g['sym']:.2f} % |"
+            f"| {r['name']} | {r['n']} | fp32 | {a['torch:fp32']:.2f} | {a['onnx:fp32']:.2f} | - | - |"
         )
+        for v in variants:
+            sim = f"{a[f'torch:{v}']:.2f}" if f"torch:{v}" in a else "-"
+            agree = f"{g[v]:.2f} %" if v in g else "-"
+            lines.append(
+                f"| {r['name']} | {r['n']} | {v} | {sim} | {a[f'onnx:{v}']:.2f} | {agree} | {g[f'{v}/fp32']:.2f} % |"
+            )
     lines += [
         "",
-        f"ResNet-20 W8A8 (asym), ONNX vs PyTorch simulation on the CIFAR-10 test set ({int(r20['n'])} images): "
-        f"top-1 agreement **{r20['top1_agreement']:.2f} %** (target >= 99 %), output SQNR {r20['sqnr_db']:.1f} dB, "
-        f"max |diff| {r20['max_abs_diff']:.3g}; {r20['integer_kernels']} integer kernels.",
+        "## Kernels onnxruntime runs and file sizes",
+        "",
+        "Op counts after onnxruntime's graph optimizations (`postquant.io.count_kernels`): integer kernels, and "
+        "the float compute ops left.",
+        "",
+        "| model | graph | .onnx size | " + " | ".join(KERNELS) + " | float ops | weights stored as uint8 |",
+        "|---|---|---:|" + "---:|" * len(KERNELS) + "---|---:|",
+    ]
+    for r in rows:
+        for v, e in r["exports"].items():
+            ops = e["ops"]
+            floats = ", ".join(f"{op} {ops[op]}" for op in FLOAT_OPS if ops.get(op)) or "0"
+            uint8 = (
+                f"{e['uint8_weight_layers']} of {e['int8_weight_layers']}"
+                if "uint8_weight_layers" in e
+                else "-"
+            )
+            counts = " | ".join(str(ops.get(k, 0)) for k in KERNELS)
+            lines.append(
+                f"| {r['name']} | {v} | {_mb(e['bytes'])} | {counts} | {floats} | {uint8 if v != 'fp32' else '-'} |"
+            )
+    lines += [
+        "",
+        "## ResNet-20 W8A8 `qdq` against its simulation",
+        "",
+        f"{int(r20['n'])} CIFAR-10 test images: top-1 agreement **{r20['top1_agreement']:.2f} %** (target >= 99 %), "
+        f"output SQNR {r20['sqnr_db']:.1f} dB, max |diff| {r20['max_abs_diff']:.3g}; {r20['integer_kernels']} "
+        "integer kernels.",
         "",
         "## postquant checkpoint sizes (weight-only RTN, packed codes + manifest)",
         "",
@@ -253,24 +339,23 @@ def markdown(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet56-cifar10", "efficientnet-lite0"])
-    parser.add_argument("--method", choices=["rtn", "squant"], default="rtn")
-    parser.add_argument("--calib", type=int, default=256, help="calibration images for rtn")
+    parser.add_argument("--calib", type=int, default=256, help="calibration images")
     parser.add_argument("--runs", type=int, default=40, help="timed runs at batch 1 (a quarter at batch 32)")
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="onnxruntime intra-op threads")
     parser.add_argument(
         "--torch-threads", type=int, default=1, help="PyTorch threads (quantization, evaluation)"
     )
-    parser.add_argument("--limit", type=int, default=None, help="evaluation samples (default: the full sets)")
+    parser.add_argument("--limit", type=int, default=1000, help="evaluation images per model (None: all)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/export.md"))
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.torch_threads)
-    start = time.perf_counter()
+    start, load = time.perf_counter(), _uptime()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [bench_model(name, args, Path(tmp)) for name in args.models]
         r20 = resnet20_agreement(args, Path(tmp))
-    text = markdown(rows, r20, args, time.perf_counter() - start)
+    text = markdown(rows, r20, args, time.perf_counter() - start, load)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out, text)
     log.info("wrote %s", args.out)

@@ -28,9 +28,10 @@ from torch import nn
 
 from postquant.errors import OnnxMismatchError, OutputError, UnsupportedModelError
 from postquant.eval.run import move_batch
+from postquant.io.onnx.integer import integerize, tensor_ranges
 from postquant.io.onnx.params import LayerQDQ, plan_layers
 from postquant.io.onnx.rewrite import drop_zero_gemm_biases, rewrite
-from postquant.io.onnx.verify import MIN_SQNR_DB, MIN_TOP1_AGREEMENT, count_kernels, verify_onnx
+from postquant.io.onnx.verify import MIN_SQNR_DB, MIN_TOP1_AGREEMENT, count_kernels, ort_feed, verify_onnx
 from postquant.model import quantized_layers, set_module
 from postquant.model.hf import no_kv_cache
 from postquant.nn.layer import HALF, upcast_half
@@ -195,6 +196,24 @@ def _exported(tmp: Path, path: Path, opset: int, plans: dict[str, LayerQDQ]) -> 
     return result
 
 
+def _integerize(
+    model: Any, inputs: _Inputs, example_inputs: Any, calib_batches: Iterable[Any] | None
+) -> dict:
+    """`integerize` `model` with ranges from `calib_batches` (or the example inputs) run in onnxruntime."""
+    if calib_batches is None:
+        log.warning(
+            "full_integer export without calib_batches: the ranges of the new quantization points come from "
+            "the example inputs alone; pass calib_batches= (e.g. the calibration batches) for real ranges"
+        )
+        calib_batches = [example_inputs]
+    batches = list(calib_batches)
+    if not batches:
+        raise ValueError("export_onnx(full_integer=True) needs at least one calibration batch")
+    names = [i.name for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
+    feeds = [ort_feed(batch, names) for batch in batches]
+    return integerize(model, lambda tensors: tensor_ranges(model, tensors, feeds))
+
+
 def export_onnx(
     qmodel: nn.Module,
     example_inputs: Any,
@@ -205,6 +224,8 @@ def export_onnx(
     min_sqnr_db: float | None = MIN_SQNR_DB,
     min_top1_agreement: float | None = MIN_TOP1_AGREEMENT,
     progress: bool = True,
+    full_integer: bool = False,
+    calib_batches: Iterable[Any] | None = None,
 ) -> dict[str, Any]:
     """Export a quantized model to ONNX with QuantizeLinear/DequantizeLinear, and check it in onnxruntime.
 
@@ -218,6 +239,13 @@ def export_onnx(
         opset: ONNX opset, 13 or more (per-channel DequantizeLinear).
         min_sqnr_db, min_top1_agreement: the floors of the verification (see `verify_onnx`).
         progress: show a bar over the export's steps, then one over the verification batches.
+        full_integer: also quantize the tensors between quantized ops (conv outputs before residual adds,
+            the adds' outputs, the feature map before global pooling), so that onnxruntime runs chains of
+            QLinearConv / QLinearAdd / QLinearGlobalAveragePool in integers (`postquant.io.onnx.integer`):
+            faster, and 8-bit rounding the simulation does not have at those points (the verification
+            measures it).
+        calib_batches: batches (like `verify_batches`) whose min/max give the ranges of the new quantization
+            points of `full_integer` (default: the example inputs alone, with a warning).
 
     Returns:
         ``path``, ``bytes``, ``opset``, ``int8_weight_layers`` (layers with 8-bit integer codes, int8 or
@@ -225,7 +253,7 @@ def export_onnx(
         module docstring), ``weight_dtypes`` ({layer: "int8" or "uint8"}), ``float_compute_layers`` ({layer:
         why onnxruntime cannot give it integer kernels}), the `count_kernels` entries ``integer_kernels``,
         ``float_kernels``, ``ops``, and ``top1_agreement``, ``max_abs_diff``, ``sqnr_db``, ``n`` (None without
-        `verify_batches`).
+        `verify_batches`); with `full_integer`, ``full_integer`` (what `integerize` returns).
 
     Raises:
         UnsupportedModelError: a layer QDQ cannot express (the message names it), or the exporter failed.
@@ -269,6 +297,9 @@ def export_onnx(
         _Keywords.unwrap(model.graph)
     drop_zero_gemm_biases(model.graph)
     rewrite(model, plans)
+    integer = None
+    if full_integer and plans:
+        integer = _integerize(model, inputs, example_inputs, calib_batches)
     onnx.checker.check_model(model)
     steps.update()
     steps.set_postfix_str("save")
@@ -287,6 +318,8 @@ def export_onnx(
         steps.update()
         steps.set_postfix_str("count kernels")  # an onnxruntime session: its graph optimisation takes a while
         result = _exported(tmp, path, opset, plans)
+        if integer is not None:
+            result["full_integer"] = integer
         steps.update()
         steps.close()
         if verify_batches is not None:

@@ -207,7 +207,10 @@ def plan_layers(qmodel: nn.Module) -> dict[str, LayerQDQ]:
         )
         log.debug("layers with uint8 weights: %s", ", ".join(wide))
     asymmetric = [
-        n for n, p in plans.items() if p.weight.zero_point is not None and p.weight.zero_point.any()
+        n
+        for n, p in plans.items()
+        if p.weight.zero_point is not None
+        and np.any(p.weight.zero_point.astype(np.int16) != (UINT8_SHIFT if p.weight.dtype == "uint8" else 0))
     ]
     if asymmetric:
         log.info(

@@ -11,7 +11,8 @@ zero is on the grid.
 onnxruntime's graph optimizer fuses ``DQ -> Conv -> (Relu/Clip) -> Q`` into ``QLinearConv`` and
 ``DQ -> Gemm`` with an int32 bias into ``QGemm``: the integer kernels counted in the export result. A conv
 whose output is not quantized next (it feeds a residual ``Add``, the model output...) keeps a float Conv on
-its dequantized weight, as in the PyTorch simulation.
+its dequantized weight, as in the PyTorch simulation, unless `postquant.io.onnx.integer` quantizes that
+output too (``export_onnx(full_integer=True)``).
 
 onnx is imported inside the functions: it is an optional dependency (``postquant[onnx]``).
 """

@@ -106,6 +106,15 @@ def _main_output_of(out: Any, n_outputs: int) -> tuple[torch.Tensor, int]:
     )
 
 
+def ort_feed(batch: Any, names: list[str]) -> dict[str, np.ndarray]:
+    """onnxruntime's input feed (float32 numpy arrays by graph input name) for one batch of model inputs
+    (a tensor, a tuple, an ``(inputs, labels)`` pair or a dict of keyword tensors)."""
+    inputs = _model_inputs(batch, len(names))
+    if isinstance(inputs, Mapping):  # the exporter drops keyword inputs the graph does not use
+        return {n: upcast_half(inputs[n]).detach().cpu().numpy() for n in names}
+    return {n: upcast_half(t).detach().cpu().numpy() for n, t in zip(names, inputs, strict=True)}
+
+
 def verify_onnx(
     qmodel: nn.Module,
     path: str | Path,
@@ -152,11 +161,7 @@ def verify_onnx(
         with torch.inference_mode(), eval_mode(qmodel):
             main, k = _main_output_of(call_model(qmodel, inputs), n_outputs)
         ref = main.detach().cpu().double().numpy()
-        if isinstance(inputs, Mapping):  # the exporter drops keyword inputs the graph does not use
-            feed = {n: upcast_half(inputs[n]).numpy() for n in names}
-        else:
-            feed = {n: upcast_half(t).numpy() for n, t in zip(names, inputs, strict=True)}
-        out = session.run(None, feed)[k].astype(np.float64)
+        out = session.run(None, ort_feed(inputs, names))[k].astype(np.float64)
         diff = out - ref
         signal += float(np.square(ref).sum())
         noise += float(np.square(diff).sum())
