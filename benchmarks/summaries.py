@@ -216,25 +216,43 @@ def study(results: Path) -> str:
 
 
 def export(results: Path) -> str:
-    """ONNX W8A8 (symmetric grid) vs FP32 in onnxruntime, and packed checkpoint sizes."""
+    """ONNX in onnxruntime: the fully integer W8A8 / W7A8 graphs vs FP32 and quantize_static, sizes."""
     text = (results / "export.md").read_text()
-    latency = {(r["model"], r["batch"]): r for r in md_table(text, "model") if "batch" in r}
-    top1 = {r["model"]: r for r in md_table(text.split("Top-1 on the full")[1], "model")}
+    speed = {
+        r["model"]: r for r in md_table(text, "model") if r.get("threads") == "1" and r.get("batch") == "32"
+    }
+    top1 = md_table(text.split("## Top-1 and agreement")[1], "model")
     sizes = {r["model"]: r for r in md_table(text.split("checkpoint sizes")[1], "model")}
+
+    def acc(model: str, graph: str) -> dict[str, str]:
+        return next(r for r in top1 if r["model"] == model and r["graph"] == graph)
+
+    def ratio(cell: str) -> str:
+        return cell.split(" ")[0]
+
     rows = [
         (
             model,
-            f"{t['PyTorch FP32']} / {t['ONNX sym']}",
-            latency[(model, "1")]["sym speed-up"],
+            f"{acc(model, 'fp32')['top-1 ONNX']} / {acc(model, 'full')['top-1 ONNX']} / "
+            f"{acc(model, 'full-w7')['top-1 ONNX']}",
+            f"{ratio(r['full'])} / {ratio(r['full-w7'])} (ort: {ratio(r['ort-s8'])})",
+            f"{acc(model, 'full')['agreement with the simulation']}",
             sizes[model]["FP32"],
             sizes[model]["W4"],
         )
-        for model, t in top1.items()
+        for model, r in speed.items()
     ]
     return _table(
-        ("model", "top-1 FP32 / ONNX W8A8", "onnxruntime speed-up (batch 1)", "FP32 size", "W4 checkpoint"),
+        (
+            "model",
+            "top-1 FP32 / W8A8 / W7A8 ONNX",
+            "speed-up, batch 32",
+            "W8A8 agrees",
+            "FP32 size",
+            "W4 checkpoint",
+        ),
         rows,
-        "`benchmarks/results/export.md` (symmetric grid; 1 thread of an x86 CPU)",
+        "`export.md` (fully integer graphs, 1 thread, AVX2 without VNNI; ort: quantize_static)",
     )
 
 
