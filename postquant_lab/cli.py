@@ -549,12 +549,19 @@ def export_onnx_cmd(
         int, typer.Option(min=0, help="check agreement with PyTorch on N evaluation samples (0: none)")
     ] = 256,
     trust_code: Annotated[bool, typer.Option(help=TRUST_CODE_HELP)] = False,
+    full_integer: Annotated[
+        bool,
+        typer.Option(
+            help="also quantize residual adds and pooling so onnxruntime runs integer kernels end to end "
+            "(ranges from 256 calibration samples; docs/export.md)"
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Export a saved quantized model to ONNX (QuantizeLinear/DequantizeLinear), checked in onnxruntime."""
     _setup_logging(verbose)
     try:
-        _export_onnx(OnnxExportOptions(run_dir, output, verify, trust_code))
+        _export_onnx(OnnxExportOptions(run_dir, output, verify, trust_code, full_integer))
     except PostquantError as exc:
         _fail(exc, verbose)
 
@@ -574,13 +581,29 @@ def _export_onnx(options: OnnxExportOptions) -> None:
     except DataError as exc:
         console.print(f"[yellow]warning:[/] {exc}; verifying on the example inputs only")
         batches = [zoo.example_inputs]
-    info = export_onnx(qmodel, zoo.example_inputs, output, verify_batches=batches)
-    top1 = info.get("top1_agreement")
+    calib = None
+    if options.full_integer:
+        try:
+            calib = zoo.calib_batches(limit=256)
+        except DataError as exc:
+            console.print(f"[yellow]warning:[/] {exc}; the new ranges come from the example inputs only")
+    info = export_onnx(
+        qmodel,
+        zoo.example_inputs,
+        output,
+        verify_batches=batches,
+        full_integer=options.full_integer,
+        calib_batches=calib,
+    )
+    top1, sqnr, diff = info.get("top1_agreement"), info.get("sqnr_db"), info.get("max_abs_diff")
+    size = f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB)"
+    if sqnr is None:  # --verify 0: not compared
+        out_console.print(f"{size}, not checked in onnxruntime (--verify 0)")
+        return
     agreement = f"top-1 agreement {top1:.2f} %, " if top1 is not None and top1 == top1 else ""
     out_console.print(
-        f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB): against the PyTorch simulation "
-        f"{agreement}SQNR {info.get('sqnr_db', float('nan')):.1f} dB, "
-        f"max |diff| {info.get('max_abs_diff', float('nan')):.3g}; integer kernels: {info.get('integer_kernels')}"
+        f"{size}: against the PyTorch simulation {agreement}SQNR {sqnr:.1f} dB, "
+        f"max |diff| {diff:.3g}; integer kernels: {info.get('integer_kernels')}"
     )
 
 

@@ -260,6 +260,7 @@ class OnnxExportOptions:
     output: Path = Path("model.onnx")
     verify: int = 256
     trust_code: bool = False
+    full_integer: bool = False
 
 
 @dataclass(frozen=True)

@@ -160,3 +160,25 @@ def test_learned_rounding_from_the_cli_resumes_to_the_same_result(tmp_path):
 def test_learned_options_need_a_learned_method(tmp_path):
     result = runner.invoke(app, ["quantize", "resnet20-cifar10", "--method", "rtn", "--iters", "5"])
     assert result.exit_code == 2 and "learned rounding" in " ".join(result.output.split())
+
+
+def test_export_onnx_full_integer_runs_residual_adds_as_integer_kernels(tmp_path):
+    require_shared("models", "cifar10", "resnet20.th")
+    runner = CliRunner()
+    run = tmp_path / "run"
+    args = ["quantize", "resnet20-cifar10", "--method", "rtn", "--w-bits", "8", "--a-bits", "8"]
+    result = runner.invoke(app, [*args, "--calib-size", "64", "--limit", "64", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "full.onnx"
+    result = runner.invoke(
+        app, ["export", "onnx", str(run), "-o", str(out), "--verify", "64", "--full-integer"]
+    )
+    assert result.exit_code == 0, result.output
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(out)).graph.node}
+    assert "QuantizeLinear" in ops and "top-1 agreement" in result.output
+    plain = tmp_path / "plain.onnx"
+    assert runner.invoke(app, ["export", "onnx", str(run), "-o", str(plain), "--verify", "0"]).exit_code == 0
+    count = lambda path: sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)  # noqa: E731
+    assert count(out) > count(plain)  # the adds' inputs and outputs are quantized too
