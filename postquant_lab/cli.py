@@ -764,7 +764,8 @@ def models_cmd() -> None:
         )
     out_console.print(
         "Any other model: module.path:factory or module.path:factory@weights.pt (factory() returns an "
-        "nn.Module), timm:<arch>, torchvision:<arch>, hf:<hub id or local folder>.",
+        "nn.Module), timm:<arch>, torchvision:<arch>, hf:<hub id or local folder>, gguf:<file.gguf> (a causal "
+        "LM and its tokenizer from a GGUF file).",
         markup=False,
         highlight=False,
     )

@@ -88,7 +88,7 @@ def test_models_say_task_data_and_availability(monkeypatch, tmp_path):
         assert name in text
     assert "image classification, top-1" in text and "ImageNet val1300" in text
     assert f"not available here, missing {tmp_path}/models/cifar10/resnet20.th" in text
-    for form in ("module.path:factory", "hf:", "timm:", "torchvision:"):
+    for form in ("module.path:factory", "hf:", "timm:", "torchvision:", "gguf:"):
         assert form in text
 
 
