@@ -6,7 +6,7 @@ float32 by transformers. Every row is a GGUF file evaluated by llama.cpp itself 
 * ``f32``: the float weights, written by `postquant.io.export_gguf` as F32 (the input of every other row);
 * ``llama.cpp-q4_0``: llama.cpp's quantizer (``llama_model_quantize``, ftype Q4_0, ``pure`` so that every
   Linear is Q4_0, token embedding Q8_0) applied to the ``f32`` file;
-* ``rtn-minmax``, ``rtn-mse``, ``squant-mse``, ``learned-mse``: postquant on ``grid: gguf-q4_0`` (every Linear
+* ``rtn-minmax``, ``rtn-mse``, ``squant-mse``, ``learned-mse``, ``gptq-mse``: postquant on ``grid: gguf-q4_0`` (every Linear
   of the 30 blocks; ``lm_head`` is the tied embedding), minmax = llama.cpp's scale rule ``d = w_max/-8``,
   mse = the per-block MSE fit; written by `export_gguf` (token embedding Q8_0 by llama.cpp's reference
   quantizer, as in ``llama.cpp-q4_0``), each file read back and checked bit for bit against postquant's
@@ -61,6 +61,7 @@ ROWS: dict[str, dict[str, Any] | None] = {
     "rtn-mse": {"grid": "gguf-q4_0", "method": "rtn", "w_range": "mse"},
     "squant-mse": {"grid": "gguf-q4_0", "method": "squant", "w_range": "mse"},
     "learned-mse": {"grid": "gguf-q4_0", "method": "learned", "w_range": "mse"},
+    "gptq-mse": {"grid": "gguf-q4_0", "method": "gptq", "w_range": "mse"},
     "q4_1-rtn": {"grid": "gguf-q4_1", "method": "rtn", "w_range": "minmax"},
 }
 
@@ -231,6 +232,9 @@ def make_row(
     else:
         recipe = {**ROWS[name], "ignore": ["lm_head"], "seed": args.seed}  # type: ignore[dict-item]
         calib = None
+        if recipe["method"] == "gptq":  # the learned row's calibration windows
+            calib = calib_batches(tokenizer, args.calib_seqs, args.calib_len, args.seed)
+            recipe["calib_size"] = args.calib_seqs
         if recipe["method"] == "learned":
             recipe["learned"] = {
                 "iters": args.learned_iters,
@@ -296,6 +300,7 @@ def markdown(table: dict[str, Any]) -> str:
             f"postquant learned rounding ({s['learned_iters']} iters/block, {s['calib_seqs']}x{s['calib_len']} "
             "calib tokens), MSE block fit"
         ),
+        "gptq-mse": f"postquant GPTQ ({s['calib_seqs']}x{s['calib_len']} calib tokens), MSE block fit",
         "q4_1-rtn": "postquant RTN on Q4_1 (sanity: SmolLM2's own grid)",
     }
     for name in ROWS:
