@@ -85,6 +85,7 @@ def worker(args: argparse.Namespace) -> None:
             Path(args.store) / "rank0.pt",
         )
     if args.world > 1:
+        torch.distributed.barrier()  # rank 0 has written its results before any rank tears the group down
         torch.distributed.destroy_process_group()
 
 

@@ -270,6 +270,10 @@ def _leave_ranks() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        try:  # every rank done before any tears the group down (gloo may abort a rank whose peer left)
+            dist.barrier()
+        except Exception as exc:  # a dead peer: leave anyway, the run's own error is already out
+            logging.getLogger(__name__).debug("no barrier before leaving the process group: %s", exc)
         dist.destroy_process_group()
 
 

@@ -45,12 +45,13 @@ def spawn(
         "TQDM_DISABLE": "1",
         **(env or {}),
     }
+    logs = [(out / f"rank{r}.log").open("w") for r in range(2)]  # read when a rank fails (never a full pipe)
     procs = [
         subprocess.Popen(
             [sys.executable, str(HERE / "worker.py"), ",".join(scenarios), str(r), "2", str(out)],
             env=environ,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=logs[r],
         )
         for r in range(2)
     ]
@@ -64,7 +65,14 @@ def spawn(
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        for f in logs:
+            f.close()
     return codes
+
+
+def rank_logs(out: Path) -> str:
+    """The end of each rank's stderr, for an assertion message."""
+    return "\n".join(f"rank {r}: {(out / f'rank{r}.log').read_text()[-1500:]}" for r in range(2))
 
 
 def outcome(out: Path, scenario: str, rank: int) -> dict[str, Any]:
@@ -74,7 +82,7 @@ def outcome(out: Path, scenario: str, rank: int) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    assert spawn(SHARED, out) == [0, 0]
+    assert spawn(SHARED, out) == [0, 0], rank_logs(out)
     return out
 
 
@@ -140,7 +148,7 @@ def test_a_dead_or_hung_rank_stops_the_other_with_a_clear_error(tmp_path: Path, 
 @pytest.fixture(scope="module")
 def learned_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist_learned")
-    assert spawn(["adaround", "brecq", "qdrop"], out, timeout=90) == [0, 0]
+    assert spawn(["adaround", "brecq", "qdrop"], out, timeout=90) == [0, 0], rank_logs(out)
     return out
 
 

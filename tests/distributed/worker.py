@@ -96,6 +96,10 @@ def main() -> None:
     )
     for scenario in scenarios:
         torch.save(run(scenario, rank), out / f"{scenario}.{rank}.pt")
+    if not {"dead", "hung"} & set(scenarios):
+        # both ranks done before either tears the group down: a peer closing its connections while the other
+        # is still in gloo makes gloo abort the process (SIGABRT, seen once in CI)
+        torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
