@@ -56,7 +56,7 @@ def _bits(w_bits: int, a_bits: int | None) -> str:
 
 
 def squant(results: Path) -> str:
-    """RTN vs SQuant, data-free, per model: weight-only W4/W3 and W4A4, plus the whole-model rounding time."""
+    """RTN vs SQuant (data-free) and GPTQ, per model: weight-only W4/W3 and W4A4, plus SQuant's rounding time."""
     rows = []
     for name in ("accuracy", "accuracy_lite0"):
         table = _json(results / f"{name}.json")
@@ -65,6 +65,8 @@ def squant(results: Path) -> str:
             fp = table[f"{model}:fp32"]["value"]
             got: dict[tuple[str, str], float] = {}
             for r in table.values():
+                if r["model"] == model and r.get("suite") == "gptq" and r["method"] == "gptq":
+                    got[(_bits(r["w_bits"], r["a_bits"]), "gptq")] = r["value"]
                 if r["model"] != model or r.get("suite") != "squant":
                     continue
                 if r["a_bits"] and r.get("act_ranges") == "calib":  # data-free activation ranges only
@@ -73,12 +75,13 @@ def squant(results: Path) -> str:
                     got[(_bits(r["w_bits"], r["a_bits"]), r["method"])] = r["value"]
             for bits in ("W4", "W3", "W4A4"):
                 if (bits, "squant") in got:
-                    rows.append(
-                        (model, bits, _f(fp), _f(got[(bits, "rtn")]), f"**{_f(got[(bits, 'squant')])}**")
-                    )
+                    values = [got.get((bits, m)) for m in ("rtn", "squant", "gptq")]
+                    best = max(v for v in values if v is not None)
+                    cells = [f"**{_f(v)}**" if v == best else _f(v) for v in values]
+                    rows.append((model, bits, _f(fp), *cells))
     speed = md_table((results / "squant_speed.md").read_text(), "model")
     text = _table(
-        ("model", "bits (data-free)", "FP32", "RTN", "SQuant"),
+        ("model", "bits", "FP32", "RTN", "SQuant", "GPTQ"),
         rows,
         "`benchmarks/results/accuracy.json`, `accuracy_lite0.json` (top-1; MiniLM: Spearman x100; Lite0 on 500 images)",
     )
