@@ -77,6 +77,11 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         """Add the input `x` of one call of the layer (a batch)."""
+        unbatched = (
+            3 if isinstance(self.layer, nn.Conv2d) else 2 if isinstance(self.layer, nn.Conv1d) else None
+        )
+        if x.dim() == unbatched:  # a conv called on one sample: a batch of one
+            x = x.unsqueeze(0)
         per_sample = x.shape[0] if x.dim() > 1 else 1
         step = max(1, _CHUNK_ROWS // max(1, x.numel() // max(1, per_sample)))
         for part in x.split(step) if x.dim() > 1 else (x,):  # bounded memory for the unfolded inputs

@@ -82,6 +82,15 @@ def test_conv_hessian_is_that_of_its_receptive_fields(groups: int) -> None:
         c = cols[:, g * per : (g + 1) * per]
         torch.testing.assert_close(acc.h[g], 2 * c.T @ c / len(c))
     assert acc.n == len(cols)
+    one = HessianAccumulator(conv)
+    one.add(x[0])  # an unbatched call: one sample
+    torch.testing.assert_close(one.h, _hessian_of(conv, x[:1]).h)
+
+
+def _hessian_of(layer: nn.Module, x: torch.Tensor) -> HessianAccumulator:
+    acc = HessianAccumulator(layer)
+    acc.add(x)
+    return acc
 
 
 def test_a_power_grid_is_refused() -> None:
