@@ -29,6 +29,7 @@ from postquant.mixed.config import MixedConfig
 from postquant.reconstruct.config import LearnedConfig
 from postquant.reconstruct.presets import resolve_learned
 from postquant.rounding.squant import SquantMode
+from postquant.store.files import write_text_atomic
 
 
 class LayerOverride(BaseModel):
@@ -267,7 +268,7 @@ class Recipe(BaseModel):
         text = yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
         if path is not None:
             try:
-                Path(path).write_text(text)
+                write_text_atomic(Path(path), text)  # never a half-written recipe beside a finished run
             except OSError as exc:
                 raise OutputError(f"cannot write the recipe to {path}: {exc.strerror}") from exc
         return text

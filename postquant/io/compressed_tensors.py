@@ -64,6 +64,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -605,8 +606,12 @@ def export_compressed_tensors(
         size = sum((tmp / name).stat().st_size for name in files)
         weights_bytes = (tmp / TENSORS_FILE).stat().st_size
         _replace_dir(tmp, out_dir, overwrite)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError | SafetensorError):  # e.g. a full disk (safetensors: a SafetensorError)
+            raise OutputError(
+                f"cannot write {out_dir}: {getattr(exc, 'strerror', None) or exc}; nothing was written there"
+            ) from exc
         raise
     float_bytes = sum(t.numel() * t.element_size() for t in floats.values())
     float_bytes += sum(layer.codes.numel() for layer in qlayers.values()) * torch.finfo(dtype).bits // 8

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -132,9 +133,15 @@ class CheckpointStore:
         """Save unit `k` (tensors first, then the index, both atomically)."""
         name = _unit_file(k)
         tensors = {key: t.detach().cpu().contiguous() for key, t in state.items()}
-        write_atomic(self.dir / name, lambda tmp: save_file(tensors, tmp))
-        self.index["done"][str(k)] = {"file": name, "unit": self.units[k], "outcome": outcome}
-        write_json_atomic(self.index_path, self.index)
+        try:
+            write_atomic(self.dir / name, lambda tmp: save_file(tensors, tmp))
+            self.index["done"][str(k)] = {"file": name, "unit": self.units[k], "outcome": outcome}
+            write_json_atomic(self.index_path, self.index)
+        except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as a SafetensorError
+            raise OutputError(
+                f"cannot save unit {k} to {self.dir}: {getattr(exc, 'strerror', None) or exc}; free space or "
+                "choose another checkpoint_dir (finished units stay)"
+            ) from exc
         log.debug("checkpointed unit %d (%s) to %s", k, self.units[k], self.dir)
 
 
@@ -169,7 +176,7 @@ def cached_batches(
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"batch_{i}": b.detach().cpu().contiguous() for i, b in enumerate(batches)}
         write_atomic(path, lambda tmp: save_file(tensors, tmp))
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         raise OutputError(
             f"cannot write {path}: {exc.strerror or exc}; choose a writable checkpoint_dir"
         ) from exc

@@ -378,3 +378,12 @@ def test_one_signed_group_is_refused(llama, tmp_path):
     layer.grid_zero_point[0] = 30.0  # a group whose weights are all positive: -Z far below -8
     with pytest.raises(ExportError, match=r"'model\.layers\.0\.mlp\.up_proj': 1 of its .* zero points"):
         export_compressed_tensors(qmodel, tmp_path / "out")
+
+
+def test_a_full_disk_is_an_output_error_and_leaves_nothing(ct, w4_group, tmp_path):
+    from tests.conftest import file_size_limit
+
+    out = tmp_path / "export"
+    with file_size_limit(4096), pytest.raises(OutputError, match="nothing was written"):
+        export_compressed_tensors(w4_group, out)
+    assert not out.exists() and _siblings(tmp_path) == []

@@ -522,3 +522,16 @@ def test_a_squant_start_uses_the_recipe_squant_mode(net, calib):
     assert Recipe().squant_mode == "ekc"
     assert all(torch.equal(only_e[n], nearest[n]) for n in nearest)
     assert any(not torch.equal(full[n], nearest[n]) for n in nearest)
+
+
+def test_a_full_disk_while_checkpointing_a_unit_is_an_output_error(tmp_path):
+    from postquant.errors import OutputError
+    from tests.conftest import file_size_limit
+
+    store = CheckpointStore(tmp_path, "k", ["a", "b"])
+    store.save(0, {"w": torch.ones(2)}, {"status": "ok"})
+    with file_size_limit(1024), pytest.raises(OutputError, match="cannot save unit 1"):
+        store.save(1, {"w": torch.ones(4096)}, {"status": "ok"})
+    again = CheckpointStore(tmp_path, "k", ["a", "b"])
+    assert again.finished() == [0]  # the finished unit stays; no partial unit file
+    assert sorted(p.name for p in store.dir.iterdir()) == ["index.json", "unit_0000.safetensors"]
