@@ -422,3 +422,11 @@ def test_verification_compares_the_main_output_of_a_dict(tmp_path):
     result = export_onnx(qmodel, x[:2], tmp_path / "m.onnx", verify_batches=[x], progress=False)
     assert len(onnx.load(str(tmp_path / "m.onnx")).graph.output) == 2
     assert result["top1_agreement"] >= 90.0 and result["sqnr_db"] > 30
+
+
+def test_a_gguf_grid_is_refused_with_the_gguf_export_named(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    qmodel = postquant.quantize(model, {"grid": "gguf-q4_0"})
+    with pytest.raises(UnsupportedModelError, match=r"'0'.*llama.cpp's block format.*export gguf"):
+        export_onnx(qmodel, torch.randn(2, 64), tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

@@ -123,6 +123,12 @@ def weight_qdq(name: str, layer: QuantizedLayer) -> WeightQDQ:
 def _int8_weight_qdq(name: str, layer: QuantizedLayer) -> WeightQDQ:
     """`weight_qdq` with int8 codes, whatever their range."""
     config = layer.grid_config
+    if config.kind.is_gguf:
+        raise UnsupportedModelError(
+            f"layer {name!r}: grid kind {config.kind.value!r} is llama.cpp's block format (an fp16 scale per "
+            "block of 32 inputs); export it with postquant.io.export_gguf (CLI `postquant export gguf`), or "
+            "quantize with grid: uniform for ONNX"
+        )
     if config.kind is not GridKind.UNIFORM:
         raise UnsupportedModelError(
             f"layer {name!r}: grid kind {config.kind.value!r} has no ONNX QDQ form (DequantizeLinear is affine: "
