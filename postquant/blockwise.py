@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from postquant.calib import as_calibration
@@ -62,6 +62,7 @@ from postquant.reconstruct.checkpoint import (
     CheckpointStore,
     data_fingerprint,
     model_fingerprint,
+    read_tensors,
     unit_seed,
 )
 from postquant.reconstruct.config import BOOKKEEPING, Loss
@@ -267,12 +268,7 @@ class _Chains:
                 f"the chains of finished layer {k} are missing ({path}); delete the checkpoint directory "
                 f"{None if self.store is None else self.store.dir} to start over"
             )
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types on a damaged file
-            raise CheckpointError(
-                f"{path} cannot be read ({exc}); delete it and the checkpoint to redo"
-            ) from exc
+        tensors = read_tensors(path, "delete it and the checkpoint to redo")
         return [tensors[f"q.{b}"] for b in range(batches)], [tensors[f"f.{b}"] for b in range(batches)]
 
     def drop(self, k: int) -> None:

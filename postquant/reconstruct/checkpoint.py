@@ -63,6 +63,15 @@ def unit_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:7], "little")
 
 
+def read_tensors(path: Path, advice: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file this package wrote; a damaged file is a `CheckpointError` that ends
+    with `advice` (what to delete)."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types on a damaged file
+        raise CheckpointError(f"{path} cannot be read ({exc}); {advice}") from exc
+
+
 class CheckpointStore:
     """Finished units of one run in ``root/<key>/``: ``index.json`` and ``unit_<k>.safetensors``."""
 
@@ -123,11 +132,7 @@ class CheckpointStore:
         """The state tensors and the outcome of finished unit `k`."""
         entry = self.index["done"][str(k)]
         path = self.dir / entry["file"]
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types on a damaged file
-            raise CheckpointError(f"{path} cannot be read ({exc}); delete it to redo that unit") from exc
-        return tensors, entry["outcome"]
+        return read_tensors(path, "delete it to redo that unit"), entry["outcome"]
 
     def save(self, k: int, state: dict[str, torch.Tensor], outcome: dict[str, Any]) -> None:
         """Save unit `k` (tensors first, then the index, both atomically)."""
@@ -163,12 +168,7 @@ def cached_batches(
         return make()
     path = Path(root).expanduser() / f"data_{fingerprint(parts)}.safetensors"
     if path.is_file():
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types on a damaged file
-            raise CheckpointError(
-                f"{path} cannot be read ({exc}); delete it to build the data again"
-            ) from exc
+        tensors = read_tensors(path, "delete it to build the data again")
         log.info("calibration data loaded from %s", path)
         return [tensors[f"batch_{i}"] for i in range(len(tensors))]
     batches = make()
