@@ -54,11 +54,13 @@ class Optimizer(enum.StrEnum):
     ADAMW = "adamw"
     SGD = "sgd"  # with `momentum`
     RMSPROP = "rmsprop"
+    SIGNSGD = "signsgd"  # AutoRound's signed gradient descent: p -= lr * sign(grad) (Cheng et al., 2023)
 
 
 class Schedule(enum.StrEnum):
     CONSTANT = "constant"
     COSINE = "cosine"
+    LINEAR = "linear"  # from lr down to 0 over the unit's iterations (AutoRound's decay)
 
 
 class Selection(enum.StrEnum):

@@ -58,8 +58,30 @@ class LoopResult:
     last_loss: float | None
 
 
+class SignSGD(torch.optim.Optimizer):
+    """Signed gradient descent, ``p -= lr * sign(grad)`` (AutoRound, Cheng et al., "Optimize Weight Rounding
+    via Signed Gradient Descent for the Quantization of LLMs", 2023).
+
+    Every variable moves by exactly `lr` per step whatever its gradient's size, so ``lr * iters / 2`` (with
+    the linear decay) bounds how far a rounding offset can travel: ``lr = 1 / iters`` lets it cross the whole
+    rounding interval once, which is what makes short runs work.
+    """
+
+    def __init__(self, params: Any, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(torch.sign(p.grad), alpha=-group["lr"])
+
+
 def make_optimizer(groups: list[dict[str, Any]], cfg: LearnedConfig) -> torch.optim.Optimizer:
     """The optimizer of `cfg.optimizer` over parameter groups that carry their own ``lr``."""
+    if cfg.optimizer is Optimizer.SIGNSGD:
+        return SignSGD(groups, lr=cfg.lr)
     if cfg.optimizer is Optimizer.SGD:
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     if cfg.optimizer is Optimizer.RMSPROP:
@@ -91,6 +113,12 @@ def optimise(
     schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
     if optimizers and weight_groups and cfg.lr_schedule is Schedule.COSINE:
         schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[0], T_max=max(cfg.iters, 1)))
+    elif optimizers and weight_groups and cfg.lr_schedule is Schedule.LINEAR:
+        schedulers.append(
+            torch.optim.lr_scheduler.LinearLR(
+                optimizers[0], start_factor=1.0, end_factor=0.0, total_iters=max(cfg.iters, 1)
+            )
+        )
     if act_params:
         schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[-1], T_max=max(cfg.iters, 1)))
     first = last = None

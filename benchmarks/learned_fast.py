@@ -1,0 +1,219 @@
+"""Learned rounding's accuracy/time curve: iterations per unit x seeds, for the default and faster variants.
+
+    OMP_NUM_THREADS=1 python benchmarks/learned_fast.py                       # resnet20 W4A4, every row
+    OMP_NUM_THREADS=1 python benchmarks/learned_fast.py --models resnet56-cifar10 --iters 25 200
+    python benchmarks/learned_fast.py --no-run                                # only rewrite the table
+
+Each row (model, bits, variant, iterations per unit, seed) runs `postquant.quantize` in its own process on
+one thread, so every row pays the same one-off costs (imports, first optimizer) and its wall time is its own;
+the quantized model is then evaluated on the model's whole test set. Rows are kept in
+``benchmarks/results/learned_fast.json`` (a `postquant.store.table.ResultTable`: rerun the command to resume,
+processes started together split the rows); ``learned_fast.md`` shows, per variant and iteration count, the
+mean and spread over seeds, the mean quantize time and its ratio to the default's full budget (200
+iterations), and checks issue 21's target: the default's mean accuracy within 0.3 in at most a tenth of its
+time. The load average at each row's start and end is kept: times from a loaded machine are slower, and only
+ratios between rows run under the same load mean much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from postquant.store.files import write_text_atomic
+from postquant.store.table import ResultTable
+
+log = logging.getLogger("benchmarks.learned_fast")
+RESULTS = Path(__file__).parent / "results"
+TABLE = RESULTS / "learned_fast.json"
+PAGE = RESULTS / "learned_fast.md"
+DEFAULT_ITERS = 200  # the `learned` preset's budget: the reference row of every ratio
+TARGET_GAP = 0.3  # issue 21: mean within 0.3 of the default's mean
+TARGET_RATIO = 0.1  # ... in at most a tenth of its time
+
+# variant -> (what it is, `learned` fields given the iterations per unit)
+VARIANTS: dict[str, tuple[str, Any]] = {
+    "default": (
+        "the `learned` preset (AdaRound variable, Adam lr 1e-2, SQuant start, QDrop 0.5)",
+        lambda n: {},
+    ),
+    "signsgd": (
+        "AutoRound's optimizer on the same start: STE offset, signed gradient, lr 1/iters decayed linearly",
+        lambda n: {"variable": "ste", "optimizer": "signsgd", "lr": 1.0 / n, "lr_schedule": "linear"},
+    ),
+    "learned-fast": ("the `learned-fast` preset", None),
+}
+BITS = {"resnet20-cifar10": "W4A4", "resnet56-cifar10": "W4A4", "minilm-l6": "W4A8"}
+
+
+def parse_bits(text: str) -> tuple[int, int | None]:
+    w, _, a = text.upper().removeprefix("W").partition("A")
+    return int(w), (int(a) if a else None)
+
+
+def row_key(model: str, bits: str, variant: str, iters: int, seed: int) -> str:
+    return f"{model}|{bits}|{variant}|{iters}|{seed}"
+
+
+def recipe_for(bits: str, variant: str, iters: int, seed: int) -> dict[str, Any]:
+    w_bits, a_bits = parse_bits(bits)
+    method = "learned-fast" if variant == "learned-fast" else "learned"
+    fields = VARIANTS[variant][1]
+    learned = {"progress": False, "iters": iters, **(fields(iters) if fields is not None else {})}
+    return {"method": method, "w_bits": w_bits, "a_bits": a_bits, "seed": seed, "learned": learned}
+
+
+def run_row(model: str, bits: str, variant: str, iters: int, seed: int, calib_size: int) -> dict[str, Any]:
+    """One row in this process (called in a child process by `main`)."""
+    import torch
+
+    torch.set_num_threads(1)
+    import postquant
+    from postquant_lab.evaluate import evaluate
+    from postquant_lab.zoo import load_model
+
+    load_start = os.getloadavg()[0]
+    zoo = load_model(model)
+    calib = zoo.calib_batches(limit=calib_size)
+    recipe = recipe_for(bits, variant, iters, seed)
+    start = time.perf_counter()
+    qmodel = postquant.quantize(zoo.model, recipe, calib=calib, example_inputs=zoo.example_inputs)
+    seconds = time.perf_counter() - start
+    stages = postquant.result(qmodel).seconds
+    res = evaluate(qmodel, zoo)
+    return {
+        "model": model,
+        "bits": bits,
+        "variant": variant,
+        "iters": iters,
+        "seed": seed,
+        "metric": res.metric,
+        "value": res.value,
+        "n": res.n,
+        "quantize_s": seconds,
+        "stages": stages,
+        "calib": calib_size,
+        "load": [load_start, os.getloadavg()[0]],
+        "recipe": recipe,
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def write_markdown(rows: dict[str, Any], path: Path) -> None:
+    groups: dict[tuple[str, str], dict[tuple[str, int], list[dict[str, Any]]]] = {}
+    for row in rows.values():
+        groups.setdefault((row["model"], row["bits"]), {}).setdefault(
+            (row["variant"], row["iters"]), []
+        ).append(row)
+    lines = [
+        "# Learned rounding: accuracy against time (`benchmarks/learned_fast.py`)",
+        "",
+        "Each row: `postquant.quantize` in its own process on one thread (1024 calibration samples unless the",
+        "column says otherwise), then the whole test set. Mean over seeds (each seed in brackets); time = the",
+        "quantize call (activation ranges + SQuant start + reconstruction); ratio = that time over the default's",
+        f"at {DEFAULT_ITERS} iterations per unit, same model. Load = 1-minute load average at the rows' starts (a",
+        "2-core machine shared with other jobs: a loaded machine slows every row, ratios between rows run under",
+        "similar load are what mean something).",
+        "",
+    ]
+    for (model, bits), cells in sorted(groups.items()):
+        ref = cells.get(("default", DEFAULT_ITERS), [])
+        ref_acc = _mean([r["value"] for r in ref])
+        ref_time = _mean([r["quantize_s"] for r in ref])
+        lines += [
+            f"## {model} {bits}",
+            "",
+            "| variant | iters/unit | seeds | mean | per seed | quantize s (mean) | time ratio | load |",
+            "|---|---:|---:|---:|---|---:|---:|---:|",
+        ]
+        for (variant, iters), rs in sorted(
+            cells.items(), key=lambda kv: (list(VARIANTS).index(kv[0][0]), kv[0][1])
+        ):
+            rs = sorted(rs, key=lambda r: r["seed"])
+            acc = _mean([r["value"] for r in rs])
+            secs = _mean([r["quantize_s"] for r in rs])
+            ratio = f"{secs / ref_time:.3f}" if ref else "-"
+            loads = ", ".join(f"{r['load'][0]:.1f}" for r in rs)
+            per_seed = ", ".join(f"{r['value']:.2f}" for r in rs)
+            lines.append(
+                f"| {variant} | {iters} | {len(rs)} | {acc:.2f} | {per_seed} | {secs:.1f} | {ratio} | {loads} |"
+            )
+        lines.append("")
+        if ref:
+            lines.append(
+                f"Target (issue 21): mean >= {ref_acc - TARGET_GAP:.2f} (the default's {ref_acc:.2f} - "
+                f"{TARGET_GAP}) at <= {TARGET_RATIO:.0%} of its {ref_time:.1f} s:"
+            )
+            lines.append("")
+            for (variant, iters), rs in sorted(cells.items()):
+                if (variant, iters) == ("default", DEFAULT_ITERS) or len(rs) < 3:
+                    continue
+                acc = _mean([r["value"] for r in rs])
+                ratio = _mean([r["quantize_s"] for r in rs]) / ref_time
+                ok = acc >= ref_acc - TARGET_GAP and ratio <= TARGET_RATIO
+                lines.append(
+                    f"- {variant} @ {iters}: mean {acc:.2f}, time ratio {ratio:.3f}: {'PASS' if ok else 'FAIL'}"
+                )
+            lines.append("")
+    write_text_atomic(path, "\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["resnet20-cifar10"], choices=sorted(BITS))
+    p.add_argument("--variants", nargs="+", default=["default", "signsgd"], choices=sorted(VARIANTS))
+    p.add_argument("--iters", nargs="+", type=int, default=[10, 25, 50, 100, 200])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--calib-size", type=int, default=1024)
+    p.add_argument("--no-run", action="store_true", help="only rewrite the markdown page")
+    p.add_argument("--row", help=argparse.SUPPRESS)  # child process: run one row, print its JSON
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.row:
+        model, bits, variant, iters, seed = args.row.split("|")
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        print(json.dumps(run_row(model, bits, variant, int(iters), int(seed), args.calib_size)))
+        return
+    table = ResultTable(TABLE, what="learned-fast results")
+    keys = [
+        row_key(m, BITS[m], v, n, s)
+        for m in args.models
+        for s in args.seeds
+        for v in args.variants
+        for n in sorted(args.iters, reverse=True)
+        if not (v == "signsgd" and n > 50)  # the fast variants are measured where they could pay off
+    ]
+    if not args.no_run:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+        for key in table.todo(keys):
+            log.info("row %s", key)
+            done = subprocess.run(
+                [sys.executable, __file__, "--row", key, "--calib-size", str(args.calib_size)],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=False,
+            )
+            if done.returncode != 0:
+                log.error("row %s failed:\n%s", key, done.stderr[-3000:])
+                continue
+            row = json.loads(done.stdout.strip().splitlines()[-1])
+            log.info("row %s: %.2f in %.1f s", key, row["value"], row["quantize_s"])
+            table.put(key, row)
+            write_markdown(table.rows, PAGE)
+    write_markdown(table.rows, PAGE)
+
+
+if __name__ == "__main__":
+    main()
