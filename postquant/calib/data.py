@@ -31,6 +31,7 @@ __all__ = [
     "model_placement",
     "move_batch",
     "run_model",
+    "spread_batches",
 ]
 
 
@@ -118,6 +119,27 @@ def collect_batches(calib: Any, limit: int | None = None) -> list[Batch]:
         raise DataError("the calibration data is empty: it yielded no samples")
     log.debug("collected %d calibration samples in %d batches", seen, len(batches))
     return batches
+
+
+def spread_batches(batches: list[Batch], max_samples: int) -> list[Batch]:
+    """At most `max_samples` samples of `batches`: whole batches spread evenly over the list (a calibration
+    set in class order still gives every part of it), the last one cut to fit; all of them if they fit."""
+    sizes = [batch_size_of(b) for b in batches]
+    if sum(sizes) <= max_samples:
+        return list(batches)
+    n = len(batches)
+    for m in range(1, n + 1):
+        picked = sorted({i * n // m for i in range(m)})
+        if sum(sizes[i] for i in picked) >= max_samples:
+            break
+    out, seen = [], 0
+    for i in picked:
+        take = min(sizes[i], max_samples - seen)
+        if take <= 0:
+            break
+        out.append(batches[i] if take == sizes[i] else _take(batches[i], take))
+        seen += take
+    return out
 
 
 def _take(batch: Batch, n: int) -> Batch:

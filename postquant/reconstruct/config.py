@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from postquant.calib.augment import Augmentation
 from postquant.choices import UnitKind
@@ -92,6 +93,9 @@ class CalibSource(enum.StrEnum):
     NOISE = "noise"  # standard normal noise of the example input's shape
 
 
+# LearnedConfig fields added later, with the default at which they are left out of dumps (and so of keys).
+_LATER_FIELDS: dict[str, Any] = {"max_samples": None}
+
 # LearnedConfig fields that do not change the result: left out of checkpoint keys.
 BOOKKEEPING = frozenset({"checkpoint_dir", "progress", "chain_inputs"})
 
@@ -151,6 +155,12 @@ class LearnedConfig(BaseModel):
     synthetic_steps: int = Field(default=200, ge=1, description="Adam steps of BN-statistics distillation")
     augment: list[Augmentation] = Field(default_factory=list, description="flip, shift, noise, mixup")
     augment_copies: int = Field(default=1, ge=1, description="augmented copies added per input")
+    max_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="calibration samples the reconstruction uses, whole batches spread evenly over the "
+        "calibration set (None: all of them); activation ranges still use the whole set",
+    )
     max_cache_mb: int = Field(
         default=1024, ge=1, description="cache bound per device (model device, then CPU)"
     )
@@ -163,6 +173,16 @@ class LearnedConfig(BaseModel):
         "batch 0 shows that the model chains them (same codes, fewer forwards); False: run the model "
         "prefixes for every batch",
     )
+
+    @model_serializer(mode="wrap")
+    def _without_unset_new_fields(self, handler: Any) -> dict[str, Any]:
+        """Fields added after checkpoints and result tables were keyed are left out at their defaults, so
+        every key made before stays the same."""
+        data = handler(self)
+        for name, default in _LATER_FIELDS.items():
+            if getattr(self, name) == default:
+                data.pop(name, None)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> LearnedConfig:

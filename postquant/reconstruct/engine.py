@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from postquant.calib.augment import augment_batches
-from postquant.calib.data import Batch, ForwardLoop, batch_size_of, collect_batches, run_model
+from postquant.calib.data import (
+    Batch,
+    ForwardLoop,
+    batch_size_of,
+    collect_batches,
+    run_model,
+    spread_batches,
+)
 from postquant.calib.synthetic import distill_bn_data, noise_data
 from postquant.distributed import Ranks
 from postquant.errors import DataError
@@ -257,6 +264,8 @@ def reconstruct_model(
     qmodel.eval()
     teacher.eval()
     batches = calib if isinstance(calib, list) else record_model_inputs(teacher, calib, None)
+    if cfg.max_samples is not None:
+        batches = spread_batches(batches, cfg.max_samples)
     check_calibration(teacher, batches, cfg.batch_size)
     if cfg.augment:
         batches = augment_batches(batches, cfg.augment, cfg.augment_copies, seed=seed)

@@ -13,6 +13,7 @@ non-finite loss stops the unit and keeps the codes it had before (logged as a wa
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,27 +59,52 @@ class LoopResult:
     last_loss: float | None
 
 
-class SignSGD(torch.optim.Optimizer):
+class SignSGD:
     """Signed gradient descent, ``p -= lr * sign(grad)`` (AutoRound, Cheng et al., "Optimize Weight Rounding
     via Signed Gradient Descent for the Quantization of LLMs", 2023).
 
     Every variable moves by exactly `lr` per step whatever its gradient's size, so ``lr * iters / 2`` (with
     the linear decay) bounds how far a rounding offset can travel: ``lr = 1 / iters`` lets it cross the whole
-    rounding interval once, which is what makes short runs work.
+    rounding interval once, which is what makes short runs work. Not a `torch.optim.Optimizer`: those import
+    TorchDynamo on their first step (2-6 s on a CPU, as long as a short run's whole optimisation), so
+    `optimise` applies its learning-rate schedule itself (`scale_lr`).
     """
 
-    def __init__(self, params: Any, lr: float) -> None:
-        super().__init__(params, {"lr": lr})
+    def __init__(self, groups: list[dict[str, Any]], lr: float) -> None:
+        self.param_groups = [
+            {**g, "base_lr": float(g.get("lr", lr)), "lr": float(g.get("lr", lr))} for g in groups
+        ]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def scale_lr(self, factor: float) -> None:
+        """Set every group's lr to its base lr times `factor`."""
+        for group in self.param_groups:
+            group["lr"] = group["base_lr"] * factor
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+    def step(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     p.add_(torch.sign(p.grad), alpha=-group["lr"])
 
 
-def make_optimizer(groups: list[dict[str, Any]], cfg: LearnedConfig) -> torch.optim.Optimizer:
+def schedule_factor(schedule: Schedule, step: int, iters: int) -> float:
+    """The factor on the base learning rate at `step` of `iters` (what `CosineAnnealingLR` to 0 and
+    `LinearLR` to 0 give, in closed form)."""
+    t = step / max(iters, 1)
+    if schedule is Schedule.COSINE:
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule is Schedule.LINEAR:
+        return 1.0 - t
+    return 1.0
+
+
+def make_optimizer(groups: list[dict[str, Any]], cfg: LearnedConfig) -> torch.optim.Optimizer | SignSGD:
     """The optimizer of `cfg.optimizer` over parameter groups that carry their own ``lr``."""
     if cfg.optimizer is Optimizer.SIGNSGD:
         return SignSGD(groups, lr=cfg.lr)
@@ -107,13 +133,14 @@ def optimise(
     With `ranks` (data-parallel steps), `step_loss` is this rank's part of the step's loss: the gradients
     and the loss are summed over the ranks before each step, so every rank takes the same step.
     """
-    optimizers = [make_optimizer(weight_groups, cfg)] if weight_groups else []
+    optimizers: list[Any] = [make_optimizer(weight_groups, cfg)] if weight_groups else []
     if act_params:
         optimizers.append(torch.optim.Adam(act_params, lr=cfg.act_lr))
     schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
-    if optimizers and weight_groups and cfg.lr_schedule is Schedule.COSINE:
+    signed = optimizers[0] if optimizers and isinstance(optimizers[0], SignSGD) else None
+    if signed is None and weight_groups and cfg.lr_schedule is Schedule.COSINE:
         schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[0], T_max=max(cfg.iters, 1)))
-    elif optimizers and weight_groups and cfg.lr_schedule is Schedule.LINEAR:
+    elif signed is None and weight_groups and cfg.lr_schedule is Schedule.LINEAR:
         schedulers.append(
             torch.optim.lr_scheduler.LinearLR(
                 optimizers[0], start_factor=1.0, end_factor=0.0, total_iters=max(cfg.iters, 1)
@@ -124,6 +151,8 @@ def optimise(
     first = last = None
     bar = progress_bar(range(cfg.iters), enabled=cfg.progress, desc=desc, leave=False, dynamic_ncols=True)
     for step in bar:
+        if signed is not None:
+            signed.scale_lr(schedule_factor(cfg.lr_schedule, step, cfg.iters))
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         rec, reg = step_loss(step)
