@@ -38,7 +38,7 @@ BITS = {
     "efficientnet-lite0": ["W4A8", "W4A4"],
     "minilm-l6": ["W4", "W4A8"],
 }
-METHODS = ["fp32", "rtn", "squant", "adaround", "brecq", "qdrop", "learned"]
+METHODS = ["fp32", "rtn", "squant", "adaround", "brecq", "qdrop", "learned", "learned-fast"]
 CLASSIC = ("adaround", "brecq", "qdrop")
 
 

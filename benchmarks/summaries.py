@@ -90,13 +90,15 @@ def squant(results: Path) -> str:
 
 
 def learned(results: Path) -> str:
-    """Learned rounding (the default recipe) beside RTN, SQuant and the best classic preset."""
+    """Learned rounding (the default recipe and the fast preset) beside RTN, SQuant and the best classic
+    preset."""
     table = _json(results / "learned.json")
     fp = {r["model"]: r["value"] for r in table if r["method"] == "fp32"}
     cases: dict[tuple[str, str], dict[str, float]] = {}
     for r in table:
         if r["method"] != "fp32":
             cases.setdefault((r["model"], r["bits"]), {})[r["method"]] = r["value"]
+
     rows = []
     for (model, bits), got in cases.items():
         if "learned" not in got:
@@ -112,12 +114,23 @@ def learned(results: Path) -> str:
                 _f(got.get("squant")),
                 best,
                 f"**{_f(got['learned'])}**",
+                _f(got.get("learned-fast")),
             )
         )
     return _table(
-        ("model", "bits", "FP32", "RTN", "SQuant", "best classic preset", "learned (default)"),
+        (
+            "model",
+            "bits",
+            "FP32",
+            "RTN",
+            "SQuant",
+            "best classic preset",
+            "learned (default)",
+            "learned-fast",
+        ),
         rows,
-        "`benchmarks/results/learned.json` (classic presets at reduced iteration counts: see `docs/learned.md`)",
+        "`benchmarks/results/learned.json` (classic presets at reduced iteration counts: see `docs/learned.md`; "
+        "learned-fast's time against the default's: `docs/learned.md#fast`)",
     )
 
 

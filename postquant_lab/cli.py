@@ -127,7 +127,7 @@ def quantize(
     method: Annotated[
         Method | None,
         typer.Option(
-            help="rounding: adaround, brecq, qdrop, learned are learned rounding [default: rtn, or the recipe's]"
+            help="rounding: adaround, brecq, qdrop, learned, learned-fast are learned rounding [default: rtn, or the recipe's]"
         ),
     ] = None,
     w_bits: Annotated[
