@@ -40,16 +40,25 @@ TARGET_GAP = 0.3  # issue 21: mean within 0.3 of the default's mean
 TARGET_RATIO = 0.1  # ... in at most a tenth of its time
 
 # variant -> (what it is, `learned` fields given the iterations per unit)
-VARIANTS: dict[str, tuple[str, Any]] = {
+# variant -> (what it is, `learned` fields given the iterations per unit, calibration samples given or None)
+VARIANTS: dict[str, tuple[str, Any, int | None]] = {
     "default": (
         "the `learned` preset (AdaRound variable, Adam lr 1e-2, SQuant start, QDrop 0.5)",
         lambda n: {},
+        None,
     ),
     "signsgd": (
         "AutoRound's optimizer on the same start: STE offset, signed gradient, lr 1/iters decayed linearly",
         lambda n: {"variable": "ste", "optimizer": "signsgd", "lr": 1.0 / n, "lr_schedule": "linear"},
+        None,
     ),
-    "learned-fast": ("the `learned-fast` preset", None),
+    "learned-fast": ("the `learned-fast` preset", None, None),
+    "learned-fast-b16": ("the `learned-fast` preset, batches of 16", lambda n: {"batch_size": 16}, None),
+    "learned-fast-c256": (
+        "the `learned-fast` preset given 256 calibration samples (activation ranges from 256 too)",
+        None,
+        256,
+    ),
 }
 BITS = {"resnet20-cifar10": "W4A4", "resnet56-cifar10": "W4A4", "minilm-l6": "W4A8"}
 
