@@ -7,6 +7,7 @@ bounded wall time; one spawn runs every scenario that leaves the group usable.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -262,6 +263,45 @@ def test_block_path_checkpoint_of_two_ranks_resumes_in_one_process(block_run: Pa
     assert postquant.result(resumed).learned.resumed == 3
     assert_same_state(resumed.state_dict(), outcome(block_run, "block_ckpt", 0)["state"])
     assert len(list((block_run / "ckpt").rglob("chains_*.safetensors"))) == 1  # the last layer's
+
+
+@pytest.mark.slow
+def test_the_cli_under_torchrun_quantizes_a_causal_lm_block_by_block(tmp_path: Path) -> None:
+    """``torchrun --standalone --nproc-per-node 2 -m postquant quantize`` of a causal LM (the block path, GPTQ):
+    rank 0 alone prints and writes; the perplexity is one process's (measured: equal to 7 digits)."""
+    pytest.importorskip("transformers")
+    from typer.testing import CliRunner
+
+    from postquant_lab.cli import app
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    args = ["quantize", "tests.cli.test_cli_export_llm:tiny_llama_zoo", "--method", "gptq", "--w-bits", "4"]
+    args += [
+        "--group-size",
+        "16",
+        "--seqlen",
+        "16",
+        "--sequential",
+        "--data",
+        str(text),
+        "--calib",
+        str(text),
+    ]
+    args += ["--calib-size", "8", "--limit", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*launcher, "-m", "postquant", *args, "--json", str(tmp_path / "two.json"), "--out", str(tmp_path / "run")],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("perplexity") == 1  # one table: rank 0's
+    assert (tmp_path / "run" / "results.json").is_file()
+    one = CliRunner().invoke(app, [*args, "--json", str(tmp_path / "one.json")])
+    assert one.exit_code == 0, one.output
+    got, want = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
+    assert got["quantized"] == pytest.approx(want["quantized"], rel=1e-5)
 
 
 def test_no_process_group_means_no_ranks() -> None:
