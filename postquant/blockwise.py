@@ -25,6 +25,11 @@ gives exactly the codes `quantize` gives. Not here (use `quantize`): activation 
 precision, the power grid's output-error search, loss='output' / Fisher weights and augmentation. Layers
 outside the decoder stack that the plan quantizes (``lm_head`` unless ignored) get the recipe's data-free
 codes (nearest for learned methods). Chains stay in memory (``n x seqlen x hidden`` floats each).
+
+In a torch.distributed process group (`postquant.distributed`), each rank carries the chains of its contiguous
+shard of the calibration batches; GPTQ sums the ranks' Hessians and splits the solves, learned rounding draws
+one process's batch from the sharded cache and sums the gradients, RTN/SQuant split the layers, rank 0 writes
+the checkpoints, and every rank ends with the same model (docs/distributed.md).
 """
 
 from __future__ import annotations
