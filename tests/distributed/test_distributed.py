@@ -21,7 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import postquant
+from postquant.blockwise import _shard_of, _unit_data
 from postquant.distributed import current, shard_bounds, split_work
+from postquant.reconstruct.capture import Captured
 from postquant.reconstruct.params import uniform_rows
 
 HERE = Path(__file__).parent
@@ -337,6 +339,44 @@ def test_each_rank_draws_its_rows_of_one_process_draw(total: int, world: int, wi
             parts.append(uniform_rows((stop - start, width), gen, (start, stop, total)))
             assert torch.equal(gen.get_state(), one.get_state())
     assert torch.equal(torch.cat(parts), want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 5), min_size=1, max_size=6),
+    world=st.integers(1, 4),
+    batch=st.integers(1, 12),
+    same_shape=st.booleans(),
+    seed=st.integers(0, 99),
+)
+def test_ranks_drawing_from_their_shards_draw_one_process_batch(
+    sizes: list[int], world: int, batch: int, same_shape: bool, seed: int
+) -> None:
+    """The block path's sharded caches: each rank's drawn rows, put at their positions, are one process's
+    batch drawn from the cache `_unit_data` builds over all batches (merged or not, as one process decides),
+    and every rank's generator ends where one process's does."""
+    hidden = [torch.randn(n, 3 if same_shape else 3 + b) for b, n in enumerate(sizes)]
+    inputs = [Captured((h, torch.ones(1)), {"flag": True}) for h in hidden]
+    one = _unit_data(inputs, hidden, hidden, hidden)
+    gen = torch.Generator().manual_seed(seed)
+    record, want = one.sample(batch, gen)
+    covered = torch.zeros(len(want), dtype=torch.int64)
+    for start, stop in shard_bounds(len(sizes), world):
+        shard = _shard_of(inputs, range(start, stop))
+        local = _unit_data(
+            inputs[start:stop], hidden[start:stop], hidden[start:stop], hidden[start:stop], shard
+        )
+        rank_gen = torch.Generator().manual_seed(seed)
+        drawn = shard.sample(local.records, batch, rank_gen)
+        assert torch.equal(rank_gen.get_state(), gen.get_state()) and drawn.total == len(want)
+        if drawn.record is not None:  # the very rows one process has at those positions
+            assert record.target is not None and drawn.record.target is not None
+            torch.testing.assert_close(
+                drawn.record.target[drawn.idx], record.target[want[drawn.positions]], rtol=0, atol=0
+            )
+            covered[drawn.positions] += 1
+    assert covered.tolist() == [1] * len(want)  # every row of the batch on exactly one rank
+    assert (len(one.records) == 1) == (len(_shard_of(inputs, range(0)).sizes) == 1)
 
 
 def test_rows_of_an_input_that_is_not_batch_first_are_refused() -> None:
