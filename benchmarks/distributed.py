@@ -158,10 +158,13 @@ def write_markdown(rows: dict[str, dict[str, Any]]) -> None:
     from postquant.store.files import write_text_atomic
 
     lines = [
-        "Wall time of `postquant.quantize` on N processes (gloo, 1 thread each, one 2-core machine shared with "
-        "other work: `load` is the 1-minute load average before the run). `collectives` is the share of the "
-        "time rank 0 spent in collectives (communication and waiting for the other rank). Codes are compared "
-        "with the 1-process run; top-1 on `n` test images spread over the test set.",
+        "Wall time of `postquant.quantize` (SmolLM2-135M: `postquant.quantize_blocks`, weight-only, groups of "
+        "64, `lm_head` float) on N processes (gloo, 1 thread each, one 2-core machine shared with other work: "
+        "`load` is the 1-minute load average before the run; at a load of 10 on 2 cores the speed-up is not "
+        "meaningful, only the communication share and the result difference are). `collectives` is the share "
+        "of the time rank 0 spent in collectives (communication and waiting for the other rank). Codes are "
+        "compared with the 1-process run; top-1 on `n` test images spread over the test set, perplexity on "
+        "the first `n` windows of 512 tokens of `handbook-eval.txt`.",
         "",
         "| model | recipe | processes | quantize | stages (s) | speed-up | collectives | codes differing "
         "| metric | score | n | load |",
