@@ -2,6 +2,12 @@
 
     python benchmarks/distributed.py                       # resnet20-cifar10, the learned default, W4A4
     python benchmarks/distributed.py --method squant --a-bits 8 --worlds 1 2
+    python benchmarks/distributed.py --model smollm2-135m --method gptq --w-bits 4 --calib-size 16
+
+SmolLM2-135M (``--model smollm2-135m``) runs the block path (`postquant.quantize_blocks`, weight-only, groups
+of 64 as ``benchmarks/llm.py``, its float cache ``--cache``) on `--calib-size` random windows of `--seqlen`
+tokens of ``pydocs-calib.txt`` in batches of 4; rank 0 reports the perplexity on the first `--limit` windows of
+512 tokens of ``handbook-eval.txt``.
 
 For each world size the script starts that many processes of itself on this machine (a file store in a
 temporary directory, ``OMP_NUM_THREADS=1``), each quantizing the zoo model with the same recipe and calibration
@@ -66,20 +72,28 @@ def worker(args: argparse.Namespace) -> None:
                 waited[0] += time.perf_counter() - start
 
         pqdist.Ranks._wait = timed_wait  # type: ignore[method-assign]  # measurement only
-    zoo = load_model(args.model)
-    recipe = _recipe(args)
-    calib = zoo.calib_batches(limit=args.calib_size)
-    start = time.perf_counter()
-    qmodel = postquant.quantize(zoo.model, recipe, calib=calib, example_inputs=zoo.example_inputs)
-    seconds = time.perf_counter() - start
+    if args.model == LM:
+        qmodel, seconds, score = _lm_run(args)
+    else:
+        zoo = load_model(args.model)
+        recipe = _recipe(args)
+        calib = zoo.calib_batches(limit=args.calib_size)
+        start = time.perf_counter()
+        qmodel = postquant.quantize(zoo.model, recipe, calib=calib, example_inputs=zoo.example_inputs)
+        seconds = time.perf_counter() - start
+        score = (
+            (lambda: evaluate(qmodel, zoo, data=zoo.eval_batches(limit=args.limit)).value)
+            if args.rank == 0
+            else None
+        )
     if args.rank == 0:
-        top1 = evaluate(qmodel, zoo, data=zoo.eval_batches(limit=args.limit)).value
         torch.save(
             {
                 "seconds": seconds,
                 "stages": postquant.result(qmodel).seconds,
                 "waited": waited[0],
-                "top1": top1,
+                "metric": "perplexity" if args.model == LM else "top-1",
+                "score": score(),  # type: ignore[misc]
                 "codes": {n: m.codes.clone() for n, m in quantized_layers(qmodel).items()},
             },
             Path(args.store) / "rank0.pt",
@@ -89,9 +103,48 @@ def worker(args: argparse.Namespace) -> None:
         torch.distributed.destroy_process_group()
 
 
+LM = "smollm2-135m"
+
+
+def _lm_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    from llm import GROUP  # benchmarks/llm.py: the LLM table's grid
+
+    recipe = {**_recipe(args), "granularity": "group", "group_size": GROUP, "symmetric": False}
+    recipe["ignore"] = ["lm_head"]
+    recipe.pop("a_bits")
+    if "learned" in recipe:
+        recipe["learned"] = {**recipe["learned"], "batch_size": 4}
+    return recipe
+
+
+def _lm_run(args: argparse.Namespace) -> tuple[torch.nn.Module, float, Any]:
+    """SmolLM2-135M by the block path: the quantized model, the seconds, and (rank 0) its perplexity."""
+    from llm import load_float  # benchmarks/llm.py: the float model from its safetensors cache
+
+    import postquant
+    from postquant.calib.text import eval_windows, random_windows, tokenize_file
+    from postquant.eval.perplexity import perplexity
+    from postquant.paths import shared_path
+
+    model, tokenizer = load_float(args.cache)
+    text = shared_path("data", "text")
+    ids = tokenize_file(text / "pydocs-calib.txt", tokenizer)
+    calib = list(random_windows(ids, args.calib_size, args.seqlen, seed=0).split(4))
+    start = time.perf_counter()
+    qmodel = postquant.quantize_blocks(model, _lm_recipe(args), calib, inplace=True)
+    seconds = time.perf_counter() - start
+    windows = eval_windows(tokenize_file(text / "handbook-eval.txt", tokenizer), 512, args.limit)
+    return qmodel, seconds, lambda: perplexity(qmodel, windows).value
+
+
 def run_world(args: argparse.Namespace, world: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as store:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "TQDM_DISABLE": "1",
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "benchmarks")]),
+        }
         base = [sys.executable, __file__, *sys.argv[1:], "--worker", "--world", str(world), "--store", store]
         procs = [subprocess.Popen([*base, "--rank", str(r)], env=env) for r in range(world)]
         codes = [p.wait() for p in procs]
@@ -105,21 +158,25 @@ def write_markdown(rows: dict[str, dict[str, Any]]) -> None:
     from postquant.store.files import write_text_atomic
 
     lines = [
-        "Wall time of `postquant.quantize` on N processes (gloo, 1 thread each, one 2-core machine shared with "
-        "other work: `load` is the 1-minute load average before the run). `collectives` is the share of the "
-        "time rank 0 spent in collectives (communication and waiting for the other rank). Codes are compared "
-        "with the 1-process run; top-1 on `n` test images spread over the test set.",
+        "Wall time of `postquant.quantize` (SmolLM2-135M: `postquant.quantize_blocks`, weight-only, groups of "
+        "64, `lm_head` float) on N processes (gloo, 1 thread each, one 2-core machine shared with other work: "
+        "`load` is the 1-minute load average before the run; at a load of 10 on 2 cores the speed-up is not "
+        "meaningful, only the communication share and the result difference are). `collectives` is the share "
+        "of the time rank 0 spent in collectives (communication and waiting for the other rank). Codes are "
+        "compared with the 1-process run; top-1 on `n` test images spread over the test set, perplexity on "
+        "the first `n` windows of 512 tokens of `handbook-eval.txt`.",
         "",
         "| model | recipe | processes | quantize | stages (s) | speed-up | collectives | codes differing "
-        "| top-1 | n | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| metric | score | n | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows.values():
         stages = ", ".join(f"{k} {v}" for k, v in row["stages"].items() if v >= 0.1)
         lines.append(
             f"| {row['model']} | {row['recipe']} | {row['processes']} | {row['seconds']} s | {stages} | "
-            f"{row['speedup']}x | {row['collective_share']:.1%} | {row['codes_differing']} | {row['top1']:.2f} | "
-            f"{row['limit']} | {row['load_1min']} |"
+            f"{row['speedup']}x | {row['collective_share']:.1%} | {row['codes_differing']} | "
+            f"{row.get('metric', 'top-1')} | {row.get('score', row.get('top1')):.2f} | {row['limit']} | "
+            f"{row['load_1min']} |"
         )
     write_text_atomic(RESULTS / "distributed.md", "\n".join(lines) + "\n")
 
@@ -132,13 +189,22 @@ def main() -> None:
     parser.add_argument("--a-bits", type=int, default=4)
     parser.add_argument("--calib-size", type=int, default=1024)
     parser.add_argument("--iters", type=int, default=None, help="learned rounding steps per unit (preset's)")
-    parser.add_argument("--limit", type=int, default=1000, help="test images for top-1")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="test images for top-1 (1000), LM windows (16)"
+    )
+    parser.add_argument("--seqlen", type=int, default=256, help="calibration window of the LM (tokens)")
+    parser.add_argument(
+        "--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "postquant-smollm2",
+        help="SmolLM2's float safetensors cache (benchmarks/llm.py)",
+    )  # fmt: skip
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--store", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.limit is None:
+        args.limit = 16 if args.model == LM else 1000
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.worker:
         worker(args)
@@ -147,8 +213,10 @@ def main() -> None:
     from postquant.store.table import ResultTable
 
     table = ResultTable(RESULTS / "distributed.json", indent=2, newline=True)
-    load = os.getloadavg()[0]
-    runs = {world: run_world(args, world) for world in args.worlds}
+    runs, loads = {}, {}
+    for world in args.worlds:
+        loads[world] = os.getloadavg()[0]
+        runs[world] = run_world(args, world)
     one = runs[min(runs)]
     n_codes = sum(c.numel() for c in one["codes"].values())
     for world, r in runs.items():
@@ -156,11 +224,17 @@ def main() -> None:
         key = (
             f"{args.model}|{args.method}|W{args.w_bits}A{args.a_bits}|{args.calib_size}|{args.iters}|{world}"
         )
+        if args.model == LM:
+            key = f"{args.model}|{args.method}|W{args.w_bits}|{args.calib_size}x{args.seqlen}|{args.iters}|{world}"
         table.put(
             key,
             {
                 "model": args.model,
-                "recipe": f"{args.method} W{args.w_bits}A{args.a_bits}, calib {args.calib_size}"
+                "recipe": (
+                    f"{args.method} W{args.w_bits} g64 (block path), calib {args.calib_size}x{args.seqlen}"
+                    if args.model == LM
+                    else f"{args.method} W{args.w_bits}A{args.a_bits}, calib {args.calib_size}"
+                )
                 + (f", iters {args.iters}" if args.iters else ""),
                 "processes": world,
                 "seconds": round(r["seconds"], 1),
@@ -168,9 +242,10 @@ def main() -> None:
                 "speedup": round(one["seconds"] / r["seconds"], 2),
                 "collective_share": round(r["waited"] / r["seconds"], 3),
                 "codes_differing": f"{differ}/{n_codes}",
-                "top1": r["top1"],
+                "metric": r["metric"],
+                "score": r["score"],
                 "limit": args.limit,
-                "load_1min": round(load, 1),
+                "load_1min": round(loads[world], 1),
                 "torch": torch.__version__,
             },
         )

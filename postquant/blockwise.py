@@ -25,6 +25,11 @@ gives exactly the codes `quantize` gives. Not here (use `quantize`): activation 
 precision, the power grid's output-error search, loss='output' / Fisher weights and augmentation. Layers
 outside the decoder stack that the plan quantizes (``lm_head`` unless ignored) get the recipe's data-free
 codes (nearest for learned methods). Chains stay in memory (``n x seqlen x hidden`` floats each).
+
+In a torch.distributed process group (`postquant.distributed`), each rank carries the chains of its contiguous
+shard of the calibration batches; GPTQ sums the ranks' Hessians and splits the solves, learned rounding draws
+one process's batch from the sharded cache and sums the gradients, RTN/SQuant split the layers, rank 0 writes
+the checkpoints, and every rank ends with the same model (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from postquant.calib import as_calibration
-from postquant.calib.data import run_model
+from postquant.calib.data import batch_size_of, run_model
 from postquant.choices import GridKind, Method, PowerSearch
+from postquant.distributed import Ranks, current, shard, shard_bounds
 from postquant.errors import CheckpointError, DataError, RecipeError, UnsupportedModelError
 from postquant.eval.run import main_output
 from postquant.model.blocks import Unit
@@ -53,10 +59,11 @@ from postquant.model.walk import quantized_layers
 from postquant.nn import cached_weights
 from postquant.nn.layer import upcast_half
 from postquant.outcome import QuantizationResult, attach_result
+from postquant.pipeline import agree_model, check_same_inputs
 from postquant.plan import Plan, check_finite, make_plan
 from postquant.progress import progress_bar
 from postquant.recipe import Recipe
-from postquant.reconstruct.cache import Record, UnitData
+from postquant.reconstruct.cache import Record, Shard, UnitData, mergeable
 from postquant.reconstruct.capture import Captured, _StopForward, capture
 from postquant.reconstruct.checkpoint import (
     CheckpointStore,
@@ -69,9 +76,9 @@ from postquant.reconstruct.config import BOOKKEEPING, Loss
 from postquant.reconstruct.engine import ReconstructionReport, prepare
 from postquant.reconstruct.loop import UnitOutcome, reconstruct_unit, restore, snapshot
 from postquant.reconstruct.presets import is_learned, learned_config
-from postquant.rounding.gptq import HessianAccumulator, affine_params
+from postquant.rounding.gptq import HessianAccumulator
 from postquant.store.files import fingerprint, write_atomic
-from postquant.weights import layer_gptq_codes, quantize_weights
+from postquant.weights import quantize_weights, reduce_hessians, solve_gptq
 
 __all__ = ["DECODER_LISTS", "check_block_recipe", "decoder_layers", "quantize_blocks"]
 
@@ -173,11 +180,17 @@ def _split_hidden(c: Captured) -> Captured:
 
 
 @torch.no_grad()
-def _first_inputs(model: nn.Module, first: str, batches: list[Any]) -> list[Captured]:
-    """Layer 0's call arguments for every calibration batch (the model runs only up to layer 0)."""
+def _first_inputs(
+    model: nn.Module, first: str, batches: list[Any], keep: range | None = None
+) -> list[Captured]:
+    """Layer 0's call arguments for every calibration batch (the model runs only up to layer 0).
+
+    `keep`: the batches whose hidden states are kept (a rank's shard); the others' are placeholders of the
+    same shape that hold no memory (their other arguments are real: they decide how the cache merges).
+    """
     unit = Unit(first, (first,), ())
     out = []
-    for batch in batches:
+    for b, batch in enumerate(batches):
         with (
             capture(model, unit, want_input=True, want_output=False) as seen,
             contextlib.suppress(_StopForward),
@@ -185,8 +198,25 @@ def _first_inputs(model: nn.Module, first: str, batches: list[Any]) -> list[Capt
             run_model(model, batch)
         if "input" not in seen:
             raise UnsupportedModelError(f"{first} was not called when the model ran on a calibration batch")
-        out.append(_split_hidden(seen["input"]))
+        c = _split_hidden(seen["input"])
+        if keep is not None and b not in keep:
+            hidden = c.args[0]
+            placeholder = torch.zeros((), dtype=hidden.dtype, device=hidden.device).expand(hidden.shape)
+            c = Captured((placeholder, *c.args[1:]), c.kwargs)
+        out.append(c)
     return out
+
+
+def _shard_of(inputs: list[Captured], part: range) -> Shard:
+    """Where a rank holding batches `part` of `inputs` sits in the cache one process builds (`Shard`): one
+    merged record when one process's `UnitData.merge` concatenates the batches, else one per batch."""
+    sizes = [c.args[0].shape[0] for c in inputs]
+    trailing = [tuple(c.args[0].shape[1:]) for c in inputs]
+    if len(inputs) > 1 and mergeable(inputs, sizes):
+        start, stop = sum(sizes[: part.start]), sum(sizes[: part.stop])
+        return Shard((sum(sizes),), ((0, start, stop) if stop > start else None,), (trailing[0],))
+    held = tuple((b - part.start, 0, sizes[b]) if b in part else None for b in range(len(inputs)))
+    return Shard(tuple(sizes), held, tuple(trailing))
 
 
 @torch.no_grad()
@@ -205,9 +235,13 @@ def _gptq_layer(
     recipe: Recipe,
     inputs: list[Captured],
     hidden: list[torch.Tensor],
+    ranks: Ranks | None = None,
 ) -> None:
     """GPTQ codes for the planned layers of one decoder layer, installed in `qmodel`: their Hessians come from
-    one pass of the float decoder layer over the quantized chain's inputs (GPTQ's per-block form)."""
+    one pass of the float decoder layer over the quantized chain's inputs (GPTQ's per-block form).
+
+    With `ranks`, `inputs` and `hidden` are this rank's shard of the batches: the Hessians are summed over the
+    ranks in one all-reduce (`reduce_hessians`) and each rank solves a share of the layers (`solve_gptq`)."""
     accs: dict[str, HessianAccumulator] = {}
     handles = []
     for name in layer_names:
@@ -220,12 +254,15 @@ def _gptq_layer(
     finally:
         for handle in handles:
             handle.remove()
-    for name, acc in accs.items():
-        qlayer = qmodel.get_submodule(name)
-        w = upcast_half(float_layer.get_submodule(name[len(prefix) + 1 :]).weight.detach())
-        grid = qlayer.grid
-        s, z = affine_params(grid, w)
-        qlayer.set_codes(layer_gptq_codes(w, acc, grid, s, z, recipe))
+    if ranks is not None:
+        reduce_hessians(list(accs.values()), ranks)
+    items = [
+        (name, upcast_half(float_layer.get_submodule(name[len(prefix) + 1 :]).weight.detach()), acc,
+         qmodel.get_submodule(name).grid)
+        for name, acc in accs.items()
+    ]  # fmt: skip
+    for name, codes in solve_gptq(items, recipe, ranks).items():
+        qmodel.get_submodule(name).set_codes(codes)
 
 
 def _unit_data(
@@ -233,22 +270,33 @@ def _unit_data(
     q_hidden: list[torch.Tensor],
     f_hidden: list[torch.Tensor],
     targets: list[torch.Tensor],
+    shard_of: Shard | None = None,
 ) -> UnitData:
-    data = UnitData()
+    """The unit cache of one decoder layer; `shard_of`: this rank holds those batches of one process's cache
+    (merged only where one process's merges)."""
+    data = UnitData(shard=shard_of)
     for c, hq, hf, t in zip(inputs, q_hidden, f_hidden, targets, strict=True):
         n = hq.shape[0]
         rest = c.args[1:]
         data.records.append(Record(n, Captured((hq, *rest), c.kwargs), Captured((hf, *rest), c.kwargs), t))
         data.sizes.append(n)
-    data.merge()
+    if shard_of is None or len(shard_of.sizes) == 1:
+        data.merge()
     return data
 
 
 class _Chains:
-    """Both chains after finished layer k, saved beside the checkpoint store (``chains_<k>.safetensors``)."""
+    """Both chains after finished layer k, saved beside the checkpoint store (``chains_<k>.safetensors``).
 
-    def __init__(self, store: CheckpointStore | None) -> None:
+    With `ranks`, each rank holds batches `part` of the chains: saving gathers them (rank 0 writes the file
+    one process writes), loading takes this rank's part of it (so a run resumes on any number of ranks)."""
+
+    def __init__(
+        self, store: CheckpointStore | None, ranks: Ranks | None = None, part: range | None = None
+    ) -> None:
         self.store = store
+        self.ranks = ranks
+        self.part = part
 
     def path(self, k: int) -> Path | None:
         return None if self.store is None else self.store.dir / f"chains_{k:04d}.safetensors"
@@ -257,8 +305,14 @@ class _Chains:
         path = self.path(k)
         if path is None:
             return
-        tensors = {f"q.{b}": t.cpu().contiguous() for b, t in enumerate(q)}
-        tensors.update({f"f.{b}": t.cpu().contiguous() for b, t in enumerate(f)})
+        q, f = [t.cpu() for t in q], [t.cpu() for t in f]
+        if self.ranks is not None:
+            parts = self.ranks.gather_objects((q, f), "gathering the chains for the checkpoint")
+            if not self.ranks.is_main:
+                return
+            q, f = [t for part in parts for t in part[0]], [t for part in parts for t in part[1]]
+        tensors = {f"q.{b}": t.contiguous() for b, t in enumerate(q)}
+        tensors.update({f"f.{b}": t.contiguous() for b, t in enumerate(f)})
         write_atomic(path, lambda tmp: save_file(tensors, tmp))
 
     def load(self, k: int, batches: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -269,11 +323,12 @@ class _Chains:
                 f"{None if self.store is None else self.store.dir} to start over"
             )
         tensors = read_tensors(path, "delete it and the checkpoint to redo")
-        return [tensors[f"q.{b}"] for b in range(batches)], [tensors[f"f.{b}"] for b in range(batches)]
+        part = self.part if self.part is not None else range(batches)
+        return [tensors[f"q.{b}"] for b in part], [tensors[f"f.{b}"] for b in part]
 
     def drop(self, k: int) -> None:
         path = self.path(k)
-        if path is not None:
+        if path is not None and (self.ranks is None or self.ranks.is_main):
             path.unlink(missing_ok=True)
 
 
@@ -331,6 +386,13 @@ def quantize_blocks(
             )
         if not isinstance(batches, list):
             raise DataError("the block path takes calibration batches (tensors or dicts), not a forward loop")
+    ranks = current()
+    part: range | None = None  # with ranks: this rank's calibration batches
+    if ranks is not None:
+        check_same_inputs(ranks, recipe, model, batches)
+        if batches is not None:
+            shard(ranks, batches, sum(batch_size_of(b) for b in batches))  # too few samples: a DataError
+            part = range(*shard_bounds(len(batches), ranks.world)[ranks.rank])
     cfg = learned_config(recipe) if learned else None
     if checkpoint_dir is None and cfg is not None:
         checkpoint_dir = cfg.checkpoint_dir
@@ -347,8 +409,10 @@ def quantize_blocks(
             }
         )
         store = CheckpointStore(checkpoint_dir, key, names)
-    chains = _Chains(store)
+    chains = _Chains(store, ranks, part)
     done = set(store.finished()) if store is not None else set()
+    if ranks is not None and store is not None:  # ranks that would resume different layers would wait forever
+        ranks.check_consistent({"set of finished decoder layers (checkpoint_dir)": repr(sorted(done))})
     if done:
         log.info("resuming: %d of %d decoder layers already finished in %s", len(done), len(names), store.dir)
 
@@ -359,8 +423,12 @@ def quantize_blocks(
         inputs: list[Captured] = []
         q_hidden: list[torch.Tensor] = []
         f_hidden: list[torch.Tensor] = []
+        shard_of: Shard | None = None
         if chained and len(done) < len(names):
-            inputs = _first_inputs(model, names[0], batches)  # type: ignore[arg-type]
+            inputs = _first_inputs(model, names[0], batches, part)  # type: ignore[arg-type]
+            if part is not None:  # this rank's batches; the cache samples as one process's
+                shard_of = _shard_of(inputs, part)
+                inputs = inputs[part.start : part.stop]
             q_hidden = [c.args[0] for c in inputs]
             f_hidden = list(q_hidden)
         bar = progress_bar(
@@ -374,7 +442,7 @@ def quantize_blocks(
             else:
                 qlayers[k] = copy.deepcopy(layers[k])
                 teacher_layer, teacher = layers[k], model
-            quantize_weights(qmodel, _sub_plan(plan, unit.layers), recipe)
+            quantize_weights(qmodel, _sub_plan(plan, unit.layers), recipe, ranks=ranks)
             if k in done:
                 state, outcome = store.load(k)  # type: ignore[union-attr]
                 restore(qmodel, state)
@@ -385,7 +453,7 @@ def quantize_blocks(
                     q_hidden, f_hidden = chains.load(k, len(inputs))
                 continue
             if gptq:
-                _gptq_layer(qmodel, teacher_layer, names[k], unit.layers, recipe, inputs, q_hidden)
+                _gptq_layer(qmodel, teacher_layer, names[k], unit.layers, recipe, inputs, q_hidden, ranks)
                 with cached_weights(qlayers[k]):
                     q_hidden = _run_layer(qlayers[k], inputs, q_hidden)
                 f_hidden = q_hidden  # GPTQ needs no float chain
@@ -396,7 +464,7 @@ def quantize_blocks(
                     assert cfg is not None
                     targets = _run_layer(teacher_layer, inputs, f_hidden)
                     if unit.layers:
-                        data = _unit_data(inputs, q_hidden, f_hidden, targets)
+                        data = _unit_data(inputs, q_hidden, f_hidden, targets, shard_of)
                         generator = torch.Generator().manual_seed(unit_seed(recipe.seed, k))
                         outcome = reconstruct_unit(
                             qmodel,
@@ -406,6 +474,7 @@ def quantize_blocks(
                             cfg,
                             generator,
                             desc=f"[{k + 1}/{len(names)}] {unit.name}",
+                            ranks=ranks,
                         )
                         del data
                         report.units.append(outcome)
@@ -418,7 +487,7 @@ def quantize_blocks(
                     q_hidden = _run_layer(qlayers[k], inputs, q_hidden)
                     f_hidden = targets
                     chains.save(k, q_hidden, f_hidden)
-            if store is not None:
+            if store is not None and (ranks is None or ranks.is_main):
                 last = asdict(report.units[-1]) if learned and unit.layers else {}
                 store.save(k, snapshot(qmodel, unit), last)
                 chains.drop(k - 1)
@@ -431,13 +500,15 @@ def quantize_blocks(
         log.info(
             "%d layers outside the decoder stack get data-free codes: %s", len(outside), ", ".join(outside)
         )
-        quantize_weights(qmodel, _sub_plan(plan, tuple(outside)), recipe)
+        quantize_weights(qmodel, _sub_plan(plan, tuple(outside)), recipe, ranks=ranks)
     report.seconds = time.perf_counter() - start
     qmodel.eval()
     attach_result(
         qmodel,
         QuantizationResult(recipe, plan, {"blocks": report.seconds}, None, report if learned else None),
     )
+    if ranks is not None:
+        qmodel = agree_model(ranks, qmodel)
     log.info("quantized %d decoder layers block by block in %.1f s", len(names), report.seconds)
     return qmodel
 

@@ -13,6 +13,12 @@ When `quantize` runs in an initialised process group of more than one process, i
 * **weights, work split**: each rank fits the grids and chooses the codes (RTN, SQuant) of a share of the
   layers, balanced by weight size (`split_work`), and the grids and codes are all-gathered, so every rank
   installs the same codes, bit for bit, as one process.
+* **GPTQ, data parallel**: each rank accumulates the layers' Hessians on its shard of the calibration
+  batches, one all-reduce sums them (`postquant.weights.reduce_hessians`), and the solves are split over the
+  ranks, their codes all-gathered (`postquant.weights.solve_gptq`).
+* **the block path** (`postquant.blockwise.quantize_blocks`): each rank carries its shard of the chains from
+  decoder layer to decoder layer; learned rounding draws one process's batch from the sharded cache
+  (`postquant.reconstruct.cache.Shard`) and sums the gradients as above.
 * **end-of-run agreement**: the ranks compare a hash of their quantized models; a rank whose model differs
   (e.g. learned rounding, which every rank runs on all the data, computed with other float reduction orders)
   takes rank 0's (`agree`).

@@ -57,6 +57,8 @@ __all__ = [
     "PipelineState",
     "QuantizationResult",
     "Stage",
+    "agree_model",
+    "check_same_inputs",
     "requirements",
     "result",
     "run_pipeline",
@@ -163,10 +165,7 @@ def _convert(state: PipelineState) -> None:
     if state.example_inputs is None and isinstance(state.batches, list):
         state.example_inputs = state.batches[0]
     if state.ranks is not None:  # every rank must quantize the same model with the same recipe and data
-        hashes = {"recipe": state.recipe.model_dump_json(), "model weights": model_fingerprint(state.model)}
-        if isinstance(state.batches, list):
-            hashes["calibration data"] = data_fingerprint(state.batches)
-        state.ranks.check_consistent(hashes)
+        check_same_inputs(state.ranks, state.recipe, state.model, state.batches)
 
 
 def _prepare(state: PipelineState) -> None:
@@ -222,7 +221,12 @@ def _weights(state: PipelineState) -> None:
                 "(tensors, batches or a DataLoader; not a forward loop)"
             )
         state.layers = gptq_weights(
-            state.working_model(), state.current_plan(), state.recipe, state.batches, state.search
+            state.working_model(),
+            state.current_plan(),
+            state.recipe,
+            state.batches,
+            state.search,
+            ranks=state.ranks,
         )
         return
     state.layers = quantize_weights(
@@ -343,14 +347,23 @@ def run_pipeline(model: nn.Module, recipe: Recipe, calib: Any, example_inputs: A
         ),
     )
     if state.ranks is not None:
-        qmodel = _agree(state.ranks, qmodel)
+        qmodel = agree_model(state.ranks, qmodel)
     return qmodel
 
 
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _agree(ranks: Ranks, qmodel: nn.Module) -> nn.Module:
+def check_same_inputs(ranks: Ranks, recipe: Recipe, model: nn.Module, batches: Any) -> None:
+    """Refuse (`DistributedMismatchError` on every rank) ranks given another recipe, other model weights or
+    other calibration batches than rank 0."""
+    hashes = {"recipe": recipe.model_dump_json(), "model weights": model_fingerprint(model)}
+    if isinstance(batches, list):
+        hashes["calibration data"] = data_fingerprint(batches)
+    ranks.check_consistent(hashes)
+
+
+def agree_model(ranks: Ranks, qmodel: nn.Module) -> nn.Module:
     """Every rank's quantized model equal to rank 0's: compared by a hash of its tensors and grid configs
     (bits, granularity), replaced by rank 0's where it differs."""
     configs = [

@@ -50,6 +50,24 @@ def make_tiny_cnn(seed: int = 0) -> TinyCNN:
     return model.eval()
 
 
+def make_tiny_llama(layers: int = 3, seed: int = 0, vocab: int = 64) -> nn.Module:
+    """A random Llama of `layers` decoder layers, hidden size 32, grouped-query attention (needs transformers)."""
+    import transformers  # an optional extra: only the tests that build an LLM need it
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
 @pytest.fixture
 def tiny_cnn() -> TinyCNN:
     return make_tiny_cnn()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -78,8 +78,9 @@ def rows(obj: Any, idx: torch.Tensor | slice, n: int) -> Any:
     return tree_map(select, obj)
 
 
-def _cat_leaves(items: list[Any], sizes: list[int]) -> Any:
-    """One leaf from the same leaf of every batch: per-sample tensors concatenated, shared values kept."""
+def _per_sample(items: list[Any], sizes: list[int]) -> bool:
+    """Whether the same leaf of every batch is concatenated (per-sample tensors: True) or kept (one shared
+    value: False); a ValueError when it is neither. Only shapes and dtypes are read for per-sample tensors."""
     head = items[0]
     if isinstance(head, torch.Tensor):
         if all(
@@ -88,23 +89,86 @@ def _cat_leaves(items: list[Any], sizes: list[int]) -> Any:
         ):
             if any(t.shape[1:] != head.shape[1:] or t.dtype != head.dtype for t in items):
                 raise ValueError("shapes differ")
-            return torch.cat(items)
+            return True
         if all(isinstance(t, torch.Tensor) and t.shape == head.shape and torch.equal(t, head) for t in items):
-            return head
+            return False
         raise ValueError("a tensor is neither per-sample nor shared")
     if any(isinstance(i, torch.Tensor) or i != head for i in items):
         raise ValueError("non-tensor values differ")
-    return head
+    return False
 
 
-def _cat(items: list[Any], sizes: list[int]) -> Any:
-    """Concatenate along dim 0 the per-sample tensors of structurally equal items; raise ValueError if not."""
+def _cat_leaves(items: list[Any], sizes: list[int]) -> Any:
+    """One leaf from the same leaf of every batch: per-sample tensors concatenated, shared values kept."""
+    return torch.cat(items) if _per_sample(items, sizes) else items[0]
+
+
+def _flat_specs(items: list[Any]) -> list[list[Any]]:
+    """The leaves of structurally equal items (a ValueError if their structures differ)."""
     flat = [tree_flatten(i) for i in items]
     spec = flat[0][1]
     if any(s != spec for _, s in flat):
         raise ValueError("structure differs")
-    leaves = [_cat_leaves([f[0][k] for f in flat], sizes) for k in range(spec.num_leaves)]
-    return tree_unflatten(leaves, spec)
+    return [[f[0][k] for f in flat] for k in range(spec.num_leaves)]
+
+
+def _cat(items: list[Any], sizes: list[int]) -> Any:
+    """Concatenate along dim 0 the per-sample tensors of structurally equal items; raise ValueError if not."""
+    spec = tree_flatten(items[0])[1]
+    return tree_unflatten([_cat_leaves(leaf, sizes) for leaf in _flat_specs(items)], spec)
+
+
+def mergeable(items: list[Any], sizes: list[int]) -> bool:
+    """Whether `UnitData.merge` would concatenate values like `items` (one per batch of `sizes` samples),
+    decided without concatenating: per-sample tensors are compared by shape and dtype only, so a value
+    whose per-sample tensors are placeholders (e.g. ``torch.zeros(()).expand(n, ...)``) decides alike."""
+    try:
+        for leaf in _flat_specs(items):
+            _per_sample(leaf, sizes)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where this rank's cached rows sit in the records one process holds (data-parallel block path,
+    `postquant.blockwise`): one process's record i has ``sizes[i]`` rows, of which rows [start, stop) are
+    this rank's record ``held[i] = (local, start, stop)`` (None: none here); ``trailing[i]`` is the shape of
+    one row of the record's first input (for QDrop's draws on a rank that holds none of a batch)."""
+
+    sizes: tuple[int, ...]
+    held: tuple[tuple[int, int, int] | None, ...]
+    trailing: tuple[tuple[int, ...], ...]
+
+    def sample(self, records: list[Record], batch_size: int, generator: torch.Generator) -> ShardDraw:
+        """One process's `UnitData.sample` draw (the same generator calls), restricted to this rank."""
+        if len(self.sizes) == 1:
+            g = 0
+        else:
+            weights = torch.tensor(self.sizes, dtype=torch.float)
+            g = int(torch.multinomial(weights, 1, generator=generator))
+        idx = torch.randperm(self.sizes[g], generator=generator)[: min(batch_size, self.sizes[g])]
+        held = self.held[g]
+        if held is None:
+            return ShardDraw(None, idx[:0], idx[:0], len(idx), self.trailing[g])
+        local, start, stop = held
+        mine = (idx >= start) & (idx < stop)
+        return ShardDraw(
+            records[local], idx[mine] - start, mine.nonzero().squeeze(1), len(idx), self.trailing[g]
+        )
+
+
+class ShardDraw(NamedTuple):
+    """This rank's part of a batch drawn from a sharded cache (`Shard.sample`): its record (None when it
+    holds none of the drawn one), the rows of it drawn, their positions in the batch, the batch's size and
+    the shape of one row of the record's first input."""
+
+    record: Record | None
+    idx: torch.Tensor
+    positions: torch.Tensor
+    total: int
+    trailing: tuple[int, ...]
 
 
 # ------------------------------------------------------------------------------------- the records
@@ -156,6 +220,7 @@ class UnitData:
     records: list[Record] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)  # samples of each calibration batch held, in order
     chained: bool = False  # batches after the first were carried from the previous unit's outputs
+    shard: Shard | None = None  # this rank holds a shard of the batches: sampled as one process samples all
 
     @property
     def n(self) -> int:

@@ -322,14 +322,15 @@ def evaluate_unit(
 ) -> float:
     """Mean reconstruction loss of the unit as installed (hard codes, deployed quantizers) on the cache.
 
-    With `ranks`, each rank evaluates a contiguous share of the chunks and the sums are all-reduced (the
-    same mean on every rank; one process's up to float summation order)."""
+    With `ranks`, each rank evaluates a contiguous share of the chunks (of its own rows when the cache is
+    sharded, ``data.shard``) and the sums are all-reduced (the same mean on every rank; one process's up to
+    float summation order)."""
     chunks = [
         (rec, slice(start, min(start + chunk, rec.n)))
         for rec in data.records
         for start in range(0, rec.n, chunk)
     ]
-    if ranks is not None:
+    if ranks is not None and data.shard is None:  # a sharded cache: each rank evaluates its own rows
         first, stop = shard_bounds(len(chunks), ranks.world)[ranks.rank]
         chunks = chunks[first:stop]
     total, count = 0.0, 0
@@ -395,6 +396,11 @@ def reconstruct_unit(
     step of one process up to float summation order. QDrop's random draws are made for the whole batch
     on every rank and sliced to its rows (`uniform_rows`), so they are one process's draws. A batch of
     fewer rows than ranks is run whole by every rank, its loss divided among them.
+
+    When each rank holds only a shard of the data (``data.shard``, the block path), every rank draws the
+    batch one process draws from all the data (same generator calls) and computes the loss of the drawn rows
+    it holds, weighted by their share of the batch (none: a zero loss, and QDrop's draw still made): the
+    same global batch and step as one process, each rank's work varying with its rows in the batch.
     """
     start_time = time.perf_counter()
     device = model_placement(qmodel)[0]
@@ -416,18 +422,44 @@ def reconstruct_unit(
 
         split = ranks
 
-        def step_loss(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def batch_loss() -> torch.Tensor:
+            """This process's (this rank's share of the) loss on one batch drawn from the cache."""
+            window: Rows | None
+            if data.shard is not None:  # this rank's rows of the batch one process draws from all the data
+                drawn = data.shard.sample(data.records, cfg.batch_size, generator)
+                window = (drawn.positions, drawn.total)
+                for q in act_q.values():
+                    q.window = window
+                if drawn.record is None or not len(drawn.idx):
+                    if cfg.drop_prob > 0 and cfg.loss is not Loss.OUTPUT:  # QDrop's draw, as the other ranks
+                        uniform_rows((0, *drawn.trailing), generator, window)
+                    return torch.zeros((), device=device)
+                loss = _loss(
+                    qmodel,
+                    unit,
+                    drawn.record,
+                    drawn.idx,
+                    _overrides(roundings),
+                    cfg,
+                    generator,
+                    device,
+                    window,
+                )
+                return loss * (len(drawn.idx) / drawn.total)
             rec, idx = data.sample(cfg.batch_size, generator)
-            window: Rows | None = None
+            window = None
             if split is not None and len(idx) >= split.world:  # this rank's rows, weighted by their share
                 start, stop = shard_bounds(len(idx), split.world)[split.rank]
                 window, idx = (start, stop, len(idx)), idx[start:stop]
             for q in act_q.values():
                 q.window = window
-            rec_loss = _loss(qmodel, unit, rec, idx, _overrides(roundings), cfg, generator, device, window)
+            loss = _loss(qmodel, unit, rec, idx, _overrides(roundings), cfg, generator, device, window)
             if split is not None:
-                share = (window[1] - window[0]) / window[2] if window is not None else 1 / split.world
-                rec_loss = rec_loss * share
+                loss = loss * ((window[1] - window[0]) / window[2] if window is not None else 1 / split.world)
+            return loss
+
+        def step_loss(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            rec_loss = batch_loss()
             reg = rec_loss.new_zeros(())
             if cfg.reg_lambda > 0 and reg_active(step, cfg):
                 beta = beta_at(step, cfg)

@@ -194,29 +194,37 @@ class TrainableActQuant(nn.Module):
         return xq
 
 
-Rows = tuple[int, int, int]
-"""Rows [start, stop) of a batch of `total` rows: ``(start, stop, total)``."""
+Rows = tuple[int, int, int] | tuple[torch.Tensor, int]
+"""This rank's rows of a batch of ``total`` rows: ``(start, stop, total)`` for rows [start, stop), or
+``(positions, total)`` for the rows at `positions` (a rank holding a shard of the data, `postquant.blockwise`)."""
 
 
 def uniform_rows(
     shape: torch.Size | tuple[int, ...], generator: torch.Generator, rows: Rows | None
 ) -> torch.Tensor:
     """``torch.rand(shape, generator=generator)`` on the CPU; with `rows`, the draw for the whole batch
-    (``total`` rows) sliced to rows [start, stop), so that ranks that each hold some rows of one batch draw
-    together what one process draws for all of them, and consume the generator alike.
+    (``total`` rows) restricted to this rank's rows, so that ranks that each hold some rows of one batch draw
+    together what one process draws for all of them, and consume the generator alike (a rank with no rows of
+    the batch draws too, with ``shape[0] == 0``).
 
     Raises:
-        RuntimeError: `shape` does not have the ``stop - start`` rows (an input that is not batch-first).
+        RuntimeError: `shape` does not have this rank's rows (an input that is not batch-first).
     """
     if rows is None:
         return torch.rand(shape, generator=generator)
-    start, stop, total = rows
-    if shape[0] != stop - start:
+    if len(rows) == 3:
+        start, stop, total = rows
+        held: torch.Tensor | slice = slice(start, stop)
+        count = stop - start
+    else:
+        held, total = rows
+        count = len(held)
+    if shape[0] != count:
         raise RuntimeError(
             f"data-parallel QDrop draws per batch row, but a layer input of shape {tuple(shape)} does not have "
-            f"the {stop - start} rows of this rank: run this model's QDrop in one process (or drop_prob 0)"
+            f"the {count} rows of this rank: run this model's QDrop in one process (or drop_prob 0)"
         )
-    return torch.rand((total, *shape[1:]), generator=generator)[start:stop]
+    return torch.rand((total, *shape[1:]), generator=generator)[held]
 
 
 def beta_at(step: int, cfg: LearnedConfig) -> float:

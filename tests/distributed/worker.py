@@ -18,6 +18,7 @@ import torch
 
 import postquant
 from postquant.errors import PostquantError
+from postquant.model import quantized_layers
 
 _spec = importlib.util.spec_from_file_location("_pq_conftest", Path(__file__).parents[1] / "conftest.py")
 _conftest = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
@@ -44,6 +45,19 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "adaround": {**LEARNED, "method": "adaround"},  # data-parallel steps
     "brecq": {**LEARNED, "method": "brecq", "a_bits": 4},  # blocks, learned activation steps
     "qdrop": {**LEARNED, "method": "qdrop", "a_bits": 4},  # drop_prob > 0: each rank runs whole batches
+    "gptq": {"method": "gptq", "w_bits": 3, "calib_size": 40},  # Hessians summed, one rank solves
+}
+
+# The block path (`quantize_blocks`) on a tiny random Llama: 7 calibration batches of 2 windows (shards of 4 and
+# 3 batches), weight-only, lm_head kept float.
+BLOCK_LEARNED = {"iters": 30, "batch_size": 4, "progress": False}
+BLOCKS: dict[str, dict[str, Any]] = {
+    "block_rtn": {"method": "rtn", "w_bits": 3},
+    "block_squant": {"method": "squant", "w_bits": 3, "granularity": "group", "group_size": 16},
+    "block_gptq": {"method": "gptq", "w_bits": 3, "granularity": "group", "group_size": 16},
+    "block_learned": {"method": "learned", "w_bits": 3, "learned": BLOCK_LEARNED},
+    "block_qdrop": {"method": "qdrop", "w_bits": 3, "learned": BLOCK_LEARNED},  # QDrop's draws on a shard
+    "block_ckpt": {"method": "brecq", "w_bits": 3, "learned": BLOCK_LEARNED},  # + learned.checkpoint_dir
 }
 
 
@@ -59,7 +73,40 @@ def build(scenario: str, rank: int = 0) -> tuple[torch.nn.Module, dict[str, Any]
     return model, recipe, list(torch.split(images, 6))  # 7 batches: shards of 4 and 3
 
 
-def run(scenario: str, rank: int) -> dict[str, Any]:
+def codes(qmodel: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The integer codes of every quantized layer (the state dict holds them packed)."""
+    return {name: layer.codes.clone() for name, layer in quantized_layers(qmodel).items()}
+
+
+def build_blocks(
+    scenario: str, out: Path | None = None
+) -> tuple[torch.nn.Module, dict[str, Any], list[torch.Tensor]]:
+    """The tiny Llama, recipe and token batches of a block-path scenario (`out`: where block_ckpt checkpoints)."""
+    recipe = {**BLOCKS[scenario], "ignore": ["lm_head"], "calib_size": 14}
+    if scenario == "block_ckpt" and out is not None:
+        recipe["learned"] = {**recipe["learned"], "checkpoint_dir": str(out / "ckpt")}
+    ids = torch.randint(0, 64, (14, 16), generator=torch.Generator().manual_seed(3))
+    return _conftest.make_tiny_llama(), recipe, list(ids.split(2))
+
+
+def outcome(qmodel: torch.nn.Module, seconds: float) -> dict[str, Any]:
+    """What a test compares: the state dict, the codes, the learned units' errors, the wall time."""
+    learned = postquant.result(qmodel).learned
+    return {
+        "state": {k: v.clone() for k, v in qmodel.state_dict().items()},
+        "codes": codes(qmodel),
+        "learned": [(u.error_before, u.error_after) for u in learned.units] if learned is not None else None,
+        "resumed": learned.resumed if learned is not None else 0,
+        "seconds": seconds,
+    }
+
+
+def run(scenario: str, rank: int, out: Path | None = None) -> dict[str, Any]:
+    if scenario in BLOCKS:
+        model, recipe, batches = build_blocks(scenario, out)
+        start = time.perf_counter()
+        qmodel = postquant.quantize_blocks(model, recipe, batches)
+        return outcome(qmodel, time.perf_counter() - start)
     model, recipe, batches = build(scenario, rank)
     if scenario == "dead" and rank == 1:
         os._exit(3)  # a rank that dies before the first collective
@@ -75,12 +122,7 @@ def run(scenario: str, rank: int) -> dict[str, Any]:
             "ranks": getattr(exc, "ranks", None),
             "seconds": time.perf_counter() - start,
         }
-    learned = postquant.result(qmodel).learned
-    return {
-        "state": {k: v.clone() for k, v in qmodel.state_dict().items()},
-        "learned": [(u.error_before, u.error_after) for u in learned.units] if learned is not None else None,
-        "seconds": time.perf_counter() - start,
-    }
+    return outcome(qmodel, time.perf_counter() - start)
 
 
 def main() -> None:
@@ -95,7 +137,7 @@ def main() -> None:
         "gloo", init_method=f"file://{out / 'store'}", rank=rank, world_size=world
     )
     for scenario in scenarios:
-        torch.save(run(scenario, rank), out / f"{scenario}.{rank}.pt")
+        torch.save(run(scenario, rank, out), out / f"{scenario}.{rank}.pt")
     if not {"dead", "hung"} & set(scenarios):
         # both ranks done before either tears the group down: a peer closing its connections while the other
         # is still in gloo makes gloo abort the process (SIGABRT, seen once in CI)
