@@ -39,6 +39,7 @@ import functools
 import itertools
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from postquant.choices import SquantMode
@@ -113,25 +114,53 @@ def squant_codes(
         raise NonFiniteWeightError(_NON_FINITE)
 
     out = torch.empty(x3.shape, dtype=torch.int32, device=x3.device)  # (OC, IC, L)
+    if kernel:
+        _kernel_then_channel(x3, out, tmin, tmax, channel)
+        return out.view(x.shape)
     oc, ic, klen = x3.shape
     for c0, c1 in _channel_blocks(oc, ic * klen):  # blocks of whole output channels, for cache locality only
         xb, ob = x3[c0:c1], out[c0:c1]  # (n, IC, L)
-        if kernel:
-            ks = _kernel_stage(xb.view(-1, klen), tmin, tmax)
-            ob.view(-1, klen).copy_(ks.r.clamp_(tmin, tmax))
-            if channel:
-                n = xb.shape[0]
-                s = ks.e.view(n, -1).sum(-1)  # (n,) float32 channel sums after the kernel stage
-                _channel_stage_handoffs(
-                    xb, ob, s, ks.h_pos.view(n, ic), ks.h_pri.view(n, ic), ks.h_up.view(n, ic), tmin, tmax
-                )
-        elif channel:
+        if channel:
             ties = _channel_stage_full(xb, ob, tmin, tmax, _boundary)
             if bool(ties.ambiguous.any()):
                 ties.redo(tmin, tmax)
         else:
             ob.copy_(torch.round(xb).clamp_(tmin, tmax))
     return out.view(x.shape)
+
+
+def _kernel_then_channel(x3: torch.Tensor, out: torch.Tensor, tmin: int, tmax: int, channel: bool) -> None:
+    """Kernel stage (in cache-sized blocks of channels), the kernels it could not order redone at once,
+    then the channel stage on the whole layer if `channel`. Writes the codes into `out` (OC, IC, L)."""
+    oc, ic, klen = x3.shape
+    e = torch.empty(x3.shape, dtype=torch.float32, device=x3.device)  # (OC, IC, L) errors after the stage
+    xk, ok, ek = x3.view(-1, klen), out.view(-1, klen), e.view(-1, klen)  # (G, L) kernels
+    blocks = _channel_blocks(oc, ic * klen)
+    tiebreak = _tiebreak(max(c1 - c0 for c0, c1 in blocks) * ic, klen, x3.device)
+    parts: list[_KernelResult] = []
+    sums, redo = [], []
+    for c0, c1 in blocks:  # blocks of whole output channels, for cache locality only
+        g0, g1 = c0 * ic, c1 * ic
+        ks, s, clash = _kernel_stage(xk[g0:g1], ek[g0:g1], tiebreak, tmin, tmax)
+        ok[g0:g1].copy_(ks.r.clamp_(tmin, tmax))
+        parts.append(ks)
+        if clash.numel():
+            redo.append(clash + g0)
+            sums.append(s[clash])
+    h_pos = torch.cat([p.h_pos for p in parts])
+    h_pri = torch.cat([p.h_pri for p in parts])
+    h_up = torch.cat([p.h_up for p in parts])
+    if redo:
+        ids = torch.cat(redo)
+        exact = _kernel_stage_ranked(xk[ids], torch.cat(sums), tmin, tmax, stable=True)
+        ok[ids] = exact.r.clamp_(tmin, tmax).to(torch.int32)
+        ek[ids] = exact.e
+        h_pos[ids], h_pri[ids], h_up[ids] = exact.h_pos, exact.h_pri, exact.h_up
+    if channel:
+        s = e.view(oc, -1).sum(-1)  # (OC,) float32 channel sums after the kernel stage
+        _channel_stage_handoffs(
+            x3, out, s, h_pos.view(oc, ic), h_pri.view(oc, ic), h_up.view(oc, ic), tmin, tmax
+        )
 
 
 _NON_FINITE = "SQuant input holds NaN or Inf values; check the weight and its grid"
@@ -249,36 +278,54 @@ class _KernelResult:
     h_up: torch.Tensor  # (G,) True: it joins the up list, False: the down list
 
 
-def _kernel_stage(xg: torch.Tensor, tmin: int, tmax: int) -> _KernelResult:
-    """The kernel stage on the kernels `xg` (G, L): flips, and the hand-off for the channel stage."""
-    klen = xg.shape[1]
+def _kernel_stage(
+    xg: torch.Tensor, e: torch.Tensor, tiebreak: torch.Tensor, tmin: int, tmax: int
+) -> tuple[_KernelResult, torch.Tensor, torch.Tensor]:
+    """The kernel stage on the kernels `xg` (G, L): flips, and the hand-off for the channel stage.
+
+    The errors are written into `e` (G, L), which the result's ``e`` is; `tiebreak` is `_tiebreak` of at
+    least G rows. Returns the result, the kernels' error sums s (G,) and the indices of the kernels the fast
+    path cannot order (to be redone by `_kernel_stage_ranked` with ``stable=True``; their entries in the
+    result are not meaningful until then).
+    """
+    g, klen = xg.shape
     r = torch.round(xg)
-    e = r - xg
+    torch.sub(r, xg, out=e)
     s = e.sum(1)  # (G,) the reference's float32 reduction over each kernel
     if klen > _STABLE_SORT_MAX:
-        return _kernel_stage_ranked(xg, s, tmin, tmax, stable=False)
+        result = _kernel_stage_ranked(xg, s, tmin, tmax, stable=False)
+        e.copy_(result.e)
+        result.e = e
+        return result, s, s.new_empty(0, dtype=torch.int64)
     up, k, step = _direction(s)
-    st = step.unsqueeze(1)
-    pbits = _priority_bits(e, r, st, tmin, tmax)  # (G, L)
-    tiebreak = torch.arange(15, 15 - klen, -1, dtype=torch.int32, device=xg.device)  # earlier index wins
-    key = pbits.add_(15).bitwise_and_(-16).bitwise_or_(tiebreak)  # unique in a kernel; class = ceil(bits/16)
+    stepx = step.unsqueeze(1).expand(g, klen).contiguous()  # (G, L) once, so the ops below need no broadcast
+    # Priority in the kernel's direction (`_priority_bits`): min(-step * e, step * (lim - r)), where
+    # step * (lim - r) = (tmax - tmin) / 2 + step * ((tmax + tmin) / 2 - r), exact (integers and halves).
+    d = torch.sub(xg, r).mul_(stepx)  # -step * e: x - r is -(r - x) bit for bit
+    q = torch.sub(0.5 * (tmax + tmin), r).mul_(stepx).add_(0.5 * (tmax - tmin))
+    key = torch.minimum(d, q, out=d).view(torch.int32)  # float bits; < 0 for non-candidates (and -0.0)
+    # Unique in a kernel: the bits rounded up to a multiple of 16 (class = ceil(bits / 16), 0 for
+    # non-candidates) plus 15 - index, so that an earlier index wins among equal classes.
+    key.add_(15).clamp_min_(15).bitwise_and_(-16).add_(tiebreak[:g])
     # The order of every kernel down to position _FAST_K + 1 (descending keys), framed by sentinel rows:
-    # position t of the order is row t + 2. Kernels with a larger k are redone below.
+    # position t of the order is row t + 2. Kernels with a larger k are redone.
     big = k > _FAST_K
     srt = _sort_columns(key, min(_FAST_K + 2, klen), head=(_INT32_MAX - 16, _INT32_MAX), tail=-1)
-    k = k.clamp(max=_FAST_K)
+    kc = k.clamp(max=_FAST_K)
 
     # Positions k-2 .. k+1 of the order: the flip threshold (k-1), the hand-off (k-1 or k), and the
     # neighbours whose key class must differ for the key order to be the stable order.
-    near = srt.gather(0, k + torch.arange(4, device=xg.device).unsqueeze(1))  # (4, G)
+    cols = torch.arange(g, device=xg.device)
+    where = (kc * g).add_(cols) + torch.arange(0, 4 * g, g, device=xg.device).unsqueeze(1)  # (4, G)
+    near = srt.view(-1).index_select(0, where.view(-1)).view(4, g)
     cls = near >> 4
     clash = ((cls[1:] == cls[:-1]) & (cls[1:] > 0)).any(0) | big
     # Flips: the first k of the order, i.e. keys >= the key at k-1 (INT32_MAX when k == 0). Key class 0 is
-    # priority 0, a no-op flip (r stays, e becomes 0): those rare kernels are redone below.
+    # priority 0, a no-op flip (r stays, e becomes 0): those rare kernels are redone.
     thr = near[1]
     clash |= thr < 16
     flip = torch.sub(key, (thr - 1).unsqueeze(1)).clamp_(0, 1)  # (G, L) int32: 1 where key >= thr
-    delta = flip.mul_(step.view(torch.int32).unsqueeze(1)).view(torch.float32)  # float bits of 0 or +-1.0
+    delta = flip.mul_(stepx.view(torch.int32)).view(torch.float32)  # float bits of 0 or +-1.0
     r += delta
     e += delta  # e0 + step, as the reference's up_error / down_error
 
@@ -292,15 +339,19 @@ def _kernel_stage(xg: torch.Tensor, tmin: int, tmax: int) -> _KernelResult:
         hv[zero] = key[zero].amin(1)
         clash[zero] |= (low[:, 0] == low[:, 1]) & (low[:, 0] > 0)
     h_pos = (15 - (hv & 15)).to(torch.int64)
-    h_pri = e.gather(1, h_pos.unsqueeze(1)).squeeze(1).abs_()
-    result = _KernelResult(r, e, h_pos, h_pri, up ^ over)
+    flat = cols.mul_(klen).add_(h_pos)
+    h_pri = e.view(-1).index_select(0, flat).abs_()
+    return _KernelResult(r, e, h_pos, h_pri, up ^ over), s, clash.nonzero().squeeze(1)
 
-    redo = clash.nonzero().squeeze(1)  # two priorities of one key class at a position that matters
-    if redo.numel():
-        exact = _kernel_stage_ranked(xg[redo], s[redo], tmin, tmax, stable=True)
-        for name in ("r", "e", "h_pos", "h_pri", "h_up"):
-            getattr(result, name)[redo] = getattr(exact, name)
-    return result
+
+@functools.cache
+def _tiebreak_row(klen: int) -> torch.Tensor:
+    return torch.arange(15, 15 - klen, -1, dtype=torch.int32)
+
+
+def _tiebreak(g: int, klen: int, device: torch.device) -> torch.Tensor:
+    """(G, L) int32: 15 - index in the kernel (contiguous, so adding it needs no broadcast)."""
+    return _tiebreak_row(klen).to(device).expand(g, klen).contiguous()
 
 
 _INT32_MAX = 2**31 - 1
@@ -410,14 +461,18 @@ def _kernel_stage_ranked(
 
 
 def _boundary(p: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows of `p` (R, M): the value at position k of the descending order, and whether the first k
-    elements are not determined by value alone (a tie across positions k-1 and k)."""
-    kmax = int(k.max())
-    top = torch.topk(p, min(kmax + 1, p.shape[1]), dim=1).values  # (R, K) descending
-    kk = k.clamp(max=top.shape[1] - 1).unsqueeze(1)
-    v_k = top.gather(1, kk).squeeze(1)
-    v_prev = top.gather(1, (kk - 1).clamp(min=0)).squeeze(1)
-    ambiguous = (k > 0) & ((k >= p.shape[1]) | (v_prev == v_k))
+    """For rows of `p` (R, M) on the CPU: the value at position k of the descending order, and whether the
+    first k elements are not determined by value alone (a tie across positions k-1 and k).
+
+    Only values are compared, so how a sort orders equal values does not matter: numpy's (vectorised) sort
+    of whole rows is several times faster here than ``torch.topk`` of the first k + 1.
+    """
+    m = p.shape[1]
+    asc = torch.from_numpy(np.sort(p.numpy(), axis=1))  # (R, M) ascending: position t is column M-1-t
+    kk = (m - 1 - k.clamp(max=m - 1)).unsqueeze(1)
+    v_k = asc.gather(1, kk).squeeze(1)
+    v_prev = asc.gather(1, (kk + 1).clamp(max=m - 1)).squeeze(1)
+    ambiguous = (k > 0) & ((k >= m) | (v_prev == v_k))
     return v_k, ambiguous
 
 
