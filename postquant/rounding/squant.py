@@ -131,36 +131,45 @@ def squant_codes(
 
 def _kernel_then_channel(x3: torch.Tensor, out: torch.Tensor, tmin: int, tmax: int, channel: bool) -> None:
     """Kernel stage (in cache-sized blocks of channels), the kernels it could not order redone at once,
-    then the channel stage on the whole layer if `channel`. Writes the codes into `out` (OC, IC, L)."""
+    then the channel stage on the whole layer if `channel`. Writes the codes into `out` (OC, IC, L), on the
+    CPU."""
     oc, ic, klen = x3.shape
-    e = torch.empty(x3.shape, dtype=torch.float32, device=x3.device)  # (OC, IC, L) errors after the stage
-    xk, ok, ek = x3.view(-1, klen), out.view(-1, klen), e.view(-1, klen)  # (G, L) kernels
-    blocks = _channel_blocks(oc, ic * klen)
-    tiebreak = _tiebreak(max(c1 - c0 for c0, c1 in blocks) * ic, klen, x3.device)
-    parts: list[_KernelResult] = []
+    xk, ok = x3.view(-1, klen), out.view(-1, klen)  # (G, L) kernels
+    e = torch.empty(xk.shape, dtype=torch.float32)  # (G, L) errors after the stage
+    h_pos = torch.empty(xk.shape[0], dtype=torch.int32)
+    h_pri = torch.empty(xk.shape[0], dtype=torch.float32)
+    h_up = torch.empty(xk.shape[0], dtype=torch.bool)
     sums, redo = [], []
-    for c0, c1 in blocks:  # blocks of whole output channels, for cache locality only
+    for c0, c1 in _channel_blocks(oc, ic * klen):  # blocks of whole output channels, for cache locality only
         g0, g1 = c0 * ic, c1 * ic
-        ks, s, clash = _kernel_stage(xk[g0:g1], ek[g0:g1], tiebreak, tmin, tmax)
-        ok[g0:g1].copy_(ks.r.clamp_(tmin, tmax))
-        parts.append(ks)
-        if clash.numel():
-            redo.append(clash + g0)
-            sums.append(s[clash])
-    h_pos = torch.cat([p.h_pos for p in parts])
-    h_pri = torch.cat([p.h_pri for p in parts])
-    h_up = torch.cat([p.h_up for p in parts])
+        if klen > _STABLE_SORT_MAX:
+            ks = _kernel_stage_ranked(xk[g0:g1], None, tmin, tmax, stable=False)
+            ok[g0:g1], e[g0:g1] = ks.r.clamp_(tmin, tmax), ks.e
+            h_pos[g0:g1], h_pri[g0:g1], h_up[g0:g1] = ks.h_pos, ks.h_pri, ks.h_up
+            continue
+        s, clash = _kernel_stage(
+            xk[g0:g1].numpy(),
+            e[g0:g1].numpy(),
+            ok[g0:g1].numpy(),
+            h_pos[g0:g1].numpy(),
+            h_pri[g0:g1].numpy(),
+            h_up[g0:g1].numpy(),
+            tmin,
+            tmax,
+        )
+        if clash.size:
+            redo.append(torch.from_numpy(clash + g0))
+            sums.append(torch.from_numpy(s[clash]))
     if redo:
         ids = torch.cat(redo)
         exact = _kernel_stage_ranked(xk[ids], torch.cat(sums), tmin, tmax, stable=True)
         ok[ids] = exact.r.clamp_(tmin, tmax).to(torch.int32)
-        ek[ids] = exact.e
-        h_pos[ids], h_pri[ids], h_up[ids] = exact.h_pos, exact.h_pri, exact.h_up
+        e[ids] = exact.e
+        h_pos[ids], h_pri[ids], h_up[ids] = exact.h_pos.to(torch.int32), exact.h_pri, exact.h_up
     if channel:
         s = e.view(oc, -1).sum(-1)  # (OC,) float32 channel sums after the kernel stage
-        _channel_stage_handoffs(
-            x3, out, s, h_pos.view(oc, ic), h_pri.view(oc, ic), h_up.view(oc, ic), tmin, tmax
-        )
+        pos = h_pos.view(oc, ic).long()
+        _channel_stage_handoffs(x3, out, s, pos, h_pri.view(oc, ic), h_up.view(oc, ic), tmin, tmax)
 
 
 _NON_FINITE = "SQuant input holds NaN or Inf values; check the weight and its grid"
@@ -279,81 +288,107 @@ class _KernelResult:
 
 
 def _kernel_stage(
-    xg: torch.Tensor, e: torch.Tensor, tiebreak: torch.Tensor, tmin: int, tmax: int
-) -> tuple[_KernelResult, torch.Tensor, torch.Tensor]:
-    """The kernel stage on the kernels `xg` (G, L): flips, and the hand-off for the channel stage.
+    x: np.ndarray,
+    e: np.ndarray,
+    codes: np.ndarray,
+    h_pos: np.ndarray,
+    h_pri: np.ndarray,
+    h_up: np.ndarray,
+    tmin: int,
+    tmax: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel stage on the kernels `x` (G, L), L <= 16, on the CPU (numpy arrays sharing the tensors'
+    memory: numpy's elementwise comparisons, selections and index lists cost a fraction of torch's here).
 
-    The errors are written into `e` (G, L), which the result's ``e`` is; `tiebreak` is `_tiebreak` of at
-    least G rows. Returns the result, the kernels' error sums s (G,) and the indices of the kernels the fast
-    path cannot order (to be redone by `_kernel_stage_ranked` with ``stable=True``; their entries in the
-    result are not meaningful until then).
+    Writes the errors after the stage into `e` (G, L), the clamped codes into `codes` (G, L) int32 and each
+    kernel's hand-off into `h_pos` (G,) int32, `h_pri` (G,) float32 and `h_up` (G,) bool. Returns the
+    kernels' error sums s (G,) and the indices of the kernels this fast path cannot order, whose outputs are
+    to be redone by `_kernel_stage_ranked` with ``stable=True``.
     """
-    g, klen = xg.shape
-    r = torch.round(xg)
-    torch.sub(r, xg, out=e)
-    s = e.sum(1)  # (G,) the reference's float32 reduction over each kernel
-    if klen > _STABLE_SORT_MAX:
-        result = _kernel_stage_ranked(xg, s, tmin, tmax, stable=False)
-        e.copy_(result.e)
-        result.e = e
-        return result, s, s.new_empty(0, dtype=torch.int64)
-    up, k, step = _direction(s)
-    stepx = step.unsqueeze(1).expand(g, klen).contiguous()  # (G, L) once, so the ops below need no broadcast
-    # Priority in the kernel's direction (`_priority_bits`): min(-step * e, step * (lim - r)), where
+    g, klen = x.shape
+    r = np.rint(x)  # (G, L) half to even, like torch.round
+    np.subtract(r, x, out=e)
+    s = torch.from_numpy(e).sum(1).numpy()  # (G,) the reference's float32 reduction over each kernel
+    up = s < 0  # flip up (a zero sum flips down)
+    k = np.rint(np.abs(s))  # (G,) float32 flips per kernel
+    step = up.astype(np.float32) * 2 - 1  # (G,) +-1
+
+    # Priorities in the kernel's direction, transposed to (L, G) so that every row is contiguous and a
+    # per-kernel value broadcasts along it: min(-step * e, step * (lim - r)) (see `_priority_bits`), where
     # step * (lim - r) = (tmax - tmin) / 2 + step * ((tmax + tmin) / 2 - r), exact (integers and halves).
-    d = torch.sub(xg, r).mul_(stepx)  # -step * e: x - r is -(r - x) bit for bit
-    q = torch.sub(0.5 * (tmax + tmin), r).mul_(stepx).add_(0.5 * (tmax - tmin))
-    key = torch.minimum(d, q, out=d).view(torch.int32)  # float bits; < 0 for non-candidates (and -0.0)
+    xt = np.ascontiguousarray(x.T)  # (L, G)
+    rt = np.rint(xt)
+    key = np.subtract(xt, rt, out=xt)  # -e, bit for bit
+    key *= step
+    q = np.subtract(0.5 * (tmax + tmin), rt, out=rt)
+    q *= step
+    q += 0.5 * (tmax - tmin)
+    np.minimum(key, q, out=key)
+    kb = key.view(np.int32)  # float bits: priority for a candidate, < 0 (or +0.0) otherwise
     # Unique in a kernel: the bits rounded up to a multiple of 16 (class = ceil(bits / 16), 0 for
     # non-candidates) plus 15 - index, so that an earlier index wins among equal classes.
-    key.add_(15).clamp_min_(15).bitwise_and_(-16).add_(tiebreak[:g])
-    # The order of every kernel down to position _FAST_K + 1 (descending keys), framed by sentinel rows:
-    # position t of the order is row t + 2. Kernels with a larger k are redone.
-    big = k > _FAST_K
-    srt = _sort_columns(key, min(_FAST_K + 2, klen), head=(_INT32_MAX - 16, _INT32_MAX), tail=-1)
-    kc = k.clamp(max=_FAST_K)
+    negative = kb >> 31
+    kb &= np.invert(negative, out=negative)  # non-candidates: 0
+    kb += 15
+    kb &= -16
+    kb += _TIEBREAK[:klen]
 
-    # Positions k-2 .. k+1 of the order: the flip threshold (k-1), the hand-off (k-1 or k), and the
-    # neighbours whose key class must differ for the key order to be the stable order.
-    cols = torch.arange(g, device=xg.device)
-    where = (kc * g).add_(cols) + torch.arange(0, 4 * g, g, device=xg.device).unsqueeze(1)  # (4, G)
-    near = srt.view(-1).index_select(0, where.view(-1)).view(4, g)
-    cls = near >> 4
-    clash = ((cls[1:] == cls[:-1]) & (cls[1:] > 0)).any(0) | big
-    # Flips: the first k of the order, i.e. keys >= the key at k-1 (INT32_MAX when k == 0). Key class 0 is
-    # priority 0, a no-op flip (r stays, e becomes 0): those rare kernels are redone.
-    thr = near[1]
-    clash |= thr < 16
-    flip = torch.sub(key, (thr - 1).unsqueeze(1)).clamp_(0, 1)  # (G, L) int32: 1 where key >= thr
-    delta = flip.mul_(stepx.view(torch.int32)).view(torch.float32)  # float bits of 0 or +-1.0
-    r += delta
-    e += delta  # e0 + step, as the reference's up_error / down_error
+    # The first `top` keys of every kernel's order (descending keys) by a sorting network over the rows.
+    top = min(_FAST_K + 2, klen)
+    rows = list(kb)
+    for i, j, hi, lo in _selection_plan(klen, top):
+        a, b = rows[i], rows[j]
+        if hi:
+            rows[i] = np.maximum(a, b)
+        if lo:
+            rows[j] = np.minimum(a, b)
+    srt = np.stack(rows[:top])  # (top, G): position t of the order
+    cls = srt >> 4  # key classes; 0: a non-candidate (priority 0)
+
+    # The key order is the stable order where the classes of neighbouring positions among k-2 .. k+1 differ
+    # (the flip threshold k-1, the hand-off k-1 or k); class-0 ties are ordered by index, as the stable sort
+    # does. Key class 0 at a flipped position is a no-op flip (r stays, e becomes 0). Kernels where either
+    # happens, or flipping more than _FAST_K elements, are redone.
+    kk = k.astype(np.int32)
+    clash = kk > _FAST_K
+    for t in range(min(_FAST_K + 1, top - 1)):  # positions t, t + 1 both among k-2 .. k+1 where k >= t
+        tie = (cls[t] == cls[t + 1]) & (cls[t + 1] > 0)
+        clash |= tie if t == 0 else tie & (kk >= t)
+    for t in range(min(_FAST_K, top)):  # position t is flipped where k > t
+        clash |= (cls[t] == 0) & (kk > t)
+
+    # Flips: positions 0 .. k-1 of the order, r0 + step and e0 + step.
+    ar = np.arange(g)
+    first = ar * klen  # (G,) flat index of each kernel's element 0
+    sels = [np.flatnonzero(kk > t) for t in range(min(_FAST_K, top))]
+    flat = np.concatenate([first[sel] + (15 - (srt[t, sel] & 15)) for t, sel in enumerate(sels)])
+    flip = np.concatenate([step[sel] for sel in sels])
+    rf, ef = r.reshape(-1), e.reshape(-1)
+    rf[flat] += flip
+    ef[flat] += flip
 
     # Hand-off: overshoot (k >= |s|) -> order[k-1] (order[-1] if k == 0) into the opposite list;
     # undershoot -> order[k] into the same list. Its priority is |current error|.
-    over = k >= s.abs()
-    hv = torch.where(over, near[1], near[2])
-    zero = (s == 0).nonzero().squeeze(1)  # k == 0 and overshoot: order[-1], the smallest key
-    if zero.numel():
-        low = torch.topk(key[zero], 2, dim=1, largest=False).values >> 4  # classes of order[-1], order[-2]
-        hv[zero] = key[zero].amin(1)
-        clash[zero] |= (low[:, 0] == low[:, 1]) & (low[:, 0] > 0)
-    h_pos = (15 - (hv & 15)).to(torch.int64)
-    flat = cols.mul_(klen).add_(h_pos)
-    h_pri = e.view(-1).index_select(0, flat).abs_()
-    return _KernelResult(r, e, h_pos, h_pri, up ^ over), s, clash.nonzero().squeeze(1)
+    over = k >= np.abs(s)
+    at = np.minimum(kk, _FAST_K) - over  # position of the hand-off in the order (-1: s == 0, below)
+    np.clip(at, 0, top - 1, out=at)
+    hv = srt.ravel()[at * g + ar]
+    zero = np.flatnonzero(s == 0)  # k == 0 and overshoot: order[-1], the smallest key
+    if zero.size:
+        low = np.sort(kb[:, zero], axis=0)[:2]  # (2, Z) order[-1], order[-2]
+        hv[zero] = low[0]
+        low >>= 4
+        clash[zero] |= (low[0] == low[1]) & (low[0] > 0)
+    np.subtract(15, hv & 15, out=h_pos)
+    np.abs(ef[first + h_pos], out=h_pri)
+    np.not_equal(up, over, out=h_up)
+    np.maximum(r, tmin, out=r)
+    codes[...] = np.minimum(r, tmax, out=r)
+    return s, np.flatnonzero(clash)
 
 
-@functools.cache
-def _tiebreak_row(klen: int) -> torch.Tensor:
-    return torch.arange(15, 15 - klen, -1, dtype=torch.int32)
-
-
-def _tiebreak(g: int, klen: int, device: torch.device) -> torch.Tensor:
-    """(G, L) int32: 15 - index in the kernel (contiguous, so adding it needs no broadcast)."""
-    return _tiebreak_row(klen).to(device).expand(g, klen).contiguous()
-
-
+# 15 - index of each element of a kernel (at most 16): the tie-break of the kernel stage's keys, a column.
+_TIEBREAK = np.arange(15, -1, -1, dtype=np.int32)[:, None]
 _INT32_MAX = 2**31 - 1
 # Best known sorting network for 9 inputs (25 comparators in 7 layers; Floyd), for the 3x3 kernel.
 _NETWORK_9 = tuple(
@@ -402,22 +437,6 @@ def _selection_plan(n: int, top: int) -> tuple[tuple[int, int, bool, bool], ...]
             plan.append((i, j, hi, lo))
             need |= {i, j}
     return tuple(reversed(plan))
-
-
-def _sort_columns(keys: torch.Tensor, top: int, head: tuple[int, ...], tail: int) -> torch.Tensor:
-    """The `top` largest keys of every row of `keys` (G, L), in descending order, by a sorting network over
-    its L columns. Returns them transposed, (len(head) + top + 1, G), between constant rows `head` and `tail`.
-    """
-    g, n = keys.shape
-    cols = list(keys.unbind(1))  # strided views; the first comparators write contiguous (G,) rows
-    for i, j, hi, lo in _selection_plan(n, top):
-        a, b = cols[i], cols[j]
-        if hi:
-            cols[i] = torch.maximum(a, b)
-        if lo:
-            cols[j] = torch.minimum(a, b)
-    frame = [torch.full((g,), v, dtype=keys.dtype, device=keys.device) for v in (*head, tail)]
-    return torch.stack([*frame[:-1], *cols[:top], frame[-1]])
 
 
 def _kernel_stage_ranked(
