@@ -306,8 +306,8 @@ def _kernel_stage(
     to be redone by `_kernel_stage_ranked` with ``stable=True``.
     """
     g, klen = x.shape
-    r = np.rint(x)  # (G, L) half to even, like torch.round
-    np.subtract(r, x, out=e)
+    np.rint(x, out=e)  # (G, L) half to even, like torch.round
+    e -= x  # e0 = r0 - x, exact
     s = torch.from_numpy(e).sum(1).numpy()  # (G,) the reference's float32 reduction over each kernel
     up = s < 0  # flip up (a zero sum flips down)
     k = np.rint(np.abs(s))  # (G,) float32 flips per kernel
@@ -316,7 +316,7 @@ def _kernel_stage(
     # Priorities in the kernel's direction, transposed to (L, G) so that every row is contiguous and a
     # per-kernel value broadcasts along it: min(-step * e, step * (lim - r)) (see `_priority_bits`), where
     # step * (lim - r) = (tmax - tmin) / 2 + step * ((tmax + tmin) / 2 - r), exact (integers and halves).
-    xt = np.ascontiguousarray(x.T)  # (L, G)
+    xt = x.T.copy()  # (L, G), a copy even where x.T is already contiguous (G == 1): it is written below
     rt = np.rint(xt)
     key = np.subtract(xt, rt, out=xt)  # -e, bit for bit
     key *= step
@@ -357,15 +357,17 @@ def _kernel_stage(
     for t in range(min(_FAST_K, top)):  # position t is flipped where k > t
         clash |= (cls[t] == 0) & (kk > t)
 
-    # Flips: positions 0 .. k-1 of the order, r0 + step and e0 + step.
+    # Flips: positions 0 .. k-1 of the order get e0 + step (and r0 + step, below). Position 0 of every
+    # kernel gets e0 + step * (k > 0): adding +0.0 changes nothing (e0 is never -0.0).
     ar = np.arange(g)
     first = ar * klen  # (G,) flat index of each kernel's element 0
-    sels = [np.flatnonzero(kk > t) for t in range(min(_FAST_K, top))]
-    flat = np.concatenate([first[sel] + (15 - (srt[t, sel] & 15)) for t, sel in enumerate(sels)])
-    flip = np.concatenate([step[sel] for sel in sels])
-    rf, ef = r.reshape(-1), e.reshape(-1)
-    rf[flat] += flip
-    ef[flat] += flip
+    ef = e.reshape(-1)
+    flat = first + (15 - (srt[0] & 15))
+    ef[flat] += step * (kk > 0)
+    if top > 1:
+        sel = np.flatnonzero(kk > 1)
+        flat = first[sel] + (15 - (srt[1, sel] & 15))
+        ef[flat] += step[sel]
 
     # Hand-off: overshoot (k >= |s|) -> order[k-1] (order[-1] if k == 0) into the opposite list;
     # undershoot -> order[k] into the same list. Its priority is |current error|.
@@ -382,8 +384,11 @@ def _kernel_stage(
     np.subtract(15, hv & 15, out=h_pos)
     np.abs(ef[first + h_pos], out=h_pri)
     np.not_equal(up, over, out=h_up)
-    np.maximum(r, tmin, out=r)
-    codes[...] = np.minimum(r, tmax, out=r)
+    # The rounding after the flips, r0 or r0 + step, is round(x + e): x + e0 = r0 exactly, and x + (e0 + step)
+    # is within float32 rounding of the integer r0 + step.
+    r = torch.from_numpy(np.add(x, e))
+    torch.round(r, out=r).clamp_(tmin, tmax)
+    torch.from_numpy(codes).copy_(r)
     return s, np.flatnonzero(clash)
 
 

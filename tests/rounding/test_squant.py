@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postquant.errors import NonFiniteWeightError
+from postquant.rounding import squant as squant_module
 from postquant.paths import shared_path
 from postquant.rounding.squant import SquantMode, squant_codes, squant_codes_many
 
@@ -240,6 +242,37 @@ def test_equals_per_group_restatement(
     x, tmin, tmax = layer
     q = squant_codes(x, tmin, tmax, mode, whole_layer=whole_layer)
     assert torch.equal(q, loop_squant(x, tmin, tmax, mode.value))
+
+
+@st.composite
+def lattice_layers(draw: st.DrawFn) -> tuple[torch.Tensor, int, int]:
+    """x of a random shape and bit width on a lattice of step 1/2^j, reaching one step beyond [tmin, tmax]:
+    coarse lattices give exact ties of priorities, errors of exactly +-0.5, kernels and channels whose error
+    sum is exactly 0 or a half-integer, and elements at and beyond the range's ends."""
+    oc, ic = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    kernel = draw(st.sampled_from([(), (2,), (3,), (1, 1), (2, 2), (3, 3), (1, 3), (4, 5), (5, 5)]))
+    bits = draw(st.integers(2, 8))
+    tmin, tmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    denom = 2 ** draw(st.sampled_from([0, 1, 2, 3, 12]))  # 2^12: practically no ties
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    x = torch.randint((tmin - 1) * denom, (tmax + 1) * denom + 1, (oc, ic, *kernel), generator=gen)
+    return x.float() / denom, tmin, tmax
+
+
+@settings(max_examples=80, deadline=None)
+@given(lattice_layers(), st.sampled_from(list(SquantMode)), st.sampled_from([1, 64, 1 << 18]))
+def test_equals_restatement_on_random_shapes_with_ties(
+    layer: tuple[torch.Tensor, int, int], mode: SquantMode, block_elements: int
+) -> None:
+    """The CPU path (in blocks of channels as small as one kernel's worth, so that kernels the fast kernel
+    stage cannot order are collected from several blocks) and the whole-layer path give the codes of the
+    one-group-at-a-time restatement, on any shape and bit width, with many exact ties."""
+    x, tmin, tmax = layer
+    expected = loop_squant(x, tmin, tmax, mode.value)
+    with mock.patch.object(squant_module, "_BLOCK_ELEMENTS", block_elements):
+        q = squant_codes(x, tmin, tmax, mode, whole_layer=False)
+    assert torch.equal(q, expected)
+    assert torch.equal(squant_codes(x, tmin, tmax, mode, whole_layer=True), expected)
 
 
 @settings(max_examples=50, deadline=None)
