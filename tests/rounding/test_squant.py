@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from postquant.errors import NonFiniteWeightError
-from postquant.rounding import squant as squant_module
 from postquant.paths import shared_path
+from postquant.rounding import squant as squant_module
 from postquant.rounding.squant import SquantMode, squant_codes, squant_codes_many
 
 GOLDEN = shared_path("golden", "squant")
