@@ -308,22 +308,26 @@ def _kernel_stage(
     g, klen = x.shape
     np.rint(x, out=e)  # (G, L) half to even, like torch.round
     e -= x  # e0 = r0 - x, exact
-    s = torch.from_numpy(e).sum(1).numpy()  # (G,) the reference's float32 reduction over each kernel
-    up = s < 0  # flip up (a zero sum flips down)
-    k = np.rint(np.abs(s))  # (G,) float32 flips per kernel
-    step = up.astype(np.float32) * 2 - 1  # (G,) +-1
-
-    # Priorities in the kernel's direction, transposed to (L, G) so that every row is contiguous and a
-    # per-kernel value broadcasts along it: min(-step * e, step * (lim - r)) (see `_priority_bits`), where
-    # step * (lim - r) = (tmax - tmin) / 2 + step * ((tmax + tmin) / 2 - r), exact (integers and halves).
+    # The rest works on the kernels transposed to (L, G): every row is contiguous, and a per-kernel value
+    # broadcasts along it.
     xt = x.T.copy()  # (L, G), a copy even where x.T is already contiguous (G == 1): it is written below
     rt = np.rint(xt)
-    key = np.subtract(xt, rt, out=xt)  # -e, bit for bit
+    s = _kernel_sums(e, np.subtract(rt, xt))  # (G,) the reference's float32 sum over each kernel
+    up = s < 0  # flip up (a zero sum flips down)
+    k = np.rint(np.abs(s))  # (G,) float32 flips per kernel
+    upf = up.astype(np.float32)
+    step = upf * 2 - 1  # (G,) +-1
+
+    # Priority in the kernel's direction (`_priority_bits`): min(-step * e, step * (lim - r)), lim = tmax for
+    # up, tmin for down. Rounding is monotonic, so that is step * (clamp(x, lo, hi) - r) with [lo, hi] =
+    # [-FMAX, tmax] for up and [tmin, FMAX] for down (FMAX: the largest float32, so that no finite x is
+    # clamped): |e| for a candidate, <= 0 otherwise.
+    lo = tmin - upf * _FLOAT32_MAX  # (G,)
+    hi = tmax + (1 - upf) * _FLOAT32_MAX
+    key = np.maximum(xt, lo, out=xt)
+    np.minimum(key, hi, out=key)
+    key -= rt
     key *= step
-    q = np.subtract(0.5 * (tmax + tmin), rt, out=rt)
-    q *= step
-    q += 0.5 * (tmax - tmin)
-    np.minimum(key, q, out=key)
     kb = key.view(np.int32)  # float bits: priority for a candidate, < 0 (or +0.0) otherwise
     # Unique in a kernel: the bits rounded up to a multiple of 16 (class = ceil(bits / 16), 0 for
     # non-candidates) plus 15 - index, so that an earlier index wins among equal classes.
@@ -392,9 +396,47 @@ def _kernel_stage(
     return s, np.flatnonzero(clash)
 
 
+def _kernel_sums(e: np.ndarray, et: np.ndarray) -> np.ndarray:
+    """Float32 sums over the rows of `e` (G, L) exactly as ``torch.sum(e, 1)`` adds them (the reference's
+    sums), from its transpose `et` (L, G) where `_sum_order` found torch's order of additions (one add per
+    row of `et`, far cheaper than torch's reduction over rows of a few elements), else by torch."""
+    order = _sum_order(e.shape[1])
+    if order is None:
+        return torch.from_numpy(e).sum(1).numpy()
+    s = et[order[0]].copy()
+    for j in order[1:]:
+        s += et[j]
+    return s
+
+
+@functools.cache
+def _sum_order(klen: int) -> tuple[int, ...] | None:
+    """The order in which ``torch.sum(e, 1)`` adds the `klen` elements of a float32 row on this machine,
+    if it is one that probe rows of widely spread magnitudes confirm bit for bit: one by one, or (a row
+    longer than a vector of 8 floats but shorter than two) the elements after the first 8, then the first 8
+    one by one. None (use torch) otherwise, e.g. for another vector width."""
+    gen = torch.Generator().manual_seed(0)
+    probe = (torch.rand(4096, klen, generator=gen) - 0.5) * torch.exp2(
+        torch.randint(-24, 2, (4096, klen), generator=gen).float()
+    )
+    expected = probe.sum(1).numpy()
+    pt = probe.numpy().T
+    candidates = [tuple(range(klen))]
+    if 8 < klen < 16:
+        candidates.append((*range(8, klen), *range(8)))
+    for order in candidates:
+        s = pt[order[0]].copy()
+        for j in order[1:]:
+            s += pt[j]
+        if np.array_equal(s, expected):
+            return order
+    return None
+
+
 # 15 - index of each element of a kernel (at most 16): the tie-break of the kernel stage's keys, a column.
 _TIEBREAK = np.arange(15, -1, -1, dtype=np.int32)[:, None]
 _INT32_MAX = 2**31 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Best known sorting network for 9 inputs (25 comparators in 7 layers; Floyd), for the 3x3 kernel.
 _NETWORK_9 = tuple(
     pair
@@ -517,25 +559,39 @@ def _channel_stage_handoffs(
     moved one step if it was an initial candidate of that direction, else to its initial rounding.
     """
     n, ic, klen = xb.shape
-    up, k, step = _direction(s)  # (n,)
-    if int(k.max()) == 0:
+    sn = s.numpy()
+    up = sn < 0
+    k = np.rint(np.abs(sn))  # (n,) float32 flips per channel
+    if not k.any():
         return
-    pri = h_pri * (h_up == up.unsqueeze(1))  # (n, IC): the nonzero entries of the direction's list
-    v_k, ambiguous = _boundary(pri, k)
-    flip = (pri > v_k.unsqueeze(1)) & ((k > 0) & ~ambiguous).unsqueeze(1)  # (n, IC)
-    rows = flip.view(-1).nonzero().squeeze(1)  # flat kernel ids
-    if rows.numel():
-        cols = h_pos.view(-1)[rows]
-        new = _new_rounding(xb.view(-1, klen)[rows, cols], step[rows // ic], tmin, tmax)
-        ob.view(-1, klen)[rows, cols] = new.clamp_(tmin, tmax).to(torch.int32)
-    if bool(ambiguous.any()):
-        chans = ambiguous.nonzero().squeeze(1)
-        full = torch.zeros(chans.numel(), ic, klen, dtype=torch.float32, device=xb.device)
-        full.scatter_(2, h_pos[chans].unsqueeze(2), pri[chans].unsqueeze(2))  # the reference's priority rows
-        ridx, cols = _first_k_sorted(full.view(chans.numel(), -1), k[chans])
-        rows_c = chans[ridx]
-        new = _new_rounding(xb.reshape(n, -1)[rows_c, cols], step[rows_c], tmin, tmax)
-        ob.view(n, -1)[rows_c, cols] = new.clamp_(tmin, tmax).to(torch.int32)
+    step = up.astype(np.float32) * 2 - 1  # (n,)
+    pri = h_pri.numpy() * (h_up.numpy() == up[:, None])  # (n, IC): the nonzero entries of the direction's list
+    # The first k of the order are the priorities above the one at position k, unless those two are equal.
+    asc = np.sort(pri, axis=1)  # (n, IC) ascending: position t of the order is column IC-1-t
+    kk = ic - 1 - np.minimum(k, ic - 1).astype(np.intp)
+    chans = np.arange(n)
+    v_k = asc[chans, kk]
+    ambiguous = (k > 0) & ((k >= ic) | (asc[chans, np.minimum(kk + 1, ic - 1)] == v_k))
+    v_k[(k == 0) | ambiguous] = np.inf  # no flips there (the ambiguous ones are done below)
+    rows = np.flatnonzero(pri > v_k[:, None])  # flat kernel ids
+    if rows.size:
+        flat = rows * klen + h_pos.numpy().ravel()[rows]  # the hand-offs' elements
+        xs, st = xb.numpy().ravel()[flat], step[rows // ic]
+        r0 = np.rint(xs)
+        # A candidate of the direction moves one step (`_priority_bits`: x < tmax for up, x > tmin for down)
+        # a non-candidate is set to its initial rounding.
+        cand = np.where(st > 0, (r0 < xs) & (xs < tmax), (r0 > xs) & (xs > tmin))
+        ob.numpy().ravel()[flat] = np.clip(r0 + st * cand, tmin, tmax)
+    if ambiguous.any():
+        chans_n = np.flatnonzero(ambiguous)
+        chans_t = torch.from_numpy(chans_n)
+        kt, stept = torch.from_numpy(k[chans_n]).long(), torch.from_numpy(step[chans_n])
+        full = torch.zeros(chans_n.size, ic, klen, dtype=torch.float32)
+        pri_t = torch.from_numpy(pri[chans_n])
+        full.scatter_(2, h_pos[chans_t].unsqueeze(2), pri_t.unsqueeze(2))  # the reference's priority rows
+        ridx, cols = _first_k_sorted(full.view(chans_t.numel(), -1), kt)
+        new = _new_rounding(xb.reshape(n, -1)[chans_t[ridx], cols], stept[ridx], tmin, tmax)
+        ob.view(n, -1)[chans_t[ridx], cols] = new.clamp_(tmin, tmax).to(torch.int32)
 
 
 def _reference_order(p: torch.Tensor) -> torch.Tensor:
