@@ -328,25 +328,25 @@ def _kernel_stage(
     np.minimum(key, hi, out=key)
     key -= rt
     key *= step
-    kb = key.view(np.int32)  # float bits: priority for a candidate, < 0 (or +0.0) otherwise
+    np.maximum(key, 0, out=key)
+    key += 0.0  # priority for a candidate, +0.0 otherwise (-0.0 + 0.0 is +0.0)
+    kb = key.view(np.int32)  # float bits
     # Unique in a kernel: the bits rounded up to a multiple of 16 (class = ceil(bits / 16), 0 for
     # non-candidates) plus 15 - index, so that an earlier index wins among equal classes.
-    negative = kb >> 31
-    kb &= np.invert(negative, out=negative)  # non-candidates: 0
     kb += 15
     kb &= -16
     kb += _TIEBREAK[:klen]
 
     # The first `top` keys of every kernel's order (descending keys) by a sorting network over the rows.
     top = min(_FAST_K + 2, klen)
+    srt = np.empty((top, g), dtype=np.int32)  # (top, G): position t of the order
     rows = list(kb)
-    for i, j, hi, lo in _selection_plan(klen, top):
+    for i, j, hi, lo, last_hi, last_lo in _selection_steps(klen, top):
         a, b = rows[i], rows[j]
         if hi:
-            rows[i] = np.maximum(a, b)
+            rows[i] = np.maximum(a, b, out=srt[i] if last_hi else None)
         if lo:
-            rows[j] = np.minimum(a, b)
-    srt = np.stack(rows[:top])  # (top, G): position t of the order
+            rows[j] = np.minimum(a, b, out=srt[j] if last_lo else None)
     cls = srt >> 4  # key classes; 0: a non-candidate (priority 0)
 
     # The key order is the stable order where the classes of neighbouring positions among k-2 .. k+1 differ
@@ -376,8 +376,8 @@ def _kernel_stage(
     # Hand-off: overshoot (k >= |s|) -> order[k-1] (order[-1] if k == 0) into the opposite list;
     # undershoot -> order[k] into the same list. Its priority is |current error|.
     over = k >= np.abs(s)
-    at = np.minimum(kk, _FAST_K) - over  # position of the hand-off in the order (-1: s == 0, below)
-    np.clip(at, 0, top - 1, out=at)
+    at = np.minimum(kk, _FAST_K)  # position of the hand-off in the order (s == 0 below)
+    at -= over & (kk > 0)
     hv = srt.ravel()[at * g + ar]
     zero = np.flatnonzero(s == 0)  # k == 0 and overshoot: order[-1], the smallest key
     if zero.size:
@@ -390,7 +390,7 @@ def _kernel_stage(
     np.not_equal(up, over, out=h_up)
     # The rounding after the flips, r0 or r0 + step, is round(x + e): x + e0 = r0 exactly, and x + (e0 + step)
     # is within float32 rounding of the integer r0 + step.
-    r = torch.from_numpy(np.add(x, e))
+    r = torch.from_numpy(np.add(x, e, out=rt.reshape(g, klen)))
     torch.round(r, out=r).clamp_(tmin, tmax)
     torch.from_numpy(codes).copy_(r)
     return s, np.flatnonzero(clash)
@@ -472,6 +472,23 @@ def _sorting_network(n: int) -> tuple[tuple[int, int], ...]:
             k //= 2
         p *= 2
     return tuple(pairs)
+
+
+@functools.cache
+def _selection_steps(n: int, top: int) -> tuple[tuple[int, int, bool, bool, bool, bool], ...]:
+    """`_selection_plan` with, per comparator, whether its max / min is the last value written to an
+    output position (< top): (i, j, max?, min?, last max?, last min?)."""
+    plan = _selection_plan(n, top)
+    last = {}
+    for step, (i, j, hi, lo) in enumerate(plan):
+        if hi:
+            last[i] = (step, "hi")
+        if lo:
+            last[j] = (step, "lo")
+    return tuple(
+        (i, j, hi, lo, i < top and last.get(i) == (step, "hi"), j < top and last.get(j) == (step, "lo"))
+        for step, (i, j, hi, lo) in enumerate(plan)
+    )
 
 
 @functools.cache
