@@ -10,26 +10,35 @@ to their other neighbouring integer, and hand one candidate over to the coarser 
 This is a vectorised restatement of the reference's pure-PyTorch path, bit-exact with its integer outputs.
 ``shared/golden/squant/README.md`` states that behaviour: round-half-to-even everywhere, the tie breaking of
 its sorts, the ``order[-1]`` hand-off of a group whose error sum is exactly 0, and no-op flips of elements that
-are not candidates. Nothing loops over kernels or channels in Python. Channels are independent, so a layer is
-processed in blocks of whole output channels that fit in the CPU cache; that only saves memory traffic. On
-an accelerator whole layers are processed at once (`_squant_dense`, at the end of this file).
+are not candidates. Nothing loops over kernels or channels in Python. Channels are independent, so on the CPU
+the kernel stage runs in blocks of whole output channels that fit in the CPU cache (that only saves memory
+traffic); the few kernels its fast path cannot order are redone once per layer, and the channel stage runs
+on the whole layer. On an accelerator whole layers are processed at once (`_squant_dense`, at the end).
+
+On the CPU the kernel and channel stages work on numpy arrays that share the tensors' memory: there numpy's
+elementwise comparisons, selections and index lists cost a fraction of torch's (whose cost per call also
+dominates the small per-kernel and per-channel vectors), and its vectorised row sort is several times faster
+than ``torch.topk``. The arithmetic is the same float32, element for element.
 
 How the reference's sorts are reproduced without sorting every row:
 
 * Kernel stage, kernels of at most 16 elements. The reference's ``torch.sort(descending=True)`` is an
   insertion sort on rows this short, so it is stable. Each element gets an int32 key: its priority's float
   bits rounded up to a multiple of 16, plus ``15 - index``. Keys are unique within a kernel and, where two
-  priorities do not share a key class, ordered like the stable sort. A sorting network whose comparators
-  are elementwise max / min of whole columns of the (kernels, kh*kw) key matrix orders all kernels at once,
-  down to the positions the stage needs. The few kernels where a shared positive key class touches such a
-  position, or which flip more than two elements, are redone with exact stable ranks.
+  priorities do not share a key class, ordered like the stable sort. The kernels are transposed to
+  (kh*kw, kernels), and a sorting network whose comparators are elementwise max / min of whole rows orders
+  all kernels at once, down to the positions the stage needs. The few kernels where a shared positive key
+  class touches such a position, or which flip more than two elements, are redone with exact stable ranks.
+  The kernels' error sums are the reference's float32 ``torch.sum``: its order of additions, where probe
+  rows confirm it (`_sum_order`), is repeated on the transposed rows, else torch sums.
 * Kernel stage, larger kernels (5x5, 7x7): ``torch.sort`` of the very same rows as the reference, on the
   CPU like the reference (a GPU's sort orders ties differently).
 * Channel stage. It is the last stage, so only the set of the first k elements of the order matters. Where
   the k-th and (k+1)-th largest priorities differ, that set is ``{priority > (k+1)-th largest}``, however
-  ties are ordered, and ``torch.topk`` finds it. After a kernel stage only the one hand-off per kernel has a
-  nonzero priority, so the top-k runs on an (OC, IC) matrix. The rare channels with a tie at the boundary are
-  sorted in full with ``torch.sort`` on the CPU, as in the reference, so its tie order is kept.
+  ties are ordered, and a sort of the values finds it (numpy's on the CPU, torch's on an accelerator). After
+  a kernel stage only the one hand-off per kernel has a nonzero priority, so the sort runs on an (OC, IC)
+  matrix. The rare channels with a tie at the boundary are sorted in full with ``torch.sort`` on the CPU, as
+  in the reference, so its tie order is kept.
 """
 
 from __future__ import annotations
