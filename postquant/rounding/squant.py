@@ -591,7 +591,9 @@ def _channel_stage_handoffs(
     if not k.any():
         return
     step = up.astype(np.float32) * 2 - 1  # (n,)
-    pri = h_pri.numpy() * (h_up.numpy() == up[:, None])  # (n, IC): the nonzero entries of the direction's list
+    pri = h_pri.numpy() * (
+        h_up.numpy() == up[:, None]
+    )  # (n, IC): the nonzero entries of the direction's list
     # The first k of the order are the priorities above the one at position k, unless those two are equal.
     asc = np.sort(pri, axis=1)  # (n, IC) ascending: position t of the order is column IC-1-t
     kk = ic - 1 - np.minimum(k, ic - 1).astype(np.intp)
