@@ -370,24 +370,21 @@ def _kernel_stage(
     for t in range(min(_FAST_K, top)):  # position t is flipped where k > t
         clash |= (cls[t] == 0) & (kk > t)
 
-    # Flips: positions 0 .. k-1 of the order get e0 + step (and r0 + step, below). Position 0 of every
-    # kernel gets e0 + step * (k > 0): adding +0.0 changes nothing (e0 is never -0.0).
+    # Flips: positions 0 .. k-1 of the order get e0 + step (and r0 + step, below): position t of every
+    # kernel gets e0 + step * (k > t), one float32 addition (adding +0.0 changes nothing: e0 is never -0.0).
     ar = np.arange(g)
     first = ar * klen  # (G,) flat index of each kernel's element 0
-    ef = e.reshape(-1)
-    flat = first + (15 - (srt[0] & 15))
-    ef[flat] += step * (kk > 0)
-    if top > 1:
-        sel = np.flatnonzero(kk > 1)
-        flat = first[sel] + (15 - (srt[1, sel] & 15))
-        ef[flat] += step[sel]
+    ef = torch.from_numpy(e).view(-1)
+    for t in range(min(_FAST_K, top)):
+        flat = first + (15 - (srt[t] & 15))
+        ef.scatter_add_(0, torch.from_numpy(flat), torch.from_numpy(step * (kk > t)))
 
     # Hand-off: overshoot (k >= |s|) -> order[k-1] (order[-1] if k == 0) into the opposite list;
     # undershoot -> order[k] into the same list. Its priority is |current error|.
     over = k >= np.abs(s)
     at = np.minimum(kk, _FAST_K)  # position of the hand-off in the order (s == 0 below)
     at -= over & (kk > 0)
-    hv = srt.ravel()[at * g + ar]
+    hv = np.take(srt, at * g + ar)
     zero = np.flatnonzero(s == 0)  # k == 0 and overshoot: order[-1], the smallest key
     if zero.size:
         low = np.sort(kb[:, zero], axis=0)[:2]  # (2, Z) order[-1], order[-2]
@@ -395,7 +392,7 @@ def _kernel_stage(
         low >>= 4
         clash[zero] |= (low[0] == low[1]) & (low[0] > 0)
     np.subtract(15, hv & 15, out=h_pos)
-    np.abs(ef[first + h_pos], out=h_pri)
+    np.abs(np.take(e, first + h_pos), out=h_pri)
     np.not_equal(up, over, out=h_up)
     # The rounding after the flips, r0 or r0 + step, is round(x + e): x + e0 = r0 exactly, and x + (e0 + step)
     # is within float32 rounding of the integer r0 + step.
