@@ -167,14 +167,23 @@ def _kernel_then_channel(x3: torch.Tensor, out: torch.Tensor, tmin: int, tmax: i
             tmax,
         )
         if clash.size:
-            redo.append(torch.from_numpy(clash + g0))
-            sums.append(torch.from_numpy(s[clash]))
+            redo.append(clash + g0)
+            sums.append(s[clash])
     if redo:
-        ids = torch.cat(redo)
-        exact = _kernel_stage_ranked(xk[ids], torch.cat(sums), tmin, tmax, stable=True)
-        ok[ids] = exact.r.clamp_(tmin, tmax).to(torch.int32)
-        e[ids] = exact.e
-        h_pos[ids], h_pri[ids], h_up[ids] = exact.h_pos.to(torch.int32), exact.h_pri, exact.h_up
+        ids = np.concatenate(redo)
+        en, okn = e.numpy(), ok.numpy()
+        _kernel_stage_stable(
+            xk.numpy()[ids],
+            np.concatenate(sums),
+            tmin,
+            tmax,
+            ids,
+            okn,
+            en,
+            h_pos.numpy(),
+            h_pri.numpy(),
+            h_up.numpy(),
+        )
     if channel:
         s = e.view(oc, -1).sum(-1)  # (OC,) float32 channel sums after the kernel stage
         pos = h_pos.view(oc, ic).long()
@@ -400,6 +409,44 @@ def _kernel_stage(
     torch.round(r, out=r).clamp_(tmin, tmax)
     torch.from_numpy(codes).copy_(r)
     return s, np.flatnonzero(clash)
+
+
+def _kernel_stage_stable(
+    x: np.ndarray,
+    s: np.ndarray,
+    tmin: int,
+    tmax: int,
+    ids: np.ndarray,
+    codes: np.ndarray,
+    e: np.ndarray,
+    h_pos: np.ndarray,
+    h_pri: np.ndarray,
+    h_up: np.ndarray,
+) -> None:
+    """The kernel stage of the kernels `x` (n, L) with error sums `s` (n,) from exact stable ranks (what
+    `_kernel_stage_ranked` does with ``stable=True``, in numpy for the few kernels `_kernel_stage` leaves):
+    writes rows `ids` of `codes`, `e` (G, L) and of the hand-offs `h_pos`, `h_pri`, `h_up` (G,)."""
+    klen = x.shape[1]
+    r0 = np.rint(x)
+    e0 = r0 - x
+    up = s < 0
+    k = np.rint(np.abs(s))  # (n,) float32
+    step = (up.astype(np.float32) * 2 - 1)[:, None]  # (n, 1)
+    lim_step = np.where(up, np.float32(tmax), np.float32(-tmin))[:, None]  # step * lim
+    pri = np.minimum(e0 * -step, lim_step - r0 * step)  # |e0| for a candidate, <= 0 otherwise
+    pbits = np.maximum(pri.view(np.int32), 0)  # negative floats (and -0.0) have negative bits
+    key = pbits.astype(np.int64) * 16 + np.arange(15, 15 - klen, -1)  # unique; an earlier index wins ties
+    rank = (key[:, None, :] > key[:, :, None]).sum(2)  # (n, L): how many keys are above
+    flip = rank < k[:, None]
+    cand = pbits > 0
+    e[ids] = np.where(flip, np.where(cand, e0 + step, np.float32(0)), e0)
+    codes[ids] = np.clip(np.where(flip & cand, r0 + step, r0), tmin, tmax)
+    over = k >= np.abs(s)
+    target = np.where(over, np.where(k == 0, klen - 1, k - 1), k)
+    pos = (rank == target[:, None]).argmax(1)
+    h_pos[ids] = pos
+    h_pri[ids] = np.abs(e[ids, pos])
+    h_up[ids] = up != over
 
 
 def _kernel_sums(e: np.ndarray, et: np.ndarray) -> np.ndarray:
