@@ -130,9 +130,7 @@ def squant_codes(
     for c0, c1 in _channel_blocks(oc, ic * klen):  # blocks of whole output channels, for cache locality only
         xb, ob = x3[c0:c1], out[c0:c1]  # (n, IC, L)
         if channel:
-            ties = _channel_stage_full(xb, ob, tmin, tmax, _boundary)
-            if bool(ties.ambiguous.any()):
-                ties.redo(tmin, tmax)
+            _channel_stage_full_cpu(xb, ob, tmin, tmax)
         else:
             ob.copy_(torch.round(xb).clamp_(tmin, tmax))
     return out.view(x.shape)
@@ -596,22 +594,6 @@ def _kernel_stage_ranked(
 # Channel stage
 
 
-def _boundary(p: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows of `p` (R, M) on the CPU: the value at position k of the descending order, and whether the
-    first k elements are not determined by value alone (a tie across positions k-1 and k).
-
-    Only values are compared, so how a sort orders equal values does not matter: numpy's (vectorised) sort
-    of whole rows is several times faster here than ``torch.topk`` of the first k + 1.
-    """
-    m = p.shape[1]
-    asc = torch.from_numpy(np.sort(p.numpy(), axis=1))  # (R, M) ascending: position t is column M-1-t
-    kk = (m - 1 - k.clamp(max=m - 1)).unsqueeze(1)
-    v_k = asc.gather(1, kk).squeeze(1)
-    v_prev = asc.gather(1, (kk + 1).clamp(max=m - 1)).squeeze(1)
-    ambiguous = (k > 0) & ((k >= m) | (v_prev == v_k))
-    return v_k, ambiguous
-
-
 def _channel_stage_handoffs(
     xb: torch.Tensor,
     ob: torch.Tensor,
@@ -801,7 +783,7 @@ def _channel_stage_full(
     """Channel stage on the initial priorities of every element (mode "ec", or Linear / 1x1 conv): the flips
     of untied channels are done; the tied ones are returned to be redone (`_ChannelTies.redo`).
 
-    `boundary` is `_boundary` (a top-k sized on the host: the CPU) or `_boundary_sorted` (no host sync).
+    `boundary` is `_boundary_sorted` (no host sync); the CPU path has its own `_channel_stage_full_cpu`.
     """
     n = x3.shape[0]
     xr = x3.view(n, -1)  # (n, IC*L)
@@ -815,8 +797,43 @@ def _channel_stage_full(
     return _ChannelTies(x3, ob, p, k, step, ambiguous, None, None)
 
 
+def _channel_stage_full_cpu(xb: torch.Tensor, ob: torch.Tensor, tmin: int, tmax: int) -> None:
+    """`_channel_stage_full` on the CPU, in numpy, tied channels redone: the codes of channels `xb` (n, IC, L)
+    into `ob`."""
+    n = xb.shape[0]
+    x = xb.reshape(n, -1).numpy()  # (n, M)
+    r = np.rint(x)
+    e = r - x
+    s = torch.from_numpy(e).sum(-1).numpy()  # (n,) the reference's float32 sums over each channel
+    up = s < 0
+    k = np.rint(np.abs(s))  # (n,) float32 flips per channel
+    upf = up.astype(np.float32)
+    step = (upf * 2 - 1)[:, None]  # (n, 1)
+    # The priority as in `_kernel_stage`: step * (clamp(x, lo, hi) - r), cleared where <= 0.
+    p = np.maximum(x, (tmin - upf * _FLOAT32_MAX)[:, None])
+    np.minimum(p, (tmax + (1 - upf) * _FLOAT32_MAX)[:, None], out=p)
+    p -= r
+    p *= step
+    np.maximum(p, 0, out=p)
+    p += 0.0  # -0.0 -> +0.0
+    m = p.shape[1]
+    asc = np.sort(p, axis=1)  # (n, M) ascending: position t of the order is column M-1-t
+    kk = m - 1 - np.minimum(k, m - 1).astype(np.intp)
+    chans = np.arange(n)
+    v_k = asc[chans, kk]
+    ambiguous = (k > 0) & ((k >= m) | (asc[chans, np.minimum(kk + 1, m - 1)] == v_k))
+    v_k[(k == 0) | ambiguous] = np.inf  # no flips there (the ambiguous ones are redone below)
+    r += (p > v_k[:, None]) * step
+    ob.view(n, -1).copy_(torch.from_numpy(r).clamp_(tmin, tmax))
+    if ambiguous.any():
+        pt, kt, st = torch.from_numpy(p), torch.from_numpy(k).long(), torch.from_numpy(step[:, 0])
+        _ChannelTies(xb, ob, pt, kt, st, torch.from_numpy(ambiguous), None, None).redo(tmin, tmax)
+
+
 def _boundary_sorted(p: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_boundary` from a full sort of each row: the same values, with no k.max() on the host."""
+    """For rows of `p` (R, M): the value at position k of the descending order, and whether the first k
+    elements are not determined by value alone (a tie across positions k-1 and k), from a full sort of each
+    row (no k.max() on the host)."""
     top = torch.sort(p, dim=1, descending=True).values  # (R, M)
     kk = k.clamp(max=p.shape[1] - 1).unsqueeze(1)
     v_k = top.gather(1, kk).squeeze(1)
