@@ -169,18 +169,9 @@ def _kernel_then_channel(x3: torch.Tensor, out: torch.Tensor, tmin: int, tmax: i
             sums.append(s[clash])
     if redo:
         ids = np.concatenate(redo)
-        en, okn = e.numpy(), ok.numpy()
+        x_redo, s_redo = xk.numpy()[ids], np.concatenate(sums)
         _kernel_stage_stable(
-            xk.numpy()[ids],
-            np.concatenate(sums),
-            tmin,
-            tmax,
-            ids,
-            okn,
-            en,
-            h_pos.numpy(),
-            h_pri.numpy(),
-            h_up.numpy(),
+            x_redo, s_redo, tmin, tmax, ids, ok.numpy(), e.numpy(), h_pos.numpy(), h_pri.numpy(), h_up.numpy()
         )
     if channel:
         s = e.view(oc, -1).sum(-1)  # (OC,) float32 channel sums after the kernel stage
