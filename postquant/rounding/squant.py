@@ -335,7 +335,7 @@ def _kernel_stage(
     np.minimum(key, hi, out=key)
     key -= rt
     key *= step
-    np.maximum(key, 0, out=key)
+    torch.from_numpy(key).clamp_min_(0)  # (torch's is several times faster than numpy's here)
     key += 0.0  # priority for a candidate, +0.0 otherwise (-0.0 + 0.0 is +0.0)
     kb = key.view(np.int32)  # float bits
     # Unique in a kernel: the bits rounded up to a multiple of 16 (class = ceil(bits / 16), 0 for
@@ -805,7 +805,7 @@ def _channel_stage_full_cpu(xb: torch.Tensor, ob: torch.Tensor, tmin: int, tmax:
     np.minimum(p, (tmax + (1 - upf) * _FLOAT32_MAX)[:, None], out=p)
     p -= r
     p *= step
-    np.maximum(p, 0, out=p)
+    torch.from_numpy(p).clamp_min_(0)
     p += 0.0  # -0.0 -> +0.0
     m = p.shape[1]
     asc = np.sort(p, axis=1)  # (n, M) ascending: position t of the order is column M-1-t
