@@ -4,7 +4,11 @@ Random weights with the exact layer shapes of torchvision's ResNet-18 and ResNet
 EfficientNet-Lite0 (if ``efficientnet_lite_pytorch`` is installed), are put on the per-channel min/max grid
 of the SQuant reference (``postquant.grids.fit_uniform_grid``). The integer-domain values x are then rounded
 by full SQuant (mode "ekc") and by nearest rounding, on the same x. Times are the best of several repeats
-in one run (``time.perf_counter``). The grid fit is not timed.
+in one run: wall time (``time.perf_counter``), or with ``--clock cpu`` this process's CPU time
+(``time.process_time``, less disturbed by other processes on a shared machine; equal to the wall time of a
+single-threaded run on an idle one). The grid fit is not timed. ``--baseline FILE`` also times another version
+of ``squant.py`` (e.g. ``git show main:postquant/rounding/squant.py > /tmp/squant_main.py``) in the same run,
+after checking that it gives the same codes.
 
     python benchmarks/squant_speed.py --out benchmarks/results/squant_speed.md
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import logging
 import os
 import platform
@@ -76,20 +81,41 @@ def efficientnet_lite0_shapes() -> list[tuple[str, Shape]] | None:
     ]
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """The fastest of `repeats` calls of `fn`, in seconds."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def best_time(
+    fn: Callable[[], object], repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
+    """The fastest of `repeats` calls of `fn`, in seconds (on `clock`)."""
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return best
 
 
+def load_baseline(path: Path) -> Callable[..., torch.Tensor]:
+    """`squant_codes` of another version of ``postquant/rounding/squant.py`` (a file)."""
+    spec = importlib.util.spec_from_file_location("squant_baseline", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--baseline {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.squant_codes
+
+
 def bench_model(
-    layers: list[tuple[str, Shape]], bits: int, repeats: int, seed: int
+    layers: list[tuple[str, Shape]],
+    bits: int,
+    repeats: int,
+    seed: int,
+    baseline: Callable[..., torch.Tensor] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[dict[str, float], list[dict[str, object]]]:
-    """Whole-model and per-layer times of SQuant and nearest rounding; share of codes SQuant changes."""
+    """Whole-model and per-layer times of SQuant and nearest rounding (and of the baseline's SQuant, whole
+    model only); share of codes SQuant changes."""
     gen = torch.Generator().manual_seed(seed)
     inputs = []
     for name, shape in layers:
@@ -104,9 +130,17 @@ def bench_model(
     def squant(x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
         return squant_codes(x, qmin, qmax, SquantMode.EKC)
 
+    runs = {"squant": squant, "nearest": nearest_codes}
+    if baseline is not None:
+        for name, _, x, qmin, qmax in inputs:
+            if not torch.equal(baseline(x, qmin, qmax, SquantMode.EKC), squant(x, qmin, qmax)):
+                raise SystemExit(f"--baseline gives other codes than this version on {name}")
+        runs["baseline"] = lambda x, a, b: baseline(x, a, b, SquantMode.EKC)
     run_all(squant)  # warm-up
-    total = {"squant": best_time(lambda: run_all(squant), repeats)}
-    total["nearest"] = best_time(lambda: run_all(nearest_codes), repeats)
+    total = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeats):  # interleaved, so that a change of load hits all alike
+        for key, fn in runs.items():
+            total[key] = min(total[key], best_time(lambda fn=fn: run_all(fn), 1, clock))
     rows: list[dict[str, object]] = []
     for name, shape, x, qmin, qmax in inputs:
         changed = (squant(x, qmin, qmax) != nearest_codes(x, qmin, qmax)).float().mean().item()
@@ -115,8 +149,8 @@ def bench_model(
                 "name": name,
                 "shape": shape,
                 "weights": x.numel(),
-                "squant": best_time(lambda x=x, a=qmin, b=qmax: squant(x, a, b), repeats),
-                "nearest": best_time(lambda x=x, a=qmin, b=qmax: nearest_codes(x, a, b), repeats),
+                "squant": best_time(lambda x=x, a=qmin, b=qmax: squant(x, a, b), repeats, clock),
+                "nearest": best_time(lambda x=x, a=qmin, b=qmax: nearest_codes(x, a, b), repeats, clock),
                 "changed": changed,
             }
         )
@@ -140,7 +174,8 @@ def report(
         f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by `benchmarks/squant_speed.py`: "
         f"random weights (randn * 0.05) with each model's exact layer shapes, per-channel min/max grid at "
         f"{args.bits} bits, full SQuant (mode `ekc`) vs nearest rounding (`torch.round` + clamp) on the same x. "
-        f"Best of {args.repeats} repeats in one run; the grid fit is not timed.",
+        f"Best of {args.repeats} repeats in one run ({'process CPU time' if args.clock == 'cpu' else 'wall time'}); "
+        "the grid fit is not timed.",
         "",
         f"- torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python {platform.python_version()}, "
@@ -150,8 +185,9 @@ def report(
         "",
         "## Whole models",
         "",
-        "| model | layers | weights | SQuant (s) | nearest (s) | SQuant / nearest | codes changed |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| model | layers | weights | SQuant (s) | nearest (s) | SQuant / nearest | codes changed |"
+        + (" baseline SQuant (s) | SQuant / baseline |" if args.baseline else ""),
+        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.baseline else ""),
     ]
     for model, (total, rows) in results.items():
         weights = sum(int(r["weights"]) for r in rows)
@@ -159,7 +195,17 @@ def report(
         lines.append(
             f"| {model} | {len(rows)} | {weights:,} | {total['squant']:.4f} | {total['nearest']:.4f} "
             f"| {total['squant'] / total['nearest']:.1f} | {changed:.2%} |"
+            + (
+                f" {total['baseline']:.4f} | {total['squant'] / total['baseline']:.2f} |"
+                if "baseline" in total
+                else ""
+            )
         )
+    if args.baseline:
+        lines += [
+            "",
+            f"Baseline: `{args.baseline.name}` ({args.baseline_note or 'another version of squant.py'}).",
+        ]
     for model, (_, rows) in results.items():
         lines += [
             "",
@@ -186,10 +232,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "efficientnet_lite0"])
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="wall time or process CPU time"
+    )
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="another squant.py to time in the same run"
+    )
+    parser.add_argument("--baseline-note", default="", help="what the baseline is, for the report")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    baseline = load_baseline(args.baseline) if args.baseline else None
     args.load_start = load_average()
 
     shapes = {
@@ -203,7 +257,7 @@ def main() -> None:
         if layers is None:
             log.info("%s skipped: efficientnet_lite_pytorch is not installed", model)
             continue
-        results[model] = bench_model(layers, args.bits, args.repeats, args.seed)
+        results[model] = bench_model(layers, args.bits, args.repeats, args.seed, baseline, CLOCKS[args.clock])
         total = results[model][0]
         log.info("%s: SQuant %.4f s, nearest %.4f s", model, total["squant"], total["nearest"])
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,26 +10,35 @@ to their other neighbouring integer, and hand one candidate over to the coarser 
 This is a vectorised restatement of the reference's pure-PyTorch path, bit-exact with its integer outputs.
 ``shared/golden/squant/README.md`` states that behaviour: round-half-to-even everywhere, the tie breaking of
 its sorts, the ``order[-1]`` hand-off of a group whose error sum is exactly 0, and no-op flips of elements that
-are not candidates. Nothing loops over kernels or channels in Python. Channels are independent, so a layer is
-processed in blocks of whole output channels that fit in the CPU cache; that only saves memory traffic. On
-an accelerator whole layers are processed at once (`_squant_dense`, at the end of this file).
+are not candidates. Nothing loops over kernels or channels in Python. Channels are independent, so on the CPU
+the kernel stage runs in blocks of whole output channels that fit in the CPU cache (that only saves memory
+traffic); the few kernels its fast path cannot order are redone once per layer, and the channel stage runs
+on the whole layer. On an accelerator whole layers are processed at once (`_squant_dense`, at the end).
+
+On the CPU the kernel and channel stages work on numpy arrays that share the tensors' memory: there numpy's
+elementwise comparisons, selections and index lists cost a fraction of torch's (whose cost per call also
+dominates the small per-kernel and per-channel vectors), and its vectorised row sort is several times faster
+than ``torch.topk``. The arithmetic is the same float32, element for element.
 
 How the reference's sorts are reproduced without sorting every row:
 
 * Kernel stage, kernels of at most 16 elements. The reference's ``torch.sort(descending=True)`` is an
   insertion sort on rows this short, so it is stable. Each element gets an int32 key: its priority's float
   bits rounded up to a multiple of 16, plus ``15 - index``. Keys are unique within a kernel and, where two
-  priorities do not share a key class, ordered like the stable sort. A sorting network whose comparators
-  are elementwise max / min of whole columns of the (kernels, kh*kw) key matrix orders all kernels at once,
-  down to the positions the stage needs. The few kernels where a shared positive key class touches such a
-  position, or which flip more than two elements, are redone with exact stable ranks.
+  priorities do not share a key class, ordered like the stable sort. The kernels are transposed to
+  (kh*kw, kernels), and a sorting network whose comparators are elementwise max / min of whole rows orders
+  all kernels at once, down to the positions the stage needs. The few kernels where a shared positive key
+  class touches such a position, or which flip more than two elements, are redone with exact stable ranks.
+  The kernels' error sums are the reference's float32 ``torch.sum``: its order of additions, where probe
+  rows confirm it (`_sum_order`), is repeated on the transposed rows, else torch sums.
 * Kernel stage, larger kernels (5x5, 7x7): ``torch.sort`` of the very same rows as the reference, on the
   CPU like the reference (a GPU's sort orders ties differently).
 * Channel stage. It is the last stage, so only the set of the first k elements of the order matters. Where
   the k-th and (k+1)-th largest priorities differ, that set is ``{priority > (k+1)-th largest}``, however
-  ties are ordered, and ``torch.topk`` finds it. After a kernel stage only the one hand-off per kernel has a
-  nonzero priority, so the top-k runs on an (OC, IC) matrix. The rare channels with a tie at the boundary are
-  sorted in full with ``torch.sort`` on the CPU, as in the reference, so its tie order is kept.
+  ties are ordered, and a sort of the values finds it (numpy's on the CPU, torch's on an accelerator). After
+  a kernel stage only the one hand-off per kernel has a nonzero priority, so the sort runs on an (OC, IC)
+  matrix. The rare channels with a tie at the boundary are sorted in full with ``torch.sort`` on the CPU, as
+  in the reference, so its tie order is kept.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import functools
 import itertools
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from postquant.choices import SquantMode
@@ -113,25 +123,60 @@ def squant_codes(
         raise NonFiniteWeightError(_NON_FINITE)
 
     out = torch.empty(x3.shape, dtype=torch.int32, device=x3.device)  # (OC, IC, L)
+    if kernel:
+        _kernel_then_channel(x3, out, tmin, tmax, channel)
+        return out.view(x.shape)
     oc, ic, klen = x3.shape
     for c0, c1 in _channel_blocks(oc, ic * klen):  # blocks of whole output channels, for cache locality only
         xb, ob = x3[c0:c1], out[c0:c1]  # (n, IC, L)
-        if kernel:
-            ks = _kernel_stage(xb.view(-1, klen), tmin, tmax)
-            ob.view(-1, klen).copy_(ks.r.clamp_(tmin, tmax))
-            if channel:
-                n = xb.shape[0]
-                s = ks.e.view(n, -1).sum(-1)  # (n,) float32 channel sums after the kernel stage
-                _channel_stage_handoffs(
-                    xb, ob, s, ks.h_pos.view(n, ic), ks.h_pri.view(n, ic), ks.h_up.view(n, ic), tmin, tmax
-                )
-        elif channel:
-            ties = _channel_stage_full(xb, ob, tmin, tmax, _boundary)
-            if bool(ties.ambiguous.any()):
-                ties.redo(tmin, tmax)
+        if channel:
+            _channel_stage_full_cpu(xb, ob, tmin, tmax)
         else:
             ob.copy_(torch.round(xb).clamp_(tmin, tmax))
     return out.view(x.shape)
+
+
+def _kernel_then_channel(x3: torch.Tensor, out: torch.Tensor, tmin: int, tmax: int, channel: bool) -> None:
+    """Kernel stage (in cache-sized blocks of channels), the kernels it could not order redone at once,
+    then the channel stage on the whole layer if `channel`. Writes the codes into `out` (OC, IC, L), on the
+    CPU."""
+    oc, ic, klen = x3.shape
+    xk, ok = x3.view(-1, klen), out.view(-1, klen)  # (G, L) kernels
+    e = torch.empty(xk.shape, dtype=torch.float32)  # (G, L) errors after the stage
+    h_pos = torch.empty(xk.shape[0], dtype=torch.int32)
+    h_pri = torch.empty(xk.shape[0], dtype=torch.float32)
+    h_up = torch.empty(xk.shape[0], dtype=torch.bool)
+    sums, redo = [], []
+    for c0, c1 in _channel_blocks(oc, ic * klen):  # blocks of whole output channels, for cache locality only
+        g0, g1 = c0 * ic, c1 * ic
+        if klen > _STABLE_SORT_MAX:
+            ks = _kernel_stage_ranked(xk[g0:g1], None, tmin, tmax, stable=False)
+            ok[g0:g1], e[g0:g1] = ks.r.clamp_(tmin, tmax), ks.e
+            h_pos[g0:g1], h_pri[g0:g1], h_up[g0:g1] = ks.h_pos, ks.h_pri, ks.h_up
+            continue
+        s, clash = _kernel_stage(
+            xk[g0:g1].numpy(),
+            e[g0:g1].numpy(),
+            ok[g0:g1].numpy(),
+            h_pos[g0:g1].numpy(),
+            h_pri[g0:g1].numpy(),
+            h_up[g0:g1].numpy(),
+            tmin,
+            tmax,
+        )
+        if clash.size:
+            redo.append(clash + g0)
+            sums.append(s[clash])
+    if redo:
+        ids = np.concatenate(redo)
+        x_redo, s_redo = xk.numpy()[ids], np.concatenate(sums)
+        _kernel_stage_stable(
+            x_redo, s_redo, tmin, tmax, ids, ok.numpy(), e.numpy(), h_pos.numpy(), h_pri.numpy(), h_up.numpy()
+        )
+    if channel:
+        s = e.view(oc, -1).sum(-1)  # (OC,) float32 channel sums after the kernel stage
+        pos = h_pos.view(oc, ic).long()
+        _channel_stage_handoffs(x3, out, s, pos, h_pri.view(oc, ic), h_up.view(oc, ic), tmin, tmax)
 
 
 _NON_FINITE = "SQuant input holds NaN or Inf values; check the weight and its grid"
@@ -249,61 +294,191 @@ class _KernelResult:
     h_up: torch.Tensor  # (G,) True: it joins the up list, False: the down list
 
 
-def _kernel_stage(xg: torch.Tensor, tmin: int, tmax: int) -> _KernelResult:
-    """The kernel stage on the kernels `xg` (G, L): flips, and the hand-off for the channel stage."""
-    klen = xg.shape[1]
-    r = torch.round(xg)
-    e = r - xg
-    s = e.sum(1)  # (G,) the reference's float32 reduction over each kernel
-    if klen > _STABLE_SORT_MAX:
-        return _kernel_stage_ranked(xg, s, tmin, tmax, stable=False)
-    up, k, step = _direction(s)
-    st = step.unsqueeze(1)
-    pbits = _priority_bits(e, r, st, tmin, tmax)  # (G, L)
-    tiebreak = torch.arange(15, 15 - klen, -1, dtype=torch.int32, device=xg.device)  # earlier index wins
-    key = pbits.add_(15).bitwise_and_(-16).bitwise_or_(tiebreak)  # unique in a kernel; class = ceil(bits/16)
-    # The order of every kernel down to position _FAST_K + 1 (descending keys), framed by sentinel rows:
-    # position t of the order is row t + 2. Kernels with a larger k are redone below.
-    big = k > _FAST_K
-    srt = _sort_columns(key, min(_FAST_K + 2, klen), head=(_INT32_MAX - 16, _INT32_MAX), tail=-1)
-    k = k.clamp(max=_FAST_K)
+def _kernel_stage(
+    x: np.ndarray,
+    e: np.ndarray,
+    codes: np.ndarray,
+    h_pos: np.ndarray,
+    h_pri: np.ndarray,
+    h_up: np.ndarray,
+    tmin: int,
+    tmax: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel stage on the kernels `x` (G, L), L <= 16, on the CPU (numpy arrays sharing the tensors'
+    memory: numpy's elementwise comparisons, selections and index lists cost a fraction of torch's here).
 
-    # Positions k-2 .. k+1 of the order: the flip threshold (k-1), the hand-off (k-1 or k), and the
-    # neighbours whose key class must differ for the key order to be the stable order.
-    near = srt.gather(0, k + torch.arange(4, device=xg.device).unsqueeze(1))  # (4, G)
-    cls = near >> 4
-    clash = ((cls[1:] == cls[:-1]) & (cls[1:] > 0)).any(0) | big
-    # Flips: the first k of the order, i.e. keys >= the key at k-1 (INT32_MAX when k == 0). Key class 0 is
-    # priority 0, a no-op flip (r stays, e becomes 0): those rare kernels are redone below.
-    thr = near[1]
-    clash |= thr < 16
-    flip = torch.sub(key, (thr - 1).unsqueeze(1)).clamp_(0, 1)  # (G, L) int32: 1 where key >= thr
-    delta = flip.mul_(step.view(torch.int32).unsqueeze(1)).view(torch.float32)  # float bits of 0 or +-1.0
-    r += delta
-    e += delta  # e0 + step, as the reference's up_error / down_error
+    Writes the errors after the stage into `e` (G, L), the clamped codes into `codes` (G, L) int32 and each
+    kernel's hand-off into `h_pos` (G,) int32, `h_pri` (G,) float32 and `h_up` (G,) bool. Returns the
+    kernels' error sums s (G,) and the indices of the kernels this fast path cannot order, whose outputs are
+    to be redone by `_kernel_stage_ranked` with ``stable=True``.
+    """
+    g, klen = x.shape
+    np.rint(x, out=e)  # (G, L) half to even, like torch.round
+    e -= x  # e0 = r0 - x, exact
+    # The rest works on the kernels transposed to (L, G): every row is contiguous, and a per-kernel value
+    # broadcasts along it.
+    xt = x.T.copy()  # (L, G), a copy even where x.T is already contiguous (G == 1): it is written below
+    rt = np.rint(xt)
+    s = _kernel_sums(e, np.subtract(rt, xt))  # (G,) the reference's float32 sum over each kernel
+    up = s < 0  # flip up (a zero sum flips down)
+    k = np.rint(np.abs(s))  # (G,) float32 flips per kernel
+    upf = up.astype(np.float32)
+    step = upf * 2 - 1  # (G,) +-1
+
+    # Priority in the kernel's direction (`_priority_bits`): min(-step * e, step * (lim - r)), lim = tmax for
+    # up, tmin for down. Rounding is monotonic, so that is step * (clamp(x, lo, hi) - r) with [lo, hi] =
+    # [-FMAX, tmax] for up and [tmin, FMAX] for down (FMAX: the largest float32, so that no finite x is
+    # clamped): |e| for a candidate, <= 0 otherwise.
+    lo = tmin - upf * _FLOAT32_MAX  # (G,)
+    hi = tmax + (1 - upf) * _FLOAT32_MAX
+    key = np.maximum(xt, lo, out=xt)
+    np.minimum(key, hi, out=key)
+    key -= rt
+    key *= step
+    torch.from_numpy(key).clamp_min_(0)  # (torch's is several times faster than numpy's here)
+    key += 0.0  # priority for a candidate, +0.0 otherwise (-0.0 + 0.0 is +0.0)
+    kb = key.view(np.int32)  # float bits
+    # Unique in a kernel: the bits rounded up to a multiple of 16 (class = ceil(bits / 16), 0 for
+    # non-candidates) plus 15 - index, so that an earlier index wins among equal classes.
+    kb += 15
+    kb &= -16
+    kb += _TIEBREAK[:klen]
+
+    # The first `top` keys of every kernel's order (descending keys) by a sorting network over the rows.
+    top = min(_FAST_K + 2, klen)
+    srt = np.empty((top, g), dtype=np.int32)  # (top, G): position t of the order
+    rows = list(kb)
+    for i, j, hi, lo, last_hi, last_lo in _selection_steps(klen, top):
+        a, b = rows[i], rows[j]
+        if hi:
+            rows[i] = np.maximum(a, b, out=srt[i] if last_hi else None)
+        if lo:
+            rows[j] = np.minimum(a, b, out=srt[j] if last_lo else None)
+    cls = srt >> 4  # key classes; 0: a non-candidate (priority 0)
+
+    # The key order is the stable order where the classes of neighbouring positions among k-2 .. k+1 differ
+    # (the flip threshold k-1, the hand-off k-1 or k); class-0 ties are ordered by index, as the stable sort
+    # does. Key class 0 at a flipped position is a no-op flip (r stays, e becomes 0). Kernels where either
+    # happens, or flipping more than _FAST_K elements, are redone.
+    kk = k.astype(np.int32)
+    clash = kk > _FAST_K
+    for t in range(min(_FAST_K + 1, top - 1)):  # positions t, t + 1 both among k-2 .. k+1 where k >= t
+        tie = (cls[t] == cls[t + 1]) & (cls[t + 1] > 0)
+        clash |= tie if t == 0 else tie & (kk >= t)
+    for t in range(min(_FAST_K, top)):  # position t is flipped where k > t
+        clash |= (cls[t] == 0) & (kk > t)
+
+    # Flips: positions 0 .. k-1 of the order get e0 + step (and r0 + step, below): position t of every
+    # kernel gets e0 + step * (k > t), one float32 addition (adding +0.0 changes nothing: e0 is never -0.0).
+    ar = np.arange(g)
+    first = ar * klen  # (G,) flat index of each kernel's element 0
+    ef = torch.from_numpy(e).view(-1)
+    for t in range(min(_FAST_K, top)):
+        flat = first + (15 - (srt[t] & 15))
+        ef.scatter_add_(0, torch.from_numpy(flat), torch.from_numpy(step * (kk > t)))
 
     # Hand-off: overshoot (k >= |s|) -> order[k-1] (order[-1] if k == 0) into the opposite list;
     # undershoot -> order[k] into the same list. Its priority is |current error|.
-    over = k >= s.abs()
-    hv = torch.where(over, near[1], near[2])
-    zero = (s == 0).nonzero().squeeze(1)  # k == 0 and overshoot: order[-1], the smallest key
-    if zero.numel():
-        low = torch.topk(key[zero], 2, dim=1, largest=False).values >> 4  # classes of order[-1], order[-2]
-        hv[zero] = key[zero].amin(1)
-        clash[zero] |= (low[:, 0] == low[:, 1]) & (low[:, 0] > 0)
-    h_pos = (15 - (hv & 15)).to(torch.int64)
-    h_pri = e.gather(1, h_pos.unsqueeze(1)).squeeze(1).abs_()
-    result = _KernelResult(r, e, h_pos, h_pri, up ^ over)
+    over = k >= np.abs(s)
+    at = np.minimum(kk, _FAST_K)  # position of the hand-off in the order (s == 0 below)
+    at -= over & (kk > 0)
+    hv = np.take(srt, at * g + ar)
+    zero = np.flatnonzero(s == 0)  # k == 0 and overshoot: order[-1], the smallest key
+    if zero.size:
+        low = np.sort(kb[:, zero], axis=0)[:2]  # (2, Z) order[-1], order[-2]
+        hv[zero] = low[0]
+        low >>= 4
+        clash[zero] |= (low[0] == low[1]) & (low[0] > 0)
+    np.subtract(15, hv & 15, out=h_pos)
+    np.abs(np.take(e, first + h_pos), out=h_pri)
+    np.not_equal(up, over, out=h_up)
+    # The rounding after the flips, r0 or r0 + step, is round(x + e): x + e0 = r0 exactly, and x + (e0 + step)
+    # is within float32 rounding of the integer r0 + step.
+    r = torch.from_numpy(np.add(x, e, out=rt.reshape(g, klen)))
+    torch.round(r, out=r).clamp_(tmin, tmax)
+    torch.from_numpy(codes).copy_(r)
+    return s, np.flatnonzero(clash)
 
-    redo = clash.nonzero().squeeze(1)  # two priorities of one key class at a position that matters
-    if redo.numel():
-        exact = _kernel_stage_ranked(xg[redo], s[redo], tmin, tmax, stable=True)
-        for name in ("r", "e", "h_pos", "h_pri", "h_up"):
-            getattr(result, name)[redo] = getattr(exact, name)
-    return result
+
+def _kernel_stage_stable(
+    x: np.ndarray,
+    s: np.ndarray,
+    tmin: int,
+    tmax: int,
+    ids: np.ndarray,
+    codes: np.ndarray,
+    e: np.ndarray,
+    h_pos: np.ndarray,
+    h_pri: np.ndarray,
+    h_up: np.ndarray,
+) -> None:
+    """The kernel stage of the kernels `x` (n, L) with error sums `s` (n,) from exact stable ranks (what
+    `_kernel_stage_ranked` does with ``stable=True``, in numpy for the few kernels `_kernel_stage` leaves):
+    writes rows `ids` of `codes`, `e` (G, L) and of the hand-offs `h_pos`, `h_pri`, `h_up` (G,)."""
+    klen = x.shape[1]
+    r0 = np.rint(x)
+    e0 = r0 - x
+    up = s < 0
+    k = np.rint(np.abs(s))  # (n,) float32
+    step = (up.astype(np.float32) * 2 - 1)[:, None]  # (n, 1)
+    lim_step = np.where(up, np.float32(tmax), np.float32(-tmin))[:, None]  # step * lim
+    pri = np.minimum(e0 * -step, lim_step - r0 * step)  # |e0| for a candidate, <= 0 otherwise
+    pbits = np.maximum(pri.view(np.int32), 0)  # negative floats (and -0.0) have negative bits
+    key = pbits.astype(np.int64) * 16 + np.arange(15, 15 - klen, -1)  # unique; an earlier index wins ties
+    rank = (key[:, None, :] > key[:, :, None]).sum(2)  # (n, L): how many keys are above
+    flip = rank < k[:, None]
+    cand = pbits > 0
+    e[ids] = np.where(flip, np.where(cand, e0 + step, np.float32(0)), e0)
+    codes[ids] = np.clip(np.where(flip & cand, r0 + step, r0), tmin, tmax)
+    over = k >= np.abs(s)
+    target = np.where(over, np.where(k == 0, klen - 1, k - 1), k)
+    pos = (rank == target[:, None]).argmax(1)
+    h_pos[ids] = pos
+    h_pri[ids] = np.abs(e[ids, pos])
+    h_up[ids] = up != over
 
 
+def _kernel_sums(e: np.ndarray, et: np.ndarray) -> np.ndarray:
+    """Float32 sums over the rows of `e` (G, L) exactly as ``torch.sum(e, 1)`` adds them (the reference's
+    sums), from its transpose `et` (L, G) where `_sum_order` found torch's order of additions (one add per
+    row of `et`, far cheaper than torch's reduction over rows of a few elements), else by torch."""
+    order = _sum_order(e.shape[1])
+    if order is None:
+        return torch.from_numpy(e).sum(1).numpy()
+    s = et[order[0]].copy()
+    for j in order[1:]:
+        s += et[j]
+    return s
+
+
+@functools.cache
+def _sum_order(klen: int) -> tuple[int, ...] | None:
+    """The order in which ``torch.sum(e, 1)`` adds the `klen` elements of a float32 row on this machine,
+    if it is one that probe rows of widely spread magnitudes confirm bit for bit: one by one, or (a row
+    longer than a vector of 8 floats but shorter than two) the elements after the first 8, then the first 8
+    one by one. None (use torch) otherwise, e.g. for another vector width."""
+    gen = torch.Generator().manual_seed(0)
+    probe = (torch.rand(4096, klen, generator=gen) - 0.5) * torch.exp2(
+        torch.randint(-24, 2, (4096, klen), generator=gen).float()
+    )
+    expected = probe.sum(1).numpy()
+    pt = probe.numpy().T
+    candidates = [tuple(range(klen))]
+    if 8 < klen < 16:
+        candidates.append((*range(8, klen), *range(8)))
+    for order in candidates:
+        s = pt[order[0]].copy()
+        for j in order[1:]:
+            s += pt[j]
+        if np.array_equal(s, expected):
+            return order
+    return None
+
+
+# 15 - index of each element of a kernel (at most 16): the tie-break of the kernel stage's keys, a column.
+_TIEBREAK = np.arange(15, -1, -1, dtype=np.int32)[:, None]
 _INT32_MAX = 2**31 - 1
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Best known sorting network for 9 inputs (25 comparators in 7 layers; Floyd), for the 3x3 kernel.
 _NETWORK_9 = tuple(
     pair
@@ -342,6 +517,23 @@ def _sorting_network(n: int) -> tuple[tuple[int, int], ...]:
 
 
 @functools.cache
+def _selection_steps(n: int, top: int) -> tuple[tuple[int, int, bool, bool, bool, bool], ...]:
+    """`_selection_plan` with, per comparator, whether its max / min is the last value written to an
+    output position (< top): (i, j, max?, min?, last max?, last min?)."""
+    plan = _selection_plan(n, top)
+    last = {}
+    for step, (i, j, hi, lo) in enumerate(plan):
+        if hi:
+            last[i] = (step, "hi")
+        if lo:
+            last[j] = (step, "lo")
+    return tuple(
+        (i, j, hi, lo, i < top and last.get(i) == (step, "hi"), j < top and last.get(j) == (step, "lo"))
+        for step, (i, j, hi, lo) in enumerate(plan)
+    )
+
+
+@functools.cache
 def _selection_plan(n: int, top: int) -> tuple[tuple[int, int, bool, bool], ...]:
     """The sorting network for n inputs pruned to what the first `top` outputs need: (i, j, max?, min?)."""
     need, plan = set(range(top)), []
@@ -351,22 +543,6 @@ def _selection_plan(n: int, top: int) -> tuple[tuple[int, int, bool, bool], ...]
             plan.append((i, j, hi, lo))
             need |= {i, j}
     return tuple(reversed(plan))
-
-
-def _sort_columns(keys: torch.Tensor, top: int, head: tuple[int, ...], tail: int) -> torch.Tensor:
-    """The `top` largest keys of every row of `keys` (G, L), in descending order, by a sorting network over
-    its L columns. Returns them transposed, (len(head) + top + 1, G), between constant rows `head` and `tail`.
-    """
-    g, n = keys.shape
-    cols = list(keys.unbind(1))  # strided views; the first comparators write contiguous (G,) rows
-    for i, j, hi, lo in _selection_plan(n, top):
-        a, b = cols[i], cols[j]
-        if hi:
-            cols[i] = torch.maximum(a, b)
-        if lo:
-            cols[j] = torch.minimum(a, b)
-    frame = [torch.full((g,), v, dtype=keys.dtype, device=keys.device) for v in (*head, tail)]
-    return torch.stack([*frame[:-1], *cols[:top], frame[-1]])
 
 
 def _kernel_stage_ranked(
@@ -409,18 +585,6 @@ def _kernel_stage_ranked(
 # Channel stage
 
 
-def _boundary(p: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows of `p` (R, M): the value at position k of the descending order, and whether the first k
-    elements are not determined by value alone (a tie across positions k-1 and k)."""
-    kmax = int(k.max())
-    top = torch.topk(p, min(kmax + 1, p.shape[1]), dim=1).values  # (R, K) descending
-    kk = k.clamp(max=top.shape[1] - 1).unsqueeze(1)
-    v_k = top.gather(1, kk).squeeze(1)
-    v_prev = top.gather(1, (kk - 1).clamp(min=0)).squeeze(1)
-    ambiguous = (k > 0) & ((k >= p.shape[1]) | (v_prev == v_k))
-    return v_k, ambiguous
-
-
 def _channel_stage_handoffs(
     xb: torch.Tensor,
     ob: torch.Tensor,
@@ -438,25 +602,41 @@ def _channel_stage_handoffs(
     moved one step if it was an initial candidate of that direction, else to its initial rounding.
     """
     n, ic, klen = xb.shape
-    up, k, step = _direction(s)  # (n,)
-    if int(k.max()) == 0:
+    sn = s.numpy()
+    up = sn < 0
+    k = np.rint(np.abs(sn))  # (n,) float32 flips per channel
+    if not k.any():
         return
-    pri = h_pri * (h_up == up.unsqueeze(1))  # (n, IC): the nonzero entries of the direction's list
-    v_k, ambiguous = _boundary(pri, k)
-    flip = (pri > v_k.unsqueeze(1)) & ((k > 0) & ~ambiguous).unsqueeze(1)  # (n, IC)
-    rows = flip.view(-1).nonzero().squeeze(1)  # flat kernel ids
-    if rows.numel():
-        cols = h_pos.view(-1)[rows]
-        new = _new_rounding(xb.view(-1, klen)[rows, cols], step[rows // ic], tmin, tmax)
-        ob.view(-1, klen)[rows, cols] = new.clamp_(tmin, tmax).to(torch.int32)
-    if bool(ambiguous.any()):
-        chans = ambiguous.nonzero().squeeze(1)
-        full = torch.zeros(chans.numel(), ic, klen, dtype=torch.float32, device=xb.device)
-        full.scatter_(2, h_pos[chans].unsqueeze(2), pri[chans].unsqueeze(2))  # the reference's priority rows
-        ridx, cols = _first_k_sorted(full.view(chans.numel(), -1), k[chans])
-        rows_c = chans[ridx]
-        new = _new_rounding(xb.reshape(n, -1)[rows_c, cols], step[rows_c], tmin, tmax)
-        ob.view(n, -1)[rows_c, cols] = new.clamp_(tmin, tmax).to(torch.int32)
+    step = up.astype(np.float32) * 2 - 1  # (n,)
+    pri = h_pri.numpy() * (
+        h_up.numpy() == up[:, None]
+    )  # (n, IC): the nonzero entries of the direction's list
+    # The first k of the order are the priorities above the one at position k, unless those two are equal.
+    asc = np.sort(pri, axis=1)  # (n, IC) ascending: position t of the order is column IC-1-t
+    kk = ic - 1 - np.minimum(k, ic - 1).astype(np.intp)
+    chans = np.arange(n)
+    v_k = asc[chans, kk]
+    ambiguous = (k > 0) & ((k >= ic) | (asc[chans, np.minimum(kk + 1, ic - 1)] == v_k))
+    v_k[(k == 0) | ambiguous] = np.inf  # no flips there (the ambiguous ones are done below)
+    rows = np.flatnonzero(pri > v_k[:, None])  # flat kernel ids
+    if rows.size:
+        flat = rows * klen + h_pos.numpy().ravel()[rows]  # the hand-offs' elements
+        xs, st = xb.numpy().ravel()[flat], step[rows // ic]
+        r0 = np.rint(xs)
+        # A candidate of the direction moves one step (`_priority_bits`: x < tmax for up, x > tmin for down)
+        # a non-candidate is set to its initial rounding.
+        cand = np.where(st > 0, (r0 < xs) & (xs < tmax), (r0 > xs) & (xs > tmin))
+        ob.numpy().ravel()[flat] = np.clip(r0 + st * cand, tmin, tmax)
+    if ambiguous.any():
+        chans_n = np.flatnonzero(ambiguous)
+        chans_t = torch.from_numpy(chans_n)
+        kt, stept = torch.from_numpy(k[chans_n]).long(), torch.from_numpy(step[chans_n])
+        full = torch.zeros(chans_n.size, ic, klen, dtype=torch.float32)
+        pri_t = torch.from_numpy(pri[chans_n])
+        full.scatter_(2, h_pos[chans_t].unsqueeze(2), pri_t.unsqueeze(2))  # the reference's priority rows
+        ridx, cols = _first_k_sorted(full.view(chans_t.numel(), -1), kt)
+        new = _new_rounding(xb.reshape(n, -1)[chans_t[ridx], cols], stept[ridx], tmin, tmax)
+        ob.view(n, -1)[chans_t[ridx], cols] = new.clamp_(tmin, tmax).to(torch.int32)
 
 
 def _reference_order(p: torch.Tensor) -> torch.Tensor:
@@ -594,7 +774,7 @@ def _channel_stage_full(
     """Channel stage on the initial priorities of every element (mode "ec", or Linear / 1x1 conv): the flips
     of untied channels are done; the tied ones are returned to be redone (`_ChannelTies.redo`).
 
-    `boundary` is `_boundary` (a top-k sized on the host: the CPU) or `_boundary_sorted` (no host sync).
+    `boundary` is `_boundary_sorted` (no host sync); the CPU path has its own `_channel_stage_full_cpu`.
     """
     n = x3.shape[0]
     xr = x3.view(n, -1)  # (n, IC*L)
@@ -608,8 +788,43 @@ def _channel_stage_full(
     return _ChannelTies(x3, ob, p, k, step, ambiguous, None, None)
 
 
+def _channel_stage_full_cpu(xb: torch.Tensor, ob: torch.Tensor, tmin: int, tmax: int) -> None:
+    """`_channel_stage_full` on the CPU, in numpy, tied channels redone: the codes of channels `xb` (n, IC, L)
+    into `ob`."""
+    n = xb.shape[0]
+    x = xb.reshape(n, -1).numpy()  # (n, M)
+    r = np.rint(x)
+    e = r - x
+    s = torch.from_numpy(e).sum(-1).numpy()  # (n,) the reference's float32 sums over each channel
+    up = s < 0
+    k = np.rint(np.abs(s))  # (n,) float32 flips per channel
+    upf = up.astype(np.float32)
+    step = (upf * 2 - 1)[:, None]  # (n, 1)
+    # The priority as in `_kernel_stage`: step * (clamp(x, lo, hi) - r), cleared where <= 0.
+    p = np.maximum(x, (tmin - upf * _FLOAT32_MAX)[:, None])
+    np.minimum(p, (tmax + (1 - upf) * _FLOAT32_MAX)[:, None], out=p)
+    p -= r
+    p *= step
+    torch.from_numpy(p).clamp_min_(0)
+    p += 0.0  # -0.0 -> +0.0
+    m = p.shape[1]
+    asc = np.sort(p, axis=1)  # (n, M) ascending: position t of the order is column M-1-t
+    kk = m - 1 - np.minimum(k, m - 1).astype(np.intp)
+    chans = np.arange(n)
+    v_k = asc[chans, kk]
+    ambiguous = (k > 0) & ((k >= m) | (asc[chans, np.minimum(kk + 1, m - 1)] == v_k))
+    v_k[(k == 0) | ambiguous] = np.inf  # no flips there (the ambiguous ones are redone below)
+    r += (p > v_k[:, None]) * step
+    ob.view(n, -1).copy_(torch.from_numpy(r).clamp_(tmin, tmax))
+    if ambiguous.any():
+        pt, kt, st = torch.from_numpy(p), torch.from_numpy(k).long(), torch.from_numpy(step[:, 0])
+        _ChannelTies(xb, ob, pt, kt, st, torch.from_numpy(ambiguous), None, None).redo(tmin, tmax)
+
+
 def _boundary_sorted(p: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_boundary` from a full sort of each row: the same values, with no k.max() on the host."""
+    """For rows of `p` (R, M): the value at position k of the descending order, and whether the first k
+    elements are not determined by value alone (a tie across positions k-1 and k), from a full sort of each
+    row (no k.max() on the host)."""
     top = torch.sort(p, dim=1, descending=True).values  # (R, M)
     kk = k.clamp(max=p.shape[1] - 1).unsqueeze(1)
     v_k = top.gather(1, kk).squeeze(1)

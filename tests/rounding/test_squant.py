@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 
 from postquant.errors import NonFiniteWeightError
 from postquant.paths import shared_path
+from postquant.rounding import squant as squant_module
 from postquant.rounding.squant import SquantMode, squant_codes, squant_codes_many
 
 GOLDEN = shared_path("golden", "squant")
@@ -242,6 +244,37 @@ def test_equals_per_group_restatement(
     assert torch.equal(q, loop_squant(x, tmin, tmax, mode.value))
 
 
+@st.composite
+def lattice_layers(draw: st.DrawFn) -> tuple[torch.Tensor, int, int]:
+    """x of a random shape and bit width on a lattice of step 1/2^j, reaching one step beyond [tmin, tmax]:
+    coarse lattices give exact ties of priorities, errors of exactly +-0.5, kernels and channels whose error
+    sum is exactly 0 or a half-integer, and elements at and beyond the range's ends."""
+    oc, ic = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    kernel = draw(st.sampled_from([(), (2,), (3,), (1, 1), (2, 2), (3, 3), (1, 3), (4, 5), (5, 5)]))
+    bits = draw(st.integers(2, 8))
+    tmin, tmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    denom = 2 ** draw(st.sampled_from([0, 1, 2, 3, 12]))  # 2^12: practically no ties
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    x = torch.randint((tmin - 1) * denom, (tmax + 1) * denom + 1, (oc, ic, *kernel), generator=gen)
+    return x.float() / denom, tmin, tmax
+
+
+@settings(max_examples=80, deadline=None)
+@given(lattice_layers(), st.sampled_from(list(SquantMode)), st.sampled_from([1, 64, 1 << 18]))
+def test_equals_restatement_on_random_shapes_with_ties(
+    layer: tuple[torch.Tensor, int, int], mode: SquantMode, block_elements: int
+) -> None:
+    """The CPU path (in blocks of channels as small as one kernel's worth, so that kernels the fast kernel
+    stage cannot order are collected from several blocks) and the whole-layer path give the codes of the
+    one-group-at-a-time restatement, on any shape and bit width, with many exact ties."""
+    x, tmin, tmax = layer
+    expected = loop_squant(x, tmin, tmax, mode.value)
+    with mock.patch.object(squant_module, "_BLOCK_ELEMENTS", block_elements):
+        q = squant_codes(x, tmin, tmax, mode, whole_layer=False)
+    assert torch.equal(q, expected)
+    assert torch.equal(squant_codes(x, tmin, tmax, mode, whole_layer=True), expected)
+
+
 @settings(max_examples=50, deadline=None)
 @given(layers(), st.sampled_from(list(SquantMode)))
 def test_codes_in_range_and_one_step_from_nearest(
@@ -391,3 +424,16 @@ def test_channel_blocks_never_hold_a_single_channel(oc: int) -> None:
         assert blocks[0][0] == 0 and blocks[-1][1] == oc
         assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks))
         assert all(c1 - c0 >= min(2, oc) for c0, c1 in blocks)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300), st.integers(2, 16), st.integers(0, 2**32 - 1))
+def test_kernel_sums_are_torch_sums_bit_for_bit(kernels: int, klen: int, seed: int) -> None:
+    """The CPU kernel stage adds the transposed rows in the order torch.sum uses (where a probe confirmed
+    it): the float32 sums equal ``torch.sum(e, 1)`` exactly, for one kernel or many, on widely spread values."""
+    gen = torch.Generator().manual_seed(seed)
+    e = (torch.rand(kernels, klen, generator=gen) - 0.5) * torch.exp2(
+        torch.randint(-24, 2, (kernels, klen), generator=gen).float()
+    )
+    sums = squant_module._kernel_sums(e.numpy(), np.ascontiguousarray(e.numpy().T))
+    assert np.array_equal(sums, e.sum(1).numpy())
