@@ -130,7 +130,7 @@ def learned(results: Path) -> str:
         ),
         rows,
         "`benchmarks/results/learned.json` (classic presets at reduced iteration counts: see `docs/learned.md`; "
-        "learned-fast's time against the default's: `docs/learned.md#fast`)",
+        "learned-fast's time: [learned.md](docs/learned.md#fast-preset))",
     )
 
 
