@@ -46,7 +46,23 @@ ROWS: dict[str, dict[str, Any] | None] = {
         "w_bits": 3,
         "learned": {"iters": LEARNED_ITERS, "batch_size": 4, "progress": False},
     },
+    "gptq-w4": {"method": "gptq", "w_bits": 4, "gptq": {"damp": 0.01, "act_order": False, "block_size": 128}},
+    "gptq-w3": {"method": "gptq", "w_bits": 3, "gptq": {"damp": 0.01, "act_order": False, "block_size": 128}},
 }
+# Rows quantized by another tool, run under `--peer-python` (benchmarks/llm_peers.py, benchmarks/setup_peers.sh).
+PEERS: dict[str, dict[str, Any]] = {
+    "fp32-peer-env": {"peer": "none"},
+    "llmc-gptq-w4": {"peer": "llmc-gptq", "w_bits": 4, "actorder": None},
+    "llmc-gptq-w3": {"peer": "llmc-gptq", "w_bits": 3, "actorder": None},
+    "hqq-w4": {"peer": "hqq", "w_bits": 4},
+    "hqq-w3": {"peer": "hqq", "w_bits": 3},
+    "autoround-light-w3": {"peer": "autoround", "w_bits": 3, "preset": "light"},
+    "autoround-light-w4": {"peer": "autoround", "w_bits": 4, "preset": "light"},
+    "autoround-w3": {"peer": "autoround", "w_bits": 3, "preset": "default"},
+    "autoround-w4": {"peer": "autoround", "w_bits": 4, "preset": "default"},
+}
+# postquant's GPTQ row and the llm-compressor row run with the same settings: their codes are compared.
+AGREEMENT = {"gptq-w4": "llmc-gptq-w4", "gptq-w3": "llmc-gptq-w3"}
 
 
 def recipe_for(row: str, calib_size: int) -> dict[str, Any]:
@@ -79,10 +95,9 @@ def load_float(cache: Path) -> tuple[Any, Any]:
 
 
 def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
-    """One row, in this process: load, quantize block by block, evaluate."""
+    """One row, in this process: load, quantize block by block (or by a peer), evaluate."""
     import torch
 
-    from postquant.blockwise import quantize_blocks
     from postquant.calib.text import eval_windows, random_windows, tokenize_file
     from postquant.eval.perplexity import perplexity
     from postquant.paths import shared_path
@@ -92,20 +107,32 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
     rss = {"after_load": _peak_rss_mb()}
     text = shared_path("data", "text")
     windows = eval_windows(tokenize_file(text / "handbook-eval.txt", tokenizer), 512, 16)
+    calib = random_windows(
+        tokenize_file(text / "pydocs-calib.txt", tokenizer), args.calib_size, args.seqlen, seed=0
+    )
     seconds = 0.0
-    if ROWS[row] is not None:
-        calib = random_windows(
-            tokenize_file(text / "pydocs-calib.txt", tokenizer), args.calib_size, args.seqlen, seed=0
-        )
-        start = time.perf_counter()
+    uses_calib = row.startswith(("learned", "gptq", "llmc", "autoround"))
+    extra: dict[str, Any] = {}
+    start = time.perf_counter()
+    if row in PEERS:
+        model, extra = _run_peer(row, model, tokenizer, calib, args)
+        seconds = time.perf_counter() - start
+    elif ROWS[row] is not None:
+        from postquant.blockwise import quantize_blocks
+
         model = quantize_blocks(model, recipe_for(row, args.calib_size), list(calib.split(4)), inplace=True)
         seconds = time.perf_counter() - start
+        if row in AGREEMENT:
+            _save_codes(_postquant_codes(model), args.cache / f"codes-{row}.safetensors")
     rss["after_quantize"] = _peak_rss_mb()
     start = time.perf_counter()
     ppl = perplexity(model, windows)
+    import transformers
+
     return {
         "row": row,
-        "recipe": recipe_for(row, args.calib_size) if ROWS[row] is not None else None,
+        "recipe": recipe_for(row, args.calib_size) if ROWS.get(row) is not None else None,
+        **extra,
         "ppl": ppl.value,
         "tokens": ppl.tokens,
         "quantize_s": round(seconds, 1),
@@ -114,8 +141,90 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_after_load_mb": rss["after_load"],
         "peak_rss_after_quantize_mb": rss["after_quantize"],
         "threads": args.threads,
-        "calib": f"{args.calib_size}x{args.seqlen}" if row.startswith("learned") else None,
+        "calib": f"{args.calib_size}x{args.seqlen}" if uses_calib else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "load": os.getloadavg()[0],
     }
+
+
+def _run_peer(
+    row: str, model: Any, tokenizer: Any, calib: Any, args: argparse.Namespace
+) -> tuple[Any, dict[str, Any]]:
+    """Quantize with the peer of `row` (benchmarks/llm_peers.py, importable only under --peer-python)."""
+    import importlib.metadata as md
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import llm_peers
+
+    spec = PEERS[row]
+    kind = spec["peer"]
+    if kind == "none":
+        return model, {"peer": "none (float model under the peers' Python)"}
+    if kind == "llmc-gptq":
+        model, settings, codes = llm_peers.llmc_gptq(
+            model, tokenizer, calib, spec["w_bits"], actorder=spec["actorder"], damp=0.01
+        )
+        _save_codes(codes, args.cache / f"codes-{row}.safetensors")
+        return model, {"peer": f"llmcompressor {md.version('llmcompressor')}", "settings": settings}
+    if kind == "hqq":
+        model, settings = llm_peers.hqq(model, spec["w_bits"])
+        return model, {"peer": f"hqq {md.version('hqq')}", "settings": settings}
+    if kind == "autoround":
+        model, settings = llm_peers.autoround(
+            model, tokenizer, calib, spec["w_bits"], preset=spec["preset"], sym=False
+        )
+        return model, {"peer": f"auto-round {md.version('auto-round')}", "settings": settings}
+    raise ValueError(f"unknown peer {kind}")
+
+
+def _postquant_codes(model: Any) -> dict[str, Any]:
+    """Every QuantizedLayer's int8 codes and grid (inverse step S and offset Z per group)."""
+    from postquant.nn.layer import QuantizedLayer
+
+    out: dict[str, Any] = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantizedLayer):
+            out[name] = layer.codes.to(layer.codes.dtype).contiguous()
+            grid = layer.grid
+            rows = layer.weight_shape[0]
+            out[name + ".inv_scale"] = grid.inv_scale.reshape(rows, -1).contiguous()
+            out[name + ".zero"] = grid.zero_point.reshape(rows, -1).contiguous()
+    return out
+
+
+def _save_codes(tensors: dict[str, Any], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.rename(path)
+
+
+def agreement(ours: Path, theirs: Path) -> dict[str, Any]:
+    """Per layer: the fraction of codes that differ, the largest code difference, the largest relative
+    difference of the two grids' inverse steps (postquant's S against 1/scale of compressed-tensors) and the
+    largest difference of their offsets (postquant codes round ``S w - Z``, compressed-tensors ``w / scale + zp``:
+    Z against -zp)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(ours)), load_file(str(theirs))
+    layers = {}
+    total = differ = 0
+    for name in sorted(k for k in a if not k.endswith((".inv_scale", ".zero"))):
+        ca, cb = a[name].to(int), b[name].to(int)
+        n = ca.numel()
+        d = int((ca != cb).sum())
+        total, differ = total + n, differ + d
+        rel = ((a[name + ".inv_scale"] - b[name + ".inv_scale"]).abs() / a[name + ".inv_scale"].abs()).max()
+        zdiff = (a[name + ".zero"] + b[name + ".zero"]).abs().max()
+        layers[name] = {
+            "differ": d / n,
+            "max_code_diff": int((ca - cb).abs().max()),
+            "step_rel_diff": float(rel),
+            "zero_diff": float(zdiff),
+        }
+    return {"differ": differ / total, "codes": total, "layers": layers}
 
 
 def _peak_rss_mb() -> int:
@@ -123,28 +232,71 @@ def _peak_rss_mb() -> int:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
+def write_markdown(rows: list[dict[str, Any]], path: Path, cache: Path) -> None:
     lines = [
         "# SmolLM2-135M-Instruct, quantized block by block (`benchmarks/llm.py`)",
         "",
         "Perplexity on the first 16 windows of 512 tokens of `handbook-eval.txt` (8,176 predicted tokens);",
         f"weight-only, asymmetric min/max groups of {GROUP}, every Linear but `lm_head`; `postquant.blockwise.",
         "quantize_blocks(..., inplace=True)`. Learned rounding: the `learned` preset (SQuant start, QDrop",
-        f"p=0.5, lr 1e-2) with {LEARNED_ITERS} iterations per decoder layer, batch 4, calibration windows from",
-        "`pydocs-calib.txt`. Peak RSS: the row's own process, after loading, quantizing and evaluating (the first",
-        "row to run also dequantizes the GGUF into the cache). The weights come from a Q4_1",
-        "GGUF (4-bit groups of 32): W4 g32 would be lossless, g64 is not. Times on a shared, loaded 2-core CPU.",
+        f"p=0.5, lr 1e-2) with {LEARNED_ITERS} iterations per decoder layer, batch 4. Rows that use data",
+        "(learned, GPTQ, llm-compressor, AutoRound) all use the same seeded calibration windows of",
+        "`pydocs-calib.txt` (column calibration). GPTQ (postquant and llm-compressor): damping 0.01 of the mean",
+        "Hessian diagonal, blocks of 128 columns, no act-order, static groups fitted by min/max to the float",
+        "weight, sequential one decoder layer at a time with the next layer's inputs from the quantized layer.",
+        "Peers (`benchmarks/llm_peers.py`) run under their own virtualenv (`benchmarks/setup_peers.sh`,",
+        "`--peer-python`), which pins its own `transformers` (column `tf`); the float model is checked there",
+        "(`fp32-peer-env`). HQQ: data-free, its optimiser, groups of 64 along the input (`axis=1`), float",
+        "zero point. AutoRound: its CLI presets (`default` 200 iterations, `light` 50 iterations lr 5e-3),",
+        "batch 8, asymmetric, on the same windows, CPU, no AMP.",
         "",
-        "| row | perplexity | quantize (s) | eval (s) | peak RSS (MB): load / +quantize / +eval | calibration |",
-        "|---|---|---|---|---|---|",
+        "Peak RSS: the row's own process, after loading, quantizing and evaluating. The weights come from a",
+        "Q4_1 GGUF (4-bit groups of 32): W4 g32 would be lossless, g64 is not. **Times are from a shared,",
+        "loaded 2-core CPU** (other sessions ran at the same time; `load` is the 1-minute load average when",
+        "the row finished); compare them only roughly.",
+        "",
+        "| row | tool | perplexity | quantize (s) | eval (s) | threads | load | peak RSS (MB): load / +quantize / +eval"
+        " | calibration | tf |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r.get("ppl") is None:
+            lines.append(f"| {r['row']} | {r.get('peer', 'postquant')} | failed: {r.get('error', '?')} |"
+                         " - | - | - | - | - | - | - |")  # fmt: skip
+            continue
+        load = r.get("load")
         lines.append(
-            f"| {r['row']} | {r['ppl']:.2f} | {r['quantize_s']} | {r['eval_s']} | "
-            f"{r.get('peak_rss_after_load_mb', '-')} / {r.get('peak_rss_after_quantize_mb', '-')} / {r['peak_rss_mb']} | "
-            f"{r['calib'] or '-'} |"
+            f"| {r['row']} | {r.get('peer', 'postquant')} | {r['ppl']:.2f} | {r['quantize_s']} | {r['eval_s']} | "
+            f"{r.get('threads', '-')} | {f'{load:.1f}' if load is not None else '-'} | "
+            f"{r.get('peak_rss_after_load_mb', '-')} / {r.get('peak_rss_after_quantize_mb', '-')} / "
+            f"{r['peak_rss_mb']} | {r['calib'] or '-'} | {r.get('transformers', '-')} |"
         )
-    missing = [name for name in ROWS if not any(r["row"] == name for r in rows)]
+    agreements = {}
+    for ours, theirs in AGREEMENT.items():
+        a, b = cache / f"codes-{ours}.safetensors", cache / f"codes-{theirs}.safetensors"
+        if a.is_file() and b.is_file():
+            agreements[ours] = {"against": theirs, **agreement(a, b)}
+    if agreements:
+        write_text_atomic(path.with_name("llm_gptq_agreement.json"), json.dumps(agreements, indent=1))
+        lines += [
+            "",
+            "## GPTQ against llm-compressor's GPTQ, code by code",
+            "",
+            "Fraction of integer codes that differ (all quantized layers; per layer in",
+            "`llm_gptq_agreement.json`), the largest relative difference of the two grids' steps and of offsets.",
+            "",
+            "| rows | codes | differ | worst layer | differ there | max step rel. diff | max offset diff |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for ours, ag in agreements.items():
+            worst = max(ag["layers"], key=lambda n: ag["layers"][n]["differ"])
+            step = max(v["step_rel_diff"] for v in ag["layers"].values())
+            zero = max(v["zero_diff"] for v in ag["layers"].values())
+            lines.append(
+                f"| {ours} / {ag['against']} | {ag['codes']:,} | {ag['differ']:.4%} | {worst} | "
+                f"{ag['layers'][worst]['differ']:.4%} | {step:.2e} | {zero:.2e} |"
+            )
+    missing = [name for name in [*ROWS, *PEERS] if not any(r["row"] == name for r in rows)]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)} (rerun the command: finished rows are skipped)."]
     write_text_atomic(path, "\n".join(lines) + "\n")
@@ -154,35 +306,59 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
-    parser.add_argument("--row", choices=list(ROWS), help="run one row in this process and print it as JSON")
+    names = [*ROWS, *PEERS]
+    parser.add_argument("--rows", nargs="+", choices=names, default=names)
+    parser.add_argument("--row", choices=names, help="run one row in this process and print it as JSON")
     parser.add_argument("--calib-size", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
         "--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "postquant-smollm2"
+    )
+    parser.add_argument(
+        "--peer-python",
+        default=os.environ.get("POSTQUANT_PEER_PYTHON", "/work/venv-peers/bin/python"),
+        help="the Python of the peers' virtualenv (benchmarks/setup_peers.sh); env POSTQUANT_PEER_PYTHON",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     if args.row:
-        print(json.dumps(run_row(args.row, args)))
+        try:
+            result = run_row(args.row, args)
+        except Exception as exc:  # a peer that cannot run here: its error goes into the table
+            if args.row not in PEERS:
+                raise
+            log.exception("%s failed", args.row)
+            result = {"row": args.row, "error": f"{type(exc).__name__}: {exc}"[:500], "ppl": None}
+        print(json.dumps(result))
         return
     json_path = args.out / "llm.json"
-    rows = json.loads(json_path.read_text()) if json_path.is_file() else []
     for row in args.rows:
+        rows = json.loads(json_path.read_text()) if json_path.is_file() else []
         if any(r["row"] == row for r in rows):
             log.info("%s: already in %s, skipped", row, json_path)
             continue
-        cmd = [sys.executable, __file__, "--row", row, "--calib-size", str(args.calib_size),
+        python = args.peer_python if row in PEERS else sys.executable
+        cmd = [python, __file__, "--row", row, "--calib-size", str(args.calib_size),
                "--seqlen", str(args.seqlen), "--threads", str(args.threads), "--cache", str(args.cache)]  # fmt: skip
-        log.info("running %s", row)
-        done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        log.info("running %s with %s", row, python)
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        if done.returncode != 0:
+            result = {"row": row, "error": f"exit {done.returncode}: see the log of this run", "ppl": None}
+            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+            if lines:
+                result = json.loads(lines[-1])
+        else:
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+        rows = json.loads(json_path.read_text()) if json_path.is_file() else []  # other runs may have added
+        rows.append(result)
         write_text_atomic(json_path, json.dumps(rows, indent=1))
-        write_markdown(rows, args.out / "llm.md")
-        log.info("%s: %s", row, rows[-1])
-    write_markdown(rows, args.out / "llm.md")
+        write_markdown(rows, args.out / "llm.md", args.cache)
+        log.info("%s: %s", row, result)
+    rows = json.loads(json_path.read_text()) if json_path.is_file() else []
+    write_markdown(rows, args.out / "llm.md", args.cache)
 
 
 if __name__ == "__main__":
