@@ -7,7 +7,8 @@ asymmetric min/max groups of 64 (SmolLM2's hidden size 576 is not a multiple of 
 come from a Q4_1 GGUF (4-bit, groups of 32), so W4 g32 would be lossless; g64 is not.
 
 Each row runs in its own process (`--row`), so its peak RSS (``ru_maxrss``) is its own; rows are appended to
-``benchmarks/results/llm.json`` as they finish and skipped when present (rerun the same command to resume).
+``benchmarks/results/llm.json`` as they finish and skipped when present (rerun the same command to resume;
+a failed row, its error recorded, is tried again).
 The dequantized float model is cached once as safetensors in `--cache` (loading the GGUF takes minutes).
 
 Example:
@@ -336,7 +337,7 @@ def main() -> None:
     json_path = args.out / "llm.json"
     for row in args.rows:
         rows = json.loads(json_path.read_text()) if json_path.is_file() else []
-        if any(r["row"] == row for r in rows):
+        if any(r["row"] == row and r.get("ppl") is not None for r in rows):
             log.info("%s: already in %s, skipped", row, json_path)
             continue
         python = args.peer_python if row in PEERS else sys.executable
@@ -353,7 +354,7 @@ def main() -> None:
         else:
             result = json.loads(done.stdout.strip().splitlines()[-1])
         rows = json.loads(json_path.read_text()) if json_path.is_file() else []  # other runs may have added
-        rows.append(result)
+        rows = [r for r in rows if r["row"] != row] + [result]  # a failed try is replaced
         write_text_atomic(json_path, json.dumps(rows, indent=1))
         write_markdown(rows, args.out / "llm.md", args.cache)
         log.info("%s: %s", row, result)

@@ -131,10 +131,8 @@ def autoround(
         "batch_size": 8,
         "nsamples": calib.shape[0],
         "seqlen": calib.shape[1],
-        "amp": False,
         "device": "cpu",
     }
-    texts = [tokenizer.decode(row) for row in calib]
     ar = AutoRound(
         model,
         tokenizer,
@@ -146,10 +144,21 @@ def autoround(
         batch_size=8,
         nsamples=calib.shape[0],
         seqlen=calib.shape[1],
-        dataset=texts,
-        amp=False,
+        dataset=[row.unsqueeze(0) for row in calib],  # the same token windows, not re-tokenized text
         device_map="cpu",
-        layer_config={"lm_head": {"bits": 16}},
     )
-    ar.quantize()
-    return ar.model, settings
+    model, _ = ar.quantize()
+    settings["amp_dtype"] = str(getattr(getattr(ar, "model_context", None), "amp_dtype", "?"))
+    settings["lr_used"] = cfg["lr"] if cfg["lr"] is not None else 1.0 / cfg["iters"]
+    _check_fake_quantized(model, bits)
+    return model.float(), settings
+
+
+def _check_fake_quantized(model: nn.Module, bits: int) -> None:
+    """Raise unless every quantized Linear's weight holds at most 2^bits values per group of 64 (the model a
+    peer hands back must be the quantized one, not its float copy)."""
+    for name in _linear_names(model):
+        w = model.get_submodule(name).weight.detach().float().reshape(-1, GROUP)[:256]
+        distinct = max(len(torch.unique(row)) for row in w)
+        if distinct > 2**bits:
+            raise RuntimeError(f"{name}: {distinct} distinct values in a group of {GROUP}: not quantized")
