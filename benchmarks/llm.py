@@ -25,6 +25,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,15 @@ ROWS: dict[str, dict[str, Any] | None] = {
     },
     "gptq-w4": {"method": "gptq", "w_bits": 4, "gptq": {"damp": 0.01, "act_order": False, "block_size": 128}},
     "gptq-w3": {"method": "gptq", "w_bits": 3, "gptq": {"damp": 0.01, "act_order": False, "block_size": 128}},
+    # gptq-w4 again with the same windows fed one at a time: only the order of float sums changes (noise).
+    "gptq-w4-b1": {
+        "method": "gptq",
+        "w_bits": 4,
+        "gptq": {"damp": 0.01, "act_order": False, "block_size": 128},
+    },
 }
+# Calibration windows per forward batch (4 unless listed).
+CALIB_BATCH = {"gptq-w4-b1": 1}
 # Rows quantized by another tool, run under `--peer-python` (benchmarks/llm_peers.py, benchmarks/setup_peers.sh).
 PEERS: dict[str, dict[str, Any]] = {
     "fp32-peer-env": {"peer": "none"},
@@ -121,7 +130,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
     elif ROWS[row] is not None:
         from postquant.blockwise import quantize_blocks
 
-        model = quantize_blocks(model, recipe_for(row, args.calib_size), list(calib.split(4)), inplace=True)
+        batches = list(calib.split(CALIB_BATCH.get(row, 4)))
+        model = quantize_blocks(model, recipe_for(row, args.calib_size), batches, inplace=True)
         seconds = time.perf_counter() - start
         if row in AGREEMENT:
             _save_codes(_postquant_codes(model), args.cache / f"codes-{row}.safetensors")
@@ -143,6 +153,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_after_quantize_mb": rss["after_quantize"],
         "threads": args.threads,
         "calib": f"{args.calib_size}x{args.seqlen}" if uses_calib else None,
+        "calib_batch": CALIB_BATCH.get(row, 4) if uses_calib and row not in PEERS else None,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "load": os.getloadavg()[0],
@@ -303,6 +314,45 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, cache: Path) -> None:
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
+def _run_subprocess(row: str, cmd: list[str], env: dict[str, str], timeout: float | None) -> dict[str, Any]:
+    """Run one row's process; its stderr is passed through (progress) and its tail kept for the record. A
+    row that fails or runs past `timeout` seconds is recorded with its error and last progress line."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    out: list[str] = []
+    tail: list[str] = []
+
+    def pump_err() -> None:
+        for chunk in iter(lambda: proc.stderr.read(4096), ""):  # type: ignore[union-attr]
+            sys.stderr.write(chunk)
+            tail.append(chunk)
+            del tail[:-8]
+
+    def pump_out() -> None:
+        out.append(proc.stdout.read())  # type: ignore[union-attr]
+
+    readers = [threading.Thread(target=f, daemon=True) for f in (pump_err, pump_out)]
+    for t in readers:
+        t.start()
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        proc.kill()
+        proc.wait()
+    for t in readers:
+        t.join(timeout=10)
+    lines = [ln for ln in "".join(out).splitlines() if ln.startswith("{")]
+    if lines and not timed_out:
+        return json.loads(lines[-1])
+    last = "".join(tail).replace("\r", "\n").strip().splitlines()
+    progress = last[-1][-200:] if last else ""
+    seconds = round(time.perf_counter() - start)
+    why = f"stopped after {seconds} s (--timeout)" if timed_out else f"exit {proc.returncode}"
+    return {"row": row, "error": f"{why}; last output: {progress}", "ppl": None, "load": os.getloadavg()[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -320,6 +370,12 @@ def main() -> None:
         "--peer-python",
         default=os.environ.get("POSTQUANT_PEER_PYTHON", "/work/venv-peers/bin/python"),
         help="the Python of the peers' virtualenv (benchmarks/setup_peers.sh); env POSTQUANT_PEER_PYTHON",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="seconds a row may run; past it, it is stopped and recorded",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -345,14 +401,7 @@ def main() -> None:
                "--seqlen", str(args.seqlen), "--threads", str(args.threads), "--cache", str(args.cache)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         log.info("running %s with %s", row, python)
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
-        if done.returncode != 0:
-            result = {"row": row, "error": f"exit {done.returncode}: see the log of this run", "ppl": None}
-            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-            if lines:
-                result = json.loads(lines[-1])
-        else:
-            result = json.loads(done.stdout.strip().splitlines()[-1])
+        result = _run_subprocess(row, cmd, env, args.timeout)
         rows = json.loads(json_path.read_text()) if json_path.is_file() else []  # other runs may have added
         rows = [r for r in rows if r["row"] != row] + [result]  # a failed try is replaced
         write_text_atomic(json_path, json.dumps(rows, indent=1))
