@@ -71,8 +71,10 @@ PEERS: dict[str, dict[str, Any]] = {
     "autoround-w3": {"peer": "autoround", "w_bits": 3, "preset": "default"},
     "autoround-w4": {"peer": "autoround", "w_bits": 4, "preset": "default"},
 }
-# postquant's GPTQ row and the llm-compressor row run with the same settings: their codes are compared.
-AGREEMENT = {"gptq-w4": "llmc-gptq-w4", "gptq-w3": "llmc-gptq-w3"}
+# Pairs of GPTQ rows whose codes are compared: postquant against llm-compressor with the same settings, and
+# postquant against itself with only the batching of the same windows changed (the noise floor).
+AGREEMENT = [("gptq-w4", "llmc-gptq-w4"), ("gptq-w3", "llmc-gptq-w3"), ("gptq-w4", "gptq-w4-b1")]
+SAVES_CODES = {row for pair in AGREEMENT for row in pair}
 
 
 def recipe_for(row: str, calib_size: int) -> dict[str, Any]:
@@ -133,7 +135,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
         batches = list(calib.split(CALIB_BATCH.get(row, 4)))
         model = quantize_blocks(model, recipe_for(row, args.calib_size), batches, inplace=True)
         seconds = time.perf_counter() - start
-        if row in AGREEMENT:
+        if row in SAVES_CODES:
             _save_codes(_postquant_codes(model), args.cache / f"codes-{row}.safetensors")
     rss["after_quantize"] = _peak_rss_mb()
     start = time.perf_counter()
@@ -213,11 +215,11 @@ def _save_codes(tensors: dict[str, Any], path: Path) -> None:
     tmp.rename(path)
 
 
-def agreement(ours: Path, theirs: Path) -> dict[str, Any]:
+def agreement(ours: Path, theirs: Path, same_convention: bool = False) -> dict[str, Any]:
     """Per layer: the fraction of codes that differ, the largest code difference, the largest relative
     difference of the two grids' inverse steps (postquant's S against 1/scale of compressed-tensors) and the
     largest difference of their offsets (postquant codes round ``S w - Z``, compressed-tensors ``w / scale + zp``:
-    Z against -zp)."""
+    Z against -zp, or against Z when both files are postquant's, `same_convention`)."""
     from safetensors.torch import load_file
 
     a, b = load_file(str(ours)), load_file(str(theirs))
@@ -229,7 +231,8 @@ def agreement(ours: Path, theirs: Path) -> dict[str, Any]:
         d = int((ca != cb).sum())
         total, differ = total + n, differ + d
         rel = ((a[name + ".inv_scale"] - b[name + ".inv_scale"]).abs() / a[name + ".inv_scale"].abs()).max()
-        zdiff = (a[name + ".zero"] + b[name + ".zero"]).abs().max()
+        zb = b[name + ".zero"] if same_convention else -b[name + ".zero"]
+        zdiff = (a[name + ".zero"] - zb).abs().max()
         layers[name] = {
             "differ": d / n,
             "max_code_diff": int((ca - cb).abs().max()),
@@ -242,6 +245,16 @@ def agreement(ours: Path, theirs: Path) -> dict[str, Any]:
 def _peak_rss_mb() -> int:
     """This process's peak resident set so far, in MB."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def _by_decoder_layer(layers: dict[str, dict[str, Any]]) -> dict[int, float]:
+    """Mean fraction of differing codes over the Linears of each decoder layer (``...layers.K.*``)."""
+    groups: dict[int, list[float]] = {}
+    for name, v in layers.items():
+        parts = name.split(".")
+        k = int(parts[parts.index("layers") + 1])
+        groups.setdefault(k, []).append(v["differ"])
+    return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
 def write_markdown(rows: list[dict[str, Any]], path: Path, cache: Path) -> None:
@@ -284,10 +297,11 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, cache: Path) -> None:
             f"{r['peak_rss_mb']} | {r['calib'] or '-'} | {r.get('transformers', '-')} |"
         )
     agreements = {}
-    for ours, theirs in AGREEMENT.items():
+    for ours, theirs in AGREEMENT:
         a, b = cache / f"codes-{ours}.safetensors", cache / f"codes-{theirs}.safetensors"
         if a.is_file() and b.is_file():
-            agreements[ours] = {"against": theirs, **agreement(a, b)}
+            both_ours = theirs in ROWS  # postquant's codes on both sides: Z against Z, not against -zp
+            agreements[f"{ours} / {theirs}"] = agreement(a, b, same_convention=both_ours)
     if agreements:
         write_text_atomic(path.with_name("llm_gptq_agreement.json"), json.dumps(agreements, indent=1))
         lines += [
@@ -297,15 +311,18 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, cache: Path) -> None:
             "Fraction of integer codes that differ (all quantized layers; per layer in",
             "`llm_gptq_agreement.json`), the largest relative difference of the two grids' steps and of offsets.",
             "",
-            "| rows | codes | differ | worst layer | differ there | max step rel. diff | max offset diff |",
-            "|---|---|---|---|---|---|---|",
+            "| rows | codes | differ | decoder layers 0 / 1 / 2 / 29 | worst layer | differ there |"
+            " max step rel. diff | max offset diff |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for ours, ag in agreements.items():
+        for pair, ag in agreements.items():
             worst = max(ag["layers"], key=lambda n: ag["layers"][n]["differ"])
             step = max(v["step_rel_diff"] for v in ag["layers"].values())
             zero = max(v["zero_diff"] for v in ag["layers"].values())
+            by_block = _by_decoder_layer(ag["layers"])
+            profile = " / ".join(f"{by_block[k]:.2%}" for k in (0, 1, 2, max(by_block)))
             lines.append(
-                f"| {ours} / {ag['against']} | {ag['codes']:,} | {ag['differ']:.4%} | {worst} | "
+                f"| {pair} | {ag['codes']:,} | {ag['differ']:.4%} | {profile} | {worst} | "
                 f"{ag['layers'][worst]['differ']:.4%} | {step:.2e} | {zero:.2e} |"
             )
     missing = [name for name in [*ROWS, *PEERS] if not any(r["row"] == name for r in rows)]
