@@ -351,6 +351,7 @@ def _run_subprocess(row: str, cmd: list[str], env: dict[str, str], timeout: floa
     def pump_err() -> None:
         for chunk in iter(lambda: proc.stderr.read(4096), ""):  # type: ignore[union-attr]
             sys.stderr.write(chunk)
+            sys.stderr.flush()
             tail.append(chunk)
             del tail[:-8]
 

@@ -109,6 +109,7 @@ def hqq(model: nn.Module, bits: int) -> tuple[nn.Module, dict[str, Any]]:
             )
             deq = Quantizer.dequantize(wq, meta).reshape(w.shape)
             layer.weight.copy_(deq.to(layer.weight.dtype))
+    _check_fake_quantized(model, bits)
     return model, settings
 
 
