@@ -291,7 +291,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, cache: Path) -> None:
     ]
     for r in rows:
         if r.get("ppl") is None:
-            lines.append(f"| {r['row']} | {r.get('peer', 'postquant')} | failed: {r.get('error', '?')} |"
+            tool = PEERS[r["row"]]["peer"] if r["row"] in PEERS else "postquant"
+            lines.append(f"| {r['row']} | {tool} | not measured: {r.get('error', '?')} |"
                          " - | - | - | - | - | - | - |")  # fmt: skip
             continue
         load = r.get("load")
