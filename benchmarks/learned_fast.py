@@ -53,10 +53,14 @@ VARIANTS: dict[str, tuple[str, Any, int | None]] = {
         None,
     ),
     "learned-fast": ("the `learned-fast` preset", None, None),
-    "learned-fast-b16": ("the `learned-fast` preset, batches of 16", lambda n: {"batch_size": 16}, None),
-    "learned-fast-c256": (
-        "the `learned-fast` preset given 256 calibration samples (activation ranges from 256 too)",
+    "learned-fast-b32": (
+        "the `learned-fast` preset with batches of 32 (its setting before 2026-12-05)",
+        lambda n: {"batch_size": 32},
         None,
+    ),
+    "learned-fast-b32-c256": (
+        "learned-fast-b32 given 256 calibration samples (activation ranges from 256 too)",
+        lambda n: {"batch_size": 32},
         256,
     ),
 }
