@@ -387,6 +387,7 @@ def quantize_checkpoint(
     check_block_recipe(recipe)
     checkpoint = LazyCheckpoint(path)
     model = checkpoint.empty_model(trust_remote_code)
+    checkpoint.check_complete(model)  # before any work, not when the layer's turn comes
     container, _ = decoder_layers(model, blocks)
     checkpoint.materialize(model, "", skip=(container + ".",))
     recipe, _ = prepare(model, recipe, None, None)

@@ -126,19 +126,7 @@ class LazyCheckpoint:
             DataError: a parameter that the checkpoint does not hold (the message names it).
         """
         start = f"{prefix}." if prefix else ""
-        groups: dict[int, list[str]] = {}  # one entry per parameter object: all its names
-        for name, p in model.named_parameters(remove_duplicate=False):
-            if name.startswith(start) and not name.startswith(skip):
-                groups.setdefault(id(p), []).append(name)
-        wanted: dict[str, list[str]] = {}
-        for names in groups.values():
-            stored = [n for n in names if n in self.files]
-            if not stored:
-                raise DataError(
-                    f"{self.dir} holds no tensor for parameter {names[0]!r} (its tensor names do not match "
-                    "the model's: load it with from_pretrained and use quantize_blocks)"
-                )
-            wanted[stored[0]] = names
+        wanted = self._stored_names(model, start, skip)
         buffers = [
             n
             for n, _ in _persistent_buffers(model)
@@ -153,6 +141,27 @@ class LazyCheckpoint:
         for name in buffers:
             _set(model, name, loaded[name], "_buffers")
         log.debug("loaded %d tensors under %r from %s", len(loaded), prefix or "<root>", self.dir)
+
+    def check_complete(self, model: nn.Module) -> None:
+        """Raise the `DataError` of `materialize` now if any parameter of `model` has no stored tensor."""
+        self._stored_names(model, "", ())
+
+    def _stored_names(self, model: nn.Module, start: str, skip: tuple[str, ...]) -> dict[str, list[str]]:
+        """For each parameter object under `start` (not under `skip`): the stored name -> all its names."""
+        groups: dict[int, list[str]] = {}  # one entry per parameter object: all its names
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if name.startswith(start) and not name.startswith(skip):
+                groups.setdefault(id(p), []).append(name)
+        wanted: dict[str, list[str]] = {}
+        for names in groups.values():
+            stored = [n for n in names if n in self.files]
+            if not stored:
+                raise DataError(
+                    f"{self.dir} holds no tensor for parameter {names[0]!r} (its tensor names do not match "
+                    "the model's: load it with from_pretrained and use quantize_blocks)"
+                )
+            wanted[stored[0]] = names
+        return wanted
 
 
 def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -1,0 +1,202 @@
+"""Quantizing a causal LM from its Hugging Face directory layer by layer (`quantize_checkpoint`): the meta
+skeleton computes what the loaded model computes, the codes are those of `quantize_blocks` on the loaded
+model, a killed run resumes; activation chains beyond their byte bound live in memory-mapped files and give
+the same codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import postquant  # noqa: E402
+from postquant.blockwise import quantize_blocks, quantize_checkpoint  # noqa: E402
+from postquant.errors import DataError  # noqa: E402
+from postquant.model.lazy import LazyCheckpoint  # noqa: E402
+from postquant.nn import QuantizedLayer  # noqa: E402
+from postquant.reconstruct.chains import write_tensors  # noqa: E402
+from tests.llm.test_blockwise import LEARNED, VOCAB, calib, codes, grid_recipe, tiny_llama  # noqa: E402
+
+FAST = {**LEARNED, "iters": 3}  # codes still move off nearest rounding; equality is what is checked
+
+
+def saved(tmp_path, layers: int = 3, shard: str | None = "24KB", dtype=torch.float32, tie: bool = False):
+    model = tiny_llama(layers=layers).to(dtype)
+    if tie:
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    kwargs = {"max_shard_size": shard} if shard else {}
+    model.save_pretrained(tmp_path, safe_serialization=True, **kwargs)
+    return model, tmp_path
+
+
+def assert_same_codes(a: nn.Module, b: nn.Module) -> None:
+    ca, cb = codes(a), codes(b)
+    assert ca.keys() == cb.keys() and ca
+    for name in ca:
+        torch.testing.assert_close(ca[name], cb[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tie"), [(torch.float32, False), (torch.bfloat16, True)], ids=["float32", "bfloat16-tied"]
+)
+def test_the_meta_skeleton_computes_what_the_loaded_model_computes(tmp_path, dtype, tie) -> None:
+    _, path = saved(tmp_path, dtype=dtype, tie=tie)
+    assert len(list(path.glob("model-*.safetensors"))) > 2  # several shards
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+    checkpoint = LazyCheckpoint(path)
+    model = checkpoint.empty_model()
+    assert all(p.is_meta for p in model.parameters())
+    assert not any(b.is_meta for b in model.buffers())  # rotary tables computed, not left on meta
+    checkpoint.materialize(model, "", skip=("model.layers.",))
+    assert all(p.is_meta for p in model.model.layers.parameters())
+    assert not any(p.is_meta for n, p in model.named_parameters() if not n.startswith("model.layers."))
+    for k in range(len(model.model.layers)):
+        checkpoint.materialize(model, f"model.layers.{k}")
+    assert {p.dtype for p in model.parameters()} == {dtype}  # as stored, no float32 copy
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in model.named_buffers():
+        torch.testing.assert_close(b, ref_buffers[name], rtol=0, atol=0)
+    ids = calib()[0]
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shard", ["24KB", None], ids=["sharded", "one-file"])
+def test_rtn_from_the_checkpoint_gives_the_codes_of_the_loaded_model(tmp_path, shard) -> None:
+    model, path = saved(tmp_path, shard=shard)
+    recipe = grid_recipe("rtn")
+    ref = quantize_blocks(model, recipe)
+    q = quantize_checkpoint(path, recipe)
+    assert_same_codes(ref, q)
+    assert not any(p.is_meta for p in q.parameters())
+    ids = calib()[0]
+    torch.testing.assert_close(q(ids).logits, ref(ids).logits, rtol=0, atol=0)
+
+
+def test_learned_rounding_from_the_checkpoint_gives_the_codes_of_the_loaded_model(tmp_path) -> None:
+    model, path = saved(tmp_path, layers=2)
+    recipe = grid_recipe("learned", learned=FAST, calib_size=8)
+    ref = quantize_blocks(model, recipe, calib())
+    q = quantize_checkpoint(path, recipe, calib())
+    assert_same_codes(ref, q)
+    assert len(postquant.result(q).learned.units) == 2
+    rtn = quantize_blocks(model, grid_recipe("rtn"))
+    assert any(not torch.equal(codes(q)[n], c) for n, c in codes(rtn).items())  # learning changed codes
+
+
+def test_only_the_current_layer_is_ever_float(tmp_path) -> None:
+    """At the end of layer k the later layers are still on meta and no decoder layer holds a float Linear
+    weight: the finished ones hold packed codes."""
+    _, path = saved(tmp_path)
+    seen = []
+
+    def probe(k: int, _name: str) -> None:
+        layers = model_ref[0].model.layers if model_ref else None
+        assert layers is not None
+        for i, layer in enumerate(layers):
+            linears = [m for m in layer.modules() if isinstance(m, nn.Linear) and "weight" in m._parameters]
+            if i > k:
+                assert all(p.is_meta for p in layer.parameters())
+            else:
+                assert not linears and any(isinstance(m, QuantizedLayer) for m in layer.modules())
+        seen.append(k)
+
+    model_ref: list[nn.Module] = []
+    real = LazyCheckpoint.empty_model
+
+    def capture(self, *args, **kwargs):
+        model_ref.append(real(self, *args, **kwargs))
+        return model_ref[0]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(LazyCheckpoint, "empty_model", capture)  # to look at the model while it is walked
+        quantize_checkpoint(
+            path, grid_recipe("learned", learned=FAST, calib_size=8), calib(), on_block_end=probe
+        )
+    assert seen == [0, 1, 2]
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_a_killed_run_from_the_checkpoint_resumes_with_identical_codes(tmp_path) -> None:
+    _, path = saved(tmp_path / "model", layers=2)
+    recipe = grid_recipe("learned", learned=FAST, calib_size=8)
+    full = quantize_checkpoint(path, recipe, calib())
+
+    def kill_after_first(k: int, _name: str) -> None:
+        if k == 0:
+            raise _Killed
+
+    resume = tmp_path / "resume"
+    with pytest.raises(_Killed):
+        quantize_checkpoint(path, recipe, calib(), checkpoint_dir=resume, on_block_end=kill_after_first)
+    seen: list[int] = []
+    again = quantize_checkpoint(
+        path, recipe, calib(), checkpoint_dir=resume, chain_bytes=0, on_block_end=lambda k, _: seen.append(k)
+    )
+    assert seen == [1] and postquant.result(again).learned.resumed == 1
+    assert_same_codes(full, again)
+
+
+@pytest.mark.parametrize("method", ["learned", "gptq"])
+def test_chains_beyond_the_bound_are_files_with_the_same_codes(tmp_path, caplog, method) -> None:
+    model = tiny_llama()
+    extra = {"learned": FAST} if method == "learned" else {}
+    recipe = grid_recipe(method, calib_size=8, **extra)
+    in_memory = quantize_blocks(model, recipe, calib())
+    with caplog.at_level(logging.INFO, logger="postquant.reconstruct.chains"):
+        spilled = quantize_blocks(model, recipe, calib(), chain_bytes=1024, spill_dir=tmp_path)
+    assert "memory-mapped files" in caplog.text
+    assert_same_codes(in_memory, spilled)
+    assert not list(tmp_path.rglob("*.bin"))  # the files went with the chains
+
+
+def test_batches_of_different_lengths_spill_per_batch(tmp_path) -> None:
+    """Windows of two lengths cannot share one chain tensor: each batch is its own file, same codes."""
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, VOCAB, (4, 16), generator=g), torch.randint(0, VOCAB, (4, 12), generator=g)]
+    recipe = grid_recipe("learned", learned=FAST, calib_size=8)
+    in_memory = quantize_blocks(model, recipe, batches)
+    spilled = quantize_blocks(model, recipe, batches, chain_bytes=0, spill_dir=tmp_path)
+    assert_same_codes(in_memory, spilled)
+
+
+def test_write_tensors_is_a_safetensors_file_of_views(tmp_path) -> None:
+    whole = torch.randn(6, 3, 5).to(torch.bfloat16)
+    tensors = {"a.0": whole[:2], "a.1": whole[2:], "b": torch.arange(7, dtype=torch.int64)}
+    write_tensors(tmp_path / "t.safetensors", tensors)
+    back = load_file(tmp_path / "t.safetensors")
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype
+        torch.testing.assert_close(back[name], t, rtol=0, atol=0)
+
+
+def test_bad_directories_are_clear_errors(tmp_path) -> None:
+    with pytest.raises(DataError, match=r"no config\.json"):
+        quantize_checkpoint(tmp_path, grid_recipe("rtn"))
+    _, path = saved(tmp_path / "m")
+    index = path / "model.safetensors.index.json"
+    full = json.loads(index.read_text())
+    cut = {**full, "weight_map": {k: v for k, v in full["weight_map"].items() if "layers.1.mlp.up" not in k}}
+    index.write_text(json.dumps(cut))
+    with pytest.raises(DataError, match=r"no tensor for parameter 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        quantize_checkpoint(path, grid_recipe("rtn"))
+    index.write_text(json.dumps(full))
+    next(path.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(DataError, match="missing"):
+        quantize_checkpoint(path, grid_recipe("rtn"))
+    (path / "model.safetensors.index.json").unlink()
+    with pytest.raises(DataError, match="save_pretrained"):
+        quantize_checkpoint(path, grid_recipe("rtn"))
