@@ -8,7 +8,7 @@ layer-by-layer loop):
 1. the inputs of decoder layer 0 are captured once per calibration batch (embeddings; the rotary tables,
    masks and flags the model passes to every layer are kept as they came);
 2. for layer k: its float weights are the teacher (the caller's model is not touched; with
-   ``inplace=True`` a copy of that one layer is kept instead), its planned Linears get codes by the recipe's
+   ``inplace=True`` a copy of that one layer's modules that shares its tensors), its planned Linears get codes by the recipe's
    rounding, and learned rounding reconstructs its output with the existing unit loop
    (`postquant.reconstruct.loop.reconstruct_unit`) from two chains: the *quantized* chain (layer k's input
    in the quantized model: quantized-input propagation, BRECQ/QDrop) and the float chain (the teacher's
@@ -16,7 +16,10 @@ layer-by-layer loop):
 3. layer k's outputs become layer k+1's inputs in both chains, and the teacher is released.
 
 Nothing copies the whole model: the quantized model is built from a copy of everything *but* the decoder
-layers, then one layer copy at a time (``inplace=True`` skips even that). With a checkpoint directory, each
+layers, then one layer copy at a time (``inplace=True`` skips even that). `quantize_checkpoint` does not
+even load the model: it builds it on the ``meta`` device from a Hugging Face directory, loads what lies
+outside the decoder layers, and loads each layer's float weights from the safetensors shards when its turn
+comes (`postquant.model.lazy`); then the same walk runs in place. With a checkpoint directory, each
 finished layer's state (codes, steps, biases) and both chains are saved, so a killed run resumes at the next
 layer and ends with the same codes, bit for bit, as an uninterrupted one.
 
@@ -24,13 +27,15 @@ RTN and SQuant are per-layer and data-free: the same walk runs without calibrati
 gives exactly the codes `quantize` gives. Not here (use `quantize`): activation quantization, mixed
 precision, the power grid's output-error search, loss='output' / Fisher weights and augmentation. Layers
 outside the decoder stack that the plan quantizes (``lm_head`` unless ignored) get the recipe's data-free
-codes (nearest for learned methods). Chains stay in memory (``n x seqlen x hidden`` floats each).
+codes (nearest for learned methods). The chains (``n x seqlen x hidden`` each) stay in memory up to
+``chain_bytes`` together and are memory-mapped files beyond (`postquant.reconstruct.chains`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import logging
 import time
 from collections.abc import Callable
@@ -83,6 +88,17 @@ DECODER_LISTS = (
 )
 
 OnBlockEnd = Callable[[int, str], None]
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
 
 
 def decoder_layers(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.ModuleList]:
@@ -528,6 +544,7 @@ def _walk(
                 store.save(k, snapshot(qmodel, unit), last)
                 chains.drop(k - 1)
             del teacher, teacher_layer
+            _return_free_memory()
             if on_block_end is not None:
                 on_block_end(k, names[k])
         bar.close()
@@ -545,6 +562,17 @@ def _walk(
     )
     log.info("quantized %d decoder layers block by block in %.1f s", len(names), report.seconds)
     return qmodel
+
+
+def _return_free_memory() -> None:
+    """Hand the heap memory freed with a layer's float weights back to the system (glibc's ``malloc_trim``).
+
+    Without it glibc keeps the freed blocks of each layer (its mmap threshold rises after the first large
+    free, so later weights come from the heap, between long-lived allocations) and the resident memory grows
+    by most of a layer's float bytes per layer. Elsewhere (no glibc) nothing is done.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _sub_plan(plan: Plan, names: tuple[str, ...]) -> Plan:

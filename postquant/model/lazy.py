@@ -7,7 +7,8 @@ by name from the safetensors shards when they are needed (and not before).
 ``from_pretrained`` computes them); `LazyCheckpoint.materialize` loads the parameters under a prefix (a
 decoder layer, when its turn comes), or all but some prefixes (embeddings, final norm, ``lm_head``).
 Tensors keep their stored dtype (a bfloat16 checkpoint gives bfloat16 parameters). Each shard is opened for
-the tensors of one call and closed again, so nothing stays mapped between calls.
+the tensors of one call and closed again, and the tensors are copied out of the mapping, so no shard stays
+mapped (its read pages resident) after the call.
 """
 
 from __future__ import annotations
@@ -92,7 +93,9 @@ class LazyCheckpoint:
         for file, wanted in by_file.items():
             with safe_open(str(file), framework="pt") as f:
                 for name in wanted:
-                    out[name] = f.get_tensor(name)
+                    # a copy: the tensor safetensors returns is a view of the mapped shard, and any one of them
+                    # kept (a norm's weight) would keep the shard's read pages resident
+                    out[name] = f.get_tensor(name).clone()
         return out
 
     def empty_model(self, trust_remote_code: bool = False) -> nn.Module:
