@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from torch import nn
 
@@ -181,6 +184,24 @@ def test_write_tensors_is_a_safetensors_file_of_views(tmp_path) -> None:
     for name, t in tensors.items():
         assert back[name].dtype == t.dtype
         torch.testing.assert_close(back[name], t, rtol=0, atol=0)
+
+
+@given(
+    st.lists(st.lists(st.integers(0, 5), min_size=0, max_size=3), min_size=1, max_size=5),
+    st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.int64]),
+)
+@settings(max_examples=25, deadline=None)
+def test_write_tensors_round_trips_any_shapes(shapes: list[list[int]], dtype: torch.dtype) -> None:
+    import tempfile
+    from pathlib import Path
+
+    tensors = {f"t{i}": (torch.arange(math.prod(s)) % 7).to(dtype).reshape(s) for i, s in enumerate(shapes)}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tensors(Path(tmp) / "t.safetensors", tensors)
+        back = load_file(Path(tmp) / "t.safetensors")
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape
+        assert torch.equal(back[name], t)
 
 
 def test_bad_directories_are_clear_errors(tmp_path) -> None:
