@@ -93,7 +93,7 @@ OnBlockEnd = Callable[[int, str], None]
 def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(None)
-    except OSError:
+    except (OSError, TypeError):  # no C library to open by None (Windows)
         return None
     return libc if hasattr(libc, "malloc_trim") else None
 
