@@ -6,9 +6,9 @@ by name from the safetensors shards when they are needed (and not before).
 ``meta`` (buffers such as rotary ``inv_freq`` that no checkpoint holds are computed for real, as
 ``from_pretrained`` computes them); `LazyCheckpoint.materialize` loads the parameters under a prefix (a
 decoder layer, when its turn comes), or all but some prefixes (embeddings, final norm, ``lm_head``).
-Tensors keep their stored dtype (a bfloat16 checkpoint gives bfloat16 parameters). Each shard is opened for
-the tensors of one call and closed again, and the tensors are copied out of the mapping, so no shard stays
-mapped (its read pages resident) after the call.
+Tensors keep their stored dtype (a bfloat16 checkpoint gives bfloat16 parameters). A shard is opened for
+one tensor, which is copied out of the mapping, and closed again: at most one tensor's pages of a shard are
+mapped (resident) at a time, and none after the call.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class LazyCheckpoint:
         return torch.float32
 
     def tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The stored tensors `names` (stored dtype), each shard opened once for this call and closed."""
+        """The stored tensors `names` (stored dtype), copied out of the shards (each opened and closed per tensor)."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             if name not in self.files:
@@ -91,10 +91,11 @@ class LazyCheckpoint:
             by_file.setdefault(self.files[name], []).append(name)
         out = {}
         for file, wanted in by_file.items():
-            with safe_open(str(file), framework="pt") as f:
-                for name in wanted:
-                    # a copy: the tensor safetensors returns is a view of the mapped shard, and any one of them
-                    # kept (a norm's weight) would keep the shard's read pages resident
+            for name in wanted:
+                # A copy, the shard opened for one tensor: the tensor safetensors returns is a view of the
+                # mapped shard, whose read pages stay resident while it is mapped (any tensor kept, a norm's
+                # weight, would keep it mapped); so at most one tensor's pages are mapped at a time.
+                with safe_open(str(file), framework="pt") as f:
                     out[name] = f.get_tensor(name).clone()
         return out
 
