@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import struct
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from postquant.errors import CheckpointError
+from postquant.errors import CheckpointError, OutputError
 from postquant.store.files import write_atomic
 
 __all__ = ["DEFAULT_CHAIN_BYTES", "Chain", "ChainCheckpoint", "ChainMemory"]
@@ -69,7 +70,9 @@ class ChainMemory:
         path = self._folder / f"chain_{self._count}.bin"
         self._count += 1
         numel = math.prod(shape)
-        t = torch.from_file(str(path), shared=True, size=max(numel, 1), dtype=dtype)[:numel].view(shape)
+        size = max(numel, 1)
+        _reserve(path, size * torch.empty((), dtype=dtype).element_size())
+        t = torch.from_file(str(path), shared=True, size=size, dtype=dtype)[:numel].view(shape)
         with contextlib.suppress(OSError):  # mapped: the file goes when the tensor does (not on Windows)
             path.unlink()
         return t
@@ -83,6 +86,26 @@ class ChainMemory:
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
+
+
+def _reserve(path: Path, nbytes: int) -> None:
+    """Create `path` with `nbytes` allocated on disk: a full disk is an `OutputError` now, not a SIGBUS when a
+    page of the mapped file is first written."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, nbytes)
+            else:
+                os.ftruncate(fd, nbytes)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        path.unlink(missing_ok=True)
+        raise OutputError(
+            f"cannot hold {nbytes / 2**20:.1f} MiB of activation chains in {path.parent}: "
+            f"{exc.strerror or exc}; free space, pass spill_dir=... elsewhere, or raise chain_bytes"
+        ) from exc
 
 
 class Chain:
