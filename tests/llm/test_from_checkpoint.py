@@ -21,10 +21,11 @@ pytest.importorskip("accelerate")
 
 import postquant  # noqa: E402
 from postquant.blockwise import quantize_blocks, quantize_checkpoint  # noqa: E402
-from postquant.errors import DataError  # noqa: E402
+from postquant.errors import DataError, OutputError  # noqa: E402
 from postquant.model.lazy import LazyCheckpoint  # noqa: E402
 from postquant.nn import QuantizedLayer  # noqa: E402
 from postquant.reconstruct.chains import write_tensors  # noqa: E402
+from tests.conftest import file_size_limit  # noqa: E402
 from tests.llm.test_blockwise import LEARNED, VOCAB, calib, codes, grid_recipe, tiny_llama  # noqa: E402
 
 FAST = {**LEARNED, "iters": 3}  # codes still move off nearest rounding; equality is what is checked
@@ -161,7 +162,7 @@ def test_chains_beyond_the_bound_are_files_with_the_same_codes(tmp_path, caplog,
         spilled = quantize_blocks(model, recipe, calib(), chain_bytes=1024, spill_dir=tmp_path)
     assert "memory-mapped files" in caplog.text
     assert_same_codes(in_memory, spilled)
-    assert not list(tmp_path.rglob("*.bin"))  # the files went with the chains
+    assert not list(tmp_path.iterdir())  # the files went with the chains, the folder at the end
 
 
 def test_batches_of_different_lengths_spill_per_batch(tmp_path) -> None:
@@ -173,6 +174,14 @@ def test_batches_of_different_lengths_spill_per_batch(tmp_path) -> None:
     in_memory = quantize_blocks(model, recipe, batches)
     spilled = quantize_blocks(model, recipe, batches, chain_bytes=0, spill_dir=tmp_path)
     assert_same_codes(in_memory, spilled)
+
+
+def test_no_room_for_spilled_chains_is_an_output_error(tmp_path) -> None:
+    model = tiny_llama(layers=1)
+    recipe = grid_recipe("learned", learned=FAST, calib_size=8)
+    with file_size_limit(1024), pytest.raises(OutputError, match="activation chains"):
+        quantize_blocks(model, recipe, calib(), chain_bytes=0, spill_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # the temporary folder is gone with what it held
 
 
 def test_write_tensors_is_a_safetensors_file_of_views(tmp_path) -> None:
