@@ -106,14 +106,16 @@ class LazyCheckpoint:
         Raises:
             UnsupportedModelError: transformers cannot build the config's architecture.
         """
+        import transformers  # optional dependency (the llm extra)
         from accelerate import init_empty_weights  # optional dependency (the llm extra)
-        from transformers import AutoConfig, AutoModelForCausalLM  # optional dependency (the llm extra)
 
-        config = AutoConfig.from_pretrained(self.dir, trust_remote_code=trust_remote_code)
+        config = transformers.AutoConfig.from_pretrained(self.dir, trust_remote_code=trust_remote_code)
+        # the keyword of the construction dtype: `dtype` since transformers 5, `torch_dtype` before
+        dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
         try:
             with init_empty_weights(include_buffers=False):
-                model = AutoModelForCausalLM.from_config(
-                    config, dtype=self.dtype(), trust_remote_code=trust_remote_code
+                model = transformers.AutoModelForCausalLM.from_config(
+                    config, trust_remote_code=trust_remote_code, **{dtype_key: self.dtype()}
                 )
         except ValueError as exc:
             raise UnsupportedModelError(f"transformers cannot build the model of {self.dir}: {exc}") from exc
