@@ -20,6 +20,7 @@ __all__ = [
     "load",
     "quantize",
     "quantize_blocks",
+    "quantize_checkpoint",
     "requirements",
     "result",
     "save",
@@ -29,6 +30,7 @@ __all__ = [
 _LAZY = {
     "quantize": "postquant.api",
     "quantize_blocks": "postquant.blockwise",
+    "quantize_checkpoint": "postquant.blockwise",
     "save": "postquant.io.checkpoint",
     "load": "postquant.io.checkpoint",
     "Method": "postquant.recipe",
@@ -42,7 +44,7 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from postquant.api import quantize
-    from postquant.blockwise import quantize_blocks
+    from postquant.blockwise import quantize_blocks, quantize_checkpoint
     from postquant.io.checkpoint import load, save
     from postquant.outcome import QuantizationResult, result
     from postquant.pipeline import requirements

@@ -8,7 +8,7 @@ layer-by-layer loop):
 1. the inputs of decoder layer 0 are captured once per calibration batch (embeddings; the rotary tables,
    masks and flags the model passes to every layer are kept as they came);
 2. for layer k: its float weights are the teacher (the caller's model is not touched; with
-   ``inplace=True`` a copy of that one layer is kept instead), its planned Linears get codes by the recipe's
+   ``inplace=True`` a copy of that one layer's modules that shares its tensors), its planned Linears get codes by the recipe's
    rounding, and learned rounding reconstructs its output with the existing unit loop
    (`postquant.reconstruct.loop.reconstruct_unit`) from two chains: the *quantized* chain (layer k's input
    in the quantized model: quantized-input propagation, BRECQ/QDrop) and the float chain (the teacher's
@@ -16,7 +16,10 @@ layer-by-layer loop):
 3. layer k's outputs become layer k+1's inputs in both chains, and the teacher is released.
 
 Nothing copies the whole model: the quantized model is built from a copy of everything *but* the decoder
-layers, then one layer copy at a time (``inplace=True`` skips even that). With a checkpoint directory, each
+layers, then one layer copy at a time (``inplace=True`` skips even that). `quantize_checkpoint` does not
+even load the model: it builds it on the ``meta`` device from a Hugging Face directory, loads what lies
+outside the decoder layers, and loads each layer's float weights from the safetensors shards when its turn
+comes (`postquant.model.lazy`); then the same walk runs in place. With a checkpoint directory, each
 finished layer's state (codes, steps, biases) and both chains are saved, so a killed run resumes at the next
 layer and ends with the same codes, bit for bit, as an uninterrupted one.
 
@@ -24,37 +27,40 @@ RTN and SQuant are per-layer and data-free: the same walk runs without calibrati
 gives exactly the codes `quantize` gives. Not here (use `quantize`): activation quantization, mixed
 precision, the power grid's output-error search, loss='output' / Fisher weights and augmentation. Layers
 outside the decoder stack that the plan quantizes (``lm_head`` unless ignored) get the recipe's data-free
-codes (nearest for learned methods). Chains stay in memory (``n x seqlen x hidden`` floats each).
+codes (nearest for learned methods). The chains (``n x seqlen x hidden`` each) stay in memory up to
+``chain_bytes`` together and are memory-mapped files beyond (`postquant.reconstruct.chains`).
 
 In a torch.distributed process group (`postquant.distributed`), each rank carries the chains of its contiguous
-shard of the calibration batches; GPTQ sums the ranks' Hessians and splits the solves, learned rounding draws
-one process's batch from the sharded cache and sums the gradients, RTN/SQuant split the layers, rank 0 writes
-the checkpoints, and every rank ends with the same model (docs/distributed.md).
+shard of the calibration batches (kept per batch); GPTQ sums the ranks' Hessians and splits the solves,
+learned rounding draws one process's batch from the sharded cache and sums the gradients, RTN/SQuant split
+the layers, rank 0 writes the checkpoints, and every rank ends with the same model (docs/distributed.md).
+`quantize_checkpoint` is single-process for now.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from postquant.calib import as_calibration
 from postquant.calib.data import batch_size_of, run_model
 from postquant.choices import GridKind, Method, PowerSearch
 from postquant.distributed import Ranks, current, shard, shard_bounds
-from postquant.errors import CheckpointError, DataError, RecipeError, UnsupportedModelError
+from postquant.errors import DataError, RecipeError, UnsupportedModelError
 from postquant.eval.run import main_output
 from postquant.model.blocks import Unit
 from postquant.model.hf import no_kv_cache
+from postquant.model.lazy import LazyCheckpoint
 from postquant.model.walk import quantized_layers
 from postquant.nn import cached_weights
 from postquant.nn.layer import upcast_half
@@ -63,24 +69,19 @@ from postquant.pipeline import agree_model, check_same_inputs
 from postquant.plan import Plan, check_finite, make_plan
 from postquant.progress import progress_bar
 from postquant.recipe import Recipe
-from postquant.reconstruct.cache import Record, Shard, UnitData, mergeable
+from postquant.reconstruct.cache import Record, Shard, UnitData, _cat, mergeable
 from postquant.reconstruct.capture import Captured, _StopForward, capture
-from postquant.reconstruct.checkpoint import (
-    CheckpointStore,
-    data_fingerprint,
-    model_fingerprint,
-    read_tensors,
-    unit_seed,
-)
+from postquant.reconstruct.chains import DEFAULT_CHAIN_BYTES, Chain, ChainCheckpoint, ChainMemory
+from postquant.reconstruct.checkpoint import CheckpointStore, data_fingerprint, model_fingerprint, unit_seed
 from postquant.reconstruct.config import BOOKKEEPING, Loss
 from postquant.reconstruct.engine import ReconstructionReport, prepare
 from postquant.reconstruct.loop import UnitOutcome, reconstruct_unit, restore, snapshot
 from postquant.reconstruct.presets import is_learned, learned_config
 from postquant.rounding.gptq import HessianAccumulator
-from postquant.store.files import fingerprint, write_atomic
+from postquant.store.files import fingerprint
 from postquant.weights import quantize_weights, reduce_hessians, solve_gptq
 
-__all__ = ["DECODER_LISTS", "check_block_recipe", "decoder_layers", "quantize_blocks"]
+__all__ = ["DECODER_LISTS", "check_block_recipe", "decoder_layers", "quantize_blocks", "quantize_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,17 @@ DECODER_LISTS = (
 )
 
 OnBlockEnd = Callable[[int, str], None]
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+    except (OSError, TypeError):  # no C library to open by None (Windows)
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _glibc()
 
 
 def decoder_layers(model: nn.Module, blocks: str | None = None) -> tuple[str, nn.ModuleList]:
@@ -220,11 +232,25 @@ def _shard_of(inputs: list[Captured], part: range) -> Shard:
 
 
 @torch.no_grad()
-def _run_layer(layer: nn.Module, inputs: list[Captured], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`layer` on each batch's captured arguments with the hidden states replaced by `hidden`."""
-    return [
-        main_output(layer(h, *c.args[1:], **c.kwargs)).detach() for c, h in zip(inputs, hidden, strict=True)
-    ]
+def _run_layer(
+    layer: nn.Module, inputs: list[Captured], hidden: Chain, memory: ChainMemory | None
+) -> Chain | None:
+    """`layer` on each batch's captured arguments with the hidden states replaced by the chain `hidden`; the
+    outputs as a new chain in `memory` (None: not kept)."""
+    device = next(layer.parameters(), torch.empty(0)).device
+    out = memory.chain(hidden.sizes, hidden.whole is not None) if memory is not None else None
+    for b, (c, h) in enumerate(zip(inputs, hidden.batches(), strict=True)):
+        y = main_output(layer(h.to(device), *c.args[1:], **c.kwargs)).detach()
+        if out is not None:
+            out.put(b, y)
+    return out
+
+
+def _sharing_copy(layer: nn.Module) -> nn.Module:
+    """A copy of `layer`'s modules that shares its parameters and buffers (no tensor is copied): the float
+    teacher that stays when `layer`'s Linears are replaced by quantized ones in place."""
+    memo: dict[int, Any] = {id(t): t for t in (*layer.parameters(), *layer.buffers())}
+    return copy.deepcopy(layer, memo)
 
 
 def _gptq_layer(
@@ -234,7 +260,7 @@ def _gptq_layer(
     layer_names: tuple[str, ...],
     recipe: Recipe,
     inputs: list[Captured],
-    hidden: list[torch.Tensor],
+    hidden: Chain,
     ranks: Ranks | None = None,
 ) -> None:
     """GPTQ codes for the planned layers of one decoder layer, installed in `qmodel`: their Hessians come from
@@ -250,7 +276,7 @@ def _gptq_layer(
         handles.append(sub.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(upcast_half(args[0]))))
     try:
         with torch.no_grad():
-            _run_layer(float_layer, inputs, hidden)
+            _run_layer(float_layer, inputs, hidden, None)
     finally:
         for handle in handles:
             handle.remove()
@@ -267,15 +293,29 @@ def _gptq_layer(
 
 def _unit_data(
     inputs: list[Captured],
-    q_hidden: list[torch.Tensor],
-    f_hidden: list[torch.Tensor],
-    targets: list[torch.Tensor],
+    merged: Captured | None,
+    q: Chain,
+    f: Chain,
+    targets: Chain,
     shard_of: Shard | None = None,
 ) -> UnitData:
-    """The unit cache of one decoder layer; `shard_of`: this rank holds those batches of one process's cache
-    (merged only where one process's merges)."""
+    """The unit's records: one record of all samples whose tensors are the chains themselves when the batches
+    share their shapes (what `UnitData.merge` makes, without a copy), else one record per batch, merged.
+
+    `shard_of`: this rank holds those batches of one process's cache (its chains are kept per batch; merged
+    only where one process's merges)."""
+    if merged is not None and q.whole is not None and f.whole is not None and targets.whole is not None:
+        rest = merged.args[1:]
+        n = sum(q.sizes)
+        record = Record(
+            n,
+            Captured((q.whole, *rest), merged.kwargs),
+            Captured((f.whole, *rest), merged.kwargs),
+            targets.whole,
+        )
+        return UnitData([record], list(q.sizes))
     data = UnitData(shard=shard_of)
-    for c, hq, hf, t in zip(inputs, q_hidden, f_hidden, targets, strict=True):
+    for c, hq, hf, t in zip(inputs, q.batches(), f.batches(), targets.batches(), strict=True):
         n = hq.shape[0]
         rest = c.args[1:]
         data.records.append(Record(n, Captured((hq, *rest), c.kwargs), Captured((hf, *rest), c.kwargs), t))
@@ -285,51 +325,48 @@ def _unit_data(
     return data
 
 
-class _Chains:
-    """Both chains after finished layer k, saved beside the checkpoint store (``chains_<k>.safetensors``).
+def _start_chains(
+    model: nn.Module, first: str, batches: list[Any], memory: ChainMemory, live: int, part: range | None
+) -> tuple[list[Captured], Chain, Captured | None, Shard | None]:
+    """Layer 0's call arguments without the hidden states, its hidden states as a chain, the arguments
+    merged over all batches (None when the batches differ in shape: the chain is then kept per batch), and,
+    with `part` (a rank's batches), where they sit in one process's cache.
 
-    With `ranks`, each rank holds batches `part` of the chains: saving gathers them (rank 0 writes the file
-    one process writes), loading takes this rank's part of it (so a run resumes on any number of ranks)."""
+    With `part` the chain holds only those batches, one tensor each (never one tensor of all samples); the
+    other batches' hidden states are the placeholders of `_first_inputs`, used to find the `Shard` and
+    dropped, never stored in a chain."""
+    captured = _first_inputs(model, first, batches, part)
+    shard_of = None
+    if part is not None:
+        shard_of = _shard_of(captured, part)
+        captured = captured[part.start : part.stop]
+    hidden = [c.args[0] for c in captured]
+    inputs = [Captured((None, *c.args[1:]), c.kwargs) for c in captured]
+    del captured
+    sizes = [h.shape[0] for h in hidden]
+    merged = None
+    if part is None and all(
+        h.shape[1:] == hidden[0].shape[1:] and h.dtype == hidden[0].dtype for h in hidden
+    ):
+        with contextlib.suppress(ValueError):  # arguments that differ across batches: kept per batch
+            merged = _cat(inputs, sizes)
+    memory.plan(sum(h.numel() * h.element_size() for h in hidden), live)
+    chain = memory.chain(sizes, whole=merged is not None)
+    for b, h in enumerate(hidden):
+        chain.put(b, h)
+    return inputs, chain, merged, shard_of
 
-    def __init__(
-        self, store: CheckpointStore | None, ranks: Ranks | None = None, part: range | None = None
-    ) -> None:
-        self.store = store
-        self.ranks = ranks
-        self.part = part
 
-    def path(self, k: int) -> Path | None:
-        return None if self.store is None else self.store.dir / f"chains_{k:04d}.safetensors"
+@dataclass
+class _Source:
+    """Where the walk finds each float decoder layer and puts the quantized one."""
 
-    def save(self, k: int, q: list[torch.Tensor], f: list[torch.Tensor]) -> None:
-        path = self.path(k)
-        if path is None:
-            return
-        q, f = [t.cpu() for t in q], [t.cpu() for t in f]
-        if self.ranks is not None:
-            parts = self.ranks.gather_objects((q, f), "gathering the chains for the checkpoint")
-            if not self.ranks.is_main:
-                return
-            q, f = [t for part in parts for t in part[0]], [t for part in parts for t in part[1]]
-        tensors = {f"q.{b}": t.contiguous() for b, t in enumerate(q)}
-        tensors.update({f"f.{b}": t.contiguous() for b, t in enumerate(f)})
-        write_atomic(path, lambda tmp: save_file(tensors, tmp))
-
-    def load(self, k: int, batches: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        path = self.path(k)
-        if path is None or not path.is_file():
-            raise CheckpointError(
-                f"the chains of finished layer {k} are missing ({path}); delete the checkpoint directory "
-                f"{None if self.store is None else self.store.dir} to start over"
-            )
-        tensors = read_tensors(path, "delete it and the checkpoint to redo")
-        part = self.part if self.part is not None else range(batches)
-        return [tensors[f"q.{b}"] for b in part], [tensors[f"f.{b}"] for b in part]
-
-    def drop(self, k: int) -> None:
-        path = self.path(k)
-        if path is not None and (self.ranks is None or self.ranks.is_main):
-            path.unlink(missing_ok=True)
+    model: nn.Module  # the float model (a checkpoint's: decoder layers on meta until fetched)
+    qmodel: nn.Module  # the model that receives the quantized layers (`model` itself when `inplace`)
+    container: str  # dotted name of the decoder-layer list
+    inplace: bool
+    fingerprint: Callable[[], str]  # of the float weights (for the resume key)
+    fetch: Callable[[int], None] | None = None  # loads layer k's float weights into `model`
 
 
 def quantize_blocks(
@@ -341,6 +378,8 @@ def quantize_blocks(
     checkpoint_dir: str | Path | None = None,
     inplace: bool = False,
     on_block_end: OnBlockEnd | None = None,
+    chain_bytes: int = DEFAULT_CHAIN_BYTES,
+    spill_dir: str | Path | None = None,
 ) -> nn.Module:
     """Quantize a decoder stack one decoder layer at a time (module docstring).
 
@@ -351,9 +390,12 @@ def quantize_blocks(
             methods need it, RTN and SQuant do not use it.
         blocks: the dotted name of the decoder-layer list (default: found among `DECODER_LISTS`).
         checkpoint_dir: resume directory (default: ``learned.checkpoint_dir``); each finished layer is saved.
-        inplace: quantize `model` itself (its layers become `QuantizedLayer`s; peak memory: the model plus one
-            layer's float copy) instead of a copy built layer by layer.
+        inplace: quantize `model` itself (its layers become `QuantizedLayer`s; peak memory: the model) instead
+            of a copy built layer by layer.
         on_block_end: called as ``on_block_end(k, name)`` after layer k is finished (and checkpointed).
+        chain_bytes: the activation chains alive at once (both chains' inputs and outputs of one layer) are
+            kept in memory up to this many bytes together; beyond, each is a memory-mapped file.
+        spill_dir: where those files go (default: a temporary folder); they are removed with the chains.
 
     Returns:
         The quantized model (eval mode), with its `QuantizationResult` (``postquant.result``).
@@ -370,12 +412,99 @@ def quantize_blocks(
         raise UnsupportedModelError(f"{type(model).__name__} is already quantized: pass the float model")
     model.eval()
     container, layers = decoder_layers(model, blocks)
-    learned = is_learned(recipe)
-    gptq = recipe.method is Method.GPTQ
-    chained = learned or gptq  # methods that need each layer's inputs in the quantized model
     recipe, _ = prepare(model, recipe, None, None)  # learned presets' first/last-layer policy
     plan = make_plan(model, recipe)
     check_finite(model, list(plan))
+    qmodel = model if inplace else _skeleton_copy(model, layers)
+    source = _Source(model, qmodel, container, inplace, lambda: model_fingerprint(model))
+    memory = ChainMemory(chain_bytes, spill_dir)
+    return _walk(source, recipe, plan, calib, memory, checkpoint_dir, on_block_end, start, current())
+
+
+def quantize_checkpoint(
+    path: str | Path,
+    recipe: Recipe | dict[str, Any] | str | Path | None = None,
+    calib: Any = None,
+    *,
+    blocks: str | None = None,
+    checkpoint_dir: str | Path | None = None,
+    on_block_end: OnBlockEnd | None = None,
+    chain_bytes: int = DEFAULT_CHAIN_BYTES,
+    spill_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Quantize the causal LM saved in a Hugging Face directory without ever holding it whole in float.
+
+    The model is built from ``config.json`` on the ``meta`` device; the parameters outside the decoder layers
+    (embeddings, final norm, ``lm_head``) are loaded from the safetensors shards, and each decoder layer's
+    float weights are loaded (in their stored dtype) when its turn comes, quantized, and released: the walk
+    of `quantize_blocks` with ``inplace=True`` on that skeleton, the same codes bit for bit. Peak memory is the
+    non-decoder parameters, the quantized codes of the finished layers, one decoder layer in float (plus what
+    its method needs to learn it) and the activation chains (at most `chain_bytes` in memory).
+
+    Args:
+        path: the directory ``save_pretrained(..., safe_serialization=True)`` wrote (``config.json`` and
+            ``model.safetensors`` or a sharded ``model.safetensors.index.json``).
+        recipe, calib, blocks, checkpoint_dir, on_block_end, chain_bytes, spill_dir: as for `quantize_blocks`
+            (a resume is keyed on the shards' bytes).
+        trust_remote_code: passed to transformers for architectures defined in the directory.
+
+    Returns:
+        The quantized model (eval mode), with its `QuantizationResult` (``postquant.result``).
+
+    Raises:
+        DataError: not a model directory, no safetensors weights, or a parameter the shards do not hold.
+        RecipeError, UnsupportedModelError: as for `quantize_blocks`; UnsupportedModelError also in a
+            torch.distributed process group (single-process for now).
+    """
+    start = time.perf_counter()
+    ranks = current()
+    if ranks is not None:
+        raise UnsupportedModelError(
+            f"quantize_checkpoint runs in one process for now, not in a torch.distributed process group of "
+            f"{ranks.world} ranks: run it without torchrun, or load the model and call quantize_blocks, which "
+            "splits the work over the ranks"
+        )
+    recipe = Recipe.coerce(recipe)
+    check_block_recipe(recipe)
+    checkpoint = LazyCheckpoint(path)
+    model = checkpoint.empty_model(trust_remote_code)
+    checkpoint.check_complete(model)  # before any work, not when the layer's turn comes
+    container, _ = decoder_layers(model, blocks)
+    checkpoint.materialize(model, "", skip=(container + ".",))
+    recipe, _ = prepare(model, recipe, None, None)
+    plan = make_plan(model, recipe)
+    check_finite(model, [n for n in plan if not n.startswith(container + ".")])  # the rest as they load
+    source = _Source(
+        model,
+        model,
+        container,
+        True,
+        checkpoint.fingerprint,
+        lambda k: checkpoint.materialize(model, f"{container}.{k}"),
+    )
+    memory = ChainMemory(chain_bytes, spill_dir)
+    return _walk(source, recipe, plan, calib, memory, checkpoint_dir, on_block_end, start)
+
+
+def _walk(
+    src: _Source,
+    recipe: Recipe,
+    plan: Plan,
+    calib: Any,
+    memory: ChainMemory,
+    checkpoint_dir: str | Path | None,
+    on_block_end: OnBlockEnd | None,
+    start: float,
+    ranks: Ranks | None = None,
+) -> nn.Module:
+    """The one walk over the decoder layers behind `quantize_blocks` and `quantize_checkpoint`; with `ranks`,
+    this rank's shard of the calibration batches (module docstring)."""
+    model, qmodel = src.model, src.qmodel
+    layers: nn.ModuleList = model.get_submodule(src.container)
+    learned = is_learned(recipe)
+    gptq = recipe.method is Method.GPTQ
+    chained = learned or gptq  # methods that need each layer's inputs in the quantized model
     batches = None
     if chained:
         batches = as_calibration(calib, recipe.calib_size) if calib is not None else None
@@ -386,7 +515,6 @@ def quantize_blocks(
             )
         if not isinstance(batches, list):
             raise DataError("the block path takes calibration batches (tensors or dicts), not a forward loop")
-    ranks = current()
     part: range | None = None  # with ranks: this rank's calibration batches
     if ranks is not None:
         check_same_inputs(ranks, recipe, model, batches)
@@ -396,48 +524,48 @@ def quantize_blocks(
     cfg = learned_config(recipe) if learned else None
     if checkpoint_dir is None and cfg is not None:
         checkpoint_dir = cfg.checkpoint_dir
-    names = [f"{container}.{i}" for i in range(len(layers))]
+    names = [f"{src.container}.{i}" for i in range(len(layers))]
     units = [Unit(n, (n,), tuple(p for p in plan.weight_layers if p.startswith(n + "."))) for n in names]
     store = None
     if checkpoint_dir is not None:
         key = fingerprint(
             {
                 "blockwise": recipe.model_dump(mode="json", exclude={"learned": set(BOOKKEEPING)}),
-                "model": model_fingerprint(model),
+                "model": src.fingerprint(),
                 "data": data_fingerprint(batches) if batches is not None else None,
                 "units": names,
             }
         )
         store = CheckpointStore(checkpoint_dir, key, names)
-    chains = _Chains(store, ranks, part)
+    chains = ChainCheckpoint(store.dir if store is not None else None, ranks, part)
     done = set(store.finished()) if store is not None else set()
     if ranks is not None and store is not None:  # ranks that would resume different layers would wait forever
         ranks.check_consistent({"set of finished decoder layers (checkpoint_dir)": repr(sorted(done))})
     if done:
         log.info("resuming: %d of %d decoder layers already finished in %s", len(done), len(names), store.dir)
 
-    qmodel = model if inplace else _skeleton_copy(model, layers)
-    qlayers: nn.ModuleList = qmodel.get_submodule(container)
+    qlayers: nn.ModuleList = qmodel.get_submodule(src.container)
     report = ReconstructionReport()
-    with no_kv_cache(model, qmodel):
+    with no_kv_cache(model, qmodel), contextlib.closing(memory):
         inputs: list[Captured] = []
-        q_hidden: list[torch.Tensor] = []
-        f_hidden: list[torch.Tensor] = []
+        merged: Captured | None = None
+        q: Chain | None = None
+        f: Chain | None = None
         shard_of: Shard | None = None
         if chained and len(done) < len(names):
-            inputs = _first_inputs(model, names[0], batches, part)  # type: ignore[arg-type]
-            if part is not None:  # this rank's batches; the cache samples as one process's
-                shard_of = _shard_of(inputs, part)
-                inputs = inputs[part.start : part.stop]
-            q_hidden = [c.args[0] for c in inputs]
-            f_hidden = list(q_hidden)
+            live = 4 if learned else 2  # chains alive at once: inputs and outputs (both chains if learned)
+            inputs, q, merged, shard_of = _start_chains(model, names[0], batches, memory, live, part)  # type: ignore[arg-type]
+            f = q
         bar = progress_bar(
             range(len(names)), enabled=cfg.progress if cfg else True, desc="decoder layers", unit="layer"
         )
         for k in bar:
             unit = units[k]
-            if inplace:  # the float layer is needed after its codes are chosen only by learned rounding
-                teacher_layer = copy.deepcopy(layers[k]) if chained and k not in done else layers[k]
+            if src.fetch is not None:
+                src.fetch(k)
+                check_finite(model, list(unit.layers))
+            if src.inplace:  # the float layer is needed after its codes are chosen only by chained methods
+                teacher_layer = _sharing_copy(layers[k]) if chained and k not in done else layers[k]
                 teacher: nn.Module = _TeacherView(names[k], teacher_layer)
             else:
                 qlayers[k] = copy.deepcopy(layers[k])
@@ -450,21 +578,23 @@ def quantize_blocks(
                     report.units.append(UnitOutcome(**outcome))
                 report.resumed += 1
                 if chained and k + 1 not in done and k + 1 < len(names):
-                    q_hidden, f_hidden = chains.load(k, len(inputs))
+                    assert q is not None
+                    q, f = chains.load(k, memory, q.sizes, merged is not None)
                 continue
             if gptq:
-                _gptq_layer(qmodel, teacher_layer, names[k], unit.layers, recipe, inputs, q_hidden, ranks)
+                _gptq_layer(qmodel, teacher_layer, names[k], unit.layers, recipe, inputs, q, ranks)  # type: ignore[arg-type]
                 with cached_weights(qlayers[k]):
-                    q_hidden = _run_layer(qlayers[k], inputs, q_hidden)
-                f_hidden = q_hidden  # GPTQ needs no float chain
-                chains.save(k, q_hidden, f_hidden)
+                    q = _run_layer(qlayers[k], inputs, q, memory)  # type: ignore[arg-type]
+                f = q  # GPTQ needs no float chain
+                chains.save(k, q, f)  # type: ignore[arg-type]
             if learned:
                 # one decoder layer's dequantized weights, kept while it is learned and run
                 with cached_weights(qlayers[k]):
-                    assert cfg is not None
-                    targets = _run_layer(teacher_layer, inputs, f_hidden)
+                    assert cfg is not None and q is not None and f is not None
+                    targets = _run_layer(teacher_layer, inputs, f, memory)
+                    assert targets is not None
                     if unit.layers:
-                        data = _unit_data(inputs, q_hidden, f_hidden, targets, shard_of)
+                        data = _unit_data(inputs, merged, q, f, targets, shard_of)
                         generator = torch.Generator().manual_seed(unit_seed(recipe.seed, k))
                         outcome = reconstruct_unit(
                             qmodel,
@@ -484,14 +614,15 @@ def quantize_blocks(
                             k + 1, len(names), unit.name, outcome.status,
                             outcome.error_before, outcome.error_after, outcome.seconds,
                         )  # fmt: skip
-                    q_hidden = _run_layer(qlayers[k], inputs, q_hidden)
-                    f_hidden = targets
-                    chains.save(k, q_hidden, f_hidden)
+                    q = _run_layer(qlayers[k], inputs, q, memory)
+                    f = targets
+                    chains.save(k, q, f)  # type: ignore[arg-type]
             if store is not None and (ranks is None or ranks.is_main):
                 last = asdict(report.units[-1]) if learned and unit.layers else {}
                 store.save(k, snapshot(qmodel, unit), last)
                 chains.drop(k - 1)
             del teacher, teacher_layer
+            _return_free_memory()
             if on_block_end is not None:
                 on_block_end(k, names[k])
         bar.close()
@@ -511,6 +642,17 @@ def quantize_blocks(
         qmodel = agree_model(ranks, qmodel)
     log.info("quantized %d decoder layers block by block in %.1f s", len(names), report.seconds)
     return qmodel
+
+
+def _return_free_memory() -> None:
+    """Hand the heap memory freed with a layer's float weights back to the system (glibc's ``malloc_trim``).
+
+    Without it glibc keeps the freed blocks of each layer (its mmap threshold rises after the first large
+    free, so later weights come from the heap, between long-lived allocations) and the resident memory grows
+    by most of a layer's float bytes per layer. Elsewhere (no glibc) nothing is done.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _sub_plan(plan: Plan, names: tuple[str, ...]) -> Plan:

@@ -24,6 +24,7 @@ import postquant
 from postquant.blockwise import _shard_of, _unit_data
 from postquant.distributed import current, shard_bounds, split_work
 from postquant.reconstruct.capture import Captured
+from postquant.reconstruct.chains import Chain, ChainMemory
 from postquant.reconstruct.params import uniform_rows
 
 HERE = Path(__file__).parent
@@ -193,7 +194,15 @@ def test_data_parallel_gptq_gives_the_codes_of_one_process(shared_run: Path) -> 
 
 # ------------------------------------------------------------------------ the block path (quantize_blocks)
 
-BLOCKS = ["block_rtn", "block_squant", "block_gptq", "block_learned", "block_qdrop", "block_ckpt"]
+BLOCKS = [
+    "block_rtn",
+    "block_squant",
+    "block_gptq",
+    "block_learned",
+    "block_qdrop",
+    "block_ckpt",
+    "block_spill",
+]
 
 
 class _Killed(Exception):
@@ -238,14 +247,17 @@ def test_block_path_per_layer_methods_split_over_ranks_equal_one_process(
         assert_same_state(outcome(block_run, scenario, rank)["state"], want)
 
 
-@pytest.mark.parametrize("scenario", ["block_gptq", "block_learned", "block_qdrop", "block_ckpt"])
+@pytest.mark.parametrize(
+    "scenario", ["block_gptq", "block_learned", "block_qdrop", "block_ckpt", "block_spill"]
+)
 def test_block_path_data_parallel_gives_the_codes_of_one_process(block_run: Path, scenario: str) -> None:
     """Both chains sharded (batches 0-3 and 4-6): GPTQ sums the Hessians and splits the solves; learned
     rounding draws one process's batch from all the data, each rank computing the rows it holds, gradients
     summed. Both ranks hold the same model; its codes are one process's (measured: 0 of 27648 differ for
     each; allowed: 0.5 %), the learned layers' errors one process's to float summation order (measured
     relative difference < 1e-7). block_ckpt resumed on 2 ranks the checkpoint (decoder layer 0 and its
-    chains) of a one-process run that was killed."""
+    chains) of a one-process run that was killed; block_spill kept every rank's chains in memory-mapped
+    files (chain_bytes=0) against one process's chains in memory, and left no file behind."""
     want = quantize_blocks_one_thread(scenario)
     got = [outcome(block_run, scenario, rank) for rank in range(2)]
     assert_same_state(got[1]["state"], got[0]["state"])
@@ -256,6 +268,9 @@ def test_block_path_data_parallel_gives_the_codes_of_one_process(block_run: Path
         errors = [e for u in learned.units for e in (u.error_before, u.error_after)]
         assert [e for pair in got[0]["learned"] for e in pair] == pytest.approx(errors, rel=1e-4)
     assert got[0]["resumed"] == (1 if scenario == "block_ckpt" else 0)
+    if scenario == "block_spill":
+        for rank in range(2):
+            assert list((block_run / f"spill.{rank}").iterdir()) == []
 
 
 def test_block_path_checkpoint_of_two_ranks_resumes_in_one_process(block_run: Path) -> None:
@@ -341,6 +356,14 @@ def test_each_rank_draws_its_rows_of_one_process_draw(total: int, world: int, wi
     assert torch.equal(torch.cat(parts), want)
 
 
+def _chain(batches: list[torch.Tensor]) -> Chain:
+    """A chain in memory holding `batches`, one tensor each."""
+    chain = ChainMemory().chain([b.shape[0] for b in batches], whole=False)
+    for i, b in enumerate(batches):
+        chain.put(i, b)
+    return chain
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     sizes=st.lists(st.integers(1, 5), min_size=1, max_size=6),
@@ -357,15 +380,15 @@ def test_ranks_drawing_from_their_shards_draw_one_process_batch(
     and every rank's generator ends where one process's does."""
     hidden = [torch.randn(n, 3 if same_shape else 3 + b) for b, n in enumerate(sizes)]
     inputs = [Captured((h, torch.ones(1)), {"flag": True}) for h in hidden]
-    one = _unit_data(inputs, hidden, hidden, hidden)
+    chain = _chain(hidden)
+    one = _unit_data(inputs, None, chain, chain, chain)
     gen = torch.Generator().manual_seed(seed)
     record, want = one.sample(batch, gen)
     covered = torch.zeros(len(want), dtype=torch.int64)
     for start, stop in shard_bounds(len(sizes), world):
         shard = _shard_of(inputs, range(start, stop))
-        local = _unit_data(
-            inputs[start:stop], hidden[start:stop], hidden[start:stop], hidden[start:stop], shard
-        )
+        mine = _chain(hidden[start:stop])  # a rank's chain: one tensor per batch
+        local = _unit_data(inputs[start:stop], None, mine, mine, mine, shard)
         rank_gen = torch.Generator().manual_seed(seed)
         drawn = shard.sample(local.records, batch, rank_gen)
         assert torch.equal(rank_gen.get_state(), gen.get_state()) and drawn.total == len(want)

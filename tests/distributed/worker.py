@@ -58,6 +58,7 @@ BLOCKS: dict[str, dict[str, Any]] = {
     "block_learned": {"method": "learned", "w_bits": 3, "learned": BLOCK_LEARNED},
     "block_qdrop": {"method": "qdrop", "w_bits": 3, "learned": BLOCK_LEARNED},  # QDrop's draws on a shard
     "block_ckpt": {"method": "brecq", "w_bits": 3, "learned": BLOCK_LEARNED},  # + learned.checkpoint_dir
+    "block_spill": {"method": "learned", "w_bits": 3, "learned": BLOCK_LEARNED},  # chains in mapped files
 }
 
 
@@ -104,8 +105,11 @@ def outcome(qmodel: torch.nn.Module, seconds: float) -> dict[str, Any]:
 def run(scenario: str, rank: int, out: Path | None = None) -> dict[str, Any]:
     if scenario in BLOCKS:
         model, recipe, batches = build_blocks(scenario, out)
+        kwargs: dict[str, Any] = {}
+        if scenario == "block_spill" and out is not None:  # every chain a memory-mapped file
+            kwargs = {"chain_bytes": 0, "spill_dir": out / f"spill.{rank}"}
         start = time.perf_counter()
-        qmodel = postquant.quantize_blocks(model, recipe, batches)
+        qmodel = postquant.quantize_blocks(model, recipe, batches, **kwargs)
         return outcome(qmodel, time.perf_counter() - start)
     model, recipe, batches = build(scenario, rank)
     if scenario == "dead" and rank == 1:
