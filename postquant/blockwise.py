@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from postquant.calib import as_calibration
-from postquant.calib.data import batch_size_of, run_model
+from postquant.calib.data import batch_size_of, run_model, spread_batches
 from postquant.choices import GridKind, Method, PowerSearch
 from postquant.distributed import Ranks, current, shard, shard_bounds
 from postquant.errors import DataError, RecipeError, UnsupportedModelError
@@ -515,6 +515,9 @@ def _walk(
             )
         if not isinstance(batches, list):
             raise DataError("the block path takes calibration batches (tensors or dicts), not a forward loop")
+        max_samples = learned_config(recipe).max_samples if learned else None
+        if max_samples is not None:  # as `reconstruct_model`: whole batches spread over the set
+            batches = spread_batches(batches, max_samples)
     part: range | None = None  # with ranks: this rank's calibration batches
     if ranks is not None:
         check_same_inputs(ranks, recipe, model, batches)

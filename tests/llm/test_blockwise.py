@@ -89,6 +89,22 @@ def test_learned_block_path_matches_the_whole_model_path() -> None:
     assert not mismatched
 
 
+def test_learned_fast_on_the_block_path_matches_the_whole_model_path() -> None:
+    """learned-fast (signed gradient, max_samples) takes the same spread subset of the calibration windows on
+    both paths, so the codes agree as the default's do."""
+    model = tiny_llama()
+    recipe = grid_recipe(
+        "learned-fast", learned={"iters": 4, "progress": False, "max_samples": 4}, calib_size=8
+    )
+    whole, blocks = postquant.quantize(model, recipe, calib()), quantize_blocks(model, recipe, calib())
+    a, b = codes(whole), codes(blocks)
+    assert not [n for n in a if not torch.equal(a[n], b[n])]
+    sub = quantize_blocks(
+        model, {**recipe, "learned": {**recipe["learned"], "max_samples": None}}, calib()[::2]
+    )
+    assert all(torch.equal(b[n], c) for n, c in codes(sub).items())  # batch 0 of two batches of 4 windows
+
+
 def test_gptq_block_path_lowers_the_error_of_nearest_rounding() -> None:
     from postquant.eval import sqnr_db
 
