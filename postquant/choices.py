@@ -33,7 +33,7 @@ class Method(enum.StrEnum):
     BRECQ = "brecq"  # learned rounding, block-wise
     QDROP = "qdrop"  # BRECQ + randomly dropped activation quantization
     LEARNED = "learned"  # this project's measured default of learned rounding
-    LEARNED_FAST = "learned-fast"  # the same in a tenth of the steps (signed gradient; reconstruct.presets)
+    LEARNED_FAST = "learned-fast"  # the same in an eighth of the steps (signed gradient; reconstruct.presets)
     GPTQ = "gptq"  # Hessian-based column-by-column rounding with error compensation (docs/algorithms.md 2.5)
 
 

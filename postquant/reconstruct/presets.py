@@ -13,7 +13,7 @@
   per unit of time (benchmarks/results/learned.md): QDrop's block reconstruction started from SQuant codes
   instead of nearest rounding, with a 10x larger step (1e-2) and 100x fewer iterations (200 per block).
   SQuant's start already halves the block error of nearest rounding, so few steps suffice.
-* ``learned-fast`` - the same start and blocks in a tenth of the steps, for a run of seconds: AutoRound's
+* ``learned-fast`` - the same start and blocks in an eighth of the steps, for a run of seconds: AutoRound's
   signed gradient descent (Cheng et al., 2023) on a straight-through offset, its learning rate ``1 / iters``
   decayed linearly to 0 (so an offset can cross its rounding interval once whatever ``iters`` is), batches of
   16, a quarter of the calibration samples, activation steps kept from calibration
