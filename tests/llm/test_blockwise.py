@@ -15,23 +15,13 @@ import postquant  # noqa: E402
 from postquant.blockwise import decoder_layers, quantize_blocks  # noqa: E402
 from postquant.errors import DataError, RecipeError, UnsupportedModelError  # noqa: E402
 from postquant.model import quantized_layers  # noqa: E402
+from tests.conftest import make_tiny_llama  # noqa: E402
 
 VOCAB = 64
 
 
 def tiny_llama(layers: int = 3, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return make_tiny_llama(layers, seed, vocab=VOCAB)
 
 
 def calib(n: int = 8, seqlen: int = 16, batch: int = 4) -> list[torch.Tensor]:
