@@ -203,23 +203,28 @@ def write_markdown(rows: dict[str, Any], path: Path) -> None:
         if ref:
             lines.append(
                 f"Target (issue 21): mean >= {ref_acc - TARGET_GAP:.2f} (the default's {ref_acc:.2f} - "
-                f"{TARGET_GAP}) at <= {TARGET_RATIO:.0%} of its time (ratio from the one-run timing where "
-                "measured, else from the curve):"
+                f"{TARGET_GAP}) at <= {TARGET_RATIO:.0%} of its time, the time judged only where the `--timing` "
+                "run measured it:"
             )
             lines.append("")
             for (variant, iters), rs in sorted(cells.items()):
                 if (variant, iters) == ("default", DEFAULT_ITERS) or len(rs) < 3:
                     continue
                 acc = _mean([r["value"] for r in rs])
+                acc_ok = "PASS" if acc >= ref_acc - TARGET_GAP else "FAIL"
                 if (variant, iters) in timed:
-                    ratio, source = timed[(variant, iters)][1], "one-run timing"
+                    ratio = timed[(variant, iters)][1]
+                    ok = acc >= ref_acc - TARGET_GAP and ratio <= TARGET_RATIO
+                    lines.append(
+                        f"- {variant} @ {iters}: mean {acc:.2f} (accuracy {acc_ok}), time ratio {ratio:.3f} in one "
+                        f"run: {'PASS' if ok else 'FAIL'}"
+                    )
                 else:
-                    ratio, source = _mean([r["quantize_s"] for r in rs]) / ref_time, "curve"
-                ok = acc >= ref_acc - TARGET_GAP and ratio <= TARGET_RATIO
-                lines.append(
-                    f"- {variant} @ {iters}: mean {acc:.2f}, time ratio {ratio:.3f} ({source}): "
-                    f"{'PASS' if ok else 'FAIL'}"
-                )
+                    ratio = _mean([r["quantize_s"] for r in rs]) / ref_time
+                    lines.append(
+                        f"- {variant} @ {iters}: mean {acc:.2f} (accuracy {acc_ok}); time not measured in one run "
+                        f"(the curve's ratio {ratio:.3f} mixes loads)"
+                    )
             lines.append("")
     write_text_atomic(path, "\n".join(lines))
 
