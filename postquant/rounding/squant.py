@@ -585,6 +585,20 @@ def _kernel_stage_ranked(
 # Channel stage
 
 
+def _flip_threshold(values: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `values` (n, M): the value at position k of its descending order, so that the first k are
+    those above it, and whether that is ambiguous (k >= M, or the values at positions k-1 and k are equal:
+    the reference's sort decides those rows). The threshold is inf (no flips) where k == 0 or ambiguous."""
+    m = values.shape[1]
+    asc = np.sort(values, axis=1)  # ascending: position t of the descending order is column M-1-t
+    kk = m - 1 - np.minimum(k, m - 1).astype(np.intp)
+    rows = np.arange(values.shape[0])
+    v_k = asc[rows, kk]
+    ambiguous = (k > 0) & ((k >= m) | (asc[rows, np.minimum(kk + 1, m - 1)] == v_k))
+    v_k[(k == 0) | ambiguous] = np.inf
+    return v_k, ambiguous
+
+
 def _channel_stage_handoffs(
     xb: torch.Tensor,
     ob: torch.Tensor,
@@ -612,12 +626,7 @@ def _channel_stage_handoffs(
         h_up.numpy() == up[:, None]
     )  # (n, IC): the nonzero entries of the direction's list
     # The first k of the order are the priorities above the one at position k, unless those two are equal.
-    asc = np.sort(pri, axis=1)  # (n, IC) ascending: position t of the order is column IC-1-t
-    kk = ic - 1 - np.minimum(k, ic - 1).astype(np.intp)
-    chans = np.arange(n)
-    v_k = asc[chans, kk]
-    ambiguous = (k > 0) & ((k >= ic) | (asc[chans, np.minimum(kk + 1, ic - 1)] == v_k))
-    v_k[(k == 0) | ambiguous] = np.inf  # no flips there (the ambiguous ones are done below)
+    v_k, ambiguous = _flip_threshold(pri, k)  # the ambiguous ones are done below
     rows = np.flatnonzero(pri > v_k[:, None])  # flat kernel ids
     if rows.size:
         flat = rows * klen + h_pos.numpy().ravel()[rows]  # the hand-offs' elements
@@ -807,13 +816,7 @@ def _channel_stage_full_cpu(xb: torch.Tensor, ob: torch.Tensor, tmin: int, tmax:
     p *= step
     torch.from_numpy(p).clamp_min_(0)
     p += 0.0  # -0.0 -> +0.0
-    m = p.shape[1]
-    asc = np.sort(p, axis=1)  # (n, M) ascending: position t of the order is column M-1-t
-    kk = m - 1 - np.minimum(k, m - 1).astype(np.intp)
-    chans = np.arange(n)
-    v_k = asc[chans, kk]
-    ambiguous = (k > 0) & ((k >= m) | (asc[chans, np.minimum(kk + 1, m - 1)] == v_k))
-    v_k[(k == 0) | ambiguous] = np.inf  # no flips there (the ambiguous ones are redone below)
+    v_k, ambiguous = _flip_threshold(p, k)  # the ambiguous ones are redone below
     r += (p > v_k[:, None]) * step
     ob.view(n, -1).copy_(torch.from_numpy(r).clamp_(tmin, tmax))
     if ambiguous.any():
