@@ -101,6 +101,12 @@ class Recipe(BaseModel):
         "percentile for bn-noise ranges, else minmax",
     )
     a_percentile: float = Field(default=99.99, gt=50, le=100)
+    a_observer_samples: int | None = Field(
+        default=None,
+        ge=1024,
+        description="values per layer input the mse and std observers keep (a seeded sample); null = "
+        "2^20, 2^18 for the learned-fast method (a quarter of the range search)",
+    )
     ignore: list[str] = Field(default_factory=list, description="names, globs, 'type:Name' or 're:...'")
     overrides: dict[str, LayerOverride] = Field(
         default_factory=_default_overrides,
@@ -122,10 +128,13 @@ class Recipe(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_unset_gptq(self, handler: Any) -> dict[str, Any]:
-        # Recipes without GPTQ settings dump as before the field existed (their fingerprints stay the same).
+        # Recipes without GPTQ settings (or observer samples) dump as before the fields existed (their
+        # fingerprints stay the same).
         data = handler(self)
         if self.gptq is None:
             data.pop("gptq", None)
+        if self.a_observer_samples is None:  # added later: left out at its default, as gptq
+            data.pop("a_observer_samples", None)
         return data
 
     @property

@@ -69,6 +69,7 @@ def calibrate_from_data(
     percentile: float = 99.99,
     progress: bool = True,
     ranks: Ranks | None = None,
+    sample_size: int = 1 << 20,
 ) -> None:
     """Observe the float inputs of `layers` over `calib`, then install an input quantizer on each.
 
@@ -77,9 +78,12 @@ def calibrate_from_data(
     each rank observes its contiguous shard of the batches and the observers are merged in rank order, so
     every rank installs the same ranges: those of one process for min/max and percentile, and for MSE and
     std unless one layer input holds more values than the observer's sample (`RangeObserver.merge`). A
-    forward loop cannot be split: every rank then runs all of it.
+    forward loop cannot be split: every rank then runs all of it. `sample_size`: the values per layer input
+    the mse and std observers keep.
     """
-    observers = {name: make_observer(observer, percentile=percentile) for name in layers}
+    observers = {
+        name: make_observer(observer, percentile=percentile, sample_size=sample_size) for name in layers
+    }
     if ranks is not None and not isinstance(calib, list):
         ranks = None  # each rank sees everything: nothing to merge
     if ranks is not None:
@@ -209,6 +213,7 @@ def bn_noise_ranges(
     seed: int = 0,
     n: int = 256,
     progress: bool = True,
+    sample_size: int = 1 << 20,
 ) -> dict[str, tuple[float, float]]:
     """Data-free activation ranges from the *float* model (before BN folding), which is not modified.
 
@@ -217,7 +222,7 @@ def bn_noise_ranges(
     the inputs of the layers in `names` (name -> bits) are observed with `observer`; `progress` shows a bar
     over the observed layer inputs. Image-shaped (4-D) noise runs in channels-last memory format, where CPU
     convolutions are faster; a model whose forward needs NCHW tensors (a ``.view`` of an activation) is
-    run again in NCHW.
+    run again in NCHW. `sample_size`: the values per layer input the mse and std observers keep.
     """
     if not isinstance(example, torch.Tensor):
         raise TypeError("the bn-noise rule needs tensor inputs; pass calibration data instead")
@@ -226,7 +231,7 @@ def bn_noise_ranges(
     model = copy.deepcopy(float_model).eval()
 
     def observe(memory_format: torch.memory_format) -> dict[str, RangeObserver]:
-        observers = {name: make_observer(observer, seed=seed) for name in names}
+        observers = {name: make_observer(observer, seed=seed, sample_size=sample_size) for name in names}
         layers = {name: model.get_submodule(name) for name in names}
         model.to(memory_format=memory_format)
         batches = [b.contiguous(memory_format=memory_format) for b in torch.split(noise, 64)]

@@ -94,7 +94,7 @@ class CalibSource(enum.StrEnum):
 
 
 # LearnedConfig fields added later, with the default at which they are left out of dumps (and so of keys).
-_LATER_FIELDS: dict[str, Any] = {"max_samples": None}
+_LATER_FIELDS: dict[str, Any] = {"max_samples": None, "check_samples": None}
 
 # LearnedConfig fields that do not change the result: left out of checkpoint keys.
 BOOKKEEPING = frozenset({"checkpoint_dir", "progress", "chain_inputs"})
@@ -146,6 +146,12 @@ class LearnedConfig(BaseModel):
         default=True,
         description="keep a unit's starting codes when the learned ones reconstruct its cached data worse "
         "(measured on quantized inputs, without QDrop's float mixing)",
+    )
+    check_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="cached samples the before/after check of each unit runs on (the first ones, in whole "
+        "chunks of 128 or fewer; None: all of them); it also gives the reported unit errors",
     )
     first_last_w_bits: int | None = Field(
         default=None, ge=2, le=8, description="weight bits of the first and last layers (None: the recipe's)"

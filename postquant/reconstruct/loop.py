@@ -320,7 +320,8 @@ def evaluate_unit(
     chunk: int = 128,
     ranks: Ranks | None = None,
 ) -> float:
-    """Mean reconstruction loss of the unit as installed (hard codes, deployed quantizers) on the cache.
+    """Mean reconstruction loss of the unit as installed (hard codes, deployed quantizers) on the cache (on its
+    first ``cfg.check_samples`` rows when set).
 
     With `ranks`, each rank evaluates a contiguous share of the chunks (of its own rows when the cache is
     sharded, ``data.shard``) and the sums are all-reduced (the same mean on every rank; one process's up to
@@ -330,6 +331,8 @@ def evaluate_unit(
         for rec in data.records
         for start in range(0, rec.n, chunk)
     ]
+    if cfg.check_samples is not None:  # the first `check_samples` rows of the cache
+        chunks = _first_rows(chunks, cfg.check_samples)
     if ranks is not None and data.shard is None:  # a sharded cache: each rank evaluates its own rows
         first, stop = shard_bounds(len(chunks), ranks.world)[ranks.rank]
         chunks = chunks[first:stop]
@@ -344,6 +347,18 @@ def evaluate_unit(
         ranks.all_reduce_sum_([sums], "summing reconstruction errors")
         total, count = float(sums[0]), int(sums[1])
     return total / max(count, 1)
+
+
+def _first_rows(chunks: list[tuple[Record, slice]], n: int) -> list[tuple[Record, slice]]:
+    """The first `n` rows of a cache given as (record, rows) chunks, in order."""
+    out: list[tuple[Record, slice]] = []
+    for rec, idx in chunks:
+        if n <= 0:
+            break
+        stop = min(idx.stop, idx.start + n)
+        out.append((rec, slice(idx.start, stop)))
+        n -= stop - idx.start
+    return out
 
 
 def _loss(

@@ -156,3 +156,72 @@ def test_learned_fast_lowers_the_block_error_of_its_start():
     units = postquant.result(q).learned.units
     assert all(u.error_after <= u.error_before for u in units)
     assert sum(u.error_after for u in units) < 0.95 * sum(u.error_before for u in units), units
+
+
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=6), st.integers(1, 1000))
+@settings(max_examples=60, deadline=None)
+def test_first_rows_takes_the_first_n_rows_of_the_chunks_in_order(sizes, n):
+    from postquant.reconstruct.loop import _first_rows
+
+    chunks = [(i, slice(s, min(s + 128, size))) for i, size in enumerate(sizes) for s in range(0, size, 128)]
+    picked = _first_rows(chunks, n)  # type: ignore[arg-type]
+    rows = [(rec, r) for rec, idx in picked for r in range(idx.start, idx.stop)]
+    every = [(rec, r) for rec, idx in chunks for r in range(idx.start, idx.stop)]
+    assert rows == every[:n]
+
+
+def test_check_samples_runs_the_unit_check_on_the_first_cached_rows(monkeypatch):
+    from postquant.reconstruct import loop
+
+    assert "check_samples" not in LearnedConfig().model_dump()  # added later: keys of old runs stay
+    assert preset("learned-fast").check_samples == 64
+    seen: dict[int, list[tuple[int, int]]] = {}
+    real = loop._loss
+
+    def spy(qmodel, unit, rec, idx, overrides, cfg, generator, device, window=None):
+        if generator is None:  # the before/after check (training steps pass the generator)
+            seen.setdefault(cfg.check_samples, []).append((idx.start, idx.stop))
+        return real(qmodel, unit, rec, idx, overrides, cfg, generator, device, window)
+
+    monkeypatch.setattr(loop, "_loss", spy)
+    torch.manual_seed(0)
+    net = TinyResNet().eval()
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(4)]
+    for check in (None, 12):
+        recipe = {"method": "learned", "w_bits": 3, "learned": {"iters": 2, "progress": False}}
+        recipe["learned"]["check_samples"] = check
+        q = postquant.quantize(net, recipe, calib=calib)
+        assert all(u.error_before >= 0 for u in postquant.result(q).learned.units)
+    n_units = len(postquant.result(q).learned.units)
+    assert seen[None] == [(0, 32)] * (2 * n_units)  # every cached row, before and after
+    assert seen[12] == [(0, 12)] * (2 * n_units)  # the first 12
+
+
+def test_observer_samples_follow_the_recipe_and_the_learned_fast_method():
+    from postquant.pipeline import _observer_samples
+
+    assert "a_observer_samples" not in Recipe.coerce({"method": "learned"}).model_dump(mode="json")
+    assert _observer_samples(Recipe.coerce({"method": "learned"})) == 1 << 20
+    assert _observer_samples(Recipe.coerce({"method": "learned-fast"})) == 1 << 18
+    assert _observer_samples(Recipe.coerce({"method": "learned", "a_observer_samples": 4096})) == 4096
+    with pytest.raises(ValueError):
+        Recipe.coerce({"method": "learned", "a_observer_samples": 10})
+    torch.manual_seed(0)
+    net = TinyResNet().eval()
+    calib = torch.randn(64, 3, 16, 16)
+    ranges = {}
+    for samples in (None, 2048):
+        recipe = {
+            "method": "rtn",
+            "w_bits": 8,
+            "a_bits": 4,
+            "a_observer": "mse",
+            "a_observer_samples": samples,
+        }
+        q = postquant.quantize(net, recipe, calib=calib)
+        ranges[samples] = [
+            float(m.act_quant.scale) for m in q.modules() if getattr(m, "act_quant", None) is not None
+        ]
+    assert (
+        ranges[None] != ranges[2048]
+    )  # a layer input of more than 2048 values: another sample, another range
