@@ -1,0 +1,209 @@
+"""Issue 21's CPU-speed targets, each measured in one run and printed against its target.
+
+    python benchmarks/speed.py                       # everything (~3 min on an idle 2-core machine)
+    python benchmarks/speed.py --parts squant calib  # a subset
+
+Parts (one process; run it on an otherwise idle machine: the load average is written with the results):
+
+* ``learned``: `postquant.quantize` of resnet20-cifar10 W4A4 on one thread, the `learned` default (200
+  iterations per unit) and the `learned-fast` preset, each in its own process (`benchmarks/learned_fast.py
+  --row`), alternating `--repeats` times: the time ratio. Accuracy is not re-measured here: the 3-seed means
+  come from `benchmarks/results/learned_fast.json` (the curve of `benchmarks/learned_fast.py`).
+* ``calib``: `benchmarks/calib_speed.py`'s measurements of efficientnet-lite0 (observers against a plain
+  forward pass of the same samples; whole quantize calls).
+* ``squant``: `benchmarks/squant_speed.py`'s ResNet-18 shapes on one thread: SQuant and nearest rounding,
+  best of 7 (process CPU time).
+
+Writes ``benchmarks/results/speed.md`` and ``speed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import calib_speed, learned_fast, squant_speed
+from postquant.store.files import write_text_atomic
+
+log = logging.getLogger("speed")
+RESULTS = Path(__file__).parent / "results"
+LEARNED_MODEL, LEARNED_BITS, FAST_ITERS = "resnet20-cifar10", "W4A4", 25
+SQUANT_TARGET_S, SQUANT_TARGET_RATIO = 0.084, 6.0
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def _row(what: str, measured: str, target: str, ok: bool | None) -> dict[str, Any]:
+    verdict = "-" if ok is None else ("PASS" if ok else "FAIL")
+    log.info("%s: %s (target %s) %s", what, measured, target, verdict)
+    return {"what": what, "measured": measured, "target": target, "verdict": verdict, "load": _load()}
+
+
+def _learned_row(variant: str, iters: int) -> dict[str, Any]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    arg = f"{LEARNED_MODEL}|{LEARNED_BITS}|{variant}|{iters}|0"
+    done = subprocess.run(
+        [sys.executable, learned_fast.__file__, "--row", arg],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"learned row {arg} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def learned_part(repeats: int) -> list[dict[str, Any]]:
+    times: dict[str, list[float]] = {"default": [], "learned-fast": []}
+    for _ in range(repeats):
+        times["default"].append(_learned_row("default", learned_fast.DEFAULT_ITERS)["quantize_s"])
+        times["learned-fast"].append(_learned_row("learned-fast", FAST_ITERS)["quantize_s"])
+    default, fast = statistics.fmean(times["default"]), statistics.fmean(times["learned-fast"])
+    ratio = fast / default
+    rows = [
+        _row(
+            f"{LEARNED_MODEL} {LEARNED_BITS} quantize time, learned-fast ({FAST_ITERS} iters) / default "
+            f"({learned_fast.DEFAULT_ITERS} iters), one thread",
+            f"{fast:.1f} s / {default:.1f} s = {ratio:.3f} (runs: {times})",
+            f"<= {learned_fast.TARGET_RATIO}",
+            ratio <= learned_fast.TARGET_RATIO,
+        )
+    ]
+    table = json.loads(learned_fast.TABLE.read_text()) if learned_fast.TABLE.exists() else {}
+
+    def mean_of(variant: str, iters: int) -> tuple[float, int]:
+        values = [
+            r["value"]
+            for k, r in table.items()
+            if not k.startswith("timing|")
+            and (r["model"], r["bits"], r["variant"], r["iters"])
+            == (LEARNED_MODEL, LEARNED_BITS, variant, iters)
+        ]
+        return (statistics.fmean(values) if values else float("nan")), len(values)
+
+    ref, n_ref = mean_of("default", learned_fast.DEFAULT_ITERS)
+    acc, n_acc = mean_of("learned-fast", FAST_ITERS)
+    floor = ref - learned_fast.TARGET_GAP
+    rows.append(
+        _row(
+            f"{LEARNED_MODEL} {LEARNED_BITS} top-1, learned-fast vs default (means over seeds, "
+            "benchmarks/results/learned_fast.json)",
+            f"{acc:.2f} ({n_acc} seeds) vs {ref:.2f} ({n_ref} seeds)",
+            f">= {floor:.2f} (default - {learned_fast.TARGET_GAP})",
+            (acc >= floor) if n_acc >= 3 and n_ref >= 3 else None,
+        )
+    )
+    return rows
+
+
+def calib_part() -> list[dict[str, Any]]:
+    rows = []
+    for r in calib_speed.measure("efficientnet-lite0"):
+        if "ratio" in r:
+            rows.append(
+                _row(
+                    f"{r['model']} {r['case']}, time / plain forward pass of the same samples",
+                    f"{r['seconds']:.1f} s / {r['plain_pass_s']:.1f} s = {r['ratio']:.2f}x",
+                    f"<= {r['target_ratio']:.0f}x",
+                    r["ratio"] <= r["target_ratio"],
+                )
+            )
+        else:
+            target = r.get("target_s")
+            rows.append(
+                _row(
+                    f"{r['model']} {r['case']}",
+                    f"{r['seconds']:.1f} s",
+                    f"<= {target:.0f} s" if target else "-",
+                    (r["seconds"] <= target) if target else None,
+                )
+            )
+    return rows
+
+
+def squant_part() -> list[dict[str, Any]]:
+    torch.set_num_threads(1)
+    total, _ = squant_speed.bench_model(squant_speed.resnet18_shapes(), 4, 7, 0, clock=time.process_time)
+    ratio = total["squant"] / total["nearest"]
+    return [
+        _row(
+            "SQuant, ResNet-18 shapes, 4 bits, one thread (process CPU time, best of 7)",
+            f"{total['squant'] * 1000:.1f} ms",
+            f"< {SQUANT_TARGET_S * 1000:.0f} ms",
+            total["squant"] < SQUANT_TARGET_S,
+        ),
+        _row(
+            "SQuant / nearest rounding, same shapes",
+            f"{ratio:.1f}x (nearest {total['nearest'] * 1000:.1f} ms)",
+            f"<= {SQUANT_TARGET_RATIO:.0f}x",
+            ratio <= SQUANT_TARGET_RATIO,
+        ),
+    ]
+
+
+def markdown(rows: list[dict[str, Any]], header: str) -> str:
+    lines = [
+        "# CPU speed targets (issue 21)",
+        "",
+        header,
+        "",
+        "| what | measured | target | verdict | load after |",
+        "|---|---|---|---|---:|",
+    ]
+    lines += [
+        f"| {r['what']} | {r['measured']} | {r['target']} | {r['verdict']} | {r['load']:.1f} |" for r in rows
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--parts", nargs="+", default=["squant", "calib", "learned"], choices=["squant", "calib", "learned"]
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="alternating default / fast runs (learned)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "speed.md")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    start, load_start = time.time(), os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    for part in args.parts:
+        rows += {"squant": squant_part, "calib": calib_part, "learned": lambda: learned_part(args.repeats)}[
+            part
+        ]()
+    load_end = os.getloadavg()
+    header = (
+        f"`python benchmarks/speed.py --parts {' '.join(args.parts)}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(start))}, {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}; {(time.time() - start) / 60:.1f} min. Load average (1/5/15 min) at the start "
+        f"{' / '.join(f'{x:.1f}' for x in load_start)}, at the end {' / '.join(f'{x:.1f}' for x in load_end)}: "
+        "times taken on a loaded machine are slower, ratios of runs in this one process less so."
+    )
+    write_text_atomic(args.out, markdown(rows, header))
+    write_text_atomic(
+        args.out.with_suffix(".json"), json.dumps({"header": header, "rows": rows}, indent=1) + "\n"
+    )
+    print(markdown(rows, header))
+
+
+if __name__ == "__main__":
+    main()
