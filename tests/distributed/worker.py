@@ -48,6 +48,21 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "gptq": {"method": "gptq", "w_bits": 3, "calib_size": 40},  # Hessians summed, one rank solves
 }
 
+# Mixed precision: the importance of 4 layers at 2, 4 and 8 bits on 40 samples (7 batches), an average of 4 bits.
+MIXED = {"w_bits_budget": 4.0, "bit_choices": [2, 4, 8], "calib_size": 40}
+for _importance in ("loss", "fisher", "taylor"):  # loss: layers split; fisher, taylor: batches split
+    SCENARIOS[f"mixed_{_importance}"] = {
+        "method": "rtn",
+        "w_bits": 4,
+        "a_bits": 8,
+        "mixed": {**MIXED, "importance": _importance},
+    }
+SCENARIOS["mixed_squant_ckpt"] = {  # + mixed.checkpoint_dir: rank 0 alone writes the table
+    "method": "squant",
+    "w_bits": 4,
+    "mixed": {**MIXED, "importance": "loss"},
+}
+
 # The block path (`quantize_blocks`) on a tiny random Llama: 7 calibration batches of 2 windows (shards of 4 and
 # 3 batches), weight-only, lm_head kept float.
 BLOCK_LEARNED = {"iters": 30, "batch_size": 4, "progress": False}
@@ -62,11 +77,15 @@ BLOCKS: dict[str, dict[str, Any]] = {
 }
 
 
-def build(scenario: str, rank: int = 0) -> tuple[torch.nn.Module, dict[str, Any], list[torch.Tensor]]:
+def build(
+    scenario: str, rank: int = 0, out: Path | None = None
+) -> tuple[torch.nn.Module, dict[str, Any], list[torch.Tensor]]:
     """The model, recipe and calibration batches of `scenario` as rank `rank` holds them (they differ from
-    rank 0's only in the mismatch scenarios)."""
+    rank 0's only in the mismatch scenarios); `out`: where mixed_squant_ckpt saves its importance table."""
     model = _conftest.make_tiny_cnn(seed=1 if scenario == "bad_model" and rank == 1 else 0)
     recipe = dict(SCENARIOS.get(scenario, SCENARIOS["rtn"]))
+    if scenario == "mixed_squant_ckpt" and out is not None:
+        recipe["mixed"] = {**recipe["mixed"], "checkpoint_dir": str(out / "importance")}
     if scenario == "bad_recipe" and rank == 1:
         recipe["w_bits"] = 3
     gen = torch.Generator().manual_seed(7)
@@ -92,9 +111,10 @@ def build_blocks(
 
 def outcome(qmodel: torch.nn.Module, seconds: float) -> dict[str, Any]:
     """What a test compares: the state dict, the codes, the learned units' errors, the wall time."""
-    learned = postquant.result(qmodel).learned
+    learned, mixed = postquant.result(qmodel).learned, postquant.result(qmodel).mixed
     return {
         "state": {k: v.clone() for k, v in qmodel.state_dict().items()},
+        "mixed": {row.name: (row.bits, row.costs) for row in mixed.layers} if mixed is not None else None,
         "codes": codes(qmodel),
         "learned": [(u.error_before, u.error_after) for u in learned.units] if learned is not None else None,
         "resumed": learned.resumed if learned is not None else 0,
@@ -111,7 +131,7 @@ def run(scenario: str, rank: int, out: Path | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         qmodel = postquant.quantize_blocks(model, recipe, batches, **kwargs)
         return outcome(qmodel, time.perf_counter() - start)
-    model, recipe, batches = build(scenario, rank)
+    model, recipe, batches = build(scenario, rank, out)
     if scenario == "dead" and rank == 1:
         os._exit(3)  # a rank that dies before the first collective
     if scenario == "hung" and rank == 1:
