@@ -256,6 +256,38 @@ def test_importance_cache_of_two_ranks_is_written_by_rank_0_and_reused_in_one_pr
     assert allocation(again) == outcome(mixed_run, "mixed_squant_ckpt", 0)["mixed"]
 
 
+# ------------------------------------------------------------------------ the study's runs
+
+TIMES = {"quantize_s", "wall_s", "finished"}  # what differs between two runs of one recipe
+
+
+def test_a_study_on_two_ranks_gives_the_table_of_one_process(tmp_path: Path) -> None:
+    """The 4 runs split over 2 ranks (2 rounds), each run alone on its rank: the records of one process (bar
+    their times), both ranks holding all of them, and rank 0 alone writing results.json and the axis's table;
+    no claim file is used."""
+    assert spawn(["study"], tmp_path, timeout=90) == [0, 0], rank_logs(tmp_path)
+    got = [outcome(tmp_path, "study", rank) for rank in range(2)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = worker.study(tmp_path / "one", tmp_path / "zoo.one")
+    finally:
+        torch.set_num_threads(threads)
+
+    def values(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return {key: {k: v for k, v in rec.items() if k not in TIMES} for key, rec in records.items()}
+
+    assert len(want["records"]) == 4 and want["missing"] == [] and want["failures"] == {}
+    for rank in range(2):
+        assert values(got[rank]["records"]) == values(want["records"])
+        assert got[rank]["summary"] == want["summary"] and got[rank]["missing"] == []
+        assert got[rank]["ran"] == [None, None]  # 2 runs each, each quantized as one process
+    on_disk = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert values(on_disk) == values(want["records"])
+    assert (tmp_path / "study" / "tiny-resnet_W4A4_selection.md").is_file()
+    assert not (tmp_path / "study" / "results.json.claims").exists()
+
+
 # ------------------------------------------------------------------------ the block path (quantize_blocks)
 
 BLOCKS = [

@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 import postquant
+import postquant.distributed
 from postquant.errors import PostquantError
 from postquant.model import quantized_layers
+from postquant_lab.study import StudyRunner, StudySettings, get_axis, study_axis
 
 _spec = importlib.util.spec_from_file_location("_pq_conftest", Path(__file__).parents[1] / "conftest.py")
 _conftest = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
@@ -109,6 +111,33 @@ def build_blocks(
     return _conftest.make_tiny_llama(), recipe, list(ids.split(2))
 
 
+# A tiny study: the selection axis's 2 variants x 2 seeds on the tiny ResNet (4 runs: 2 rounds on 2 ranks).
+STUDY = StudySettings("tiny-resnet", "W4A4", iters=4, calib_size=32)
+STUDY_LABELS = ["all", "random 0.5"]
+
+
+def study(out: Path, data: Path) -> dict[str, Any]:
+    """Run the tiny study with results in `out` (the zoo's files written to `data`): the records this process
+    holds, the axis's verdict line, the runs missing, and per run quantized here the process group it saw."""
+    data.mkdir(parents=True, exist_ok=True)
+    zoo = _conftest.make_tiny_zoo(data)
+    ran = []
+
+    def quantize(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        ran.append(postquant.distributed.current())  # None: the run is alone on this rank
+        return postquant.quantize(*args, **kwargs)
+
+    runner = StudyRunner(out, loader=lambda name: zoo, quantize=quantize, progress=False)
+    report = study_axis(STUDY, get_axis("selection"), [0, 1], runner, STUDY_LABELS)
+    return {
+        "records": runner.store.records,
+        "summary": report.summary,
+        "missing": report.missing,
+        "failures": runner.failures,
+        "ran": ran,
+    }
+
+
 def outcome(qmodel: torch.nn.Module, seconds: float) -> dict[str, Any]:
     """What a test compares: the state dict, the codes, the learned units' errors, the wall time."""
     learned, mixed = postquant.result(qmodel).learned, postquant.result(qmodel).mixed
@@ -123,6 +152,8 @@ def outcome(qmodel: torch.nn.Module, seconds: float) -> dict[str, Any]:
 
 
 def run(scenario: str, rank: int, out: Path | None = None) -> dict[str, Any]:
+    if scenario == "study" and out is not None:
+        return study(out / "study", out / f"zoo.{rank}")
     if scenario in BLOCKS:
         model, recipe, batches = build_blocks(scenario, out)
         kwargs: dict[str, Any] = {}
