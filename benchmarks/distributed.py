@@ -5,6 +5,7 @@
     python benchmarks/distributed.py --model smollm2-135m --method gptq --w-bits 4 --calib-size 16
     python benchmarks/distributed.py --model smollm2-135m --method learned --w-bits 4 --calib-size 16 \
         --seqlen 128 --iters 25                           # learned rounding, 25 steps per decoder layer
+    python benchmarks/distributed.py --method rtn --a-bits 8 --w-bits 4 --mixed loss   # importance split
     python benchmarks/distributed.py --model tiny-llama --method learned --iters 5 --dry-run   # a check
 
 SmolLM2-135M (``--model smollm2-135m``) runs the block path (`postquant.quantize_blocks`, weight-only, groups
@@ -50,6 +51,8 @@ def _recipe(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.method in ("learned", "adaround", "brecq", "qdrop"):
         recipe["learned"] = {"progress": False, **({"iters": args.iters} if args.iters else {})}
+    if args.mixed:  # an average of --w-bits bits, allocated from the importance measure
+        recipe["mixed"] = {"w_bits_budget": float(args.w_bits), "importance": args.mixed}
     return recipe
 
 
@@ -226,6 +229,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     parser.add_argument(
+        "--mixed", choices=["loss", "fisher", "taylor"], default=None,
+        help="mixed precision at an average of --w-bits bits, from this importance measure",
+    )  # fmt: skip
+    parser.add_argument(
         "--dry-run", action="store_true", help="report the rows in the log, write no table (a check)"
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -252,6 +259,7 @@ def main() -> None:
         differ = sum(int((r["codes"][n] != c).sum()) for n, c in one["codes"].items())
         key = (
             f"{args.model}|{args.method}|W{args.w_bits}A{args.a_bits}|{args.calib_size}|{args.iters}|{world}"
+            + (f"|mixed-{args.mixed}" if args.mixed else "")
         )
         if args.model in LMS:
             key = f"{args.model}|{args.method}|W{args.w_bits}|{args.calib_size}x{args.seqlen}|{args.iters}|{world}"
@@ -262,7 +270,8 @@ def main() -> None:
                 if args.model in LMS
                 else f"{args.method} W{args.w_bits}A{args.a_bits}, calib {args.calib_size}"
             )
-            + (f", iters {args.iters}" if args.iters else ""),
+            + (f", iters {args.iters}" if args.iters else "")
+            + (f", mixed ({args.mixed} importance)" if args.mixed else ""),
             "processes": world,
             "seconds": round(r["seconds"], 1),
             "stages": {k: round(v, 1) for k, v in r["stages"].items()},
