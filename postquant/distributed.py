@@ -16,6 +16,10 @@ When `quantize` runs in an initialised process group of more than one process, i
 * **GPTQ, data parallel**: each rank accumulates the layers' Hessians on its shard of the calibration
   batches, one all-reduce sums them (`postquant.weights.reduce_hessians`), and the solves are split over the
   ranks, their codes all-gathered (`postquant.weights.solve_gptq`).
+* **mixed-precision importance** (`postquant.mixed.importance`): ``loss`` importance splits the layers (each
+  rank measures whole rows, all-gathered: one process's table bit for bit); ``fisher`` and ``taylor`` shard
+  the batches and all-reduce the gradient sums; rank 0 alone reads and writes the importance cache. Every
+  rank then allocates the same bits from the same table.
 * **the block path** (`postquant.blockwise.quantize_blocks`): each rank carries its shard of the chains from
   decoder layer to decoder layer; learned rounding draws one process's batch from the sharded cache
   (`postquant.reconstruct.cache.Shard`) and sums the gradients as above.
