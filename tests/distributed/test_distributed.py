@@ -197,10 +197,21 @@ def test_data_parallel_gptq_gives_the_codes_of_one_process(shared_run: Path) -> 
 MIXED = ["mixed_loss", "mixed_fisher", "mixed_taylor", "mixed_squant_ckpt"]
 
 
+KEPT = {"conv1": {"2": 5.0, "4": 3.0, "8": 1.0}, "conv2": {"2": 6.0, "4": 4.0, "8": 2.0}}  # marked rows
+
+
 @pytest.fixture(scope="module")
 def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The mixed scenarios on 2 ranks; mixed_resume starts from a table of one process cut to 2 rows of 4,
+    whose costs are replaced by marks (`KEPT`)."""
     out = tmp_path_factory.mktemp("dist_mixed")
-    assert spawn(MIXED, out) == [0, 0], rank_logs(out)
+    model, recipe, batches = worker.build("mixed_resume", 0, out)
+    postquant.quantize(model, recipe, calib=batches)
+    (table,) = (out / "resume").glob("importance_*.json")
+    data = json.loads(table.read_text())
+    assert set(KEPT) < set(data["rows"])
+    table.write_text(json.dumps({**data, "rows": KEPT}))
+    assert spawn([*MIXED, "mixed_resume"], out) == [0, 0], rank_logs(out)
     return out
 
 
@@ -239,6 +250,21 @@ def test_gradient_importance_split_over_batches_equals_one_process(mixed_run: Pa
         assert got[0]["mixed"][name][1] == pytest.approx(costs, rel=1e-5, abs=0)
     for rank in range(2):
         assert_same_state(got[rank]["state"], qmodel.state_dict())
+
+
+def test_two_ranks_resume_a_half_measured_importance_table(mixed_run: Path) -> None:
+    """Rank 0 sent the 2 rows on disk (their marked costs are in the table of both ranks), the 2 missing ones
+    were measured in one round (one process's costs), and rank 0 wrote the 4 rows."""
+    want = allocation(quantize_one_thread("mixed_resume"))
+    for rank in range(2):
+        got = outcome(mixed_run, "mixed_resume", rank)["mixed"]
+        assert got.keys() == want.keys()
+        for name, (_, costs) in got.items():
+            expected = {int(b): c for b, c in KEPT[name].items()} if name in KEPT else want[name][1]
+            assert costs == expected, name
+    (table,) = (mixed_run / "resume").glob("importance_*.json")
+    rows = json.loads(table.read_text())["rows"]
+    assert rows.keys() == want.keys() and {k: rows[k] for k in KEPT} == KEPT
 
 
 def test_importance_cache_of_two_ranks_is_written_by_rank_0_and_reused_in_one_process(

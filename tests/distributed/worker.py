@@ -64,6 +64,7 @@ SCENARIOS["mixed_squant_ckpt"] = {  # + mixed.checkpoint_dir: rank 0 alone write
     "w_bits": 4,
     "mixed": {**MIXED, "importance": "loss"},
 }
+SCENARIOS["mixed_resume"] = SCENARIOS["mixed_squant_ckpt"]  # resumes a table the test left half measured
 
 # The block path (`quantize_blocks`) on a tiny random Llama: 7 calibration batches of 2 windows (shards of 4 and
 # 3 batches), weight-only, lm_head kept float.
@@ -83,11 +84,13 @@ def build(
     scenario: str, rank: int = 0, out: Path | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any], list[torch.Tensor]]:
     """The model, recipe and calibration batches of `scenario` as rank `rank` holds them (they differ from
-    rank 0's only in the mismatch scenarios); `out`: where mixed_squant_ckpt saves its importance table."""
+    rank 0's only in the mismatch scenarios); `out`: where mixed_squant_ckpt and mixed_resume save their
+    importance tables."""
     model = _conftest.make_tiny_cnn(seed=1 if scenario == "bad_model" and rank == 1 else 0)
     recipe = dict(SCENARIOS.get(scenario, SCENARIOS["rtn"]))
-    if scenario == "mixed_squant_ckpt" and out is not None:
-        recipe["mixed"] = {**recipe["mixed"], "checkpoint_dir": str(out / "importance")}
+    if scenario in ("mixed_squant_ckpt", "mixed_resume") and out is not None:
+        folder = "importance" if scenario == "mixed_squant_ckpt" else "resume"
+        recipe["mixed"] = {**recipe["mixed"], "checkpoint_dir": str(out / folder)}
     if scenario == "bad_recipe" and rank == 1:
         recipe["w_bits"] = 3
     gen = torch.Generator().manual_seed(7)
