@@ -3,11 +3,17 @@
     python benchmarks/distributed.py                       # resnet20-cifar10, the learned default, W4A4
     python benchmarks/distributed.py --method squant --a-bits 8 --worlds 1 2
     python benchmarks/distributed.py --model smollm2-135m --method gptq --w-bits 4 --calib-size 16
+    python benchmarks/distributed.py --model smollm2-135m --method learned --w-bits 4 --calib-size 16 \
+        --seqlen 128 --iters 25                           # learned rounding, 25 steps per decoder layer
+    python benchmarks/distributed.py --method rtn --a-bits 8 --w-bits 4 --mixed loss   # importance split
+    python benchmarks/distributed.py --model tiny-llama --method learned --iters 5 --dry-run   # a check
 
 SmolLM2-135M (``--model smollm2-135m``) runs the block path (`postquant.quantize_blocks`, weight-only, groups
 of 64 as ``benchmarks/llm.py``, its float cache ``--cache``) on `--calib-size` random windows of `--seqlen`
-tokens of ``pydocs-calib.txt`` in batches of 4; rank 0 reports the perplexity on the first `--limit` windows of
-512 tokens of ``handbook-eval.txt``.
+tokens of ``pydocs-calib.txt`` in batches of 4 (learned rounding: batches of 4 windows per step); rank 0
+reports the perplexity on the first `--limit` windows of 512 tokens of ``handbook-eval.txt``. ``tiny-llama``
+is the same path on a random 2-layer Llama and random tokens (eval windows of 64 tokens): seconds, to check
+the script (with ``--dry-run``, which writes no table) before an hour on SmolLM2.
 
 For each world size the script starts that many processes of itself on this machine (a file store in a
 temporary directory, ``OMP_NUM_THREADS=1``), each quantizing the zoo model with the same recipe and calibration
@@ -45,6 +51,8 @@ def _recipe(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.method in ("learned", "adaround", "brecq", "qdrop"):
         recipe["learned"] = {"progress": False, **({"iters": args.iters} if args.iters else {})}
+    if args.mixed:  # an average of --w-bits bits, allocated from the importance measure
+        recipe["mixed"] = {"w_bits_budget": float(args.w_bits), "importance": args.mixed}
     return recipe
 
 
@@ -72,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
                 waited[0] += time.perf_counter() - start
 
         pqdist.Ranks._wait = timed_wait  # type: ignore[method-assign]  # measurement only
-    if args.model == LM:
+    if args.model in LMS:
         qmodel, seconds, score = _lm_run(args)
     else:
         zoo = load_model(args.model)
@@ -92,7 +100,7 @@ def worker(args: argparse.Namespace) -> None:
                 "seconds": seconds,
                 "stages": postquant.result(qmodel).seconds,
                 "waited": waited[0],
-                "metric": "perplexity" if args.model == LM else "top-1",
+                "metric": "perplexity" if args.model in LMS else "top-1",
                 "score": score(),  # type: ignore[misc]
                 "codes": {n: m.codes.clone() for n, m in quantized_layers(qmodel).items()},
             },
@@ -104,6 +112,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 LM = "smollm2-135m"
+TINY_LM = "tiny-llama"  # a random Llama: checks the LM path in seconds
+LMS = (LM, TINY_LM)
 
 
 def _lm_recipe(args: argparse.Namespace) -> dict[str, Any]:
@@ -117,23 +127,43 @@ def _lm_recipe(args: argparse.Namespace) -> dict[str, Any]:
     return recipe
 
 
-def _lm_run(args: argparse.Namespace) -> tuple[torch.nn.Module, float, Any]:
-    """SmolLM2-135M by the block path: the quantized model, the seconds, and (rank 0) its perplexity."""
-    from llm import load_float  # benchmarks/llm.py: the float model from its safetensors cache
+def _tiny_llama() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A random 2-layer Llama (hidden 64, so that groups of 64 fit) and random calibration and eval tokens."""
+    import transformers
 
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    tokens = torch.randint(0, 128, (2, 8192), generator=torch.Generator().manual_seed(1))
+    return model, tokens[0], tokens[1]
+
+
+def _lm_run(args: argparse.Namespace) -> tuple[torch.nn.Module, float, Any]:
+    """SmolLM2-135M (or the tiny Llama) by the block path: the quantized model, the seconds, and (rank 0) its
+    perplexity."""
     import postquant
     from postquant.calib.text import eval_windows, random_windows, tokenize_file
     from postquant.eval.perplexity import perplexity
     from postquant.paths import shared_path
 
-    model, tokenizer = load_float(args.cache)
-    text = shared_path("data", "text")
-    ids = tokenize_file(text / "pydocs-calib.txt", tokenizer)
-    calib = list(random_windows(ids, args.calib_size, args.seqlen, seed=0).split(4))
+    if args.model == TINY_LM:
+        model, calib_ids, eval_ids = _tiny_llama()
+        eval_len = 64
+    else:
+        from llm import load_float  # benchmarks/llm.py: the float model from its safetensors cache
+
+        model, tokenizer = load_float(args.cache)
+        text = shared_path("data", "text")
+        calib_ids = tokenize_file(text / "pydocs-calib.txt", tokenizer)
+        eval_ids, eval_len = tokenize_file(text / "handbook-eval.txt", tokenizer), 512
+    calib = list(random_windows(calib_ids, args.calib_size, args.seqlen, seed=0).split(4))
     start = time.perf_counter()
     qmodel = postquant.quantize_blocks(model, _lm_recipe(args), calib, inplace=True)
     seconds = time.perf_counter() - start
-    windows = eval_windows(tokenize_file(text / "handbook-eval.txt", tokenizer), 512, args.limit)
+    windows = eval_windows(eval_ids, eval_len, args.limit)
     return qmodel, seconds, lambda: perplexity(qmodel, windows).value
 
 
@@ -198,13 +228,20 @@ def main() -> None:
         help="SmolLM2's float safetensors cache (benchmarks/llm.py)",
     )  # fmt: skip
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--mixed", choices=["loss", "fisher", "taylor"], default=None,
+        help="mixed precision at an average of --w-bits bits, from this importance measure",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dry-run", action="store_true", help="report the rows in the log, write no table (a check)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--store", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.limit is None:
-        args.limit = 16 if args.model == LM else 1000
+        args.limit = 16 if args.model in LMS else 1000
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.worker:
         worker(args)
@@ -212,8 +249,7 @@ def main() -> None:
 
     from postquant.store.table import ResultTable
 
-    table = ResultTable(RESULTS / "distributed.json", indent=2, newline=True)
-    runs, loads = {}, {}
+    runs, loads, rows = {}, {}, {}
     for world in args.worlds:
         loads[world] = os.getloadavg()[0]
         runs[world] = run_world(args, world)
@@ -223,32 +259,37 @@ def main() -> None:
         differ = sum(int((r["codes"][n] != c).sum()) for n, c in one["codes"].items())
         key = (
             f"{args.model}|{args.method}|W{args.w_bits}A{args.a_bits}|{args.calib_size}|{args.iters}|{world}"
+            + (f"|mixed-{args.mixed}" if args.mixed else "")
         )
-        if args.model == LM:
+        if args.model in LMS:
             key = f"{args.model}|{args.method}|W{args.w_bits}|{args.calib_size}x{args.seqlen}|{args.iters}|{world}"
-        table.put(
-            key,
-            {
-                "model": args.model,
-                "recipe": (
-                    f"{args.method} W{args.w_bits} g64 (block path), calib {args.calib_size}x{args.seqlen}"
-                    if args.model == LM
-                    else f"{args.method} W{args.w_bits}A{args.a_bits}, calib {args.calib_size}"
-                )
-                + (f", iters {args.iters}" if args.iters else ""),
-                "processes": world,
-                "seconds": round(r["seconds"], 1),
-                "stages": {k: round(v, 1) for k, v in r["stages"].items()},
-                "speedup": round(one["seconds"] / r["seconds"], 2),
-                "collective_share": round(r["waited"] / r["seconds"], 3),
-                "codes_differing": f"{differ}/{n_codes}",
-                "metric": r["metric"],
-                "score": r["score"],
-                "limit": args.limit,
-                "load_1min": round(loads[world], 1),
-                "torch": torch.__version__,
-            },
-        )
+        rows[key] = {
+            "model": args.model,
+            "recipe": (
+                f"{args.method} W{args.w_bits} g64 (block path), calib {args.calib_size}x{args.seqlen}"
+                if args.model in LMS
+                else f"{args.method} W{args.w_bits}A{args.a_bits}, calib {args.calib_size}"
+            )
+            + (f", iters {args.iters}" if args.iters else "")
+            + (f", mixed ({args.mixed} importance)" if args.mixed else ""),
+            "processes": world,
+            "seconds": round(r["seconds"], 1),
+            "stages": {k: round(v, 1) for k, v in r["stages"].items()},
+            "speedup": round(one["seconds"] / r["seconds"], 2),
+            "collective_share": round(r["waited"] / r["seconds"], 3),
+            "codes_differing": f"{differ}/{n_codes}",
+            "metric": r["metric"],
+            "score": r["score"],
+            "limit": args.limit,
+            "load_1min": round(loads[world], 1),
+            "torch": torch.__version__,
+        }
+    if args.dry_run:
+        for key, row in rows.items():
+            log.info("dry run, not written: %s %s", key, row)
+        return
+    table = ResultTable(RESULTS / "distributed.json", indent=2, newline=True)
+    table.put_many(rows)
     write_markdown(table.rows)
     log.info("wrote %s", RESULTS / "distributed.md")
 

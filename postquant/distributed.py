@@ -16,12 +16,19 @@ When `quantize` runs in an initialised process group of more than one process, i
 * **GPTQ, data parallel**: each rank accumulates the layers' Hessians on its shard of the calibration
   batches, one all-reduce sums them (`postquant.weights.reduce_hessians`), and the solves are split over the
   ranks, their codes all-gathered (`postquant.weights.solve_gptq`).
+* **mixed-precision importance** (`postquant.mixed.importance`): ``loss`` importance splits the layers (each
+  rank measures whole rows, all-gathered: one process's table bit for bit); ``fisher`` and ``taylor`` shard
+  the batches and all-reduce the gradient sums; rank 0 alone reads and writes the importance cache. Every
+  rank then allocates the same bits from the same table.
 * **the block path** (`postquant.blockwise.quantize_blocks`): each rank carries its shard of the chains from
   decoder layer to decoder layer; learned rounding draws one process's batch from the sharded cache
   (`postquant.reconstruct.cache.Shard`) and sums the gradients as above.
 * **end-of-run agreement**: the ranks compare a hash of their quantized models; a rank whose model differs
   (e.g. learned rounding, which every rank runs on all the data, computed with other float reduction orders)
   takes rank 0's (`agree`).
+
+Work that is independent per rank (the runs of a study: each rank quantizes other models alone) runs inside
+`alone`: there `current` is None, so `quantize` runs as one process would, with no collective.
 
 Every collective waits at most `Ranks.timeout` (``POSTQUANT_DIST_TIMEOUT`` seconds, default 1800); a rank
 that died or hung makes the others raise `DistributedError` within it. Without a process group (or with a
@@ -34,11 +41,13 @@ does): run only ranks you trust, as for any torch.distributed job.
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import logging
 import os
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +60,7 @@ __all__ = [
     "TIMEOUT_ENV",
     "Ranks",
     "active",
+    "alone",
     "current",
     "init_from_env",
     "is_main",
@@ -222,9 +232,25 @@ class Ranks:
         return self.broadcast_object(obj, f"sending rank 0's {what}")
 
 
+_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("postquant_alone", default=False)
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Inside the ``with`` block this process works alone: `current` is None, so `quantize` (and everything
+    else here) runs as in a single process, with no collective, even in a process group. For work the
+    caller has already split over the ranks (e.g. each rank quantizing its own study runs)."""
+    token = _ALONE.set(True)
+    try:
+        yield
+    finally:
+        _ALONE.reset(token)
+
+
 def current() -> Ranks | None:
-    """The process group `quantize` runs in, or None without one (or with one process: nothing to split)."""
-    if not active() or dist.get_world_size() <= 1:
+    """The process group `quantize` runs in, or None without one (or with one process: nothing to split, or
+    inside `alone`)."""
+    if _ALONE.get() or not active() or dist.get_world_size() <= 1:
         return None
     backend = dist.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")

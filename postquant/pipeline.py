@@ -205,7 +205,7 @@ def _search(state: PipelineState) -> None:
 
 def _allocate(state: PipelineState) -> None:
     state.recipe, state.mixed = apply_mixed(
-        state.working_model(), state.recipe, state.current_plan(), state.batches, state.search
+        state.working_model(), state.recipe, state.current_plan(), state.batches, state.search, state.ranks
     )
     allocated = {row.name: row.bits for row in state.mixed.layers if not row.fixed}
     state.plan = state.current_plan().with_w_bits(allocated, Source.MIXED)

@@ -7,12 +7,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from postquant.paths import shared_path
+from postquant_lab.zoo import CIFAR10_PREPROCESS, ZooModel
 
 
 class TinyCNN(nn.Module):
@@ -102,6 +105,31 @@ class TinyResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stage(torch.relu(self.bn1(self.conv1(x))))
         return self.fc(x.mean(dim=(2, 3)))
+
+
+def make_tiny_zoo(folder: Path, name: str = "tiny-resnet") -> ZooModel:
+    """A tiny residual net as a zoo model, its labels its own float predictions (FP32 = 100 %): 64 evaluation
+    and 32 calibration images of 8x8 saved as .npz files in `folder`."""
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    model.bn1.running_mean.uniform_(-0.5, 0.5)
+    model.bn1.running_var.uniform_(0.5, 2.0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(96, 8, 8, 3), dtype=np.uint8)
+    with torch.no_grad():
+        y = model(CIFAR10_PREPROCESS.arrays(x)).argmax(1).numpy()
+    np.savez(folder / "eval.npz", x=x[:64], y=y[:64])
+    np.savez(folder / "calib.npz", x=x[64:])
+    return ZooModel(
+        name,
+        model,
+        "classification",
+        (3, 8, 8),
+        CIFAR10_PREPROCESS.arrays(x[:2]),
+        folder / "eval.npz",
+        folder / "calib.npz",
+        CIFAR10_PREPROCESS,
+    )
 
 
 NO_CUDA = "no CUDA device: the cuda cases run on a machine with an NVIDIA GPU (select them with -m cuda)"

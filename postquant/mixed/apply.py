@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from postquant.distributed import Ranks
 from postquant.grids import Grid
 from postquant.mixed.allocate import allocate_bits, budget_table
 from postquant.mixed.config import MixedConfig
@@ -89,6 +90,7 @@ def apply_mixed(
     plan: Plan,
     batches: Any,
     search: dict[str, torch.Tensor] | None = None,
+    ranks: Ranks | None = None,
 ) -> tuple[Recipe, MixedResult]:
     """Allocate weight bits per layer for ``recipe.mixed`` and return the recipe with those overrides.
 
@@ -99,6 +101,8 @@ def apply_mixed(
         batches: calibration batches (a list), or None for ``importance='datafree'``.
         search: per-layer error factors of the power exponent search (the pipeline's search stage),
             so that the grids measured here are the grids `quantize` installs.
+        ranks: the process group: the importance measure is split over its ranks, and every rank gets the
+            same table, hence the same allocation (`importance_table`).
 
     Returns:
         (recipe with one ``overrides`` entry per allocated layer, the `MixedResult`).
@@ -137,6 +141,7 @@ def apply_mixed(
         cfg.calib_size,
         grids,
         cfg.checkpoint_dir,
+        ranks,
     )
     bits = allocate_bits(costs, numel, cfg.bit_choices, **budget)
     rows = [

@@ -26,13 +26,19 @@ or SQuant's flips; learned methods are measured with nearest rounding, their sta
   large channel ruins the small ones), and under independent noise propagation the model output's
   noise-to-signal ratio is about the sum of the layers'. It is not scaled by the layer's size: the budget
   already charges large layers more, and a small depthwise layer is no less sensitive for being small.
+
+In a torch.distributed process group (`postquant.distributed`) the measures are split over the ranks and every
+rank ends with the same table: ``loss`` splits the layers (each rank measures whole rows on all the batches,
+as one process does, and the rows are all-gathered: the table of one process, bit for bit); ``taylor`` and
+``fisher`` split the batches (each rank back-propagates its contiguous shard, the gradient sums are
+all-reduced: one process's up to float32 summation order) and then the layers' scores.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,7 @@ import torch
 from torch import nn
 
 from postquant.calib.data import batch_size_of, collect_batches
+from postquant.distributed import Ranks, shard, shard_bounds, split_work
 from postquant.errors import DataError
 from postquant.eval.run import run_model, token_mask
 from postquant.grids import Grid
@@ -62,6 +69,7 @@ __all__ = [
     "loss_costs",
     "output_distance",
     "quantized_weight",
+    "target_generator",
     "taylor_cost",
 ]
 
@@ -161,6 +169,7 @@ def loss_costs(
     grids: LayerGrids | None = None,
     progress: bool = True,
     cache: ImportanceCache | None = None,
+    ranks: Ranks | None = None,
 ) -> CostTable:
     """``cost[l][b]``: mean output distance to the float model with only layer `l` quantized at `b` bits.
 
@@ -168,29 +177,13 @@ def loss_costs(
     forward pass of the calibration batches per layer and bit width, so `progress` shows a bar over layers.
     `cache`: rows already measured are taken from it, each new row is saved to it as soon as measured, and
     processes measuring the same table at once split its layers (`ImportanceCache.next_layer`).
+    `ranks`: the process group; its ranks split the layers (`_measure_split`; `cache` on rank 0 only).
     """
+    if ranks is not None:
+        return _measure_split(model, layers, bit_choices, recipe, batches, grids, progress, cache, ranks)
     if cache is not None and all(cache.row(name, bit_choices) is not None for name in layers):
         return {name: cache.row(name, bit_choices) for name in layers}  # type: ignore[misc]
-    refs = [run_model(model, batch) for batch in batches]
-    n = sum(batch_size_of(batch) for batch in batches)
-
-    def measure(name: str) -> dict[int, float]:
-        weight = model.get_submodule(name).weight
-        original = weight.detach().clone()
-        row: dict[int, float] = {}
-        try:
-            for bits in bit_choices:
-                weight.copy_(quantized_weight(original, bits, recipe, _grid(grids, name, bits)))
-                dist = sum(
-                    float(batch_distance(run_model(model, b), r, b))
-                    for b, r in zip(batches, refs, strict=True)
-                )
-                row[bits] = max(dist / n, 0.0)
-        finally:
-            weight.copy_(original)
-        log.debug("loss importance %s: %s", name, row)
-        return row
-
+    measure = _row_measurer(model, bit_choices, recipe, batches, grids)
     bar = progress_bar(total=len(layers), enabled=progress, desc="loss importance", unit="layer", leave=False)
     with bar:
         if cache is None:
@@ -212,6 +205,83 @@ def loss_costs(
     return {name: cache.row(name, bit_choices) for name in layers}  # type: ignore[misc]
 
 
+def _row_measurer(
+    model: nn.Module,
+    bit_choices: Sequence[int],
+    recipe: Recipe,
+    batches: list[Any],
+    grids: LayerGrids | None,
+) -> Callable[[str], dict[int, float]]:
+    """``measure(layer) -> {bits: cost}`` of `loss_costs` (the float outputs of `batches` computed now)."""
+    refs = [run_model(model, batch) for batch in batches]
+    n = sum(batch_size_of(batch) for batch in batches)
+
+    def measure(name: str) -> dict[int, float]:
+        weight = model.get_submodule(name).weight
+        original = weight.detach().clone()
+        row: dict[int, float] = {}
+        try:
+            for bits in bit_choices:
+                weight.copy_(quantized_weight(original, bits, recipe, _grid(grids, name, bits)))
+                dist = sum(
+                    float(batch_distance(run_model(model, b), r, b))
+                    for b, r in zip(batches, refs, strict=True)
+                )
+                row[bits] = max(dist / n, 0.0)
+        finally:
+            weight.copy_(original)
+        log.debug("loss importance %s: %s", name, row)
+        return row
+
+    return measure
+
+
+def _measure_split(
+    model: nn.Module,
+    layers: Sequence[str],
+    bit_choices: Sequence[int],
+    recipe: Recipe,
+    batches: list[Any],
+    grids: LayerGrids | None,
+    progress: bool,
+    cache: ImportanceCache | None,
+    ranks: Ranks,
+) -> CostTable:
+    """`loss_costs` over ranks: the layers split, each rank measuring whole rows on all the batches.
+
+    Rank 0 sends the rows its `cache` already holds; the layers left go round-robin to the ranks (every row
+    costs about the same: one forward pass of the batches per bit width). They are measured in rounds, one
+    layer per rank, each round's rows all-gathered (and written to the cache by rank 0), so an interrupted
+    measurement keeps its finished rounds. Every row is measured by one rank exactly as one process measures
+    it (the same forward passes and the same summation order), so the table is one process's, bit for bit.
+    The ranks take no file claims: they split the layers among themselves.
+    """
+    known: CostTable = {}
+    if cache is not None:
+        known = {name: row for name in layers if (row := cache.row(name, bit_choices)) is not None}
+    known = ranks.broadcast_object(known, "the loss importance rows rank 0 has saved")
+    todo = [name for name in layers if name not in known]
+    if todo:
+        owner = split_work([1] * len(todo), ranks.world)
+        mine = [name for name, r in zip(todo, owner, strict=True) if r == ranks.rank]
+        rounds = max(owner.count(r) for r in range(ranks.world))
+        measure = _row_measurer(model, bit_choices, recipe, batches, grids) if mine else None
+        bar = progress_bar(
+            total=len(todo), enabled=progress, desc="loss importance", unit="layer", leave=False
+        )
+        with bar:
+            for k in range(rounds):
+                row = (mine[k], measure(mine[k])) if measure is not None and k < len(mine) else None
+                new = dict(
+                    r for r in ranks.gather_objects(row, "gathering loss importance rows") if r is not None
+                )
+                if cache is not None:
+                    cache.record(new)
+                known.update(new)
+                bar.update(len(new))
+    return {name: known[name] for name in layers}
+
+
 # ----------------------------------------------------------------------------------- gradients
 
 
@@ -229,15 +299,31 @@ def _sampled_nll(out: torch.Tensor, batch: Any, gen: torch.Generator) -> torch.T
     return (err * mask.to(err.dtype).unsqueeze(-1)).sum() if mask is not None else err.sum()
 
 
+def target_generator(seed: int, index: int) -> torch.Generator:
+    """The generator of batch `index`'s sampled targets: one per batch, so that a rank starting at any batch
+    draws what one process draws there."""
+    digest = hashlib.sha256(f"importance targets:{seed}:{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 def gradient_moments(
-    model: nn.Module, layers: Sequence[str], batches: list[Any], seed: int = 0
+    model: nn.Module, layers: Sequence[str], batches: list[Any], seed: int = 0, ranks: Ranks | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per layer: the mean |gradient| over batches, and the diagonal Fisher per sample (mean g^2 per sample).
 
-    Gradients are of the sampled-target negative log-likelihood (see the module docstring); only the
-    weights of `layers` get gradients, and every ``requires_grad`` flag is restored.
+    Gradients are of the sampled-target negative log-likelihood (see the module docstring), the targets of
+    batch i drawn from `target_generator` (`seed`, i); only the weights of `layers` get gradients, and every
+    ``requires_grad`` flag is restored. `ranks`: each rank back-propagates its contiguous shard of `batches`
+    and the sums are all-reduced, so every rank returns the same moments: one process's up to the float
+    summation order of the sums.
+
+    Raises:
+        DataError: with `ranks`, fewer calibration samples than ranks.
     """
-    gen = torch.Generator().manual_seed(seed)
+    part = range(len(batches))
+    if ranks is not None:
+        shard(ranks, batches, sum(batch_size_of(b) for b in batches))  # too few samples: a DataError
+        part = range(*shard_bounds(len(batches), ranks.world)[ranks.rank])
     params = dict(model.named_parameters())
     flags = {k: p.requires_grad for k, p in params.items()}
     weights = {name: model.get_submodule(name).weight for name in layers}
@@ -248,21 +334,23 @@ def gradient_moments(
             p.requires_grad_(False)
         for w in weights.values():
             w.requires_grad_(True)
-        n = 0
-        for batch in batches:
+        for i in part:
+            batch = batches[i]
             with torch.enable_grad():
                 out = run_model(model, batch)
-                loss = _sampled_nll(out, batch, gen)
+                loss = _sampled_nll(out, batch, target_generator(seed, i))
                 grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
             for name, g in zip(weights, grads, strict=True):
                 if g is None:  # the layer does not reach the main output (e.g. a BERT pooler): no damage
                     continue
                 abs_sum[name] += g.abs()
                 sq_sum[name] += g.pow(2)
-            n += batch_size_of(batch)
     finally:
         for k, p in params.items():
             p.requires_grad_(flags[k])
+    if ranks is not None:
+        ranks.all_reduce_sum_([*abs_sum.values(), *sq_sum.values()], "summing the importance gradients")
+    n = sum(batch_size_of(batch) for batch in batches)
     grad_abs = {name: t / len(batches) for name, t in abs_sum.items()}
     fisher = {name: t / n for name, t in sq_sum.items()}
     return grad_abs, fisher
@@ -294,6 +382,7 @@ def importance_table(
     calib_size: int | None = None,
     grids: LayerGrids | None = None,
     checkpoint_dir: str | Path | None = None,
+    ranks: Ranks | None = None,
 ) -> CostTable:
     """The damage table ``cost[layer][bits]`` of `importance` for the layers of a float (BN-folded) model.
 
@@ -307,10 +396,14 @@ def importance_table(
         calib_size: use at most this many samples of `batches`.
         grids: the layers' grids per bit width (`fit_weight_grid`), when already fitted; else fitted here.
         checkpoint_dir: save the measured rows here and reuse them (`postquant.mixed.cache`); data-driven
-            measures only (``datafree`` takes well under a second).
+            measures only (``datafree`` takes well under a second). In a process group rank 0 alone reads
+            and writes it, and sends the other ranks what it holds.
+        ranks: the process group (`postquant.distributed.current`): the work is split over its ranks (see
+            the module docstring) and every rank returns the same table.
 
     Raises:
-        DataError: a data-driven measure without calibration batches.
+        DataError: a data-driven measure without calibration batches (or, with `ranks`, fewer calibration
+            samples than ranks).
     """
     importance = Importance(importance)
     model.eval()
@@ -330,25 +423,39 @@ def importance_table(
         )
     batches = _spread(batches, calib_size)
     cache = None
-    if checkpoint_dir is not None:
+    if checkpoint_dir is not None and (ranks is None or ranks.is_main):
         cache = ImportanceCache(
             checkpoint_dir, _cache_parts(model, layers, bit_choices, recipe, importance, batches, grids)
         )
     if importance is Importance.LOSS:
-        return loss_costs(model, layers, bit_choices, recipe, batches, grids, cache=cache)
+        return loss_costs(model, layers, bit_choices, recipe, batches, grids, cache=cache, ranks=ranks)
     rows = {name: cache.row(name, bit_choices) for name in layers} if cache is not None else {}
-    if rows and all(row is not None for row in rows.values()):
-        return rows  # type: ignore[return-value]
-    grad_abs, fisher = gradient_moments(model, layers, batches, seed=recipe.seed)
+    saved = rows if rows and all(row is not None for row in rows.values()) else None
+    if ranks is not None:
+        saved = ranks.broadcast_object(saved, "the importance table rank 0 has saved")
+    if saved is not None:
+        return saved  # type: ignore[return-value]
+    grad_abs, fisher = gradient_moments(model, layers, batches, seed=recipe.seed, ranks=ranks)
     score = taylor_cost if importance is Importance.TAYLOR else fisher_cost
     stat = grad_abs if importance is Importance.TAYLOR else fisher
-    table = {}
-    for name in layers:
-        w = model.get_submodule(name).weight.detach()
-        table[name] = {
-            b: score(stat[name], w, quantized_weight(w, b, recipe, _grid(grids, name, b)))
-            for b in bit_choices
-        }
+
+    def scored(names: Sequence[str]) -> CostTable:
+        table = {}
+        for name in names:
+            w = model.get_submodule(name).weight.detach()
+            table[name] = {
+                b: score(stat[name], w, quantized_weight(w, b, recipe, _grid(grids, name, b)))
+                for b in bit_choices
+            }
+        return table
+
+    if ranks is None:
+        table = scored(layers)
+    else:  # every rank holds the summed moments: each scores a share of the layers (by weight size)
+        owner = split_work([model.get_submodule(name).weight.numel() for name in layers], ranks.world)
+        mine = scored([name for name, r in zip(layers, owner, strict=True) if r == ranks.rank])
+        parts = ranks.gather_objects(mine, "gathering the importance scores")
+        table = {name: parts[r][name] for name, r in zip(layers, owner, strict=True)}
     if cache is not None:
         cache.record(table)
     return table
@@ -377,4 +484,5 @@ def _cache_parts(
         "data": data_fingerprint(batches),
         "weights": weights.hexdigest(),
         "seed": None if importance is Importance.LOSS else recipe.seed,  # targets sampled for the gradients
+        "targets": None if importance is Importance.LOSS else "per batch",  # `target_generator`
     }

@@ -1,4 +1,8 @@
-"""The two entry points of the study: one axis on one model (`study_axis`), or everything (`study_all`)."""
+"""The two entry points of the study: one axis on one model (`study_axis`), or everything (`study_all`).
+
+In a torch.distributed process group every rank calls them alike (the runner splits the runs over the ranks);
+rank 0 alone writes the tables, plots and lists.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from postquant.distributed import is_main
 from postquant.errors import OutputError
 from postquant_lab.study.axes import Axis, Variant, combined_axis
 from postquant_lab.study.report import Row, axis_section, best_helping, missing_runs, study_markdown
@@ -63,7 +68,9 @@ def study_axis(
     else:
         runs = plan_axis(settings, axis, seeds, labels)
         records = runner.cached(runs)
-    section, summary, rows = axis_section(axis, settings, runs, records, out_dir, runner.failures)
+    section, summary, rows = axis_section(
+        axis, settings, runs, records, out_dir, runner.failures, write=is_main()
+    )
     commands = _remember(out_dir, command)
     listed = "".join(f"    {c}\n" for c in commands)
     head = f"Produced by (resumable; results accumulate in results.json):\n\n{listed}\n" if commands else ""
@@ -190,11 +197,14 @@ def _remember(out_dir: Path, command: str | None) -> list[str]:
     commands = path.read_text().splitlines() if path.is_file() else []
     if command and command not in commands:
         commands.append(command)
-        _write(path, "\n".join(commands) + "\n")
+        _write(path, "\n".join(commands) + "\n")  # rank 0 only
     return commands
 
 
 def _write(path: Path, text: str) -> None:
+    """Write `path` (in a process group: rank 0 only)."""
+    if not is_main():
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -122,8 +122,13 @@ def _row_line(axis: Axis, row: Row, base: Row | None) -> str:
     return f"| {name} | {len(row.values)} | {stat} | {delta} | {wall} | {verdict_text} |"
 
 
-def axis_plot(axis: Axis, settings: StudySettings, rows: list[Row], metric: str, path: Path) -> Path | None:
-    """A PNG of each variant's mean with std error bars (baseline dashed); ``None`` when nothing is finished."""
+def axis_plot(
+    axis: Axis, settings: StudySettings, rows: list[Row], metric: str, path: Path, write: bool = True
+) -> Path | None:
+    """A PNG of each variant's mean with std error bars (baseline dashed); ``None`` when nothing is finished.
+    `write` false: nothing is drawn, the path is returned all the same (a rank other than 0 of a study)."""
+    if not write:
+        return path if any(r.values for r in rows) else None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,8 +196,9 @@ def axis_section(
     records: list[dict[str, Any]],
     out_dir: Path,
     failures: dict[str, str] | None = None,
+    write: bool = True,
 ) -> tuple[str, str, list[Row]]:
-    """Summarise one axis and write its plot under ``out_dir/plots/``.
+    """Summarise one axis and write its plot under ``out_dir/plots/`` (unless `write` is false).
 
     Returns:
         The markdown section (table, rule, plot link), the one-line verdict summary and the rows.
@@ -200,7 +206,7 @@ def axis_section(
     rows = summarize(axis, runs, records, failures)
     metric = records[0]["metric"] if records else "metric"
     name = f"{settings.model}_{settings.bits}_{axis.name}.png".replace(" ", "_")
-    plot = axis_plot(axis, settings, rows, metric, Path(out_dir) / "plots" / name)
+    plot = axis_plot(axis, settings, rows, metric, Path(out_dir) / "plots" / name, write)
     section = axis_table(axis, settings, rows, metric, None if plot is None else f"plots/{name}")
     return section, verdict_summary(axis, settings, rows), rows
 

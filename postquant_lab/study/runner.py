@@ -9,12 +9,20 @@ already finished under another axis (e.g. every axis's baseline is the study bas
 Several processes (one per core) may run the same command on one ``OUT``: each claims a run before it starts
 it (``OUT/results.json.claims``) and leaves the runs other live processes have claimed to them, so they share
 the work without repeating a run. A claim whose process has died is taken over.
+
+In a torch.distributed process group (``torchrun``; `postquant.distributed.current`) the ranks share the work
+through the group instead of the claim files: rank 0 sends the records it has, every rank plans the same list
+of runs left, rank r runs the runs r, r + N, ... of it (each alone: `postquant.distributed.alone`, so its
+`quantize` is a one-process run), and after each round of N runs the records are all-gathered; rank 0 alone
+writes ``results.json`` (and the reports), the other ranks hold the records in memory. Without a group (or in
+a group of one process) nothing changes.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +32,7 @@ from typing import Any
 import torch
 
 from postquant.api import quantize
+from postquant.distributed import Ranks, alone, current
 from postquant.errors import PostquantError, RecipeError
 from postquant.paths import shared_path
 from postquant.progress import progress_bar
@@ -173,7 +182,18 @@ class ResultStore:
 
     def put(self, key: str, record: dict[str, Any]) -> None:
         """Store `record` and rewrite the file atomically (a crash leaves the previous file intact)."""
-        self.table.put(key, record)
+        self.put_many({key: record})
+
+    def put_many(self, records: dict[str, dict[str, Any]]) -> None:
+        """Store `records` in one atomic rewrite of the file."""
+        if records:
+            self.table.put_many(records)
+            self._index()
+
+    def hold(self, records: dict[str, dict[str, Any]], replace: bool = False) -> None:
+        """Keep `records` in memory without writing the file (a rank other than 0 of a process group: rank 0
+        writes); `replace`: they are all the records there are."""
+        self.table.rows = dict(records) if replace else {**self.table.rows, **records}
         self._index()
 
     def claim(self, run: PlannedRun) -> bool:
@@ -257,8 +277,13 @@ class StudyRunner:
         """Run what is not cached yet; return the records of every available run that is finished.
 
         A run that another live process has claimed is left to it; at the end this call waits for those runs
-        (and runs any that their process gave up).
+        (and runs any that their process gave up). In a process group the ranks split the runs instead
+        (`_run_over_ranks`): every rank calls this with the same `runs`.
         """
+        ranks = current()
+        if ranks is not None:
+            self._run_over_ranks(settings, runs, ranks)
+            return self.cached(runs)
         todo = [r for r in runs if r.recipe is not None and self.store.find(r) is None]
         log.info(
             "%s: %d runs, %d cached, %d to do", settings.model, len(runs), len(runs) - len(todo), len(todo)
@@ -278,6 +303,64 @@ class StudyRunner:
                 bar.update()
         self._wait_for(settings, others)
         return self.cached(runs)
+
+    def _run_over_ranks(self, settings: StudySettings, runs: list[PlannedRun], ranks: Ranks) -> None:
+        """The runs left, split over the ranks of a process group: rank r runs r, r + N, ... of them, each
+        alone; after each round the records (and failures) are all-gathered and rank 0 writes them.
+
+        Every rank plans from rank 0's records, so all agree on the runs left (two planned runs with one
+        run hash are run once). The time budget stops every rank after the round in which any rank spent it.
+        """
+        if ranks.is_main:
+            self.store.refresh()
+        records = ranks.broadcast_object(
+            self.store.records if ranks.is_main else None, "sending rank 0's study records"
+        )
+        if not ranks.is_main:
+            self.store.hold(records, replace=True)
+        todo, hashes = [], set()
+        for run in runs:
+            if run.recipe is not None and self.store.find(run) is None and run.run_hash not in hashes:
+                todo.append(run)
+                hashes.add(run.run_hash)
+        mine = todo[ranks.rank :: ranks.world]
+        rounds = math.ceil(len(todo) / ranks.world)
+        log.info(
+            "%s: %d runs, %d to do on %d ranks (%d here)",
+            settings.model,
+            len(runs),
+            len(todo),
+            ranks.world,
+            len(mine),
+        )
+        with progress_bar(
+            enabled=self.progress, total=rounds, desc=f"study {settings.model} {settings.bits}", unit="round"
+        ) as bar:
+            for k in range(rounds):
+                done: tuple[str, dict[str, Any] | None, str | None] | None = None
+                if k < len(mine) and not self._spent():
+                    with alone():
+                        record = self._measure(settings, mine[k])
+                    done = (mine[k].key, record, self.failures.get(mine[k].key) if record is None else None)
+                gathered = ranks.gather_objects((done, self.out_of_time), "gathering the study's runs")
+                new = {}
+                for finished, _ in gathered:
+                    if finished is None:
+                        continue
+                    key, record, why = finished
+                    if record is not None:
+                        new[key] = record
+                    elif why is not None:
+                        self.failures[key] = why
+                if ranks.is_main:
+                    self.store.put_many(new)
+                else:
+                    self.store.hold(new)
+                bar.update()
+                if any(spent for _, spent in gathered):
+                    self.out_of_time = True
+                    log.warning("time budget spent: %d rounds left for a later session", rounds - k - 1)
+                    break
 
     def _wait_for(self, settings: StudySettings, runs: list[PlannedRun]) -> None:
         """Wait until the runs other processes have claimed are finished; run those they give up.
@@ -323,6 +406,12 @@ class StudyRunner:
         return [rec for r in runs if r.recipe is not None and (rec := self.store.find(r)) is not None]
 
     def _run_one(self, settings: StudySettings, run: PlannedRun) -> None:
+        record = self._measure(settings, run)
+        if record is not None:
+            self.store.put(run.key, record)
+
+    def _measure(self, settings: StudySettings, run: PlannedRun) -> dict[str, Any] | None:
+        """Quantize and evaluate one run: its record, or None when it failed (the reason in `failures`)."""
         assert run.recipe is not None
         try:
             loaded = self._load(settings)
@@ -343,11 +432,11 @@ class StudyRunner:
         except PostquantError as exc:
             log.warning("%s / %s seed %d failed: %s", run.axis, run.variant.label, run.seed, exc)
             self.failures[run.key] = str(exc)
-            return
+            return None
         except Exception as exc:  # a bug in one variant must not end an unattended study of hours
             log.exception("%s / %s seed %d crashed", run.axis, run.variant.label, run.seed)
             self.failures[run.key] = f"{type(exc).__name__}: {exc} (a bug: the traceback is in the log)"
-            return
+            return None
         record = {
             "model": settings.model,
             "bits": settings.bits,
@@ -365,10 +454,10 @@ class StudyRunner:
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
             "torch": torch.__version__,
         }
-        self.store.put(run.key, record)
         log.info(
             "%s / %s seed %d: %.2f in %.1f s", run.axis, run.variant.label, run.seed, res.value, quantize_s
         )
+        return record
 
     def _load(self, settings: StudySettings) -> _Loaded:
         key = (settings.model, settings.limit)

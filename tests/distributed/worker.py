@@ -17,8 +17,10 @@ from typing import Any
 import torch
 
 import postquant
+import postquant.distributed
 from postquant.errors import PostquantError
 from postquant.model import quantized_layers
+from postquant_lab.study import StudyRunner, StudySettings, get_axis, study_axis
 
 _spec = importlib.util.spec_from_file_location("_pq_conftest", Path(__file__).parents[1] / "conftest.py")
 _conftest = importlib.util.module_from_spec(_spec)  # type: ignore[arg-type]
@@ -48,6 +50,22 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "gptq": {"method": "gptq", "w_bits": 3, "calib_size": 40},  # Hessians summed, one rank solves
 }
 
+# Mixed precision: the importance of 4 layers at 2, 4 and 8 bits on 40 samples (7 batches), an average of 4 bits.
+MIXED = {"w_bits_budget": 4.0, "bit_choices": [2, 4, 8], "calib_size": 40}
+for _importance in ("loss", "fisher", "taylor"):  # loss: layers split; fisher, taylor: batches split
+    SCENARIOS[f"mixed_{_importance}"] = {
+        "method": "rtn",
+        "w_bits": 4,
+        "a_bits": 8,
+        "mixed": {**MIXED, "importance": _importance},
+    }
+SCENARIOS["mixed_squant_ckpt"] = {  # + mixed.checkpoint_dir: rank 0 alone writes the table
+    "method": "squant",
+    "w_bits": 4,
+    "mixed": {**MIXED, "importance": "loss"},
+}
+SCENARIOS["mixed_resume"] = SCENARIOS["mixed_squant_ckpt"]  # resumes a table the test left half measured
+
 # The block path (`quantize_blocks`) on a tiny random Llama: 7 calibration batches of 2 windows (shards of 4 and
 # 3 batches), weight-only, lm_head kept float.
 BLOCK_LEARNED = {"iters": 30, "batch_size": 4, "progress": False}
@@ -62,11 +80,17 @@ BLOCKS: dict[str, dict[str, Any]] = {
 }
 
 
-def build(scenario: str, rank: int = 0) -> tuple[torch.nn.Module, dict[str, Any], list[torch.Tensor]]:
+def build(
+    scenario: str, rank: int = 0, out: Path | None = None
+) -> tuple[torch.nn.Module, dict[str, Any], list[torch.Tensor]]:
     """The model, recipe and calibration batches of `scenario` as rank `rank` holds them (they differ from
-    rank 0's only in the mismatch scenarios)."""
+    rank 0's only in the mismatch scenarios); `out`: where mixed_squant_ckpt and mixed_resume save their
+    importance tables."""
     model = _conftest.make_tiny_cnn(seed=1 if scenario == "bad_model" and rank == 1 else 0)
     recipe = dict(SCENARIOS.get(scenario, SCENARIOS["rtn"]))
+    if scenario in ("mixed_squant_ckpt", "mixed_resume") and out is not None:
+        folder = "importance" if scenario == "mixed_squant_ckpt" else "resume"
+        recipe["mixed"] = {**recipe["mixed"], "checkpoint_dir": str(out / folder)}
     if scenario == "bad_recipe" and rank == 1:
         recipe["w_bits"] = 3
     gen = torch.Generator().manual_seed(7)
@@ -90,11 +114,39 @@ def build_blocks(
     return _conftest.make_tiny_llama(), recipe, list(ids.split(2))
 
 
+# A tiny study: the selection axis's 2 variants x 2 seeds on the tiny ResNet (4 runs: 2 rounds on 2 ranks).
+STUDY = StudySettings("tiny-resnet", "W4A4", iters=4, calib_size=32)
+STUDY_LABELS = ["all", "random 0.5"]
+
+
+def study(out: Path, data: Path) -> dict[str, Any]:
+    """Run the tiny study with results in `out` (the zoo's files written to `data`): the records this process
+    holds, the axis's verdict line, the runs missing, and per run quantized here the process group it saw."""
+    data.mkdir(parents=True, exist_ok=True)
+    zoo = _conftest.make_tiny_zoo(data)
+    ran = []
+
+    def quantize(*args: Any, **kwargs: Any) -> torch.nn.Module:
+        ran.append(postquant.distributed.current())  # None: the run is alone on this rank
+        return postquant.quantize(*args, **kwargs)
+
+    runner = StudyRunner(out, loader=lambda name: zoo, quantize=quantize, progress=False)
+    report = study_axis(STUDY, get_axis("selection"), [0, 1], runner, STUDY_LABELS)
+    return {
+        "records": runner.store.records,
+        "summary": report.summary,
+        "missing": report.missing,
+        "failures": runner.failures,
+        "ran": ran,
+    }
+
+
 def outcome(qmodel: torch.nn.Module, seconds: float) -> dict[str, Any]:
     """What a test compares: the state dict, the codes, the learned units' errors, the wall time."""
-    learned = postquant.result(qmodel).learned
+    learned, mixed = postquant.result(qmodel).learned, postquant.result(qmodel).mixed
     return {
         "state": {k: v.clone() for k, v in qmodel.state_dict().items()},
+        "mixed": {row.name: (row.bits, row.costs) for row in mixed.layers} if mixed is not None else None,
         "codes": codes(qmodel),
         "learned": [(u.error_before, u.error_after) for u in learned.units] if learned is not None else None,
         "resumed": learned.resumed if learned is not None else 0,
@@ -103,6 +155,8 @@ def outcome(qmodel: torch.nn.Module, seconds: float) -> dict[str, Any]:
 
 
 def run(scenario: str, rank: int, out: Path | None = None) -> dict[str, Any]:
+    if scenario == "study" and out is not None:
+        return study(out / "study", out / f"zoo.{rank}")
     if scenario in BLOCKS:
         model, recipe, batches = build_blocks(scenario, out)
         kwargs: dict[str, Any] = {}
@@ -111,7 +165,7 @@ def run(scenario: str, rank: int, out: Path | None = None) -> dict[str, Any]:
         start = time.perf_counter()
         qmodel = postquant.quantize_blocks(model, recipe, batches, **kwargs)
         return outcome(qmodel, time.perf_counter() - start)
-    model, recipe, batches = build(scenario, rank)
+    model, recipe, batches = build(scenario, rank, out)
     if scenario == "dead" and rank == 1:
         os._exit(3)  # a rank that dies before the first collective
     if scenario == "hung" and rank == 1:

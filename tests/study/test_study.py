@@ -8,7 +8,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -35,9 +34,9 @@ from postquant_lab.study.driver import breadth_first
 from postquant_lab.study.report import HELPS, HURTS, NO_VERDICT, NOISE
 from postquant_lab.study.runner import plan_axis
 from postquant_lab.study.settings import OTHER_CALIB, default_settings
-from postquant_lab.zoo import CIFAR10_PREPROCESS, ZooModel
+from postquant_lab.zoo import ZooModel
 from postquant_lab.zoo.datasets import calibration_inputs
-from tests.conftest import TinyResNet, require_shared
+from tests.conftest import make_tiny_zoo, require_shared
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -124,26 +123,7 @@ def test_verdict_boundary_is_within_noise():
 @pytest.fixture
 def tiny_zoo(tmp_path) -> ZooModel:
     """A tiny residual net whose labels are its own float predictions (FP32 = 100 %), data as .npz files."""
-    torch.manual_seed(0)
-    model = TinyResNet().eval()
-    model.bn1.running_mean.uniform_(-0.5, 0.5)
-    model.bn1.running_var.uniform_(0.5, 2.0)
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(96, 8, 8, 3), dtype=np.uint8)
-    with torch.no_grad():
-        y = model(CIFAR10_PREPROCESS.arrays(x)).argmax(1).numpy()
-    np.savez(tmp_path / "eval.npz", x=x[:64], y=y[:64])
-    np.savez(tmp_path / "calib.npz", x=x[64:])
-    return ZooModel(
-        MODEL,
-        model,
-        "classification",
-        (3, 8, 8),
-        CIFAR10_PREPROCESS.arrays(x[:2]),
-        tmp_path / "eval.npz",
-        tmp_path / "calib.npz",
-        CIFAR10_PREPROCESS,
-    )
+    return make_tiny_zoo(tmp_path, MODEL)
 
 
 class _Calls(dict):
