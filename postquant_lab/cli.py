@@ -820,7 +820,8 @@ def study_cmd(
 
     Examples: `postquant study list`; `postquant study selection resnet20-cifar10 --bits W4A4 --seeds 2`;
     `postquant study all --out study` (resumable: finished runs are cached in OUT/results.json).
-    Start the same command once per core to share the work: each process claims the runs it starts.
+    Start the same command once per core to share the work: each process claims the runs it starts; under
+    `torchrun --nproc-per-node N -m postquant study ...` the ranks split the runs through the process group.
     """
     _setup_logging(verbose)
     options = StudyOptions(
@@ -839,9 +840,13 @@ def study_cmd(
         threads=threads,
     )
     try:
+        if axis != "list":
+            _join_ranks()
         _study(options)
     except PostquantError as exc:
         _fail(exc, verbose)
+    finally:
+        _leave_ranks()
 
 
 def _study(options: StudyOptions) -> None:
@@ -888,13 +893,18 @@ def _study(options: StudyOptions) -> None:
     max_seconds = None if options.max_minutes is None else 60 * options.max_minutes
     runner = StudyRunner(out, max_seconds=max_seconds)
     command = _study_command(axis_name, models, options.run, **options.command_options())
+    from postquant.distributed import is_main
+
     if axis_name == "all":
         path = study_all(settings, chosen, None, runner, command, run=options.run)
-        out_console.print(f"wrote {path}")
+        if is_main():  # under torchrun, rank 0 alone writes and prints
+            out_console.print(f"wrote {path}")
         return
     seed_list = list(range(settings[0].seeds))
     labels = options.variant_labels()
     report = study_axis(settings[0], ax, seed_list, runner, labels, run=options.run, command=command)
+    if not is_main():
+        return
     typer.echo(report.section + "\n" + report.summary)
     if report.missing:
         console.print(
