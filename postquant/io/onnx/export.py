@@ -26,20 +26,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from postquant.errors import OnnxMismatchError, OutputError, UnsupportedModelError
+from postquant.errors import OnnxMismatchError, UnsupportedModelError
 from postquant.eval.run import move_batch
+from postquant.io.onnx.files import StagedOnnx, check_target, data_path, needs_external_data
 from postquant.io.onnx.integer import integerize, tensor_ranges
-from postquant.io.onnx.params import LayerQDQ, plan_layers
+from postquant.io.onnx.params import Int4Weights, LayerQDQ, plan_layers
 from postquant.io.onnx.rewrite import drop_zero_gemm_biases, rewrite
-from postquant.io.onnx.verify import MIN_SQNR_DB, MIN_TOP1_AGREEMENT, count_kernels, ort_feed, verify_onnx
+from postquant.io.onnx.verify import (
+    INT4_OPSET,
+    MIN_SQNR_DB,
+    MIN_TOP1_AGREEMENT,
+    count_kernels,
+    int4_unsupported,
+    ort_feed,
+    verify_onnx,
+)
 from postquant.model import quantized_layers, set_module
 from postquant.model.hf import no_kv_cache
 from postquant.nn.layer import HALF, upcast_half
 from postquant.progress import progress_bar
 
-__all__ = ["export_onnx", "float_twin"]
+__all__ = ["DEFAULT_OPSET", "export_onnx", "float_twin"]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17  # without int4 weights (every onnxruntime since 1.13 runs it)
 
 
 class _MatrixLinear(nn.Module):
@@ -143,6 +154,9 @@ class _Keywords(nn.Module):
             node.input[:] = [renamed.get(x, x) for x in node.input]
 
 
+TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter's highest opset (torch 2.13): newer ones are converted
+
+
 def _torch_export(model: nn.Module, inputs: _Inputs, path: Path, opset: int) -> None:
     axes = {**inputs.dynamic_axes, "output": {0: "batch"}}
     args = inputs.args
@@ -158,7 +172,7 @@ def _torch_export(model: nn.Module, inputs: _Inputs, path: Path, opset: int) -> 
                 args,
                 str(path),
                 dynamo=False,
-                opset_version=opset,
+                opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
                 input_names=inputs.names,
                 output_names=["output"],
                 dynamic_axes=axes,
@@ -168,32 +182,64 @@ def _torch_export(model: nn.Module, inputs: _Inputs, path: Path, opset: int) -> 
             raise UnsupportedModelError(f"torch.onnx.export failed on {type(model).__name__}: {exc}") from exc
 
 
-def _exported(tmp: Path, path: Path, opset: int, plans: dict[str, LayerQDQ]) -> dict[str, Any]:
-    """The result of `export_onnx` for the graph written at `tmp` (to be renamed to `path`), before verifying."""
+def _exported(staged: StagedOnnx, opset: int, plans: dict[str, LayerQDQ]) -> dict[str, Any]:
+    """The result of `export_onnx` for the `staged` graph (to be renamed to its path), before verifying."""
+    path = staged.path
     result: dict[str, Any] = {
         "path": str(path),
-        "bytes": tmp.stat().st_size,
+        "bytes": staged.bytes,
+        "external_data": str(data_path(path)) if staged.external_data else None,
         "opset": opset,
-        "int8_weight_layers": len(plans),
+        "int8_weight_layers": sum(p.weight.dtype in ("int8", "uint8") for p in plans.values()),
         "uint8_weight_layers": sum(p.weight.dtype == "uint8" for p in plans.values()),
+        "int4_weight_layers": sum(p.weight.int4 for p in plans.values()),
         "weight_dtypes": {name: p.weight.dtype for name, p in plans.items()},
         "float_compute_layers": {name: p.weight.why_float for name, p in plans.items() if p.weight.why_float},
-        **count_kernels(tmp),
+        **count_kernels(staged.model),
         "top1_agreement": None,
         "max_abs_diff": None,
         "sqnr_db": None,
         "n": None,
     }
     log.info(
-        "exported %s (%d bytes): %d layers with 8-bit weights (%d stored as uint8), %d integer kernels after "
-        "onnxruntime fusion",
+        "exported %s (%d bytes, opset %d): %d layers with 8-bit weights (%d stored as uint8), %d with int4 "
+        "weights, %d integer kernels after onnxruntime fusion",
         path,
         result["bytes"],
+        opset,
         result["int8_weight_layers"],
         result["uint8_weight_layers"],
+        result["int4_weight_layers"],
         result["integer_kernels"],
     )
     return result
+
+
+def _plan(qmodel: nn.Module, opset: int | None, int4: Int4Weights) -> tuple[dict[str, LayerQDQ], int]:
+    """The layers' ONNX parameters and the opset: int4 weights (`int4`) where they fit and the opset allows
+    them (`INT4_OPSET`); ``opset=None`` picks `INT4_OPSET` when a layer stores int4, else `DEFAULT_OPSET`."""
+    if opset is not None and opset < 13:
+        raise UnsupportedModelError(f"opset {opset} has no per-channel DequantizeLinear; use opset >= 13")
+    if opset is not None and opset < INT4_OPSET:
+        if int4 is Int4Weights.ALL:
+            raise ValueError(
+                f"int4='all' needs opset >= {INT4_OPSET} (int4 DequantizeLinear); pass opset=None or "
+                f"opset={INT4_OPSET}, or int4='none'"
+            )
+        int4 = Int4Weights.NONE
+    why = int4_unsupported() if int4 is not Int4Weights.NONE else ""
+    if why and opset is not None:
+        raise UnsupportedModelError(
+            f"opset {opset} needs int4 DequantizeLinear, which the installed packages cannot write or run: "
+            f"{why}; upgrade them (pip install -U 'onnx>=1.16' 'onnxruntime>=1.20'), or pass opset={DEFAULT_OPSET} "
+            "(4-bit codes stored as int8)"
+        )
+    if why:
+        log.warning("4-bit weights stored as int8 (opset %d): int4 ONNX unavailable: %s", DEFAULT_OPSET, why)
+    plans = plan_layers(qmodel, int4=Int4Weights.NONE if why else int4)
+    if opset is None:
+        opset = INT4_OPSET if any(p.weight.int4 for p in plans.values()) else DEFAULT_OPSET
+    return plans, opset
 
 
 def _integerize(
@@ -220,12 +266,15 @@ def export_onnx(
     path: str | Path,
     *,
     verify_batches: Iterable[Any] | None = None,
-    opset: int = 17,
+    opset: int | None = None,
+    int4: Int4Weights | str = Int4Weights.WEIGHT_ONLY,
     min_sqnr_db: float | None = MIN_SQNR_DB,
     min_top1_agreement: float | None = MIN_TOP1_AGREEMENT,
     progress: bool = True,
     full_integer: bool = False,
     calib_batches: Iterable[Any] | None = None,
+    external_data: bool | None = None,
+    overwrite: bool = True,
 ) -> dict[str, Any]:
     """Export a quantized model to ONNX with QuantizeLinear/DequantizeLinear, and check it in onnxruntime.
 
@@ -236,7 +285,13 @@ def export_onnx(
             sequence). A model that returns several outputs is checked on the first.
         path: the ``.onnx`` file to write (its folder is created).
         verify_batches: batches to compare onnxruntime with the PyTorch simulation on (see `verify_onnx`).
-        opset: ONNX opset, 13 or more (per-channel DequantizeLinear).
+        opset: ONNX opset, 13 or more (per-channel DequantizeLinear); from 21 (`INT4_OPSET`) on, layers whose
+            codes and zero points fit [-8, 7] store int4 weights (`postquant.io.onnx.params`). None: 21 when a
+            layer stores int4, else 17 (`DEFAULT_OPSET`).
+        int4: which layers whose codes and zero points fit [-8, 7] store int4 codes from opset 21 on
+            (`Int4Weights`): ``"weight-only"`` (default: layers without an input quantizer, which run in float
+            in onnxruntime whatever the storage), ``"all"`` (W4A8 layers too: smaller, but onnxruntime fuses
+            no int4 weight into an integer kernel), ``"none"``.
         min_sqnr_db, min_top1_agreement: the floors of the verification (see `verify_onnx`).
         progress: show a bar over the export's steps, then one over the verification batches.
         full_integer: also quantize the tensors between quantized ops (conv outputs before residual adds,
@@ -246,6 +301,10 @@ def export_onnx(
             measures it).
         calib_batches: batches (like `verify_batches`) whose min/max give the ranges of the new quantization
             points of `full_integer` (default: the example inputs alone, with a warning).
+        external_data: write the tensors to ``<path>.data`` beside the ``.onnx`` (ONNX external data; both
+            files are needed to run it). None: when they come near protobuf's 2 GB limit
+            (`postquant.io.onnx.files.EXTERNAL_DATA_BYTES`).
+        overwrite: replace an existing `path` (and its data file); False refuses them with `OutputError`.
 
     Returns:
         ``path``, ``bytes``, ``opset``, ``int8_weight_layers`` (layers with 8-bit integer codes, int8 or
@@ -263,9 +322,8 @@ def export_onnx(
             for inspection).
     """
     import onnx  # optional dependency (extra: onnx)
+    from onnx import version_converter
 
-    if opset < 13:
-        raise UnsupportedModelError(f"opset {opset} has no per-channel DequantizeLinear; use opset >= 13")
     if any(t.device.type != "cpu" for t in [*qmodel.parameters(), *qmodel.buffers()]):
         qmodel = copy.deepcopy(qmodel).cpu()  # exported and verified on the CPU, where onnxruntime runs
     example_inputs = move_batch(example_inputs, "cpu")
@@ -275,7 +333,8 @@ def export_onnx(
             f"export_onnx(qmodel, example_inputs, path): path is a str or Path, not {type(path).__name__}"
         )
     path = Path(path).expanduser()
-    plans = plan_layers(qmodel)
+    check_target(path, overwrite=overwrite, external_data=external_data)  # before any work; again at the end
+    plans, opset = _plan(qmodel, opset, Int4Weights(int4))
     if not plans:
         log.info("%s has no quantized layer: exporting it in float", type(qmodel).__name__)
     steps = progress_bar(total=4, desc="export onnx", unit="step", enabled=progress)
@@ -291,6 +350,8 @@ def export_onnx(
         with no_kv_cache(twin):  # a causal LM's key/value cache object is no ONNX output
             _torch_export(twin, inputs, float_path, opset)
         model = onnx.load(str(float_path))
+    if opset > TORCHSCRIPT_MAX_OPSET:  # 21 extends the types of its changed ops (int4...): the same graph
+        model = version_converter.convert_version(model, opset)
     steps.update()
     steps.set_postfix_str("quantize graph")
     if inputs.kwargs:
@@ -302,22 +363,16 @@ def export_onnx(
         integer = _integerize(model, inputs, example_inputs, calib_batches)
     onnx.checker.check_model(model)
     steps.update()
+    external = needs_external_data(model) if external_data is None else external_data
+    if external and not external_data:
+        log.info("the model's tensors exceed protobuf's 2 GB: writing them to %s", data_path(path))
+    check_target(path, overwrite=overwrite, external_data=external)
     steps.set_postfix_str("save")
-    try:  # written beside `path` and renamed into place once verified: never a half-written or
-        path.parent.mkdir(parents=True, exist_ok=True)  # unverified file at `path`
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(tmp_name)
-    except OSError as exc:
-        raise OutputError(f"cannot write the ONNX model to {path}: {exc.strerror or exc}") from exc
+    staged = StagedOnnx.save(model, path, external_data=external)  # checked, then renamed into place
     try:
-        try:
-            onnx.save(model, str(tmp))
-        except OSError as exc:
-            raise OutputError(f"cannot write the ONNX model to {path}: {exc.strerror or exc}") from exc
         steps.update()
         steps.set_postfix_str("count kernels")  # an onnxruntime session: its graph optimisation takes a while
-        result = _exported(tmp, path, opset, plans)
+        result = _exported(staged, opset, plans)
         if integer is not None:
             result["full_integer"] = integer
         steps.update()
@@ -326,7 +381,7 @@ def export_onnx(
             result.update(
                 verify_onnx(
                     qmodel,
-                    tmp,
+                    staged.model,
                     verify_batches,
                     min_sqnr_db=min_sqnr_db,
                     min_top1_agreement=min_top1_agreement,
@@ -341,14 +396,13 @@ def export_onnx(
                 result["sqnr_db"],
             )
     except OnnxMismatchError as exc:
-        rejected = path.with_name(f"{path.stem}.rejected{path.suffix}")
-        os.replace(tmp, rejected)
+        rejected = staged.reject()
         raise OnnxMismatchError(
             f"{exc} Nothing was written to {path}; the rejected graph is kept at {rejected} for inspection.",
             exc.metrics,
         ) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        staged.discard()
         raise
-    os.replace(tmp, path)
+    staged.commit(overwrite=overwrite)
     return result
