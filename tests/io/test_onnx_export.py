@@ -73,7 +73,7 @@ def test_weight_storage_cannot_saturate_integer_kernels_on_any_cpu(recipe, small
     as uint8 codes q + 128; either way the codes and zero points are the layer's, so the graph dequantizes
     to the simulation's float weights exactly."""
     qmodel = postquant.quantize(small_net, recipe, calib=batches)
-    result = export_onnx(qmodel, batches[0], tmp_path / "m.onnx", opset=17)  # 8-bit storage (no int4)
+    result = export_onnx(qmodel, batches[0], tmp_path / "m.onnx", int4="none")  # 8-bit storage
     stored = _stored_weights(tmp_path / "m.onnx")
     assert set(stored) == set(quantized_layers(qmodel))
     for name, layer in quantized_layers(qmodel).items():

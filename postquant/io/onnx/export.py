@@ -13,6 +13,7 @@ The quantized model is exported in two steps:
 from __future__ import annotations
 
 import copy
+import enum
 import logging
 import os
 import tempfile
@@ -46,11 +47,18 @@ from postquant.model.hf import no_kv_cache
 from postquant.nn.layer import HALF, upcast_half
 from postquant.progress import progress_bar
 
-__all__ = ["DEFAULT_OPSET", "export_onnx", "float_twin"]
+__all__ = ["DEFAULT_OPSET", "Exporter", "export_onnx", "float_twin"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17  # without int4 weights (every onnxruntime since 1.13 runs it)
+
+
+class Exporter(enum.StrEnum):
+    """Which of torch's ONNX exporters traces the float twin."""
+
+    TORCHSCRIPT = "torchscript"  # torch.onnx.export(dynamo=False): the tested default
+    DYNAMO = "dynamo"  # torch.onnx.export(dynamo=True): torch.export, then onnxscript
 
 
 class _MatrixLinear(nn.Module):
@@ -157,11 +165,17 @@ class _Keywords(nn.Module):
 TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter's highest opset (torch 2.13): newer ones are converted
 
 
-def _torch_export(model: nn.Module, inputs: _Inputs, path: Path, opset: int) -> None:
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest opset
+
+
+def _torch_export(model: nn.Module, inputs: _Inputs, path: Path, opset: int, exporter: Exporter) -> None:
     axes = {**inputs.dynamic_axes, "output": {0: "batch"}}
     args = inputs.args
     if inputs.kwargs:
         model, args = _Keywords(model, inputs.names), tuple(inputs.kwargs.values())
+    if exporter is Exporter.DYNAMO:
+        _dynamo_export(model, args, inputs, path, opset)
+        return
     with warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
@@ -180,6 +194,43 @@ def _torch_export(model: nn.Module, inputs: _Inputs, path: Path, opset: int) -> 
             )
         except Exception as exc:  # the exporter raises many types; say which model part failed
             raise UnsupportedModelError(f"torch.onnx.export failed on {type(model).__name__}: {exc}") from exc
+
+
+def _dynamo_export(
+    model: nn.Module, args: tuple[torch.Tensor, ...], inputs: _Inputs, path: Path, opset: int
+) -> None:
+    """`torch.onnx.export(..., dynamo=True)`: `torch.export` then ONNX through onnxscript."""
+    try:
+        import onnxscript  # noqa: F401  the dynamo exporter's dependency (extra: onnx)
+    except ImportError:
+        raise UnsupportedModelError(
+            "exporter='dynamo' needs onnxscript: pip install onnxscript (or postquant[onnx]), or use "
+            "exporter='torchscript'"
+        ) from None
+    dynamic = torch.export.Dim.DYNAMIC
+    shapes: tuple[Any, ...] = tuple({d: dynamic for d in axes} for axes in inputs.dynamic_axes.values())
+    if inputs.kwargs:  # `_Keywords` takes them as *args: one argument holding them
+        shapes = (shapes,)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        try:
+            program = torch.onnx.export(
+                model,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                input_names=inputs.names,
+                output_names=["output"],
+                dynamic_shapes=shapes,
+                verbose=False,
+                optimize=False,
+            )
+            program.save(str(path))
+        except Exception as exc:  # the exporter raises many types; say which model part failed
+            raise UnsupportedModelError(
+                f"torch.onnx.export(dynamo=True) failed on {type(model).__name__}: {exc}; "
+                "try exporter='torchscript'"
+            ) from exc
 
 
 def _exported(staged: StagedOnnx, opset: int, plans: dict[str, LayerQDQ]) -> dict[str, Any]:
@@ -275,6 +326,7 @@ def export_onnx(
     calib_batches: Iterable[Any] | None = None,
     external_data: bool | None = None,
     overwrite: bool = True,
+    exporter: Exporter | str = Exporter.TORCHSCRIPT,
 ) -> dict[str, Any]:
     """Export a quantized model to ONNX with QuantizeLinear/DequantizeLinear, and check it in onnxruntime.
 
@@ -305,6 +357,8 @@ def export_onnx(
             files are needed to run it). None: when they come near protobuf's 2 GB limit
             (`postquant.io.onnx.files.EXTERNAL_DATA_BYTES`).
         overwrite: replace an existing `path` (and its data file); False refuses them with `OutputError`.
+        exporter: torch's exporter of the float twin (`Exporter`): ``"torchscript"`` (default) or
+            ``"dynamo"`` (opset 18 or more; needs onnxscript; docs/export.md says what it passes).
 
     Returns:
         ``path``, ``bytes``, ``opset``, ``int8_weight_layers`` (layers with 8-bit integer codes, int8 or
@@ -334,7 +388,15 @@ def export_onnx(
         )
     path = Path(path).expanduser()
     check_target(path, overwrite=overwrite, external_data=external_data)  # before any work; again at the end
+    exporter = Exporter(exporter)
+    if exporter is Exporter.DYNAMO and opset is not None and opset < DYNAMO_MIN_OPSET:
+        raise UnsupportedModelError(
+            f"exporter='dynamo' writes opset {DYNAMO_MIN_OPSET} or more, not {opset}; pass opset=None or "
+            f">= {DYNAMO_MIN_OPSET}, or exporter='torchscript'"
+        )
     plans, opset = _plan(qmodel, opset, Int4Weights(int4))
+    if exporter is Exporter.DYNAMO:
+        opset = max(opset, DYNAMO_MIN_OPSET)
     if not plans:
         log.info("%s has no quantized layer: exporting it in float", type(qmodel).__name__)
     steps = progress_bar(total=4, desc="export onnx", unit="step", enabled=progress)
@@ -348,9 +410,11 @@ def export_onnx(
                 tuple(map(upcast_half, inputs.args)), {k: upcast_half(t) for k, t in inputs.kwargs.items()}
             )
         with no_kv_cache(twin):  # a causal LM's key/value cache object is no ONNX output
-            _torch_export(twin, inputs, float_path, opset)
+            _torch_export(twin, inputs, float_path, opset, exporter)
         model = onnx.load(str(float_path))
-    if opset > TORCHSCRIPT_MAX_OPSET:  # 21 extends the types of its changed ops (int4...): the same graph
+    if (
+        exporter is Exporter.TORCHSCRIPT and opset > TORCHSCRIPT_MAX_OPSET
+    ):  # 21 extends the types of its changed ops (int4...): the same graph
         model = version_converter.convert_version(model, opset)
     steps.update()
     steps.set_postfix_str("quantize graph")
