@@ -266,6 +266,15 @@ def _exported(staged: StagedOnnx, opset: int, plans: dict[str, LayerQDQ]) -> dic
     return result
 
 
+def _choice(kind: type[enum.StrEnum], value: Any, argument: str) -> Any:
+    """`value` as a member of `kind`, or a ValueError that lists the accepted values."""
+    try:
+        return kind(value)
+    except ValueError:
+        accepted = ", ".join(repr(m.value) for m in kind)
+        raise ValueError(f"{argument} must be one of {accepted}, not {value!r}") from None
+
+
 def _plan(qmodel: nn.Module, opset: int | None, int4: Int4Weights) -> tuple[dict[str, LayerQDQ], int]:
     """The layers' ONNX parameters and the opset: int4 weights (`int4`) where they fit and the opset allows
     them (`INT4_OPSET`); ``opset=None`` picks `INT4_OPSET` when a layer stores int4, else `DEFAULT_OPSET`."""
@@ -388,13 +397,13 @@ def export_onnx(
         )
     path = Path(path).expanduser()
     check_target(path, overwrite=overwrite, external_data=external_data)  # before any work; again at the end
-    exporter = Exporter(exporter)
+    exporter = _choice(Exporter, exporter, "exporter")
     if exporter is Exporter.DYNAMO and opset is not None and opset < DYNAMO_MIN_OPSET:
         raise UnsupportedModelError(
             f"exporter='dynamo' writes opset {DYNAMO_MIN_OPSET} or more, not {opset}; pass opset=None or "
             f">= {DYNAMO_MIN_OPSET}, or exporter='torchscript'"
         )
-    plans, opset = _plan(qmodel, opset, Int4Weights(int4))
+    plans, opset = _plan(qmodel, opset, _choice(Int4Weights, int4, "int4"))
     if exporter is Exporter.DYNAMO:
         opset = max(opset, DYNAMO_MIN_OPSET)
     if not plans:
@@ -416,6 +425,7 @@ def export_onnx(
         exporter is Exporter.TORCHSCRIPT and opset > TORCHSCRIPT_MAX_OPSET
     ):  # 21 extends the types of its changed ops (int4...): the same graph
         model = version_converter.convert_version(model, opset)
+        del model.graph.value_info[:]  # the converter's inferred shapes: optional, and not in the 17 graph
     steps.update()
     steps.set_postfix_str("quantize graph")
     if inputs.kwargs:

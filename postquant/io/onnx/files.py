@@ -28,7 +28,6 @@ __all__ = ["EXTERNAL_DATA_BYTES", "StagedOnnx", "check_target", "data_path", "ne
 log = logging.getLogger(__name__)
 
 EXTERNAL_DATA_BYTES = 2**31 - 2**28  # tensors above ~1.75 GiB go to a data file (protobuf's limit: 2 GiB)
-_MIN_EXTERNAL_TENSOR = 1024  # bytes: smaller tensors (scales, shapes) stay in the .onnx
 
 
 def data_path(path: Path) -> Path:
@@ -117,7 +116,7 @@ class StagedOnnx:
                 save_as_external_data=external_data,
                 all_tensors_to_one_file=True,
                 location=data_path(path).name,
-                size_threshold=_MIN_EXTERNAL_TENSOR,
+                size_threshold=0,  # every initializer: the .onnx holds the graph alone
             )
         except OSError as exc:
             staged.discard()
@@ -125,6 +124,7 @@ class StagedOnnx:
         except BaseException:
             staged.discard()
             raise
+        staged.external_data = (directory / data_path(path).name).exists()  # False: a graph without tensors
         return staged
 
     def discard(self) -> None:
