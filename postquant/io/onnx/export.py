@@ -385,7 +385,7 @@ def export_onnx(
             for inspection).
     """
     import onnx  # optional dependency (extra: onnx)
-    from onnx import version_converter
+    from onnx import version_converter  # optional dependency (extra: onnx)
 
     if any(t.device.type != "cpu" for t in [*qmodel.parameters(), *qmodel.buffers()]):
         qmodel = copy.deepcopy(qmodel).cpu()  # exported and verified on the CPU, where onnxruntime runs

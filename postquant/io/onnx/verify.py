@@ -65,14 +65,14 @@ def int4_unsupported() -> str:
     """Why the installed onnx/onnxruntime cannot write or run opset-21 int4 ``DequantizeLinear`` ("" when they
     can): a 2-block int4 weight dequantized and multiplied in an onnxruntime CPU session, checked exactly."""
     import onnx  # optional dependency (extra: onnx)
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    import onnxruntime as ort  # optional dependency (extra: onnx)
+    from onnx import TensorProto, helper, numpy_helper  # optional dependency (extra: onnx)
 
     versions = f"onnx {onnx.__version__}, onnxruntime {ort.__version__}"
     if onnx.defs.onnx_opset_version() < INT4_OPSET:
         return f"onnx knows opsets up to {onnx.defs.onnx_opset_version()} ({versions})"
     try:
-        import ml_dtypes
+        import ml_dtypes  # a dependency of onnx (>= 1.16), for INT4 tensors
 
         codes = np.arange(-8, 8, dtype=np.int8).reshape(4, 4)  # (K, N), blocks of 2 along K
         scale = np.array([[0.5, 1, 2, 4], [1, 1, 1, 1]], np.float32)
