@@ -1,9 +1,12 @@
 """QDQ ONNX export of quantized models, verified in onnxruntime.
 
-* `postquant.io.onnx.params`: a quantized layer's parameters in ONNX form (8-bit codes, scales, zero points);
+* `postquant.io.onnx.params`: a quantized layer's parameters in ONNX form (8- or 4-bit codes, scales, zero
+  points);
 * `postquant.io.onnx.rewrite`: the QDQ nodes inserted into the exported float graph;
 * `postquant.io.onnx.integer`: the extra QDQ pairs of a full-integer graph (``export_onnx(full_integer=True)``);
 * `postquant.io.onnx.export`: `export_onnx` (and `float_twin`, the float model it traces);
+* `postquant.io.onnx.files`: the model written whole, or with its tensors in ``<name>.onnx.data`` (external
+  data), staged in a temporary directory and renamed into place;
 * `postquant.io.onnx.verify`: `verify_onnx` against the PyTorch simulation, `count_kernels` after onnxruntime's
   graph optimizations.
 

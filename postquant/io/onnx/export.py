@@ -3,11 +3,18 @@
 The quantized model is exported in two steps:
 
 1. its *float twin* (each `QuantizedLayer` replaced by its float module holding the dequantized weight) is
-   exported with the TorchScript exporter (``dynamo=False``), which keeps a layer's weight as the initializer
-   ``<name>.weight`` feeding one Conv or Gemm node;
+   exported with torch's TorchScript exporter (``dynamo=False``, the default) or its dynamo exporter
+   (``exporter="dynamo"``), both of which keep a layer's weight as the initializer ``<name>.weight`` feeding
+   one Conv or Gemm node;
 2. the graph is rewritten per quantized layer (`postquant.io.onnx.rewrite`) with the layer's ONNX parameters
-   (`postquant.io.onnx.params`), checked, written, and its kernels counted and outputs compared with the
-   PyTorch simulation in onnxruntime (`postquant.io.onnx.verify`).
+   (`postquant.io.onnx.params`: int8/uint8 codes, or int4 at opset 21), checked, written whole or with
+   external data (`postquant.io.onnx.files`), and its kernels counted and outputs compared with the PyTorch
+   simulation in onnxruntime (`postquant.io.onnx.verify`).
+
+The TorchScript exporter writes opsets up to 20; an opset-21 graph (int4 weights) is exported at 20 and
+converted by ``onnx.version_converter`` (21 only widens the types of the ops it changes). The dynamo
+exporter runs without onnxscript's graph optimizer, which merges equal initializers (tied weights, or
+layers whose dequantized weights are equal) that the rewrite needs apart.
 """
 
 from __future__ import annotations
@@ -370,19 +377,21 @@ def export_onnx(
             ``"dynamo"`` (opset 18 or more; needs onnxscript; docs/export.md says what it passes).
 
     Returns:
-        ``path``, ``bytes``, ``opset``, ``int8_weight_layers`` (layers with 8-bit integer codes, int8 or
-        uint8), ``uint8_weight_layers`` (how many of them store uint8 codes: codes outside [-64, 63], see the
-        module docstring), ``weight_dtypes`` ({layer: "int8" or "uint8"}), ``float_compute_layers`` ({layer:
+        ``path``, ``bytes`` (with the data file), ``external_data`` (the data file, or None), ``opset``,
+        ``int8_weight_layers`` (layers with 8-bit integer codes, int8 or uint8), ``uint8_weight_layers`` (how
+        many of them store uint8 codes: codes outside [-64, 63], see `postquant.io.onnx.params`),
+        ``int4_weight_layers``, ``weight_dtypes`` ({layer: "int8", "uint8" or "int4"}), ``float_compute_layers`` ({layer:
         why onnxruntime cannot give it integer kernels}), the `count_kernels` entries ``integer_kernels``,
         ``float_kernels``, ``ops``, and ``top1_agreement``, ``max_abs_diff``, ``sqnr_db``, ``n`` (None without
         `verify_batches`); with `full_integer`, ``full_integer`` (what `integerize` returns).
 
     Raises:
         UnsupportedModelError: a layer QDQ cannot express (the message names it), or the exporter failed.
-        OutputError: `path` cannot be written.
+        OutputError: `path` cannot be written, or exists (or its data file does) without `overwrite`.
         OnnxMismatchError: onnxruntime disagrees with the simulation on `verify_batches` (nothing is written
-            at `path`; the graph is kept beside it as ``<stem>.rejected.onnx``,
-            for inspection).
+            at `path`; the graph is kept beside it as ``<stem>.rejected.onnx``, with external data as the
+            directory ``<stem>.rejected`` holding both files, for inspection).
+        ValueError: `int4` or `exporter` is not one of its values, or ``int4="all"`` with an opset below 21.
     """
     import onnx  # optional dependency (extra: onnx)
     from onnx import version_converter  # optional dependency (extra: onnx)

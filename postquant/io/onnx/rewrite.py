@@ -1,7 +1,8 @@
 """Graph surgery: the QDQ nodes of every quantized layer inserted into the exported float graph.
 
 Per quantized layer the weight initializer ``<name>.weight`` (feeding one Conv or Gemm node per call) becomes
-8-bit codes plus a ``DequantizeLinear`` (`postquant.io.onnx.params`), and an input quantizer becomes a
+int8/uint8 codes (or int4 ones, opset 21, with ``block_size`` for groups) plus a ``DequantizeLinear``
+(`postquant.io.onnx.params`), and an input quantizer becomes a
 ``QuantizeLinear``/``DequantizeLinear`` pair on the layer's input (after a ``Clip`` below 8 bits).
 
 The activation pair goes before a zero ``Pad`` that feeds only the conv (TF-"same" convs pad in their
