@@ -41,15 +41,16 @@ def needs_external_data(model: Any) -> bool:
 
 
 def check_target(path: Path, *, overwrite: bool, external_data: bool | None) -> None:
-    """Raise `OutputError` unless `path` (and its data file, when `external_data` may be True) may be written.
+    """Raise `OutputError` unless `path` (and its data file, with `external_data`) may be written.
 
-    Without `overwrite` an existing ``.onnx``, or an existing data file when the export writes one, is refused.
+    Without `overwrite` an existing ``.onnx``, or an existing data file when the export writes one, is refused
+    (`external_data` None, not decided yet: the ``.onnx`` alone is checked).
     """
     if path.is_dir():
         raise OutputError(f"cannot write the ONNX model to {path}: it is a directory; give a .onnx file path")
     if overwrite:
         return
-    taken = [p for p in (path, data_path(path) if external_data is not False else None) if p and p.exists()]
+    taken = [p for p in (path, data_path(path) if external_data else None) if p and p.exists()]
     if taken:
         raise OutputError(
             f"{' and '.join(map(str, taken))} exist{'s' if len(taken) == 1 else ''}; pass overwrite=True "
