@@ -308,3 +308,23 @@ def test_the_dynamo_exporter_on_a_tiny_transformer(tmp_path):
         qmodel, x[:2], tmp_path / "e.onnx", verify_batches=[x], exporter="dynamo", progress=False
     )
     assert result["int4_weight_layers"] == 12 and result["sqnr_db"] > 60
+
+
+def test_a_file_that_appears_during_the_export_is_not_replaced(small_net, batches, tmp_path):
+    qmodel = postquant.quantize(small_net, {"w_bits": 4}, calib=batches)
+    path = tmp_path / "m.onnx"
+
+    def someone_writes_the_path():
+        path.write_text("theirs")
+        yield from batches
+
+    with pytest.raises(OutputError, match=r"m\.onnx exists"):
+        export_onnx(
+            qmodel,
+            batches[0],
+            path,
+            verify_batches=someone_writes_the_path(),
+            overwrite=False,
+            progress=False,
+        )
+    assert path.read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]

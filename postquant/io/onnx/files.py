@@ -147,7 +147,11 @@ class StagedOnnx:
     def commit(self, *, overwrite: bool) -> None:
         """Rename the staged files to `path` (and its data file): the data first, then the model. A data file
         that the replaced model referred to and the new one does not is removed."""
-        check_target(self.path, overwrite=overwrite, external_data=self.external_data)
+        try:  # again: a file may have appeared since the export began
+            check_target(self.path, overwrite=overwrite, external_data=self.external_data)
+        except OutputError:
+            self.discard()
+            raise
         data = data_path(self.path)
         stale = (
             data.name in _external_locations(self.path) and not self.external_data
