@@ -279,16 +279,17 @@ def test_external_data_is_chosen_above_the_threshold(small_net, batches, tmp_pat
 # ----------------------------------------------------------------------------------------- dynamo
 
 
-@pytest.mark.parametrize("recipe", [{"w_bits": 8, "a_bits": 8}, {"w_bits": 4}], ids=["w8a8", "w4-int4"])
-def test_the_dynamo_exporter_gives_the_same_quantized_graph(recipe, small_net, batches, tmp_path):
+def test_the_dynamo_exporter_gives_the_same_quantized_graph(small_net, batches, tmp_path):
+    """W8A8 on the CNN: the same storage and integer kernels as the TorchScript exporter (the first dynamo
+    export pays for importing onnxscript: ~6 s)."""
     pytest.importorskip("onnxscript")
-    qmodel = postquant.quantize(small_net, recipe, calib=batches)
+    qmodel = postquant.quantize(small_net, {"w_bits": 8, "a_bits": 8}, calib=batches)
     kw = {"verify_batches": batches, "progress": False}
     dynamo = export_onnx(qmodel, batches[0], tmp_path / "d.onnx", exporter="dynamo", **kw)
     script = export_onnx(qmodel, batches[0], tmp_path / "t.onnx", **kw)
     assert dynamo["weight_dtypes"] == script["weight_dtypes"]
     assert dynamo["integer_kernels"] == script["integer_kernels"]
-    assert dynamo["opset"] == max(script["opset"], 18)
+    assert (dynamo["opset"], script["opset"]) == (18, 17) and dynamo["integer_kernels"] >= 2
     assert dynamo["top1_agreement"] == 100.0 and dynamo["sqnr_db"] > 40
     with pytest.raises(UnsupportedModelError, match=r"exporter='dynamo' writes opset 18 or more, not 17"):
         export_onnx(qmodel, batches[0], tmp_path / "x.onnx", exporter="dynamo", opset=17, progress=False)

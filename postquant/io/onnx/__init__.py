@@ -13,7 +13,17 @@
 onnx and onnxruntime are optional dependencies (``postquant[onnx]``), imported when these functions run.
 """
 
-from postquant.io.onnx.export import export_onnx, float_twin
+from postquant.io.onnx.export import Exporter, export_onnx, float_twin
+from postquant.io.onnx.params import Int4Weights
 from postquant.io.onnx.verify import MIN_SQNR_DB, MIN_TOP1_AGREEMENT, count_kernels, verify_onnx
 
-__all__ = ["MIN_SQNR_DB", "MIN_TOP1_AGREEMENT", "count_kernels", "export_onnx", "float_twin", "verify_onnx"]
+__all__ = [
+    "MIN_SQNR_DB",
+    "MIN_TOP1_AGREEMENT",
+    "Exporter",
+    "Int4Weights",
+    "count_kernels",
+    "export_onnx",
+    "float_twin",
+    "verify_onnx",
+]
