@@ -295,16 +295,32 @@ def test_the_dynamo_exporter_gives_the_same_quantized_graph(small_net, batches, 
         export_onnx(qmodel, batches[0], tmp_path / "x.onnx", exporter="dynamo", opset=17, progress=False)
 
 
-def test_the_dynamo_exporter_on_a_tiny_transformer(tmp_path):
-    pytest.importorskip("onnxscript")
+def _encoder() -> nn.Module:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("granularity", ["channel", "group"])
+def test_a_transformer_encoder_with_int4_weights(granularity, tmp_path):
+    """Its TorchScript graph (opset 20: attention, LayerNorm, Softmax...) converts to opset 21."""
     x = torch.randn(8, 10, 32)
-    qmodel = postquant.quantize(model, {"w_bits": 4, "symmetric": True}, calib=x)
+    recipe = {"w_bits": 4, "symmetric": True, "granularity": granularity, "group_size": 16}
+    qmodel = postquant.quantize(_encoder(), recipe, calib=x)
+    result = export_onnx(qmodel, x[:2], tmp_path / "e.onnx", verify_batches=[x], progress=False)
+    assert result["opset"] == 21 and result["int4_weight_layers"] == 12 and result["sqnr_db"] > 60
+    blocks = {a.get("block_size") for *_, a in _weights(tmp_path / "e.onnx").values()}
+    assert blocks == ({16} if granularity == "group" else {None})
+
+
+def test_the_dynamo_exporter_on_a_tiny_transformer(tmp_path):
+    pytest.importorskip("onnxscript")
+    x = torch.randn(8, 10, 32)
+    qmodel = postquant.quantize(_encoder(), {"w_bits": 4, "symmetric": True}, calib=x)
     result = export_onnx(
         qmodel, x[:2], tmp_path / "e.onnx", verify_batches=[x], exporter="dynamo", progress=False
     )
@@ -329,3 +345,23 @@ def test_a_file_that_appears_during_the_export_is_not_replaced(small_net, batche
             progress=False,
         )
     assert path.read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+@pytest.mark.slow
+def test_a_causal_lm_with_int4_groups_converts_to_opset_21(tmp_path):
+    """The TorchScript graph (opset 20) of a Llama converts to opset 21 and carries int4 blocks."""
+    pytest.importorskip("transformers")
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(layers=2)
+    ids = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(1))
+    calib = [
+        {"input_ids": ids[i : i + 4], "attention_mask": torch.ones(4, 12, dtype=torch.long)} for i in (0, 4)
+    ]
+    recipe = {"w_bits": 4, "granularity": "group", "group_size": 16, "symmetric": True}
+    qmodel = postquant.quantize(model, recipe, calib=calib)
+    result = export_onnx(qmodel, calib[0], tmp_path / "lm.onnx", verify_batches=calib, progress=False)
+    assert result["opset"] == 21 and result["int4_weight_layers"] == len(quantized_layers(qmodel)) > 8
+    assert result["sqnr_db"] > 60
+    attrs = {name: a for name, (_, _, _, a) in _weights(tmp_path / "lm.onnx").items()}
+    assert all(a == {"axis": 1, "block_size": 16} for a in attrs.values())
