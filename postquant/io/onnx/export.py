@@ -58,7 +58,9 @@ __all__ = ["DEFAULT_OPSET", "Exporter", "export_onnx", "float_twin"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 17  # without int4 weights (every onnxruntime since 1.13 runs it)
+DEFAULT_OPSET = 17  # without int4 weights: the graphs of 8-bit codes, as before int4
+TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter's highest opset (torch 2.13): newer ones are converted
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest opset
 
 
 class Exporter(enum.StrEnum):
@@ -167,12 +169,6 @@ class _Keywords(nn.Module):
             init.name = renamed.get(init.name, init.name)
         for node in graph.node:
             node.input[:] = [renamed.get(x, x) for x in node.input]
-
-
-TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter's highest opset (torch 2.13): newer ones are converted
-
-
-DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest opset
 
 
 def _torch_export(model: nn.Module, inputs: _Inputs, path: Path, opset: int, exporter: Exporter) -> None:
