@@ -560,12 +560,38 @@ def export_onnx_cmd(
             "(ranges from 256 calibration samples; docs/export.md)"
         ),
     ] = False,
+    external_data: Annotated[
+        bool | None,
+        typer.Option(
+            "--external-data/--no-external-data",
+            help="write the tensors to OUTPUT.data beside the .onnx (default: only above protobuf's 2 GB)",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing .onnx (and its .onnx.data)")] = False,
+    opset: Annotated[
+        int | None,
+        typer.Option(min=13, help="ONNX opset (default: 21 when a layer stores int4 weights, else 17)"),
+    ] = None,
+    int4: Annotated[
+        str,
+        typer.Option(
+            help="layers of <= 4 bits stored as int4 (opset 21): weight-only (layers without an input "
+            "quantizer), all, none"
+        ),
+    ] = "weight-only",
+    exporter: Annotated[
+        str, typer.Option(help="torch's ONNX exporter: torchscript or dynamo")
+    ] = "torchscript",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Export a saved quantized model to ONNX (QuantizeLinear/DequantizeLinear), checked in onnxruntime."""
     _setup_logging(verbose)
+    options = OnnxExportOptions(
+        run_dir, output, verify, trust_code, full_integer, external_data, overwrite, opset, int4, exporter
+    )
     try:
-        _export_onnx(OnnxExportOptions(run_dir, output, verify, trust_code, full_integer))
+        _export_onnx(options)
     except PostquantError as exc:
         _fail(exc, verbose)
 
@@ -573,10 +599,20 @@ def export_onnx_cmd(
 def _export_onnx(options: OnnxExportOptions) -> None:
     from postquant.errors import DataError
     from postquant.io import export_onnx
+    from postquant.io.onnx.export import Exporter
+    from postquant.io.onnx.files import check_target
+    from postquant.io.onnx.params import Int4Weights
     from postquant_lab.zoo.datasets import SentencePair
 
+    for flag, value, kind in (
+        ("--int4", options.int4, Int4Weights),
+        ("--exporter", options.exporter, Exporter),
+    ):
+        if value not in {m.value for m in kind}:
+            raise RecipeError(f"{flag} must be one of {', '.join(m.value for m in kind)}, not {value!r}")
     output, verify = options.output, options.verify
     _check_writable_file(output)
+    check_target(output, overwrite=options.overwrite, external_data=options.external_data)
     qmodel, zoo = _load_run(options.run_dir, options.trust_code)
     try:
         batches = [x for x, _ in zoo.eval_batches(limit=verify, batch_size=32)] if verify else None
@@ -598,9 +634,15 @@ def _export_onnx(options: OnnxExportOptions) -> None:
         verify_batches=batches,
         full_integer=options.full_integer,
         calib_batches=calib,
+        external_data=options.external_data,
+        overwrite=options.overwrite,
+        opset=options.opset,
+        int4=options.int4,
+        exporter=options.exporter,
     )
     top1, sqnr, diff = info.get("top1_agreement"), info.get("sqnr_db"), info.get("max_abs_diff")
-    size = f"wrote {output} ({output.stat().st_size / 1e6:.2f} MB)"
+    data = f" and {info['external_data']}" if info.get("external_data") else ""
+    size = f"wrote {output}{data} ({info['bytes'] / 1e6:.2f} MB, opset {info['opset']})"
     if sqnr is None:  # --verify 0: not compared
         out_console.print(f"{size}, not checked in onnxruntime (--verify 0)")
         return

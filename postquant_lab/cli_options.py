@@ -261,6 +261,11 @@ class OnnxExportOptions:
     verify: int = 256
     trust_code: bool = False
     full_integer: bool = False
+    external_data: bool | None = None  # None: above protobuf's 2 GB only
+    overwrite: bool = False
+    opset: int | None = None  # None: 21 with int4 weights, else 17
+    int4: str = "weight-only"
+    exporter: str = "torchscript"
 
 
 @dataclass(frozen=True)

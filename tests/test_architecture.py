@@ -17,6 +17,8 @@ LIBRARY = ROOT / "postquant"
 # a dependency whose solvers take ~300 modules that `import postquant` should not pay for.
 OPTIONAL = {
     "onnx",
+    "onnxscript",
+    "ml_dtypes",
     "onnxruntime",
     "matplotlib",
     "transformers",

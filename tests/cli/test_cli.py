@@ -182,3 +182,22 @@ def test_export_onnx_full_integer_runs_residual_adds_as_integer_kernels(tmp_path
     assert runner.invoke(app, ["export", "onnx", str(run), "-o", str(plain), "--verify", "0"]).exit_code == 0
     count = lambda path: sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)  # noqa: E731
     assert count(out) > count(plain)  # the adds' inputs and outputs are quantized too
+
+
+def test_export_onnx_int4_with_external_data_and_the_overwrite_rule(tmp_path):
+    require_shared("models", "cifar10", "resnet20.th")
+    runner = CliRunner()
+    run = tmp_path / "run"
+    args = ["quantize", "resnet20-cifar10", "--method", "rtn", "--w-bits", "4", "--calib-size", "32"]
+    assert runner.invoke(app, [*args, "--limit", "32", "--out", str(run)]).exit_code == 0
+    out = tmp_path / "m.onnx"
+    export = ["export", "onnx", str(run), "-o", str(out), "--verify", "32", "--external-data"]
+    result = runner.invoke(app, export)
+    assert result.exit_code == 0, result.output
+    assert "m.onnx.data" in result.output and "opset 21" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["m.onnx", "m.onnx.data"]
+    result = runner.invoke(app, export)  # both files exist: refused before any work
+    assert result.exit_code != 0 and "--overwrite" in " ".join(result.output.split())
+    assert runner.invoke(app, [*export, "--overwrite"]).exit_code == 0
+    result = runner.invoke(app, [*export, "--overwrite", "--int4", "some"])
+    assert result.exit_code != 0 and "weight-only, all, none" in " ".join(result.output.split())

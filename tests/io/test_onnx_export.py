@@ -17,13 +17,16 @@ from postquant.io import export_onnx, verify_onnx  # noqa: E402
 
 
 def _stored_weights(path) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """{layer: (codes, zero point)} of the weight initializers, as stored (int8 or uint8)."""
-    from onnx import numpy_helper
+    """{layer: (codes, zero point)} of the weight initializers, as stored (int8 or uint8; int4 as int8)."""
+    from onnx import TensorProto, numpy_helper
 
-    inits = {
-        i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
-        for i in onnx.load(str(path)).graph.initializer
-    }
+    def tensor(init) -> torch.Tensor:
+        array = numpy_helper.to_array(init)
+        if init.data_type == TensorProto.INT4:
+            array = array.astype("int8")
+        return torch.from_numpy(array.copy())
+
+    inits = {i.name: tensor(i) for i in onnx.load(str(path)).graph.initializer}
     return {
         name.removesuffix(".weight_quantized"): (codes, inits.get(name.replace("_quantized", "_zero_point")))
         for name, codes in inits.items()
@@ -70,7 +73,7 @@ def test_weight_storage_cannot_saturate_integer_kernels_on_any_cpu(recipe, small
     as uint8 codes q + 128; either way the codes and zero points are the layer's, so the graph dequantizes
     to the simulation's float weights exactly."""
     qmodel = postquant.quantize(small_net, recipe, calib=batches)
-    result = export_onnx(qmodel, batches[0], tmp_path / "m.onnx")
+    result = export_onnx(qmodel, batches[0], tmp_path / "m.onnx", int4="none")  # 8-bit storage
     stored = _stored_weights(tmp_path / "m.onnx")
     assert set(stored) == set(quantized_layers(qmodel))
     for name, layer in quantized_layers(qmodel).items():

@@ -3,16 +3,24 @@
 The quantized model is exported in two steps:
 
 1. its *float twin* (each `QuantizedLayer` replaced by its float module holding the dequantized weight) is
-   exported with the TorchScript exporter (``dynamo=False``), which keeps a layer's weight as the initializer
-   ``<name>.weight`` feeding one Conv or Gemm node;
+   exported with torch's TorchScript exporter (``dynamo=False``, the default) or its dynamo exporter
+   (``exporter="dynamo"``), both of which keep a layer's weight as the initializer ``<name>.weight`` feeding
+   one Conv or Gemm node;
 2. the graph is rewritten per quantized layer (`postquant.io.onnx.rewrite`) with the layer's ONNX parameters
-   (`postquant.io.onnx.params`), checked, written, and its kernels counted and outputs compared with the
-   PyTorch simulation in onnxruntime (`postquant.io.onnx.verify`).
+   (`postquant.io.onnx.params`: int8/uint8 codes, or int4 at opset 21), checked, written whole or with
+   external data (`postquant.io.onnx.files`), and its kernels counted and outputs compared with the PyTorch
+   simulation in onnxruntime (`postquant.io.onnx.verify`).
+
+The TorchScript exporter writes opsets up to 20; an opset-21 graph (int4 weights) is exported at 20 and
+converted by ``onnx.version_converter`` (21 only widens the types of the ops it changes). The dynamo
+exporter runs without onnxscript's graph optimizer, which merges equal initializers (tied weights, or
+layers whose dequantized weights are equal) that the rewrite needs apart.
 """
 
 from __future__ import annotations
 
 import copy
+import enum
 import logging
 import os
 import tempfile
@@ -26,20 +34,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from postquant.errors import OnnxMismatchError, OutputError, UnsupportedModelError
+from postquant.errors import OnnxMismatchError, UnsupportedModelError
 from postquant.eval.run import move_batch
+from postquant.io.onnx.files import StagedOnnx, check_target, data_path, needs_external_data
 from postquant.io.onnx.integer import integerize, tensor_ranges
-from postquant.io.onnx.params import LayerQDQ, plan_layers
+from postquant.io.onnx.params import Int4Weights, LayerQDQ, plan_layers
 from postquant.io.onnx.rewrite import drop_zero_gemm_biases, rewrite
-from postquant.io.onnx.verify import MIN_SQNR_DB, MIN_TOP1_AGREEMENT, count_kernels, ort_feed, verify_onnx
+from postquant.io.onnx.verify import (
+    INT4_OPSET,
+    MIN_SQNR_DB,
+    MIN_TOP1_AGREEMENT,
+    count_kernels,
+    int4_unsupported,
+    ort_feed,
+    verify_onnx,
+)
 from postquant.model import quantized_layers, set_module
 from postquant.model.hf import no_kv_cache
 from postquant.nn.layer import HALF, upcast_half
 from postquant.progress import progress_bar
 
-__all__ = ["export_onnx", "float_twin"]
+__all__ = ["DEFAULT_OPSET", "Exporter", "export_onnx", "float_twin"]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17  # without int4 weights: the graphs of 8-bit codes, as before int4
+TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter's highest opset (torch 2.13): newer ones are converted
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter's lowest opset
+
+
+class Exporter(enum.StrEnum):
+    """Which of torch's ONNX exporters traces the float twin."""
+
+    TORCHSCRIPT = "torchscript"  # torch.onnx.export(dynamo=False): the tested default
+    DYNAMO = "dynamo"  # torch.onnx.export(dynamo=True): torch.export, then onnxscript
 
 
 class _MatrixLinear(nn.Module):
@@ -143,11 +171,14 @@ class _Keywords(nn.Module):
             node.input[:] = [renamed.get(x, x) for x in node.input]
 
 
-def _torch_export(model: nn.Module, inputs: _Inputs, path: Path, opset: int) -> None:
+def _torch_export(model: nn.Module, inputs: _Inputs, path: Path, opset: int, exporter: Exporter) -> None:
     axes = {**inputs.dynamic_axes, "output": {0: "batch"}}
     args = inputs.args
     if inputs.kwargs:
         model, args = _Keywords(model, inputs.names), tuple(inputs.kwargs.values())
+    if exporter is Exporter.DYNAMO:
+        _dynamo_export(model, args, inputs, path, opset)
+        return
     with warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
         warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
@@ -158,7 +189,7 @@ def _torch_export(model: nn.Module, inputs: _Inputs, path: Path, opset: int) -> 
                 args,
                 str(path),
                 dynamo=False,
-                opset_version=opset,
+                opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
                 input_names=inputs.names,
                 output_names=["output"],
                 dynamic_axes=axes,
@@ -168,32 +199,110 @@ def _torch_export(model: nn.Module, inputs: _Inputs, path: Path, opset: int) -> 
             raise UnsupportedModelError(f"torch.onnx.export failed on {type(model).__name__}: {exc}") from exc
 
 
-def _exported(tmp: Path, path: Path, opset: int, plans: dict[str, LayerQDQ]) -> dict[str, Any]:
-    """The result of `export_onnx` for the graph written at `tmp` (to be renamed to `path`), before verifying."""
+def _dynamo_export(
+    model: nn.Module, args: tuple[torch.Tensor, ...], inputs: _Inputs, path: Path, opset: int
+) -> None:
+    """`torch.onnx.export(..., dynamo=True)`: `torch.export` then ONNX through onnxscript."""
+    try:
+        import onnxscript  # noqa: F401  the dynamo exporter's dependency (extra: onnx)
+    except ImportError:
+        raise UnsupportedModelError(
+            "exporter='dynamo' needs onnxscript: pip install onnxscript (or postquant[onnx]), or use "
+            "exporter='torchscript'"
+        ) from None
+    dynamic = torch.export.Dim.DYNAMIC
+    shapes: tuple[Any, ...] = tuple({d: dynamic for d in axes} for axes in inputs.dynamic_axes.values())
+    if inputs.kwargs:  # `_Keywords` takes them as *args: one argument holding them
+        shapes = (shapes,)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        try:
+            program = torch.onnx.export(
+                model,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                input_names=inputs.names,
+                output_names=["output"],
+                dynamic_shapes=shapes,
+                verbose=False,
+                optimize=False,
+            )
+            program.save(str(path))
+        except Exception as exc:  # the exporter raises many types; say which model part failed
+            raise UnsupportedModelError(
+                f"torch.onnx.export(dynamo=True) failed on {type(model).__name__}: {exc}; "
+                "try exporter='torchscript'"
+            ) from exc
+
+
+def _exported(staged: StagedOnnx, opset: int, plans: dict[str, LayerQDQ]) -> dict[str, Any]:
+    """The result of `export_onnx` for the `staged` graph (to be renamed to its path), before verifying."""
+    path = staged.path
     result: dict[str, Any] = {
         "path": str(path),
-        "bytes": tmp.stat().st_size,
+        "bytes": staged.bytes,
+        "external_data": str(data_path(path)) if staged.external_data else None,
         "opset": opset,
-        "int8_weight_layers": len(plans),
+        "int8_weight_layers": sum(p.weight.dtype in ("int8", "uint8") for p in plans.values()),
         "uint8_weight_layers": sum(p.weight.dtype == "uint8" for p in plans.values()),
+        "int4_weight_layers": sum(p.weight.int4 for p in plans.values()),
         "weight_dtypes": {name: p.weight.dtype for name, p in plans.items()},
         "float_compute_layers": {name: p.weight.why_float for name, p in plans.items() if p.weight.why_float},
-        **count_kernels(tmp),
+        **count_kernels(staged.model),
         "top1_agreement": None,
         "max_abs_diff": None,
         "sqnr_db": None,
         "n": None,
     }
     log.info(
-        "exported %s (%d bytes): %d layers with 8-bit weights (%d stored as uint8), %d integer kernels after "
-        "onnxruntime fusion",
+        "exported %s (%d bytes, opset %d): %d layers with 8-bit weights (%d stored as uint8), %d with int4 "
+        "weights, %d integer kernels after onnxruntime fusion",
         path,
         result["bytes"],
+        opset,
         result["int8_weight_layers"],
         result["uint8_weight_layers"],
+        result["int4_weight_layers"],
         result["integer_kernels"],
     )
     return result
+
+
+def _choice(kind: type[enum.StrEnum], value: Any, argument: str) -> Any:
+    """`value` as a member of `kind`, or a ValueError that lists the accepted values."""
+    try:
+        return kind(value)
+    except ValueError:
+        accepted = ", ".join(repr(m.value) for m in kind)
+        raise ValueError(f"{argument} must be one of {accepted}, not {value!r}") from None
+
+
+def _plan(qmodel: nn.Module, opset: int | None, int4: Int4Weights) -> tuple[dict[str, LayerQDQ], int]:
+    """The layers' ONNX parameters and the opset: int4 weights (`int4`) where they fit and the opset allows
+    them (`INT4_OPSET`); ``opset=None`` picks `INT4_OPSET` when a layer stores int4, else `DEFAULT_OPSET`."""
+    if opset is not None and opset < 13:
+        raise UnsupportedModelError(f"opset {opset} has no per-channel DequantizeLinear; use opset >= 13")
+    if opset is not None and opset < INT4_OPSET:
+        if int4 is Int4Weights.ALL:
+            raise ValueError(
+                f"int4='all' needs opset >= {INT4_OPSET} (int4 DequantizeLinear); pass opset=None or "
+                f"opset={INT4_OPSET}, or int4='none'"
+            )
+        int4 = Int4Weights.NONE
+    why = int4_unsupported() if int4 is not Int4Weights.NONE else ""
+    if why and opset is not None:
+        raise UnsupportedModelError(
+            f"opset {opset} needs int4 DequantizeLinear, which the installed packages cannot write or run: "
+            f"{why}; upgrade them (pip install -U 'onnx>=1.16' 'onnxruntime>=1.20'), or pass opset={DEFAULT_OPSET} "
+            "(4-bit codes stored as int8)"
+        )
+    if why:
+        log.warning("4-bit weights stored as int8 (opset %d): int4 ONNX unavailable: %s", DEFAULT_OPSET, why)
+    plans = plan_layers(qmodel, int4=Int4Weights.NONE if why else int4)
+    if opset is None:
+        opset = INT4_OPSET if any(p.weight.int4 for p in plans.values()) else DEFAULT_OPSET
+    return plans, opset
 
 
 def _integerize(
@@ -220,12 +329,16 @@ def export_onnx(
     path: str | Path,
     *,
     verify_batches: Iterable[Any] | None = None,
-    opset: int = 17,
+    opset: int | None = None,
+    int4: Int4Weights | str = Int4Weights.WEIGHT_ONLY,
     min_sqnr_db: float | None = MIN_SQNR_DB,
     min_top1_agreement: float | None = MIN_TOP1_AGREEMENT,
     progress: bool = True,
     full_integer: bool = False,
     calib_batches: Iterable[Any] | None = None,
+    external_data: bool | None = None,
+    overwrite: bool = True,
+    exporter: Exporter | str = Exporter.TORCHSCRIPT,
 ) -> dict[str, Any]:
     """Export a quantized model to ONNX with QuantizeLinear/DequantizeLinear, and check it in onnxruntime.
 
@@ -236,7 +349,13 @@ def export_onnx(
             sequence). A model that returns several outputs is checked on the first.
         path: the ``.onnx`` file to write (its folder is created).
         verify_batches: batches to compare onnxruntime with the PyTorch simulation on (see `verify_onnx`).
-        opset: ONNX opset, 13 or more (per-channel DequantizeLinear).
+        opset: ONNX opset, 13 or more (per-channel DequantizeLinear); from 21 (`INT4_OPSET`) on, layers whose
+            codes and zero points fit [-8, 7] store int4 weights (`postquant.io.onnx.params`). None: 21 when a
+            layer stores int4, else 17 (`DEFAULT_OPSET`).
+        int4: which layers whose codes and zero points fit [-8, 7] store int4 codes from opset 21 on
+            (`Int4Weights`): ``"weight-only"`` (default: layers without an input quantizer, which run in float
+            in onnxruntime whatever the storage), ``"all"`` (W4A8 layers too: smaller, but onnxruntime fuses
+            no int4 weight into an integer kernel), ``"none"``.
         min_sqnr_db, min_top1_agreement: the floors of the verification (see `verify_onnx`).
         progress: show a bar over the export's steps, then one over the verification batches.
         full_integer: also quantize the tensors between quantized ops (conv outputs before residual adds,
@@ -246,26 +365,33 @@ def export_onnx(
             measures it).
         calib_batches: batches (like `verify_batches`) whose min/max give the ranges of the new quantization
             points of `full_integer` (default: the example inputs alone, with a warning).
+        external_data: write the tensors to ``<path>.data`` beside the ``.onnx`` (ONNX external data; both
+            files are needed to run it). None: when they come near protobuf's 2 GB limit
+            (`postquant.io.onnx.files.EXTERNAL_DATA_BYTES`).
+        overwrite: replace an existing `path` (and its data file); False refuses them with `OutputError`.
+        exporter: torch's exporter of the float twin (`Exporter`): ``"torchscript"`` (default) or
+            ``"dynamo"`` (opset 18 or more; needs onnxscript; docs/export.md says what it passes).
 
     Returns:
-        ``path``, ``bytes``, ``opset``, ``int8_weight_layers`` (layers with 8-bit integer codes, int8 or
-        uint8), ``uint8_weight_layers`` (how many of them store uint8 codes: codes outside [-64, 63], see the
-        module docstring), ``weight_dtypes`` ({layer: "int8" or "uint8"}), ``float_compute_layers`` ({layer:
+        ``path``, ``bytes`` (with the data file), ``external_data`` (the data file, or None), ``opset``,
+        ``int8_weight_layers`` (layers with 8-bit integer codes, int8 or uint8), ``uint8_weight_layers`` (how
+        many of them store uint8 codes: codes outside [-64, 63], see `postquant.io.onnx.params`),
+        ``int4_weight_layers``, ``weight_dtypes`` ({layer: "int8", "uint8" or "int4"}), ``float_compute_layers`` ({layer:
         why onnxruntime cannot give it integer kernels}), the `count_kernels` entries ``integer_kernels``,
         ``float_kernels``, ``ops``, and ``top1_agreement``, ``max_abs_diff``, ``sqnr_db``, ``n`` (None without
         `verify_batches`); with `full_integer`, ``full_integer`` (what `integerize` returns).
 
     Raises:
         UnsupportedModelError: a layer QDQ cannot express (the message names it), or the exporter failed.
-        OutputError: `path` cannot be written.
+        OutputError: `path` cannot be written, or exists (or its data file does) without `overwrite`.
         OnnxMismatchError: onnxruntime disagrees with the simulation on `verify_batches` (nothing is written
-            at `path`; the graph is kept beside it as ``<stem>.rejected.onnx``,
-            for inspection).
+            at `path`; the graph is kept beside it as ``<stem>.rejected.onnx``, with external data as the
+            directory ``<stem>.rejected`` holding both files, for inspection).
+        ValueError: `int4` or `exporter` is not one of its values, or ``int4="all"`` with an opset below 21.
     """
     import onnx  # optional dependency (extra: onnx)
+    from onnx import version_converter  # optional dependency (extra: onnx)
 
-    if opset < 13:
-        raise UnsupportedModelError(f"opset {opset} has no per-channel DequantizeLinear; use opset >= 13")
     if any(t.device.type != "cpu" for t in [*qmodel.parameters(), *qmodel.buffers()]):
         qmodel = copy.deepcopy(qmodel).cpu()  # exported and verified on the CPU, where onnxruntime runs
     example_inputs = move_batch(example_inputs, "cpu")
@@ -275,7 +401,16 @@ def export_onnx(
             f"export_onnx(qmodel, example_inputs, path): path is a str or Path, not {type(path).__name__}"
         )
     path = Path(path).expanduser()
-    plans = plan_layers(qmodel)
+    check_target(path, overwrite=overwrite, external_data=external_data)  # before any work; again at the end
+    exporter = _choice(Exporter, exporter, "exporter")
+    if exporter is Exporter.DYNAMO and opset is not None and opset < DYNAMO_MIN_OPSET:
+        raise UnsupportedModelError(
+            f"exporter='dynamo' writes opset {DYNAMO_MIN_OPSET} or more, not {opset}; pass opset=None or "
+            f">= {DYNAMO_MIN_OPSET}, or exporter='torchscript'"
+        )
+    plans, opset = _plan(qmodel, opset, _choice(Int4Weights, int4, "int4"))
+    if exporter is Exporter.DYNAMO:
+        opset = max(opset, DYNAMO_MIN_OPSET)
     if not plans:
         log.info("%s has no quantized layer: exporting it in float", type(qmodel).__name__)
     steps = progress_bar(total=4, desc="export onnx", unit="step", enabled=progress)
@@ -289,8 +424,13 @@ def export_onnx(
                 tuple(map(upcast_half, inputs.args)), {k: upcast_half(t) for k, t in inputs.kwargs.items()}
             )
         with no_kv_cache(twin):  # a causal LM's key/value cache object is no ONNX output
-            _torch_export(twin, inputs, float_path, opset)
+            _torch_export(twin, inputs, float_path, opset, exporter)
         model = onnx.load(str(float_path))
+    if (
+        exporter is Exporter.TORCHSCRIPT and opset > TORCHSCRIPT_MAX_OPSET
+    ):  # 21 extends the types of its changed ops (int4...): the same graph
+        model = version_converter.convert_version(model, opset)
+        del model.graph.value_info[:]  # the converter's inferred shapes: optional, and not in the 17 graph
     steps.update()
     steps.set_postfix_str("quantize graph")
     if inputs.kwargs:
@@ -302,22 +442,16 @@ def export_onnx(
         integer = _integerize(model, inputs, example_inputs, calib_batches)
     onnx.checker.check_model(model)
     steps.update()
+    external = needs_external_data(model) if external_data is None else external_data
+    if external and not external_data:
+        log.info("the model's tensors exceed protobuf's 2 GB: writing them to %s", data_path(path))
+    check_target(path, overwrite=overwrite, external_data=external)
     steps.set_postfix_str("save")
-    try:  # written beside `path` and renamed into place once verified: never a half-written or
-        path.parent.mkdir(parents=True, exist_ok=True)  # unverified file at `path`
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        tmp = Path(tmp_name)
-    except OSError as exc:
-        raise OutputError(f"cannot write the ONNX model to {path}: {exc.strerror or exc}") from exc
+    staged = StagedOnnx.save(model, path, external_data=external)  # checked, then renamed into place
     try:
-        try:
-            onnx.save(model, str(tmp))
-        except OSError as exc:
-            raise OutputError(f"cannot write the ONNX model to {path}: {exc.strerror or exc}") from exc
         steps.update()
         steps.set_postfix_str("count kernels")  # an onnxruntime session: its graph optimisation takes a while
-        result = _exported(tmp, path, opset, plans)
+        result = _exported(staged, opset, plans)
         if integer is not None:
             result["full_integer"] = integer
         steps.update()
@@ -326,7 +460,7 @@ def export_onnx(
             result.update(
                 verify_onnx(
                     qmodel,
-                    tmp,
+                    staged.model,
                     verify_batches,
                     min_sqnr_db=min_sqnr_db,
                     min_top1_agreement=min_top1_agreement,
@@ -341,14 +475,13 @@ def export_onnx(
                 result["sqnr_db"],
             )
     except OnnxMismatchError as exc:
-        rejected = path.with_name(f"{path.stem}.rejected{path.suffix}")
-        os.replace(tmp, rejected)
+        rejected = staged.reject()
         raise OnnxMismatchError(
             f"{exc} Nothing was written to {path}; the rejected graph is kept at {rejected} for inspection.",
             exc.metrics,
         ) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        staged.discard()
         raise
-    os.replace(tmp, path)
+    staged.commit(overwrite=overwrite)
     return result

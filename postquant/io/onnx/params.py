@@ -23,10 +23,24 @@ The export result's ``weight_dtypes`` says which storage each layer got.
 Grids DequantizeLinear (opset < 21) cannot express directly, per-group grids and zero points outside int8,
 are dequantized as rows (one scale per row, an ``Add`` of ``Z/S`` when needed) and reshaped: exact, but the
 layer runs in float.
+
+4-bit storage (opset 21, ``plan_layers(qmodel, int4=True)``): a layer whose codes and zero points ``-Z`` all lie
+in [-8, 7] (every uniform grid of 4 bits or fewer, but for channels or groups whose weights all have one sign
+on an asymmetric grid) stores int4 codes, two to a byte, with opset 21's ``DequantizeLinear``: per tensor,
+per output channel (axis 0) or, for groups, ``block_size`` blocks along axis 1 of the (OC, IC*k) codes
+(reshaped to a conv's 4-d shape after dequantizing). uint4 is never needed: ``q + 8`` and ``-Z + 8`` fit
+[0, 15] exactly when ``q`` and ``-Z`` fit [-8, 7]. The saturation above cannot happen on 4-bit codes (a pair
+of u8 x s4 products is at most ``2 * 255 * 8 = 4080``), and onnxruntime 1.32 fuses no int4
+``DequantizeLinear`` into QLinearConv/QGemm: an int4 layer runs in float on its dequantized weight (with its
+input QDQ, so the same function as the simulation; a small W4A8 CNN went from 2 integer kernels to 0). So
+`plan_layers` stores int4 only for layers without an input quantizer (`Int4Weights.WEIGHT_ONLY`, which run in
+float whatever their storage) unless asked for every layer (`Int4Weights.ALL`): a W4A8 layer keeps int8 codes
+and its integer kernel.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from dataclasses import dataclass
 
@@ -40,9 +54,11 @@ from postquant.model import quantized_layers
 from postquant.nn import QuantizedLayer
 
 __all__ = [
+    "INT4_CODES",
     "INT8_SAFE_CODES",
     "UINT8_SHIFT",
     "ActQDQ",
+    "Int4Weights",
     "LayerQDQ",
     "WeightQDQ",
     "act_qdq",
@@ -54,29 +70,54 @@ log = logging.getLogger(__name__)
 
 INT8_SAFE_CODES = (-64, 63)  # int8 weight codes u8 x s8 kernels cannot saturate on (see the module docstring)
 UINT8_SHIFT = 128  # uint8 storage: codes q + 128, zero point -Z + 128
+INT4_CODES = (-8, 7)  # int4 storage (opset 21): codes and zero points in this range
+INT4_WHY_FLOAT = (
+    "int4 weights: onnxruntime fuses no int4 DequantizeLinear into an integer kernel (int4='weight-only' keeps "
+    "int8 codes, and the integer kernel, for layers with an input quantizer)"
+)
+
+
+class Int4Weights(enum.StrEnum):
+    """Which layers whose codes and zero points fit [-8, 7] store int4 codes (opset 21)."""
+
+    WEIGHT_ONLY = "weight-only"  # layers without an input quantizer: they run in float whatever the storage
+    ALL = "all"  # every layer that fits: the smallest file, but W4A8 layers lose their integer kernels
+    NONE = "none"  # none: 4-bit codes stored as int8 (opset 17 graphs)
 
 
 @dataclass
 class WeightQDQ:
-    """8-bit codes on the layer's own grid and the ``DequantizeLinear`` that gives back ``(q + Z) / S``.
+    """Codes on the layer's own grid and the ``DequantizeLinear`` that gives back ``(q + Z) / S``.
 
-    The codes are int8 when they lie in `INT8_SAFE_CODES`, else uint8 ``q + 128`` (zero point ``-Z + 128``).
+    The codes are int8 when they lie in `INT8_SAFE_CODES`, else uint8 ``q + 128`` (zero point ``-Z + 128``),
+    or int4 (`int4`: stored two to a byte, opset 21) when codes and zero points lie in `INT4_CODES`.
     The direct form (``shape`` None) dequantizes the weight tensor itself, per output channel (axis 0) or per
     tensor: onnxruntime fuses it into integer kernels. Grids it cannot express go through rows: the codes as
     (G, n), one scale per row, an ``Add`` of ``Z/S`` when ``-Z`` does not fit int8, then a ``Reshape``.
+    int4 groups are blocks (``block_size``) along axis 1 of the (OC, IC*k) codes, reshaped when the weight
+    has another shape.
     """
 
-    codes: np.ndarray  # int8 or uint8: the weight's shape, or (G, n) rows
-    scale: np.ndarray  # float32: (OC,) per channel, () per tensor, (G,) rows
+    codes: np.ndarray  # int8 or uint8 (int4 codes held as int8): the weight's shape, (G, n) rows, (OC, IC*k)
+    scale: np.ndarray  # float32: (OC,) per channel, () per tensor, (G,) rows, (OC, IC*k/block_size) blocks
     zero_point: np.ndarray | None  # the codes' dtype, like `scale`; None: 0, and `offset` instead
     offset: np.ndarray | None  # float32 (G, 1): Z/S, added after dequantizing rows
-    shape: tuple[int, ...] | None  # the weight's shape when dequantized as rows
+    shape: tuple[int, ...] | None  # the weight's shape when dequantized as rows or blocks of another shape
     why_float: str = ""  # why onnxruntime cannot run the layer with integer kernels
+    int4: bool = False  # store the codes (and zero points) as ONNX INT4
+    block_size: int = 0  # > 0: blocked DequantizeLinear along axis 1 (opset 21)
 
     @property
     def dtype(self) -> str:
-        """``"int8"`` or ``"uint8"``: how the codes are stored."""
-        return str(self.codes.dtype)
+        """``"int8"``, ``"uint8"`` or ``"int4"``: how the codes are stored."""
+        return "int4" if self.int4 else str(self.codes.dtype)
+
+    @property
+    def axis(self) -> int | None:
+        """The ``axis`` attribute of the ``DequantizeLinear`` (None: per tensor)."""
+        if self.block_size:
+            return 1
+        return None if self.scale.ndim == 0 else 0
 
 
 def _as_uint8(w: WeightQDQ) -> WeightQDQ:
@@ -111,13 +152,53 @@ class LayerQDQ:
     act: ActQDQ | None
 
 
-def weight_qdq(name: str, layer: QuantizedLayer) -> WeightQDQ:
+def weight_qdq(name: str, layer: QuantizedLayer, *, int4: bool = False) -> WeightQDQ:
     """ONNX parameters for a layer's codes: ``w_hat = (q + Z)/S = (q - zp) * scale``, ``scale = 1/S``, ``zp = -Z``.
 
-    Stored as int8 when every code lies in `INT8_SAFE_CODES`, else as uint8 (`_as_uint8`).
+    With `int4`, stored as int4 when codes and zero points lie in `INT4_CODES` (`_int4_weight_qdq`); else as
+    int8 when every code lies in `INT8_SAFE_CODES`, else as uint8 (`_as_uint8`).
     """
-    w = _int8_weight_qdq(name, layer)
+    w = _int8_weight_qdq(name, layer)  # first: refuses grids ONNX cannot express
+    if int4:
+        packed = _int4_weight_qdq(layer)
+        if packed is not None:
+            return packed
     return w if _fits_int8_safely(layer.codes) else _as_uint8(w)
+
+
+def _int4_weight_qdq(layer: QuantizedLayer) -> WeightQDQ | None:
+    """`weight_qdq` with int4 codes, or None when a code or a zero point ``-Z`` lies outside `INT4_CODES`."""
+    lo, hi = INT4_CODES
+    codes = layer.codes.detach()
+    z = layer.grid_zero_point.detach().reshape(-1).double()  # (G,) Z
+    if codes.numel() == 0 or not torch.equal(z, z.round()):
+        return None
+    if int(codes.min()) < lo or int(codes.max()) > hi or float((-z).min()) < lo or float((-z).max()) > hi:
+        return None
+    config = layer.grid_config
+    scale = (1.0 / layer.grid_inv_scale.detach().reshape(-1).double()).float()  # (G,)
+    zp = (-z).to(torch.int8)
+    codes = codes.to(torch.int8)
+    if config.granularity is Granularity.GROUP:  # blocks along the flattened inputs: (OC, IC*k)
+        oc = codes.shape[0]
+        return WeightQDQ(
+            codes=codes.reshape(oc, -1).numpy(),
+            scale=scale.reshape(oc, -1).numpy(),
+            zero_point=zp.reshape(oc, -1).numpy(),
+            offset=None,
+            shape=None if codes.dim() == 2 else tuple(codes.shape),
+            int4=True,
+            block_size=config.group_size,
+        )
+    per_tensor = config.granularity is Granularity.TENSOR
+    return WeightQDQ(
+        codes.numpy(),
+        scale.numpy().reshape(() if per_tensor else -1),
+        zp.numpy().reshape(() if per_tensor else -1),
+        None,
+        None,
+        int4=True,
+    )
 
 
 def _int8_weight_qdq(name: str, layer: QuantizedLayer) -> WeightQDQ:
@@ -184,15 +265,24 @@ def act_qdq(layer: QuantizedLayer) -> ActQDQ | None:
     return ActQDQ(np.array(scale, dtype=np.float32), np.array(zp, dtype=dtype), clip)
 
 
-def plan_layers(qmodel: nn.Module) -> dict[str, LayerQDQ]:
-    """The ONNX parameters of every quantized layer of `qmodel`, by name (what the export will say, logged)."""
+def plan_layers(qmodel: nn.Module, *, int4: Int4Weights | str = Int4Weights.NONE) -> dict[str, LayerQDQ]:
+    """The ONNX parameters of every quantized layer of `qmodel`, by name (what the export will say, logged).
+
+    Args:
+        qmodel: the quantized model.
+        int4: which layers whose codes and zero points fit [-8, 7] store int4 codes (opset 21, `Int4Weights`).
+    """
+    int4 = Int4Weights(int4)
     plans = {}
     for name, layer in quantized_layers(qmodel).items():
-        weight = weight_qdq(name, layer)
+        packed = int4 is Int4Weights.ALL or (int4 is Int4Weights.WEIGHT_ONLY and layer.act_quant is None)
+        weight = weight_qdq(name, layer, int4=packed)
+        if weight.int4 and layer.act_quant is not None:
+            weight.why_float = INT4_WHY_FLOAT
         plans[name] = LayerQDQ(name, weight, act_qdq(layer))
         if weight.why_float:
             log.warning("layer %s runs in float in onnxruntime: %s", name, weight.why_float)
-        if layer.bits < 8:
+        if layer.bits < 8 and not weight.int4:
             log.info(
                 "layer %s: W%d codes stored as %s on their own grid (simulated low-bit)",
                 name,

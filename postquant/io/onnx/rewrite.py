@@ -1,7 +1,8 @@
 """Graph surgery: the QDQ nodes of every quantized layer inserted into the exported float graph.
 
 Per quantized layer the weight initializer ``<name>.weight`` (feeding one Conv or Gemm node per call) becomes
-8-bit codes plus a ``DequantizeLinear`` (`postquant.io.onnx.params`), and an input quantizer becomes a
+int8/uint8 codes (or int4 ones, opset 21, with ``block_size`` for groups) plus a ``DequantizeLinear``
+(`postquant.io.onnx.params`), and an input quantizer becomes a
 ``QuantizeLinear``/``DequantizeLinear`` pair on the layer's input (after a ``Clip`` below 8 bits).
 
 The activation pair goes before a zero ``Pad`` that feeds only the conv (TF-"same" convs pad in their
@@ -32,25 +33,32 @@ __all__ = ["drop_zero_gemm_biases", "rewrite"]
 log = logging.getLogger(__name__)
 
 
-def _initializer(name: str, array: np.ndarray) -> Any:
+def _initializer(name: str, array: np.ndarray, *, int4: bool = False) -> Any:
+    """An ONNX tensor of `array`; with `int4`, integer values in [-8, 7] stored as INT4 (two to a byte)."""
+    import ml_dtypes  # a dependency of onnx
     from onnx import numpy_helper  # optional dependency (extra: onnx)
 
-    return numpy_helper.from_array(np.require(array, requirements="C"), name)  # keeps 0-d scalars 0-d
+    array = np.require(array, requirements="C")
+    if int4:
+        array = array.astype(ml_dtypes.int4)
+    return numpy_helper.from_array(array, name)  # keeps 0-d scalars 0-d
 
 
 def _quantize_weight(graph: Any, name: str, wname: str, w: WeightQDQ) -> list[Any]:
-    """Replace initializer `wname` by 8-bit codes + DequantizeLinear (+ Add, Reshape) writing the same name."""
+    """Replace initializer `wname` by codes + DequantizeLinear (+ Add, Reshape) writing the same name."""
     from onnx import helper  # optional dependency (extra: onnx)
 
     old = next(i for i in graph.initializer if i.name == wname)
     graph.initializer.remove(old)
     codes, scale, zp = f"{name}.weight_quantized", f"{name}.weight_scale", f"{name}.weight_zero_point"
-    graph.initializer.extend([_initializer(codes, w.codes), _initializer(scale, w.scale)])
+    graph.initializer.extend([_initializer(codes, w.codes, int4=w.int4), _initializer(scale, w.scale)])
     inputs = [codes, scale]
     if w.zero_point is not None:
-        graph.initializer.append(_initializer(zp, w.zero_point))
+        graph.initializer.append(_initializer(zp, w.zero_point, int4=w.int4))
         inputs.append(zp)
-    axis = {} if w.scale.ndim == 0 else {"axis": 0}
+    axis: dict[str, int] = {} if w.axis is None else {"axis": w.axis}
+    if w.block_size:
+        axis["block_size"] = w.block_size
     if w.shape is None:
         return [helper.make_node("DequantizeLinear", inputs, [wname], name=f"{name}/weight_dq", **axis)]
     nodes = [
@@ -260,7 +268,8 @@ def rewrite(model: Any, plans: dict[str, LayerQDQ]) -> None:
             if plan.act is not None:
                 site = _input_site(graph, node)
                 before.setdefault(site.output[0], []).extend(_quantize_input(graph, call, site, plan.act))
-            if plan.act is not None and node.op_type == "Gemm" and plan.weight.shape is None:
+            direct = plan.weight.shape is None and not plan.weight.block_size  # one scale per channel
+            if plan.act is not None and node.op_type == "Gemm" and direct:
                 weight_nodes += _quantize_gemm_bias(graph, call, node, plan.weight, plan.act)
     nodes = list(weight_nodes)
     for node in graph.node:

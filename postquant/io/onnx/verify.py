@@ -5,6 +5,7 @@ onnxruntime is imported inside the functions: it is an optional dependency (``po
 
 from __future__ import annotations
 
+import functools
 import math
 import tempfile
 from collections import Counter
@@ -28,6 +29,7 @@ __all__ = [
     "MIN_SQNR_DB",
     "MIN_TOP1_AGREEMENT",
     "count_kernels",
+    "int4_unsupported",
     "verify_onnx",
 ]
 
@@ -48,7 +50,57 @@ def ort_session(path: Path, optimized_path: Path | None = None) -> Any:
     if optimized_path is not None:  # the extended level keeps the model portable (no NCHWc layouts)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(optimized_path)
+        # its tensors in a file beside it: a model over protobuf's 2 GB cannot be written whole
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", f"{optimized_path.name}.data"
+        )
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+INT4_OPSET = 21  # the first opset whose DequantizeLinear takes INT4 codes and a block_size
+
+
+@functools.cache
+def int4_unsupported() -> str:
+    """Why the installed onnx/onnxruntime cannot write or run opset-21 int4 ``DequantizeLinear`` ("" when they
+    can): a 2-block int4 weight dequantized and multiplied in an onnxruntime CPU session, checked exactly."""
+    import onnx  # optional dependency (extra: onnx)
+    import onnxruntime as ort  # optional dependency (extra: onnx)
+    from onnx import TensorProto, helper, numpy_helper  # optional dependency (extra: onnx)
+
+    versions = f"onnx {onnx.__version__}, onnxruntime {ort.__version__}"
+    if onnx.defs.onnx_opset_version() < INT4_OPSET:
+        return f"onnx knows opsets up to {onnx.defs.onnx_opset_version()} ({versions})"
+    try:
+        import ml_dtypes  # a dependency of onnx (>= 1.16), for INT4 tensors
+
+        codes = np.arange(-8, 8, dtype=np.int8).reshape(4, 4)  # (K, N), blocks of 2 along K
+        scale = np.array([[0.5, 1, 2, 4], [1, 1, 1, 1]], np.float32)
+        zp = np.array([[1, 0, -1, 7], [0, -8, 3, 0]], np.int8)
+        inits = [
+            numpy_helper.from_array(codes.astype(ml_dtypes.int4), "q"),
+            numpy_helper.from_array(scale, "s"),
+            numpy_helper.from_array(zp.astype(ml_dtypes.int4), "z"),
+        ]
+        nodes = [
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=0, block_size=2),
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+        ]
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])
+        graph = helper.make_graph(nodes, "int4_probe", [x], [y], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", INT4_OPSET)])
+        onnx.checker.check_model(model)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        out = session.run(None, {"x": np.eye(4, dtype=np.float32)})[0]
+    except Exception as exc:  # an old onnx/ml_dtypes/onnxruntime fails in many ways; say which
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} ({versions})"
+    expected = (codes - np.repeat(zp, 2, axis=0)) * np.repeat(scale, 2, axis=0)
+    if not np.array_equal(out, expected):
+        return f"onnxruntime dequantizes int4 blocks wrongly ({versions})"
+    return ""
 
 
 def count_kernels(path: str | Path) -> dict[str, Any]:
@@ -63,7 +115,8 @@ def count_kernels(path: str | Path) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         optimized = Path(tmp) / "optimized.onnx"
         ort_session(Path(path), optimized)
-        ops = Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
+        graph = onnx.load(str(optimized), load_external_data=False).graph
+        ops = Counter(node.op_type for node in graph.node)
     integer = sum(n for op, n in ops.items() if op.startswith("QLinear") or op in INTEGER_OPS)
     floats = sum(n for op, n in ops.items() if op in FLOAT_COMPUTE_OPS)
     return {"integer_kernels": integer, "float_kernels": floats, "ops": dict(sorted(ops.items()))}
