@@ -7,10 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import postquant
 from postquant.errors import DataError, RecipeError
+from postquant.nn.act import ActQuantizer
 from postquant.nn.residual import INPUT, OUTPUT, POOL, remove_points, residual_points, tracking
 from tests.conftest import randomize_bn
 
@@ -189,3 +192,23 @@ def test_other_rounding_methods_keep_the_points(method, batches):
     qmodel = postquant.quantize(make(ResidualNet), recipe, calib=batches[:2])
     assert set(residual_points(qmodel).output_points()) == {"a2.0", "b2.0"}
     assert points_seen(qmodel, batches[2])[-1] == (POOL, "0")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lo=st.floats(-4, 0),
+    hi=st.floats(0.01, 4),
+    stride=st.integers(1, 3),
+    pad=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_a_moved_operand_quantized_is_the_moved_quantized_tensor(lo, hi, stride, pad, seed):
+    """Why quantizing a shortcut with the quantizer of the layer that takes the block input is exact: strided
+    slicing, zero padding and max pooling commute with an activation quantizer (zero is on its grid)."""
+    q = ActQuantizer(8, lo, hi)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(seed)) * 3
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.pad(t[:, :, ::stride, ::stride], (0, 0, 0, 0, pad, pad)), 1)
+
+    torch.testing.assert_close(q(move(x)), move(q(x)), rtol=0, atol=0)
