@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from postquant.nn.act import ActQuantizer
-from postquant.nn.layer import QuantizedLayer
+from postquant.nn.layer import HALF, QuantizedLayer
 
 __all__ = [
     "POINTS_NAME",
@@ -120,7 +120,9 @@ class ResidualQuant(nn.Module):
                 quantizer = layers[key].act_quant
             else:
                 quantizer = (outputs if kind == OUTPUT else pools).get(key)
-            return t if quantizer is None else quantizer(t)
+            if quantizer is None:
+                return t
+            return quantizer(t.float()).to(t.dtype) if t.dtype in HALF else quantizer(t)  # as the layers do
 
         return quantize
 
@@ -211,7 +213,9 @@ class _Tracker(TorchFunctionMode):
         self.pools = 0
 
     def new_forward(self) -> None:
-        """Count poolings from 0 again: a calibration pass runs many forwards in one context."""
+        """Forget the last forward's tensors and count poolings from 0: a calibration pass runs many forwards
+        in one context."""
+        self.fed, self.conv, self.view = _Refs(), _Refs(), _Refs()
         self.pools = 0
 
     def layer_input(self, name: str, x: Tensor) -> None:
