@@ -18,7 +18,9 @@ The adds joined are a CNN's residual adds (one input computed by a convolution);
 * any other input or output (a conv's output before the residual ``Add``, the feature map before global
   pooling) gets a new pair whose range is the min/max of the tensor over calibration batches, computed by
   running the QDQ graph (the simulation's function) in onnxruntime; ``act_qparams`` turns it into a scale
-  and zero point as for the simulation's own quantizers;
+  and zero point as for the simulation's own quantizers. A model quantized with integer residuals (recipe
+  ``a_residual``) has these points itself: `postquant.io.onnx.points.ModelPoints` gives their scales and
+  zero points instead, and the graph computes the simulated function;
 * the output of an ``Add`` (after a following ``Relu``/``Clip``) takes the quantizer of the layer it feeds
   when there is one (exact), else a calibrated one.
 
