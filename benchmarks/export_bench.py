@@ -8,6 +8,8 @@ For each model (ResNet-56 on CIFAR-10 and EfficientNet-Lite0 by default):
   ``full`` (W8A8, ``full_integer=True``: residual adds and global pooling on quantized tensors, the new
   ranges calibrated on the same images) and ``full-w7`` (W7A8 full-integer: 7-bit codes lie in [-64, 63],
   stored int8, onnxruntime's fast u8 x s8 kernels cannot saturate on any x86 CPU);
+* ``full-sim`` and ``full-sim-w7``: the same full-integer graphs of models quantized with integer residuals
+  (recipe ``a_residual: true``): the graph's new points are the simulation's own, with the scales of the model;
 * the peer: ``onnxruntime.quantization.quantize_static`` on the same float ONNX model (QDQ, per-channel,
   uint8 activations, MinMax on the same calibration images), with int8 weights (``ort-s8``, its default)
   and with ``reduce_range=True`` (``ort-s7``, 7-bit weights);
@@ -49,16 +51,23 @@ from postquant_lab.zoo import ZooModel, load_model
 
 log = logging.getLogger("export_bench")
 
-# postquant variants: (weight bits, full_integer)
-OURS = {"qdq": (8, False), "full": (8, True), "full-w7": (7, True)}
+# postquant variants: (weight bits, full_integer, integer residuals in the simulation: recipe a_residual)
+OURS = {
+    "qdq": (8, False, False),
+    "full": (8, True, False),
+    "full-w7": (7, True, False),
+    "full-sim": (8, True, True),
+    "full-sim-w7": (7, True, True),
+}
 PEERS = {"ort-s8": False, "ort-s7": True}  # quantize_static, reduce_range
 KERNELS = ("QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm")
 FLOAT_OPS = ("Conv", "FusedConv", "Add", "GlobalAveragePool", "Gemm", "FusedGemm")
 
 
-def quantize(zoo: ZooModel, bits: int, calib: list[Any]) -> torch.nn.Module:
-    """W`bits`A8: RTN, symmetric per-channel weights, per-tensor activations from `calib`."""
-    recipe = {"method": "rtn", "w_bits": bits, "a_bits": 8, "symmetric": True}
+def quantize(zoo: ZooModel, bits: int, calib: list[Any], residual: bool = False) -> torch.nn.Module:
+    """W`bits`A8: RTN, symmetric per-channel weights, per-tensor activations from `calib`; `residual`: with
+    integer residuals (``a_residual``: the full-integer graph's points in the simulation)."""
+    recipe = {"method": "rtn", "w_bits": bits, "a_bits": 8, "symmetric": True, "a_residual": residual}
     return postquant.quantize(zoo.model, recipe, calib=calib)
 
 
@@ -156,19 +165,19 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
     paths = {"fp32": str(tmp / f"{name}-fp32.onnx")}
     exports = {"fp32": export_onnx(zoo.model, zoo.example_inputs, paths["fp32"], progress=False)}
     models: dict[str, Any] = {"torch:fp32": zoo.model}
-    sims: dict[int, torch.nn.Module] = {}
-    for variant, (bits, full) in OURS.items():
-        log.info("%s: %s (W%dA8, full_integer=%s)", name, variant, bits, full)
-        if bits not in sims:
-            sims[bits] = quantize(zoo, bits, calib)
-        models[f"torch:{variant}"] = sims[bits]
+    sims: dict[tuple[int, bool], torch.nn.Module] = {}
+    for variant, (bits, full, residual) in OURS.items():
+        log.info("%s: %s (W%dA8, full_integer=%s, a_residual=%s)", name, variant, bits, full, residual)
+        if (bits, residual) not in sims:
+            sims[bits, residual] = quantize(zoo, bits, calib, residual)
+        models[f"torch:{variant}"] = sims[bits, residual]
         paths[variant] = str(tmp / f"{name}-{variant}.onnx")
         exports[variant] = export_onnx(
-            sims[bits],
+            sims[bits, residual],
             zoo.example_inputs,
             paths[variant],
             full_integer=full,
-            calib_batches=calib if full else None,
+            calib_batches=calib if full and not residual else None,
             progress=False,
         )
     for variant, reduce_range in PEERS.items():
@@ -243,7 +252,10 @@ def _header(args: argparse.Namespace, seconds: float, load_start: str) -> list[s
         "",
         f"postquant: `rtn` with {args.calib} calibration images, symmetric per-channel weights, per-tensor "
         "activations, the first layer's input float. `qdq`: W8A8, the simulation's quantization points only; "
-        "`full`: W8A8 with `full_integer=True`; `full-w7`: W7A8 with `full_integer=True`. Peer: onnxruntime's "
+        "`full`: W8A8 with `full_integer=True` (the new points calibrated in onnxruntime, not in the simulation); "
+        "`full-w7`: W7A8 likewise; `full-sim`, `full-sim-w7`: the same graphs of models quantized with integer "
+        "residuals (`a_residual: true`: the points in the simulation, calibrated with its activation ranges, "
+        "their scales taken from the model by the export). Peer: onnxruntime's "
         "`quantize_static` on the same FP32 ONNX graph (QDQ, per-channel, uint8 activations, MinMax on the same "
         "calibration images; it also quantizes the first layer's input): `ort-s8` int8 weights (its default), "
         "`ort-s7` `reduce_range=True` (7-bit weights). onnxruntime: CPUExecutionProvider, all graph "

@@ -252,7 +252,8 @@ def export(results: Path) -> str:
             f"{acc(model, 'fp32')['top-1 ONNX']} / {acc(model, 'full')['top-1 ONNX']} / "
             f"{acc(model, 'full-w7')['top-1 ONNX']}",
             f"{ratio(r['full'])} / {ratio(r['full-w7'])} (ort: {ratio(r['ort-s8'])})",
-            f"{acc(model, 'full')['agreement with the simulation']}",
+            f"{acc(model, 'full')['agreement with the simulation']} / "
+            f"{acc(model, 'full-sim')['agreement with the simulation']}",
             sizes[model]["FP32"],
             sizes[model]["W4"],
         )
@@ -263,7 +264,7 @@ def export(results: Path) -> str:
             "model",
             "top-1 FP32 / W8A8 / W7A8 ONNX",
             "speed-up, batch 32",
-            "W8A8 agrees",
+            "W8A8 agrees / with a_residual",
             "FP32 size",
             "W4 checkpoint",
         ),

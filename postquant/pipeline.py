@@ -255,7 +255,7 @@ def _reconstruct(state: PipelineState) -> None:
 def _activation_needs(recipe: Recipe) -> Needs:
     if recipe.a_bits is None:  # overrides give input bits only where the recipe quantizes inputs
         return Needs()
-    if recipe.act_ranges is ActRanges.CALIB:
+    if recipe.act_ranges is ActRanges.CALIB or recipe.a_residual:
         return Needs(Need.REQUIRED, recipe.calib_size)
     if recipe.act_ranges is ActRanges.AUTO:
         return Needs(Need.USEFUL, recipe.calib_size, example_inputs=True)
@@ -449,8 +449,14 @@ def _calibrate_activations(
             recipe.a_percentile,
             ranks=state.ranks,
             sample_size=_observer_samples(recipe),
+            residual=recipe.a_residual,
         )
         return
+    if recipe.a_residual:
+        raise DataError(
+            "a_residual calibrates its quantization points on calibration data: pass calib=..., or drop "
+            "a_residual"
+        )
     if example_inputs is None:
         raise DataError(
             "data-free activation ranges need example_inputs=... (one batch, for the input shape)"

@@ -107,6 +107,13 @@ class Recipe(BaseModel):
         description="values per layer input the mse and std observers keep (a seeded sample); null = "
         "2^20, 2^18 for the learned-fast method (a quarter of the range search)",
     )
+    a_residual: bool = Field(
+        default=False,
+        description="integer residuals: also quantize (8-bit) the conv outputs that feed residual adds, the "
+        "adds' other operands (with the quantizer of the layer that takes them) and the input of global "
+        "average pooling, as export_onnx(full_integer=True) does; ranges from the calibration pass "
+        "(act_ranges: calib or auto with data)",
+    )
     ignore: list[str] = Field(default_factory=list, description="names, globs, 'type:Name' or 're:...'")
     overrides: dict[str, LayerOverride] = Field(
         default_factory=_default_overrides,
@@ -135,6 +142,8 @@ class Recipe(BaseModel):
             data.pop("gptq", None)
         if self.a_observer_samples is None:  # added later: left out at its default, as gptq
             data.pop("a_observer_samples", None)
+        if not self.a_residual:  # likewise recipes without integer residuals
+            data.pop("a_residual", None)
         return data
 
     @property
@@ -192,6 +201,19 @@ class Recipe(BaseModel):
             raise ValueError("method gptq updates weights on an affine grid: use grid uniform or a gguf grid")
         if self.gptq is not None and self.method is not Method.GPTQ:
             raise ValueError(f"gptq settings apply to method gptq, not {self.method.value}: drop them")
+        return self
+
+    @model_validator(mode="after")
+    def _residual_needs_calibrated_activations(self) -> Recipe:
+        if not self.a_residual:
+            return self
+        if self.a_bits is None:
+            raise ValueError("a_residual quantizes activations: set a_bits (e.g. 8), or drop a_residual")
+        if self.act_ranges not in (ActRanges.CALIB, ActRanges.AUTO):
+            raise ValueError(
+                f"a_residual calibrates its points on calibration data; act_ranges {self.act_ranges.value} is "
+                "data-free: use act_ranges calib (or auto with calib data), or drop a_residual"
+            )
         return self
 
     @model_validator(mode="after")

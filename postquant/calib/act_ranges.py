@@ -22,6 +22,7 @@ from postquant.calib.observers import (  # noqa: F401 (NOISE_STD_MULTIPLIER, ref
 from postquant.choices import ActRanges  # noqa: F401 (re-exported; defined there, torch-free)
 from postquant.distributed import Ranks, shard
 from postquant.nn import QuantizedLayer, cached_weights
+from postquant.nn.residual import INPUT, OUTPUT, POINT_BITS, ResidualQuant, install_points, tracking
 from postquant.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,13 @@ def calibrate_from_data(
     progress: bool = True,
     ranks: Ranks | None = None,
     sample_size: int = 1 << 20,
+    residual: bool = False,
 ) -> None:
     """Observe the float inputs of `layers` over `calib`, then install an input quantizer on each.
+
+    With `residual` (the recipe's ``a_residual``), the same pass observes the points of integer residuals
+    (`postquant.nn.residual`: conv outputs that are residual add operands, global pooling inputs) with the
+    same observer, and installs them on `model` as 8-bit quantizers.
 
     Observation runs with every input quantizer off (float activations, quantized weights); `progress`
     shows a bar over the observed layer inputs. With `ranks` (a process group, `postquant.distributed`),
@@ -84,6 +90,16 @@ def calibrate_from_data(
     observers = {
         name: make_observer(observer, percentile=percentile, sample_size=sample_size) for name in layers
     }
+    points: dict[str, RangeObserver] = {}  # point name (`_point_name`) -> observer
+
+    def observe_point(kind: str, key: str, t: torch.Tensor) -> torch.Tensor:
+        if kind != INPUT:
+            points.setdefault(
+                _point_name(kind, key),
+                make_observer(observer, percentile=percentile, sample_size=sample_size),
+            ).update(t)
+        return t
+
     if ranks is not None and not isinstance(calib, list):
         ranks = None  # each rank sees everything: nothing to merge
     if ranks is not None:
@@ -96,11 +112,13 @@ def calibrate_from_data(
             _observation_bar(f"activation ranges ({observer})", len(layers), calib, progress) as bar,
             input_hooks(layers, lambda name, _, x: observers[name].update(x), bar),
             cached_weights(model),
+            tracking(model, set(layers), observe_point) if residual else contextlib.nullcontext(),
         ):
             forward_all(model, calib)
     finally:
         for name, layer in layers.items():
             layer.act_quant = saved[name]
+    observers |= points  # ranks see the same model: the same points
     if ranks is not None:
         states = ranks.gather_objects(
             {n: o.state() for n, o in observers.items()}, "merging activation ranges"
@@ -118,6 +136,34 @@ def calibrate_from_data(
             continue
         bits = a_bits[name]
         layer.act_quant = layer.input_quantizer(bits, *observers[name].range(bits))
+    if residual and layers:
+        _install_residual(model, layers, {name: observers[name] for name in points})
+
+
+def _point_name(kind: str, key: str) -> str:
+    """The observer name of a point of integer residuals (never a layer name: those hold no '@')."""
+    return f"@{kind}:{key}"
+
+
+def _install_residual(
+    model: nn.Module, layers: dict[str, QuantizedLayer], observers: dict[str, RangeObserver]
+) -> None:
+    """Install the observed points of integer residuals on `model` (`ResidualQuant`)."""
+    some = next(iter(layers.values()))
+    outputs, pools = {}, {}
+    for point, obs in observers.items():
+        kind, _, key = point[1:].partition(":")
+        lo, hi = obs.range(POINT_BITS)
+        if kind == OUTPUT:
+            outputs[key] = model.get_submodule(key).input_quantizer(POINT_BITS, lo, hi)
+        else:
+            pools[int(key)] = some.input_quantizer(POINT_BITS, lo, hi)
+    install_points(model, ResidualQuant(outputs, pools))
+    log.info(
+        "integer residuals: %d conv outputs before residual adds and %d global pooling inputs quantized",
+        len(outputs),
+        len(pools),
+    )
 
 
 @torch.no_grad()

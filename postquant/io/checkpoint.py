@@ -36,12 +36,21 @@ from torch import nn
 from postquant import __version__
 from postquant.errors import CheckpointError, OutputError, PostquantError, RecipeError
 from postquant.grids import GridConfig, grid_from_state
-from postquant.io.manifest import FORMAT_VERSION, ActEntry, Architecture, LayerEntry, Manifest, first_error
+from postquant.io.manifest import (
+    FORMAT_VERSION,
+    ActEntry,
+    Architecture,
+    LayerEntry,
+    Manifest,
+    ResidualEntry,
+    first_error,
+)
 from postquant.io.pack import unpack_codes
 from postquant.model import quantized_layers, replace_module, set_module
 from postquant.model.convert import replace_layers
 from postquant.nn import ActQuantizer, QuantizedLayer
 from postquant.nn.layer import compact_grid_tensor
+from postquant.nn.residual import POINTS_NAME, ResidualQuant, install_points, residual_points
 from postquant.outcome import QuantizationResult, attach_result, find_result
 from postquant.plan import LayerPlan, Plan
 from postquant.recipe import Recipe
@@ -122,9 +131,9 @@ def _architecture(model: nn.Module, shared: dict[str, str] | None = None) -> Arc
     `QuantizedLayer` counts as its float module, with a ``weight`` of the codes' shape.
     """
     modules: list[tuple[str, str]] = []
-    skip: tuple[str, ...] = ()
+    skip: tuple[str, ...] = (f"{POINTS_NAME}.",)  # the points of integer residuals: the manifest's `residual`
     for name, m in model.named_modules():
-        if skip and name.startswith(skip):
+        if name == POINTS_NAME or name.startswith(skip):
             continue
         if isinstance(m, QuantizedLayer):
             skip = (*skip, name + ".")
@@ -149,7 +158,7 @@ def _float_state(model: nn.Module, shared: dict[str, str]) -> dict[str, torch.Te
     qlayers = quantized_layers(model)
     out: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
-        if _under(key, shared):
+        if _under(key, shared) or key.startswith(f"{POINTS_NAME}."):
             continue
         name, rest = _split_key(key, list(qlayers))
         if name is None:
@@ -171,8 +180,32 @@ def _layer_entry(layer: QuantizedLayer) -> LayerEntry:
         bits=layer.bits,
         grid=layer.grid_config,
         packed_bytes=layer.packed.numel(),
-        act=None if act is None else ActEntry(bits=act.bits, qmin=act.qmin, qmax=act.qmax),
+        act=None if act is None else _act_entry(act),
     )
+
+
+def _act_entry(q: ActQuantizer) -> ActEntry:
+    return ActEntry(bits=q.bits, qmin=q.qmin, qmax=q.qmax)
+
+
+def _residual_entry(qmodel: nn.Module) -> ResidualEntry | None:
+    points = residual_points(qmodel)
+    if points is None:
+        return None
+    return ResidualEntry(
+        outputs={name: _act_entry(q) for name, q in points.output_points().items()},
+        pools={str(k): _act_entry(q) for k, q in points.pool_points().items()},
+    )
+
+
+def _empty_quantizer(act: ActEntry) -> ActQuantizer:
+    """An `ActQuantizer` of a saved integer range; its scale and zero point are loaded after."""
+    q = ActQuantizer(act.bits, -1.0 if act.qmin < 0 else 0.0, 1.0)
+    if (q.qmin, q.qmax) != (act.qmin, act.qmax):
+        raise CheckpointError(
+            f"activation quantizer range [{act.qmin}, {act.qmax}] is not a {act.bits}-bit range"
+        )
+    return q
 
 
 def _saved_key(name: str | None, rest: str) -> str:
@@ -307,6 +340,7 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
         "aliases": aliases,
         "shared": shared,
         "architecture": _architecture(qmodel, shared),
+        "residual": _residual_entry(qmodel),
     }
 
     def write(tmp: Path) -> None:
@@ -353,11 +387,7 @@ def build_quantized_layer(
     """
     act_quant = None
     if act is not None:
-        act_quant = ActQuantizer(act.bits, -1.0 if act.qmin < 0 else 0.0, 1.0)
-        if (act_quant.qmin, act_quant.qmax) != (act.qmin, act.qmax):
-            raise CheckpointError(
-                f"input quantizer range [{act.qmin}, {act.qmax}] is not a {act.bits}-bit range"
-            )
+        act_quant = _empty_quantizer(act)
         if act_tensors is not None:
             act_quant.scale.copy_(act_tensors["scale"])
             act_quant.zero_point.copy_(act_tensors["zero_point"])
@@ -593,6 +623,10 @@ def _restore(qmodel: nn.Module, manifest: Manifest, tensors: dict[str, torch.Ten
     layers = manifest.layers
     for name, entry in layers.items():
         state.update(_install_layer(qmodel, name, entry, _layer_tensors(tensors, name)))
+    if manifest.residual is not None:
+        outputs = {name: _empty_quantizer(act) for name, act in manifest.residual.outputs.items()}
+        pools = {int(k): _empty_quantizer(act) for k, act in manifest.residual.pools.items()}
+        install_points(qmodel, ResidualQuant(outputs, pools))
     for key, t in tensors.items():
         if _split_key(key, list(layers))[0] is None:
             state[key] = t

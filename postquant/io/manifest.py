@@ -9,11 +9,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_serializer
 
 from postquant.grids import GridConfig
 
-__all__ = ["FORMAT_VERSION", "ActEntry", "Architecture", "LayerEntry", "Manifest", "first_error"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ActEntry",
+    "Architecture",
+    "LayerEntry",
+    "Manifest",
+    "ResidualEntry",
+    "first_error",
+]
 
 FORMAT_VERSION = 1
 
@@ -38,6 +46,18 @@ class LayerEntry(_Entry):
     grid: GridConfig
     packed_bytes: int
     act: ActEntry | None
+
+
+class ResidualEntry(_Entry):
+    """The points of integer residuals (`postquant.nn.residual.ResidualQuant`, recipe ``a_residual``).
+
+    Attributes:
+        outputs: layer name -> its output point (quantizing the layer's output where it feeds a residual add).
+        pools: global pooling index -> its input point.
+    """
+
+    outputs: dict[str, ActEntry]
+    pools: dict[str, ActEntry]
 
 
 class Architecture(_Entry):
@@ -68,6 +88,9 @@ class Manifest(_Entry):
         shared: other name -> first name of each quantized layer registered under several names.
         architecture: `Architecture` of the float model.
         sha256: of ``model.safetensors``.
+        residual: the points of integer residuals (their scales and zero points are tensors under
+            ``postquant_residual.``), or None; left out of the JSON when None, so manifests of models without
+            them read and write as before.
     """
 
     format_version: int = FORMAT_VERSION
@@ -80,6 +103,14 @@ class Manifest(_Entry):
     shared: dict[str, str] = {}
     architecture: Architecture
     sha256: str
+    residual: ResidualEntry | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_residual(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if self.residual is None:
+            data.pop("residual", None)
+        return data
 
     def to_json(self) -> str:
         """The manifest file's text: compact JSON, fields in order, ending with a newline."""

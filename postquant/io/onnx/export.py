@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from postquant.errors import OnnxMismatchError, UnsupportedModelError
+from postquant.errors import ExportError, OnnxMismatchError, UnsupportedModelError
 from postquant.eval.run import move_batch
 from postquant.io.onnx.files import StagedOnnx, check_target, data_path, needs_external_data
-from postquant.io.onnx.integer import integerize, tensor_ranges
+from postquant.io.onnx.integer import Ranges, integerize, tensor_ranges
 from postquant.io.onnx.params import Int4Weights, LayerQDQ, plan_layers
+from postquant.io.onnx.points import ModelPoints
 from postquant.io.onnx.rewrite import drop_zero_gemm_biases, rewrite
 from postquant.io.onnx.verify import (
     INT4_OPSET,
@@ -52,6 +53,7 @@ from postquant.io.onnx.verify import (
 from postquant.model import quantized_layers, set_module
 from postquant.model.hf import no_kv_cache
 from postquant.nn.layer import HALF, upcast_half
+from postquant.nn.residual import ResidualQuant, remove_points, residual_points
 from postquant.progress import progress_bar
 
 __all__ = ["DEFAULT_OPSET", "Exporter", "export_onnx", "float_twin"]
@@ -96,10 +98,12 @@ class _MatrixLinear(nn.Module):
 def float_twin(qmodel: nn.Module) -> nn.Module:
     """A copy of `qmodel` where each `QuantizedLayer` is its float module holding the dequantized weight.
 
-    Input quantizers are dropped; `export_onnx` puts them back as QDQ nodes. Linears (whose forward is
+    Input quantizers (and the points of integer residuals) are dropped; `export_onnx` puts them back as QDQ
+    nodes. Linears (whose forward is
     ``nn.Linear``'s) take their input as a matrix (`_MatrixLinear`).
     """
     twin = copy.deepcopy(qmodel).eval()
+    remove_points(twin)  # integer residuals: `postquant.io.onnx.points` puts them back as QDQ nodes
     for name, layer in quantized_layers(twin).items():
         inner = layer.inner
         inner.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
@@ -306,9 +310,28 @@ def _plan(qmodel: nn.Module, opset: int | None, int4: Int4Weights) -> tuple[dict
 
 
 def _integerize(
-    model: Any, inputs: _Inputs, example_inputs: Any, calib_batches: Iterable[Any] | None
+    model: Any,
+    inputs: _Inputs,
+    example_inputs: Any,
+    calib_batches: Iterable[Any] | None,
+    points: ResidualQuant | None,
 ) -> dict:
-    """`integerize` `model` with ranges from `calib_batches` (or the example inputs) run in onnxruntime."""
+    """`integerize` `model` with the quantizers of the model's integer residuals (`points`), else with ranges
+    from `calib_batches` (or the example inputs) run in onnxruntime."""
+    if points is not None:
+        if calib_batches is not None:
+            log.info(
+                "full_integer export: the model's own residual points give the ranges; calib_batches unused"
+            )
+        found: list[ModelPoints] = []
+
+        def from_model(tensors: list[str]) -> ModelPoints:
+            found.append(ModelPoints(model, points, tensors))
+            return found[-1]
+
+        integer = integerize(model, from_model)
+        found[0].check_all_used()
+        return integer
     if calib_batches is None:
         log.warning(
             "full_integer export without calib_batches: the ranges of the new quantization points come from "
@@ -320,7 +343,7 @@ def _integerize(
         raise ValueError("export_onnx(full_integer=True) needs at least one calibration batch")
     names = [i.name for i in model.graph.input if i.name not in {x.name for x in model.graph.initializer}]
     feeds = [ort_feed(batch, names) for batch in batches]
-    return integerize(model, lambda tensors: tensor_ranges(model, tensors, feeds))
+    return integerize(model, lambda tensors: Ranges(tensor_ranges(model, tensors, feeds) if tensors else {}))
 
 
 def export_onnx(
@@ -364,7 +387,9 @@ def export_onnx(
             faster, and 8-bit rounding the simulation does not have at those points (the verification
             measures it).
         calib_batches: batches (like `verify_batches`) whose min/max give the ranges of the new quantization
-            points of `full_integer` (default: the example inputs alone, with a warning).
+            points of `full_integer` (default: the example inputs alone, with a warning). A model quantized
+            with integer residuals (recipe ``a_residual: true``) has those points already: the graph takes
+            their scales and zero points, computes the simulation's function, and `calib_batches` is unused.
         external_data: write the tensors to ``<path>.data`` beside the ``.onnx`` (ONNX external data; both
             files are needed to run it). None: when they come near protobuf's 2 GB limit
             (`postquant.io.onnx.files.EXTERNAL_DATA_BYTES`).
@@ -382,7 +407,9 @@ def export_onnx(
         `verify_batches`); with `full_integer`, ``full_integer`` (what `integerize` returns).
 
     Raises:
-        UnsupportedModelError: a layer QDQ cannot express (the message names it), or the exporter failed.
+        UnsupportedModelError: a layer QDQ cannot express (the message names it), or the exporter failed;
+            `ExportError` (a subclass) for a model with integer residuals exported without `full_integer`,
+            or whose points do not match the full-integer graph's (the message names the point).
         OutputError: `path` cannot be written, or exists (or its data file does) without `overwrite`.
         OnnxMismatchError: onnxruntime disagrees with the simulation on `verify_batches` (nothing is written
             at `path`; the graph is kept beside it as ``<stem>.rejected.onnx``, with external data as the
@@ -411,6 +438,12 @@ def export_onnx(
     plans, opset = _plan(qmodel, opset, _choice(Int4Weights, int4, "int4"))
     if exporter is Exporter.DYNAMO:
         opset = max(opset, DYNAMO_MIN_OPSET)
+    points = residual_points(qmodel)
+    if points is not None and not (full_integer and plans):
+        raise ExportError(
+            "the model quantizes its residual adds and global pooling (recipe a_residual: true); a QDQ graph "
+            "without those points computes another function: export it with full_integer=True"
+        )
     if not plans:
         log.info("%s has no quantized layer: exporting it in float", type(qmodel).__name__)
     steps = progress_bar(total=4, desc="export onnx", unit="step", enabled=progress)
@@ -439,7 +472,7 @@ def export_onnx(
     rewrite(model, plans)
     integer = None
     if full_integer and plans:
-        integer = _integerize(model, inputs, example_inputs, calib_batches)
+        integer = _integerize(model, inputs, example_inputs, calib_batches, points)
     onnx.checker.check_model(model)
     steps.update()
     external = needs_external_data(model) if external_data is None else external_data

@@ -18,7 +18,9 @@ The adds joined are a CNN's residual adds (one input computed by a convolution);
 * any other input or output (a conv's output before the residual ``Add``, the feature map before global
   pooling) gets a new pair whose range is the min/max of the tensor over calibration batches, computed by
   running the QDQ graph (the simulation's function) in onnxruntime; ``act_qparams`` turns it into a scale
-  and zero point as for the simulation's own quantizers;
+  and zero point as for the simulation's own quantizers. A model quantized with integer residuals (recipe
+  ``a_residual``) has these points itself: `postquant.io.onnx.points.ModelPoints` gives their scales and
+  zero points instead, and the graph computes the simulated function;
 * the output of an ``Add`` (after a following ``Relu``/``Clip``) takes the quantizer of the layer it feeds
   when there is one (exact), else a calibrated one.
 
@@ -41,7 +43,14 @@ import numpy as np
 
 from postquant.nn.act import act_qparams
 
-__all__ = ["MOVEMENT_OPS", "calibration_targets", "integerize", "tensor_ranges", "unsigned_activations"]
+__all__ = [
+    "MOVEMENT_OPS",
+    "Ranges",
+    "calibration_targets",
+    "integerize",
+    "tensor_ranges",
+    "unsigned_activations",
+]
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +146,15 @@ class _Graph:
         self.new_nodes.setdefault(tensor, []).extend(nodes)
         return f"{base}_dq"
 
-    def new_params(self, tensor: str, lo: float, hi: float) -> tuple[str, str]:
-        """Initializers of an 8-bit uint8 quantizer of the float range [lo, hi] (`act_qparams`'s rule)."""
-        scale, zp, qmin, _ = act_qparams(lo, hi, 8)
+    def new_params(self, tensor: str, scale: float, zero_point: int) -> tuple[str, str]:
+        """Initializers of a new 8-bit uint8 quantizer (`scale`, uint8 `zero_point`) for `tensor`."""
         self.count += 1
         self.calibrated += 1
         names = f"{tensor}/int{self.count}_scale", f"{tensor}/int{self.count}_zero_point"
         self.graph.initializer.extend(
             [
                 _initializer(names[0], np.array(scale, np.float32)),
-                _initializer(names[1], np.array(zp - qmin, np.uint8)),  # int8 grid as uint8: + 128
+                _initializer(names[1], np.array(zero_point, np.uint8)),
             ]
         )
         return names
@@ -190,6 +198,21 @@ class _Graph:
         self.new_nodes = {}
 
 
+class Ranges:
+    """The quantizers of new points from calibrated float ranges: `act_qparams`'s 8-bit rule."""
+
+    def __init__(self, ranges: dict[str, tuple[float, float]]) -> None:
+        self.ranges = ranges
+
+    def __contains__(self, tensor: str) -> bool:
+        return tensor in self.ranges
+
+    def params(self, tensor: str) -> tuple[float, int]:
+        """(scale, uint8 zero point) of the new quantizer of `tensor`."""
+        scale, zp, qmin, _ = act_qparams(*self.ranges[tensor], 8)
+        return scale, zp - qmin  # an int8 grid as uint8: + 128
+
+
 def _after_activation(g: _Graph, tensor: str) -> str:
     """`tensor`, or the output of the Relu/Clip that is its only consumer (the tensor to quantize)."""
     users = g.consumers(tensor)
@@ -198,7 +221,7 @@ def _after_activation(g: _Graph, tensor: str) -> str:
     return tensor
 
 
-def _quantized(g: _Graph, tensor: str, ranges: dict[str, tuple[float, float]]) -> str | None:
+def _quantized(g: _Graph, tensor: str, ranges: Ranges) -> str | None:
     """A DQ output that carries `tensor` quantized (an existing pair, an exact copy, or a calibrated new one)."""
     producer = g.producer(tensor)
     if producer is not None and producer.op_type == "DequantizeLinear":
@@ -214,10 +237,10 @@ def _quantized(g: _Graph, tensor: str, ranges: dict[str, tuple[float, float]]) -
             return g.add_pair(tensor, dq.input[1], dq.input[2])
     if tensor not in ranges:
         return None
-    return g.add_pair(tensor, *g.new_params(tensor, *ranges[tensor]))
+    return g.add_pair(tensor, *g.new_params(tensor, *ranges.params(tensor)))
 
 
-def _quantize_output(g: _Graph, tensor: str, ranges: dict[str, tuple[float, float]]) -> None:
+def _quantize_output(g: _Graph, tensor: str, ranges: Ranges) -> None:
     """Make the float output of a join feed a Q/DQ pair: the quantizer of the layer it feeds when there is
     one (directly or through movement ops with single users: exact), else a calibrated one."""
     tensor = _after_activation(g, tensor)
@@ -237,7 +260,7 @@ def _quantize_output(g: _Graph, tensor: str, ranges: dict[str, tuple[float, floa
                 break
             node = g.consumers(node[0].output[0])
         if params is None and tensor in ranges:
-            params = g.new_params(tensor, *ranges[tensor])
+            params = g.new_params(tensor, *ranges.params(tensor))
         if params is None:
             return
         dq = g.add_pair(tensor, *params)
@@ -308,15 +331,14 @@ def tensor_ranges(
     return {t: (lo[t], hi[t]) for t in tensors if np.isfinite(lo[t]) and np.isfinite(hi[t])}
 
 
-def integerize(
-    model: Any, ranges_of: Callable[[list[str]], dict[str, tuple[float, float]]]
-) -> dict[str, int]:
+def integerize(model: Any, ranges_of: Callable[[list[str]], Ranges]) -> dict[str, int]:
     """Add the Q/DQ pairs of a full-integer graph to `model` (in place; see the module docstring).
 
     Args:
         model: a QDQ ``onnx.ModelProto`` written by `postquant.io.onnx.rewrite.rewrite`.
-        ranges_of: the float (min, max) of the given tensors of `model` on calibration data
-            (`tensor_ranges` with the calibration feeds).
+        ranges_of: the quantizers of the new points among the given tensors of `model`: `Ranges` of their
+            float (min, max) on calibration data (`tensor_ranges` with the calibration feeds), or the
+            model's own points (`postquant.io.onnx.points.ModelPoints`).
 
     Returns:
         ``uint8_activations`` (int8 activation pairs stored as uint8), ``joins`` (Add/GlobalAveragePool nodes
@@ -325,7 +347,7 @@ def integerize(
     """
     unsigned = unsigned_activations(model.graph)
     targets = calibration_targets(model)
-    ranges = ranges_of(targets) if targets else {}
+    ranges = ranges_of(targets)
     g = _Graph(model.graph)
     joins = 0
     for node in _joins(model.graph, g.constants):
