@@ -190,14 +190,16 @@ def _int4_weight_qdq(layer: QuantizedLayer) -> WeightQDQ | None:
             int4=True,
             block_size=config.group_size,
         )
-    per_tensor = config.granularity is Granularity.TENSOR
+    return _whole_weight(codes, scale, zp, config.granularity is Granularity.TENSOR, int4=True)
+
+
+def _whole_weight(
+    codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, per_tensor: bool, int4: bool = False
+) -> WeightQDQ:
+    """A weight stored in its own shape, with one scale and zero point (per tensor) or one per channel."""
+    shape = () if per_tensor else -1
     return WeightQDQ(
-        codes.numpy(),
-        scale.numpy().reshape(() if per_tensor else -1),
-        zp.numpy().reshape(() if per_tensor else -1),
-        None,
-        None,
-        int4=True,
+        codes.numpy(), scale.numpy().reshape(shape), zp.numpy().reshape(shape), None, None, int4=int4
     )
 
 
@@ -231,15 +233,7 @@ def _int8_weight_qdq(name: str, layer: QuantizedLayer) -> WeightQDQ:
             "have one sign): dequantized with zero point 0, then Z/S added; symmetric=True avoids it"
         )
     if not why:
-        per_tensor = config.granularity is Granularity.TENSOR
-        zp = (-z).to(torch.int8)
-        return WeightQDQ(
-            codes.numpy(),
-            scale.numpy().reshape(() if per_tensor else -1),
-            zp.numpy().reshape(() if per_tensor else -1),
-            None,
-            None,
-        )
+        return _whole_weight(codes, scale, (-z).to(torch.int8), config.granularity is Granularity.TENSOR)
     rows = codes.reshape(z.numel(), -1)  # (G, n)
     return WeightQDQ(
         codes=rows.numpy(),
