@@ -62,7 +62,7 @@ _BLOCK_ELEMENTS = 1 << 18
 _STABLE_SORT_MAX = 16
 # The kernel stage's sorting network orders positions 0 .. _FAST_K + 1; kernels flipping more elements
 # (|error sum| > 2.5, rare) take the exact path.
-_FAST_K = 2
+_FAST_K = 3
 
 
 def _parse_mode(mode: SquantMode | str) -> SquantMode:
@@ -122,7 +122,9 @@ def squant_codes(
     if not bool(torch.isfinite(x3.sum())) and not bool(torch.isfinite(x3).all()):  # a sum is cheap
         raise NonFiniteWeightError(_NON_FINITE)
 
-    out = torch.empty(x3.shape, dtype=torch.int32, device=x3.device)  # (OC, IC, L)
+    # numpy's allocation: it advises the kernel to back large arrays with huge pages, which makes the first
+    # write of a fresh output (a page fault per 4 KiB otherwise) several times cheaper.
+    out = torch.from_numpy(np.empty(x3.shape, dtype=np.int32))  # (OC, IC, L)
     if kernel:
         _kernel_then_channel(x3, out, tmin, tmax, channel)
         return out.view(x.shape)
@@ -311,24 +313,19 @@ def _kernel_stage(
     # The rest works on the errors transposed to (L, G): every row is contiguous, and a per-kernel value
     # broadcasts along it.
     et = e.T.copy()  # (L, G)
-    s = _kernel_sums(e, et)  # (G,) the reference's float32 sum over each kernel
-    up = s < 0  # flip up (a zero sum flips down)
-    k = np.rint(np.abs(s))  # (G,) float32 flips per kernel
-    step = up.astype(np.float32) * 2 - 1  # (G,) +-1
+    s = _kernel_sums(e, et)  # (G,) the reference's float32 sum over each kernel (never -0.0)
 
     # Keys. The priority (`_priority_bits`) in the kernel's direction is |e0| for a candidate (e0 < 0 for up,
     # > 0 for down, and x below tmax for up, above tmin for down), else 0. As int32, the bits of e0 have the
-    # sign bit set where e0 < 0, so adding 2^31 (wrapping; up) or 0 (down) leaves the priority's bits for a
-    # candidate and a negative number or 0 otherwise. A key is the priority's bits rounded up to a multiple
-    # of 16 (its class, 0 for a non-candidate) plus 15 - index: unique in a kernel, an earlier index wins
-    # among equal classes, and ordered like the stable sort where two priorities do not share a class.
-    # ceil16(b) + 15 - i is ((b + 15) | 15) ^ i, and max(. , 15) sends non-candidates to class 0.
+    # sign bit set where e0 < 0, so adding 2^31 (wrapping; up: s < 0, the sign bit of s) or 0 (down) leaves
+    # the priority's bits for a candidate and a negative number or 0 otherwise. A key is the priority's bits
+    # rounded up to a multiple of 16 (its class, 0 for a non-candidate) plus 15 - index: unique in a kernel,
+    # an earlier index wins among equal classes, and ordered like the stable sort where two priorities do
+    # not share a class. ceil16(b) + 15 - i is ((b + 15) | 15) ^ i; the clamp sends non-candidates to 15 - i.
     key = et.view(np.int32)
-    add = up.astype(np.int32)
-    add <<= 31
-    add += 15
-    key += add  # wraps: bits + 2^31 + 15 (up) or bits + 15 (down)
+    key += (s.view(np.int32) & _INT32_MIN) | 15  # wraps
     beyond = _beyond_range(x, tmin, tmax)
+    up = s < 0  # flip up (a zero sum flips down)
     if beyond.size:  # x above tmax is no up candidate, x below tmin no down candidate
         kern, pos = np.divmod(beyond, klen)
         sel = np.flatnonzero(up[kern] == (x.reshape(-1)[beyond] > tmax))
@@ -347,37 +344,47 @@ def _kernel_stage(
             rows[i] = np.maximum(a, b, out=srt[i] if last_hi else None)
         if lo:
             rows[j] = np.minimum(a, b, out=srt[j] if last_lo else None)
-    cls = srt >> 4  # key classes; 0: a non-candidate (priority 0)
 
-    # The key order is the stable order where the classes of neighbouring positions among k-2 .. k+1 differ
-    # (the flip threshold k-1, the hand-off k-1 or k); class-0 ties are ordered by index, as the stable sort
-    # does. Key class 0 at a flipped position is a no-op flip (r stays, e becomes 0). Kernels where either
-    # happens, or flipping more than _FAST_K elements, are redone.
+    # The key order is the stable order where the classes of neighbouring positions t, t + 1 with t <= k
+    # differ (the flip threshold k-1, the hand-off k-1 or k); class-0 ties are ordered by index, as the
+    # stable sort does. Key class 0 at a flipped position t < k is a no-op flip (r stays, e becomes 0).
+    # Kernels where either happens, or flipping more than _FAST_K elements, are redone.
+    k = np.rint(np.abs(s))  # (G,) float32 flips per kernel
     kk = k.astype(np.int32)
-    clash = kk > _FAST_K
-    for t in range(min(_FAST_K + 1, top - 1)):  # positions t, t + 1 both among k-2 .. k+1 where k >= t
-        tie = (cls[t] == cls[t + 1]) & (cls[t + 1] > 0)
-        clash |= tie if t == 0 else tie & (kk >= t)
-    for t in range(min(_FAST_K, top)):  # position t is flipped where k > t
-        clash |= (cls[t] == 0) & (kk > t)
+    cls = srt >> 4  # (top, G) key classes; 0: a non-candidate (priority 0)
+    nt = min(_FAST_K + 1, top - 1)
+    tie = cls[:nt] == cls[1 : nt + 1]
+    tie &= cls[1 : nt + 1] > 0
+    tie &= _POSITION[:nt] <= kk
+    clash = tie.any(0)
+    nf = min(_FAST_K, top)
+    clash |= ((cls[:nf] == 0) & (_POSITION[:nf] < kk)).any(0)
+    clash |= kk > _FAST_K
 
     # Flips: positions 0 .. k-1 of the order get r0 + step and e0 + step (one float32 addition each).
-    ar = np.arange(g)
-    first = ar * klen  # (G,) flat index of each kernel's element 0
-    ef, rf = e.reshape(-1), r.reshape(-1)
-    for t in range(min(_FAST_K, top)):
-        sel = np.flatnonzero(kk > t)
-        flat = first[sel] + (15 - (srt[t, sel] & 15))  # one element per kernel: no repeated index
-        st = step[sel]
-        ef[flat] += st
-        rf[flat] += st
+    step = up.astype(np.float32)
+    step *= 2
+    step -= 1  # (G,) +-1
+    flats, steps = [], []
+    for t in range(nf):
+        kern = np.flatnonzero(kk > t)  # kernels that flip position t
+        flats.append(kern * klen + (15 - (srt[t, kern] & 15)))
+        steps.append(step[kern])
+    flat, st = (
+        torch.from_numpy(np.concatenate(flats)),
+        torch.from_numpy(np.concatenate(steps)),
+    )  # no index twice
+    torch.from_numpy(e).view(-1).scatter_add_(0, flat, st)
+    torch.from_numpy(r).view(-1).scatter_add_(0, flat, st)
 
     # Hand-off: overshoot (k >= |s|) -> order[k-1] (order[-1] if k == 0) into the opposite list;
     # undershoot -> order[k] into the same list. Its priority is |current error|.
     over = k >= np.abs(s)
     at = np.minimum(kk, _FAST_K)  # position of the hand-off in the order (s == 0 below)
     at -= over & (kk > 0)
-    hv = np.take(srt, at * g + ar)
+    at *= g
+    at += _row_starts(g, 1)
+    hv = np.take(srt, at)
     zero = np.flatnonzero(s == 0)  # k == 0 and overshoot: order[-1], the smallest key
     if zero.size:
         low = np.sort(key[:, zero], axis=0)[:2]  # (2, Z) order[-1], order[-2]
@@ -385,7 +392,7 @@ def _kernel_stage(
         low >>= 4
         clash[zero] |= (low[0] == low[1]) & (low[0] > 0)
     np.subtract(15, hv & 15, out=h_pos)
-    np.abs(np.take(e, first + h_pos), out=h_pri)
+    np.abs(e.reshape(-1)[_row_starts(g, klen) + h_pos], out=h_pri)
     np.not_equal(up, over, out=h_up)
     # A candidate's flip stays in [tmin, tmax], so only x outside that range can need the clamp.
     if beyond.size:
@@ -394,6 +401,18 @@ def _kernel_stage(
     ids = np.flatnonzero(clash)
     if ids.size:
         _kernel_stage_stable(x[ids], s[ids], tmin, tmax, ids, codes, e, h_pos, h_pri, h_up)
+
+
+def _row_starts(rows: int, length: int) -> np.ndarray:
+    """Flat index of the first element of each row of a (rows, length) array (cached per length)."""
+    starts = _ROW_STARTS.get(length)
+    if starts is None or starts.size < rows:
+        starts = np.arange(max(rows, 1 << 16), dtype=np.int64) * length
+        _ROW_STARTS[length] = starts
+    return starts[:rows]
+
+
+_ROW_STARTS: dict[int, np.ndarray] = {}
 
 
 def _beyond_range(x: np.ndarray, tmin: int, tmax: int) -> np.ndarray:
@@ -492,6 +511,9 @@ def _sum_order(klen: int) -> tuple[int, ...] | None:
 # Index of each element of a kernel (at most 16), a column: ``key ^ index`` sets the key's low 4 bits to
 # 15 - index, the tie-break of the kernel stage's keys.
 _INDEX = np.arange(16, dtype=np.int32)[:, None]
+# Positions in the kernel stage's order, a column.
+_POSITION = np.arange(16, dtype=np.int32)[:, None]
+_INT32_MIN = np.int32(-(2**31))
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Best known sorting network for 9 inputs (25 comparators in 7 layers; Floyd), for the 3x3 kernel.
 _NETWORK_9 = tuple(
