@@ -392,11 +392,11 @@ def _kernel_stage(
         low >>= 4
         clash[zero] |= (low[0] == low[1]) & (low[0] > 0)
     np.subtract(15, hv & 15, out=h_pos)
-    np.abs(e.reshape(-1)[_row_starts(g, klen) + h_pos], out=h_pri)
+    np.abs(np.take(e, _row_starts(g, klen) + h_pos), out=h_pri)
     np.not_equal(up, over, out=h_up)
     # A candidate's flip stays in [tmin, tmax], so only x outside that range can need the clamp.
     if beyond.size:
-        np.clip(r, tmin, tmax, out=r)
+        torch.from_numpy(r).clamp_(tmin, tmax)
     np.copyto(codes, r, casting="unsafe")  # exact integers
     ids = np.flatnonzero(clash)
     if ids.size:
@@ -426,7 +426,7 @@ def _beyond_range(x: np.ndarray, tmin: int, tmax: int) -> np.ndarray:
     np.greater(x.reshape(-1), tmax, out=flags[0, :n])
     np.less(x.reshape(-1), tmin, out=flags[1, :n])
     w = flags.view(np.uint64)  # (2, words)
-    hit = np.flatnonzero(w[0] | w[1])
+    hit = np.flatnonzero((w[0] | w[1]) != 0)  # (numpy's nonzero is fast on bool arrays only)
     if not hit.size:
         return hit
     near = (hit[:, None] * 8 + np.arange(8)).reshape(-1)
