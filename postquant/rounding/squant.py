@@ -119,9 +119,9 @@ def squant_codes(
     channel = mode in (SquantMode.EC, SquantMode.EKC)
     if whole_layer if whole_layer is not None else x3.device.type != "cpu":
         return _squant_dense([x3], tmin, tmax, kernel, channel)[0].view(x.shape)
-    if not bool(torch.isfinite(x3.sum())) and not bool(torch.isfinite(x3).all()):  # a sum is cheap
-        raise NonFiniteWeightError(_NON_FINITE)
-
+    # NaN and Inf are caught by the stages (an error sum is not finite), or here for nearest rounding.
+    if not kernel and not channel:
+        _check_finite(x3)
     # numpy's allocation: it advises the kernel to back large arrays with huge pages, which makes the first
     # write of a fresh output (a page fault per 4 KiB otherwise) several times cheaper.
     out = torch.from_numpy(np.empty(x3.shape, dtype=np.int32))  # (OC, IC, L)
@@ -157,6 +157,7 @@ def _kernel_then_channel(x3: torch.Tensor, out: torch.Tensor, tmin: int, tmax: i
     for c0, c1 in blocks:  # blocks of whole output channels, for cache locality only
         g0, g1 = c0 * ic, c1 * ic
         if klen > _STABLE_SORT_MAX:
+            _check_finite(xk[g0:g1])
             ks = _kernel_stage_ranked(xk[g0:g1], None, tmin, tmax, stable=False)
             ok[g0:g1], e = ks.r.clamp_(tmin, tmax), ks.e
             h_pos[g0:g1], h_pri[g0:g1], h_up[g0:g1] = ks.h_pos.numpy(), ks.h_pri.numpy(), ks.h_up.numpy()
@@ -174,6 +175,12 @@ def _kernel_then_channel(x3: torch.Tensor, out: torch.Tensor, tmin: int, tmax: i
 
 
 _NON_FINITE = "SQuant input holds NaN or Inf values; check the weight and its grid"
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    """Raise NonFiniteWeightError if `x` holds NaN or Inf (a sum is cheap; it overflows only if huge)."""
+    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+        raise NonFiniteWeightError(_NON_FINITE)
 
 
 def squant_codes_many(
@@ -309,11 +316,14 @@ def _kernel_stage(
     """
     g, klen = x.shape
     np.rint(x, out=r)  # (G, L) r0, half to even like torch.round
-    np.subtract(r, x, out=e)  # e0 = r0 - x, exact
+    with np.errstate(invalid="ignore"):  # Inf - Inf: NaN, reported below
+        np.subtract(r, x, out=e)  # e0 = r0 - x, exact
     # The rest works on the errors transposed to (L, G): every row is contiguous, and a per-kernel value
     # broadcasts along it.
     et = e.T.copy()  # (L, G)
     s = _kernel_sums(e, et)  # (G,) the reference's float32 sum over each kernel (never -0.0)
+    if not np.isfinite(s.sum()):  # |s| <= L / 2 for finite x; NaN where x is NaN or Inf
+        raise NonFiniteWeightError(_NON_FINITE)
 
     # Keys. The priority (`_priority_bits`) in the kernel's direction is |e0| for a candidate (e0 < 0 for up,
     # > 0 for down, and x below tmax for up, above tmin for down), else 0. As int32, the bits of e0 have the
@@ -622,11 +632,14 @@ def _kernel_stage_ranked(
 
 
 def _flip_threshold(values: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of `values` (n, M): the value at position k of its descending order, so that the first k are
-    those above it, and whether that is ambiguous (k >= M, or the values at positions k-1 and k are equal:
-    the reference's sort decides those rows). The threshold is inf (no flips) where k == 0 or ambiguous."""
+    """Per row of `values` (n, M) float32 >= +0: the value at position k of its descending order, so that the
+    first k are those above it, and whether that is ambiguous (k >= M, or the values at positions k-1 and k
+    are equal: the reference's sort decides those rows). The threshold is inf (no flips) where k == 0 or
+    ambiguous."""
     m = values.shape[1]
-    asc = np.sort(values, axis=1)  # ascending: position t of the descending order is column M-1-t
+    # Ascending; position t of the descending order is column M-1-t. Non-negative floats are ordered like
+    # their bits, and numpy sorts int32 faster than float32.
+    asc = np.sort(values.view(np.int32), axis=1).view(np.float32)
     kk = m - 1 - np.minimum(k, m - 1).astype(np.intp)
     rows = np.arange(values.shape[0])
     v_k = asc[rows, kk]
@@ -837,8 +850,11 @@ def _channel_stage_full_cpu(xb: torch.Tensor, ob: torch.Tensor, tmin: int, tmax:
     n = xb.shape[0]
     x = xb.reshape(n, -1).numpy()  # (n, M)
     r = np.rint(x)
-    e = r - x
+    with np.errstate(invalid="ignore"):  # Inf - Inf: NaN, reported below
+        e = r - x
     s = torch.from_numpy(e).sum(-1).numpy()  # (n,) the reference's float32 sums over each channel
+    if not np.isfinite(s.sum()):  # |s| <= M / 2 for finite x; NaN where x is NaN or Inf
+        raise NonFiniteWeightError(_NON_FINITE)
     up = s < 0
     k = np.rint(np.abs(s))  # (n,) float32 flips per channel
     upf = up.astype(np.float32)
