@@ -375,39 +375,39 @@ def _kernel_stage(
     step = up.astype(np.float32)
     step *= 2
     step -= 1  # (G,) +-1
-    flats, steps = [], []
+    pos = 15 - (srt & 15)  # (top, G) the element at each position of the order
+    flats, kerns = [], []
+    kern = np.flatnonzero(kk > 0)  # (numpy's nonzero is fast on bool arrays only)
     for t in range(nf):
-        kern = np.flatnonzero(kk > t)  # kernels that flip position t
-        flats.append(kern * klen + (15 - (srt[t, kern] & 15)))
-        steps.append(step[kern])
-    flat, st = (
-        torch.from_numpy(np.concatenate(flats)),
-        torch.from_numpy(np.concatenate(steps)),
-    )  # no index twice
+        if t:
+            kern = kern[kk[kern] > t]  # kernels that flip position t
+        flats.append(kern * klen + np.take(pos[t], kern))
+        kerns.append(kern)
+    flat = torch.from_numpy(np.concatenate(flats))  # no index twice
+    st = torch.from_numpy(np.take(step, np.concatenate(kerns)))
     torch.from_numpy(e).view(-1).scatter_add_(0, flat, st)
     torch.from_numpy(r).view(-1).scatter_add_(0, flat, st)
 
     # Hand-off: overshoot (k >= |s|) -> order[k-1] (order[-1] if k == 0) into the opposite list;
     # undershoot -> order[k] into the same list. Its priority is |current error|.
     over = k >= np.abs(s)
-    at = np.minimum(kk, _FAST_K)  # position of the hand-off in the order (s == 0 below)
-    at -= over & (kk > 0)
+    at = np.minimum(kk - over, _FAST_K)  # position of the hand-off in the order (-1: s == 0, set below)
     at *= g
     at += _row_starts(g, 1)
-    hv = np.take(srt, at)
+    h_pos[:] = np.take(pos, at)
     zero = np.flatnonzero(s == 0)  # k == 0 and overshoot: order[-1], the smallest key
     if zero.size:
         low = np.sort(key[:, zero], axis=0)[:2]  # (2, Z) order[-1], order[-2]
-        hv[zero] = low[0]
+        h_pos[zero] = 15 - (low[0] & 15)
         low >>= 4
         clash[zero] |= (low[0] == low[1]) & (low[0] > 0)
-    np.subtract(15, hv & 15, out=h_pos)
     np.abs(np.take(e, _row_starts(g, klen) + h_pos), out=h_pri)
     np.not_equal(up, over, out=h_up)
-    # A candidate's flip stays in [tmin, tmax], so only x outside that range can need the clamp.
-    if beyond.size:
-        torch.from_numpy(r).clamp_(tmin, tmax)
     np.copyto(codes, r, casting="unsafe")  # exact integers
+    # A candidate's flip stays in [tmin, tmax] (a flip of any other element is redone below), so only the
+    # elements beyond that range can need the clamp.
+    if beyond.size:
+        codes.reshape(-1)[beyond] = np.clip(r.reshape(-1)[beyond], tmin, tmax)
     ids = np.flatnonzero(clash)
     if ids.size:
         _kernel_stage_stable(x[ids], s[ids], tmin, tmax, ids, codes, e, h_pos, h_pri, h_up)
