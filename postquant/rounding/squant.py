@@ -403,11 +403,12 @@ def _kernel_stage(
         clash[zero] |= (low[0] == low[1]) & (low[0] > 0)
     np.abs(np.take(e, _row_starts(g, klen) + h_pos), out=h_pri)
     np.not_equal(up, over, out=h_up)
-    np.copyto(codes, r, casting="unsafe")  # exact integers
     # A candidate's flip stays in [tmin, tmax] (a flip of any other element is redone below), so only the
     # elements beyond that range can need the clamp.
     if beyond.size:
-        codes.reshape(-1)[beyond] = np.clip(r.reshape(-1)[beyond], tmin, tmax)
+        rf = r.reshape(-1)
+        rf[beyond] = np.clip(rf[beyond], tmin, tmax)
+    np.copyto(codes, r, casting="unsafe")  # exact integers
     ids = np.flatnonzero(clash)
     if ids.size:
         _kernel_stage_stable(x[ids], s[ids], tmin, tmax, ids, codes, e, h_pos, h_pri, h_up)
@@ -857,18 +858,23 @@ def _channel_stage_full_cpu(xb: torch.Tensor, ob: torch.Tensor, tmin: int, tmax:
         raise NonFiniteWeightError(_NON_FINITE)
     up = s < 0
     k = np.rint(np.abs(s))  # (n,) float32 flips per channel
-    upf = up.astype(np.float32)
-    step = (upf * 2 - 1)[:, None]  # (n, 1)
-    # The priority as in `_kernel_stage`: step * (clamp(x, lo, hi) - r), cleared where <= 0.
-    p = np.maximum(x, (tmin - upf * _FLOAT32_MAX)[:, None])
-    np.minimum(p, (tmax + (1 - upf) * _FLOAT32_MAX)[:, None], out=p)
-    p -= r
-    p *= step
-    torch.from_numpy(p).clamp_min_(0)
-    p += 0.0  # -0.0 -> +0.0
+    step = (up.astype(np.float32) * 2 - 1)[:, None]  # (n, 1)
+    # The priority bits as in `_kernel_stage` (without the key classes): the bits of e0 plus 2^31 (wrapping)
+    # in an up channel, then elements beyond the range in the direction and non-candidates (< 0) set to 0.
+    pb = e.view(np.int32)  # e is not needed any more
+    pb += (s.view(np.int32) & _INT32_MIN)[:, None]
+    beyond = _beyond_range(x, tmin, tmax)
+    if beyond.size:
+        row = beyond // x.shape[1]
+        pb.reshape(-1)[beyond[up[row] == (x.reshape(-1)[beyond] > tmax)]] = 0
+    torch.from_numpy(pb).clamp_min_(0)
+    p = pb.view(np.float32)  # (n, M) |e0| for a candidate, +0.0 otherwise
     v_k, ambiguous = _flip_threshold(p, k)  # the ambiguous ones are redone below
-    r += (p > v_k[:, None]) * step
-    ob.view(n, -1).copy_(torch.from_numpy(r).clamp_(tmin, tmax))
+    r += (p > v_k[:, None]) * step  # only candidates (p > 0) flip: they stay in [tmin, tmax]
+    if beyond.size:
+        rf = r.reshape(-1)
+        rf[beyond] = np.clip(rf[beyond], tmin, tmax)
+    np.copyto(ob.view(n, -1).numpy(), r, casting="unsafe")  # exact integers
     if ambiguous.any():
         pt, kt, st = torch.from_numpy(p), torch.from_numpy(k).long(), torch.from_numpy(step[:, 0])
         _ChannelTies(xb, ob, pt, kt, st, torch.from_numpy(ambiguous), None, None).redo(tmin, tmax)
