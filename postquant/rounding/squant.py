@@ -11,9 +11,10 @@ This is a vectorised restatement of the reference's pure-PyTorch path, bit-exact
 ``shared/golden/squant/README.md`` states that behaviour: round-half-to-even everywhere, the tie breaking of
 its sorts, the ``order[-1]`` hand-off of a group whose error sum is exactly 0, and no-op flips of elements that
 are not candidates. Nothing loops over kernels or channels in Python. Channels are independent, so on the CPU
-the kernel stage runs in blocks of whole output channels that fit in the CPU cache (that only saves memory
-traffic); the few kernels its fast path cannot order are redone once per layer, and the channel stage runs
-on the whole layer. On an accelerator whole layers are processed at once (`_squant_dense`, at the end).
+the kernel stage runs in blocks of whole output channels (that only saves memory traffic): a block's rounding
+and errors live in reused block-sized buffers, the few kernels its fast path cannot order are redone in the
+block, and its channels' error sums are taken there; then the channel stage runs on the whole layer. On an
+accelerator whole layers are processed at once (`_squant_dense`, at the end).
 
 On the CPU the kernel and channel stages work on numpy arrays that share the tensors' memory: there numpy's
 elementwise comparisons, selections and index lists cost a fraction of torch's (whose cost per call also
@@ -24,11 +25,12 @@ How the reference's sorts are reproduced without sorting every row:
 
 * Kernel stage, kernels of at most 16 elements. The reference's ``torch.sort(descending=True)`` is an
   insertion sort on rows this short, so it is stable. Each element gets an int32 key: its priority's float
-  bits rounded up to a multiple of 16, plus ``15 - index``. Keys are unique within a kernel and, where two
-  priorities do not share a key class, ordered like the stable sort. The kernels are transposed to
-  (kh*kw, kernels), and a sorting network whose comparators are elementwise max / min of whole rows orders
-  all kernels at once, down to the positions the stage needs. The few kernels where a shared positive key
-  class touches such a position, or which flip more than two elements, are redone with exact stable ranks.
+  bits rounded up to a multiple of 16, plus ``15 - index`` (four integer passes over the error's own bits).
+  Keys are unique within a kernel and, where two priorities do not share a key class, ordered like the stable
+  sort. The errors are transposed to (kh*kw, kernels), and a sorting network whose comparators are
+  elementwise max / min of whole rows orders all kernels at once, down to the positions the stage needs. The
+  few kernels where a shared positive key class touches such a position, or which flip all four elements a
+  9-element kernel can need (|error sum| > 3.5, rare), are redone with exact stable ranks.
   The kernels' error sums are the reference's float32 ``torch.sum``: its order of additions, where probe
   rows confirm it (`_sum_order`), is repeated on the transposed rows, else torch sums.
 * Kernel stage, larger kernels (5x5, 7x7): ``torch.sort`` of the very same rows as the reference, on the
@@ -56,13 +58,16 @@ from postquant.errors import NonFiniteWeightError
 
 __all__ = ["SquantMode", "squant_codes", "squant_codes_many"]
 
-# Elements per block of output channels; the intermediates of a block stay in the CPU cache.
-_BLOCK_ELEMENTS = 1 << 18
+# Elements per block of output channels: memory traffic (the intermediates of a block stay in the CPU's
+# last-level cache) against the fixed cost of the ~150 numpy calls of a block (on the ResNet-18 shapes, on a
+# loaded 2-core machine, 2^18 measured 2-3% slower, 2^17 about 10%).
+_BLOCK_ELEMENTS = 1 << 19
 # Rows of up to this length are insertion-sorted (stably) by the reference's std::sort.
 _STABLE_SORT_MAX = 16
 # The kernel stage's sorting network orders positions 0 .. _FAST_K + 1; kernels flipping more elements
-# (|error sum| > 2.5, rare) take the exact path.
-_FAST_K = 2
+# (|error sum| > 3.5: a few kernels of a layer, if any) take the exact path. Ordering 5 positions of 9 costs
+# one comparator more than 4.
+_FAST_K = 3
 
 
 def _parse_mode(mode: SquantMode | str) -> SquantMode:
@@ -119,10 +124,12 @@ def squant_codes(
     channel = mode in (SquantMode.EC, SquantMode.EKC)
     if whole_layer if whole_layer is not None else x3.device.type != "cpu":
         return _squant_dense([x3], tmin, tmax, kernel, channel)[0].view(x.shape)
-    if not bool(torch.isfinite(x3.sum())) and not bool(torch.isfinite(x3).all()):  # a sum is cheap
-        raise NonFiniteWeightError(_NON_FINITE)
-
-    out = torch.empty(x3.shape, dtype=torch.int32, device=x3.device)  # (OC, IC, L)
+    # NaN and Inf are caught by the stages (an error sum is not finite), or here for nearest rounding.
+    if not kernel and not channel:
+        _check_finite(x3)
+    # numpy's allocation: it advises the kernel to back large arrays with huge pages, which makes the first
+    # write of a fresh output (a page fault per 4 KiB otherwise) several times cheaper.
+    out = torch.from_numpy(np.empty(x3.shape, dtype=np.int32))  # (OC, IC, L)
     if kernel:
         _kernel_then_channel(x3, out, tmin, tmax, channel)
         return out.view(x.shape)
@@ -137,49 +144,48 @@ def squant_codes(
 
 
 def _kernel_then_channel(x3: torch.Tensor, out: torch.Tensor, tmin: int, tmax: int, channel: bool) -> None:
-    """Kernel stage (in cache-sized blocks of channels), the kernels it could not order redone at once,
-    then the channel stage on the whole layer if `channel`. Writes the codes into `out` (OC, IC, L), on the
-    CPU."""
+    """Kernel stage in cache-sized blocks of channels (the few kernels its fast path cannot order redone in
+    the same block), each block's channel error sums taken while its errors are in the cache, then the
+    channel stage on the whole layer if `channel`. Writes the codes into `out` (OC, IC, L), on the CPU.
+
+    The errors and roundings of a block live in two block-sized scratch arrays: a layer-sized array would
+    cost a page fault per 4 KiB on its first write, as much as the arithmetic of a pass over it.
+    """
     oc, ic, klen = x3.shape
     xk, ok = x3.view(-1, klen), out.view(-1, klen)  # (G, L) kernels
-    e = torch.empty(xk.shape, dtype=torch.float32)  # (G, L) errors after the stage
-    h_pos = torch.empty(xk.shape[0], dtype=torch.int32)
-    h_pri = torch.empty(xk.shape[0], dtype=torch.float32)
-    h_up = torch.empty(xk.shape[0], dtype=torch.bool)
-    sums, redo = [], []
-    for c0, c1 in _channel_blocks(oc, ic * klen):  # blocks of whole output channels, for cache locality only
+    h_pos = np.empty(xk.shape[0], dtype=np.int32)  # (G,) each kernel's hand-off
+    h_pri = np.empty(xk.shape[0], dtype=np.float32)
+    h_up = np.empty(xk.shape[0], dtype=bool)
+    s = np.empty(oc, dtype=np.float32)  # (OC,) channel error sums after the kernel stage
+    blocks = _channel_blocks(oc, ic * klen)
+    scratch = np.empty((2, max(c1 - c0 for c0, c1 in blocks) * ic, klen), dtype=np.float32)
+    for c0, c1 in blocks:  # blocks of whole output channels, for cache locality only
         g0, g1 = c0 * ic, c1 * ic
         if klen > _STABLE_SORT_MAX:
+            _check_finite(xk[g0:g1])
             ks = _kernel_stage_ranked(xk[g0:g1], None, tmin, tmax, stable=False)
-            ok[g0:g1], e[g0:g1] = ks.r.clamp_(tmin, tmax), ks.e
-            h_pos[g0:g1], h_pri[g0:g1], h_up[g0:g1] = ks.h_pos, ks.h_pri, ks.h_up
-            continue
-        s, clash = _kernel_stage(
-            xk[g0:g1].numpy(),
-            e[g0:g1].numpy(),
-            ok[g0:g1].numpy(),
-            h_pos[g0:g1].numpy(),
-            h_pri[g0:g1].numpy(),
-            h_up[g0:g1].numpy(),
-            tmin,
-            tmax,
-        )
-        if clash.size:
-            redo.append(clash + g0)
-            sums.append(s[clash])
-    if redo:
-        ids = np.concatenate(redo)
-        x_redo, s_redo = xk.numpy()[ids], np.concatenate(sums)
-        _kernel_stage_stable(
-            x_redo, s_redo, tmin, tmax, ids, ok.numpy(), e.numpy(), h_pos.numpy(), h_pri.numpy(), h_up.numpy()
-        )
+            ok[g0:g1], e = ks.r.clamp_(tmin, tmax), ks.e
+            h_pos[g0:g1], h_pri[g0:g1], h_up[g0:g1] = ks.h_pos.numpy(), ks.h_pri.numpy(), ks.h_up.numpy()
+        else:
+            r, e_np = scratch[0, : g1 - g0], scratch[1, : g1 - g0]
+            hand = (h_pos[g0:g1], h_pri[g0:g1], h_up[g0:g1])
+            _kernel_stage(xk[g0:g1].numpy(), r, e_np, ok[g0:g1].numpy(), *hand, tmin, tmax)
+            e = torch.from_numpy(e_np)
+        if channel:
+            s[c0:c1] = e.view(c1 - c0, -1).sum(-1).numpy()  # the reference's float32 sums (>= 2 rows)
     if channel:
-        s = e.view(oc, -1).sum(-1)  # (OC,) float32 channel sums after the kernel stage
-        pos = h_pos.view(oc, ic).long()
-        _channel_stage_handoffs(x3, out, s, pos, h_pri.view(oc, ic), h_up.view(oc, ic), tmin, tmax)
+        _channel_stage_handoffs(
+            x3, out, s, h_pos.reshape(oc, ic), h_pri.reshape(oc, ic), h_up.reshape(oc, ic), tmin, tmax
+        )
 
 
 _NON_FINITE = "SQuant input holds NaN or Inf values; check the weight and its grid"
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    """Raise NonFiniteWeightError if `x` holds NaN or Inf (a sum is cheap; it overflows only if huge)."""
+    if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+        raise NonFiniteWeightError(_NON_FINITE)
 
 
 def squant_codes_many(
@@ -296,6 +302,7 @@ class _KernelResult:
 
 def _kernel_stage(
     x: np.ndarray,
+    r: np.ndarray,
     e: np.ndarray,
     codes: np.ndarray,
     h_pos: np.ndarray,
@@ -303,101 +310,143 @@ def _kernel_stage(
     h_up: np.ndarray,
     tmin: int,
     tmax: int,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> None:
     """The kernel stage on the kernels `x` (G, L), L <= 16, on the CPU (numpy arrays sharing the tensors'
     memory: numpy's elementwise comparisons, selections and index lists cost a fraction of torch's here).
 
-    Writes the errors after the stage into `e` (G, L), the clamped codes into `codes` (G, L) int32 and each
-    kernel's hand-off into `h_pos` (G,) int32, `h_pri` (G,) float32 and `h_up` (G,) bool. Returns the
-    kernels' error sums s (G,) and the indices of the kernels this fast path cannot order, whose outputs are
-    to be redone by `_kernel_stage_ranked` with ``stable=True``.
+    `r` and `e` (G, L) float32 are scratch; on return `e` holds the errors after the stage. Writes the
+    clamped codes into `codes` (G, L) int32 and each kernel's hand-off into `h_pos` (G,) int32, `h_pri` (G,)
+    float32 and `h_up` (G,) bool. The kernels this fast path cannot order are redone from exact stable ranks
+    (`_kernel_stage_stable`).
     """
     g, klen = x.shape
-    np.rint(x, out=e)  # (G, L) half to even, like torch.round
-    e -= x  # e0 = r0 - x, exact
-    # The rest works on the kernels transposed to (L, G): every row is contiguous, and a per-kernel value
+    np.rint(x, out=r)  # (G, L) r0, half to even like torch.round
+    with np.errstate(invalid="ignore"):  # Inf - Inf: NaN, reported below
+        np.subtract(r, x, out=e)  # e0 = r0 - x, exact
+    # The rest works on the errors transposed to (L, G): every row is contiguous, and a per-kernel value
     # broadcasts along it.
-    xt = x.T.copy()  # (L, G), a copy even where x.T is already contiguous (G == 1): it is written below
-    rt = np.rint(xt)
-    s = _kernel_sums(e, np.subtract(rt, xt))  # (G,) the reference's float32 sum over each kernel
-    up = s < 0  # flip up (a zero sum flips down)
-    k = np.rint(np.abs(s))  # (G,) float32 flips per kernel
-    upf = up.astype(np.float32)
-    step = upf * 2 - 1  # (G,) +-1
+    et = e.T.copy()  # (L, G)
+    s = _kernel_sums(e, et)  # (G,) the reference's float32 sum over each kernel (never -0.0)
+    if not np.isfinite(s.sum()):  # |s| <= L / 2 for finite x; NaN where x is NaN or Inf
+        raise NonFiniteWeightError(_NON_FINITE)
 
-    # Priority in the kernel's direction (`_priority_bits`): min(-step * e, step * (lim - r)), lim = tmax for
-    # up, tmin for down. Rounding is monotonic, so that is step * (clamp(x, lo, hi) - r) with [lo, hi] =
-    # [-FMAX, tmax] for up and [tmin, FMAX] for down (FMAX: the largest float32, so that no finite x is
-    # clamped): |e| for a candidate, <= 0 otherwise.
-    lo = tmin - upf * _FLOAT32_MAX  # (G,)
-    hi = tmax + (1 - upf) * _FLOAT32_MAX
-    key = np.maximum(xt, lo, out=xt)
-    np.minimum(key, hi, out=key)
-    key -= rt
-    key *= step
-    torch.from_numpy(key).clamp_min_(0)  # (torch's is several times faster than numpy's here)
-    key += 0.0  # priority for a candidate, +0.0 otherwise (-0.0 + 0.0 is +0.0)
-    kb = key.view(np.int32)  # float bits
-    # Unique in a kernel: the bits rounded up to a multiple of 16 (class = ceil(bits / 16), 0 for
-    # non-candidates) plus 15 - index, so that an earlier index wins among equal classes.
-    kb += 15
-    kb &= -16
-    kb += _TIEBREAK[:klen]
+    # Keys. The priority (`_priority_bits`) in the kernel's direction is |e0| for a candidate (e0 < 0 for up,
+    # > 0 for down, and x below tmax for up, above tmin for down), else 0. As int32, the bits of e0 have the
+    # sign bit set where e0 < 0, so adding 2^31 (wrapping; up: s < 0, the sign bit of s) or 0 (down) leaves
+    # the priority's bits for a candidate and a negative number or 0 otherwise. A key is the priority's bits
+    # rounded up to a multiple of 16 (its class, 0 for a non-candidate) plus 15 - index: unique in a kernel,
+    # an earlier index wins among equal classes, and ordered like the stable sort where two priorities do
+    # not share a class. ceil16(b) + 15 - i is ((b + 15) | 15) ^ i; the clamp sends non-candidates to 15 - i.
+    key = et.view(np.int32)
+    key += (s.view(np.int32) & _INT32_MIN) | 15  # wraps
+    beyond = _beyond_range(x, tmin, tmax)
+    up = s < 0  # flip up (a zero sum flips down)
+    if beyond.size:  # x above tmax is no up candidate, x below tmin no down candidate
+        kern, pos = np.divmod(beyond, klen)
+        sel = np.flatnonzero(up[kern] == (x.reshape(-1)[beyond] > tmax))
+        key[pos[sel], kern[sel]] = -1
+    key |= 15
+    torch.from_numpy(key).clamp_min_(15)  # (torch's is several times faster than numpy's here)
+    key ^= _INDEX[:klen]
 
     # The first `top` keys of every kernel's order (descending keys) by a sorting network over the rows.
     top = min(_FAST_K + 2, klen)
     srt = np.empty((top, g), dtype=np.int32)  # (top, G): position t of the order
-    rows = list(kb)
+    rows = list(key)
     for i, j, hi, lo, last_hi, last_lo in _selection_steps(klen, top):
         a, b = rows[i], rows[j]
         if hi:
             rows[i] = np.maximum(a, b, out=srt[i] if last_hi else None)
         if lo:
             rows[j] = np.minimum(a, b, out=srt[j] if last_lo else None)
-    cls = srt >> 4  # key classes; 0: a non-candidate (priority 0)
 
-    # The key order is the stable order where the classes of neighbouring positions among k-2 .. k+1 differ
-    # (the flip threshold k-1, the hand-off k-1 or k); class-0 ties are ordered by index, as the stable sort
-    # does. Key class 0 at a flipped position is a no-op flip (r stays, e becomes 0). Kernels where either
-    # happens, or flipping more than _FAST_K elements, are redone.
+    # The key order is the stable order where the classes of neighbouring positions t, t + 1 with t <= k
+    # differ (the flip threshold k-1, the hand-off k-1 or k); class-0 ties are ordered by index, as the
+    # stable sort does. Key class 0 at a flipped position t < k is a no-op flip (r stays, e becomes 0).
+    # Kernels where either happens, or flipping more than _FAST_K elements, are redone.
+    k = np.rint(np.abs(s))  # (G,) float32 flips per kernel
     kk = k.astype(np.int32)
-    clash = kk > _FAST_K
-    for t in range(min(_FAST_K + 1, top - 1)):  # positions t, t + 1 both among k-2 .. k+1 where k >= t
-        tie = (cls[t] == cls[t + 1]) & (cls[t + 1] > 0)
-        clash |= tie if t == 0 else tie & (kk >= t)
-    for t in range(min(_FAST_K, top)):  # position t is flipped where k > t
-        clash |= (cls[t] == 0) & (kk > t)
+    cls = srt >> 4  # (top, G) key classes; 0: a non-candidate (priority 0)
+    nt = min(_FAST_K + 1, top - 1)
+    tie = cls[:nt] == cls[1 : nt + 1]
+    tie &= cls[1 : nt + 1] > 0
+    tie &= _POSITION[:nt] <= kk
+    clash = tie.any(0)
+    nf = min(_FAST_K, top)
+    clash |= ((cls[:nf] == 0) & (_POSITION[:nf] < kk)).any(0)
+    clash |= kk > _FAST_K
 
-    # Flips: positions 0 .. k-1 of the order get e0 + step (and r0 + step, below): position t of every
-    # kernel gets e0 + step * (k > t), one float32 addition (adding +0.0 changes nothing: e0 is never -0.0).
-    ar = np.arange(g)
-    first = ar * klen  # (G,) flat index of each kernel's element 0
-    ef = torch.from_numpy(e).view(-1)
-    for t in range(min(_FAST_K, top)):
-        flat = first + (15 - (srt[t] & 15))
-        ef.scatter_add_(0, torch.from_numpy(flat), torch.from_numpy(step * (kk > t)))
+    # Flips: positions 0 .. k-1 of the order get r0 + step and e0 + step (one float32 addition each).
+    step = up.astype(np.float32)
+    step *= 2
+    step -= 1  # (G,) +-1
+    pos = 15 - (srt & 15)  # (top, G) the element at each position of the order
+    flats, kerns = [], []
+    kern = np.flatnonzero(kk > 0)  # (numpy's nonzero is fast on bool arrays only)
+    for t in range(nf):
+        if t:
+            kern = kern[kk[kern] > t]  # kernels that flip position t
+        flats.append(kern * klen + np.take(pos[t], kern))
+        kerns.append(kern)
+    flat = torch.from_numpy(np.concatenate(flats))  # no index twice
+    st = torch.from_numpy(np.take(step, np.concatenate(kerns)))
+    torch.from_numpy(e).view(-1).scatter_add_(0, flat, st)
+    torch.from_numpy(r).view(-1).scatter_add_(0, flat, st)
 
     # Hand-off: overshoot (k >= |s|) -> order[k-1] (order[-1] if k == 0) into the opposite list;
     # undershoot -> order[k] into the same list. Its priority is |current error|.
     over = k >= np.abs(s)
-    at = np.minimum(kk, _FAST_K)  # position of the hand-off in the order (s == 0 below)
-    at -= over & (kk > 0)
-    hv = np.take(srt, at * g + ar)
+    at = np.minimum(kk - over, _FAST_K)  # position of the hand-off in the order (-1: s == 0, set below)
+    at *= g
+    at += _row_starts(g, 1)
+    h_pos[:] = np.take(pos, at)
     zero = np.flatnonzero(s == 0)  # k == 0 and overshoot: order[-1], the smallest key
     if zero.size:
-        low = np.sort(kb[:, zero], axis=0)[:2]  # (2, Z) order[-1], order[-2]
-        hv[zero] = low[0]
+        low = np.sort(key[:, zero], axis=0)[:2]  # (2, Z) order[-1], order[-2]
+        h_pos[zero] = 15 - (low[0] & 15)
         low >>= 4
         clash[zero] |= (low[0] == low[1]) & (low[0] > 0)
-    np.subtract(15, hv & 15, out=h_pos)
-    np.abs(np.take(e, first + h_pos), out=h_pri)
+    np.abs(np.take(e, _row_starts(g, klen) + h_pos), out=h_pri)
     np.not_equal(up, over, out=h_up)
-    # The rounding after the flips, r0 or r0 + step, is round(x + e): x + e0 = r0 exactly, and x + (e0 + step)
-    # is within float32 rounding of the integer r0 + step.
-    r = torch.from_numpy(np.add(x, e, out=rt.reshape(g, klen)))
-    torch.round(r, out=r).clamp_(tmin, tmax)
-    torch.from_numpy(codes).copy_(r)
-    return s, np.flatnonzero(clash)
+    # A candidate's flip stays in [tmin, tmax] (a flip of any other element is redone below), so only the
+    # elements beyond that range can need the clamp.
+    if beyond.size:
+        rf = r.reshape(-1)
+        rf[beyond] = np.clip(rf[beyond], tmin, tmax)
+    np.copyto(codes, r, casting="unsafe")  # exact integers
+    ids = np.flatnonzero(clash)
+    if ids.size:
+        _kernel_stage_stable(x[ids], s[ids], tmin, tmax, ids, codes, e, h_pos, h_pri, h_up)
+
+
+def _row_starts(rows: int, length: int) -> np.ndarray:
+    """Flat index of the first element of each row of a (rows, length) array (cached per length)."""
+    starts = _ROW_STARTS.get(length)
+    if starts is None or starts.size < rows:
+        starts = np.arange(max(rows, 1 << 16), dtype=np.int64) * length
+        _ROW_STARTS[length] = starts
+    return starts[:rows]
+
+
+_ROW_STARTS: dict[int, np.ndarray] = {}
+
+
+def _beyond_range(x: np.ndarray, tmin: int, tmax: int) -> np.ndarray:
+    """Flat indices of the elements of `x` outside [tmin, tmax] (few: a min/max grid puts at most a
+    channel's extremes there). The two comparisons are scanned 8 bytes at a time, as np.flatnonzero on a
+    bool array is several times slower than the comparison."""
+    n = x.size
+    words = -(-n // 8)
+    flags = np.empty((2, words * 8), dtype=bool)
+    flags[:, n:] = False
+    np.greater(x.reshape(-1), tmax, out=flags[0, :n])
+    np.less(x.reshape(-1), tmin, out=flags[1, :n])
+    w = flags.view(np.uint64)  # (2, words)
+    hit = np.flatnonzero((w[0] | w[1]) != 0)  # (numpy's nonzero is fast on bool arrays only)
+    if not hit.size:
+        return hit
+    near = (hit[:, None] * 8 + np.arange(8)).reshape(-1)
+    return near[flags[0, near] | flags[1, near]]
 
 
 def _kernel_stage_stable(
@@ -475,9 +524,12 @@ def _sum_order(klen: int) -> tuple[int, ...] | None:
     return None
 
 
-# 15 - index of each element of a kernel (at most 16): the tie-break of the kernel stage's keys, a column.
-_TIEBREAK = np.arange(15, -1, -1, dtype=np.int32)[:, None]
-_INT32_MAX = 2**31 - 1
+# Index of each element of a kernel (at most 16), a column: ``key ^ index`` sets the key's low 4 bits to
+# 15 - index, the tie-break of the kernel stage's keys.
+_INDEX = np.arange(16, dtype=np.int32)[:, None]
+# Positions in the kernel stage's order, a column.
+_POSITION = np.arange(16, dtype=np.int32)[:, None]
+_INT32_MIN = np.int32(-(2**31))
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Best known sorting network for 9 inputs (25 comparators in 7 layers; Floyd), for the 3x3 kernel.
 _NETWORK_9 = tuple(
@@ -586,11 +638,14 @@ def _kernel_stage_ranked(
 
 
 def _flip_threshold(values: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of `values` (n, M): the value at position k of its descending order, so that the first k are
-    those above it, and whether that is ambiguous (k >= M, or the values at positions k-1 and k are equal:
-    the reference's sort decides those rows). The threshold is inf (no flips) where k == 0 or ambiguous."""
+    """Per row of `values` (n, M) float32 >= +0: the value at position k of its descending order, so that the
+    first k are those above it, and whether that is ambiguous (k >= M, or the values at positions k-1 and k
+    are equal: the reference's sort decides those rows). The threshold is inf (no flips) where k == 0 or
+    ambiguous."""
     m = values.shape[1]
-    asc = np.sort(values, axis=1)  # ascending: position t of the descending order is column M-1-t
+    # Ascending; position t of the descending order is column M-1-t. Non-negative floats are ordered like
+    # their bits, and numpy sorts int32 faster than float32.
+    asc = np.sort(values.view(np.int32), axis=1).view(np.float32)
     kk = m - 1 - np.minimum(k, m - 1).astype(np.intp)
     rows = np.arange(values.shape[0])
     v_k = asc[rows, kk]
@@ -602,34 +657,31 @@ def _flip_threshold(values: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.n
 def _channel_stage_handoffs(
     xb: torch.Tensor,
     ob: torch.Tensor,
-    s: torch.Tensor,
-    h_pos: torch.Tensor,
-    h_pri: torch.Tensor,
-    h_up: torch.Tensor,
+    s: np.ndarray,
+    h_pos: np.ndarray,
+    h_pri: np.ndarray,
+    h_up: np.ndarray,
     tmin: int,
     tmax: int,
 ) -> None:
     """Channel stage after a kernel stage; only the one hand-off per kernel has a nonzero priority.
 
-    `s` (n,) is each channel's current error sum; `h_pos`, `h_pri`, `h_up` (n, IC) give each kernel's
-    hand-off: its index in the kernel, priority and list. A flip sets the element to its initial rounding
-    moved one step if it was an initial candidate of that direction, else to its initial rounding.
+    `s` (n,) float32 is each channel's current error sum; `h_pos`, `h_pri`, `h_up` (n, IC) give each
+    kernel's hand-off: its index in the kernel, priority and list. A flip sets the element to its initial
+    rounding moved one step if it was an initial candidate of that direction, else to its initial rounding.
     """
     n, ic, klen = xb.shape
-    sn = s.numpy()
-    up = sn < 0
-    k = np.rint(np.abs(sn))  # (n,) float32 flips per channel
+    up = s < 0
+    k = np.rint(np.abs(s))  # (n,) float32 flips per channel
     if not k.any():
         return
     step = up.astype(np.float32) * 2 - 1  # (n,)
-    pri = h_pri.numpy() * (
-        h_up.numpy() == up[:, None]
-    )  # (n, IC): the nonzero entries of the direction's list
+    pri = h_pri * (h_up == up[:, None])  # (n, IC): the nonzero entries of the direction's list
     # The first k of the order are the priorities above the one at position k, unless those two are equal.
     v_k, ambiguous = _flip_threshold(pri, k)  # the ambiguous ones are done below
     rows = np.flatnonzero(pri > v_k[:, None])  # flat kernel ids
     if rows.size:
-        flat = rows * klen + h_pos.numpy().ravel()[rows]  # the hand-offs' elements
+        flat = rows * klen + h_pos.ravel()[rows]  # the hand-offs' elements
         xs, st = xb.numpy().ravel()[flat], step[rows // ic]
         r0 = np.rint(xs)
         # A candidate of the direction moves one step (`_priority_bits`: x < tmax for up, x > tmin for down)
@@ -642,7 +694,8 @@ def _channel_stage_handoffs(
         kt, stept = torch.from_numpy(k[chans_n]).long(), torch.from_numpy(step[chans_n])
         full = torch.zeros(chans_n.size, ic, klen, dtype=torch.float32)
         pri_t = torch.from_numpy(pri[chans_n])
-        full.scatter_(2, h_pos[chans_t].unsqueeze(2), pri_t.unsqueeze(2))  # the reference's priority rows
+        pos_t = torch.from_numpy(h_pos[chans_n]).long()
+        full.scatter_(2, pos_t.unsqueeze(2), pri_t.unsqueeze(2))  # the reference's priority rows
         ridx, cols = _first_k_sorted(full.view(chans_t.numel(), -1), kt)
         new = _new_rounding(xb.reshape(n, -1)[chans_t[ridx], cols], stept[ridx], tmin, tmax)
         ob.view(n, -1)[chans_t[ridx], cols] = new.clamp_(tmin, tmax).to(torch.int32)
@@ -803,22 +856,30 @@ def _channel_stage_full_cpu(xb: torch.Tensor, ob: torch.Tensor, tmin: int, tmax:
     n = xb.shape[0]
     x = xb.reshape(n, -1).numpy()  # (n, M)
     r = np.rint(x)
-    e = r - x
+    with np.errstate(invalid="ignore"):  # Inf - Inf: NaN, reported below
+        e = r - x
     s = torch.from_numpy(e).sum(-1).numpy()  # (n,) the reference's float32 sums over each channel
+    if not np.isfinite(s.sum()):  # |s| <= M / 2 for finite x; NaN where x is NaN or Inf
+        raise NonFiniteWeightError(_NON_FINITE)
     up = s < 0
     k = np.rint(np.abs(s))  # (n,) float32 flips per channel
-    upf = up.astype(np.float32)
-    step = (upf * 2 - 1)[:, None]  # (n, 1)
-    # The priority as in `_kernel_stage`: step * (clamp(x, lo, hi) - r), cleared where <= 0.
-    p = np.maximum(x, (tmin - upf * _FLOAT32_MAX)[:, None])
-    np.minimum(p, (tmax + (1 - upf) * _FLOAT32_MAX)[:, None], out=p)
-    p -= r
-    p *= step
-    torch.from_numpy(p).clamp_min_(0)
-    p += 0.0  # -0.0 -> +0.0
+    step = (up.astype(np.float32) * 2 - 1)[:, None]  # (n, 1)
+    # The priority bits as in `_kernel_stage` (without the key classes): the bits of e0 plus 2^31 (wrapping)
+    # in an up channel, then elements beyond the range in the direction and non-candidates (< 0) set to 0.
+    pb = e.view(np.int32)  # e is not needed any more
+    pb += (s.view(np.int32) & _INT32_MIN)[:, None]
+    beyond = _beyond_range(x, tmin, tmax)
+    if beyond.size:
+        row = beyond // x.shape[1]
+        pb.reshape(-1)[beyond[up[row] == (x.reshape(-1)[beyond] > tmax)]] = 0
+    torch.from_numpy(pb).clamp_min_(0)
+    p = pb.view(np.float32)  # (n, M) |e0| for a candidate, +0.0 otherwise
     v_k, ambiguous = _flip_threshold(p, k)  # the ambiguous ones are redone below
-    r += (p > v_k[:, None]) * step
-    ob.view(n, -1).copy_(torch.from_numpy(r).clamp_(tmin, tmax))
+    r += (p > v_k[:, None]) * step  # only candidates (p > 0) flip: they stay in [tmin, tmax]
+    if beyond.size:
+        rf = r.reshape(-1)
+        rf[beyond] = np.clip(rf[beyond], tmin, tmax)
+    np.copyto(ob.view(n, -1).numpy(), r, casting="unsafe")  # exact integers
     if ambiguous.any():
         pt, kt, st = torch.from_numpy(p), torch.from_numpy(k).long(), torch.from_numpy(step[:, 0])
         _ChannelTies(xb, ob, pt, kt, st, torch.from_numpy(ambiguous), None, None).redo(tmin, tmax)

@@ -437,3 +437,22 @@ def test_kernel_sums_are_torch_sums_bit_for_bit(kernels: int, klen: int, seed: i
     )
     sums = squant_module._kernel_sums(e.numpy(), np.ascontiguousarray(e.numpy().T))
     assert np.array_equal(sums, e.sum(1).numpy())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 5), st.integers(1, 40), st.integers(2, 8), st.floats(0.0, 0.3), st.integers(0, 2**32 - 1)
+)
+def test_beyond_range_finds_every_element_outside(
+    rows: int, cols: int, bits: int, share: float, seed: int
+) -> None:
+    """The CPU stages' scan for elements outside [tmin, tmax] (8 flags at a time, any length, a tail that
+    is not a whole word) finds exactly those: the bounds themselves and NaN are not beyond."""
+    tmin, tmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    gen = np.random.default_rng(seed)
+    x = gen.uniform(tmin - 1, tmax + 1, (rows, cols)).astype(np.float32)
+    inside = gen.random(x.shape) >= share
+    x[inside] = np.clip(x[inside], tmin, tmax)  # many at the bounds exactly
+    x.reshape(-1)[:: max(1, x.size // 3)] = np.nan
+    expected = np.flatnonzero((x > tmax) | (x < tmin))
+    assert np.array_equal(squant_module._beyond_range(x, tmin, tmax), expected)
