@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import calib_speed, learned_fast, squant_speed
 from postquant.store.files import write_text_atomic
+from postquant.store.table import ResultTable
 
 log = logging.getLogger("speed")
 RESULTS = Path(__file__).parent / "results"
@@ -71,10 +72,17 @@ def _learned_row(variant: str, iters: int) -> dict[str, Any]:
 
 
 def learned_part(repeats: int) -> list[dict[str, Any]]:
+    """The time ratio in `repeats` alternating pairs of runs, each pair also stored as `--timing` rows of
+    `benchmarks/results/learned_fast.json` (a repetition index of its own), so that page shows them too."""
     times: dict[str, list[float]] = {"default": [], "learned-fast": []}
-    for _ in range(repeats):
-        times["default"].append(_learned_row("default", learned_fast.DEFAULT_ITERS)["quantize_s"])
-        times["learned-fast"].append(_learned_row("learned-fast", FAST_ITERS)["quantize_s"])
+    table = ResultTable(learned_fast.TABLE, what="learned-fast results")
+    reps = [int(k.rsplit("|", 1)[1]) for k in table.rows if k.startswith(f"timing|{LEARNED_MODEL}|")]
+    for rep in range(max(reps, default=-1) + 1, max(reps, default=-1) + 1 + repeats):
+        for variant, iters in (("default", learned_fast.DEFAULT_ITERS), ("learned-fast", FAST_ITERS)):
+            row = _learned_row(variant, iters)
+            times[variant].append(row["quantize_s"])
+            table.put(f"timing|{LEARNED_MODEL}|{LEARNED_BITS}|{variant}|{iters}|0|{rep}", row)
+    learned_fast.write_markdown(table.rows, learned_fast.PAGE)
     default, fast = statistics.fmean(times["default"]), statistics.fmean(times["learned-fast"])
     ratio = fast / default
     rows = [
@@ -86,12 +94,11 @@ def learned_part(repeats: int) -> list[dict[str, Any]]:
             ratio <= learned_fast.TARGET_RATIO,
         )
     ]
-    table = json.loads(learned_fast.TABLE.read_text()) if learned_fast.TABLE.exists() else {}
 
     def mean_of(variant: str, iters: int) -> tuple[float, int]:
         values = [
             r["value"]
-            for k, r in table.items()
+            for k, r in table.rows.items()
             if not k.startswith("timing|")
             and (r["model"], r["bits"], r["variant"], r["iters"])
             == (LEARNED_MODEL, LEARNED_BITS, variant, iters)
