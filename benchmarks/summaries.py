@@ -308,6 +308,10 @@ def llm(results: Path) -> str:
     def mb(n: int) -> str:
         return f"{n / 1e6:.0f} MB"
 
+    learned = {
+        label: sim[row] for row, label in (("learned-w4", ""), ("learned-fast-w4", " (fast)")) if sim.get(row)
+    }
+    best = min(learned, key=learned.__getitem__) if learned else None
     rows = [
         (
             "PyTorch (postquant)",
@@ -315,7 +319,7 @@ def llm(results: Path) -> str:
             _f(sim["fp32"]),
             _f(sim["rtn-w4"]),
             _f(sim["squant-w4"]),
-            "-",
+            f"**{_f(learned[best])}**{best}" if best is not None else "-",
             "-",
         ),
         (
