@@ -123,7 +123,7 @@ def _lm_recipe(args: argparse.Namespace) -> dict[str, Any]:
     recipe["ignore"] = ["lm_head"]
     recipe.pop("a_bits")
     if "learned" in recipe:
-        recipe["learned"] = {**recipe["learned"], "batch_size": 4}
+        recipe["learned"] = {**recipe["learned"], "batch_size": args.lm_batch}
     return recipe
 
 
@@ -224,6 +224,9 @@ def main() -> None:
     )
     parser.add_argument("--seqlen", type=int, default=256, help="calibration window of the LM (tokens)")
     parser.add_argument(
+        "--lm-batch", type=int, default=4, help="LM learned rounding: calibration windows per step (4)"
+    )
+    parser.add_argument(
         "--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "postquant-smollm2",
         help="SmolLM2's float safetensors cache (benchmarks/llm.py)",
     )  # fmt: skip
@@ -263,6 +266,8 @@ def main() -> None:
         )
         if args.model in LMS:
             key = f"{args.model}|{args.method}|W{args.w_bits}|{args.calib_size}x{args.seqlen}|{args.iters}|{world}"
+            if args.lm_batch != 4:  # rows made before the option keep their keys
+                key += f"|batch{args.lm_batch}"
         rows[key] = {
             "model": args.model,
             "recipe": (
@@ -271,6 +276,7 @@ def main() -> None:
                 else f"{args.method} W{args.w_bits}A{args.a_bits}, calib {args.calib_size}"
             )
             + (f", iters {args.iters}" if args.iters else "")
+            + (f", batch {args.lm_batch}" if args.model in LMS and args.method != "gptq" else "")
             + (f", mixed ({args.mixed} importance)" if args.mixed else ""),
             "processes": world,
             "seconds": round(r["seconds"], 1),
