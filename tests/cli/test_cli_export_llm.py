@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,12 +107,14 @@ def test_quantize_of_a_causal_lm_reports_perplexity_on_its_text(tmp_path):
     assert report["quantized"] != report["fp"]
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
-def test_a_causal_lm_is_quantized_block_by_block_with_the_typed_window(tmp_path, method):
+def block_path_args(tmp_path: Path, method: str) -> list[str]:
+    """`postquant quantize` of the tiny Llama by the block path, W4 groups of 16, on a small text file (written
+    to `tmp_path`) as calibration and evaluation data."""
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog " * 20)
     args = ["quantize", "tests.cli.test_cli_export_llm:tiny_llama_zoo", "--method", method, "--w-bits", "4"]
-    args += [
+    return [
+        *args,
         "--group-size",
         "16",
         "--seqlen",
@@ -122,6 +125,11 @@ def test_a_causal_lm_is_quantized_block_by_block_with_the_typed_window(tmp_path,
         "--calib",
         str(text),
     ]
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_a_causal_lm_is_quantized_block_by_block_with_the_typed_window(tmp_path, method):
+    args = block_path_args(tmp_path, method)
     args += [
         "--calib-size",
         "8",

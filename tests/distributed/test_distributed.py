@@ -412,22 +412,9 @@ def test_the_cli_under_torchrun_quantizes_a_causal_lm_block_by_block(tmp_path: P
     from typer.testing import CliRunner
 
     from postquant_lab.cli import app
+    from tests.cli.test_cli_export_llm import block_path_args
 
-    text = tmp_path / "text.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
-    args = ["quantize", "tests.cli.test_cli_export_llm:tiny_llama_zoo", "--method", "gptq", "--w-bits", "4"]
-    args += [
-        "--group-size",
-        "16",
-        "--seqlen",
-        "16",
-        "--sequential",
-        "--data",
-        str(text),
-        "--calib",
-        str(text),
-    ]
-    args += ["--calib-size", "8", "--limit", "2"]
+    args = [*block_path_args(tmp_path, "gptq"), "--calib-size", "8", "--limit", "2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run(

@@ -8,7 +8,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import postquant
 from postquant.errors import ExportError
@@ -20,6 +19,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from postquant.io import export_onnx  # noqa: E402
+from tests.io.test_onnx_integer import ResidualMLP  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,15 +132,6 @@ def test_points_the_graph_lacks_or_needs_are_refused(batches, tmp_path):
     with pytest.raises(ExportError, match=r"b2\.0"):
         export_onnx(missing, batches[0], tmp_path / "m.onnx", full_integer=True, progress=False)
     assert not (tmp_path / "m.onnx").exists()
-
-
-class ResidualMLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x + self.fc2(torch.relu(self.fc1(x))))
 
 
 def test_adds_of_linears_get_no_points(tmp_path):
