@@ -138,6 +138,22 @@ def run_row(model: str, bits: str, variant: str, iters: int, seed: int, calib_si
     }
 
 
+def child_row(row_arg: str, calib_size: int) -> dict[str, Any]:
+    """`run_row` of ``model|bits|variant|iters|seed`` in a child process on one thread (a fresh process per
+    row: no state of an earlier row, the first import paid like a user's). Raises RuntimeError if it fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    done = subprocess.run(
+        [sys.executable, __file__, "--row", row_arg, "--calib-size", str(calib_size)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"row {row_arg} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
@@ -290,21 +306,14 @@ def main() -> None:
             if not (v == "signsgd" and n > 50)  # the fast variants are measured where they could pay off
         ]
     if not args.no_run:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
         for key in table.todo(keys):
             log.info("row %s", key)
             row_arg = "|".join(key.split("|")[1:6]) if key.startswith("timing|") else key
-            done = subprocess.run(
-                [sys.executable, __file__, "--row", row_arg, "--calib-size", str(args.calib_size)],
-                capture_output=True,
-                text=True,
-                env=env,
-                check=False,
-            )
-            if done.returncode != 0:
-                log.error("row %s failed:\n%s", key, done.stderr[-3000:])
+            try:
+                row = child_row(row_arg, args.calib_size)
+            except RuntimeError as exc:
+                log.error("%s", exc)
                 continue
-            row = json.loads(done.stdout.strip().splitlines()[-1])
             log.info("row %s: %.2f in %.1f s", key, row["value"], row["quantize_s"])
             table.put(key, row)
             write_markdown(table.rows, PAGE)

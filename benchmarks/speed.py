@@ -25,7 +25,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,18 +56,7 @@ def _row(what: str, measured: str, target: str, ok: bool | None) -> dict[str, An
 
 
 def _learned_row(variant: str, iters: int) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    arg = f"{LEARNED_MODEL}|{LEARNED_BITS}|{variant}|{iters}|0"
-    done = subprocess.run(
-        [sys.executable, learned_fast.__file__, "--row", arg],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise SystemExit(f"learned row {arg} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return learned_fast.child_row(f"{LEARNED_MODEL}|{LEARNED_BITS}|{variant}|{iters}|0", 1024)
 
 
 def learned_part(repeats: int) -> list[dict[str, Any]]:
