@@ -156,6 +156,9 @@ def _lm_run(args: argparse.Namespace) -> tuple[torch.nn.Module, float, Any]:
         from llm import load_float  # benchmarks/llm.py: the float model from its safetensors cache
 
         model, tokenizer = load_float(args.cache)
+        if args.layers:  # the first decoder layers only: a quick check of the speed-up, not a model
+            model.model.layers = model.model.layers[: args.layers]
+            model.config.num_hidden_layers = args.layers
         text = shared_path("data", "text")
         calib_ids = tokenize_file(text / "pydocs-calib.txt", tokenizer)
         eval_ids, eval_len = tokenize_file(text / "handbook-eval.txt", tokenizer), 512
@@ -230,6 +233,9 @@ def main() -> None:
         "--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "postquant-smollm2",
         help="SmolLM2's float safetensors cache (benchmarks/llm.py)",
     )  # fmt: skip
+    parser.add_argument(
+        "--layers", type=int, default=None, help="SmolLM2: keep the first N decoder layers (a quick check)"
+    )
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     parser.add_argument(
         "--mixed", choices=["loss", "fisher", "taylor"], default=None,
@@ -268,6 +274,8 @@ def main() -> None:
             key = f"{args.model}|{args.method}|W{args.w_bits}|{args.calib_size}x{args.seqlen}|{args.iters}|{world}"
             if args.lm_batch != 4:  # rows made before the option keep their keys
                 key += f"|batch{args.lm_batch}"
+            if args.layers:
+                key += f"|layers{args.layers}"
         rows[key] = {
             "model": args.model,
             "recipe": (
@@ -277,6 +285,7 @@ def main() -> None:
             )
             + (f", iters {args.iters}" if args.iters else "")
             + (f", batch {args.lm_batch}" if args.model in LMS and args.method != "gptq" else "")
+            + (f", first {args.layers} layers" if args.layers else "")
             + (f", mixed ({args.mixed} importance)" if args.mixed else ""),
             "processes": world,
             "seconds": round(r["seconds"], 1),

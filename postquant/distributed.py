@@ -20,6 +20,10 @@ When `quantize` runs in an initialised process group of more than one process, i
   rank measures whole rows, all-gathered: one process's table bit for bit); ``fisher`` and ``taylor`` shard
   the batches and all-reduce the gradient sums; rank 0 alone reads and writes the importance cache. Every
   rank then allocates the same bits from the same table.
+* **learned rounding, data parallel** (`postquant.reconstruct.shards`): each step's batch is split over the
+  ranks and the loss gradients summed; the weight side of a step (soft weights from the rounding variables,
+  the regulariser, their backward pass and the optimizer step) is split by layers, each rank owning a share
+  of a unit's layers and broadcasting their soft weights.
 * **the block path** (`postquant.blockwise.quantize_blocks`): each rank carries its shard of the chains from
   decoder layer to decoder layer; learned rounding draws one process's batch from the sharded cache
   (`postquant.reconstruct.cache.Shard`) and sums the gradients as above.
@@ -179,6 +183,21 @@ class Ranks:
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+    def broadcast_(self, tensor: torch.Tensor, src: int, what: str) -> None:
+        """Rank `src`'s `tensor` into `tensor` on every rank, in place (same shape and dtype on every rank)."""
+        buf = tensor.to(self.device)
+        self._wait(dist.broadcast(buf, src, async_op=True), what)
+        if buf is not tensor:
+            tensor.copy_(buf)
+
+    def reduce_sum_(self, tensor: torch.Tensor, dst: int, what: str) -> None:
+        """The sum of `tensor` over the ranks, into rank `dst`'s `tensor` in place (the other ranks' `tensor`
+        are left as they are: gloo may use them as scratch, so they are copies)."""
+        buf = tensor.to(self.device, copy=True)
+        self._wait(dist.reduce(buf, dst, op=dist.ReduceOp.SUM, async_op=True), what)
+        if self.rank == dst:
+            tensor.copy_(buf)
 
     def broadcast_object(self, obj: Any, what: str, src: int = 0) -> Any:
         """Rank `src`'s `obj` on every rank (pickled; tensors should be on the CPU)."""

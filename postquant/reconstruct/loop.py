@@ -41,6 +41,7 @@ from postquant.reconstruct.params import (
     ste_act_quantizers,
     uniform_rows,
 )
+from postquant.reconstruct.shards import WeightShards
 from postquant.rounding import SquantMode, squant_codes
 
 log = logging.getLogger(__name__)
@@ -123,15 +124,16 @@ def optimise(
     act_params: list[nn.Parameter],
     cfg: LearnedConfig,
     desc: str,
-    ranks: Ranks | None = None,
+    reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> LoopResult:
     """Run `cfg.iters` steps of ``rec + reg = step_loss(step)``.
 
     Weight groups follow `cfg.lr_schedule`; activation steps use Adam at `cfg.act_lr` with a cosine
     schedule to 0 (BRECQ's code). Stops at the first non-finite loss (status ``"nan"``).
 
-    With `ranks` (data-parallel steps), `step_loss` is this rank's part of the step's loss: the gradients
-    and the loss are summed over the ranks before each step, so every rank takes the same step.
+    `reduce` (data-parallel steps, `postquant.reconstruct.shards.WeightShards.reduce`): `step_loss` is this
+    rank's part of the step's loss; ``reduce(rec, reg)`` backpropagates it, sums the gradients over the ranks
+    and returns the step's total loss, the same on every rank, so every rank stops at the same step.
     """
     optimizers: list[Any] = [make_optimizer(weight_groups, cfg)] if weight_groups else []
     if act_params:
@@ -156,16 +158,14 @@ def optimise(
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         rec, reg = step_loss(step)
-        total = rec + reg
-        if ranks is not None:
-            total = _reduce_step(total, rec, reg, weight_groups, act_params, ranks)
+        total = rec + reg if reduce is None else reduce(rec, reg)
         value = float(total.detach())
         if not torch.isfinite(total.detach()):
             bar.close()
             return LoopResult("nan", step, first, last)
         first = value if first is None else first
         last = value
-        if ranks is None:
+        if reduce is None:
             total.backward()
         for opt in optimizers:
             opt.step()
@@ -175,29 +175,6 @@ def optimise(
             bar.set_postfix(rec=f"{float(rec.detach()):.4g}", reg=f"{float(reg.detach()):.4g}", refresh=False)
     bar.close()
     return LoopResult("ok", cfg.iters, first, last)
-
-
-def _reduce_step(
-    total: torch.Tensor,
-    rec: torch.Tensor,
-    reg: torch.Tensor,
-    weight_groups: list[dict[str, Any]],
-    act_params: list[nn.Parameter],
-    ranks: Ranks,
-) -> torch.Tensor:
-    """Backward this rank's part of the loss, then sum gradients and losses over the ranks (one all-reduce);
-    returns the step's total loss, the same on every rank."""
-    params = [p for g in weight_groups for p in g["params"]] + list(act_params)
-    if total.requires_grad:
-        total.backward()
-    for p in params:
-        if p.grad is None:  # a parameter the loss does not reach
-            p.grad = torch.zeros_like(p)
-    losses = torch.stack([rec.detach().float(), reg.detach().float()]).to(
-        params[0].device if params else "cpu"
-    )
-    ranks.all_reduce_sum_([*(p.grad for p in params), losses], "summing learned-rounding gradients")
-    return losses.sum()
 
 
 # ------------------------------------------------------------------------------- unit state and forward
@@ -407,8 +384,9 @@ def reconstruct_unit(
 
     With `ranks` (a process group, every rank holding the same cache and generator), each step draws the
     same batch on every rank, each rank computes the loss of its contiguous share of the batch's rows
-    (weighted by its share; the regulariser once, split evenly) and `optimise` sums the gradients: the
-    step of one process up to float summation order. QDrop's random draws are made for the whole batch
+    (weighted by its share) and `optimise` sums the gradients: the step of one process up to float summation
+    order. The weight side of the step (soft weights, regulariser, optimizer step) is split by layers
+    (`postquant.reconstruct.shards.WeightShards`). QDrop's random draws are made for the whole batch
     on every rank and sliced to its rows (`uniform_rows`), so they are one process's draws. A batch of
     fewer rows than ranks is run whole by every rank, its loss divided among them.
 
@@ -432,12 +410,16 @@ def reconstruct_unit(
     learn_act = set(unit.layers) if cfg.learn_act_scales else set()
     with ste_act_quantizers(swap, learn_act, set(unit.layers), cfg.drop_prob, generator) as act_q:
         act_params = [q.scale for q in act_q.values() if isinstance(q.scale, nn.Parameter)]
-        groups = [g for r in roundings.values() for g in r.groups(cfg)]
-        params = [p for g in groups for p in g["params"]]
-
         split = ranks
+        shards = WeightShards(roundings, ranks, act_params) if ranks is not None else None
+        groups = (
+            shards.groups(cfg)
+            if shards is not None
+            else [g for r in roundings.values() for g in r.groups(cfg)]
+        )
+        trainable = any(g["params"] for r in roundings.values() for g in r.groups(cfg))  # on any rank
 
-        def batch_loss() -> torch.Tensor:
+        def batch_loss(overrides: dict[str, torch.Tensor]) -> torch.Tensor:
             """This process's (this rank's share of the) loss on one batch drawn from the cache."""
             window: Rows | None
             if data.shard is not None:  # this rank's rows of the batch one process draws from all the data
@@ -454,7 +436,7 @@ def reconstruct_unit(
                     unit,
                     drawn.record,
                     drawn.idx,
-                    _overrides(roundings),
+                    overrides,
                     cfg,
                     generator,
                     device,
@@ -468,28 +450,30 @@ def reconstruct_unit(
                 window, idx = (start, stop, len(idx)), idx[start:stop]
             for q in act_q.values():
                 q.window = window
-            loss = _loss(qmodel, unit, rec, idx, _overrides(roundings), cfg, generator, device, window)
+            loss = _loss(qmodel, unit, rec, idx, overrides, cfg, generator, device, window)
             if split is not None:
                 loss = loss * ((window[1] - window[0]) / window[2] if window is not None else 1 / split.world)
             return loss
 
         def step_loss(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-            rec_loss = batch_loss()
+            # every rank, with or without rows in the batch: the soft weights' broadcast is a collective
+            rec_loss = batch_loss(_overrides(roundings) if shards is None else shards.overrides())
             reg = rec_loss.new_zeros(())
             if cfg.reg_lambda > 0 and reg_active(step, cfg):
                 beta = beta_at(step, cfg)
-                reg = cfg.reg_lambda * sum(
-                    (r.regulariser(beta) for r in roundings.values()), rec_loss.new_zeros(())
+                reg = cfg.reg_lambda * (
+                    sum((r.regulariser(beta) for r in roundings.values()), rec_loss.new_zeros(()))
+                    if shards is None
+                    else shards.regulariser(beta)  # this rank's layers: the ranks' terms add up
                 )
-                if split is not None:
-                    reg = reg / split.world
             return rec_loss, reg
 
-        result = (
-            optimise(step_loss, _merge_groups(groups), act_params, cfg, desc, ranks=split)
-            if params or act_params
-            else None
-        )
+        result = None
+        if trainable or act_params:
+            reduce = shards.reduce if shards is not None else None
+            result = optimise(step_loss, _merge_groups(groups), act_params, cfg, desc, reduce=reduce)
+            if shards is not None and result.status == "ok":
+                shards.share()  # every layer's variables from its owner: every rank installs the same codes
         learned_scales = {n: q.scale.detach().abs().clone() for n, q in act_q.items() if n in learn_act}
 
     if result is not None and result.status == "nan":

@@ -7,10 +7,12 @@ or the error's type name, message and ranks. `build` is also what the tests call
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import postquant
 import postquant.distributed
 from postquant.errors import PostquantError
 from postquant.model import quantized_layers
+from postquant.reconstruct.params import LayerRounding
 from postquant_lab.study import StudyRunner, StudySettings, get_axis, study_axis
 
 _spec = importlib.util.spec_from_file_location("_pq_conftest", Path(__file__).parents[1] / "conftest.py")
@@ -98,6 +101,25 @@ def build(
     return model, recipe, list(torch.split(images, 6))  # 7 batches: shards of 4 and 3
 
 
+@contextlib.contextmanager
+def counting_weight_side() -> Iterator[list[int]]:
+    """Counts (in the list's one item) the rounding variables whose soft weights this process computes for
+    training: the weight side of learned rounding that each rank does for its own layers only."""
+    count = [0]
+    original = LayerRounding.weight
+
+    def weight(self: LayerRounding) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            count[0] += self.floor.numel()
+        return original(self)
+
+    LayerRounding.weight = weight  # type: ignore[method-assign]
+    try:
+        yield count
+    finally:
+        LayerRounding.weight = original  # type: ignore[method-assign]
+
+
 def codes(qmodel: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The integer codes of every quantized layer (the state dict holds them packed)."""
     return {name: layer.codes.clone() for name, layer in quantized_layers(qmodel).items()}
@@ -163,8 +185,9 @@ def run(scenario: str, rank: int, out: Path | None = None) -> dict[str, Any]:
         if scenario == "block_spill" and out is not None:  # every chain a memory-mapped file
             kwargs = {"chain_bytes": 0, "spill_dir": out / f"spill.{rank}"}
         start = time.perf_counter()
-        qmodel = postquant.quantize_blocks(model, recipe, batches, **kwargs)
-        return outcome(qmodel, time.perf_counter() - start)
+        with counting_weight_side() as count:
+            qmodel = postquant.quantize_blocks(model, recipe, batches, **kwargs)
+        return {**outcome(qmodel, time.perf_counter() - start), "weight_side": count[0]}
     model, recipe, batches = build(scenario, rank, out)
     if scenario == "dead" and rank == 1:
         os._exit(3)  # a rank that dies before the first collective
