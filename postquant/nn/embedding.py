@@ -48,6 +48,7 @@ class QuantizedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = (int(n) for n in codes.shape)
         self.padding_idx = embedding.padding_idx
         self.dtype = embedding.weight.dtype  # what a lookup returns, as the float table did
+        self.float_type = type(embedding).__name__  # the float module's class (a checkpoint records it)
         self.grid_config: GridConfig
         self.grid_config, tensors = grid_state(grid)
         for key, value in tensors.items():  # the step keeps its float dtype: it sets the grid's precision
