@@ -140,6 +140,8 @@ def check_block_recipe(recipe: Recipe) -> None:
         problems.append("activation quantization (a_bits)")
     if recipe.mixed is not None:
         problems.append("mixed precision")
+    if recipe.embeddings is not None:
+        problems.append("quantized embeddings (embeddings)")
     if recipe.grid is GridKind.POWER and recipe.power_search is PowerSearch.OUTPUTS:
         problems.append("power_search: outputs")
     if is_learned(recipe):

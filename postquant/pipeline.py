@@ -13,6 +13,7 @@ Stages, in order (docs/algorithms.md names the methods):
     search      per-weight factors of the power grid's output-error exponent search
     allocate    mixed precision: bits per layer from an importance and a budget (a plan update)
     weights     grids and integer codes; layers replaced by `QuantizedLayer`s
+    embeddings  embedding tables to nearest codes, `QuantizedEmbedding`s (recipe ``embeddings``)
     activations input quantizers: ranges from calibration data or a data-free rule
     reconstruct learned rounding against the float (folded) teacher
 """
@@ -37,11 +38,12 @@ from postquant.calib.moments import input_moments
 from postquant.calib.observers import Observer
 from postquant.choices import Importance, Method
 from postquant.distributed import Ranks, current
+from postquant.embeddings import check_untied, embedding_tables, quantize_embeddings
 from postquant.errors import DataError
 from postquant.mixed.apply import MixedResult, apply_mixed
 from postquant.model import fold_batchnorm, matches, quantizable_layers
 from postquant.model.convert import float_weight_modules, with_linear_layers
-from postquant.nn import QuantizedLayer
+from postquant.nn import QuantizedEmbedding, QuantizedLayer
 from postquant.outcome import QuantizationResult, attach_result, result
 from postquant.plan import Plan, Source, check_finite, make_plan
 from postquant.recipe import Recipe
@@ -114,6 +116,7 @@ class PipelineState:
     teacher: nn.Module | None = None
     search: dict[str, torch.Tensor] | None = None
     layers: dict[str, QuantizedLayer] = field(default_factory=dict)
+    embeddings: dict[str, QuantizedEmbedding] = field(default_factory=dict)
     mixed: MixedResult | None = None
     learned: ReconstructionReport | None = None
     act_ranges: ActRanges | None = None
@@ -150,6 +153,8 @@ def _convert(state: PipelineState) -> None:
     state.plan = make_plan(state.model, state.recipe)  # validates the layer set before any work
     _warn_unmatched_patterns(state.model, state.recipe)
     check_finite(state.model, list(state.plan))
+    if state.recipe.embeddings is not None:  # tied tables are refused before any work
+        check_untied(state.model, embedding_tables(state.model, state.recipe.ignore))
     left = float_weight_modules(state.model, list(state.plan), state.recipe.ignore)
     if left:
         log.warning(
@@ -234,6 +239,19 @@ def _weights(state: PipelineState) -> None:
     )
 
 
+def _embeddings(state: PipelineState) -> None:
+    config = state.recipe.embeddings
+    if config is None:
+        raise RuntimeError("the embeddings stage runs for recipes with embeddings")
+    tables = embedding_tables(state.model, state.recipe.ignore)
+    if not tables:
+        log.warning(
+            "the recipe quantizes embeddings but %s has no nn.Embedding to quantize",
+            type(state.model).__name__,
+        )
+    state.embeddings = quantize_embeddings(state.working_model(), list(tables), config)
+
+
 def _activations(state: PipelineState) -> None:
     plan = state.current_plan()
     a_bits = {name: plan[name].a_bits for name in state.layers if plan[name].a_bits is not None}
@@ -293,6 +311,7 @@ STAGES: tuple[Stage, ...] = (
         _weights,
         needs=lambda r: Needs(Need.REQUIRED, r.calib_size) if r.method is Method.GPTQ else Needs(),
     ),
+    Stage("embeddings", _embeddings, applies=lambda r: r.embeddings is not None),
     Stage("activations", _activations, needs=_activation_needs),
     Stage("reconstruct", _reconstruct, needs=_learned_needs, applies=is_learned),
 )

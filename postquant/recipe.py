@@ -59,6 +59,43 @@ class GptqConfig(BaseModel):
     block_size: int = Field(default=128, ge=1, description="columns per lazy-update block")
 
 
+class EmbeddingConfig(BaseModel):
+    """Weight-only quantization of the model's ``nn.Embedding`` tables (docs/usage.md).
+
+    Each table is quantized by nearest rounding (data-free, whatever the recipe's method: learned rounding,
+    SQuant and GPTQ choose codes for Conv/Linear layers only) on a uniform grid with one step per row (each
+    token's vector: the grid's channel axis is dim 0) or per group of `group_size` values along dim 1.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    bits: int = Field(default=8, ge=2, le=8, description="bits per table value, 2..8")
+    group_size: int | None = Field(
+        default=None, ge=1, description="values per step along each row; null = one step per row"
+    )
+    symmetric: bool = Field(default=False, description="zero point 0 (else the affine grid, as the recipe's)")
+    w_range: RangeMethod = Field(
+        default=RangeMethod.MINMAX, description="range per row or group: minmax or mse"
+    )
+
+    @property
+    def granularity(self) -> Granularity:
+        """Channel (one step per row) or group (`group_size` values of a row per step)."""
+        return Granularity.CHANNEL if self.group_size is None else Granularity.GROUP
+
+    def grid(self, table: torch.Tensor) -> Grid:
+        """The uniform grid this config gives an embedding table (V, D) (per row or per group along D)."""
+        return fit_grid(
+            table,
+            self.bits,
+            GridKind.UNIFORM,
+            self.granularity,
+            symmetric=self.symmetric,
+            range_method=self.w_range,
+            group_size=self.group_size or 0,
+        )
+
+
 def _default_overrides() -> dict[str, LayerOverride]:
     # The reference convention (SQuant, BRECQ): the image input of the first layer stays float and the
     # input of the last layer is 8-bit.
@@ -132,6 +169,11 @@ class Recipe(BaseModel):
     gptq: GptqConfig | None = Field(
         default=None, description="GPTQ settings (method: gptq); defaults if unset"
     )
+    embeddings: EmbeddingConfig | None = Field(
+        default=None,
+        description="quantize nn.Embedding tables weight-only by nearest rounding (bits, group_size, "
+        "symmetric, w_range); null = they stay float",
+    )
 
     @model_serializer(mode="wrap")
     def _without_unset_gptq(self, handler: Any) -> dict[str, Any]:
@@ -144,6 +186,8 @@ class Recipe(BaseModel):
             data.pop("a_observer_samples", None)
         if not self.a_residual:  # likewise recipes without integer residuals
             data.pop("a_residual", None)
+        if self.embeddings is None:  # and recipes that keep their embeddings float
+            data.pop("embeddings", None)
         return data
 
     @property

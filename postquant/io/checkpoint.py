@@ -6,10 +6,12 @@ A checkpoint is a directory with two files:
   ``<name>.grid.inv_scale`` and ``<name>.grid.zero_point`` (the grid, shape (G, 1); a power grid adds
   ``<name>.grid.max_abs`` (G, 1) and ``<name>.grid.exponent`` (1, 1)), the float tensors of the
   float module under their usual names (``<name>.bias``...) and ``<name>.act.scale`` /
-  ``<name>.act.zero_point`` for an input quantizer; then every other parameter and buffer of the model
-  (BatchNorms that were not folded, embeddings, norms...), each stored once.
+  ``<name>.act.zero_point`` for an input quantizer; per quantized embedding table (recipe ``embeddings``) its
+  ``<name>.codes`` and ``<name>.grid.*`` likewise; then every other parameter and buffer of the model
+  (BatchNorms that were not folded, float embeddings, norms...), each stored once.
 * ``manifest.json`` (`postquant.io.manifest.Manifest`): format and library versions, the model name (so ``load(dir)`` can rebuild a zoo model),
-  the recipe, per quantized layer its weight shape, bits, grid config, packed length and input quantizer,
+  the recipe, per quantized layer its weight shape, bits, grid config, packed length and input quantizer (and
+  the same per quantized embedding table),
   an architecture fingerprint of the float model after BatchNorm folding (modules, parameter shapes, the
   modules that became ``nn.Identity``) and the sha256 of ``model.safetensors``.
 
@@ -46,9 +48,9 @@ from postquant.io.manifest import (
     first_error,
 )
 from postquant.io.pack import unpack_codes
-from postquant.model import quantized_layers, replace_module, set_module
+from postquant.model import quantized_embeddings, quantized_layers, replace_module, set_module
 from postquant.model.convert import replace_layers
-from postquant.nn import ActQuantizer, QuantizedLayer
+from postquant.nn import ActQuantizer, QuantizedEmbedding, QuantizedLayer
 from postquant.nn.layer import compact_grid_tensor
 from postquant.nn.residual import POINTS_NAME, ResidualQuant, install_points, residual_points
 from postquant.outcome import QuantizationResult, attach_result, find_result
@@ -101,6 +103,11 @@ def float_size(model: nn.Module) -> int:
     return total
 
 
+def _quantized(model: nn.Module) -> dict[str, QuantizedLayer | QuantizedEmbedding]:
+    """The quantized layers and quantized embedding tables of `model`, by name."""
+    return {**quantized_layers(model), **quantized_embeddings(model)}
+
+
 def _split_key(key: str, layers: list[str]) -> tuple[str | None, str]:
     """(quantized layer name, rest) of a state-dict key in float naming, or (None, key)."""
     for name in layers:
@@ -114,7 +121,7 @@ def _shared_layers(model: nn.Module) -> dict[str, str]:
     first: dict[int, str] = {}
     shared: dict[str, str] = {}
     for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, QuantizedLayer):
+        if isinstance(m, QuantizedLayer | QuantizedEmbedding):
             shared.update({name: first[id(m)]} if id(m) in first else {})
             first.setdefault(id(m), name)
     return shared
@@ -140,6 +147,8 @@ def _architecture(model: nn.Module, shared: dict[str, str] | None = None) -> Arc
             modules += [
                 (f"{name}.{sub}" if sub else name, type(s).__name__) for sub, s in m.inner.named_modules()
             ]
+        elif isinstance(m, QuantizedEmbedding):
+            modules.append((name, m.float_type))
         else:
             modules.append((name, type(m).__name__))
     by_class: dict[str, list[str]] = {}
@@ -155,7 +164,7 @@ def _float_state(model: nn.Module, shared: dict[str, str]) -> dict[str, torch.Te
 
     The tensors of a layer's `shared` other names are left out: they are those of its first name.
     """
-    qlayers = quantized_layers(model)
+    qlayers = _quantized(model)
     out: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
         if _under(key, shared) or key.startswith(f"{POINTS_NAME}."):
@@ -173,7 +182,7 @@ def _float_state(model: nn.Module, shared: dict[str, str]) -> dict[str, torch.Te
 # ------------------------------------------------------------------------------------------------- save
 
 
-def _layer_entry(layer: QuantizedLayer) -> LayerEntry:
+def _layer_entry(layer: QuantizedLayer | QuantizedEmbedding) -> LayerEntry:
     act = layer.act_quant
     return LayerEntry(
         weight_shape=list(layer.weight_shape),
@@ -222,7 +231,7 @@ def _saved_key(name: str | None, rest: str) -> str:
 
 def _tensors_to_save(qmodel: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Safetensors entries and aliases ``{name: stored name}`` of tied tensors (stored once)."""
-    qlayers = quantized_layers(qmodel)
+    qlayers = _quantized(qmodel)
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     stored: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
@@ -341,6 +350,7 @@ def save(qmodel: nn.Module, directory: str | Path, *, model_name: str | None = N
         "shared": shared,
         "architecture": _architecture(qmodel, shared),
         "residual": _residual_entry(qmodel),
+        "embeddings": {name: _layer_entry(table) for name, table in quantized_embeddings(qmodel).items()},
     }
 
     def write(tmp: Path) -> None:
@@ -558,6 +568,32 @@ def _install_layer(
     return state
 
 
+def _install_embedding(
+    qmodel: nn.Module, name: str, entry: LayerEntry, own: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Replace embedding `name` of `qmodel` by a `QuantizedEmbedding` from its saved tensors; return its state
+    dict entries."""
+    table = qmodel.get_submodule(name)
+    if not isinstance(table, nn.Embedding) or entry.act is not None or len(entry.weight_shape) != 2:
+        raise CheckpointError(
+            f"the checkpoint quantizes embedding {name!r}, but the model has a {type(table).__name__} there; "
+            "load it with the float model it was saved from"
+        )
+    packed = own.get(_CODES)
+    if packed is None or packed.numel() != entry.packed_bytes:
+        raise CheckpointError(f"the packed codes of embedding {name!r} are missing or of the wrong length")
+    codes = unpack_codes(packed, entry.bits, int(torch.Size(entry.weight_shape).numel()))
+    grid = {k.removeprefix(_GRID): _as_float(v) for k, v in own.items() if k.startswith(_GRID)}
+    try:
+        qtable = QuantizedEmbedding(
+            table, grid_from_state(entry.grid, grid), codes.reshape(entry.weight_shape)
+        )
+    except (RecipeError, ValueError) as exc:
+        raise CheckpointError(f"cannot rebuild the saved grid of embedding {name!r}: {exc}") from None
+    replace_module(qmodel, name, qtable)
+    return {f"{name}.{_PACKED}": packed} | {f"{name}.grid_{k}": v for k, v in grid.items()}
+
+
 def _loaded_result(qmodel: nn.Module, manifest: Manifest) -> QuantizationResult:
     """The result a loaded model carries: its saved recipe (a recipe from another postquant version only gets
     a warning), a plan read off its layers, and the model name."""
@@ -623,12 +659,15 @@ def _restore(qmodel: nn.Module, manifest: Manifest, tensors: dict[str, torch.Ten
     layers = manifest.layers
     for name, entry in layers.items():
         state.update(_install_layer(qmodel, name, entry, _layer_tensors(tensors, name)))
+    for name, entry in manifest.embeddings.items():
+        state.update(_install_embedding(qmodel, name, entry, _layer_tensors(tensors, name)))
+    quantized = [*layers, *manifest.embeddings]
     if manifest.residual is not None:
         outputs = {name: _empty_quantizer(act) for name, act in manifest.residual.outputs.items()}
         pools = {int(k): _empty_quantizer(act) for k, act in manifest.residual.pools.items()}
         install_points(qmodel, ResidualQuant(outputs, pools))
     for key, t in tensors.items():
-        if _split_key(key, list(layers))[0] is None:
+        if _split_key(key, quantized)[0] is None:
             state[key] = t
     for alias, stored in manifest.aliases.items():
         name, rest = _split_key(alias, list(layers))

@@ -79,7 +79,7 @@ from postquant.io.hf_check import (
     verify_compressed_tensors,
 )
 from postquant.io.pack import pack_codes
-from postquant.model import quantized_layers
+from postquant.model import quantized_embeddings, quantized_layers
 from postquant.nn import QuantizedLayer
 from postquant.store.files import replace_dir
 
@@ -548,12 +548,20 @@ def export_compressed_tensors(
         A `CompressedTensorsExport` (sizes, config groups, ignored layers, the check).
 
     Raises:
-        ExportError: not a transformers model, no quantized layer, or a layer the format cannot express (the
-            message names it and why: a power grid, a non-Linear layer, zero points outside the stored range).
+        ExportError: not a transformers model, no quantized layer, a quantized embedding table, or a layer the
+            format cannot express (the message names it and why: a power grid, a non-Linear layer, zero points
+            outside the stored range).
         OutputError: `out_dir` exists (without `overwrite`) or cannot be written.
         ExportMismatchError: transformers' outputs differ from `qmodel`'s beyond `tolerance`; nothing is written.
     """
     _check_hf_model(qmodel)
+    tables = quantized_embeddings(qmodel)
+    if tables:
+        raise ExportError(
+            f"embedding {next(iter(tables))!r} is quantized (recipe embeddings): the compressed-tensors export "
+            "writes quantized Linear layers only (its consumers load embeddings as float tables); quantize "
+            "without the recipe's embeddings for this format, or export with postquant.io.save / export_onnx"
+        )
     out_dir = Path(out_dir).expanduser()
     _check_target(out_dir, overwrite)  # before any work; again before the rename
     qlayers = quantized_layers(qmodel)

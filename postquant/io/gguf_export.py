@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from postquant.choices import GridKind
-from postquant.errors import OutputError, RecipeError, UnsupportedModelError
+from postquant.errors import ExportError, OutputError, RecipeError, UnsupportedModelError
 from postquant.grids.gguf import FORMATS, GGUFGrid, gguf_grid_kind
 from postquant.io.gguf_blocks import pack_blocks
-from postquant.model import quantized_layers
+from postquant.model import quantized_embeddings, quantized_layers
 from postquant.nn import QuantizedLayer
 from postquant.store.files import write_atomic
 
@@ -478,7 +478,8 @@ def export_gguf(
 
     Raises:
         UnsupportedModelError: not a supported Llama, a layer on a grid llama.cpp cannot store exactly, input
-            quantizers or biases.
+            quantizers or biases; `ExportError` (a subclass) for quantized embedding tables (recipe
+            ``embeddings``).
         OutputError: `out_path` exists (without `overwrite`), is a folder, or its folder is missing.
         RecipeError: `expect_type` is not a supported type, or layers have another one.
         GGUFMismatchError: the file read back differs (nothing is written then).
@@ -498,6 +499,14 @@ def export_gguf(
             "them with grid: gguf-q8_0 (or w_bits: 8 per layer), or use float_type f16 or f32"
         )
     config = _check_model(qmodel)
+    tables = quantized_embeddings(qmodel)
+    if tables:
+        raise ExportError(
+            f"embedding {next(iter(tables))!r} is quantized (recipe embeddings): the GGUF export writes the token "
+            "embedding from a float table (embedding_type f16, f32 or q8_0 by llama.cpp's rule), not from "
+            "postquant's codes; quantize without the recipe's embeddings and pass embedding_type='q8_0', or "
+            "export with postquant.io.save / export_onnx"
+        )
     _check_target(out_path, overwrite)
     if expect_type is not None:
         _check_type(qmodel, gguf_grid_kind(expect_type))

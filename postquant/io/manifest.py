@@ -91,6 +91,8 @@ class Manifest(_Entry):
         residual: the points of integer residuals (their scales and zero points are tensors under
             ``postquant_residual.``), or None; left out of the JSON when None, so manifests of models without
             them read and write as before.
+        embeddings: quantized embedding table name -> `LayerEntry` (without an input quantizer); left out of
+            the JSON when empty, likewise.
     """
 
     format_version: int = FORMAT_VERSION
@@ -104,12 +106,15 @@ class Manifest(_Entry):
     architecture: Architecture
     sha256: str
     residual: ResidualEntry | None = None
+    embeddings: dict[str, LayerEntry] = {}
 
     @model_serializer(mode="wrap")
     def _without_residual(self, handler: Any) -> dict[str, Any]:
         data = handler(self)
         if self.residual is None:
             data.pop("residual", None)
+        if not self.embeddings:
+            data.pop("embeddings", None)
         return data
 
     def to_json(self) -> str:

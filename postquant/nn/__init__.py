@@ -1,7 +1,8 @@
-"""Thin quantized layers, and an attention built from Linear layers so that it can be quantized."""
+"""Thin quantized layers (and embedding tables), and an attention built from Linear layers so that it can be quantized."""
 
 from postquant.nn.act import ActQuantizer, act_qparams
 from postquant.nn.attention import LinearAttention
+from postquant.nn.embedding import QuantizedEmbedding
 from postquant.nn.int4 import Int4Linear
 from postquant.nn.layer import QUANTIZABLE, QuantizedLayer, cached_weights
 
@@ -10,6 +11,7 @@ __all__ = [
     "ActQuantizer",
     "Int4Linear",
     "LinearAttention",
+    "QuantizedEmbedding",
     "QuantizedLayer",
     "act_qparams",
     "cached_weights",

@@ -38,7 +38,7 @@ from postquant.errors import ExportError, OnnxMismatchError, UnsupportedModelErr
 from postquant.eval.run import move_batch
 from postquant.io.onnx.files import StagedOnnx, check_target, data_path, needs_external_data
 from postquant.io.onnx.integer import Ranges, integerize, tensor_ranges
-from postquant.io.onnx.params import Int4Weights, LayerQDQ, plan_layers
+from postquant.io.onnx.params import Int4Weights, LayerQDQ, WeightQDQ, plan_embeddings, plan_layers
 from postquant.io.onnx.points import ModelPoints
 from postquant.io.onnx.rewrite import drop_zero_gemm_biases, rewrite
 from postquant.io.onnx.verify import (
@@ -50,7 +50,7 @@ from postquant.io.onnx.verify import (
     ort_feed,
     verify_onnx,
 )
-from postquant.model import quantized_layers, set_module
+from postquant.model import quantized_embeddings, quantized_layers, set_module
 from postquant.model.hf import no_kv_cache
 from postquant.nn.layer import HALF, upcast_half
 from postquant.nn.residual import ResidualQuant, remove_points, residual_points
@@ -96,7 +96,8 @@ class _MatrixLinear(nn.Module):
 
 
 def float_twin(qmodel: nn.Module) -> nn.Module:
-    """A copy of `qmodel` where each `QuantizedLayer` is its float module holding the dequantized weight.
+    """A copy of `qmodel` where each `QuantizedLayer` is its float module holding the dequantized weight, and
+    each `QuantizedEmbedding` an ``nn.Embedding`` holding the dequantized table.
 
     Input quantizers (and the points of integer residuals) are dropped; `export_onnx` puts them back as QDQ
     nodes. Linears (whose forward is
@@ -110,6 +111,12 @@ def float_twin(qmodel: nn.Module) -> nn.Module:
         if isinstance(inner, nn.Linear) and type(inner).forward is nn.Linear.forward:
             inner = _MatrixLinear(inner)
         set_module(twin, name, inner)
+    for name, table in quantized_embeddings(twin).items():
+        weight = table.weight.detach()  # (V, D) in the grid's precision
+        lookup = nn.Embedding(
+            *table.weight_shape, padding_idx=table.padding_idx, _weight=weight, _freeze=True
+        )
+        set_module(twin, name, lookup.to(table.dtype))
     return twin
 
 
@@ -240,7 +247,9 @@ def _dynamo_export(
             ) from exc
 
 
-def _exported(staged: StagedOnnx, opset: int, plans: dict[str, LayerQDQ]) -> dict[str, Any]:
+def _exported(
+    staged: StagedOnnx, opset: int, plans: dict[str, LayerQDQ], tables: dict[str, WeightQDQ]
+) -> dict[str, Any]:
     """The result of `export_onnx` for the `staged` graph (to be renamed to its path), before verifying."""
     path = staged.path
     result: dict[str, Any] = {
@@ -259,6 +268,8 @@ def _exported(staged: StagedOnnx, opset: int, plans: dict[str, LayerQDQ]) -> dic
         "sqnr_db": None,
         "n": None,
     }
+    if tables:  # only for models with quantized embeddings: other results keep their keys
+        result["embedding_dtypes"] = {name: w.dtype for name, w in tables.items()}
     log.info(
         "exported %s (%d bytes, opset %d): %d layers with 8-bit weights (%d stored as uint8), %d with int4 "
         "weights, %d integer kernels after onnxruntime fusion",
@@ -282,9 +293,12 @@ def _choice(kind: type[enum.StrEnum], value: Any, argument: str) -> Any:
         raise ValueError(f"{argument} must be one of {accepted}, not {value!r}") from None
 
 
-def _plan(qmodel: nn.Module, opset: int | None, int4: Int4Weights) -> tuple[dict[str, LayerQDQ], int]:
-    """The layers' ONNX parameters and the opset: int4 weights (`int4`) where they fit and the opset allows
-    them (`INT4_OPSET`); ``opset=None`` picks `INT4_OPSET` when a layer stores int4, else `DEFAULT_OPSET`."""
+def _plan(
+    qmodel: nn.Module, opset: int | None, int4: Int4Weights
+) -> tuple[dict[str, LayerQDQ], dict[str, WeightQDQ], int]:
+    """The layers' and embedding tables' ONNX parameters and the opset: int4 weights (`int4`) where they fit
+    and the opset allows them (`INT4_OPSET`); ``opset=None`` picks `INT4_OPSET` when a layer or table stores
+    int4, else `DEFAULT_OPSET`."""
     if opset is not None and opset < 13:
         raise UnsupportedModelError(f"opset {opset} has no per-channel DequantizeLinear; use opset >= 13")
     if opset is not None and opset < INT4_OPSET:
@@ -304,9 +318,11 @@ def _plan(qmodel: nn.Module, opset: int | None, int4: Int4Weights) -> tuple[dict
     if why:
         log.warning("4-bit weights stored as int8 (opset %d): int4 ONNX unavailable: %s", DEFAULT_OPSET, why)
     plans = plan_layers(qmodel, int4=Int4Weights.NONE if why else int4)
+    tables = plan_embeddings(qmodel, int4=Int4Weights.NONE if why else int4)
     if opset is None:
-        opset = INT4_OPSET if any(p.weight.int4 for p in plans.values()) else DEFAULT_OPSET
-    return plans, opset
+        int4_used = any(p.weight.int4 for p in plans.values()) or any(w.int4 for w in tables.values())
+        opset = INT4_OPSET if int4_used else DEFAULT_OPSET
+    return plans, tables, opset
 
 
 def _integerize(
@@ -404,7 +420,8 @@ def export_onnx(
         ``int4_weight_layers``, ``weight_dtypes`` ({layer: "int8", "uint8" or "int4"}), ``float_compute_layers`` ({layer:
         why onnxruntime cannot give it integer kernels}), the `count_kernels` entries ``integer_kernels``,
         ``float_kernels``, ``ops``, and ``top1_agreement``, ``max_abs_diff``, ``sqnr_db``, ``n`` (None without
-        `verify_batches`); with `full_integer`, ``full_integer`` (what `integerize` returns).
+        `verify_batches`); with `full_integer`, ``full_integer`` (what `integerize` returns); with quantized
+        embedding tables, ``embedding_dtypes`` ({table: "int8", "uint8" or "int4"}).
 
     Raises:
         UnsupportedModelError: a layer QDQ cannot express (the message names it), or the exporter failed;
@@ -435,7 +452,7 @@ def export_onnx(
             f"exporter='dynamo' writes opset {DYNAMO_MIN_OPSET} or more, not {opset}; pass opset=None or "
             f">= {DYNAMO_MIN_OPSET}, or exporter='torchscript'"
         )
-    plans, opset = _plan(qmodel, opset, _choice(Int4Weights, int4, "int4"))
+    plans, tables, opset = _plan(qmodel, opset, _choice(Int4Weights, int4, "int4"))
     if exporter is Exporter.DYNAMO:
         opset = max(opset, DYNAMO_MIN_OPSET)
     points = residual_points(qmodel)
@@ -444,7 +461,7 @@ def export_onnx(
             "the model quantizes its residual adds and global pooling (recipe a_residual: true); a QDQ graph "
             "without those points computes another function: export it with full_integer=True"
         )
-    if not plans:
+    if not plans and not tables:
         log.info("%s has no quantized layer: exporting it in float", type(qmodel).__name__)
     steps = progress_bar(total=4, desc="export onnx", unit="step", enabled=progress)
     steps.set_postfix_str("trace")
@@ -469,7 +486,7 @@ def export_onnx(
     if inputs.kwargs:
         _Keywords.unwrap(model.graph)
     drop_zero_gemm_biases(model.graph)
-    rewrite(model, plans)
+    rewrite(model, plans, tables)
     integer = None
     if full_integer and plans:
         integer = _integerize(model, inputs, example_inputs, calib_batches, points)
@@ -484,7 +501,7 @@ def export_onnx(
     try:
         steps.update()
         steps.set_postfix_str("count kernels")  # an onnxruntime session: its graph optimisation takes a while
-        result = _exported(staged, opset, plans)
+        result = _exported(staged, opset, plans, tables)
         if integer is not None:
             result["full_integer"] = integer
         steps.update()

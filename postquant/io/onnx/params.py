@@ -36,6 +36,11 @@ input QDQ, so the same function as the simulation; a small W4A8 CNN went from 2 
 `plan_layers` stores int4 only for layers without an input quantizer (`Int4Weights.WEIGHT_ONLY`, which run in
 float whatever their storage) unless asked for every layer (`Int4Weights.ALL`): a W4A8 layer keeps int8 codes
 and its integer kernel.
+
+Quantized embedding tables (recipe ``embeddings``) take the same storage rules: their ``DequantizeLinear``
+(per row: axis 0; per group: blocks along axis 1 when int4, else rows reshaped) feeds the graph's ``Gather``
+(`plan_embeddings`). A lookup has no input quantizer, so a table stores int4 whenever its codes and zero points
+fit and ``int4`` is not ``"none"``.
 """
 
 from __future__ import annotations
@@ -50,8 +55,8 @@ from torch import nn
 
 from postquant.choices import Granularity, GridKind
 from postquant.errors import UnsupportedModelError
-from postquant.model import quantized_layers
-from postquant.nn import QuantizedLayer
+from postquant.model import quantized_embeddings, quantized_layers
+from postquant.nn import QuantizedEmbedding, QuantizedLayer
 
 __all__ = [
     "INT4_CODES",
@@ -62,6 +67,7 @@ __all__ = [
     "LayerQDQ",
     "WeightQDQ",
     "act_qdq",
+    "plan_embeddings",
     "plan_layers",
     "weight_qdq",
 ]
@@ -152,7 +158,7 @@ class LayerQDQ:
     act: ActQDQ | None
 
 
-def weight_qdq(name: str, layer: QuantizedLayer, *, int4: bool = False) -> WeightQDQ:
+def weight_qdq(name: str, layer: QuantizedLayer | QuantizedEmbedding, *, int4: bool = False) -> WeightQDQ:
     """ONNX parameters for a layer's codes: ``w_hat = (q + Z)/S = (q - zp) * scale``, ``scale = 1/S``, ``zp = -Z``.
 
     With `int4`, stored as int4 when codes and zero points lie in `INT4_CODES` (`_int4_weight_qdq`); else as
@@ -166,7 +172,7 @@ def weight_qdq(name: str, layer: QuantizedLayer, *, int4: bool = False) -> Weigh
     return w if _fits_int8_safely(layer.codes) else _as_uint8(w)
 
 
-def _int4_weight_qdq(layer: QuantizedLayer) -> WeightQDQ | None:
+def _int4_weight_qdq(layer: QuantizedLayer | QuantizedEmbedding) -> WeightQDQ | None:
     """`weight_qdq` with int4 codes, or None when a code or a zero point ``-Z`` lies outside `INT4_CODES`."""
     lo, hi = INT4_CODES
     codes = layer.codes.detach()
@@ -203,7 +209,7 @@ def _whole_weight(
     )
 
 
-def _int8_weight_qdq(name: str, layer: QuantizedLayer) -> WeightQDQ:
+def _int8_weight_qdq(name: str, layer: QuantizedLayer | QuantizedEmbedding) -> WeightQDQ:
     """`weight_qdq` with int8 codes, whatever their range."""
     config = layer.grid_config
     if config.kind.is_gguf:
@@ -243,6 +249,27 @@ def _int8_weight_qdq(name: str, layer: QuantizedLayer) -> WeightQDQ:
         shape=tuple(codes.shape),
         why_float="; ".join(why),
     )
+
+
+def plan_embeddings(qmodel: nn.Module, *, int4: Int4Weights | str = Int4Weights.NONE) -> dict[str, WeightQDQ]:
+    """The ONNX parameters of every quantized embedding table of `qmodel`, by name.
+
+    A table stores int4 codes (opset 21) when they and its zero points fit [-8, 7], unless `int4` is
+    ``"none"``; else int8, or uint8 for codes outside [-64, 63] (the rule of `weight_qdq`, kept for one rule
+    although a lookup feeds no integer kernel).
+    """
+    int4 = Int4Weights(int4)
+    tables = {}
+    for name, table in quantized_embeddings(qmodel).items():
+        tables[name] = weight_qdq(name, table, int4=int4 is not Int4Weights.NONE)
+        tables[name].why_float = ""  # a lookup runs no Conv/Gemm: nothing to say about integer kernels
+        log.info(
+            "embedding %s: %d-bit codes stored as %s (DequantizeLinear -> Gather)",
+            name,
+            table.bits,
+            tables[name].dtype,
+        )
+    return tables
 
 
 def act_qdq(layer: QuantizedLayer) -> ActQDQ | None:

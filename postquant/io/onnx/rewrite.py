@@ -15,6 +15,9 @@ whose output is not quantized next (it feeds a residual ``Add``, the model outpu
 its dequantized weight, as in the PyTorch simulation, unless `postquant.io.onnx.integer` quantizes that
 output too (``export_onnx(full_integer=True)``).
 
+A quantized embedding table's initializer ``<name>.weight`` (input 0 of the graph's ``Gather`` nodes) becomes
+codes plus a ``DequantizeLinear`` in the same way: the lookup gathers rows of the dequantized table.
+
 onnx is imported inside the functions: it is an optional dependency (``postquant[onnx]``).
 """
 
@@ -219,6 +222,20 @@ def _weight_consumers(graph: Any, wname: str) -> tuple[list[Any], str]:
     return users, ""
 
 
+def _table_consumers(graph: Any, wname: str) -> tuple[list[Any], str]:
+    """The Gather nodes (axis 0) that look up rows of initializer `wname`, or none with the reason."""
+    users = [n for n in graph.node if wname in n.input]
+    if not any(i.name == wname for i in graph.initializer):
+        return [], "the exporter did not keep its table as an initializer"
+    for node in users:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type != "Gather" or list(node.input).index(wname) != 0 or axis != 0:
+            return [], f"its table feeds {node.op_type} {node.name!r}, not the rows of a Gather (axis 0)"
+    if not users:
+        return [], "no node reads its table"
+    return users, ""
+
+
 def _separate_equal_weights(graph: Any, weights: set[str]) -> None:
     """Give back their own initializer to layer weights that the exporter merged into another one.
 
@@ -248,16 +265,23 @@ def drop_zero_gemm_biases(graph: Any) -> None:
                     graph.initializer.remove(init)
 
 
-def rewrite(model: Any, plans: dict[str, LayerQDQ]) -> None:
-    """Insert the QDQ nodes of every planned layer into `model` (in place).
+def rewrite(model: Any, plans: dict[str, LayerQDQ], tables: dict[str, WeightQDQ] | None = None) -> None:
+    """Insert the QDQ nodes of every planned layer and quantized embedding table into `model` (in place).
 
     The weight is dequantized once; a layer called several times gets its input quantizer before every call
-    (the same scale: the PyTorch layer has one quantizer for all its calls).
+    (the same scale: the PyTorch layer has one quantizer for all its calls). `tables`: the embedding tables'
+    parameters (`postquant.io.onnx.params.plan_embeddings`), each dequantized once for all its lookups.
     """
     graph = model.graph
-    _separate_equal_weights(graph, {f"{name}.weight" for name in plans})
+    tables = tables or {}
+    _separate_equal_weights(graph, {f"{name}.weight" for name in [*plans, *tables]})
     before: dict[str, list[Any]] = {}  # first output of a node -> nodes to insert before it
     weight_nodes: list[Any] = []
+    for name, table in tables.items():
+        found, why = _table_consumers(graph, f"{name}.weight")
+        if not found:
+            raise UnsupportedModelError(f"embedding {name!r} cannot be located in the exported graph: {why}")
+        weight_nodes += _quantize_weight(graph, name, f"{name}.weight", table)
     for name, plan in plans.items():
         nodes, why = _weight_consumers(graph, f"{name}.weight")
         if not nodes:
