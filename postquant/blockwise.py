@@ -221,16 +221,22 @@ def _first_inputs(
     return out
 
 
-def _shard_of(inputs: list[Captured], part: range) -> Shard:
-    """Where a rank holding batches `part` of `inputs` sits in the cache one process builds (`Shard`): one
-    merged record when one process's `UnitData.merge` concatenates the batches, else one per batch."""
+def _shard_of(inputs: list[Captured], parts: list[range], rank: int) -> Shard:
+    """Where rank `rank`, holding batches ``parts[rank]`` of `inputs` (``parts``: every rank's), sits in the
+    cache one process builds (`Shard`): one merged record when one process's `UnitData.merge` concatenates
+    the batches, else one per batch."""
     sizes = [c.args[0].shape[0] for c in inputs]
     trailing = [tuple(c.args[0].shape[1:]) for c in inputs]
+    part = parts[rank]
     if len(inputs) > 1 and mergeable(inputs, sizes):
-        start, stop = sum(sizes[: part.start]), sum(sizes[: part.stop])
-        return Shard((sum(sizes),), ((0, start, stop) if stop > start else None,), (trailing[0],))
+        spans = tuple((sum(sizes[: p.start]), sum(sizes[: p.stop])) for p in parts)
+        start, stop = spans[rank]
+        return Shard((sum(sizes),), ((0, start, stop) if stop > start else None,), (trailing[0],), (spans,))
     held = tuple((b - part.start, 0, sizes[b]) if b in part else None for b in range(len(inputs)))
-    return Shard(tuple(sizes), held, tuple(trailing))
+    spans_per_batch = tuple(
+        tuple((0, sizes[b]) if b in p else (0, 0) for p in parts) for b in range(len(inputs))
+    )
+    return Shard(tuple(sizes), held, tuple(trailing), spans_per_batch)
 
 
 @torch.no_grad()
@@ -328,11 +334,18 @@ def _unit_data(
 
 
 def _start_chains(
-    model: nn.Module, first: str, batches: list[Any], memory: ChainMemory, live: int, part: range | None
+    model: nn.Module,
+    first: str,
+    batches: list[Any],
+    memory: ChainMemory,
+    live: int,
+    part: range | None,
+    parts: list[range] | None = None,
+    rank: int = 0,
 ) -> tuple[list[Captured], Chain, Captured | None, Shard | None]:
     """Layer 0's call arguments without the hidden states, its hidden states as a chain, the arguments
     merged over all batches (None when the batches differ in shape: the chain is then kept per batch), and,
-    with `part` (a rank's batches), where they sit in one process's cache.
+    with `part` (rank `rank`'s batches, ``parts``: every rank's), where they sit in one process's cache.
 
     With `part` the chain holds only those batches, one tensor each (never one tensor of all samples); the
     other batches' hidden states are the placeholders of `_first_inputs`, used to find the `Shard` and
@@ -340,7 +353,7 @@ def _start_chains(
     captured = _first_inputs(model, first, batches, part)
     shard_of = None
     if part is not None:
-        shard_of = _shard_of(captured, part)
+        shard_of = _shard_of(captured, parts or [part], rank if parts else 0)
         captured = captured[part.start : part.stop]
     hidden = [c.args[0] for c in captured]
     inputs = [Captured((None, *c.args[1:]), c.kwargs) for c in captured]
@@ -520,12 +533,14 @@ def _walk(
         max_samples = learned_config(recipe).max_samples if learned else None
         if max_samples is not None:  # as `reconstruct_model`: whole batches spread over the set
             batches = spread_batches(batches, max_samples)
-    part: range | None = None  # with ranks: this rank's calibration batches
+    part: range | None = None  # with ranks: this rank's calibration batches (of every rank's `parts`)
+    parts: list[range] | None = None
     if ranks is not None:
         check_same_inputs(ranks, recipe, model, batches)
         if batches is not None:
             shard(ranks, batches, sum(batch_size_of(b) for b in batches))  # too few samples: a DataError
-            part = range(*shard_bounds(len(batches), ranks.world)[ranks.rank])
+            parts = [range(*bounds) for bounds in shard_bounds(len(batches), ranks.world)]
+            part = parts[ranks.rank]
     cfg = learned_config(recipe) if learned else None
     if checkpoint_dir is None and cfg is not None:
         checkpoint_dir = cfg.checkpoint_dir
@@ -559,7 +574,9 @@ def _walk(
         shard_of: Shard | None = None
         if chained and len(done) < len(names):
             live = 4 if learned else 2  # chains alive at once: inputs and outputs (both chains if learned)
-            inputs, q, merged, shard_of = _start_chains(model, names[0], batches, memory, live, part)  # type: ignore[arg-type]
+            inputs, q, merged, shard_of = _start_chains(
+                model, names[0], batches, memory, live, part, parts, ranks.rank if ranks else 0
+            )  # type: ignore[arg-type]
             f = q
         bar = progress_bar(
             range(len(names)), enabled=cfg.progress if cfg else True, desc="decoder layers", unit="layer"

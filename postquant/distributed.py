@@ -191,13 +191,36 @@ class Ranks:
         if buf is not tensor:
             tensor.copy_(buf)
 
-    def reduce_sum_(self, tensor: torch.Tensor, dst: int, what: str) -> None:
-        """The sum of `tensor` over the ranks, into rank `dst`'s `tensor` in place (the other ranks' `tensor`
-        are left as they are: gloo may use them as scratch, so they are copies)."""
-        buf = tensor.to(self.device, copy=True)
-        self._wait(dist.reduce(buf, dst, op=dist.ReduceOp.SUM, async_op=True), what)
-        if self.rank == dst:
-            tensor.copy_(buf)
+    def exchange(
+        self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor], what: str
+    ) -> None:
+        """Send ``sends[r]`` to each rank r and receive ``recvs[r]`` (in place) from each rank r, all at once
+        (point to point, every direction at the same time); each pair of ranks must post matching tensors."""
+        works = [dist.isend(t.to(self.device), r) for r, t in sends.items()]
+        bufs = {r: t.to(self.device) for r, t in recvs.items()}
+        works += [dist.irecv(buf, r) for r, buf in bufs.items()]
+        for work in works:
+            self._wait(work, what)
+        for r, buf in bufs.items():
+            if buf is not recvs[r]:
+                recvs[r].copy_(buf)
+
+    def send_object(self, obj: Any, dst: int, what: str) -> None:
+        """Send `obj` (pickled; tensors should be on the CPU) to rank `dst`, which calls `recv_object`."""
+        payload = torch.frombuffer(
+            bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8
+        ).to(self.device)
+        size = torch.tensor([payload.numel()], dtype=torch.int64, device=self.device)
+        self._wait(dist.isend(size, dst), what)
+        self._wait(dist.isend(payload, dst), what)
+
+    def recv_object(self, src: int, what: str) -> Any:
+        """The object rank `src` sends with `send_object`."""
+        size = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._wait(dist.irecv(size, src), what)
+        data = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
+        self._wait(dist.irecv(data, src), what)
+        return pickle.loads(data.cpu().numpy().tobytes())
 
     def broadcast_object(self, obj: Any, what: str, src: int = 0) -> Any:
         """Rank `src`'s `obj` on every rank (pickled; tensors should be on the CPU)."""

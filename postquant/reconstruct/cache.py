@@ -118,6 +118,16 @@ def _cat(items: list[Any], sizes: list[int]) -> Any:
     return tree_unflatten([_cat_leaves(leaf, sizes) for leaf in _flat_specs(items)], spec)
 
 
+def concat_rows(items: list[Any], sizes: list[int]) -> Any:
+    """Rows of one value from several sources (structurally equal items of `sizes` rows) as one value of
+    ``sum(sizes)`` rows: per-sample tensors concatenated, shared values kept (as `UnitData.merge`).
+
+    Raises:
+        ValueError: the items differ in structure, or a leaf is neither per-sample nor shared.
+    """
+    return _cat(items, sizes)
+
+
 def mergeable(items: list[Any], sizes: list[int]) -> bool:
     """Whether `UnitData.merge` would concatenate values like `items` (one per batch of `sizes` samples),
     decided without concatenating: per-sample tensors are compared by shape and dtype only, so a value
@@ -135,11 +145,13 @@ class Shard:
     """Where this rank's cached rows sit in the records one process holds (data-parallel block path,
     `postquant.blockwise`): one process's record i has ``sizes[i]`` rows, of which rows [start, stop) are
     this rank's record ``held[i] = (local, start, stop)`` (None: none here); ``trailing[i]`` is the shape of
-    one row of the record's first input (for QDrop's draws on a rank that holds none of a batch)."""
+    one row of the record's first input (for QDrop's draws on a rank that holds none of a batch);
+    ``spans[i][r]`` are the rows [start, stop) of record i that rank r holds (to balance a batch's rows)."""
 
     sizes: tuple[int, ...]
     held: tuple[tuple[int, int, int] | None, ...]
     trailing: tuple[tuple[int, ...], ...]
+    spans: tuple[tuple[tuple[int, int], ...], ...]
 
     def sample(self, records: list[Record], batch_size: int, generator: torch.Generator) -> ShardDraw:
         """One process's `UnitData.sample` draw (the same generator calls), restricted to this rank."""
@@ -149,26 +161,30 @@ class Shard:
             weights = torch.tensor(self.sizes, dtype=torch.float)
             g = int(torch.multinomial(weights, 1, generator=generator))
         idx = torch.randperm(self.sizes[g], generator=generator)[: min(batch_size, self.sizes[g])]
+        owners = torch.zeros(len(idx), dtype=torch.int64)
+        for r, (start, stop) in enumerate(self.spans[g]):
+            owners[(idx >= start) & (idx < stop)] = r
         held = self.held[g]
         if held is None:
-            return ShardDraw(None, idx[:0], idx[:0], len(idx), self.trailing[g])
+            return ShardDraw(None, idx[:0], idx[:0], len(idx), self.trailing[g], owners)
         local, start, stop = held
         mine = (idx >= start) & (idx < stop)
         return ShardDraw(
-            records[local], idx[mine] - start, mine.nonzero().squeeze(1), len(idx), self.trailing[g]
+            records[local], idx[mine] - start, mine.nonzero().squeeze(1), len(idx), self.trailing[g], owners
         )
 
 
 class ShardDraw(NamedTuple):
     """This rank's part of a batch drawn from a sharded cache (`Shard.sample`): its record (None when it
-    holds none of the drawn one), the rows of it drawn, their positions in the batch, the batch's size and
-    the shape of one row of the record's first input."""
+    holds none of the drawn one), the rows of it drawn, their positions in the batch, the batch's size, the
+    shape of one row of the record's first input, and the rank holding each position of the batch."""
 
     record: Record | None
     idx: torch.Tensor
     positions: torch.Tensor
     total: int
     trailing: tuple[int, ...]
+    owners: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------- the records

@@ -41,7 +41,7 @@ from postquant.reconstruct.params import (
     ste_act_quantizers,
     uniform_rows,
 )
-from postquant.reconstruct.shards import WeightShards
+from postquant.reconstruct.shards import WeightShards, balanced_rows
 from postquant.rounding import SquantMode, squant_codes
 
 log = logging.getLogger(__name__)
@@ -391,9 +391,10 @@ def reconstruct_unit(
     fewer rows than ranks is run whole by every rank, its loss divided among them.
 
     When each rank holds only a shard of the data (``data.shard``, the block path), every rank draws the
-    batch one process draws from all the data (same generator calls) and computes the loss of the drawn rows
-    it holds, weighted by their share of the batch (none: a zero loss, and QDrop's draw still made): the
-    same global batch and step as one process, each rank's work varying with its rows in the batch.
+    batch one process draws from all the data (same generator calls), the ranks move rows so that each
+    computes its share of the batch (`postquant.reconstruct.shards.balanced_rows`), and each computes the
+    loss of its rows, weighted by their share of the batch (none: a zero loss, and QDrop's draw still
+    made): the same global batch and step as one process.
     """
     start_time = time.perf_counter()
     device = model_placement(qmodel)[0]
@@ -423,26 +424,18 @@ def reconstruct_unit(
             """This process's (this rank's share of the) loss on one batch drawn from the cache."""
             window: Rows | None
             if data.shard is not None:  # this rank's rows of the batch one process draws from all the data
+                assert split is not None  # a sharded cache exists only over ranks
                 drawn = data.shard.sample(data.records, cfg.batch_size, generator)
-                window = (drawn.positions, drawn.total)
+                record, idx, positions = balanced_rows(drawn, split)  # its share, rows moved between ranks
+                window = (positions, drawn.total)
                 for q in act_q.values():
                     q.window = window
-                if drawn.record is None or not len(drawn.idx):
+                if record is None or not len(idx):
                     if cfg.drop_prob > 0 and cfg.loss is not Loss.OUTPUT:  # QDrop's draw, as the other ranks
                         uniform_rows((0, *drawn.trailing), generator, window)
                     return torch.zeros((), device=device)
-                loss = _loss(
-                    qmodel,
-                    unit,
-                    drawn.record,
-                    drawn.idx,
-                    overrides,
-                    cfg,
-                    generator,
-                    device,
-                    window,
-                )
-                return loss * (len(drawn.idx) / drawn.total)
+                loss = _loss(qmodel, unit, record, idx, overrides, cfg, generator, device, window)
+                return loss * (len(idx) / drawn.total)
             rec, idx = data.sample(cfg.batch_size, generator)
             window = None
             if split is not None and len(idx) >= split.world:  # this rank's rows, weighted by their share

@@ -11,18 +11,28 @@ of 4 windows of 128 tokens), so replicating it on every rank caps the speed-up o
 rank (`postquant.distributed.split_work`, balanced by size), which alone computes the layer's soft weight,
 regulariser and optimizer step. A step then runs:
 
-1. each rank computes its layers' soft weights and broadcasts them; every rank now holds every soft weight,
-   as a leaf tensor that collects the gradient of its rows' loss;
+1. each rank computes its layers' soft weights and sends them to every other rank (point to point, all
+   directions at once); every rank now holds every soft weight, as a leaf tensor that collects the gradient
+   of its rows' loss;
 2. each rank backpropagates its share of the loss to those leaves (and to the replicated parameters:
    biases and activation steps);
-3. the leaves' gradients are summed onto their owners (one reduce per owner), the replicated parameters'
-   gradients and the loss terms over all ranks (one all-reduce);
+3. each rank sends every owner its leaves' gradients (point to point, all directions at once) and each owner
+   sums them; the replicated parameters' gradients and the loss terms are summed over all ranks (one
+   all-reduce);
 4. each owner backpropagates the summed gradients through its soft weights to the rounding variables (the
    regulariser's gradient is already there) and steps them; every rank steps the replicated parameters.
 
+On the block path each rank holds only its shard of the cached rows, and every rank draws the batch one
+process draws from all of them (`postquant.reconstruct.cache.Shard.sample`); how many of the drawn rows a
+rank holds varies from step to step (4 windows drawn from 2 equal shards: 3 or more on one rank in 62 % of
+the steps), and the step waits for the busiest rank. `balanced_rows` moves the surplus rows (their cached
+inputs and targets, a small fraction of the soft weights' traffic) from ranks holding more than their share
+to ranks holding fewer, so that every rank computes ``total / world`` rows, at their positions in the batch
+(QDrop's draws for the whole batch, sliced by position, stay one process's).
+
 This is the step of one process up to the order of float additions: ``dL/dV = (sum over ranks of dL_r/dW) *
 dW/dV`` instead of one sum over all rows. The traffic per step is the size of the unit's weights twice
-(broadcast and reduce), as much as the all-reduce of every variable's gradient it replaces. After the last
+(sent and received), as much as the all-reduce of every variable's gradient it replaces. After the last
 step (`share`) each owner broadcasts its layers' variables, so every rank installs the same codes.
 """
 
@@ -32,8 +42,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
-from postquant.distributed import Ranks, split_work
+from postquant.distributed import Ranks, shard_bounds, split_work
+from postquant.reconstruct.cache import Record, ShardDraw, concat_rows, rows
 from postquant.reconstruct.config import LearnedConfig, Variable
 from postquant.reconstruct.params import LayerRounding
 
@@ -79,20 +91,17 @@ class WeightShards:
         this rank's layers computed here, the others received from their owners. Every rank calls it once per
         step, before its loss (it is a collective)."""
         self._own = {n: self.roundings[n].weight() for n in self.mine}
+        flats = {owner: self._flat(owner) for owner in self._owners()}
+        if self.mine:
+            flats[self.ranks.rank] = torch.cat([self._own[n].detach().reshape(-1) for n in self.mine])
+        others = {r: f for r, f in flats.items() if r != self.ranks.rank}
+        sends = {
+            r: flats[self.ranks.rank] for r in range(self.ranks.world) if r != self.ranks.rank and self.mine
+        }
+        self.ranks.exchange(sends, others, "exchanging the soft weights of learned rounding")
         self._leaves = {}
-        for owner in range(self.ranks.world):
-            names = [n for n in self.roundings if self.owner[n] == owner]
-            if not names:
-                continue
-            if owner == self.ranks.rank:
-                flat = torch.cat([self._own[n].detach().reshape(-1) for n in names])
-            else:
-                flat = torch.empty(
-                    sum(self._like[n].numel() for n in names),
-                    dtype=self._like[names[0]].dtype,
-                    device=self._like[names[0]].device,
-                )
-            self.ranks.broadcast_(flat, owner, "sending the soft weights of learned rounding")
+        for owner, flat in flats.items():
+            names = self._names(owner)
             for n, part in zip(names, flat.split([self._like[n].numel() for n in names]), strict=True):
                 self._leaves[n] = part.view_as(self._like[n]).requires_grad_()
         ov: dict[str, torch.Tensor] = {}
@@ -119,20 +128,38 @@ class WeightShards:
                 p.grad = torch.zeros_like(p)
         losses = torch.stack([rec.detach().float(), reg.detach().float()]).to(self.ranks.device)
         self.ranks.all_reduce_sum_([*(p.grad for p in self.replicated), losses], "summing the step's loss")
-        summed: dict[str, torch.Tensor] = {}
-        for owner in range(self.ranks.world):
-            names = [n for n in self.roundings if self.owner[n] == owner]
-            if not names:
-                continue
-            flat = torch.cat([_grad(self._leaves[n]).reshape(-1) for n in names])
-            self.ranks.reduce_sum_(flat, owner, "summing the soft weights' gradients of learned rounding")
-            if owner == self.ranks.rank:
-                parts = flat.split([self._like[n].numel() for n in names])
-                summed = {n: g.view_as(self._like[n]) for n, g in zip(names, parts, strict=True)}
-        if self.mine:
-            torch.autograd.backward([self._own[n] for n in self.mine], [summed[n] for n in self.mine])
+        rank = self.ranks.rank
+        sends = {
+            owner: torch.cat([_grad(self._leaves[n]).reshape(-1) for n in self._names(owner)])
+            for owner in self._owners()
+            if owner != rank
+        }
+        recvs = {r: self._flat(rank) for r in range(self.ranks.world) if r != rank and self.mine}
+        self.ranks.exchange(sends, recvs, "exchanging the soft weights' gradients of learned rounding")
+        if self.mine:  # this rank's gradients plus the others', in rank order
+            total_grad = torch.cat([_grad(self._leaves[n]).reshape(-1) for n in self.mine])
+            for r in sorted(recvs):
+                total_grad += recvs[r]
+            parts = total_grad.split([self._like[n].numel() for n in self.mine])
+            torch.autograd.backward(
+                [self._own[n] for n in self.mine],
+                [g.view_as(self._like[n]) for n, g in zip(self.mine, parts, strict=True)],
+            )
         self._own, self._leaves = {}, {}
         return losses.sum()
+
+    def _names(self, owner: int) -> list[str]:
+        return [n for n in self.roundings if self.owner[n] == owner]
+
+    def _owners(self) -> list[int]:
+        """The ranks that own at least one layer."""
+        return sorted(set(self.owner.values()))
+
+    def _flat(self, owner: int) -> torch.Tensor:
+        """An empty buffer for the flattened soft weights (or gradients) of `owner`'s layers."""
+        names = self._names(owner)
+        like = self._like[names[0]]
+        return torch.empty(sum(self._like[n].numel() for n in names), dtype=like.dtype, device=like.device)
 
     @torch.no_grad()
     def share(self) -> None:
@@ -150,3 +177,98 @@ def _variables(r: LayerRounding) -> list[torch.Tensor]:
     """The tensors of a layer that only its owner trains."""
     main = r.offset if r.variable is Variable.STE else r.v
     return [main] + ([r.log_scale] if r.log_scale is not None else [])
+
+
+# ----------------------------------------------------------------------------- balancing a batch's rows
+
+
+def balance(owners: list[int], world: int) -> list[int]:
+    """The rank that computes each position of a batch whose rows ranks `owners` hold: every rank computes its
+    share of the batch (`shard_bounds` sizes: ``total // world``, one more for the first ``total % world``
+    ranks), as many of them as possible rows it holds (its first ones); the surplus rows of the others go, in
+    position order, to the ranks below their share, in rank order."""
+    quota = [stop - start for start, stop in shard_bounds(len(owners), world)]
+    compute = list(owners)
+    surplus: list[int] = []
+    for r in range(world):
+        held = [p for p, owner in enumerate(owners) if owner == r]
+        surplus.extend(held[quota[r] :])
+    surplus.sort()
+    moved = iter(surplus)
+    for r in range(world):
+        kept = min(quota[r], sum(1 for owner in owners if owner == r))
+        for _ in range(quota[r] - kept):
+            compute[next(moved)] = r
+    return compute
+
+
+_SENT = ("q_input", "f_input", "target", "weight")  # what `_loss` reads of a record on the block path
+
+
+def balanced_rows(draw: ShardDraw, ranks: Ranks) -> tuple[Record | None, torch.Tensor, torch.Tensor]:
+    """This rank's rows of a drawn batch after `balance`: a record holding them, the rows of it to compute
+    and their positions in the batch (an empty record (None) when it computes none).
+
+    The ranks send each other the rows that move (their cached inputs, targets and weights), pair by pair in
+    one order every rank follows; a step where no row moves costs no message. Every rank calls it with its
+    own draw of the same batch.
+    """
+    owners = draw.owners.tolist()
+    compute = balance(owners, ranks.world)
+    rank = ranks.rank
+    local = dict(zip(draw.positions.tolist(), draw.idx.tolist(), strict=True))  # position -> row held here
+    received: list[tuple[list[int], Record]] = []
+    for src in range(ranks.world):
+        for dst in range(ranks.world):
+            moving = [p for p in range(len(owners)) if owners[p] == src and compute[p] == dst != src]
+            if not moving or rank not in (src, dst):
+                continue
+            if rank == src:
+                assert draw.record is not None  # a rank sends only rows it holds
+                picked = torch.tensor([local[p] for p in moving])
+                part = {
+                    name: tree_map(_compact, rows(getattr(draw.record, name), picked, draw.record.n))
+                    for name in _SENT
+                    if getattr(draw.record, name) is not None
+                }
+                ranks.send_object(part, dst, "sending rows of a learned-rounding batch")
+            else:
+                part = ranks.recv_object(src, "receiving rows of a learned-rounding batch")
+                received.append((moving, Record(len(moving), **part)))
+    kept = [p for p in draw.positions.tolist() if compute[p] == rank]
+    if not received:
+        idx = torch.tensor([local[p] for p in kept], dtype=torch.int64)
+        return (draw.record if kept else None), idx, torch.tensor(kept, dtype=torch.int64)
+    pieces: list[Record] = []
+    positions: list[int] = []
+    if kept:
+        assert draw.record is not None
+        own = torch.tensor([local[p] for p in kept])
+        pieces.append(
+            Record(
+                len(kept),
+                **{
+                    n: rows(getattr(draw.record, n), own, draw.record.n)
+                    for n in _SENT
+                    if getattr(draw.record, n) is not None
+                },
+            )
+        )
+        positions.extend(kept)
+    for moving, record in received:
+        pieces.append(record)
+        positions.extend(moving)
+    merged = Record(
+        len(positions),
+        **{
+            n: concat_rows([getattr(r, n) for r in pieces], [r.n for r in pieces])
+            for n in _SENT
+            if getattr(pieces[0], n) is not None
+        },
+    )
+    return merged, torch.arange(len(positions)), torch.tensor(positions, dtype=torch.int64)
+
+
+def _compact(t: Any) -> Any:
+    """A tensor with storage of its own (a view would pickle the whole storage it looks into)."""
+    return t.clone() if isinstance(t, torch.Tensor) else t

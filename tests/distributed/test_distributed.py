@@ -26,6 +26,7 @@ from postquant.distributed import current, shard_bounds, split_work
 from postquant.reconstruct.capture import Captured
 from postquant.reconstruct.chains import Chain, ChainMemory
 from postquant.reconstruct.params import uniform_rows
+from postquant.reconstruct.shards import balance
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -499,8 +500,9 @@ def test_ranks_drawing_from_their_shards_draw_one_process_batch(
     gen = torch.Generator().manual_seed(seed)
     record, want = one.sample(batch, gen)
     covered = torch.zeros(len(want), dtype=torch.int64)
-    for start, stop in shard_bounds(len(sizes), world):
-        shard = _shard_of(inputs, range(start, stop))
+    parts = [range(start, stop) for start, stop in shard_bounds(len(sizes), world)]
+    for rank, (start, stop) in enumerate(shard_bounds(len(sizes), world)):
+        shard = _shard_of(inputs, parts, rank)
         mine = _chain(hidden[start:stop])  # a rank's chain: one tensor per batch
         local = _unit_data(inputs[start:stop], None, mine, mine, mine, shard)
         rank_gen = torch.Generator().manual_seed(seed)
@@ -512,8 +514,25 @@ def test_ranks_drawing_from_their_shards_draw_one_process_batch(
                 drawn.record.target[drawn.idx], record.target[want[drawn.positions]], rtol=0, atol=0
             )
             covered[drawn.positions] += 1
+            assert (drawn.owners[drawn.positions] == rank).all()
     assert covered.tolist() == [1] * len(want)  # every row of the batch on exactly one rank
-    assert (len(one.records) == 1) == (len(_shard_of(inputs, range(0)).sizes) == 1)
+    assert (len(one.records) == 1) == (len(_shard_of(inputs, [range(0)], 0).sizes) == 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(owners=st.lists(st.integers(0, 3), min_size=1, max_size=20), world=st.integers(1, 4))
+def test_balancing_gives_every_rank_its_share_moving_only_the_surplus(owners: list[int], world: int) -> None:
+    """`balance`: each rank computes its `shard_bounds` share of the batch; a rank keeps its first held rows up
+    to its share, so only the rows beyond the holders' shares move."""
+    owners = [o % world for o in owners]
+    compute = balance(owners, world)
+    quota = [stop - start for start, stop in shard_bounds(len(owners), world)]
+    assert [compute.count(r) for r in range(world)] == quota
+    moved = sum(c != o for c, o in zip(compute, owners, strict=True))
+    assert moved == sum(max(0, owners.count(r) - quota[r]) for r in range(world))
+    for r in range(world):
+        held = [p for p, o in enumerate(owners) if o == r]
+        assert [p for p in held if compute[p] == r] == held[: quota[r]]
 
 
 def test_rows_of_an_input_that_is_not_batch_first_are_refused() -> None:
