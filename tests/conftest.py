@@ -53,8 +53,9 @@ def make_tiny_cnn(seed: int = 0) -> TinyCNN:
     return model.eval()
 
 
-def make_tiny_llama(layers: int = 3, seed: int = 0, vocab: int = 64) -> nn.Module:
-    """A random Llama of `layers` decoder layers, hidden size 32, grouped-query attention (needs transformers)."""
+def make_tiny_llama(layers: int = 3, seed: int = 0, vocab: int = 64, tied: bool = False) -> nn.Module:
+    """A random Llama of `layers` decoder layers, hidden size 32, grouped-query attention (needs transformers);
+    `tied`: the ``lm_head`` shares the token embedding's weight."""
     import transformers  # an optional extra: only the tests that build an LLM need it
 
     torch.manual_seed(seed)
@@ -66,7 +67,7 @@ def make_tiny_llama(layers: int = 3, seed: int = 0, vocab: int = 64) -> nn.Modul
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     return transformers.LlamaForCausalLM(config).eval()
 

@@ -14,6 +14,7 @@ import postquant
 from postquant.errors import ExportError, UnsupportedModelError
 from postquant.io import checkpoint_size, export_compressed_tensors, export_gguf, export_onnx, load, save
 from postquant.model import quantized_embeddings
+from tests.conftest import make_tiny_llama
 
 VOCAB, DIM = 300, 64
 
@@ -133,19 +134,8 @@ def test_quantized_tables_shrink_the_onnx_file(tmp_path):
 
 
 def test_compressed_tensors_and_gguf_refuse_quantized_tables(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=32,
-        tie_word_embeddings=False,
-    )
-    llama = transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    llama = make_tiny_llama(layers=1)
     tokens = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
     recipe = {"method": "rtn", "grid": "gguf-q8_0", "embeddings": {"bits": 8, "group_size": 32}}
     qmodel = postquant.quantize(llama, recipe, example_inputs=tokens)
@@ -159,18 +149,8 @@ def test_compressed_tensors_and_gguf_refuse_quantized_tables(tmp_path):
 
 
 def test_a_tied_llama_is_refused(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=32,
-        tie_word_embeddings=True,
-    )
-    llama = transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    llama = make_tiny_llama(layers=1, tied=True)
     with pytest.raises(UnsupportedModelError, match=r"lm_head\.weight"):
         postquant.quantize(llama, {"method": "rtn", "embeddings": {"bits": 8}})
     assert llama.lm_head.weight is llama.model.embed_tokens.weight
