@@ -41,7 +41,7 @@ from postquant.reconstruct.params import (
     ste_act_quantizers,
     uniform_rows,
 )
-from postquant.reconstruct.shards import WeightShards, balanced_rows
+from postquant.reconstruct.shards import WeightShards, balanced_rows, layer_owners
 from postquant.rounding import SquantMode, squant_codes
 
 log = logging.getLogger(__name__)
@@ -262,20 +262,31 @@ def _make_rounding(
     cfg: LearnedConfig,
     generator: torch.Generator,
     squant_mode: SquantMode,
+    ranks: Ranks | None = None,
+    owners: dict[str, int] | None = None,
 ) -> dict[str, LayerRounding]:
-    """The rounding variables of the unit's layers, from their starting codes (`cfg.init`)."""
-    out = {}
+    """The rounding variables of the unit's layers, from their starting codes (`cfg.init`).
+
+    With `ranks`, SQuant starting codes are computed by each layer's owner (`owners`) and broadcast."""
+    inits: dict[str, torch.Tensor] = {}
     for name in unit.layers:
-        layer: QuantizedLayer = qmodel.get_submodule(name)
-        grid: Grid = layer.grid
+        grid: Grid = qmodel.get_submodule(name).grid
         w = teacher.get_submodule(name).weight.detach()
-        x = grid.to_int(w)
-        if cfg.init is Init.SQUANT:
-            init = squant_codes(x, grid.qmin, grid.qmax, squant_mode).to(torch.int32)
+        if cfg.init is not Init.SQUANT:
+            inits[name] = grid.nearest(w)
+        elif ranks is None or owners is None or owners[name] == ranks.rank:
+            inits[name] = squant_codes(grid.to_int(w), grid.qmin, grid.qmax, squant_mode).to(torch.int32)
         else:
-            init = grid.nearest(w)
+            inits[name] = torch.empty(w.shape, dtype=torch.int32, device=w.device)
+    if cfg.init is Init.SQUANT and ranks is not None and owners is not None:
+        for name, init in inits.items():
+            ranks.broadcast_(init, owners[name], "sending SQuant starting codes")
+    out = {}
+    for name in unit.layers:  # in order: a random selection draws from `generator` alike on every rank
+        layer: QuantizedLayer = qmodel.get_submodule(name)
+        x = layer.grid.to_int(teacher.get_submodule(name).weight.detach())
         bias = getattr(layer.inner, "bias", None)
-        out[name] = LayerRounding(x, init, grid, bias, cfg, generator)
+        out[name] = LayerRounding(x, inits[name], layer.grid, bias, cfg, generator)
     return out
 
 
@@ -400,7 +411,8 @@ def reconstruct_unit(
     device = model_placement(qmodel)[0]
     layers = {n: qmodel.get_submodule(n) for n in unit.layers}
     before = snapshot(qmodel, unit)
-    roundings = _make_rounding(qmodel, teacher, unit, cfg, generator, squant_mode)
+    owners = layer_owners({n: layers[n].weight_shape for n in unit.layers}, ranks) if ranks else None
+    roundings = _make_rounding(qmodel, teacher, unit, cfg, generator, squant_mode, ranks, owners)
     _install(qmodel, roundings, {})  # the starting codes (nearest or SQuant)
     error_before = evaluate_unit(qmodel, unit, data, cfg, ranks=ranks)
 
@@ -412,7 +424,7 @@ def reconstruct_unit(
     with ste_act_quantizers(swap, learn_act, set(unit.layers), cfg.drop_prob, generator) as act_q:
         act_params = [q.scale for q in act_q.values() if isinstance(q.scale, nn.Parameter)]
         split = ranks
-        shards = WeightShards(roundings, ranks, act_params) if ranks is not None else None
+        shards = WeightShards(roundings, ranks, owners, act_params) if ranks and owners else None
         groups = (
             shards.groups(cfg)
             if shards is not None

@@ -38,6 +38,7 @@ step (`share`) each owner broadcasts its layers' variables, so every rank instal
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -50,24 +51,35 @@ from postquant.reconstruct.config import LearnedConfig, Variable
 from postquant.reconstruct.params import LayerRounding
 
 
+def layer_owners(shapes: dict[str, tuple[int, ...]], ranks: Ranks) -> dict[str, int]:
+    """The rank that owns each layer's rounding variables, balanced by weight size (`split_work`): it computes
+    the layer's SQuant starting codes, soft weights, regulariser and optimizer steps."""
+    names = list(shapes)
+    owners = split_work([math.prod(shapes[n]) for n in names], ranks.world)
+    return dict(zip(names, owners, strict=True))
+
+
 class WeightShards:
     """The layers of one unit split over the ranks for the weight side of learned rounding (module docstring).
 
     Args:
         roundings: every layer's rounding variables, built alike on every rank (same names, same order).
         ranks: the process group.
+        owners: the rank that owns each layer (`layer_owners`).
         act_params: the unit's trainable activation steps (replicated, like the biases).
     """
 
     def __init__(
-        self, roundings: dict[str, LayerRounding], ranks: Ranks, act_params: list[nn.Parameter]
+        self,
+        roundings: dict[str, LayerRounding],
+        ranks: Ranks,
+        owners: dict[str, int],
+        act_params: list[nn.Parameter],
     ) -> None:
         self.roundings = roundings
         self.ranks = ranks
-        names = list(roundings)
-        owners = split_work([int(roundings[n].floor.numel()) for n in names], ranks.world)
-        self.owner = dict(zip(names, owners, strict=True))
-        self.mine = [n for n in names if self.owner[n] == ranks.rank]
+        self.owner = owners
+        self.mine = [n for n in roundings if self.owner[n] == ranks.rank]
         # trained on every rank from gradients summed over the ranks: the biases and the activation steps
         self.replicated = [r.bias for r in roundings.values() if r.bias is not None] + list(act_params)
         with torch.no_grad():  # shapes and dtypes of the soft weights, the same on every rank
