@@ -269,13 +269,15 @@ def _make_rounding(
 
     With `ranks`, SQuant starting codes are computed by each layer's owner (`owners`) and broadcast."""
     inits: dict[str, torch.Tensor] = {}
+    xs: dict[str, torch.Tensor] = {}
     for name in unit.layers:
         grid: Grid = qmodel.get_submodule(name).grid
         w = teacher.get_submodule(name).weight.detach()
+        xs[name] = x = grid.to_int(w)
         if cfg.init is not Init.SQUANT:
             inits[name] = grid.nearest(w)
         elif ranks is None or owners is None or owners[name] == ranks.rank:
-            inits[name] = squant_codes(grid.to_int(w), grid.qmin, grid.qmax, squant_mode).to(torch.int32)
+            inits[name] = squant_codes(x, grid.qmin, grid.qmax, squant_mode).to(torch.int32)
         else:
             inits[name] = torch.empty(w.shape, dtype=torch.int32, device=w.device)
     if cfg.init is Init.SQUANT and ranks is not None and owners is not None:
@@ -284,9 +286,8 @@ def _make_rounding(
     out = {}
     for name in unit.layers:  # in order: a random selection draws from `generator` alike on every rank
         layer: QuantizedLayer = qmodel.get_submodule(name)
-        x = layer.grid.to_int(teacher.get_submodule(name).weight.detach())
         bias = getattr(layer.inner, "bias", None)
-        out[name] = LayerRounding(x, inits[name], layer.grid, bias, cfg, generator)
+        out[name] = LayerRounding(xs[name], inits[name], layer.grid, bias, cfg, generator)
     return out
 
 
