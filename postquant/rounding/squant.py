@@ -329,29 +329,33 @@ def _kernel_stage(
     s = _kernel_sums(e, et)  # (G,) the reference's float32 sum over each kernel (never -0.0)
     if not np.isfinite(s.sum()):  # |s| <= L / 2 for finite x; NaN where x is NaN or Inf
         raise NonFiniteWeightError(_NON_FINITE)
-
-    # Keys. The priority (`_priority_bits`) in the kernel's direction is |e0| for a candidate (e0 < 0 for up,
-    # > 0 for down, and x below tmax for up, above tmin for down), else 0. As int32, the bits of e0 have the
-    # sign bit set where e0 < 0, so adding 2^31 (wrapping; up: s < 0, the sign bit of s) or 0 (down) leaves
-    # the priority's bits for a candidate and a negative number or 0 otherwise. A key is the priority's bits
-    # rounded up to a multiple of 16 (its class, 0 for a non-candidate) plus 15 - index: unique in a kernel,
-    # an earlier index wins among equal classes, and ordered like the stable sort where two priorities do
-    # not share a class. ceil16(b) + 15 - i is ((b + 15) | 15) ^ i; the clamp sends non-candidates to 15 - i.
-    key = et.view(np.int32)
-    key += (s.view(np.int32) & _INT32_MIN) | 15  # wraps
-    beyond = _beyond_range(x, tmin, tmax)
     up = s < 0  # flip up (a zero sum flips down)
-    if beyond.size:  # x above tmax is no up candidate, x below tmin no down candidate
+    step = up.astype(np.float32)
+    step *= 2
+    step -= 1  # (G,) +-1
+
+    # Keys (uint16). In the kernel's direction an element's signed priority is -e0 (up) or e0 (down), in
+    # [-0.5, 0.5]; it is > 0 for a candidate (the range is checked below). Scaled by _KEY_SCALE and added to
+    # _KEY_MAGIC, a float32 in [2^23, 2^24) whose mantissa (the low 16 bits) is 32768 + round(scaled): a
+    # non-decreasing function of the priority, > 32768 + 15 only for a candidate. A key is that mantissa
+    # with its low 4 bits replaced by 15 - index: its class (mantissa >> 4) orders the priorities where
+    # two classes differ, equal classes are ordered by index (unique keys), and class >= _CANDIDATE_CLASS
+    # implies a candidate.
+    et *= step * np.float32(-_KEY_SCALE)  # (np.where with two scalars is several times slower)
+    et += _KEY_MAGIC
+    key = np.empty((klen, g), dtype=np.uint16)
+    np.copyto(key, et.view(np.uint32), casting="unsafe")  # the low 16 bits
+    key |= 15
+    key ^= _INDEX16[:klen]
+    beyond = _beyond_range(x, tmin, tmax)
+    if beyond.size:  # x above tmax is no up candidate, x below tmin no down candidate: class 0
         kern, pos = np.divmod(beyond, klen)
         sel = np.flatnonzero(up[kern] == (x.reshape(-1)[beyond] > tmax))
-        key[pos[sel], kern[sel]] = -1
-    key |= 15
-    torch.from_numpy(key).clamp_min_(15)  # (torch's is several times faster than numpy's here)
-    key ^= _INDEX[:klen]
+        key[pos[sel], kern[sel]] = 15 - pos[sel]
 
     # The first `top` keys of every kernel's order (descending keys) by a sorting network over the rows.
     top = min(_FAST_K + 2, klen)
-    srt = np.empty((top, g), dtype=np.int32)  # (top, G): position t of the order
+    srt = np.empty((top, g), dtype=np.uint16)  # (top, G): position t of the order
     rows = list(key)
     for i, j, hi, lo, last_hi, last_lo in _selection_steps(klen, top):
         a, b = rows[i], rows[j]
@@ -360,52 +364,43 @@ def _kernel_stage(
         if lo:
             rows[j] = np.minimum(a, b, out=srt[j] if last_lo else None)
 
-    # The key order is the stable order where the classes of neighbouring positions t, t + 1 with t <= k
-    # differ (the flip threshold k-1, the hand-off k-1 or k); class-0 ties are ordered by index, as the
-    # stable sort does. Key class 0 at a flipped position t < k is a no-op flip (r stays, e becomes 0).
-    # Kernels where either happens, or flipping more than _FAST_K elements, are redone.
+    # Flips: positions 0 .. k-1 of the order; hand-off (order[k-1] on overshoot k >= |s|, else order[k]) at
+    # position `at`. The key order is the reference's (stable) order at positions 0 .. at if these hold
+    # candidates of strictly decreasing classes, and the class at `at` is above the next one (or the
+    # kernel ends there): then it is the order of the priorities, without ties. Kernels where that fails,
+    # which flip more than _FAST_K elements, or with a zero sum (their hand-off is order[-1]), are redone.
     k = np.rint(np.abs(s))  # (G,) float32 flips per kernel
     kk = k.astype(np.int32)
-    cls = srt >> 4  # (top, G) key classes; 0: a non-candidate (priority 0)
-    nt = min(_FAST_K + 1, top - 1)
-    tie = cls[:nt] == cls[1 : nt + 1]
-    tie &= cls[1 : nt + 1] > 0
-    tie &= _POSITION[:nt] <= kk
-    clash = tie.any(0)
-    nf = min(_FAST_K, top)
-    clash |= ((cls[:nf] == 0) & (_POSITION[:nf] < kk)).any(0)
+    over = k >= np.abs(s)
+    at = kk - over  # (G,) int32, -1 where s == 0
+    nb = min(_FAST_K + 1, top)  # positions that can be the hand-off (at <= _FAST_K)
+    bad = srt[:nb] < _CANDIDATE_CLASS << 4  # (nb, G) no sure candidate
+    ne = min(nb, top - 1)
+    cls = srt[: ne + 1] >> 4
+    bad[:ne] |= cls[:ne] == cls[1:]
+    bad &= _POSITION[:nb] <= at
+    clash = bad.any(0)
+    clash |= at < 0
     clash |= kk > _FAST_K
 
-    # Flips: positions 0 .. k-1 of the order get r0 + step and e0 + step (one float32 addition each).
-    step = up.astype(np.float32)
-    step *= 2
-    step -= 1  # (G,) +-1
-    pos = 15 - (srt & 15)  # (top, G) the element at each position of the order
-    flats, kerns = [], []
-    kern = np.flatnonzero(kk > 0)  # (numpy's nonzero is fast on bool arrays only)
-    for t in range(nf):
-        if t:
-            kern = kern[kk[kern] > t]  # kernels that flip position t
-        flats.append(kern * klen + np.take(pos[t], kern))
-        kerns.append(kern)
-    flat = torch.from_numpy(np.concatenate(flats))  # no index twice
-    st = torch.from_numpy(np.take(step, np.concatenate(kerns)))
-    torch.from_numpy(e).view(-1).scatter_add_(0, flat, st)
-    torch.from_numpy(r).view(-1).scatter_add_(0, flat, st)
+    nf = min(_FAST_K, top)
+    fid = np.flatnonzero(_POSITION[:nf] < kk)  # t * G + kernel, for the flipped positions t < k
+    kern = fid.copy()
+    bounds = [0, *np.searchsorted(fid, g * np.arange(1, nf)), fid.size]
+    for t in range(1, nf):
+        kern[bounds[t] : bounds[t + 1]] -= t * g
+    flat = kern * klen
+    flat += 15
+    flat -= np.take(srt[:nf], fid) & 15  # kernel * L + index of the element at position t
+    ft, st = torch.from_numpy(flat), torch.from_numpy(np.take(step, kern))
+    torch.from_numpy(e).view(-1).scatter_add_(0, ft, st)  # e0 + step (no index twice)
+    torch.from_numpy(r).view(-1).scatter_add_(0, ft, st)  # r0 + step
 
-    # Hand-off: overshoot (k >= |s|) -> order[k-1] (order[-1] if k == 0) into the opposite list;
-    # undershoot -> order[k] into the same list. Its priority is |current error|.
-    over = k >= np.abs(s)
-    at = np.minimum(kk - over, _FAST_K)  # position of the hand-off in the order (-1: s == 0, set below)
-    at *= g
-    at += _row_starts(g, 1)
-    h_pos[:] = np.take(pos, at)
-    zero = np.flatnonzero(s == 0)  # k == 0 and overshoot: order[-1], the smallest key
-    if zero.size:
-        low = np.sort(key[:, zero], axis=0)[:2]  # (2, Z) order[-1], order[-2]
-        h_pos[zero] = 15 - (low[0] & 15)
-        low >>= 4
-        clash[zero] |= (low[0] == low[1]) & (low[0] > 0)
+    # Hand-off: its priority is |current error|; it joins the opposite list on overshoot.
+    hat = np.clip(at, 0, top - 1).astype(np.int64)
+    hat *= g
+    hat += _row_starts(g, 1)
+    np.subtract(15, np.take(srt, hat) & 15, out=h_pos)
     np.abs(np.take(e, _row_starts(g, klen) + h_pos), out=h_pri)
     np.not_equal(up, over, out=h_up)
     # A candidate's flip stays in [tmin, tmax] (a flip of any other element is redone below), so only the
@@ -469,21 +464,32 @@ def _kernel_stage_stable(
     e0 = r0 - x
     up = s < 0
     k = np.rint(np.abs(s))  # (n,) float32
-    step = (up.astype(np.float32) * 2 - 1)[:, None]  # (n, 1)
-    lim_step = np.where(up, np.float32(tmax), np.float32(-tmin))[:, None]  # step * lim
-    pri = np.minimum(e0 * -step, lim_step - r0 * step)  # |e0| for a candidate, <= 0 otherwise
-    pbits = np.maximum(pri.view(np.int32), 0)  # negative floats (and -0.0) have negative bits
-    key = pbits.astype(np.int64) * 16 + np.arange(15, 15 - klen, -1)  # unique; an earlier index wins ties
+    over = k >= np.abs(s)
+    step = up.astype(np.float32)
+    step *= 2
+    step -= 1
+    lim_step = (step + 1) * np.float32(0.5 * (tmax + tmin)) - np.float32(tmin)  # tmax for up, -tmin for down
+    step = step[:, None]  # (n, 1)
+    pri = np.minimum(e0 * -step, lim_step[:, None] - r0 * step)  # |e0| for a candidate, <= 0 otherwise
+    pbits = pri.view(np.int32)  # negative floats (and -0.0) have negative bits
+    cand = pbits > 0
+    key = np.maximum(pbits, 0).astype(np.int64)
+    key *= 16
+    key += _DESCENDING_INDEX[:klen]  # unique; an earlier index wins ties
     rank = (key[:, None, :] > key[:, :, None]).sum(2)  # (n, L): how many keys are above
     flip = rank < k[:, None]
-    cand = pbits > 0
-    e[ids] = np.where(flip, np.where(cand, e0 + step, np.float32(0)), e0)
-    codes[ids] = np.clip(np.where(flip & cand, r0 + step, r0), tmin, tmax)
-    over = k >= np.abs(s)
-    target = np.where(over, np.where(k == 0, klen - 1, k - 1), k)
+    moved = flip & cand
+    r = r0 + moved * step  # (a step of 0 where not moved)
+    e_new = e0 + moved * step
+    e_new[flip > cand] = 0  # a flip of a non-candidate: no move, error 0
+    np.maximum(r, tmin, out=r)
+    np.minimum(r, tmax, out=r)
+    codes[ids] = r
+    e[ids] = e_new
+    target = (k - over).astype(np.intp) % klen  # order[k-1] on overshoot (order[-1] if k == 0), else order[k]
     pos = (rank == target[:, None]).argmax(1)
     h_pos[ids] = pos
-    h_pri[ids] = np.abs(e[ids, pos])
+    h_pri[ids] = np.abs(np.take_along_axis(e_new, pos[:, None], 1)[:, 0])
     h_up[ids] = up != over
 
 
@@ -526,10 +532,18 @@ def _sum_order(klen: int) -> tuple[int, ...] | None:
 
 # Index of each element of a kernel (at most 16), a column: ``key ^ index`` sets the key's low 4 bits to
 # 15 - index, the tie-break of the kernel stage's keys.
-_INDEX = np.arange(16, dtype=np.int32)[:, None]
+_INDEX16 = np.arange(16, dtype=np.uint16)[:, None]
+# 15 - index of each element of a kernel: the tie-break of `_kernel_stage_stable`'s keys.
+_DESCENDING_INDEX = np.arange(15, -1, -1, dtype=np.int64)
 # Positions in the kernel stage's order, a column.
 _POSITION = np.arange(16, dtype=np.int32)[:, None]
 _INT32_MIN = np.int32(-(2**31))
+# Kernel stage keys: priorities in [-0.5, 0.5] times _KEY_SCALE (so in [-32752, 32752]) plus _KEY_MAGIC
+# (2^23 + 32768) are float32 in [2^23, 2^24), whose mantissas count units of 1: 32768 + the rounded scaled
+# priority, in [16, 65520]. Classes (mantissa >> 4) from _CANDIDATE_CLASS up hold positive priorities only.
+_KEY_SCALE = 16 * 4094
+_KEY_MAGIC = np.float32(2**23 + 2**15)
+_CANDIDATE_CLASS = 2**11 + 1
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Best known sorting network for 9 inputs (25 comparators in 7 layers; Floyd), for the 3x3 kernel.
 _NETWORK_9 = tuple(
