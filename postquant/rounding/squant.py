@@ -48,6 +48,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -68,6 +70,34 @@ _STABLE_SORT_MAX = 16
 # (|error sum| > 3.5: a few kernels of a layer, if any) take the exact path. Ordering 5 positions of 9 costs
 # one comparator more than 4.
 _FAST_K = 3
+
+
+class _Workspace(threading.local):
+    """Scratch arrays of the CPU path, kept per thread between calls and grown on demand.
+
+    A fresh array costs a page fault per 4 KiB on its first write (about as much as a pass of arithmetic
+    over it) whenever the allocator hands back memory it returned to the system; these buffers are written
+    once per block, so keeping them makes that cost independent of what else the process allocates. Arrays
+    of up to _WORKSPACE_KEEP_BYTES are kept (about 16 MiB in all with the default block size).
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, shape: tuple[int, ...], dtype: type | np.dtype) -> np.ndarray:
+        """An uninitialised array of `shape` and `dtype` in buffer `name` (which it overwrites)."""
+        dt = np.dtype(dtype)
+        nbytes = math.prod(shape) * dt.itemsize
+        buf = self.buffers.get(name)
+        if buf is None or buf.size < nbytes:
+            buf = np.empty(max(nbytes + nbytes // 4, 64), dtype=np.uint8)  # room for a slightly larger call
+            if nbytes <= _WORKSPACE_KEEP_BYTES:
+                self.buffers[name] = buf
+        return buf[:nbytes].view(dt).reshape(shape)
+
+
+_WORKSPACE_KEEP_BYTES = 1 << 24
+_workspace = _Workspace()
 
 
 def _parse_mode(mode: SquantMode | str) -> SquantMode:
@@ -153,12 +183,12 @@ def _kernel_then_channel(x3: torch.Tensor, out: torch.Tensor, tmin: int, tmax: i
     """
     oc, ic, klen = x3.shape
     xk, ok = x3.view(-1, klen), out.view(-1, klen)  # (G, L) kernels
-    h_pos = np.empty(xk.shape[0], dtype=np.int32)  # (G,) each kernel's hand-off
-    h_pri = np.empty(xk.shape[0], dtype=np.float32)
-    h_up = np.empty(xk.shape[0], dtype=bool)
+    h_pos = _workspace.array("h_pos", (xk.shape[0],), np.int32)  # (G,) each kernel's hand-off
+    h_pri = _workspace.array("h_pri", (xk.shape[0],), np.float32)
+    h_up = _workspace.array("h_up", (xk.shape[0],), bool)
     s = np.empty(oc, dtype=np.float32)  # (OC,) channel error sums after the kernel stage
     blocks = _channel_blocks(oc, ic * klen)
-    scratch = np.empty((2, max(c1 - c0 for c0, c1 in blocks) * ic, klen), dtype=np.float32)
+    scratch = _workspace.array("re", (2, max(c1 - c0 for c0, c1 in blocks) * ic, klen), np.float32)
     for c0, c1 in blocks:  # blocks of whole output channels, for cache locality only
         g0, g1 = c0 * ic, c1 * ic
         if klen > _STABLE_SORT_MAX:
@@ -325,11 +355,13 @@ def _kernel_stage(
         np.subtract(r, x, out=e)  # e0 = r0 - x, exact
     # The rest works on the errors transposed to (L, G): every row is contiguous, and a per-kernel value
     # broadcasts along it.
-    et = e.T.copy()  # (L, G)
+    et = _workspace.array("et", (klen, g), np.float32)
+    np.copyto(et, e.T)  # (L, G)
     s = _kernel_sums(e, et)  # (G,) the reference's float32 sum over each kernel (never -0.0)
     if not np.isfinite(s.sum()):  # |s| <= L / 2 for finite x; NaN where x is NaN or Inf
         raise NonFiniteWeightError(_NON_FINITE)
     up = s < 0  # flip up (a zero sum flips down)
+    top = min(_FAST_K + 2, klen)  # positions of the order that the sorting network finds
     step = up.astype(np.float32)
     step *= 2
     step -= 1  # (G,) +-1
@@ -343,7 +375,8 @@ def _kernel_stage(
     # implies a candidate.
     et *= step * np.float32(-_KEY_SCALE)  # (np.where with two scalars is several times slower)
     et += _KEY_MAGIC
-    key = np.empty((klen, g), dtype=np.uint16)
+    keys = _workspace.array("keys", (klen + 1 + top, g), np.uint16)  # the keys, a spare row, the order
+    key = keys[:klen]
     np.copyto(key, et.view(np.uint32), casting="unsafe")  # the low 16 bits
     key |= 15
     key ^= _INDEX16[:klen]
@@ -353,16 +386,12 @@ def _kernel_stage(
         sel = np.flatnonzero(up[kern] == (x.reshape(-1)[beyond] > tmax))
         key[pos[sel], kern[sel]] = 15 - pos[sel]
 
-    # The first `top` keys of every kernel's order (descending keys) by a sorting network over the rows.
-    top = min(_FAST_K + 2, klen)
-    srt = np.empty((top, g), dtype=np.uint16)  # (top, G): position t of the order
-    rows = list(key)
-    for i, j, hi, lo, last_hi, last_lo in _selection_steps(klen, top):
-        a, b = rows[i], rows[j]
-        if hi:
-            rows[i] = np.maximum(a, b, out=srt[i] if last_hi else None)
-        if lo:
-            rows[j] = np.minimum(a, b, out=srt[j] if last_lo else None)
+    # The first `top` keys of every kernel's order (descending keys) by a sorting network over the rows
+    # (it overwrites the keys).
+    srt = keys[klen + 1 :]  # (top, G): position t of the order
+    rows = list(keys)
+    for is_max, a, b, o in _network_program(klen, top):
+        (np.maximum if is_max else np.minimum)(rows[a], rows[b], out=rows[o])
 
     # Flips: positions 0 .. k-1 of the order; hand-off (order[k-1] on overshoot k >= |s|, else order[k]) at
     # position `at`. The key order is the reference's (stable) order at positions 0 .. at if these hold
@@ -432,7 +461,7 @@ def _beyond_range(x: np.ndarray, tmin: int, tmax: int) -> np.ndarray:
     bool array is several times slower than the comparison."""
     n = x.size
     words = -(-n // 8)
-    flags = np.empty((2, words * 8), dtype=bool)
+    flags = _workspace.array("flags", (2, words * 8), bool)
     flags[:, n:] = False
     np.greater(x.reshape(-1), tmax, out=flags[0, :n])
     np.less(x.reshape(-1), tmin, out=flags[1, :n])
@@ -611,6 +640,47 @@ def _selection_plan(n: int, top: int) -> tuple[tuple[int, int, bool, bool], ...]
     return tuple(reversed(plan))
 
 
+@functools.cache
+def _network_program(n: int, top: int) -> tuple[tuple[bool, int, int, int], ...]:
+    """`_selection_steps` as elementwise operations on rows: (max?, input a, input b, output), each an
+    index into n input rows (overwritten), one spare row (index n) and the `top` output rows (n + 1 + t).
+    Each value goes to its output row on its last write, else into a row that holds no live value."""
+    slot = list(range(n))  # the row that holds wire i
+    free = [n]
+    ops: list[tuple[bool, int, int, int]] = []
+    for i, j, hi, lo, last_hi, last_lo in _selection_steps(n, top):
+        a, b = slot[i], slot[j]
+        out_i, out_j = n + 1 + i, n + 1 + j
+        if hi and lo:
+            if last_hi and last_lo:
+                ops += [(True, a, b, out_i), (False, a, b, out_j)]
+                free += [a, b]
+            elif last_hi:
+                ops += [(True, a, b, out_i), (False, a, b, b)]  # the min in place of b
+                free.append(a)
+                out_j = b
+            elif last_lo:
+                ops += [(False, a, b, out_j), (True, a, b, a)]  # the max in place of a
+                free.append(b)
+                out_i = a
+            else:
+                out_i, out_j = a, free.pop()
+                ops += [(False, a, b, out_j), (True, a, b, a)]
+                free.append(b)
+            slot[i], slot[j] = out_i, out_j
+        elif hi:
+            out = out_i if last_hi else a
+            ops.append((True, a, b, out))
+            free += [b, a] if last_hi else [b]
+            slot[i] = out
+        elif lo:
+            out = out_j if last_lo else b
+            ops.append((False, a, b, out))
+            free += [a, b] if last_lo else [a]
+            slot[j] = out
+    return tuple(ops)
+
+
 def _kernel_stage_ranked(
     xg: torch.Tensor, s: torch.Tensor | None, tmin: int, tmax: int, stable: bool
 ) -> _KernelResult:
@@ -659,7 +729,10 @@ def _flip_threshold(values: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.n
     m = values.shape[1]
     # Ascending; position t of the descending order is column M-1-t. Non-negative floats are ordered like
     # their bits, and numpy sorts int32 faster than float32.
-    asc = np.sort(values.view(np.int32), axis=1).view(np.float32)
+    asc_bits = _workspace.array("sorted", values.shape, np.int32)
+    np.copyto(asc_bits, values.view(np.int32))
+    asc_bits.sort(axis=1)
+    asc = asc_bits.view(np.float32)
     kk = m - 1 - np.minimum(k, m - 1).astype(np.intp)
     rows = np.arange(values.shape[0])
     v_k = asc[rows, kk]
@@ -690,7 +763,8 @@ def _channel_stage_handoffs(
     if not k.any():
         return
     step = up.astype(np.float32) * 2 - 1  # (n,)
-    pri = h_pri * (h_up == up[:, None])  # (n, IC): the nonzero entries of the direction's list
+    pri = _workspace.array("pri", h_pri.shape, np.float32)  # (n, IC): the nonzero entries of the list
+    np.multiply(h_pri, h_up == up[:, None], out=pri)
     # The first k of the order are the priorities above the one at position k, unless those two are equal.
     v_k, ambiguous = _flip_threshold(pri, k)  # the ambiguous ones are done below
     rows = np.flatnonzero(pri > v_k[:, None])  # flat kernel ids
@@ -869,9 +943,11 @@ def _channel_stage_full_cpu(xb: torch.Tensor, ob: torch.Tensor, tmin: int, tmax:
     into `ob`."""
     n = xb.shape[0]
     x = xb.reshape(n, -1).numpy()  # (n, M)
-    r = np.rint(x)
+    r = _workspace.array("re", (2, *x.shape), np.float32)
+    r, e = r[0], r[1]
+    np.rint(x, out=r)
     with np.errstate(invalid="ignore"):  # Inf - Inf: NaN, reported below
-        e = r - x
+        np.subtract(r, x, out=e)
     s = torch.from_numpy(e).sum(-1).numpy()  # (n,) the reference's float32 sums over each channel
     if not np.isfinite(s.sum()):  # |s| <= M / 2 for finite x; NaN where x is NaN or Inf
         raise NonFiniteWeightError(_NON_FINITE)
@@ -889,7 +965,8 @@ def _channel_stage_full_cpu(xb: torch.Tensor, ob: torch.Tensor, tmin: int, tmax:
     torch.from_numpy(pb).clamp_min_(0)
     p = pb.view(np.float32)  # (n, M) |e0| for a candidate, +0.0 otherwise
     v_k, ambiguous = _flip_threshold(p, k)  # the ambiguous ones are redone below
-    r += (p > v_k[:, None]) * step  # only candidates (p > 0) flip: they stay in [tmin, tmax]
+    flips = np.flatnonzero(p > v_k[:, None])  # only candidates (p > 0) flip: they stay in [tmin, tmax]
+    r.reshape(-1)[flips] += step[flips // x.shape[1], 0]
     if beyond.size:
         rf = r.reshape(-1)
         rf[beyond] = np.clip(rf[beyond], tmin, tmax)
