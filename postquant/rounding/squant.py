@@ -412,25 +412,38 @@ def _kernel_stage(
     clash |= at < 0
     clash |= kk > _FAST_K
 
-    nf = min(_FAST_K, top)
-    fid = np.flatnonzero(_POSITION[:nf] < kk)  # t * G + kernel, for the flipped positions t < k
-    kern = fid.copy()
-    bounds = [0, *np.searchsorted(fid, g * np.arange(1, nf)), fid.size]
-    for t in range(1, nf):
-        kern[bounds[t] : bounds[t + 1]] -= t * g
-    flat = kern * klen
-    flat += 15
-    flat -= np.take(srt[:nf], fid) & 15  # kernel * L + index of the element at position t
-    ft, st = torch.from_numpy(flat), torch.from_numpy(np.take(step, kern))
+    # Flips: position 0 of every kernel, with a step of 0 where k == 0 (adding +-0.0 changes no error, none
+    # is -0.0, nor any code), and positions 1 .. k-1 of the few kernels with k >= 2.
+    starts = _row_starts(g, klen)
+    flat = starts - (srt[0] & 15)
+    flat += 15  # kernel * L + index of the element at position 0
+    flats, steps = [flat], [(kk > 0) * step]
+    kern = np.flatnonzero(kk > 1)
+    for t in range(1, min(_FAST_K, top)):
+        if t > 1:
+            kern = kern[kk[kern] > t]
+        flat = kern * klen
+        flat += 15
+        flat -= np.take(srt[t], kern) & 15
+        flats.append(flat)
+        steps.append(np.take(step, kern))
+    ft, st = torch.from_numpy(np.concatenate(flats)), torch.from_numpy(np.concatenate(steps))
     torch.from_numpy(e).view(-1).scatter_add_(0, ft, st)  # e0 + step (no index twice)
     torch.from_numpy(r).view(-1).scatter_add_(0, ft, st)  # r0 + step
 
-    # Hand-off: its priority is |current error|; it joins the opposite list on overshoot.
-    hat = np.clip(at, 0, top - 1).astype(np.int64)
-    hat *= g
-    hat += _row_starts(g, 1)
-    np.subtract(15, np.take(srt, hat) & 15, out=h_pos)
-    np.abs(np.take(e, _row_starts(g, klen) + h_pos), out=h_pri)
+    # Hand-off: its priority is |current error|; it joins the opposite list on overshoot. Its key is
+    # srt[at]: srt[0] or srt[1] selected by a mask (a gather costs several times more), then the few others.
+    mask = (at == 0).astype(np.uint16)
+    np.negative(mask, out=mask)  # 0xFFFF where at == 0
+    hk = srt[0] ^ srt[1]
+    hk &= mask
+    hk ^= srt[1]
+    rare = np.flatnonzero(at > 1)
+    if rare.size:
+        hk[rare] = np.take(srt, np.minimum(at[rare], top - 1) * g + rare)
+    hk &= 15
+    np.subtract(15, hk, out=h_pos)
+    np.abs(np.take(e, starts + h_pos), out=h_pri)
     np.not_equal(up, over, out=h_up)
     # A candidate's flip stays in [tmin, tmax] (a flip of any other element is redone below), so only the
     # elements beyond that range can need the clamp.
@@ -505,8 +518,11 @@ def _kernel_stage_stable(
     key = np.maximum(pbits, 0).astype(np.int64)
     key *= 16
     key += _DESCENDING_INDEX[:klen]  # unique; an earlier index wins ties
-    rank = (key[:, None, :] > key[:, :, None]).sum(2)  # (n, L): how many keys are above
-    flip = rank < k[:, None]
+    desc = np.sort(key, axis=1)[:, ::-1].reshape(-1)  # each kernel's keys in descending order
+    first = np.arange(0, desc.size, klen)  # (n,) where each kernel's keys start in `desc`
+    kk = k.astype(np.intp)
+    flip = key >= desc[first + np.maximum(kk - 1, 0)][:, None]  # the first k of the order (unique keys)
+    flip &= (kk > 0)[:, None]
     moved = flip & cand
     r = r0 + moved * step  # (a step of 0 where not moved)
     e_new = e0 + moved * step
@@ -515,10 +531,10 @@ def _kernel_stage_stable(
     np.minimum(r, tmax, out=r)
     codes[ids] = r
     e[ids] = e_new
-    target = (k - over).astype(np.intp) % klen  # order[k-1] on overshoot (order[-1] if k == 0), else order[k]
-    pos = (rank == target[:, None]).argmax(1)
+    target = (kk - over) % klen  # order[k-1] on overshoot (order[-1] if k == 0), else order[k]
+    pos = (key == desc[first + target][:, None]).argmax(1)
     h_pos[ids] = pos
-    h_pri[ids] = np.abs(np.take_along_axis(e_new, pos[:, None], 1)[:, 0])
+    h_pri[ids] = np.abs(e_new.reshape(-1)[first + pos])
     h_up[ids] = up != over
 
 
