@@ -373,8 +373,8 @@ def _kernel_stage(
     # with its low 4 bits replaced by 15 - index: its class (mantissa >> 4) orders the priorities where
     # two classes differ, equal classes are ordered by index (unique keys), and class >= _CANDIDATE_CLASS
     # implies a candidate.
-    et *= step * np.float32(-_KEY_SCALE)  # (np.where with two scalars is several times slower)
-    et += _KEY_MAGIC
+    ett = torch.from_numpy(et)
+    torch.addcmul(_KEY_MAGIC_T, ett, torch.from_numpy(step * np.float32(-_KEY_SCALE)), out=ett)
     keys = _workspace.array("keys", (klen + 1 + top, g), np.uint16)  # the keys, a spare row, the order
     key = keys[:klen]
     np.copyto(key, et.view(np.uint32), casting="unsafe")  # the low 16 bits
@@ -403,10 +403,14 @@ def _kernel_stage(
     over = k >= np.abs(s)
     at = kk - over  # (G,) int32, -1 where s == 0
     nb = min(_FAST_K + 1, top)  # positions that can be the hand-off (at <= _FAST_K)
-    bad = srt[:nb] < _CANDIDATE_CLASS << 4  # (nb, G) no sure candidate
+    # Position t is bad if its class is below _CANDIDATE_CLASS or equals the next one's; as keys are
+    # unique and descending, the latter is srt[t] <= srt[t + 1] | 15.
+    limit = np.empty((nb, g), dtype=np.uint16)
+    limit[top - 1 :] = (_CANDIDATE_CLASS << 4) - 1  # (the last position has no next one)
     ne = min(nb, top - 1)
-    cls = srt[: ne + 1] >> 4
-    bad[:ne] |= cls[:ne] == cls[1:]
+    np.bitwise_or(srt[1 : ne + 1], 15, out=limit[:ne])
+    np.maximum(limit[:ne], (_CANDIDATE_CLASS << 4) - 1, out=limit[:ne])
+    bad = srt[:nb] <= limit  # (nb, G)
     bad &= _POSITION[:nb] <= at
     clash = bad.any(0)
     clash |= at < 0
@@ -418,7 +422,7 @@ def _kernel_stage(
     flat = starts - (srt[0] & 15)
     flat += 15  # kernel * L + index of the element at position 0
     flats, steps = [flat], [(kk > 0) * step]
-    kern = np.flatnonzero(kk > 1)
+    kern2 = kern = np.flatnonzero(kk > 1)  # (few) kernels that flip positions 1 and up
     for t in range(1, min(_FAST_K, top)):
         if t > 1:
             kern = kern[kk[kern] > t]
@@ -438,7 +442,7 @@ def _kernel_stage(
     hk = srt[0] ^ srt[1]
     hk &= mask
     hk ^= srt[1]
-    rare = np.flatnonzero(at > 1)
+    rare = kern2[at[kern2] > 1]  # (at <= k)
     if rare.size:
         hk[rare] = np.take(srt, np.minimum(at[rare], top - 1) * g + rare)
     hk &= 15
@@ -587,7 +591,7 @@ _INT32_MIN = np.int32(-(2**31))
 # (2^23 + 32768) are float32 in [2^23, 2^24), whose mantissas count units of 1: 32768 + the rounded scaled
 # priority, in [16, 65520]. Classes (mantissa >> 4) from _CANDIDATE_CLASS up hold positive priorities only.
 _KEY_SCALE = 16 * 4094
-_KEY_MAGIC = np.float32(2**23 + 2**15)
+_KEY_MAGIC_T = torch.tensor(2.0**23 + 2**15, dtype=torch.float32)
 _CANDIDATE_CLASS = 2**11 + 1
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Best known sorting network for 9 inputs (25 comparators in 7 layers; Floyd), for the 3x3 kernel.
