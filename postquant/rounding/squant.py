@@ -395,26 +395,38 @@ def _kernel_stage(
 
     # Flips: positions 0 .. k-1 of the order; hand-off (order[k-1] on overshoot k >= |s|, else order[k]) at
     # position `at`. The key order is the reference's (stable) order at positions 0 .. at if these hold
-    # candidates of strictly decreasing classes, and the class at `at` is above the next one (or the
-    # kernel ends there): then it is the order of the priorities, without ties. Kernels where that fails,
-    # which flip more than _FAST_K elements, or with a zero sum (their hand-off is order[-1]), are redone.
+    # candidates of strictly decreasing priorities, and the priority at `at` is above the next one's (or
+    # the kernel ends there). Where neighbouring classes differ, so do the priorities. Kernels with a
+    # position t <= at that holds no sure candidate, which flip more than _FAST_K elements, or with a zero
+    # sum (their hand-off is order[-1]), are redone; so are those where three positions in a row share a
+    # class. Two positions t, t + 1 (t <= at) that share a class are ordered by their exact priorities.
     k = np.rint(np.abs(s))  # (G,) float32 flips per kernel
     kk = k.astype(np.int32)
     over = k >= np.abs(s)
     at = kk - over  # (G,) int32, -1 where s == 0
     nb = min(_FAST_K + 1, top)  # positions that can be the hand-off (at <= _FAST_K)
-    # Position t is bad if its class is below _CANDIDATE_CLASS or equals the next one's; as keys are
-    # unique and descending, the latter is srt[t] <= srt[t + 1] | 15.
-    limit = np.empty((nb, g), dtype=np.uint16)
-    limit[top - 1 :] = (_CANDIDATE_CLASS << 4) - 1  # (the last position has no next one)
-    ne = min(nb, top - 1)
-    np.bitwise_or(srt[1 : ne + 1], 15, out=limit[:ne])
-    np.maximum(limit[:ne], (_CANDIDATE_CLASS << 4) - 1, out=limit[:ne])
-    bad = srt[:nb] <= limit  # (nb, G)
-    bad &= _POSITION[:nb] <= at
-    clash = bad.any(0)
+    relevant = _POSITION[:nb] <= at  # (nb, G)
+    low = srt[:nb] < _CANDIDATE_CLASS << 4
+    low &= relevant
+    clash = low.any(0)
     clash |= at < 0
     clash |= kk > _FAST_K
+    ne = min(nb, top - 1)
+    tie = np.zeros((nb, g), dtype=bool)  # position t shares its class with t + 1: as keys are unique and
+    np.less_equal(srt[:ne], srt[1 : ne + 1] | 15, out=tie[:ne])  # descending, srt[t] <= srt[t + 1] | 15
+    tid = np.flatnonzero(tie & relevant)  # t * G + kernel (a few per 1000 kernels)
+    if tid.size:
+        kern = tid % g
+        # three in a row, or t + 2 is not in `srt` (the kernel has more elements): redo
+        nxt = tid + g
+        known = nxt < ne * g
+        clash[kern[np.where(known, tie.reshape(-1)[np.minimum(nxt, ne * g - 1)], top < klen)]] = True
+        flat_srt = srt.reshape(-1)
+        key_a, key_b = flat_srt[tid], flat_srt[tid + g]
+        base = kern * klen + 15
+        swap = np.abs(np.take(e, base - (key_b & 15))) > np.abs(np.take(e, base - (key_a & 15)))  # |e0|
+        flat_srt[tid[swap]] = key_b[swap]
+        flat_srt[tid[swap] + g] = key_a[swap]
 
     # Flips: position 0 of every kernel, with a step of 0 where k == 0 (adding +-0.0 changes no error, none
     # is -0.0, nor any code), and positions 1 .. k-1 of the few kernels with k >= 2.
