@@ -13,8 +13,10 @@ its sorts, the ``order[-1]`` hand-off of a group whose error sum is exactly 0, a
 are not candidates. Nothing loops over kernels or channels in Python. Channels are independent, so on the CPU
 the kernel stage runs in blocks of whole output channels (that only saves memory traffic): a block's rounding
 and errors live in reused block-sized buffers, the few kernels its fast path cannot order are redone in the
-block, and its channels' error sums are taken there; then the channel stage runs on the whole layer. On an
-accelerator whole layers are processed at once (`_squant_dense`, at the end).
+block, and its channels' error sums are taken there; then the channel stage runs on the whole layer. The
+CPU path's block- and layer-sized scratch arrays come from a per-thread workspace kept between calls
+(`_Workspace`), so that their pages are not faulted in again for every block and layer. On an accelerator
+whole layers are processed at once (`_squant_dense`, at the end).
 
 On the CPU the kernel and channel stages work on numpy arrays that share the tensors' memory: there numpy's
 elementwise comparisons, selections and index lists cost a fraction of torch's (whose cost per call also
@@ -24,13 +26,17 @@ than ``torch.topk``. The arithmetic is the same float32, element for element.
 How the reference's sorts are reproduced without sorting every row:
 
 * Kernel stage, kernels of at most 16 elements. The reference's ``torch.sort(descending=True)`` is an
-  insertion sort on rows this short, so it is stable. Each element gets an int32 key: its priority's float
-  bits rounded up to a multiple of 16, plus ``15 - index`` (four integer passes over the error's own bits).
-  Keys are unique within a kernel and, where two priorities do not share a key class, ordered like the stable
-  sort. The errors are transposed to (kh*kw, kernels), and a sorting network whose comparators are
-  elementwise max / min of whole rows orders all kernels at once, down to the positions the stage needs. The
-  few kernels where a shared positive key class touches such a position, or which flip all four elements a
-  9-element kernel can need (|error sum| > 3.5, rare), are redone with exact stable ranks.
+  insertion sort on rows this short, so it is stable. The errors are transposed to (kh*kw, kernels), and
+  each element gets a uint16 key: its priority in the kernel's direction (``-e0`` for up, ``e0`` for down,
+  > 0 for a candidate) scaled to [-32752, 32752] and rounded by a float32 addition of 2^23 + 2^15, whose
+  mantissa then holds it (a non-decreasing function of the priority), with the low 4 bits replaced by
+  ``15 - index``: keys are unique within a kernel, and their 12-bit classes order the priorities wherever
+  they differ. A sorting network whose comparators are elementwise max / min of whole rows orders all
+  kernels at once, down to the positions the stage needs. Where two of those positions share a class (a
+  few kernels in 1000), the two are ordered by their exact priorities (equal ones keep the index order, as
+  the stable sort does). The few kernels where three positions in a row share a class, a needed position
+  holds no sure candidate (or an element beyond the range), the error sum is 0, or which flip all four
+  elements a 9-element kernel can need (|error sum| > 3.5), are redone with exact stable ranks.
   The kernels' error sums are the reference's float32 ``torch.sum``: its order of additions, where probe
   rows confirm it (`_sum_order`), is repeated on the transposed rows, else torch sums.
 * Kernel stage, larger kernels (5x5, 7x7): ``torch.sort`` of the very same rows as the reference, on the
@@ -61,8 +67,8 @@ from postquant.errors import NonFiniteWeightError
 __all__ = ["SquantMode", "squant_codes", "squant_codes_many"]
 
 # Elements per block of output channels: memory traffic (the intermediates of a block stay in the CPU's
-# last-level cache) against the fixed cost of the ~150 numpy calls of a block (on the ResNet-18 shapes, on a
-# loaded 2-core machine, 2^18 measured 2-3% slower, 2^17 about 10%).
+# last-level cache) against the fixed cost of the ~110 numpy calls of a block (on the ResNet-18 shapes, on a
+# loaded 2-core machine, 2^18 measured about 5% slower, 2^17 about 15%, 2^20 the same).
 _BLOCK_ELEMENTS = 1 << 19
 # Rows of up to this length are insertion-sorted (stably) by the reference's std::sort.
 _STABLE_SORT_MAX = 16
@@ -178,8 +184,9 @@ def _kernel_then_channel(x3: torch.Tensor, out: torch.Tensor, tmin: int, tmax: i
     the same block), each block's channel error sums taken while its errors are in the cache, then the
     channel stage on the whole layer if `channel`. Writes the codes into `out` (OC, IC, L), on the CPU.
 
-    The errors and roundings of a block live in two block-sized scratch arrays: a layer-sized array would
-    cost a page fault per 4 KiB on its first write, as much as the arithmetic of a pass over it.
+    The errors and roundings of a block live in two block-sized scratch arrays of the workspace: a
+    layer-sized array would cost a page fault per 4 KiB on its first write, as much as the arithmetic of a
+    pass over it.
     """
     oc, ic, klen = x3.shape
     xk, ok = x3.view(-1, klen), out.view(-1, klen)  # (G, L) kernels
@@ -199,7 +206,8 @@ def _kernel_then_channel(x3: torch.Tensor, out: torch.Tensor, tmin: int, tmax: i
         else:
             r, e_np = scratch[0, : g1 - g0], scratch[1, : g1 - g0]
             hand = (h_pos[g0:g1], h_pri[g0:g1], h_up[g0:g1])
-            _kernel_stage(xk[g0:g1].numpy(), r, e_np, ok[g0:g1].numpy(), *hand, tmin, tmax)
+            with np.errstate(invalid="ignore"):
+                _kernel_stage(xk[g0:g1].numpy(), r, e_np, ok[g0:g1].numpy(), *hand, tmin, tmax)
             e = torch.from_numpy(e_np)
         if channel:
             s[c0:c1] = e.view(c1 - c0, -1).sum(-1).numpy()  # the reference's float32 sums (>= 2 rows)
@@ -347,12 +355,12 @@ def _kernel_stage(
     `r` and `e` (G, L) float32 are scratch; on return `e` holds the errors after the stage. Writes the
     clamped codes into `codes` (G, L) int32 and each kernel's hand-off into `h_pos` (G,) int32, `h_pri` (G,)
     float32 and `h_up` (G,) bool. The kernels this fast path cannot order are redone from exact stable ranks
-    (`_kernel_stage_stable`).
+    (`_kernel_stage_stable`). The transposed errors, keys and order live in the workspace. The caller
+    silences numpy's invalid-value warnings (Inf - Inf, reported as NonFiniteWeightError).
     """
     g, klen = x.shape
     np.rint(x, out=r)  # (G, L) r0, half to even like torch.round
-    with np.errstate(invalid="ignore"):  # Inf - Inf: NaN, reported below
-        np.subtract(r, x, out=e)  # e0 = r0 - x, exact
+    np.subtract(r, x, out=e)  # e0 = r0 - x, exact (Inf - Inf: NaN, reported below)
     # The rest works on the errors transposed to (L, G): every row is contiguous, and a per-kernel value
     # broadcasts along it.
     et = _workspace.array("et", (klen, g), np.float32)
@@ -482,6 +490,8 @@ def _row_starts(rows: int, length: int) -> np.ndarray:
 
 
 _ROW_STARTS: dict[int, np.ndarray] = {}
+# `_beyond_range` scans flags 8 at a time from this many elements on (below, two comparisons cost less).
+_BEYOND_SCAN_MIN = 1 << 17
 
 
 def _beyond_range(x: np.ndarray, tmin: int, tmax: int) -> np.ndarray:
@@ -489,6 +499,8 @@ def _beyond_range(x: np.ndarray, tmin: int, tmax: int) -> np.ndarray:
     channel's extremes there). The two comparisons are scanned 8 bytes at a time, as np.flatnonzero on a
     bool array is several times slower than the comparison."""
     n = x.size
+    if n < _BEYOND_SCAN_MIN:
+        return np.flatnonzero((x > tmax) | (x < tmin))
     words = -(-n // 8)
     flags = _workspace.array("flags", (2, words * 8), bool)
     flags[:, n:] = False
