@@ -127,6 +127,19 @@ def test_many_layers_at_once_equal_each_layer_alone(mode: SquantMode, device: to
         squant_codes_many(bad, -4, 3, mode, whole_layer=True)
 
 
+@pytest.mark.parametrize("block", [300, 1000, 1 << 19])
+def test_many_small_layers_stacked_on_the_cpu(block: int) -> None:
+    """On the CPU `squant_codes_many` stacks small layers of one shape along their output channels, in
+    batches of at most a block (here also smaller blocks, so that batches split): the same codes as alone."""
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(4, 5, 3, 3), (7, 5, 3, 3), (2, 5, 3, 3), (6, 8), (3, 5, 3, 3), (1, 8), (9, 5, 3, 3), (5, 8)]
+    xs = [reference_grid(torch.randn(shape, generator=gen) * 0.05, 4)[0] for shape in shapes]
+    alone = [squant_codes(x, -8, 7) for x in xs]
+    with mock.patch.object(squant_module, "_BLOCK_ELEMENTS", block):
+        many = squant_codes_many(xs, -8, 7)
+    assert all(torch.equal(a, b) for a, b in zip(alone, many, strict=True))
+
+
 def test_golden_set_is_complete() -> None:
     """All four files are there with the 269 cases of the README (guards against a silently smaller set)."""
     missing = [stem for stem in GOLDEN_FILES if not (GOLDEN / f"{stem}.npz").is_file()]
