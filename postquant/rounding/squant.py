@@ -13,8 +13,10 @@ its sorts, the ``order[-1]`` hand-off of a group whose error sum is exactly 0, a
 are not candidates. Nothing loops over kernels or channels in Python. Channels are independent, so on the CPU
 the kernel stage runs in blocks of whole output channels (that only saves memory traffic): a block's rounding
 and errors live in reused block-sized buffers, the few kernels its fast path cannot order are redone in the
-block, and its channels' error sums are taken there; then the channel stage runs on the whole layer. On an
-accelerator whole layers are processed at once (`_squant_dense`, at the end).
+block, and its channels' error sums are taken there; then the channel stage runs on the whole layer. The
+CPU path's block- and layer-sized scratch arrays come from a per-thread workspace kept between calls
+(`_Workspace`), so that their pages are not faulted in again for every block and layer. On an accelerator
+whole layers are processed at once (`_squant_dense`, at the end).
 
 On the CPU the kernel and channel stages work on numpy arrays that share the tensors' memory: there numpy's
 elementwise comparisons, selections and index lists cost a fraction of torch's (whose cost per call also
@@ -24,13 +26,17 @@ than ``torch.topk``. The arithmetic is the same float32, element for element.
 How the reference's sorts are reproduced without sorting every row:
 
 * Kernel stage, kernels of at most 16 elements. The reference's ``torch.sort(descending=True)`` is an
-  insertion sort on rows this short, so it is stable. Each element gets an int32 key: its priority's float
-  bits rounded up to a multiple of 16, plus ``15 - index`` (four integer passes over the error's own bits).
-  Keys are unique within a kernel and, where two priorities do not share a key class, ordered like the stable
-  sort. The errors are transposed to (kh*kw, kernels), and a sorting network whose comparators are
-  elementwise max / min of whole rows orders all kernels at once, down to the positions the stage needs. The
-  few kernels where a shared positive key class touches such a position, or which flip all four elements a
-  9-element kernel can need (|error sum| > 3.5, rare), are redone with exact stable ranks.
+  insertion sort on rows this short, so it is stable. The errors are transposed to (kh*kw, kernels), and
+  each element gets a uint16 key: its priority in the kernel's direction (``-e0`` for up, ``e0`` for down,
+  > 0 for a candidate) scaled to [-32752, 32752] and rounded by a float32 addition of 2^23 + 2^15, whose
+  mantissa then holds it (a non-decreasing function of the priority), with the low 4 bits replaced by
+  ``15 - index``: keys are unique within a kernel, and their 12-bit classes order the priorities wherever
+  they differ. A sorting network whose comparators are elementwise max / min of whole rows orders all
+  kernels at once, down to the positions the stage needs. Where two of those positions share a class (a
+  few kernels in 1000), the two are ordered by their exact priorities (equal ones keep the index order, as
+  the stable sort does). The few kernels where three positions in a row share a class, a needed position
+  holds no sure candidate (or an element beyond the range), the error sum is 0, or which flip all four
+  elements a 9-element kernel can need (|error sum| > 3.5), are redone with exact stable ranks.
   The kernels' error sums are the reference's float32 ``torch.sum``: its order of additions, where probe
   rows confirm it (`_sum_order`), is repeated on the transposed rows, else torch sums.
 * Kernel stage, larger kernels (5x5, 7x7): ``torch.sort`` of the very same rows as the reference, on the
@@ -48,6 +54,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -59,8 +67,8 @@ from postquant.errors import NonFiniteWeightError
 __all__ = ["SquantMode", "squant_codes", "squant_codes_many"]
 
 # Elements per block of output channels: memory traffic (the intermediates of a block stay in the CPU's
-# last-level cache) against the fixed cost of the ~150 numpy calls of a block (on the ResNet-18 shapes, on a
-# loaded 2-core machine, 2^18 measured 2-3% slower, 2^17 about 10%).
+# last-level cache) against the fixed cost of the ~110 numpy calls of a block (on the ResNet-18 shapes, on a
+# loaded 2-core machine, 2^18 measured about 5% slower, 2^17 about 15%, 2^20 the same).
 _BLOCK_ELEMENTS = 1 << 19
 # Rows of up to this length are insertion-sorted (stably) by the reference's std::sort.
 _STABLE_SORT_MAX = 16
@@ -68,6 +76,34 @@ _STABLE_SORT_MAX = 16
 # (|error sum| > 3.5: a few kernels of a layer, if any) take the exact path. Ordering 5 positions of 9 costs
 # one comparator more than 4.
 _FAST_K = 3
+
+
+class _Workspace(threading.local):
+    """Scratch arrays of the CPU path, kept per thread between calls and grown on demand.
+
+    A fresh array costs a page fault per 4 KiB on its first write (about as much as a pass of arithmetic
+    over it) whenever the allocator hands back memory it returned to the system; these buffers are written
+    once per block, so keeping them makes that cost independent of what else the process allocates. Arrays
+    of up to _WORKSPACE_KEEP_BYTES are kept (about 16 MiB in all with the default block size).
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, shape: tuple[int, ...], dtype: type | np.dtype) -> np.ndarray:
+        """An uninitialised array of `shape` and `dtype` in buffer `name` (which it overwrites)."""
+        dt = np.dtype(dtype)
+        nbytes = math.prod(shape) * dt.itemsize
+        buf = self.buffers.get(name)
+        if buf is None or buf.size < nbytes:
+            buf = np.empty(max(nbytes + nbytes // 4, 64), dtype=np.uint8)  # room for a slightly larger call
+            if nbytes <= _WORKSPACE_KEEP_BYTES:
+                self.buffers[name] = buf
+        return buf[:nbytes].view(dt).reshape(shape)
+
+
+_WORKSPACE_KEEP_BYTES = 1 << 24
+_workspace = _Workspace()
 
 
 def _parse_mode(mode: SquantMode | str) -> SquantMode:
@@ -148,17 +184,18 @@ def _kernel_then_channel(x3: torch.Tensor, out: torch.Tensor, tmin: int, tmax: i
     the same block), each block's channel error sums taken while its errors are in the cache, then the
     channel stage on the whole layer if `channel`. Writes the codes into `out` (OC, IC, L), on the CPU.
 
-    The errors and roundings of a block live in two block-sized scratch arrays: a layer-sized array would
-    cost a page fault per 4 KiB on its first write, as much as the arithmetic of a pass over it.
+    The errors and roundings of a block live in two block-sized scratch arrays of the workspace: a
+    layer-sized array would cost a page fault per 4 KiB on its first write, as much as the arithmetic of a
+    pass over it.
     """
     oc, ic, klen = x3.shape
     xk, ok = x3.view(-1, klen), out.view(-1, klen)  # (G, L) kernels
-    h_pos = np.empty(xk.shape[0], dtype=np.int32)  # (G,) each kernel's hand-off
-    h_pri = np.empty(xk.shape[0], dtype=np.float32)
-    h_up = np.empty(xk.shape[0], dtype=bool)
+    h_pos = _workspace.array("h_pos", (xk.shape[0],), np.int32)  # (G,) each kernel's hand-off
+    h_pri = _workspace.array("h_pri", (xk.shape[0],), np.float32)
+    h_up = _workspace.array("h_up", (xk.shape[0],), bool)
     s = np.empty(oc, dtype=np.float32)  # (OC,) channel error sums after the kernel stage
     blocks = _channel_blocks(oc, ic * klen)
-    scratch = np.empty((2, max(c1 - c0 for c0, c1 in blocks) * ic, klen), dtype=np.float32)
+    scratch = _workspace.array("re", (2, max(c1 - c0 for c0, c1 in blocks) * ic, klen), np.float32)
     for c0, c1 in blocks:  # blocks of whole output channels, for cache locality only
         g0, g1 = c0 * ic, c1 * ic
         if klen > _STABLE_SORT_MAX:
@@ -169,7 +206,8 @@ def _kernel_then_channel(x3: torch.Tensor, out: torch.Tensor, tmin: int, tmax: i
         else:
             r, e_np = scratch[0, : g1 - g0], scratch[1, : g1 - g0]
             hand = (h_pos[g0:g1], h_pri[g0:g1], h_up[g0:g1])
-            _kernel_stage(xk[g0:g1].numpy(), r, e_np, ok[g0:g1].numpy(), *hand, tmin, tmax)
+            with np.errstate(invalid="ignore"):
+                _kernel_stage(xk[g0:g1].numpy(), r, e_np, ok[g0:g1].numpy(), *hand, tmin, tmax)
             e = torch.from_numpy(e_np)
         if channel:
             s[c0:c1] = e.view(c1 - c0, -1).sum(-1).numpy()  # the reference's float32 sums (>= 2 rows)
@@ -201,7 +239,9 @@ def squant_codes_many(
     Kernels and output channels are independent, so on the whole-layer path all layers with kernels of one
     length (e.g. every 3x3 convolution of a ResNet) share one kernel stage, those with the same number of
     input channels one channel stage, and each kernel length one host synchronisation. On the blocked (CPU)
-    path each layer is done alone.
+    path, small layers of one shape apart from the output channels are stacked along those and rounded
+    together, up to a block of channels (a call's fixed cost is about that of 50,000 weights); the others
+    are done alone.
 
     Args:
         xs: integer-domain weights, each as `squant_codes` takes them, on one device.
@@ -214,7 +254,7 @@ def squant_codes_many(
         return []
     whole = whole_layer if whole_layer is not None else xs[0].device.type != "cpu"
     if not whole:
-        return [squant_codes(x, tmin, tmax, mode, whole_layer=False) for x in xs]
+        return _squant_blocked_many(xs, tmin, tmax, mode)
     mode = _parse_mode(mode)
     groups: dict[int, list[int]] = {}  # kernel length -> layers
     out: list[torch.Tensor] = [torch.empty(0)] * len(xs)
@@ -229,6 +269,39 @@ def squant_codes_many(
         channel = mode in (SquantMode.EC, SquantMode.EKC)
         for i, codes in zip(members, _squant_dense(x3s, int(tmin), int(tmax), kernel, channel), strict=True):
             out[i] = codes.view(xs[i].shape)
+    return out
+
+
+def _squant_blocked_many(
+    xs: Sequence[torch.Tensor], tmin: int, tmax: int, mode: SquantMode | str
+) -> list[torch.Tensor]:
+    """The blocked path of `squant_codes_many`: layers of fewer than _BLOCK_ELEMENTS weights with the same
+    shape past the output channels and the same dtype are concatenated along the output channels, up to
+    _BLOCK_ELEMENTS, and rounded by one `squant_codes` call (channels are independent, so the codes are
+    the same); each layer's codes are a view of that call's result. Other layers are rounded alone."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(xs)
+    groups: dict[tuple[tuple[int, ...], torch.dtype], list[int]] = {}
+    for i, x in enumerate(xs):
+        if x.dim() >= 2 and 0 < x.numel() < _BLOCK_ELEMENTS:
+            groups.setdefault((tuple(x.shape[1:]), x.dtype), []).append(i)
+        else:  # large, empty, or an error to raise as squant_codes does
+            out[i] = squant_codes(x, tmin, tmax, mode, whole_layer=False)
+    for members in groups.values():
+        start = 0
+        while start < len(members):
+            stop, size = start + 1, xs[members[start]].numel()
+            while stop < len(members) and size + xs[members[stop]].numel() <= _BLOCK_ELEMENTS:
+                size += xs[members[stop]].numel()
+                stop += 1
+            batch = members[start:stop]
+            if len(batch) == 1:
+                out[batch[0]] = squant_codes(xs[batch[0]], tmin, tmax, mode, whole_layer=False)
+            else:
+                stacked = torch.cat([xs[i].detach() for i in batch])
+                codes = squant_codes(stacked, tmin, tmax, mode, whole_layer=False)
+                for i, part in zip(batch, codes.split([xs[i].shape[0] for i in batch]), strict=True):
+                    out[i] = part
+            start = stop
     return out
 
 
@@ -317,96 +390,119 @@ def _kernel_stage(
     `r` and `e` (G, L) float32 are scratch; on return `e` holds the errors after the stage. Writes the
     clamped codes into `codes` (G, L) int32 and each kernel's hand-off into `h_pos` (G,) int32, `h_pri` (G,)
     float32 and `h_up` (G,) bool. The kernels this fast path cannot order are redone from exact stable ranks
-    (`_kernel_stage_stable`).
+    (`_kernel_stage_stable`). The transposed errors, keys and order live in the workspace. The caller
+    silences numpy's invalid-value warnings (Inf - Inf, reported as NonFiniteWeightError).
     """
     g, klen = x.shape
     np.rint(x, out=r)  # (G, L) r0, half to even like torch.round
-    with np.errstate(invalid="ignore"):  # Inf - Inf: NaN, reported below
-        np.subtract(r, x, out=e)  # e0 = r0 - x, exact
+    np.subtract(r, x, out=e)  # e0 = r0 - x, exact (Inf - Inf: NaN, reported below)
     # The rest works on the errors transposed to (L, G): every row is contiguous, and a per-kernel value
     # broadcasts along it.
-    et = e.T.copy()  # (L, G)
+    et = _workspace.array("et", (klen, g), np.float32)
+    np.copyto(et, e.T)  # (L, G)
     s = _kernel_sums(e, et)  # (G,) the reference's float32 sum over each kernel (never -0.0)
     if not np.isfinite(s.sum()):  # |s| <= L / 2 for finite x; NaN where x is NaN or Inf
         raise NonFiniteWeightError(_NON_FINITE)
-
-    # Keys. The priority (`_priority_bits`) in the kernel's direction is |e0| for a candidate (e0 < 0 for up,
-    # > 0 for down, and x below tmax for up, above tmin for down), else 0. As int32, the bits of e0 have the
-    # sign bit set where e0 < 0, so adding 2^31 (wrapping; up: s < 0, the sign bit of s) or 0 (down) leaves
-    # the priority's bits for a candidate and a negative number or 0 otherwise. A key is the priority's bits
-    # rounded up to a multiple of 16 (its class, 0 for a non-candidate) plus 15 - index: unique in a kernel,
-    # an earlier index wins among equal classes, and ordered like the stable sort where two priorities do
-    # not share a class. ceil16(b) + 15 - i is ((b + 15) | 15) ^ i; the clamp sends non-candidates to 15 - i.
-    key = et.view(np.int32)
-    key += (s.view(np.int32) & _INT32_MIN) | 15  # wraps
-    beyond = _beyond_range(x, tmin, tmax)
     up = s < 0  # flip up (a zero sum flips down)
-    if beyond.size:  # x above tmax is no up candidate, x below tmin no down candidate
-        kern, pos = np.divmod(beyond, klen)
-        sel = np.flatnonzero(up[kern] == (x.reshape(-1)[beyond] > tmax))
-        key[pos[sel], kern[sel]] = -1
-    key |= 15
-    torch.from_numpy(key).clamp_min_(15)  # (torch's is several times faster than numpy's here)
-    key ^= _INDEX[:klen]
-
-    # The first `top` keys of every kernel's order (descending keys) by a sorting network over the rows.
-    top = min(_FAST_K + 2, klen)
-    srt = np.empty((top, g), dtype=np.int32)  # (top, G): position t of the order
-    rows = list(key)
-    for i, j, hi, lo, last_hi, last_lo in _selection_steps(klen, top):
-        a, b = rows[i], rows[j]
-        if hi:
-            rows[i] = np.maximum(a, b, out=srt[i] if last_hi else None)
-        if lo:
-            rows[j] = np.minimum(a, b, out=srt[j] if last_lo else None)
-
-    # The key order is the stable order where the classes of neighbouring positions t, t + 1 with t <= k
-    # differ (the flip threshold k-1, the hand-off k-1 or k); class-0 ties are ordered by index, as the
-    # stable sort does. Key class 0 at a flipped position t < k is a no-op flip (r stays, e becomes 0).
-    # Kernels where either happens, or flipping more than _FAST_K elements, are redone.
-    k = np.rint(np.abs(s))  # (G,) float32 flips per kernel
-    kk = k.astype(np.int32)
-    cls = srt >> 4  # (top, G) key classes; 0: a non-candidate (priority 0)
-    nt = min(_FAST_K + 1, top - 1)
-    tie = cls[:nt] == cls[1 : nt + 1]
-    tie &= cls[1 : nt + 1] > 0
-    tie &= _POSITION[:nt] <= kk
-    clash = tie.any(0)
-    nf = min(_FAST_K, top)
-    clash |= ((cls[:nf] == 0) & (_POSITION[:nf] < kk)).any(0)
-    clash |= kk > _FAST_K
-
-    # Flips: positions 0 .. k-1 of the order get r0 + step and e0 + step (one float32 addition each).
+    top = min(_FAST_K + 2, klen)  # positions of the order that the sorting network finds
     step = up.astype(np.float32)
     step *= 2
     step -= 1  # (G,) +-1
-    pos = 15 - (srt & 15)  # (top, G) the element at each position of the order
-    flats, kerns = [], []
-    kern = np.flatnonzero(kk > 0)  # (numpy's nonzero is fast on bool arrays only)
-    for t in range(nf):
-        if t:
-            kern = kern[kk[kern] > t]  # kernels that flip position t
-        flats.append(kern * klen + np.take(pos[t], kern))
-        kerns.append(kern)
-    flat = torch.from_numpy(np.concatenate(flats))  # no index twice
-    st = torch.from_numpy(np.take(step, np.concatenate(kerns)))
-    torch.from_numpy(e).view(-1).scatter_add_(0, flat, st)
-    torch.from_numpy(r).view(-1).scatter_add_(0, flat, st)
 
-    # Hand-off: overshoot (k >= |s|) -> order[k-1] (order[-1] if k == 0) into the opposite list;
-    # undershoot -> order[k] into the same list. Its priority is |current error|.
+    # Keys (uint16). In the kernel's direction an element's signed priority is -e0 (up) or e0 (down), in
+    # [-0.5, 0.5]; it is > 0 for a candidate (the range is checked below). Scaled by _KEY_SCALE and added to
+    # _KEY_MAGIC, a float32 in [2^23, 2^24) whose mantissa (the low 16 bits) is 32768 + round(scaled): a
+    # non-decreasing function of the priority, > 32768 + 15 only for a candidate. A key is that mantissa
+    # with its low 4 bits replaced by 15 - index: its class (mantissa >> 4) orders the priorities where
+    # two classes differ, equal classes are ordered by index (unique keys), and class >= _CANDIDATE_CLASS
+    # implies a candidate.
+    ett = torch.from_numpy(et)
+    torch.addcmul(_KEY_MAGIC_T, ett, torch.from_numpy(step * np.float32(-_KEY_SCALE)), out=ett)
+    keys = _workspace.array("keys", (klen + 1 + top, g), np.uint16)  # the keys, a spare row, the order
+    key = keys[:klen]
+    np.copyto(key, et.view(np.uint32), casting="unsafe")  # the low 16 bits
+    key |= 15
+    key ^= _INDEX16[:klen]
+    beyond = _beyond_range(x, tmin, tmax)
+    if beyond.size:  # x above tmax is no up candidate, x below tmin no down candidate: class 0
+        kern, pos = np.divmod(beyond, klen)
+        sel = np.flatnonzero(up[kern] == (x.reshape(-1)[beyond] > tmax))
+        key[pos[sel], kern[sel]] = 15 - pos[sel]
+
+    # The first `top` keys of every kernel's order (descending keys) by a sorting network over the rows
+    # (it overwrites the keys).
+    srt = keys[klen + 1 :]  # (top, G): position t of the order
+    rows = list(keys)
+    for is_max, a, b, o in _network_program(klen, top):
+        (np.maximum if is_max else np.minimum)(rows[a], rows[b], out=rows[o])
+
+    # Flips: positions 0 .. k-1 of the order; hand-off (order[k-1] on overshoot k >= |s|, else order[k]) at
+    # position `at`. The key order is the reference's (stable) order at positions 0 .. at if these hold
+    # candidates of strictly decreasing priorities, and the priority at `at` is above the next one's (or
+    # the kernel ends there). Where neighbouring classes differ, so do the priorities. Kernels with a
+    # position t <= at that holds no sure candidate, which flip more than _FAST_K elements, or with a zero
+    # sum (their hand-off is order[-1]), are redone; so are those where three positions in a row share a
+    # class. Two positions t, t + 1 (t <= at) that share a class are ordered by their exact priorities.
+    k = np.rint(np.abs(s))  # (G,) float32 flips per kernel
+    kk = k.astype(np.int32)
     over = k >= np.abs(s)
-    at = np.minimum(kk - over, _FAST_K)  # position of the hand-off in the order (-1: s == 0, set below)
-    at *= g
-    at += _row_starts(g, 1)
-    h_pos[:] = np.take(pos, at)
-    zero = np.flatnonzero(s == 0)  # k == 0 and overshoot: order[-1], the smallest key
-    if zero.size:
-        low = np.sort(key[:, zero], axis=0)[:2]  # (2, Z) order[-1], order[-2]
-        h_pos[zero] = 15 - (low[0] & 15)
-        low >>= 4
-        clash[zero] |= (low[0] == low[1]) & (low[0] > 0)
-    np.abs(np.take(e, _row_starts(g, klen) + h_pos), out=h_pri)
+    at = kk - over  # (G,) int32, -1 where s == 0
+    nb = min(_FAST_K + 1, top)  # positions that can be the hand-off (at <= _FAST_K)
+    relevant = _POSITION[:nb] <= at  # (nb, G)
+    low = srt[:nb] < _CANDIDATE_CLASS << 4
+    low &= relevant
+    clash = low.any(0)
+    clash |= at < 0
+    clash |= kk > _FAST_K
+    ne = min(nb, top - 1)
+    tie = np.zeros((nb, g), dtype=bool)  # position t shares its class with t + 1: as keys are unique and
+    np.less_equal(srt[:ne], srt[1 : ne + 1] | 15, out=tie[:ne])  # descending, srt[t] <= srt[t + 1] | 15
+    tid = np.flatnonzero(tie & relevant)  # t * G + kernel (a few per 1000 kernels)
+    if tid.size:
+        kern = tid % g
+        # three in a row, or t + 2 is not in `srt` (the kernel has more elements): redo
+        nxt = tid + g
+        known = nxt < ne * g
+        clash[kern[np.where(known, tie.reshape(-1)[np.minimum(nxt, ne * g - 1)], top < klen)]] = True
+        flat_srt = srt.reshape(-1)
+        key_a, key_b = flat_srt[tid], flat_srt[tid + g]
+        base = kern * klen + 15
+        swap = np.abs(np.take(e, base - (key_b & 15))) > np.abs(np.take(e, base - (key_a & 15)))  # |e0|
+        flat_srt[tid[swap]] = key_b[swap]
+        flat_srt[tid[swap] + g] = key_a[swap]
+
+    # Flips: position 0 of every kernel, with a step of 0 where k == 0 (adding +-0.0 changes no error, none
+    # is -0.0, nor any code), and positions 1 .. k-1 of the few kernels with k >= 2.
+    starts = _row_starts(g, klen)
+    flat = starts - (srt[0] & 15)
+    flat += 15  # kernel * L + index of the element at position 0
+    flats, steps = [flat], [(kk > 0) * step]
+    kern2 = kern = np.flatnonzero(kk > 1)  # (few) kernels that flip positions 1 and up
+    for t in range(1, min(_FAST_K, top)):
+        if t > 1:
+            kern = kern[kk[kern] > t]
+        flat = kern * klen
+        flat += 15
+        flat -= np.take(srt[t], kern) & 15
+        flats.append(flat)
+        steps.append(np.take(step, kern))
+    ft, st = torch.from_numpy(np.concatenate(flats)), torch.from_numpy(np.concatenate(steps))
+    torch.from_numpy(e).view(-1).scatter_add_(0, ft, st)  # e0 + step (no index twice)
+    torch.from_numpy(r).view(-1).scatter_add_(0, ft, st)  # r0 + step
+
+    # Hand-off: its priority is |current error|; it joins the opposite list on overshoot. Its key is
+    # srt[at]: srt[0] or srt[1] selected by a mask (a gather costs several times more), then the few others.
+    mask = (at == 0).astype(np.uint16)
+    np.negative(mask, out=mask)  # 0xFFFF where at == 0
+    hk = srt[0] ^ srt[1]
+    hk &= mask
+    hk ^= srt[1]
+    rare = kern2[at[kern2] > 1]  # (at <= k)
+    if rare.size:
+        hk[rare] = np.take(srt, np.minimum(at[rare], top - 1) * g + rare)
+    hk &= 15
+    np.subtract(15, hk, out=h_pos)
+    np.abs(np.take(e, starts + h_pos), out=h_pri)
     np.not_equal(up, over, out=h_up)
     # A candidate's flip stays in [tmin, tmax] (a flip of any other element is redone below), so only the
     # elements beyond that range can need the clamp.
@@ -429,6 +525,8 @@ def _row_starts(rows: int, length: int) -> np.ndarray:
 
 
 _ROW_STARTS: dict[int, np.ndarray] = {}
+# `_beyond_range` scans flags 8 at a time from this many elements on (below, two comparisons cost less).
+_BEYOND_SCAN_MIN = 1 << 17
 
 
 def _beyond_range(x: np.ndarray, tmin: int, tmax: int) -> np.ndarray:
@@ -436,8 +534,10 @@ def _beyond_range(x: np.ndarray, tmin: int, tmax: int) -> np.ndarray:
     channel's extremes there). The two comparisons are scanned 8 bytes at a time, as np.flatnonzero on a
     bool array is several times slower than the comparison."""
     n = x.size
+    if n < _BEYOND_SCAN_MIN:
+        return np.flatnonzero((x > tmax) | (x < tmin))
     words = -(-n // 8)
-    flags = np.empty((2, words * 8), dtype=bool)
+    flags = _workspace.array("flags", (2, words * 8), bool)
     flags[:, n:] = False
     np.greater(x.reshape(-1), tmax, out=flags[0, :n])
     np.less(x.reshape(-1), tmin, out=flags[1, :n])
@@ -469,21 +569,35 @@ def _kernel_stage_stable(
     e0 = r0 - x
     up = s < 0
     k = np.rint(np.abs(s))  # (n,) float32
-    step = (up.astype(np.float32) * 2 - 1)[:, None]  # (n, 1)
-    lim_step = np.where(up, np.float32(tmax), np.float32(-tmin))[:, None]  # step * lim
-    pri = np.minimum(e0 * -step, lim_step - r0 * step)  # |e0| for a candidate, <= 0 otherwise
-    pbits = np.maximum(pri.view(np.int32), 0)  # negative floats (and -0.0) have negative bits
-    key = pbits.astype(np.int64) * 16 + np.arange(15, 15 - klen, -1)  # unique; an earlier index wins ties
-    rank = (key[:, None, :] > key[:, :, None]).sum(2)  # (n, L): how many keys are above
-    flip = rank < k[:, None]
-    cand = pbits > 0
-    e[ids] = np.where(flip, np.where(cand, e0 + step, np.float32(0)), e0)
-    codes[ids] = np.clip(np.where(flip & cand, r0 + step, r0), tmin, tmax)
     over = k >= np.abs(s)
-    target = np.where(over, np.where(k == 0, klen - 1, k - 1), k)
-    pos = (rank == target[:, None]).argmax(1)
+    step = up.astype(np.float32)
+    step *= 2
+    step -= 1
+    lim_step = (step + 1) * np.float32(0.5 * (tmax + tmin)) - np.float32(tmin)  # tmax for up, -tmin for down
+    step = step[:, None]  # (n, 1)
+    pri = np.minimum(e0 * -step, lim_step[:, None] - r0 * step)  # |e0| for a candidate, <= 0 otherwise
+    pbits = pri.view(np.int32)  # negative floats (and -0.0) have negative bits
+    cand = pbits > 0
+    key = np.maximum(pbits, 0).astype(np.int64)
+    key *= 16
+    key += _DESCENDING_INDEX[:klen]  # unique; an earlier index wins ties
+    desc = np.sort(key, axis=1)[:, ::-1].reshape(-1)  # each kernel's keys in descending order
+    first = np.arange(0, desc.size, klen)  # (n,) where each kernel's keys start in `desc`
+    kk = k.astype(np.intp)
+    flip = key >= desc[first + np.maximum(kk - 1, 0)][:, None]  # the first k of the order (unique keys)
+    flip &= (kk > 0)[:, None]
+    moved = flip & cand
+    r = r0 + moved * step  # (a step of 0 where not moved)
+    e_new = e0 + moved * step
+    e_new[flip > cand] = 0  # a flip of a non-candidate: no move, error 0
+    np.maximum(r, tmin, out=r)
+    np.minimum(r, tmax, out=r)
+    codes[ids] = r
+    e[ids] = e_new
+    target = (kk - over) % klen  # order[k-1] on overshoot (order[-1] if k == 0), else order[k]
+    pos = (key == desc[first + target][:, None]).argmax(1)
     h_pos[ids] = pos
-    h_pri[ids] = np.abs(e[ids, pos])
+    h_pri[ids] = np.abs(e_new.reshape(-1)[first + pos])
     h_up[ids] = up != over
 
 
@@ -526,10 +640,18 @@ def _sum_order(klen: int) -> tuple[int, ...] | None:
 
 # Index of each element of a kernel (at most 16), a column: ``key ^ index`` sets the key's low 4 bits to
 # 15 - index, the tie-break of the kernel stage's keys.
-_INDEX = np.arange(16, dtype=np.int32)[:, None]
+_INDEX16 = np.arange(16, dtype=np.uint16)[:, None]
+# 15 - index of each element of a kernel: the tie-break of `_kernel_stage_stable`'s keys.
+_DESCENDING_INDEX = np.arange(15, -1, -1, dtype=np.int64)
 # Positions in the kernel stage's order, a column.
 _POSITION = np.arange(16, dtype=np.int32)[:, None]
 _INT32_MIN = np.int32(-(2**31))
+# Kernel stage keys: priorities in [-0.5, 0.5] times _KEY_SCALE (so in [-32752, 32752]) plus _KEY_MAGIC
+# (2^23 + 32768) are float32 in [2^23, 2^24), whose mantissas count units of 1: 32768 + the rounded scaled
+# priority, in [16, 65520]. Classes (mantissa >> 4) from _CANDIDATE_CLASS up hold positive priorities only.
+_KEY_SCALE = 16 * 4094
+_KEY_MAGIC_T = torch.tensor(2.0**23 + 2**15, dtype=torch.float32)
+_CANDIDATE_CLASS = 2**11 + 1
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Best known sorting network for 9 inputs (25 comparators in 7 layers; Floyd), for the 3x3 kernel.
 _NETWORK_9 = tuple(
@@ -597,6 +719,47 @@ def _selection_plan(n: int, top: int) -> tuple[tuple[int, int, bool, bool], ...]
     return tuple(reversed(plan))
 
 
+@functools.cache
+def _network_program(n: int, top: int) -> tuple[tuple[bool, int, int, int], ...]:
+    """`_selection_steps` as elementwise operations on rows: (max?, input a, input b, output), each an
+    index into n input rows (overwritten), one spare row (index n) and the `top` output rows (n + 1 + t).
+    Each value goes to its output row on its last write, else into a row that holds no live value."""
+    slot = list(range(n))  # the row that holds wire i
+    free = [n]
+    ops: list[tuple[bool, int, int, int]] = []
+    for i, j, hi, lo, last_hi, last_lo in _selection_steps(n, top):
+        a, b = slot[i], slot[j]
+        out_i, out_j = n + 1 + i, n + 1 + j
+        if hi and lo:
+            if last_hi and last_lo:
+                ops += [(True, a, b, out_i), (False, a, b, out_j)]
+                free += [a, b]
+            elif last_hi:
+                ops += [(True, a, b, out_i), (False, a, b, b)]  # the min in place of b
+                free.append(a)
+                out_j = b
+            elif last_lo:
+                ops += [(False, a, b, out_j), (True, a, b, a)]  # the max in place of a
+                free.append(b)
+                out_i = a
+            else:
+                out_i, out_j = a, free.pop()
+                ops += [(False, a, b, out_j), (True, a, b, a)]
+                free.append(b)
+            slot[i], slot[j] = out_i, out_j
+        elif hi:
+            out = out_i if last_hi else a
+            ops.append((True, a, b, out))
+            free += [b, a] if last_hi else [b]
+            slot[i] = out
+        elif lo:
+            out = out_j if last_lo else b
+            ops.append((False, a, b, out))
+            free += [a, b] if last_lo else [a]
+            slot[j] = out
+    return tuple(ops)
+
+
 def _kernel_stage_ranked(
     xg: torch.Tensor, s: torch.Tensor | None, tmin: int, tmax: int, stable: bool
 ) -> _KernelResult:
@@ -645,7 +808,10 @@ def _flip_threshold(values: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.n
     m = values.shape[1]
     # Ascending; position t of the descending order is column M-1-t. Non-negative floats are ordered like
     # their bits, and numpy sorts int32 faster than float32.
-    asc = np.sort(values.view(np.int32), axis=1).view(np.float32)
+    asc_bits = _workspace.array("sorted", values.shape, np.int32)
+    np.copyto(asc_bits, values.view(np.int32))
+    asc_bits.sort(axis=1)
+    asc = asc_bits.view(np.float32)
     kk = m - 1 - np.minimum(k, m - 1).astype(np.intp)
     rows = np.arange(values.shape[0])
     v_k = asc[rows, kk]
@@ -676,7 +842,8 @@ def _channel_stage_handoffs(
     if not k.any():
         return
     step = up.astype(np.float32) * 2 - 1  # (n,)
-    pri = h_pri * (h_up == up[:, None])  # (n, IC): the nonzero entries of the direction's list
+    pri = _workspace.array("pri", h_pri.shape, np.float32)  # (n, IC): the nonzero entries of the list
+    np.multiply(h_pri, h_up == up[:, None], out=pri)
     # The first k of the order are the priorities above the one at position k, unless those two are equal.
     v_k, ambiguous = _flip_threshold(pri, k)  # the ambiguous ones are done below
     rows = np.flatnonzero(pri > v_k[:, None])  # flat kernel ids
@@ -855,9 +1022,11 @@ def _channel_stage_full_cpu(xb: torch.Tensor, ob: torch.Tensor, tmin: int, tmax:
     into `ob`."""
     n = xb.shape[0]
     x = xb.reshape(n, -1).numpy()  # (n, M)
-    r = np.rint(x)
+    r = _workspace.array("re", (2, *x.shape), np.float32)
+    r, e = r[0], r[1]
+    np.rint(x, out=r)
     with np.errstate(invalid="ignore"):  # Inf - Inf: NaN, reported below
-        e = r - x
+        np.subtract(r, x, out=e)
     s = torch.from_numpy(e).sum(-1).numpy()  # (n,) the reference's float32 sums over each channel
     if not np.isfinite(s.sum()):  # |s| <= M / 2 for finite x; NaN where x is NaN or Inf
         raise NonFiniteWeightError(_NON_FINITE)
@@ -875,7 +1044,8 @@ def _channel_stage_full_cpu(xb: torch.Tensor, ob: torch.Tensor, tmin: int, tmax:
     torch.from_numpy(pb).clamp_min_(0)
     p = pb.view(np.float32)  # (n, M) |e0| for a candidate, +0.0 otherwise
     v_k, ambiguous = _flip_threshold(p, k)  # the ambiguous ones are redone below
-    r += (p > v_k[:, None]) * step  # only candidates (p > 0) flip: they stay in [tmin, tmax]
+    flips = np.flatnonzero(p > v_k[:, None])  # only candidates (p > 0) flip: they stay in [tmin, tmax]
+    r.reshape(-1)[flips] += step[flips // x.shape[1], 0]
     if beyond.size:
         rf = r.reshape(-1)
         rf[beyond] = np.clip(rf[beyond], tmin, tmax)

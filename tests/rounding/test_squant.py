@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
 import numpy as np
@@ -124,6 +125,19 @@ def test_many_layers_at_once_equal_each_layer_alone(mode: SquantMode, device: to
     bad[1][0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteWeightError):
         squant_codes_many(bad, -4, 3, mode, whole_layer=True)
+
+
+@pytest.mark.parametrize("block", [300, 1000, 1 << 19])
+def test_many_small_layers_stacked_on_the_cpu(block: int) -> None:
+    """On the CPU `squant_codes_many` stacks small layers of one shape along their output channels, in
+    batches of at most a block (here also smaller blocks, so that batches split): the same codes as alone."""
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(4, 5, 3, 3), (7, 5, 3, 3), (2, 5, 3, 3), (6, 8), (3, 5, 3, 3), (1, 8), (9, 5, 3, 3), (5, 8)]
+    xs = [reference_grid(torch.randn(shape, generator=gen) * 0.05, 4)[0] for shape in shapes]
+    alone = [squant_codes(x, -8, 7) for x in xs]
+    with mock.patch.object(squant_module, "_BLOCK_ELEMENTS", block):
+        many = squant_codes_many(xs, -8, 7)
+    assert all(torch.equal(a, b) for a, b in zip(alone, many, strict=True))
 
 
 def test_golden_set_is_complete() -> None:
@@ -456,3 +470,65 @@ def test_beyond_range_finds_every_element_outside(
     x.reshape(-1)[:: max(1, x.size // 3)] = np.nan
     expected = np.flatnonzero((x > tmax) | (x < tmin))
     assert np.array_equal(squant_module._beyond_range(x, tmin, tmax), expected)
+    with mock.patch.object(squant_module, "_BEYOND_SCAN_MIN", 0):  # the word scan of large blocks
+        assert np.array_equal(squant_module._beyond_range(x, tmin, tmax), expected)
+
+
+@pytest.mark.parametrize("n", range(2, 17))
+def test_network_program_puts_the_largest_keys_in_order(n: int) -> None:
+    """The kernel stage's row program (a pruned sorting network that reuses its rows) leaves the `top`
+    largest values of every column, in descending order, in its output rows, duplicates included."""
+    gen = np.random.default_rng(n)
+    for top in range(1, min(squant_module._FAST_K + 2, n) + 1):
+        keys = gen.integers(0, 3 * n, (n, 200)).astype(np.uint16)
+        rows = [*keys.copy(), np.zeros(200, np.uint16), *np.zeros((top, 200), np.uint16)]
+        for is_max, a, b, o in squant_module._network_program(n, top):
+            (np.maximum if is_max else np.minimum)(rows[a], rows[b], out=rows[o])
+        expected = np.sort(keys, axis=0)[::-1][:top]
+        assert np.array_equal(np.stack(rows[n + 1 :]), expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([SquantMode.EK, SquantMode.EKC]))
+def test_priorities_closer_than_the_key_classes(seed: int, mode: SquantMode) -> None:
+    """Kernels where two, three or more priorities are closer than the CPU kernel stage's key classes (about
+    1/4094 apart) or exactly equal, anywhere in the order: the codes still equal the restatement's (such
+    neighbours are ordered by their exact priorities, longer runs redone from exact ranks)."""
+    gen = np.random.default_rng(seed)
+    oc, ic = 6, 20
+    near = gen.uniform(0.02, 0.5, (oc, ic, 1)) + gen.choice([0.0, 1e-5, 4e-5, 1e-4, 2e-4], (oc, ic, 9))
+    e = np.where(gen.random((oc, ic, 9)) < 0.6, np.minimum(near, 0.5), gen.uniform(0, 0.5, (oc, ic, 9)))
+    sign = gen.choice([-1, 1], (oc, ic, 9))
+    x = torch.from_numpy((gen.integers(-7, 7, (oc, ic, 9)) - sign * e).astype(np.float32)).view(oc, ic, 3, 3)
+    assert torch.equal(squant_codes(x, -8, 7, mode), loop_squant(x, -8, 7, mode.value))
+
+
+def test_workspace_reuses_grows_and_separates_its_buffers() -> None:
+    """Named scratch arrays: a name's buffer is reused by later calls and grown when too small; distinct
+    names never share memory; arrays above the keep limit are not kept."""
+    ws = squant_module._Workspace()
+    a = ws.array("a", (3, 4), np.float32)
+    b = ws.array("b", (5,), np.int64)
+    a[:] = 1.0
+    b[:] = 2
+    assert a.shape == (3, 4) and a.dtype == np.float32 and not np.shares_memory(a, b)
+    assert np.shares_memory(ws.array("a", (2, 2), np.uint16), a)
+    big = ws.array("a", (1000,), np.float64)
+    assert big.shape == (1000,) and not np.shares_memory(big, a)
+    assert np.shares_memory(ws.array("a", (10,), np.float64), big)
+    with mock.patch.object(squant_module, "_WORKSPACE_KEEP_BYTES", 100):
+        huge = ws.array("a", (10_000,), np.float64)
+        assert huge.shape == (10_000,) and np.shares_memory(ws.array("a", (10,), np.float64), big)
+
+
+def test_threads_have_their_own_workspace() -> None:
+    """Concurrent calls on the CPU (each thread's scratch arrays are its own) give the serial codes."""
+    gen = torch.Generator().manual_seed(9)
+    layers = [
+        reference_grid(torch.randn(s, generator=gen) * 0.05, 4)
+        for s in [(40, 30, 3, 3), (30, 60), (20, 50, 3, 3)] * 3
+    ]
+    serial = [squant_codes(x, tmin, tmax) for x, tmin, tmax in layers]
+    with ThreadPoolExecutor(3) as pool:
+        parallel = list(pool.map(lambda layer: squant_codes(*layer), layers))
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel, strict=True))
