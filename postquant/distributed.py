@@ -23,7 +23,8 @@ When `quantize` runs in an initialised process group of more than one process, i
 * **learned rounding, data parallel** (`postquant.reconstruct.shards`): each step's batch is split over the
   ranks and the loss gradients summed; the weight side of a step (soft weights from the rounding variables,
   the regulariser, their backward pass and the optimizer step) is split by layers, each rank owning a share
-  of a unit's layers and broadcasting their soft weights.
+  of a unit's layers (its SQuant starting codes, soft weights and optimizer steps) and sending the soft
+  weights to the others; on the block path each batch's rows are balanced over the ranks.
 * **the block path** (`postquant.blockwise.quantize_blocks`): each rank carries its shard of the chains from
   decoder layer to decoder layer; learned rounding draws one process's batch from the sharded cache
   (`postquant.reconstruct.cache.Shard`) and sums the gradients as above.
