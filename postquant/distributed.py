@@ -196,11 +196,13 @@ class Ranks:
         self, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor], what: str
     ) -> None:
         """Send ``sends[r]`` to each rank r and receive ``recvs[r]`` (in place) from each rank r, all at once
-        (point to point, every direction at the same time); each pair of ranks must post matching tensors."""
-        works = [dist.isend(t.to(self.device), r) for r, t in sends.items()]
+        (point to point, every direction at the same time: one `torch.distributed.batch_isend_irecv`, which
+        NCCL needs to run sends and receives between the same ranks without a deadlock); each pair of ranks must
+        post matching tensors."""
         bufs = {r: t.to(self.device) for r, t in recvs.items()}
-        works += [dist.irecv(buf, r) for r, buf in bufs.items()]
-        for work in works:
+        ops = [dist.P2POp(dist.isend, t.to(self.device), r) for r, t in sends.items()]
+        ops += [dist.P2POp(dist.irecv, buf, r) for r, buf in bufs.items()]
+        for work in dist.batch_isend_irecv(ops) if ops else []:
             self._wait(work, what)
         for r, buf in bufs.items():
             if buf is not recvs[r]:
