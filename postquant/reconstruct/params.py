@@ -151,7 +151,8 @@ class LayerRounding(nn.Module):
         if self.variable is not Variable.ADAROUND:
             return self.floor.new_zeros(())
         # Over the whole tensor, masked by `where`: a boolean index (``h[mask]``) costs a nonzero, a gather
-        # and a scatter in the backward pass, more than this whole term; the gradients are the same.
+        # and a scatter in the backward pass, more than this whole term; the gradients are the same (to the
+        # last bit when every weight is learned, else within a rounding of the vectorised pow).
         term = 1 - (2 * self._h() - 1).abs().pow(beta)
         return (term if self.learn_all else torch.where(self.mask, term, 0.0)).sum()
 
