@@ -69,7 +69,7 @@ from postquant.pipeline import agree_model, check_same_inputs
 from postquant.plan import Plan, check_finite, make_plan
 from postquant.progress import progress_bar
 from postquant.recipe import Recipe
-from postquant.reconstruct.cache import Record, Shard, UnitData, _cat, mergeable
+from postquant.reconstruct.cache import Record, Shard, UnitData, concat_rows, mergeable
 from postquant.reconstruct.capture import Captured, _StopForward, capture
 from postquant.reconstruct.chains import DEFAULT_CHAIN_BYTES, Chain, ChainCheckpoint, ChainMemory
 from postquant.reconstruct.checkpoint import CheckpointStore, data_fingerprint, model_fingerprint, unit_seed
@@ -339,21 +339,21 @@ def _start_chains(
     batches: list[Any],
     memory: ChainMemory,
     live: int,
-    part: range | None,
-    parts: list[range] | None = None,
-    rank: int = 0,
+    parts: list[range] | None,
+    rank: int,
 ) -> tuple[list[Captured], Chain, Captured | None, Shard | None]:
     """Layer 0's call arguments without the hidden states, its hidden states as a chain, the arguments
     merged over all batches (None when the batches differ in shape: the chain is then kept per batch), and,
-    with `part` (rank `rank`'s batches, ``parts``: every rank's), where they sit in one process's cache.
+    with `parts` (every rank's batches), where rank `rank`'s sit in one process's cache.
 
-    With `part` the chain holds only those batches, one tensor each (never one tensor of all samples); the
+    With `parts` the chain holds only rank `rank`'s batches, one tensor each (never one tensor of all samples); the
     other batches' hidden states are the placeholders of `_first_inputs`, used to find the `Shard` and
     dropped, never stored in a chain."""
+    part = parts[rank] if parts is not None else None
     captured = _first_inputs(model, first, batches, part)
     shard_of = None
-    if part is not None:
-        shard_of = _shard_of(captured, parts or [part], rank if parts else 0)
+    if parts is not None and part is not None:
+        shard_of = _shard_of(captured, parts, rank)
         captured = captured[part.start : part.stop]
     hidden = [c.args[0] for c in captured]
     inputs = [Captured((None, *c.args[1:]), c.kwargs) for c in captured]
@@ -364,7 +364,7 @@ def _start_chains(
         h.shape[1:] == hidden[0].shape[1:] and h.dtype == hidden[0].dtype for h in hidden
     ):
         with contextlib.suppress(ValueError):  # arguments that differ across batches: kept per batch
-            merged = _cat(inputs, sizes)
+            merged = concat_rows(inputs, sizes)
     memory.plan(sum(h.numel() * h.element_size() for h in hidden), live)
     chain = memory.chain(sizes, whole=merged is not None)
     for b, h in enumerate(hidden):
@@ -575,8 +575,8 @@ def _walk(
         if chained and len(done) < len(names):
             live = 4 if learned else 2  # chains alive at once: inputs and outputs (both chains if learned)
             inputs, q, merged, shard_of = _start_chains(
-                model, names[0], batches, memory, live, part, parts, ranks.rank if ranks else 0
-            )  # type: ignore[arg-type]
+                model, names[0], batches, memory, live, parts, ranks.rank if ranks else 0
+            )
             f = q
         bar = progress_bar(
             range(len(names)), enabled=cfg.progress if cfg else True, desc="decoder layers", unit="layer"

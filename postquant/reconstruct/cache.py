@@ -112,20 +112,15 @@ def _flat_specs(items: list[Any]) -> list[list[Any]]:
     return [[f[0][k] for f in flat] for k in range(spec.num_leaves)]
 
 
-def _cat(items: list[Any], sizes: list[int]) -> Any:
-    """Concatenate along dim 0 the per-sample tensors of structurally equal items; raise ValueError if not."""
-    spec = tree_flatten(items[0])[1]
-    return tree_unflatten([_cat_leaves(leaf, sizes) for leaf in _flat_specs(items)], spec)
-
-
 def concat_rows(items: list[Any], sizes: list[int]) -> Any:
     """Rows of one value from several sources (structurally equal items of `sizes` rows) as one value of
-    ``sum(sizes)`` rows: per-sample tensors concatenated, shared values kept (as `UnitData.merge`).
+    ``sum(sizes)`` rows: per-sample tensors concatenated along dim 0, shared values kept.
 
     Raises:
         ValueError: the items differ in structure, or a leaf is neither per-sample nor shared.
     """
-    return _cat(items, sizes)
+    spec = tree_flatten(items[0])[1]
+    return tree_unflatten([_cat_leaves(leaf, sizes) for leaf in _flat_specs(items)], spec)
 
 
 def mergeable(items: list[Any], sizes: list[int]) -> bool:
@@ -286,7 +281,7 @@ class UnitData:
                 for name in ("q_input", "f_input", "target", "weight", "model_input", "final"):
                     values = [getattr(r, name) for r in group]
                     if values[0] is not None:
-                        value = _cat(values, sizes)
+                        value = concat_rows(values, sizes)
                         if pin and name in Record._CACHED:  # spilled batches stay in pinned memory
                             value = tree_map(
                                 lambda t: t.pin_memory() if isinstance(t, torch.Tensor) else t, value

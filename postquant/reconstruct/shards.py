@@ -103,7 +103,7 @@ class WeightShards:
         this rank's layers computed here, the others received from their owners. Every rank calls it once per
         step, before its loss (it is a collective)."""
         self._own = {n: self.roundings[n].weight() for n in self.mine}
-        flats = {owner: self._flat(owner) for owner in self._owners()}
+        flats = {owner: self._flat(owner) for owner in self._owners() if owner != self.ranks.rank}
         if self.mine:
             flats[self.ranks.rank] = torch.cat([self._own[n].detach().reshape(-1) for n in self.mine])
         others = {r: f for r, f in flats.items() if r != self.ranks.rank}
@@ -237,13 +237,12 @@ def balanced_rows(draw: ShardDraw, ranks: Ranks) -> tuple[Record | None, torch.T
                 continue
             if rank == src:
                 assert draw.record is not None  # a rank sends only rows it holds
-                picked = torch.tensor([local[p] for p in moving])
-                part = {
-                    name: tree_map(_compact, rows(getattr(draw.record, name), picked, draw.record.n))
-                    for name in _SENT
-                    if getattr(draw.record, name) is not None
-                }
-                ranks.send_object(part, dst, "sending rows of a learned-rounding batch")
+                picked = _taken(draw.record, [local[p] for p in moving])
+                ranks.send_object(
+                    {n: tree_map(_compact, v) for n, v in picked.items()},
+                    dst,
+                    "sending rows of a learned-rounding batch",
+                )
             else:
                 part = ranks.recv_object(src, "receiving rows of a learned-rounding batch")
                 received.append((moving, Record(len(moving), **part)))
@@ -255,17 +254,7 @@ def balanced_rows(draw: ShardDraw, ranks: Ranks) -> tuple[Record | None, torch.T
     positions: list[int] = []
     if kept:
         assert draw.record is not None
-        own = torch.tensor([local[p] for p in kept])
-        pieces.append(
-            Record(
-                len(kept),
-                **{
-                    n: rows(getattr(draw.record, n), own, draw.record.n)
-                    for n in _SENT
-                    if getattr(draw.record, n) is not None
-                },
-            )
-        )
+        pieces.append(Record(len(kept), **_taken(draw.record, [local[p] for p in kept])))
         positions.extend(kept)
     for moving, record in received:
         pieces.append(record)
@@ -279,6 +268,12 @@ def balanced_rows(draw: ShardDraw, ranks: Ranks) -> tuple[Record | None, torch.T
         },
     )
     return merged, torch.arange(len(positions)), torch.tensor(positions, dtype=torch.int64)
+
+
+def _taken(record: Record, idx: list[int]) -> dict[str, Any]:
+    """Rows `idx` of the cached values `_loss` reads of `record` (those it holds)."""
+    picked = torch.tensor(idx, dtype=torch.int64)
+    return {n: rows(getattr(record, n), picked, record.n) for n in _SENT if getattr(record, n) is not None}
 
 
 def _compact(t: Any) -> Any:
