@@ -66,6 +66,29 @@ ROWS: dict[str, dict[str, Any] | None] = {
     },
     "gptq-w4": {"method": "gptq", "w_bits": 4, "gptq": {"damp": 0.01, "act_order": False, "block_size": 128}},
     "gptq-w3": {"method": "gptq", "w_bits": 3, "gptq": {"damp": 0.01, "act_order": False, "block_size": 128}},
+    # W2 g64: where RTN collapses
+    "rtn-w2": {"method": "rtn", "w_bits": 2},
+    "squant-w2": {"method": "squant", "w_bits": 2},
+    "gptq-w2": {"method": "gptq", "w_bits": 2, "gptq": {"damp": 0.01, "act_order": False, "block_size": 128}},
+    "learned-w2": {
+        "method": "learned",
+        "w_bits": 2,
+        "learned": {"iters": LEARNED_ITERS, "batch_size": 4, "progress": False},
+    },
+    "learned-fast-w2": {
+        "method": "learned-fast",
+        "w_bits": 2,
+        "learned": {"batch_size": 4, "progress": False},
+    },
+    # W4 g64 with 8-bit inputs to every quantized Linear (per-tensor ranges from the calibration windows):
+    # the block path does not quantize activations, so these rows run `postquant.quantize` on the whole model
+    "rtn-w4a8": {"method": "rtn", "w_bits": 4, "a_bits": 8},
+    "learned-fast-w4a8": {
+        "method": "learned-fast",
+        "w_bits": 4,
+        "a_bits": 8,
+        "learned": {"batch_size": 4, "progress": False},
+    },
     # gptq-w4 again with the same windows fed one at a time: only the order of float sums changes (noise).
     "gptq-w4-b1": {
         "method": "gptq",
@@ -82,6 +105,8 @@ PEERS: dict[str, dict[str, Any]] = {
     "llmc-gptq-w3": {"peer": "llmc-gptq", "w_bits": 3, "actorder": None},
     "hqq-w4": {"peer": "hqq", "w_bits": 4},
     "hqq-w3": {"peer": "hqq", "w_bits": 3},
+    "hqq-w2": {"peer": "hqq", "w_bits": 2},
+    "llmc-gptq-w2": {"peer": "llmc-gptq", "w_bits": 2, "actorder": None},
     "autoround-light-w3": {"peer": "autoround", "w_bits": 3, "preset": "light"},
     "autoround-light-w4": {"peer": "autoround", "w_bits": 4, "preset": "light"},
     "autoround-w3": {"peer": "autoround", "w_bits": 3, "preset": "default"},
@@ -139,7 +164,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
         tokenize_file(text / "pydocs-calib.txt", tokenizer), args.calib_size, args.seqlen, seed=0
     )
     seconds = 0.0
-    uses_calib = row.startswith(("learned", "gptq", "llmc", "autoround"))
+    uses_calib = row.startswith(("learned", "gptq", "llmc", "autoround")) or "a_bits" in (ROWS.get(row) or {})
     extra: dict[str, Any] = {}
     start = time.perf_counter()
     if row in PEERS:
@@ -149,7 +174,13 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
         from postquant.blockwise import quantize_blocks
 
         batches = list(calib.split(CALIB_BATCH.get(row, 4)))
-        model = quantize_blocks(model, recipe_for(row, args.calib_size), batches, inplace=True)
+        recipe = recipe_for(row, args.calib_size)
+        if recipe.get("a_bits") is None:
+            model = quantize_blocks(model, recipe, batches, inplace=True)
+        else:  # activation quantization: the whole-model path (`postquant.quantize`)
+            import postquant
+
+            model = postquant.quantize(model, recipe, calib=batches)
         seconds = time.perf_counter() - start
         if row in SAVES_CODES:
             _save_codes(_postquant_codes(model), args.cache / f"codes-{row}.safetensors")
