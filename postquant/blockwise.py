@@ -24,8 +24,11 @@ finished layer's state (codes, steps, biases) and both chains are saved, so a ki
 layer and ends with the same codes, bit for bit, as an uninterrupted one.
 
 RTN and SQuant are per-layer and data-free: the same walk runs without calibration data or chains, and
-gives exactly the codes `quantize` gives. Not here (use `quantize`): activation quantization, mixed
-precision, the power grid's output-error search, loss='output' / Fisher weights and augmentation. Layers
+gives exactly the codes `quantize` gives. Mixed precision (``mixed``) allocates the bits before the walk, on
+the float model `quantize_blocks` holds, exactly as `quantize` does (same importance table, same allocation);
+`quantize_checkpoint`, which never holds the float model whole, does not take it. Not here (use `quantize`):
+activation quantization, the power grid's output-error search, loss='output' / Fisher weights and
+augmentation. Layers
 outside the decoder stack that the plan quantizes (``lm_head`` unless ignored) get the recipe's data-free
 codes (nearest for learned methods). The chains (``n x seqlen x hidden`` each) stay in memory up to
 ``chain_bytes`` together and are memory-mapped files beyond (`postquant.reconstruct.chains`).
@@ -58,6 +61,7 @@ from postquant.choices import GridKind, Method, PowerSearch
 from postquant.distributed import Ranks, current, shard, shard_bounds
 from postquant.errors import DataError, RecipeError, UnsupportedModelError
 from postquant.eval.run import main_output
+from postquant.mixed.apply import MixedResult, apply_mixed
 from postquant.model.blocks import Unit
 from postquant.model.hf import no_kv_cache
 from postquant.model.lazy import LazyCheckpoint
@@ -66,7 +70,7 @@ from postquant.nn import cached_weights
 from postquant.nn.layer import upcast_half
 from postquant.outcome import QuantizationResult, attach_result
 from postquant.pipeline import agree_model, check_same_inputs
-from postquant.plan import Plan, check_finite, make_plan
+from postquant.plan import Plan, Source, check_finite, make_plan
 from postquant.progress import progress_bar
 from postquant.recipe import Recipe
 from postquant.reconstruct.cache import Record, Shard, UnitData, concat_rows, mergeable
@@ -138,8 +142,6 @@ def check_block_recipe(recipe: Recipe) -> None:
     problems = []
     if recipe.a_bits is not None:
         problems.append("activation quantization (a_bits)")
-    if recipe.mixed is not None:
-        problems.append("mixed precision")
     if recipe.embeddings is not None:
         problems.append("quantized embeddings (embeddings)")
     if recipe.grid is GridKind.POWER and recipe.power_search is PowerSearch.OUTPUTS:
@@ -430,10 +432,16 @@ def quantize_blocks(
     recipe, _ = prepare(model, recipe, None, None)  # learned presets' first/last-layer policy
     plan = make_plan(model, recipe)
     check_finite(model, list(plan))
+    ranks = current()
+    mixed = None
+    if recipe.mixed is not None:  # bits per layer first, from the whole float model (as `quantize`)
+        batches = as_calibration(calib, recipe.mixed.calib_size) if calib is not None else None
+        recipe, mixed = apply_mixed(model, recipe, plan, batches, None, ranks)
+        plan = plan.with_w_bits({row.name: row.bits for row in mixed.layers if not row.fixed}, Source.MIXED)
     qmodel = model if inplace else _skeleton_copy(model, layers)
     source = _Source(model, qmodel, container, inplace, lambda: model_fingerprint(model))
     memory = ChainMemory(chain_bytes, spill_dir)
-    return _walk(source, recipe, plan, calib, memory, checkpoint_dir, on_block_end, start, current())
+    return _walk(source, recipe, plan, calib, memory, checkpoint_dir, on_block_end, start, ranks, mixed)
 
 
 def quantize_checkpoint(
@@ -482,6 +490,11 @@ def quantize_checkpoint(
         )
     recipe = Recipe.coerce(recipe)
     check_block_recipe(recipe)
+    if recipe.mixed is not None:
+        raise RecipeError(
+            "quantize_checkpoint loads one decoder layer at a time, and mixed precision allocates the bits from "
+            "every layer's weights at once: load the model and call quantize_blocks (or quantize), or drop mixed"
+        )
     checkpoint = LazyCheckpoint(path)
     model = checkpoint.empty_model(trust_remote_code)
     checkpoint.check_complete(model)  # before any work, not when the layer's turn comes
@@ -512,6 +525,7 @@ def _walk(
     on_block_end: OnBlockEnd | None,
     start: float,
     ranks: Ranks | None = None,
+    mixed: MixedResult | None = None,
 ) -> nn.Module:
     """The one walk over the decoder layers behind `quantize_blocks` and `quantize_checkpoint`; with `ranks`,
     this rank's shard of the calibration batches (module docstring)."""
@@ -658,7 +672,7 @@ def _walk(
     qmodel.eval()
     attach_result(
         qmodel,
-        QuantizationResult(recipe, plan, {"blocks": report.seconds}, None, report if learned else None),
+        QuantizationResult(recipe, plan, {"blocks": report.seconds}, mixed, report if learned else None),
     )
     if ranks is not None:
         qmodel = agree_model(ranks, qmodel)

@@ -95,6 +95,41 @@ def test_learned_fast_on_the_block_path_matches_the_whole_model_path() -> None:
     assert all(torch.equal(b[n], c) for n, c in codes(sub).items())  # batch 0 of two batches of 4 windows
 
 
+@pytest.mark.parametrize(
+    ("method", "importance", "budget"),
+    [("rtn", "datafree", {"w_bits_budget": 3.5}), ("squant", "fisher", {"size_budget": 40_000})],
+)
+def test_mixed_precision_on_the_block_path_allocates_as_quantize(
+    method: str, importance: str, budget
+) -> None:
+    """Bits are allocated from the whole float model before the walk, with the table and the allocation of
+    `quantize`: the same bits per layer, hence (per-layer methods) the same codes and logits."""
+    model = tiny_llama()
+    recipe = grid_recipe(
+        method,
+        calib_size=8,
+        mixed={**budget, "importance": importance, "bit_choices": [2, 3, 4, 8], "calib_size": 8},
+    )
+    data = calib() if importance != "datafree" else None
+    whole, blocks = postquant.quantize(model, recipe, data), quantize_blocks(model, recipe, data)
+    a, b = postquant.result(whole), postquant.result(blocks)
+    assert a.mixed is not None and b.mixed is not None
+    bits = {row.name: row.bits for row in b.mixed.layers}
+    assert bits == {row.name: row.bits for row in a.mixed.layers}
+    assert len(set(bits.values())) > 1  # a real mix, not one width everywhere
+    for name, layer in quantized_layers(blocks).items():
+        assert layer.bits == bits[name] and b.plan[name].w_bits == bits[name]
+    if "w_bits_budget" in budget:
+        assert b.mixed.avg_w_bits <= budget["w_bits_budget"] + 1e-9
+    else:
+        assert b.mixed.size_bytes <= budget["size_budget"]
+    ca, cb = codes(whole), codes(blocks)
+    assert all(torch.equal(ca[n], cb[n]) for n in ca)
+    ids = calib()[0]
+    torch.testing.assert_close(whole(ids).logits, blocks(ids).logits, rtol=0, atol=0)
+    assert b.recipe is not None and b.recipe.overrides  # the allocation is written into the recipe
+
+
 def test_gptq_block_path_lowers_the_error_of_nearest_rounding() -> None:
     from postquant.eval import sqnr_db
 

@@ -23,7 +23,7 @@ pytest.importorskip("accelerate")
 import postquant  # noqa: E402
 from postquant.blockwise import quantize_blocks, quantize_checkpoint  # noqa: E402
 from postquant.distributed import Ranks  # noqa: E402
-from postquant.errors import DataError, OutputError, UnsupportedModelError  # noqa: E402
+from postquant.errors import DataError, OutputError, RecipeError, UnsupportedModelError  # noqa: E402
 from postquant.model.lazy import LazyCheckpoint  # noqa: E402
 from postquant.nn import QuantizedLayer  # noqa: E402
 from postquant.reconstruct.chains import ChainCheckpoint, ChainMemory, write_tensors  # noqa: E402
@@ -241,6 +241,13 @@ def test_in_a_process_group_quantize_checkpoint_is_refused_before_any_work(tmp_p
     monkeypatch.setattr("postquant.blockwise.current", lambda: ranks)
     with pytest.raises(UnsupportedModelError, match=r"one process.*quantize_blocks"):
         quantize_checkpoint(tmp_path / "not-read", grid_recipe("rtn"))
+
+
+def test_mixed_precision_from_a_checkpoint_is_refused_before_any_work(tmp_path) -> None:
+    """The allocation needs every layer's float weights at once, which quantize_checkpoint never holds."""
+    recipe = grid_recipe("rtn", mixed={"w_bits_budget": 3.5, "importance": "datafree"})
+    with pytest.raises(RecipeError, match=r"quantize_blocks"):
+        quantize_checkpoint(tmp_path / "not-read", recipe)
 
 
 @pytest.mark.parametrize("bound", [2**30, 0])
