@@ -80,6 +80,29 @@ ROWS: dict[str, dict[str, Any] | None] = {
         "w_bits": 2,
         "learned": {"batch_size": 4, "progress": False},
     },
+    # mixed precision at an average of 3 weight bits (2, 3, 4 or 8 per Linear, by diagonal Fisher importance on
+    # the calibration windows), allocated before the block walk: against the uniform W3 rows
+    "rtn-mixed3": {
+        "method": "rtn",
+        "w_bits": 3,
+        "mixed": {
+            "w_bits_budget": 3.0,
+            "importance": "fisher",
+            "bit_choices": [2, 3, 4, 8],
+            "calib_size": 32,
+        },
+    },
+    "learned-fast-mixed3": {
+        "method": "learned-fast",
+        "w_bits": 3,
+        "mixed": {
+            "w_bits_budget": 3.0,
+            "importance": "fisher",
+            "bit_choices": [2, 3, 4, 8],
+            "calib_size": 32,
+        },
+        "learned": {"batch_size": 4, "progress": False},
+    },
     # W4 g64 with 8-bit inputs to every quantized Linear (per-tensor ranges from the calibration windows):
     # the block path does not quantize activations, so these rows run `postquant.quantize` on the whole model
     "rtn-w4a8": {"method": "rtn", "w_bits": 4, "a_bits": 8},
@@ -164,7 +187,9 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
         tokenize_file(text / "pydocs-calib.txt", tokenizer), args.calib_size, args.seqlen, seed=0
     )
     seconds = 0.0
-    uses_calib = row.startswith(("learned", "gptq", "llmc", "autoround")) or "a_bits" in (ROWS.get(row) or {})
+    uses_calib = row.startswith(("learned", "gptq", "llmc", "autoround")) or any(
+        k in (ROWS.get(row) or {}) for k in ("a_bits", "mixed")
+    )
     extra: dict[str, Any] = {}
     start = time.perf_counter()
     if row in PEERS:
