@@ -7,46 +7,44 @@ one constant block per kernel (K) and one per output channel (C). It minimises t
 inside every output channel, flip the ``k = round(|sum of errors|)`` elements whose errors are closest to 0.5
 to their other neighbouring integer, and hand one candidate over to the coarser stage (paper Sec. 3.3, Alg. 1).
 
-This is a vectorised restatement of the reference's pure-PyTorch path, bit-exact with its integer outputs.
-``shared/golden/squant/README.md`` states that behaviour: round-half-to-even everywhere, the tie breaking of
-its sorts, the ``order[-1]`` hand-off of a group whose error sum is exactly 0, and no-op flips of elements that
-are not candidates. Nothing loops over kernels or channels in Python. Channels are independent, so on the CPU
-the kernel stage runs in blocks of whole output channels (that only saves memory traffic): a block's rounding
-and errors live in reused block-sized buffers, the few kernels its fast path cannot order are redone in the
-block, and its channels' error sums are taken there; then the channel stage runs on the whole layer. The
-CPU path's block- and layer-sized scratch arrays come from a per-thread workspace kept between calls
-(`_Workspace`), so that their pages are not faulted in again for every block and layer. On an accelerator
-whole layers are processed at once (`_squant_dense`, at the end).
+This restates the reference's pure-PyTorch path, bit-exact with its integer outputs.
+``shared/golden/squant/README.md`` states that behaviour: round-half-to-even everywhere (``torch.round``,
+``np.rint``), the tie breaking of its sorts, the ``order[-1]`` hand-off of a group whose error sum is exactly
+0, no-op flips of elements that are not candidates (the element keeps its initial rounding, its error
+becomes 0 and the flip uses up one of the k), and the range: an up candidate lies below tmax, a down
+candidate above tmin (so elements beyond [tmin, tmax] are no candidates towards it), and codes are clamped
+at the end. All arithmetic is float32, element for element as in the
+reference; the group sums are torch's float32 ``torch.sum`` in its order of additions.
 
-On the CPU the kernel and channel stages work on numpy arrays that share the tensors' memory: there numpy's
-elementwise comparisons, selections and index lists cost a fraction of torch's (whose cost per call also
-dominates the small per-kernel and per-channel vectors), and its vectorised row sort is several times faster
-than ``torch.topk``. The arithmetic is the same float32, element for element.
+On the CPU (`_kernel_then_channel`) the stages are compiled loops (numba, `postquant.rounding.squant_cpu`)
+over kernels and channels. Channels are independent, so the kernel stage runs in blocks of whole output
+channels (that only saves memory traffic): it writes each block's codes into the result and its errors into
+a reused block-sized buffer, where torch sums each channel's errors; then the channel stage runs on the whole
+layer. The buffers of a block and the per-kernel hand-offs come from a per-thread workspace kept between
+calls (`_Workspace`), so that their pages are not faulted in again for every block and layer. On an
+accelerator whole layers are processed at once (`_squant_dense`, at the end): the same rules as tensor
+operations, with the same codes.
 
-How the reference's sorts are reproduced without sorting every row:
+How the reference's sorts are reproduced:
 
 * Kernel stage, kernels of at most 16 elements. The reference's ``torch.sort(descending=True)`` is an
-  insertion sort on rows this short, so it is stable. The errors are transposed to (kh*kw, kernels), and
-  each element gets a uint16 key: its priority in the kernel's direction (``-e0`` for up, ``e0`` for down,
-  > 0 for a candidate) scaled to [-32752, 32752] and rounded by a float32 addition of 2^23 + 2^15, whose
-  mantissa then holds it (a non-decreasing function of the priority), with the low 4 bits replaced by
-  ``15 - index``: keys are unique within a kernel, and their 12-bit classes order the priorities wherever
-  they differ. A sorting network whose comparators are elementwise max / min of whole rows orders all
-  kernels at once, down to the positions the stage needs. Where two of those positions share a class (a
-  few kernels in 1000), the two are ordered by their exact priorities (equal ones keep the index order, as
-  the stable sort does). The few kernels where three positions in a row share a class, a needed position
-  holds no sure candidate (or an element beyond the range), the error sum is 0, or which flip all four
-  elements a 9-element kernel can need (|error sum| > 3.5), are redone with exact stable ranks.
-  The kernels' error sums are the reference's float32 ``torch.sum``: its order of additions, where probe
-  rows confirm it (`_sum_order`), is repeated on the transposed rows, else torch sums.
-* Kernel stage, larger kernels (5x5, 7x7): ``torch.sort`` of the very same rows as the reference, on the
-  CPU like the reference (a GPU's sort orders ties differently).
+  insertion sort on rows this short, so it is stable. The compiled kernel stage transposes chunks of kernels
+  to (kh*kw, chunk) rows, so that each of its loops runs along the kernels (vector instructions), and gives
+  every element its exact rank in its kernel's stable descending order of priorities (``-e0`` in an up
+  kernel, ``e0`` in a down kernel, for a candidate; 0 otherwise): the number of elements of higher
+  priority, plus those of equal priority and lower index. Ranks below k flip; the hand-off is rank k-1 on
+  overshoot (k >= |sum|), rank kh*kw-1 when that k is 0 (the sum is exactly 0: ``order[-1]``), else rank k.
+  The kernels' error sums repeat torch's order of additions where probe rows confirm it (`_sum_order`: one
+  by one, or as torch's scalar accumulators or one vector of 8 add them), else torch sums them first.
+* Kernel stage, larger kernels (5x5, 7x7): ``torch.sort`` of the very same priority rows as the reference, on
+  the CPU like the reference (a GPU's sort orders ties differently), and the compiled loop flips in that
+  order.
 * Channel stage. It is the last stage, so only the set of the first k elements of the order matters. Where
   the k-th and (k+1)-th largest priorities differ, that set is ``{priority > (k+1)-th largest}``, however
-  ties are ordered, and a sort of the values finds it (numpy's on the CPU, torch's on an accelerator). After
-  a kernel stage only the one hand-off per kernel has a nonzero priority, so the sort runs on an (OC, IC)
-  matrix. The rare channels with a tie at the boundary are sorted in full with ``torch.sort`` on the CPU, as
-  in the reference, so its tie order is kept.
+  ties are ordered: the compiled loop keeps each channel's k+1 largest priorities (a sort of them on an
+  accelerator). After a kernel stage only the one hand-off per kernel has a nonzero priority, so it looks at
+  IC values per channel. The rare channels with a tie at the boundary (or k >= IC) are sorted in full with
+  ``torch.sort`` on the CPU, as in the reference, so its tie order is kept (`_redo_tied_channels`).
 """
 
 from __future__ import annotations
@@ -67,9 +65,9 @@ from postquant.rounding import squant_cpu
 
 __all__ = ["SquantMode", "squant_codes", "squant_codes_many"]
 
-# Elements per block of output channels: memory traffic (the intermediates of a block stay in the CPU's
-# last-level cache) against the fixed cost of the ~110 numpy calls of a block (on the ResNet-18 shapes, on a
-# loaded 2-core machine, 2^18 measured about 5% slower, 2^17 about 15%, 2^20 the same).
+# Elements per block of output channels: the block's errors stay in the CPU's cache until torch sums them,
+# against the fixed cost of a block's calls (on the ResNet-18 shapes, on a loaded 2-core machine, 2^16
+# measured about 6% slower, 2^17 2%, 2^18 1%, 2^20 the same).
 _BLOCK_ELEMENTS = 1 << 19
 # Rows of up to this length are insertion-sorted (stably) by the reference's std::sort.
 _STABLE_SORT_MAX = 16
@@ -131,8 +129,9 @@ def squant_codes(
             kernel then channel stage (full SQuant). The kernel stage is skipped for kernels of one element
             (Linear, 1x1 conv).
         whole_layer: process the layer in one piece with a fixed sequence of operations and one host
-            synchronisation (fast on a GPU), instead of in cache-sized blocks of channels (fast on a CPU).
-            Both give the same codes. Default: whole layer on any device but the CPU.
+            synchronisation (fast on a GPU), instead of in cache-sized blocks of channels by compiled loops
+            on the CPU (fast on a CPU; a tensor elsewhere is copied there and back). Both give the same
+            codes. Default: whole layer on any device but the CPU.
 
     Returns:
         torch.int32 codes of the shape of `x`, in ``[tmin, tmax]``, at most one step from ``round(x)``
@@ -157,6 +156,8 @@ def squant_codes(
     channel = mode in (SquantMode.EC, SquantMode.EKC)
     if whole_layer if whole_layer is not None else x3.device.type != "cpu":
         return _squant_dense([x3], tmin, tmax, kernel, channel)[0].view(x.shape)
+    if x3.device.type != "cpu":  # the blocked path runs on the CPU
+        return squant_codes(x3.cpu(), tmin, tmax, mode, whole_layer=False).view(x.shape).to(x.device)
     # NaN and Inf are caught by the stages (an error sum is not finite), or here for nearest rounding.
     if not kernel and not channel:
         _check_finite(x3)
@@ -215,7 +216,7 @@ def _kernel_then_channel(x3: torch.Tensor, out: torch.Tensor, tmin: int, tmax: i
         return
     pos, pri, hup = h_pos.reshape(oc, ic), h_pri.reshape(oc, ic), h_up.reshape(oc, ic)
     ambiguous = np.empty(oc, dtype=bool)
-    squant_cpu.loops().channel_handoffs(x3.numpy(), out.numpy(), s, pos, pri, hup, tmin, tmax, ambiguous)
+    loops.channel_handoffs(x3.numpy(), out.numpy(), s, pos, pri, hup, tmin, tmax, ambiguous)
     if ambiguous.any():  # the reference's priority rows of those channels: the hand-offs scattered in zeros
         chans = np.flatnonzero(ambiguous)
         up = s[chans] < 0

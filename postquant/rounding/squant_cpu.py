@@ -4,7 +4,7 @@ The rules they follow (the reference's, ``shared/golden/squant/README.md``) are 
 `postquant.rounding.squant`; this module holds the loops. All arithmetic is float32 as in the reference:
 ``np.rint`` rounds half to even like ``torch.round``, every constant is a float32 so that nothing is
 promoted to float64, and no float32 sum is reordered (sums in torch's order come in as arguments or
-follow `sum_order`). The compiled code is cached on disk (`_compiled`).
+follow `sum_order`). `loops()` compiles them (numba) and numba caches the machine code on disk.
 
 `kernel_stage` works on chunks of `_CHUNK` kernels transposed to (L, chunk) rows, so that each of its
 loops runs along the kernels of a chunk, and the compiler turns it into vector instructions.
@@ -22,7 +22,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-# Kernels per chunk of `kernel_stage`: its rows (a few per element of a kernel) stay in the L1 cache.
+# Kernels per chunk of `kernel_stage`: its rows (five per element of a kernel) stay in the CPU's cache
+# (128 and 512 measured the same).
 _CHUNK = 256
 
 _LOOPS: list[Callable[..., Any]] = []
@@ -37,11 +38,12 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def loops() -> types.SimpleNamespace:
-    """This module's loops compiled by numba, by name (e.g. ``loops().kernel_stage``).
+    """This module's loops compiled by numba, by name (e.g. ``loops().kernel_stage``); call them through
+    it (the module's own names are the plain Python functions until the first call).
 
-    numba is imported on the first call; each loop is compiled on its first call, or loaded from numba's
-    disk cache (beside this file, else numba's user-wide cache or NUMBA_CACHE_DIR); where no cache location
-    is writable, each process compiles its own (a few seconds).
+    numba is imported on the first call. Each loop is compiled on its first use (a few seconds in all), or
+    loaded from numba's disk cache: beside this file, else in numba's user-wide cache directory (or
+    NUMBA_CACHE_DIR). Where no cache location is writable, each process compiles its own.
     """
     if _LOADED:
         return _LOADED[0]
@@ -50,19 +52,23 @@ def loops() -> types.SimpleNamespace:
             # numba is imported late: it takes ~0.4 s and loads scipy, which `import postquant` should not pay
             import numba
 
-            compiled = {fn.__name__: _jit(numba, fn) for fn in _LOOPS}
+            compiled, uncached = {}, []
+            options = {"nogil": True, "error_model": "numpy"}  # error_model: no Python exceptions from floats
+            for fn in _LOOPS:
+                try:
+                    compiled[fn.__name__] = numba.njit(cache=True, **options)(fn)
+                except RuntimeError:  # numba found no writable cache location for this file
+                    compiled[fn.__name__] = numba.njit(**options)(fn)
+                    uncached.append(fn.__name__)
+            if uncached:
+                log.warning(
+                    "numba has no writable cache location for %s (set NUMBA_CACHE_DIR to a writable "
+                    "directory): SQuant's CPU loops are compiled anew in each process",
+                    __file__,
+                )
             globals().update(compiled)  # the loops call each other by these names
             _LOADED.append(types.SimpleNamespace(**compiled))
     return _LOADED[0]
-
-
-def _jit(numba: types.ModuleType, fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = {"nogil": True, "error_model": "numpy"}  # no Python exceptions for float errors
-    try:
-        return numba.njit(cache=True, **options)(fn)
-    except RuntimeError as err:  # numba found no writable cache location
-        log.info("numba cannot cache %s (%s); it is compiled in each process", fn.__name__, err)
-        return numba.njit(**options)(fn)
 
 
 @_compiled
@@ -282,17 +288,19 @@ def kernel_priorities(x: np.ndarray, sums: np.ndarray, tmin: int, tmax: int, p: 
 
 
 @_compiled
-def _boundary(row: np.ndarray, kk: int, top: np.ndarray) -> tuple[np.float32, bool]:
-    """The value at position `kk` (0 < kk < len(row)) of the descending order of `row` (values >= 0), and
-    whether positions kk - 1 and kk hold equal values. `top` (>= kk + 1) is scratch: the largest kk + 1
-    values seen, in descending order."""
+def _largest(row: np.ndarray, kk: int, top: np.ndarray, idx: np.ndarray) -> bool:
+    """The kk + 1 largest values of `row` (values >= 0, 0 < kk < len(row)) in descending order into `top`,
+    their indices into `idx`; whether the values at positions kk - 1 and kk are equal (then the first kk
+    are not determined by value alone)."""
     for i in range(kk + 1):
         v = row[i]
         t = i
         while t > 0 and top[t - 1] < v:
             top[t] = top[t - 1]
+            idx[t] = idx[t - 1]
             t -= 1
         top[t] = v
+        idx[t] = i
     v_k = top[kk]
     for i in range(kk + 1, row.shape[0]):
         v = row[i]
@@ -300,10 +308,12 @@ def _boundary(row: np.ndarray, kk: int, top: np.ndarray) -> tuple[np.float32, bo
             t = kk
             while t > 0 and top[t - 1] < v:
                 top[t] = top[t - 1]
+                idx[t] = idx[t - 1]
                 t -= 1
             top[t] = v
+            idx[t] = i
             v_k = top[kk]
-    return v_k, top[kk - 1] == v_k
+    return top[kk - 1] == v_k
 
 
 @_compiled
@@ -331,6 +341,7 @@ def channel_handoffs(
     one, zero = np.float32(1.0), np.float32(0.0)
     lo, hi = np.float32(tmin), np.float32(tmax)
     top = np.empty(ic + 1, np.float32)
+    idx = np.empty(ic + 1, np.int64)
     row = np.empty(ic, np.float32)
     for c in range(oc):
         s = sums[c]
@@ -342,20 +353,19 @@ def channel_handoffs(
         pri, hup = h_pri[c], h_up[c]
         for i in range(ic):  # the direction's list
             row[i] = pri[i] if hup[i] == up else zero
-        v_k, tied = _boundary(row, kk, top)
-        if tied:
+        if _largest(row, kk, top, idx):
             ambiguous[c] = True
             continue
         step = one if up else -one
         lim = hi if up else -lo
-        for i in range(ic):
-            if row[i] > v_k:
-                j = h_pos[c, i]
-                xv = x[c, i, j]
-                r0 = np.rint(xv)
-                if (r0 - xv) * -step > zero and r0 * step < lim:
-                    r0 += step
-                codes[c, i, j] = np.int32(min(max(r0, lo), hi))
+        for t in range(kk):  # the first k of the order: the values above the one at position k
+            i = idx[t]
+            j = h_pos[c, i]
+            xv = x[c, i, j]
+            r0 = np.rint(xv)
+            if (r0 - xv) * -step > zero and r0 * step < lim:
+                r0 += step
+            codes[c, i, j] = np.int32(min(max(r0, lo), hi))
 
 
 @_compiled
@@ -373,6 +383,7 @@ def channel_full(
     one, zero = np.float32(1.0), np.float32(0.0)
     lo, hi = np.float32(tmin), np.float32(tmax)
     top = np.empty(m + 1, np.float32)
+    idx = np.empty(m + 1, np.int64)
     row = np.empty(m, np.float32)
     for c in range(n_ch):
         s = sums[c]
@@ -390,10 +401,9 @@ def channel_full(
         ambiguous[c] = kk >= m
         if kk == 0 or kk >= m:
             continue
-        v_k, tied = _boundary(row, kk, top)
-        if tied:
+        if _largest(row, kk, top, idx):
             ambiguous[c] = True
             continue
-        for i in range(m):
-            if row[i] > v_k:  # a candidate (priority > 0)
-                cc[i] = np.int32(min(max(np.rint(xc[i]) + step, lo), hi))
+        for t in range(kk):  # the first k of the order: candidates (priority > 0 = the one at position k)
+            i = idx[t]
+            cc[i] = np.int32(min(max(np.rint(xc[i]) + step, lo), hi))
