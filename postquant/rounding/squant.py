@@ -456,20 +456,13 @@ def _sum_order(klen: int) -> tuple[int, ...] | None:
     return None
 
 
-def _kernel_stage_ranked(
-    xg: torch.Tensor, s: torch.Tensor | None, tmin: int, tmax: int, stable: bool
-) -> _KernelResult:
-    """The kernel stage from explicit ranks: stable ranks, or those of ``torch.sort`` as in the reference.
-
-    Used for kernels longer than 16 elements (``stable=False``), for the kernels the key classes of
-    `_kernel_stage` cannot order (``stable=True``) and for every kernel on the whole-layer path. `s` (G,)
-    are the kernels' error sums (None: computed here).
-    """
+def _kernel_stage_ranked(xg: torch.Tensor, tmin: int, tmax: int, stable: bool) -> _KernelResult:
+    """The kernel stage of the whole-layer path from explicit ranks: stable ranks (kernels of at most 16
+    elements), or those of ``torch.sort`` as in the reference."""
     g, klen = xg.shape
     r0 = torch.round(xg)
     e0 = r0 - xg
-    if s is None:
-        s = e0.sum(1)  # (G,) the reference's float32 reduction over each kernel
+    s = e0.sum(1)  # (G,) the reference's float32 reduction over each kernel
     up, k, step = _direction(s)
     st = step.unsqueeze(1)
     pbits = _priority_bits(e0, r0, st, tmin, tmax)  # (G, L)
@@ -572,7 +565,7 @@ def _squant_dense(
     out = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
     ks = None
     if kernel:
-        ks = _kernel_stage_ranked(flat.view(-1, klen), None, tmin, tmax, stable=klen <= _STABLE_SORT_MAX)
+        ks = _kernel_stage_ranked(flat.view(-1, klen), tmin, tmax, stable=klen <= _STABLE_SORT_MAX)
         out.view(-1, klen).copy_(ks.r.clamp(tmin, tmax))
     elif not channel:
         out.copy_(torch.round(flat).clamp_(tmin, tmax))
