@@ -14,7 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "postquant"
 # Optional dependencies imported inside the functions that need them (extras in pyproject.toml), and scipy,
-# a dependency whose solvers take ~300 modules that `import postquant` should not pay for.
+# a dependency whose solvers take ~300 modules that `import postquant` should not pay for, and numba (~0.4 s,
+# and it loads scipy), a dependency that only SQuant's CPU stages need.
 OPTIONAL = {
     "onnx",
     "onnxscript",
@@ -26,6 +27,7 @@ OPTIONAL = {
     "compressed_tensors",
     "accelerate",
     "scipy",
+    "numba",
 }
 
 

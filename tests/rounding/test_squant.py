@@ -16,12 +16,13 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from postquant.errors import NonFiniteWeightError
 from postquant.paths import shared_path
 from postquant.rounding import squant as squant_module
+from postquant.rounding import squant_cpu
 from postquant.rounding.squant import SquantMode, squant_codes, squant_codes_many
 
 GOLDEN = shared_path("golden", "squant")
@@ -441,59 +442,76 @@ def test_channel_blocks_never_hold_a_single_channel(oc: int) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 300), st.integers(2, 16), st.integers(0, 2**32 - 1))
+@given(st.integers(1, 600), st.integers(2, 16), st.integers(0, 2**32 - 1))
 def test_kernel_sums_are_torch_sums_bit_for_bit(kernels: int, klen: int, seed: int) -> None:
-    """The CPU kernel stage adds the transposed rows in the order torch.sum uses (where a probe confirmed
-    it): the float32 sums equal ``torch.sum(e, 1)`` exactly, for one kernel or many, on widely spread values."""
-    gen = torch.Generator().manual_seed(seed)
-    e = (torch.rand(kernels, klen, generator=gen) - 0.5) * torch.exp2(
-        torch.randint(-24, 2, (kernels, klen), generator=gen).float()
-    )
-    sums = squant_module._kernel_sums(e.numpy(), np.ascontiguousarray(e.numpy().T))
-    assert np.array_equal(sums, e.sum(1).numpy())
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    st.integers(1, 5), st.integers(1, 40), st.integers(2, 8), st.floats(0.0, 0.3), st.integers(0, 2**32 - 1)
-)
-def test_beyond_range_finds_every_element_outside(
-    rows: int, cols: int, bits: int, share: float, seed: int
-) -> None:
-    """The CPU stages' scan for elements outside [tmin, tmax] (8 flags at a time, any length, a tail that
-    is not a whole word) finds exactly those: the bounds themselves and NaN are not beyond."""
-    tmin, tmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    """The compiled kernel stage adds each kernel's errors in the order torch.sum uses (`_sum_order`, where a
+    probe confirmed it): it decides every kernel as with torch's float32 sums given. The errors come in pairs
+    +-v of widely spread magnitudes, so that the exact sums are 0 and the float32 sums are rounding residues
+    whose sign (the direction, a zero sum's hand-off) depends on the order of the additions."""
+    order = squant_module._sum_order(klen)
+    assume(order is not None)  # known on this machine (else torch's sums are taken)
     gen = np.random.default_rng(seed)
-    x = gen.uniform(tmin - 1, tmax + 1, (rows, cols)).astype(np.float32)
-    inside = gen.random(x.shape) >= share
-    x[inside] = np.clip(x[inside], tmin, tmax)  # many at the bounds exactly
-    x.reshape(-1)[:: max(1, x.size // 3)] = np.nan
-    expected = np.flatnonzero((x > tmax) | (x < tmin))
-    assert np.array_equal(squant_module._beyond_range(x, tmin, tmax), expected)
-    with mock.patch.object(squant_module, "_BEYOND_SCAN_MIN", 0):  # the word scan of large blocks
-        assert np.array_equal(squant_module._beyond_range(x, tmin, tmax), expected)
+    v = gen.uniform(0.01, 0.49, (kernels, klen // 2)) * np.exp2(gen.integers(-20, 1, (kernels, klen // 2)))
+    e = np.concatenate([v, -v, np.zeros((kernels, klen % 2))], axis=1).astype(np.float32)
+    e = np.take_along_axis(e, gen.permuted(np.tile(np.arange(klen), (kernels, 1)), axis=1), axis=1)
+    x = -e  # rounds to 0: its error is e
+    torch_sums = torch.from_numpy(e).sum(1).numpy()
+    results = []
+    for sums in (squant_module._NO_SUMS, torch_sums):
+        out = (
+            np.empty((kernels, klen), np.int32),
+            np.empty((kernels, klen), np.float32),
+            np.empty(kernels, np.int32),
+            np.empty(kernels, np.float32),
+            np.empty(kernels, bool),
+        )
+        assert squant_cpu.loops().kernel_stage(x, sums, np.array(order, dtype=np.intp), -8, 7, *out)
+        results.append(out)
+    for computed, given_sums in zip(*results, strict=True):
+        assert np.array_equal(computed, given_sums)
 
 
-@pytest.mark.parametrize("n", range(2, 17))
-def test_network_program_puts_the_largest_keys_in_order(n: int) -> None:
-    """The kernel stage's row program (a pruned sorting network that reuses its rows) leaves the `top`
-    largest values of every column, in descending order, in its output rows, duplicates included."""
-    gen = np.random.default_rng(n)
-    for top in range(1, min(squant_module._FAST_K + 2, n) + 1):
-        keys = gen.integers(0, 3 * n, (n, 200)).astype(np.uint16)
-        rows = [*keys.copy(), np.zeros(200, np.uint16), *np.zeros((top, 200), np.uint16)]
-        for is_max, a, b, o in squant_module._network_program(n, top):
-            (np.maximum if is_max else np.minimum)(rows[a], rows[b], out=rows[o])
-        expected = np.sort(keys, axis=0)[::-1][:top]
-        assert np.array_equal(np.stack(rows[n + 1 :]), expected)
+def test_unknown_sum_order_takes_torch_sums() -> None:
+    """Where the probe does not confirm torch's order of additions (another vector width), the kernel sums
+    are torch's own: the same codes."""
+    gen = torch.Generator().manual_seed(8)
+    x, tmin, tmax = reference_grid(torch.randn(9, 7, 3, 3, generator=gen) * 0.05, 3)
+    x[2] = torch.round(x[2] * 4) / 4  # exact ties and zero sums
+    with mock.patch.object(squant_module, "_sum_order", lambda klen: None):
+        for mode in (SquantMode.EK, SquantMode.EKC):
+            assert torch.equal(squant_codes(x, tmin, tmax, mode), loop_squant(x, tmin, tmax, mode.value))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(1, 40),
+    st.integers(1, 40),
+    st.sampled_from([(2,), (3,), (2, 2), (3, 3), (4, 4)]),
+    st.integers(2, 8),
+    st.sampled_from([1, 2, 4, 4096]),
+    st.integers(0, 2**32 - 1),
+)
+def test_compiled_stages_on_chunk_tails(
+    oc: int, ic: int, kernel: tuple[int, ...], bits: int, denom: int, seed: int
+) -> None:
+    """Layers of up to 1600 kernels (the compiled kernel stage works in chunks of `squant_cpu._CHUNK`, so
+    any number of whole chunks and a tail) give the codes of the whole-layer path, an independent torch
+    statement of the same rules, in every mode, on lattices with many exact ties."""
+    tmin, tmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    gen = torch.Generator().manual_seed(seed)
+    shape = (oc, ic, *kernel)
+    x = torch.randint((tmin - 1) * denom, (tmax + 1) * denom + 1, shape, generator=gen).float() / denom
+    for mode in SquantMode:
+        expected = squant_codes(x, tmin, tmax, mode, whole_layer=True)
+        assert torch.equal(squant_codes(x, tmin, tmax, mode, whole_layer=False), expected), mode
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.sampled_from([SquantMode.EK, SquantMode.EKC]))
-def test_priorities_closer_than_the_key_classes(seed: int, mode: SquantMode) -> None:
-    """Kernels where two, three or more priorities are closer than the CPU kernel stage's key classes (about
-    1/4094 apart) or exactly equal, anywhere in the order: the codes still equal the restatement's (such
-    neighbours are ordered by their exact priorities, longer runs redone from exact ranks)."""
+def test_priorities_nearly_or_exactly_equal(seed: int, mode: SquantMode) -> None:
+    """Kernels where two, three or more priorities are a few float32 steps apart or exactly equal, anywhere
+    in the order: the codes equal the restatement's (the kernel stage ranks exact float32 priorities, equal
+    ones by index as the reference's stable sort does)."""
     gen = np.random.default_rng(seed)
     oc, ic = 6, 20
     near = gen.uniform(0.02, 0.5, (oc, ic, 1)) + gen.choice([0.0, 1e-5, 4e-5, 1e-4, 2e-4], (oc, ic, 9))
