@@ -317,6 +317,17 @@ def _largest(row: np.ndarray, kk: int, top: np.ndarray, idx: np.ndarray) -> bool
 
 
 @_compiled
+def _channel_direction(
+    s: np.float32, lo: np.float32, hi: np.float32
+) -> tuple[bool, np.int64, np.float32, np.float32]:
+    """A channel's flips from its float32 error sum `s`: up (s < 0; a zero sum flips down), their number
+    ``k = rint(|s|)``, the step (+1 or -1) and the bound a candidate's initial rounding lies below in the step's
+    direction (``tmax`` up, ``-tmin`` down)."""
+    up = s < np.float32(0.0)
+    return up, np.int64(np.rint(abs(s))), np.float32(1.0) if up else np.float32(-1.0), hi if up else -lo
+
+
+@_compiled
 def channel_handoffs(
     x: np.ndarray,
     codes: np.ndarray,
@@ -338,15 +349,13 @@ def channel_handoffs(
     direction, else to its initial rounding.
     """
     oc, ic, _ = x.shape
-    one, zero = np.float32(1.0), np.float32(0.0)
+    zero = np.float32(0.0)
     lo, hi = np.float32(tmin), np.float32(tmax)
     top = np.empty(ic + 1, np.float32)
     idx = np.empty(ic + 1, np.int64)
     row = np.empty(ic, np.float32)
     for c in range(oc):
-        s = sums[c]
-        up = s < zero
-        kk = np.int64(np.rint(abs(s)))
+        up, kk, step, lim = _channel_direction(sums[c], lo, hi)
         ambiguous[c] = kk >= ic
         if kk == 0 or kk >= ic:
             continue
@@ -356,8 +365,6 @@ def channel_handoffs(
         if _largest(row, kk, top, idx):
             ambiguous[c] = True
             continue
-        step = one if up else -one
-        lim = hi if up else -lo
         for t in range(kk):  # the first k of the order: the values above the one at position k
             i = idx[t]
             j = h_pos[c, i]
@@ -380,17 +387,13 @@ def channel_full(
     and is marked in `ambiguous` (n,) bool, for the reference's sort to order.
     """
     n_ch, m = x.shape
-    one, zero = np.float32(1.0), np.float32(0.0)
+    zero = np.float32(0.0)
     lo, hi = np.float32(tmin), np.float32(tmax)
     top = np.empty(m + 1, np.float32)
     idx = np.empty(m + 1, np.int64)
     row = np.empty(m, np.float32)
     for c in range(n_ch):
-        s = sums[c]
-        up = s < zero
-        kk = np.int64(np.rint(abs(s)))
-        step = one if up else -one
-        lim = hi if up else -lo
+        _, kk, step, lim = _channel_direction(sums[c], lo, hi)
         xc, cc = x[c], codes[c]
         for i in range(m):
             xv = xc[i]
