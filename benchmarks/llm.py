@@ -37,88 +37,40 @@ log = logging.getLogger("llm_bench")
 RESULTS = Path(__file__).parent / "results"
 GROUP = 64
 LEARNED_ITERS = 20
+GPTQ = {"damp": 0.01, "act_order": False, "block_size": 128}
+# 2, 3, 4 or 8 bits per Linear at an average of 3, by diagonal Fisher importance on the calibration windows
+MIXED3 = {"w_bits_budget": 3.0, "importance": "fisher", "bit_choices": [2, 3, 4, 8], "calib_size": 32}
+
+
+def _row(method: str, bits: int, **extra: Any) -> dict[str, Any]:
+    """A postquant row's recipe fields: `learned` with LEARNED_ITERS steps per decoder layer, both learned
+    presets on batches of 4 windows, GPTQ with `GPTQ`."""
+    spec: dict[str, Any] = {"method": method, "w_bits": bits, **extra}
+    if method == "learned":
+        spec["learned"] = {"iters": LEARNED_ITERS, "batch_size": 4, "progress": False}
+    elif method == "learned-fast":  # the fastest preset (signed gradient, 25 steps, no QDrop mixing)
+        spec["learned"] = {"batch_size": 4, "progress": False}
+    elif method == "gptq":
+        spec["gptq"] = dict(GPTQ)
+    return spec
+
+
 ROWS: dict[str, dict[str, Any] | None] = {
     "fp32": None,
-    "rtn-w4": {"method": "rtn", "w_bits": 4},
-    "rtn-w3": {"method": "rtn", "w_bits": 3},
-    "squant-w4": {"method": "squant", "w_bits": 4},
-    "squant-w3": {"method": "squant", "w_bits": 3},
-    "learned-w3": {
-        "method": "learned",
-        "w_bits": 3,
-        "learned": {"iters": LEARNED_ITERS, "batch_size": 4, "progress": False},
-    },
-    "learned-w4": {
-        "method": "learned",
-        "w_bits": 4,
-        "learned": {"iters": LEARNED_ITERS, "batch_size": 4, "progress": False},
-    },
-    # the fastest preset (signed gradient, 25 steps, no QDrop mixing), batches of 4 windows as above
-    "learned-fast-w3": {
-        "method": "learned-fast",
-        "w_bits": 3,
-        "learned": {"batch_size": 4, "progress": False},
-    },
-    "learned-fast-w4": {
-        "method": "learned-fast",
-        "w_bits": 4,
-        "learned": {"batch_size": 4, "progress": False},
-    },
-    "gptq-w4": {"method": "gptq", "w_bits": 4, "gptq": {"damp": 0.01, "act_order": False, "block_size": 128}},
-    "gptq-w3": {"method": "gptq", "w_bits": 3, "gptq": {"damp": 0.01, "act_order": False, "block_size": 128}},
+    **{f"{m}-w{b}": _row(m, b) for b in (4, 3) for m in ("rtn", "squant", "learned", "learned-fast", "gptq")},
     # W2 g64: where RTN collapses
-    "rtn-w2": {"method": "rtn", "w_bits": 2},
-    "squant-w2": {"method": "squant", "w_bits": 2},
-    "gptq-w2": {"method": "gptq", "w_bits": 2, "gptq": {"damp": 0.01, "act_order": False, "block_size": 128}},
-    "learned-w2": {
-        "method": "learned",
-        "w_bits": 2,
-        "learned": {"iters": LEARNED_ITERS, "batch_size": 4, "progress": False},
-    },
-    "learned-fast-w2": {
-        "method": "learned-fast",
-        "w_bits": 2,
-        "learned": {"batch_size": 4, "progress": False},
-    },
-    # mixed precision at an average of 3 weight bits (2, 3, 4 or 8 per Linear, by diagonal Fisher importance on
-    # the calibration windows), allocated before the block walk: against the uniform W3 rows
-    "rtn-mixed3": {
-        "method": "rtn",
-        "w_bits": 3,
-        "mixed": {
-            "w_bits_budget": 3.0,
-            "importance": "fisher",
-            "bit_choices": [2, 3, 4, 8],
-            "calib_size": 32,
-        },
-    },
-    "learned-fast-mixed3": {
-        "method": "learned-fast",
-        "w_bits": 3,
-        "mixed": {
-            "w_bits_budget": 3.0,
-            "importance": "fisher",
-            "bit_choices": [2, 3, 4, 8],
-            "calib_size": 32,
-        },
-        "learned": {"batch_size": 4, "progress": False},
-    },
+    **{f"{m}-w2": _row(m, 2) for m in ("rtn", "squant", "gptq", "learned", "learned-fast")},
+    # mixed precision at an average of 3 weight bits, allocated before the block walk: against the W3 rows
+    "rtn-mixed3": _row("rtn", 3, mixed=MIXED3),
+    "learned-fast-mixed3": _row("learned-fast", 3, mixed=MIXED3),
     # W4 g64 with 8-bit inputs to every quantized Linear (per-tensor ranges from the calibration windows):
     # the block path does not quantize activations, so these rows run `postquant.quantize` on the whole model
-    "rtn-w4a8": {"method": "rtn", "w_bits": 4, "a_bits": 8},
-    "learned-fast-w4a8": {
-        "method": "learned-fast",
-        "w_bits": 4,
-        "a_bits": 8,
-        "learned": {"batch_size": 4, "progress": False},
-    },
+    "rtn-w4a8": _row("rtn", 4, a_bits=8),
+    "learned-fast-w4a8": _row("learned-fast", 4, a_bits=8),
     # gptq-w4 again with the same windows fed one at a time: only the order of float sums changes (noise).
-    "gptq-w4-b1": {
-        "method": "gptq",
-        "w_bits": 4,
-        "gptq": {"damp": 0.01, "act_order": False, "block_size": 128},
-    },
+    "gptq-w4-b1": _row("gptq", 4),
 }
+
 # Calibration windows per forward batch (4 unless listed).
 CALIB_BATCH = {"gptq-w4-b1": 1}
 # Rows quantized by another tool, run under `--peer-python` (benchmarks/llm_peers.py, benchmarks/setup_peers.sh).
