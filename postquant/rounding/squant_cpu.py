@@ -293,27 +293,27 @@ def _largest(row: np.ndarray, kk: int, top: np.ndarray, idx: np.ndarray) -> bool
     their indices into `idx`; whether the values at positions kk - 1 and kk are equal (then the first kk
     are not determined by value alone)."""
     for i in range(kk + 1):
-        v = row[i]
-        t = i
-        while t > 0 and top[t - 1] < v:
-            top[t] = top[t - 1]
-            idx[t] = idx[t - 1]
-            t -= 1
-        top[t] = v
-        idx[t] = i
+        _insert(top, idx, i, row[i], i)
     v_k = top[kk]
     for i in range(kk + 1, row.shape[0]):
         v = row[i]
         if v > v_k:
-            t = kk
-            while t > 0 and top[t - 1] < v:
-                top[t] = top[t - 1]
-                idx[t] = idx[t - 1]
-                t -= 1
-            top[t] = v
-            idx[t] = i
+            _insert(top, idx, kk, v, i)  # drops the smallest of the kk + 1
             v_k = top[kk]
     return top[kk - 1] == v_k
+
+
+@_compiled
+def _insert(top: np.ndarray, idx: np.ndarray, last: int, v: np.float32, i: int) -> None:
+    """Insert value `v` of index `i` into the descending `top[:last]` (stable: after equal values), at
+    most to position `last`; the value at `last` is overwritten."""
+    t = last
+    while t > 0 and top[t - 1] < v:
+        top[t] = top[t - 1]
+        idx[t] = idx[t - 1]
+        t -= 1
+    top[t] = v
+    idx[t] = i
 
 
 @_compiled
