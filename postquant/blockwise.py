@@ -28,9 +28,8 @@ gives exactly the codes `quantize` gives. Mixed precision (``mixed``) allocates 
 the float model `quantize_blocks` holds, exactly as `quantize` does (same importance table, same allocation);
 `quantize_checkpoint`, which never holds the float model whole, does not take it. Not here (use `quantize`):
 activation quantization, the power grid's output-error search, loss='output' / Fisher weights and
-augmentation. Layers
-outside the decoder stack that the plan quantizes (``lm_head`` unless ignored) get the recipe's data-free
-codes (nearest for learned methods). The chains (``n x seqlen x hidden`` each) stay in memory up to
+augmentation. Layers outside the decoder stack that the plan quantizes (``lm_head`` unless ignored) get the
+recipe's data-free codes (nearest for learned methods). The chains (``n x seqlen x hidden`` each) stay in memory up to
 ``chain_bytes`` together and are memory-mapped files beyond (`postquant.reconstruct.chains`).
 
 In a torch.distributed process group (`postquant.distributed`), each rank carries the chains of its contiguous
@@ -435,7 +434,7 @@ def quantize_blocks(
     ranks = current()
     mixed = None
     if recipe.mixed is not None:  # bits per layer first, from the whole float model (as `quantize`)
-        batches = as_calibration(calib, recipe.mixed.calib_size) if calib is not None else None
+        batches = as_calibration(calib, recipe.calib_size) if calib is not None else None  # as `quantize`
         recipe, mixed = apply_mixed(model, recipe, plan, batches, None, ranks)
         plan = plan.with_w_bits({row.name: row.bits for row in mixed.layers if not row.fixed}, Source.MIXED)
     qmodel = model if inplace else _skeleton_copy(model, layers)
