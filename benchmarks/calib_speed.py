@@ -5,7 +5,8 @@ model with no hooks (the plain pass), then `calibrate_from_data` observes every 
 batches with each observer (minmax, percentile, mse); 256 Gaussian noise images run once through the float
 model, then `bn_noise_ranges` (percentile) observes them through the BN-matched float model. Each ratio is
 calibration time / plain-pass time of the same samples, measured in one process (the plain pass is timed
-before and after the observers; their mean is used). Then whole `quantize` calls: SQuant W8A8 with the
+before each round of the observers and after the last; `--rounds` interleaved rounds, the fastest run of each
+used). Then whole `quantize` calls: SQuant W8A8 with the
 data-free default (the README's first command), SQuant W4A4 with bn-noise ranges, RTN W8A8 from 256
 calibration images.
 
@@ -53,14 +54,27 @@ TARGETS = {
 }
 
 
-def _timed(fn: Callable[[], Any]) -> float:
-    start = time.perf_counter()
+def _timed(fn: Callable[[], Any], clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def measure(name: str) -> list[dict[str, Any]]:
-    """Ratios and quantize times of one zoo model (rows of the result table)."""
+def measure(
+    name: str,
+    quantize_threads: int | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    rounds: int = 1,
+) -> list[dict[str, Any]]:
+    """Ratios and quantize times of one zoo model (rows of the result table).
+
+    ``quantize_threads``: torch threads for the whole `quantize` calls only (None: the current setting, which
+    the ratio rows use too); the previous setting is restored after them. ``clock``: what the ratio rows
+    time (`time.process_time` on one thread: the process's CPU time, which other processes sharing the cores
+    do not lengthen); the whole `quantize` calls are always timed by the wall clock. ``rounds``: the plain
+    pass and the observers run in turn this many times (the plain pass once more at the end); each ratio is
+    the fastest observer run over the fastest plain pass, the least disturbed runs on a shared machine.
+    """
     zoo = load_model(name)
     calib = zoo.calib_batches(limit=CALIB_SIZE)
     rows: list[dict[str, Any]] = []
@@ -68,29 +82,41 @@ def measure(name: str) -> list[dict[str, Any]]:
     qmodel = postquant.quantize(zoo.model, {"method": "rtn", "w_bits": 8}, calib=calib)
     layers = quantized_layers(qmodel)
     a_bits = dict.fromkeys(layers, 8)
-    plain = [_timed(lambda: forward_all(qmodel, calib))]
-    observed = {
-        kind: _timed(
-            lambda kind=kind: calibrate_from_data(qmodel, layers, a_bits, calib, kind, progress=False)
-        )
-        for kind in ("minmax", "percentile", "mse")
-    }
-    plain.append(_timed(lambda: forward_all(qmodel, calib)))
-    base = sum(plain) / len(plain)
+    kinds = ("minmax", "percentile", "mse")
+    plain, observed = [], {kind: [] for kind in kinds}
+    for _ in range(rounds):  # interleaved: a slow spell of the host hits both sides
+        plain.append(_timed(lambda: forward_all(qmodel, calib), clock))
+        for kind in kinds:
+            observed[kind].append(
+                _timed(
+                    lambda kind=kind: calibrate_from_data(
+                        qmodel, layers, a_bits, calib, kind, progress=False
+                    ),
+                    clock,
+                )
+            )
+    plain.append(_timed(lambda: forward_all(qmodel, calib), clock))
     for kind, seconds in observed.items():
-        rows.append(_ratio_row(name, f"calibrate_from_data {kind}", seconds, base, plain))
+        rows.append(_ratio_row(name, f"calibrate_from_data {kind}", min(seconds), min(plain), plain))
 
     float_model = copy.deepcopy(zoo.model).eval()
     example = zoo.example_inputs
     noise = list(torch.randn(CALIB_SIZE, *example.shape[1:], generator=torch.Generator()).split(64))
-    plain = [_timed(lambda: forward_all(float_model, noise))]
     plan = make_plan(zoo.model, Recipe.coerce({"method": "squant", "w_bits": 8, "a_bits": 8}))
     names = {n: 8 for n, lp in plan.items() if lp.a_bits is not None}
-    seconds = _timed(
-        lambda: bn_noise_ranges(copy.deepcopy(float_model), names, example, "percentile", progress=False)
-    )
-    plain.append(_timed(lambda: forward_all(float_model, noise)))
-    rows.append(_ratio_row(name, "bn_noise_ranges percentile", seconds, sum(plain) / 2, plain))
+    plain, noise_runs = [], []
+    for _ in range(rounds):
+        plain.append(_timed(lambda: forward_all(float_model, noise), clock))
+        noise_runs.append(
+            _timed(
+                lambda: bn_noise_ranges(
+                    copy.deepcopy(float_model), names, example, "percentile", progress=False
+                ),
+                clock,
+            )
+        )
+    plain.append(_timed(lambda: forward_all(float_model, noise), clock))
+    rows.append(_ratio_row(name, "bn_noise_ranges percentile", min(noise_runs), min(plain), plain))
 
     recipes = {
         "squant W8A8 data-free (README's first command)": (
@@ -103,6 +129,10 @@ def measure(name: str) -> list[dict[str, Any]]:
         ),
         "rtn W8A8 calib": ({"method": "rtn", "w_bits": 8, "a_bits": 8, "act_ranges": "calib"}, calib),
     }
+    ratio_threads = torch.get_num_threads()
+    if quantize_threads:
+        torch.set_num_threads(quantize_threads)
+    threads = torch.get_num_threads()
     for label, (recipe, data) in recipes.items():
         seconds = _timed(
             lambda recipe=recipe, data=data: postquant.quantize(
@@ -110,8 +140,17 @@ def measure(name: str) -> list[dict[str, Any]]:
             )
         )
         target = TARGETS.get(f"{name} {label}")
-        rows.append({"model": name, "case": f"quantize {label}", "seconds": seconds, "target_s": target})
-        log.info("%s quantize %s: %.1f s", name, label, seconds)
+        rows.append(
+            {
+                "model": name,
+                "case": f"quantize {label}",
+                "seconds": seconds,
+                "target_s": target,
+                "threads": threads,
+            }
+        )
+        log.info("%s quantize %s: %.1f s (%d threads)", name, label, seconds, threads)
+    torch.set_num_threads(ratio_threads)
     return rows
 
 
@@ -156,6 +195,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "calib_speed.md")
     parser.add_argument(
+        "--rounds", type=int, default=1, help="interleaved plain/observer rounds (fastest used)"
+    )
+    parser.add_argument(
         "--reuse-memory", action="store_true", help="malloc keeps freed memory (postquant.allocator)"
     )
     args = parser.parse_args()
@@ -168,7 +210,7 @@ def main() -> None:
 
         reused = reuse_freed_memory()
     load_before = os.getloadavg()
-    rows = [row for name in args.models for row in measure(name)]
+    rows = [row for name in args.models for row in measure(name, rounds=args.rounds)]
     load_after = os.getloadavg()
     header = (
         f"Activation calibration cost ({postquant.__file__}): {platform.processor() or platform.machine()}, "
