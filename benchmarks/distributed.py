@@ -95,9 +95,13 @@ def worker(args: argparse.Namespace) -> None:
             else None
         )
     if args.rank == 0:
+        learned = postquant.result(qmodel).learned
         torch.save(
             {
                 "seconds": seconds,
+                # the data-parallel phase of learned rounding: `reconstruct_unit` over every unit (its steps
+                # and the errors before/after), without the walk's per-layer loading and chain passes
+                "learning": sum(u.seconds for u in learned.units) if learned is not None else None,
                 "stages": postquant.result(qmodel).seconds,
                 "waited": waited[0],
                 "metric": "perplexity" if args.model in LMS else "top-1",
@@ -197,17 +201,22 @@ def write_markdown(rows: dict[str, dict[str, Any]]) -> None:
         "meaningful, only the communication share and the result difference are). `collectives` is the share "
         "of the time rank 0 spent in collectives (communication and waiting for the other rank). Codes are "
         "compared with the 1-process run; top-1 on `n` test images spread over the test set, perplexity on "
-        "the first `n` windows of 512 tokens of `handbook-eval.txt`.",
+        "the first `n` windows of 512 tokens of `handbook-eval.txt`. `learning phase`: the seconds rank 0 spent "
+        "in learned rounding's data-parallel phase (`reconstruct_unit` of every unit: its optimisation steps "
+        "and the reconstruction errors before and after, without the per-layer weight loading, starting codes "
+        "and chain passes around it) and that phase's speed-up; rows measured before 2026-12-05 12:40 did not "
+        "record it.",
         "",
-        "| model | recipe | processes | quantize | stages (s) | speed-up | collectives | codes differing "
-        "| metric | score | n | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | recipe | processes | quantize | stages (s) | speed-up | learning phase | collectives "
+        "| codes differing | metric | score | n | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows.values():
         stages = ", ".join(f"{k} {v}" for k, v in row["stages"].items() if v >= 0.1)
+        learning = f"{row['learning_s']} s, {row['learning_speedup']}x" if row.get("learning_s") else "-"
         lines.append(
             f"| {row['model']} | {row['recipe']} | {row['processes']} | {row['seconds']} s | {stages} | "
-            f"{row['speedup']}x | {row['collective_share']:.1%} | {row['codes_differing']} | "
+            f"{row['speedup']}x | {learning} | {row['collective_share']:.1%} | {row['codes_differing']} | "
             f"{row.get('metric', 'top-1')} | {row.get('score', row.get('top1')):.2f} | {row['limit']} | "
             f"{row['load_1min']} |"
         )
@@ -291,6 +300,14 @@ def main() -> None:
             "seconds": round(r["seconds"], 1),
             "stages": {k: round(v, 1) for k, v in r["stages"].items()},
             "speedup": round(one["seconds"] / r["seconds"], 2),
+            **(
+                {
+                    "learning_s": round(r["learning"], 1),
+                    "learning_speedup": round(one["learning"] / r["learning"], 2),
+                }
+                if r.get("learning") and one.get("learning")
+                else {}
+            ),
             "collective_share": round(r["waited"] / r["seconds"], 3),
             "codes_differing": f"{differ}/{n_codes}",
             "metric": r["metric"],
