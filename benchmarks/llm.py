@@ -60,6 +60,8 @@ ROWS: dict[str, dict[str, Any] | None] = {
     **{f"{m}-w{b}": _row(m, b) for b in (4, 3) for m in ("rtn", "squant", "learned", "learned-fast", "gptq")},
     # W2 g64: where RTN collapses
     **{f"{m}-w2": _row(m, 2) for m in ("rtn", "squant", "gptq", "learned", "learned-fast")},
+    # data-free, as HQQ: each group's range searched for the least squared weight error instead of min/max
+    **{f"{m}-w{b}-mse": _row(m, b, w_range="mse") for b in (4, 3) for m in ("rtn", "squant")},
     # mixed precision at an average of 3 weight bits, allocated before the block walk: against the W3 rows
     "rtn-mixed3": _row("rtn", 3, mixed=MIXED3),
     "learned-fast-mixed3": _row("learned-fast", 3, mixed=MIXED3),
