@@ -280,13 +280,17 @@ class Recipe(BaseModel):
                 "a_residual quantizes residual adds with static ranges from calibration data; act_ranges: "
                 "dynamic has none: drop a_residual, or use act_ranges calib"
             )
-        static = [
-            f for f in ("a_observer", "a_percentile", "a_observer_samples") if f in self.model_fields_set
-        ]
+        unused = {
+            "a_observer": None,
+            "a_percentile": 99.99,
+            "a_observer_samples": None,
+        }  # values, not fields set:
+        static = [f for f, default in unused.items() if getattr(self, f) != default]  # a dump holds defaults
         if static:
             raise ValueError(
-                f"the fields {', '.join(static)} choose static activation ranges; act_ranges: dynamic computes each "
-                "token's step at run time: drop them, or use a static act_ranges (calib, squant-noise, bn-noise)"
+                f"the fields {', '.join(static)} choose static activation ranges; act_ranges: dynamic computes "
+                "each token's step at run time: drop them, or use a static act_ranges (calib, squant-noise, "
+                "bn-noise)"
             )
         return self
 
