@@ -280,12 +280,12 @@ class Recipe(BaseModel):
                 "a_residual quantizes residual adds with static ranges from calibration data; act_ranges: "
                 "dynamic has none: drop a_residual, or use act_ranges calib"
             )
-        unused = {
-            "a_observer": None,
-            "a_percentile": 99.99,
-            "a_observer_samples": None,
-        }  # values, not fields set:
-        static = [f for f, default in unused.items() if getattr(self, f) != default]  # a dump holds defaults
+        fields = (
+            "a_observer",
+            "a_percentile",
+            "a_observer_samples",
+        )  # by value: a full dump sets every field
+        static = [f for f in fields if getattr(self, f) != type(self).model_fields[f].default]
         if static:
             raise ValueError(
                 f"the fields {', '.join(static)} choose static activation ranges; act_ranges: dynamic computes "
