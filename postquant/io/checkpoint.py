@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from postquant import __version__
+from postquant.choices import ActRanges
 from postquant.errors import CheckpointError, OutputError, PostquantError, RecipeError
 from postquant.grids import GridConfig, grid_from_state
 from postquant.io.manifest import (
@@ -48,7 +49,13 @@ from postquant.io.manifest import (
     first_error,
 )
 from postquant.io.pack import unpack_codes
-from postquant.model import quantized_embeddings, quantized_layers, replace_module, set_module
+from postquant.model import (
+    dynamic_input_layers,
+    quantized_embeddings,
+    quantized_layers,
+    replace_module,
+    set_module,
+)
 from postquant.model.convert import replace_layers
 from postquant.nn import ActQuantizer, DynamicActQuantizer, QuantizedEmbedding, QuantizedLayer
 from postquant.nn.layer import compact_grid_tensor
@@ -620,7 +627,8 @@ def _loaded_result(qmodel: nn.Module, manifest: Manifest) -> QuantizationResult:
         LayerPlan(name, layer.bits, layer.act_quant.bits if layer.act_quant is not None else None)
         for name, layer in quantized_layers(qmodel).items()
     )
-    return QuantizationResult(recipe, plan, model_name=manifest.model_name)
+    dynamic = ActRanges.DYNAMIC if dynamic_input_layers(qmodel) else None  # a static rule is not recorded
+    return QuantizationResult(recipe, plan, model_name=manifest.model_name, act_ranges=dynamic)
 
 
 def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | None = None) -> nn.Module:
