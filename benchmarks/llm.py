@@ -66,9 +66,12 @@ ROWS: dict[str, dict[str, Any] | None] = {
     "rtn-mixed3": _row("rtn", 3, mixed=MIXED3),
     "learned-fast-mixed3": _row("learned-fast", 3, mixed=MIXED3),
     # W4 g64 with 8-bit inputs to every quantized Linear (per-tensor ranges from the calibration windows):
-    # the block path does not quantize activations, so these rows run `postquant.quantize` on the whole model
+    # the block path takes no static ranges, so these rows run `postquant.quantize` on the whole model
     "rtn-w4a8": _row("rtn", 4, a_bits=8),
     "learned-fast-w4a8": _row("learned-fast", 4, a_bits=8),
+    # the same with dynamic per-token 8-bit inputs (each token's step absmax/127 at run time, as vLLM's int8
+    # W8A8): no ranges to calibrate, so they run on the block path
+    **{f"{m}-w4a8dyn": _row(m, 4, a_bits=8, act_ranges="dynamic") for m in ("rtn", "learned-fast", "gptq")},
     # gptq-w4 again with the same windows fed one at a time: only the order of float sums changes (noise).
     "gptq-w4-b1": _row("gptq", 4),
 }
@@ -141,9 +144,9 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
         tokenize_file(text / "pydocs-calib.txt", tokenizer), args.calib_size, args.seqlen, seed=0
     )
     seconds = 0.0
-    uses_calib = row.startswith(("learned", "gptq", "llmc", "autoround")) or any(
-        k in (ROWS.get(row) or {}) for k in ("a_bits", "mixed")
-    )
+    spec = ROWS.get(row) or {}
+    static_inputs = spec.get("a_bits") is not None and spec.get("act_ranges") != "dynamic"
+    uses_calib = row.startswith(("learned", "gptq", "llmc", "autoround")) or static_inputs or "mixed" in spec
     extra: dict[str, Any] = {}
     start = time.perf_counter()
     if row in PEERS:
@@ -154,9 +157,9 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
 
         batches = list(calib.split(CALIB_BATCH.get(row, 4)))
         recipe = recipe_for(row, args.calib_size)
-        if recipe.get("a_bits") is None:
+        if not static_inputs:  # weight-only or dynamic per-token inputs: the block path
             model = quantize_blocks(model, recipe, batches, inplace=True)
-        else:  # activation quantization: the whole-model path (`postquant.quantize`)
+        else:  # static activation ranges: the whole-model path (`postquant.quantize`)
             import postquant
 
             model = postquant.quantize(model, recipe, calib=batches)
@@ -307,8 +310,11 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, cache: Path) -> None:
         "lr 5e-3), batch 8, asymmetric (`sym=False`; its default scheme W4A16 is symmetric), on the same",
         "token windows, CPU; `amp` left at its default, which this CPU (no bf16) turns into float32.",
         "`*-w4a8` rows: 8-bit inputs to every quantized Linear, one static range per Linear from the",
-        "calibration windows (min/max for RTN, MSE search for learned-fast); the block path quantizes weights",
-        "only, so they run `postquant.quantize` on the whole model (learned-fast: one unit per decoder layer).",
+        "calibration windows (min/max for RTN, MSE search for learned-fast); the block path takes no static",
+        "ranges, so they run `postquant.quantize` on the whole model (learned-fast: one unit per decoder layer).",
+        "`*-w4a8dyn` rows: the same inputs quantized per token at run time (`act_ranges: dynamic`, step",
+        "absmax/127 of each token, vLLM's int8 W8A8 scheme), on the block path; as in the static rows the first",
+        "Linear (layer 0's q_proj, the recipe's `@first` default) keeps a float input.",
         "`*-mixed3` rows: 2, 3, 4 or 8 bits per Linear at an average of 3 (diagonal-Fisher importance on the",
         "calibration windows, allocated before the block walk); compare them with the uniform W3 rows.",
         "",

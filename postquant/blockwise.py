@@ -26,9 +26,13 @@ layer and ends with the same codes, bit for bit, as an uninterrupted one.
 RTN and SQuant are per-layer and data-free: the same walk runs without calibration data or chains, and
 gives exactly the codes `quantize` gives. Mixed precision (``mixed``) allocates the bits before the walk, on
 the float model `quantize_blocks` holds, exactly as `quantize` does (same importance table, same allocation);
-`quantize_checkpoint`, which never holds the float model whole, does not take it. Not here (use `quantize`):
-activation quantization, the power grid's output-error search, loss='output' / Fisher weights and
-augmentation. Layers outside the decoder stack that the plan quantizes (``lm_head`` unless ignored) get the
+`quantize_checkpoint`, which never holds the float model whole, does not take it. Dynamic per-token input
+quantization (``act_ranges: dynamic``) needs no calibration: each layer's `DynamicActQuantizer` is installed
+with its codes' grid, before the codes are chosen, so learned rounding reconstructs with quantized inputs
+(straight-through) and the quantized chain carries them; GPTQ takes each Linear's Hessian from its
+*quantized* input (``Q(x) Q(x)^T`` of the float decoder layer run on the quantized chain), the inputs the
+layer will see. Not here (use `quantize`): static activation ranges, the power grid's output-error search,
+loss='output' / Fisher weights and augmentation. Layers outside the decoder stack that the plan quantizes (``lm_head`` unless ignored) get the
 recipe's data-free codes (nearest for learned methods). The chains (``n x seqlen x hidden`` each) stay in memory up to
 ``chain_bytes`` together and are memory-mapped files beyond (`postquant.reconstruct.chains`).
 
@@ -55,8 +59,9 @@ import torch
 from torch import nn
 
 from postquant.calib import as_calibration
+from postquant.calib.act_ranges import check_dynamic_layers, install_dynamic
 from postquant.calib.data import batch_size_of, run_model, spread_batches
-from postquant.choices import GridKind, Method, PowerSearch
+from postquant.choices import ActRanges, GridKind, Method, PowerSearch
 from postquant.distributed import Ranks, current, shard, shard_bounds
 from postquant.errors import DataError, RecipeError, UnsupportedModelError
 from postquant.eval.run import main_output
@@ -139,8 +144,11 @@ def decoder_layers(model: nn.Module, blocks: str | None = None) -> tuple[str, nn
 def check_block_recipe(recipe: Recipe) -> None:
     """What the block path does not do raises a `RecipeError` that points to `quantize`."""
     problems = []
-    if recipe.a_bits is not None:
-        problems.append("activation quantization (a_bits)")
+    if recipe.a_bits is not None and recipe.act_ranges is not ActRanges.DYNAMIC:
+        problems.append(
+            f"static activation ranges (a_bits with act_ranges {recipe.act_ranges.value}; act_ranges: dynamic "
+            "needs no calibration and runs here)"
+        )
     if recipe.embeddings is not None:
         problems.append("quantized embeddings (embeddings)")
     if recipe.grid is GridKind.POWER and recipe.power_search is PowerSearch.OUTPUTS:
@@ -273,7 +281,8 @@ def _gptq_layer(
     ranks: Ranks | None = None,
 ) -> None:
     """GPTQ codes for the planned layers of one decoder layer, installed in `qmodel`: their Hessians come from
-    one pass of the float decoder layer over the quantized chain's inputs (GPTQ's per-block form).
+    one pass of the float decoder layer over the quantized chain's inputs (GPTQ's per-block form), each
+    Linear's input through the input quantizer its quantized layer has (dynamic per-token ones), if any.
 
     With `ranks`, `inputs` and `hidden` are this rank's shard of the batches: the Hessians are summed over the
     ranks in one all-reduce (`reduce_hessians`) and each rank solves a share of the layers (`solve_gptq`)."""
@@ -282,7 +291,10 @@ def _gptq_layer(
     for name in layer_names:
         sub = float_layer.get_submodule(name[len(prefix) + 1 :])
         acc = accs[name] = HessianAccumulator(sub)
-        handles.append(sub.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(upcast_half(args[0]))))
+        quant = qmodel.get_submodule(name).act_quant or nn.Identity()  # the input the quantized layer sees
+        handles.append(
+            sub.register_forward_pre_hook(lambda _m, args, acc=acc, q=quant: acc.add(upcast_half(q(args[0]))))
+        )
     try:
         with torch.no_grad():
             _run_layer(float_layer, inputs, hidden, None)
@@ -401,7 +413,8 @@ def quantize_blocks(
 
     Args:
         model: a causal LM (or any model with a list of decoder layers), float, in eval mode.
-        recipe: as for `postquant.quantize`; weight-only RTN, SQuant or a learned-rounding method.
+        recipe: as for `postquant.quantize`; RTN, SQuant, GPTQ or a learned-rounding method, weight-only or
+            with dynamic per-token inputs (``act_ranges: dynamic``; static ranges are refused).
         calib: calibration batches of token ids, e.g. (n, seqlen) windows (`postquant.calib.text`); learned
             methods need it, RTN and SQuant do not use it.
         blocks: the dotted name of the decoder-layer list (default: found among `DECODER_LISTS`).
@@ -431,6 +444,7 @@ def quantize_blocks(
     recipe, _ = prepare(model, recipe, None, None)  # learned presets' first/last-layer policy
     plan = make_plan(model, recipe)
     check_finite(model, list(plan))
+    check_dynamic_layers({n: model.get_submodule(n) for n in _input_bits(plan, recipe)})
     ranks = current()
     mixed = None
     if recipe.mixed is not None:  # bits per layer first, from the whole float model (as `quantize`)
@@ -502,6 +516,7 @@ def quantize_checkpoint(
     recipe, _ = prepare(model, recipe, None, None)
     plan = make_plan(model, recipe)
     check_finite(model, [n for n in plan if not n.startswith(container + ".")])  # the rest as they load
+    check_dynamic_layers({n: model.get_submodule(n) for n in _input_bits(plan, recipe)})  # meta modules
     source = _Source(
         model,
         model,
@@ -605,7 +620,7 @@ def _walk(
             else:
                 qlayers[k] = copy.deepcopy(layers[k])
                 teacher_layer, teacher = layers[k], model
-            quantize_weights(qmodel, _sub_plan(plan, unit.layers), recipe, ranks=ranks)
+            _quantize_block(qmodel, _sub_plan(plan, unit.layers), recipe, ranks)
             if k in done:
                 state, outcome = store.load(k)  # type: ignore[union-attr]
                 restore(qmodel, state)
@@ -666,12 +681,19 @@ def _walk(
         log.info(
             "%d layers outside the decoder stack get data-free codes: %s", len(outside), ", ".join(outside)
         )
-        quantize_weights(qmodel, _sub_plan(plan, tuple(outside)), recipe, ranks=ranks)
+        _quantize_block(qmodel, _sub_plan(plan, tuple(outside)), recipe, ranks)
     report.seconds = time.perf_counter() - start
     qmodel.eval()
     attach_result(
         qmodel,
-        QuantizationResult(recipe, plan, {"blocks": report.seconds}, mixed, report if learned else None),
+        QuantizationResult(
+            recipe,
+            plan,
+            {"blocks": report.seconds},
+            mixed,
+            report if learned else None,
+            act_ranges=ActRanges.DYNAMIC if _input_bits(plan, recipe) else None,
+        ),
     )
     if ranks is not None:
         qmodel = agree_model(ranks, qmodel)
@@ -688,6 +710,19 @@ def _return_free_memory() -> None:
     """
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def _input_bits(plan: Plan, recipe: Recipe) -> dict[str, int]:
+    """Layer name -> input bits of the planned layers with dynamic per-token input quantizers."""
+    if recipe.act_ranges is not ActRanges.DYNAMIC:
+        return {}
+    return {n: lp.a_bits for n, lp in plan.items() if lp.w_bits is not None and lp.a_bits is not None}
+
+
+def _quantize_block(qmodel: nn.Module, plan: Plan, recipe: Recipe, ranks: Ranks | None) -> None:
+    """The planned layers of `qmodel` to the recipe's data-free codes, with their dynamic input quantizers."""
+    done = quantize_weights(qmodel, plan, recipe, ranks=ranks)
+    install_dynamic(done, _input_bits(plan, recipe))
 
 
 def _sub_plan(plan: Plan, names: tuple[str, ...]) -> Plan:

@@ -83,6 +83,7 @@ class ActRanges(enum.StrEnum):
     CALIB = "calib"  # observers over calibration data
     SQUANT_NOISE = "squant-noise"  # SQuant reference: one pass of uniform noise, range = s * std
     BN_NOISE = "bn-noise"  # data-free: noise whose activations are re-standardised to the BN statistics
+    DYNAMIC = "dynamic"  # no ranges: each token's step from its own absmax at run time (Linear inputs only)
 
 
 class Observer(enum.StrEnum):

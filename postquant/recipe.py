@@ -131,7 +131,14 @@ class Recipe(BaseModel):
         default=PowerSearch.WEIGHTS,
         description="error the power exponent search minimises: weights (SSE) or outputs (needs calib data)",
     )
-    act_ranges: ActRanges = ActRanges.AUTO
+    act_ranges: ActRanges = Field(
+        default=ActRanges.AUTO,
+        description="where input ranges come from: auto (calib with data, else data-free), calib, squant-noise, "
+        "bn-noise (static: one range per layer input), or dynamic: no ranges, each token (row of a Linear's "
+        "input along its last dimension) is quantized at run time with its own step max|x|/(2^(a_bits-1)-1), "
+        "symmetric codes in [-(2^(a_bits-1)-1), 2^(a_bits-1)-1] (vLLM's int8 W8A8 per-token scheme); needs no "
+        "calibration data",
+    )
     a_observer: Observer | None = Field(
         default=None,
         description="activation range observer; null = the measured default: mse for learned rounding, "
@@ -253,10 +260,37 @@ class Recipe(BaseModel):
             return self
         if self.a_bits is None:
             raise ValueError("a_residual quantizes activations: set a_bits (e.g. 8), or drop a_residual")
-        if self.act_ranges not in (ActRanges.CALIB, ActRanges.AUTO):
+        if self.act_ranges not in (ActRanges.CALIB, ActRanges.AUTO, ActRanges.DYNAMIC):  # dynamic: below
             raise ValueError(
                 f"a_residual calibrates its points on calibration data; act_ranges {self.act_ranges.value} is "
                 "data-free: use act_ranges calib (or auto with calib data), or drop a_residual"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _dynamic_inputs_have_no_ranges(self) -> Recipe:
+        if self.act_ranges is not ActRanges.DYNAMIC:
+            return self
+        if self.a_bits is None:
+            raise ValueError(
+                "act_ranges: dynamic quantizes layer inputs per token: set a_bits (e.g. 8), or drop act_ranges"
+            )
+        if self.a_residual:
+            raise ValueError(
+                "a_residual quantizes residual adds with static ranges from calibration data; act_ranges: "
+                "dynamic has none: drop a_residual, or use act_ranges calib"
+            )
+        fields = (
+            "a_observer",
+            "a_percentile",
+            "a_observer_samples",
+        )  # by value: a full dump sets every field
+        static = [f for f in fields if getattr(self, f) != type(self).model_fields[f].default]
+        if static:
+            raise ValueError(
+                f"the fields {', '.join(static)} choose static activation ranges; act_ranges: dynamic computes "
+                "each token's step at run time: drop them, or use a static act_ranges (calib, squant-noise, "
+                "bn-noise)"
             )
         return self
 

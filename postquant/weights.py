@@ -15,7 +15,7 @@ from postquant.distributed import Ranks, shard, split_work
 from postquant.errors import NonFiniteWeightError, RecipeError
 from postquant.grids import Grid, PowerGrid, grid_from_state, grid_state
 from postquant.model import replace_module
-from postquant.nn import QuantizedLayer, cached_weights
+from postquant.nn import DynamicActQuantizer, QuantizedLayer, cached_weights
 from postquant.nn.layer import upcast_half
 from postquant.plan import Plan
 from postquant.progress import progress_bar
@@ -166,15 +166,23 @@ class _Seen(Exception):
     """Raised by the Hessian hook once the layer has its input: the rest of the forward pass is not needed."""
 
 
-def layer_hessian(model: nn.Module, name: str, batches: list[Any], warn: bool = True) -> HessianAccumulator:
+def layer_hessian(
+    model: nn.Module,
+    name: str,
+    batches: list[Any],
+    warn: bool = True,
+    input_quant: nn.Module | None = None,
+) -> HessianAccumulator:
     """The input Hessian of layer `name` of `model` over calibration `batches`, each forward pass stopped
     once the layer has been called (the layers before it run as they are: quantized ones quantized).
-    `warn`: log a warning when the layer was not called."""
+    `warn`: log a warning when the layer was not called. `input_quant`: applied to the layer's input first
+    (the Hessian of the inputs a layer with that input quantizer will see)."""
     layer = model.get_submodule(name)
     acc = HessianAccumulator(layer)
 
     def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
-        acc.add(upcast_half(args[0]))
+        x = args[0]
+        acc.add(upcast_half(input_quant(x) if input_quant is not None else x))
         raise _Seen
 
     handle = layer.register_forward_pre_hook(hook)
@@ -250,10 +258,16 @@ def gptq_weights(
     batches: list[Any],
     importance: dict[str, torch.Tensor] | None = None,
     ranks: Ranks | None = None,
+    dynamic_inputs: dict[str, int] | None = None,
 ) -> dict[str, QuantizedLayer]:
     """Replace every planned layer of `model` (in place, in plan order) by a `QuantizedLayer` whose codes GPTQ
     chose on the recipe's grid, from the layer's inputs in the model as quantized so far (docs/algorithms.md
     2.5): each layer sees the error of the layers before it, as in GPTQ's sequential form.
+
+    `dynamic_inputs` (layer name -> bits; recipe ``act_ranges: dynamic``): those layers' inputs are quantized per
+    token at run time, so each one's Hessian is taken from its *quantized* inputs (GPTQ then minimises
+    ``||(W - W_hat) Q(x)||``, the error on the inputs the layer will see) and it gets its `DynamicActQuantizer`
+    at once, so later layers' Hessians see quantized activations too.
 
     With `ranks` (a process group, `postquant.distributed`), each rank runs its contiguous shard of the
     `batches` to accumulate each layer's Hessian, the Hessians are summed (`reduce_hessians`) and one rank
@@ -267,7 +281,12 @@ def gptq_weights(
     with contextlib.ExitStack() as keep:  # the layers done so far run on every later layer's Hessian pass
         for name, lp in progress_bar(plan.items(), total=len(plan), desc="GPTQ", unit="layer"):
             if lp.w_bits is not None:
-                done[name] = _gptq_layer(model, name, lp.w_bits, recipe, batches, importance.get(name), ranks)
+                bits = (dynamic_inputs or {}).get(name)
+                done[name] = _gptq_layer(
+                    model, name, lp.w_bits, recipe, batches, importance.get(name), ranks, bits
+                )
+                if bits is not None:
+                    done[name].act_quant = DynamicActQuantizer(bits)
                 keep.enter_context(cached_weights(done[name]))
     return done
 
@@ -280,6 +299,7 @@ def _gptq_layer(
     batches: list[Any],
     importance: torch.Tensor | None,
     ranks: Ranks | None,
+    input_bits: int | None = None,
 ) -> QuantizedLayer:
     layer = model.get_submodule(name)
     w = upcast_half(layer.weight.detach())
@@ -287,7 +307,8 @@ def _gptq_layer(
         grid = recipe.weight_grid(w, bits, importance)
     except (RecipeError, NonFiniteWeightError) as exc:
         raise type(exc)(f"layer {name!r} (weight {tuple(w.shape)}): {exc}") from exc
-    acc = layer_hessian(model, name, batches, warn=ranks is None)
+    quant = DynamicActQuantizer(input_bits) if input_bits is not None else None
+    acc = layer_hessian(model, name, batches, warn=ranks is None, input_quant=quant)
     if ranks is not None:
         reduce_hessians([acc], ranks)
         if acc.n == 0:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from postquant.choices import ActRanges
 from postquant.errors import RecipeError, UnknownNameError
 from postquant.recipe import Method, Recipe
 
@@ -123,3 +124,27 @@ def test_an_invalid_regex_pattern_is_a_recipe_error(fields):
 def test_seeds_outside_the_generator_range_are_refused(seed):
     with pytest.raises(RecipeError, match="seed"):
         Recipe.coerce({"seed": seed})
+
+
+@pytest.mark.parametrize(
+    ("changes", "msg"),
+    [
+        ({}, "set a_bits"),
+        ({"a_bits": 8, "a_residual": True}, "drop a_residual"),
+        ({"a_bits": 8, "a_observer": "mse"}, "a_observer"),
+        ({"a_bits": 8, "a_percentile": 99.0}, "a_percentile"),
+        ({"a_bits": 8, "a_observer_samples": 4096}, "a_observer_samples"),
+    ],
+    ids=["no-a_bits", "a_residual", "observer", "percentile", "observer-samples"],
+)
+def test_dynamic_inputs_refuse_static_range_fields(changes, msg):
+    with pytest.raises(RecipeError, match=msg):
+        Recipe.coerce({"act_ranges": "dynamic", **changes})
+
+
+def test_dynamic_inputs_round_trip_through_yaml_and_a_full_dump(tmp_path):
+    recipe = Recipe.coerce({"act_ranges": "dynamic", "a_bits": 8})
+    assert recipe.act_ranges is ActRanges.DYNAMIC
+    assert Recipe.model_validate(recipe.model_dump(mode="json")) == recipe  # what a checkpoint saves
+    recipe.to_yaml(tmp_path / "r.yaml")
+    assert Recipe.coerce(tmp_path / "r.yaml") == recipe

@@ -1,4 +1,5 @@
-"""Choosing activation ranges: from calibration data, or data-free (SQuant's reference noise rule)."""
+"""Choosing activation ranges: from calibration data, data-free (SQuant's reference noise rule), or none at all
+(dynamic per-token input quantizers, `install_dynamic`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from postquant.calib.observers import (  # noqa: F401 (NOISE_STD_MULTIPLIER, ref
 )
 from postquant.choices import ActRanges  # noqa: F401 (re-exported; defined there, torch-free)
 from postquant.distributed import Ranks, shard
-from postquant.nn import QuantizedLayer, cached_weights
+from postquant.errors import RecipeError
+from postquant.nn import DynamicActQuantizer, QuantizedLayer, cached_weights
 from postquant.nn.residual import INPUT, OUTPUT, POINT_BITS, ResidualQuant, install_points, tracking
 from postquant.progress import progress_bar
 
@@ -138,6 +140,34 @@ def calibrate_from_data(
         layer.act_quant = layer.input_quantizer(bits, *observers[name].range(bits))
     if residual and layers:
         _install_residual(model, layers, {name: observers[name] for name in points})
+
+
+def check_dynamic_layers(layers: dict[str, nn.Module]) -> None:
+    """Raise `RecipeError` unless every layer (float or `QuantizedLayer`) is a Linear: per token means per
+    row of the last dimension, which for a convolution's input is a row of pixels, not a token."""
+    kinds = {n: type(m.inner if isinstance(m, QuantizedLayer) else m) for n, m in layers.items()}
+    not_linear = [n for n, kind in kinds.items() if not issubclass(kind, nn.Linear)]
+    if not_linear:
+        shown = ", ".join(f"{n} ({kinds[n].__name__})" for n in not_linear[:4])
+        raise RecipeError(
+            f"act_ranges: dynamic quantizes Linear inputs per token (per row of the last dimension); "
+            f"{len(not_linear)} planned layers with input bits are not Linear: {shown}"
+            + (", ..." if len(not_linear) > 4 else "")
+            + ". Keep their inputs float (overrides: {'<name>': {a_bits: null}}) or use a static act_ranges"
+        )
+
+
+def install_dynamic(layers: dict[str, QuantizedLayer], a_bits: dict[str, int]) -> None:
+    """Give each layer in `a_bits` (name -> input bits) a `DynamicActQuantizer` (recipe ``act_ranges: dynamic``).
+
+    No data is needed: each token's step is computed from the input itself at every forward.
+
+    Raises:
+        RecipeError: a layer in `a_bits` is not a Linear (`check_dynamic_layers`).
+    """
+    check_dynamic_layers({name: layers[name] for name in a_bits})
+    for name, bits in a_bits.items():
+        layers[name].act_quant = DynamicActQuantizer(bits)
 
 
 def _point_name(kind: str, key: str) -> str:

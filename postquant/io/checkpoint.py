@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from postquant import __version__
+from postquant.choices import ActRanges
 from postquant.errors import CheckpointError, OutputError, PostquantError, RecipeError
 from postquant.grids import GridConfig, grid_from_state
 from postquant.io.manifest import (
@@ -48,9 +49,15 @@ from postquant.io.manifest import (
     first_error,
 )
 from postquant.io.pack import unpack_codes
-from postquant.model import quantized_embeddings, quantized_layers, replace_module, set_module
+from postquant.model import (
+    dynamic_input_layers,
+    quantized_embeddings,
+    quantized_layers,
+    replace_module,
+    set_module,
+)
 from postquant.model.convert import replace_layers
-from postquant.nn import ActQuantizer, QuantizedEmbedding, QuantizedLayer
+from postquant.nn import ActQuantizer, DynamicActQuantizer, QuantizedEmbedding, QuantizedLayer
 from postquant.nn.layer import compact_grid_tensor
 from postquant.nn.residual import POINTS_NAME, ResidualQuant, install_points, residual_points
 from postquant.outcome import QuantizationResult, attach_result, find_result
@@ -193,8 +200,9 @@ def _layer_entry(layer: QuantizedLayer | QuantizedEmbedding) -> LayerEntry:
     )
 
 
-def _act_entry(q: ActQuantizer) -> ActEntry:
-    return ActEntry(bits=q.bits, qmin=q.qmin, qmax=q.qmax)
+def _act_entry(q: ActQuantizer | DynamicActQuantizer) -> ActEntry:
+    dynamic = isinstance(q, DynamicActQuantizer)
+    return ActEntry(bits=q.bits, qmin=q.qmin, qmax=q.qmax, dynamic=dynamic)
 
 
 def _residual_entry(qmodel: nn.Module) -> ResidualEntry | None:
@@ -207,9 +215,14 @@ def _residual_entry(qmodel: nn.Module) -> ResidualEntry | None:
     )
 
 
-def _empty_quantizer(act: ActEntry) -> ActQuantizer:
-    """An `ActQuantizer` of a saved integer range; its scale and zero point are loaded after."""
-    q = ActQuantizer(act.bits, -1.0 if act.qmin < 0 else 0.0, 1.0)
+def _empty_quantizer(act: ActEntry) -> ActQuantizer | DynamicActQuantizer:
+    """An `ActQuantizer` of a saved integer range (its scale and zero point are loaded after), or the saved
+    `DynamicActQuantizer`."""
+    q = (
+        DynamicActQuantizer(act.bits)
+        if act.dynamic
+        else ActQuantizer(act.bits, -1.0 if act.qmin < 0 else 0.0, 1.0)
+    )
     if (q.qmin, q.qmax) != (act.qmin, act.qmax):
         raise CheckpointError(
             f"activation quantizer range [{act.qmin}, {act.qmax}] is not a {act.bits}-bit range"
@@ -392,15 +405,19 @@ def build_quantized_layer(
         layer: the float Conv/Linear (its weight is dropped; its other tensors are kept).
         grid_config, grid_tensors: as written by `postquant.grids.grid_state`.
         codes: integer codes of the weight's shape.
-        act: bits and integer range of the input quantizer, or None for a float input.
-        act_tensors: its ``scale`` and ``zero_point``.
+        act: bits and integer range of the input quantizer (static or dynamic), or None for a float input.
+        act_tensors: a static quantizer's ``scale`` and ``zero_point`` (a dynamic one has none).
     """
     act_quant = None
     if act is not None:
         act_quant = _empty_quantizer(act)
-        if act_tensors is not None:
+        if act_tensors is not None and isinstance(act_quant, ActQuantizer):
             act_quant.scale.copy_(act_tensors["scale"])
             act_quant.zero_point.copy_(act_tensors["zero_point"])
+        elif act_tensors:
+            raise CheckpointError(
+                f"a dynamic input quantizer has no tensors, but {sorted(act_tensors)} are saved"
+            )
     try:
         grid = grid_from_state(grid_config, grid_tensors)
     except (RecipeError, ValueError) as exc:  # a missing tensor, a granularity the shapes do not fit
@@ -610,7 +627,8 @@ def _loaded_result(qmodel: nn.Module, manifest: Manifest) -> QuantizationResult:
         LayerPlan(name, layer.bits, layer.act_quant.bits if layer.act_quant is not None else None)
         for name, layer in quantized_layers(qmodel).items()
     )
-    return QuantizationResult(recipe, plan, model_name=manifest.model_name)
+    dynamic = ActRanges.DYNAMIC if dynamic_input_layers(qmodel) else None  # a static rule is not recorded
+    return QuantizationResult(recipe, plan, model_name=manifest.model_name, act_ranges=dynamic)
 
 
 def load(directory: str | Path, model: nn.Module | Callable[[], nn.Module] | None = None) -> nn.Module:

@@ -26,7 +26,11 @@ bit width, so ``-Z`` must lie in the signed b-bit range: it does for every min/m
 contains 0 (``Z = round(S*lo) + 2^(b-1)``, ``S*lo`` in ``[-(2^b-1), 0]``); a layer with a group whose weights
 all have one sign is refused (symmetric grids have ``Z = 0``). An input quantizer (postquant's static per-tensor
 ``ActQuantizer``) is a static per-tensor ``input_activations`` scheme: same scale, and unsigned codes
-``[0, 2^b-1]`` become signed ones with ``zp - 2^(b-1)``, which dequantize to the same values.
+``[0, 2^b-1]`` become signed ones with ``zp - 2^(b-1)``, which dequantize to the same values. A dynamic
+per-token input quantizer (``act_ranges: dynamic``, `DynamicActQuantizer`) is ``input_activations`` with
+``strategy: token, dynamic: true, symmetric: true`` and no stored tensor: vLLM's int8 kernels compute its
+step as postquant does (``absmax / 127``); compressed-tensors' own fake quantization in transformers uses
+``absmax / 127.5`` and codes ``[-128, 127]``, which `verify_compressed_tensors` accounts for.
 
 **Exactness.** The consumer multiplies by ``scale = fl(1/S)`` (the model's float dtype) where postquant divides
 by ``S``: for a float32 model each dequantized weight ``fl((q + Z) * fl(1/S))`` is within one float32 ulp of
@@ -80,7 +84,7 @@ from postquant.io.hf_check import (
 )
 from postquant.io.pack import pack_codes
 from postquant.model import quantized_embeddings, quantized_layers
-from postquant.nn import QuantizedLayer
+from postquant.nn import DynamicActQuantizer, QuantizedLayer
 from postquant.store.files import replace_dir
 
 __all__ = [
@@ -126,8 +130,9 @@ class LayerScheme:
     symmetric: bool
     strategy: str  # "group", "channel" or "tensor"
     group_size: int | None = None
-    input_bits: int | None = None  # a static per-tensor input quantizer
+    input_bits: int | None = None  # an input quantizer: static per-tensor, or dynamic per-token
     input_symmetric: bool = True
+    input_dynamic: bool = False
 
     def config(self, targets: list[str]) -> dict[str, Any]:
         """The config group: ``targets``, ``weights`` and ``input_activations`` (or None)."""
@@ -146,9 +151,9 @@ class LayerScheme:
                 "num_bits": self.input_bits,
                 "type": "int",
                 "symmetric": self.input_symmetric,
-                "strategy": "tensor",
+                "strategy": "token" if self.input_dynamic else "tensor",
                 "group_size": None,
-                "dynamic": False,
+                "dynamic": self.input_dynamic,
             }
         return {
             "targets": targets,
@@ -164,6 +169,7 @@ class LayerScheme:
         text = f"W{self.bits} {'sym' if self.symmetric else 'asym'} {where}"
         if self.input_bits is not None:
             text += f" A{self.input_bits} {'sym' if self.input_symmetric else 'asym'}"
+            text += " token dynamic" if self.input_dynamic else ""
         return text
 
 
@@ -214,6 +220,8 @@ def layer_scheme(name: str, layer: QuantizedLayer) -> LayerScheme:
     act = layer.act_quant
     if act is None:
         return LayerScheme(bits, symmetric, strategy, group_size)
+    if isinstance(act, DynamicActQuantizer):
+        return LayerScheme(bits, symmetric, strategy, group_size, act.bits, True, input_dynamic=True)
     return LayerScheme(bits, symmetric, strategy, group_size, act.bits, _input_zero_point(act) == 0)
 
 
@@ -269,7 +277,7 @@ def _layer_tensors(
         else:  # packed along the output channels: (ceil(OC * b / 32), G)
             tensors[f"{name}.weight_zero_point"] = pack_int32(zp.t(), scheme.bits).t().contiguous()
     act = layer.act_quant
-    if act is not None:
+    if act is not None and not scheme.input_dynamic:  # a dynamic input has no stored scale
         tensors[f"{name}.input_scale"] = act.scale.detach().reshape(1).to(dtype).cpu()
         if not scheme.input_symmetric:
             tensors[f"{name}.input_zero_point"] = torch.tensor([_input_zero_point(act)], dtype=torch.int8)

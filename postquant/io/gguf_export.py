@@ -35,7 +35,7 @@ from postquant.choices import GridKind
 from postquant.errors import ExportError, OutputError, RecipeError, UnsupportedModelError
 from postquant.grids.gguf import FORMATS, GGUFGrid, gguf_grid_kind
 from postquant.io.gguf_blocks import pack_blocks
-from postquant.model import quantized_embeddings, quantized_layers
+from postquant.model import dynamic_input_layers, quantized_embeddings, quantized_layers
 from postquant.nn import QuantizedLayer
 from postquant.store.files import write_atomic
 
@@ -479,7 +479,7 @@ def export_gguf(
     Raises:
         UnsupportedModelError: not a supported Llama, a layer on a grid llama.cpp cannot store exactly, input
             quantizers or biases; `ExportError` (a subclass) for quantized embedding tables (recipe
-            ``embeddings``).
+            ``embeddings``) and dynamic per-token input quantizers (the message names the layers).
         OutputError: `out_path` exists (without `overwrite`), is a folder, or its folder is missing.
         RecipeError: `expect_type` is not a supported type, or layers have another one.
         GGUFMismatchError: the file read back differs (nothing is written then).
@@ -499,6 +499,15 @@ def export_gguf(
             "them with grid: gguf-q8_0 (or w_bits: 8 per layer), or use float_type f16 or f32"
         )
     config = _check_model(qmodel)
+    dynamic = dynamic_input_layers(qmodel)
+    if dynamic:
+        raise ExportError(
+            f"{len(dynamic)} layers quantize their inputs per token at run time (act_ranges: dynamic): "
+            f"{', '.join(list(dynamic)[:4])}{', ...' if len(dynamic) > 4 else ''}. A GGUF file stores weights "
+            "only: llama.cpp quantizes activations by its own rule (per block of 32 values, for its dot "
+            "products), not per token, so the file would not compute what postquant simulates; quantize with "
+            "a_bits: null for llama.cpp, or export with export_compressed_tensors"
+        )
     tables = quantized_embeddings(qmodel)
     if tables:
         raise ExportError(

@@ -3,6 +3,17 @@
 `verify_compressed_tensors` loads the exported directory the way a user does (``from_pretrained``, CPU) and
 compares its outputs with the quantized model's, one batch at a time. transformers 5.x with compressed-tensors
 0.20 has two loading routes with different limits (`transformers_route`; see `postquant.io.compressed_tensors`).
+
+**Dynamic per-token inputs.** compressed-tensors 0.20 does fake-quantize ``dynamic: true, strategy: token``
+inputs when transformers loads the export (``set_forward_quantized`` wraps every targeted Linear; its
+``forward_quantize`` computes each token's scale at run time), but on another grid than postquant's (and vLLM's):
+``scale = absmax / ((2^b - 1) / 2)`` (127.5 at 8 bits, ``calculate_qparams``), codes ``[-2^(b-1), 2^(b-1) - 1]``.
+A token whose largest magnitude is negative then sits exactly on a rounding boundary (``-127.5``), so the
+one-ulp differences of the consumer's weights flip whole steps and the logits of the two models cannot be
+compared tightly. For such exports the check compares every quantized Linear instead: postquant's model runs
+with the consumer's input grid (`_consumer_grid`), and each layer's output is compared with the consumer's
+layer on the very same input (weights, scheme, per-token axis and input grid must all agree). The logits'
+SQNR and top-1 agreement against postquant's own model are reported alongside.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ from torch import nn
 
 from postquant.errors import ExportError, ExportMismatchError
 from postquant.eval.metrics import sqnr_from_sums
-from postquant.nn import cached_weights
+from postquant.nn import DynamicActQuantizer, cached_weights
 
 __all__ = ["TOLERANCE", "ConsumerCheck", "transformers_route", "verify_compressed_tensors"]
 
@@ -42,6 +53,9 @@ class ConsumerCheck:
     ``rel_max_diff`` is ``max_abs_diff`` over the largest |output| of the quantized model; ``top1_agreement``
     (%) compares the argmax over the last dimension (the next token) at every position; ``route`` is how
     transformers loaded the export: ``compressed`` (its default) or ``dequantize`` (``dequantize=True``).
+    ``basis``: what the differences (and the tolerance) compare: ``logits``, or ``layer outputs`` for an
+    export with dynamic per-token inputs (the worst quantized Linear on identical inputs, module docstring);
+    ``sqnr_db`` and ``top1_agreement`` always compare the logits with the quantized model's own.
     """
 
     max_abs_diff: float
@@ -51,6 +65,7 @@ class ConsumerCheck:
     positions: int
     tolerance: float
     route: str
+    basis: str = "logits"
 
     def as_dict(self) -> dict[str, float | int | str]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -122,6 +137,71 @@ class _Agreement:
         self.noise += float(diff.square().sum())
         self.agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
         self.positions += ref[..., 0].numel()
+
+
+class _ConsumerTokenQuant(nn.Module):
+    """compressed-tensors 0.20's fake quantization of a symmetric dynamic per-token input
+    (``calculate_qparams`` + ``forward_quantize``): ``s = absmax / ((2^b - 1) / 2)`` per row of the last
+    dimension (eps for a zero row), ``clamp(round(x / s), -2^(b-1), 2^(b-1) - 1) * s``, in the input's dtype."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.abs().amax(dim=-1, keepdim=True) / ((2**self.bits - 1) / 2)  # (..., 1)
+        scale = torch.where(scale == 0, torch.finfo(x.dtype).eps, scale)
+        return torch.clamp(torch.round(x / scale), -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1) * scale
+
+
+def _dynamic_inputs(qconfig: dict[str, Any]) -> bool:
+    """Whether a config group quantizes its inputs dynamically."""
+    groups = qconfig["config_groups"].values()
+    return any((g.get("input_activations") or {}).get("dynamic") for g in groups)
+
+
+@contextmanager
+def _consumer_grid(qmodel: nn.Module) -> Iterator[dict[str, nn.Module]]:
+    """`qmodel` with every dynamic input quantizer on the consumer's grid (`_ConsumerTokenQuant`); yields the
+    layers concerned by name; the quantizers always come back."""
+    layers = {
+        n: m
+        for n, m in qmodel.named_modules()
+        if isinstance(getattr(m, "act_quant", None), DynamicActQuantizer)
+    }
+    saved = {n: m.act_quant for n, m in layers.items()}
+    try:
+        for n, m in layers.items():
+            m.act_quant = _ConsumerTokenQuant(saved[n].bits)
+        yield layers
+    finally:
+        for n, m in layers.items():
+            m.act_quant = saved[n]
+
+
+def _compare_layers(qmodel: nn.Module, consumer: nn.Module, batch: dict[str, Any], device: Any) -> _Agreement:
+    """Run `qmodel` on `batch` with the consumer's input grid; every layer with a dynamic input quantizer is
+    compared with the consumer's layer of the same name on the same input. Returns the worst layer's sums."""
+    worst = _Agreement()
+
+    def compare(name: str, out: torch.Tensor, x: torch.Tensor) -> None:
+        nonlocal worst
+        one = _Agreement()
+        one.add(consumer.get_submodule(name)(x.cpu()), out.cpu())
+        if one.max_abs * worst.max_ref >= worst.max_abs * one.max_ref:  # the larger relative difference
+            worst = one
+
+    with _consumer_grid(qmodel) as layers:
+        handles = [
+            m.register_forward_hook(lambda _m, args, out, n=n: compare(n, out, args[0]))
+            for n, m in layers.items()
+        ]
+        try:
+            qmodel(**{k: v.to(device) for k, v in batch.items()})
+        finally:
+            for h in handles:
+                h.remove()
+    return worst
 
 
 def transformers_route(qconfig: dict[str, Any]) -> str:
@@ -207,15 +287,20 @@ def verify_compressed_tensors(
     dtype = model_dtype(qmodel)
     tolerance = TOLERANCE.get(dtype, 1e-4) if tolerance is None else tolerance
     batches = _as_batches(inputs)
+    dynamic = _dynamic_inputs(qconfig)
     consumer = _load_consumer(qmodel, directory, route, dtype)
-    sums = _Agreement()
+    sums, layer_sums = _Agreement(), _Agreement()
     with _eval(qmodel) as device, _eval(consumer):
         for batch in batches:  # one batch's outputs at a time (an LM's logits are large)
             ref = _logits(qmodel(**{k: v.to(device) for k, v in batch.items()})).cpu()
             sums.add(_logits(consumer(**{k: v.cpu() for k, v in batch.items()})), ref)
+            if dynamic:
+                worst = _compare_layers(qmodel, consumer, batch, device)
+                if worst.max_abs * layer_sums.max_ref >= layer_sums.max_abs * worst.max_ref:
+                    layer_sums = worst
     del consumer
-    max_abs = sums.max_abs
-    scale = sums.max_ref
+    basis = layer_sums if dynamic else sums
+    max_abs, scale = basis.max_abs, basis.max_ref
     positions = sums.positions
     check = ConsumerCheck(
         max_abs_diff=max_abs,
@@ -225,14 +310,16 @@ def verify_compressed_tensors(
         positions=positions,
         tolerance=tolerance,
         route=route,
+        basis="layer outputs" if dynamic else "logits",
     )
     log.info(
-        "transformers (%s route) vs postquant on %d positions: max |diff| %.3g (%.3g of max |logit|), SQNR "
-        "%.1f dB, top-1 agreement %.2f %%",
+        "transformers (%s route) vs postquant on %d positions: max |diff| %.3g (%.3g of max |%s|), logits' "
+        "SQNR %.1f dB, top-1 agreement %.2f %%",
         check.route,
         positions,
         max_abs,
         check.rel_max_diff,
+        "layer output" if dynamic else "logit",
         check.sqnr_db,
         check.top1_agreement,
     )

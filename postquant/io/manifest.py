@@ -31,11 +31,21 @@ class _Entry(BaseModel):
 
 
 class ActEntry(_Entry):
-    """The input quantizer of a layer: its bits and integer range (its scale and zero point are tensors)."""
+    """The input quantizer of a layer: its bits and integer range (a static one's scale and zero point are
+    tensors). ``dynamic``: a per-token `DynamicActQuantizer` (no tensors; left out of the JSON when False, so
+    manifests of static quantizers read and write as before)."""
 
     bits: int
     qmin: int
     qmax: int
+    dynamic: bool = False
+
+    @model_serializer(mode="wrap")
+    def _without_static_flag(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if not self.dynamic:
+            data.pop("dynamic", None)
+        return data
 
 
 class LayerEntry(_Entry):

@@ -4,6 +4,7 @@ from postquant.model.blocks import Unit, find_blocks, make_units
 from postquant.model.fold import fold_batchnorm, fold_bn_into
 from postquant.model.kernels import KernelSwap, use_int4_kernels
 from postquant.model.walk import (
+    dynamic_input_layers,
     matches,
     module_names,
     quantizable_layers,
@@ -16,6 +17,7 @@ from postquant.model.walk import (
 __all__ = [
     "KernelSwap",
     "Unit",
+    "dynamic_input_layers",
     "find_blocks",
     "fold_batchnorm",
     "fold_bn_into",

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 
 from torch import nn
 
-from postquant.nn import QUANTIZABLE, QuantizedEmbedding, QuantizedLayer
+from postquant.nn import QUANTIZABLE, DynamicActQuantizer, QuantizedEmbedding, QuantizedLayer
 
 
 def matches(name: str, module: nn.Module, pattern: str) -> bool:
@@ -48,6 +48,11 @@ def quantizable_layers(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str
 def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
     """The `QuantizedLayer`s of a quantized model, by name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLayer)}
+
+
+def dynamic_input_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    """The `QuantizedLayer`s whose inputs are quantized per token at run time (`DynamicActQuantizer`), by name."""
+    return {n: m for n, m in quantized_layers(model).items() if isinstance(m.act_quant, DynamicActQuantizer)}
 
 
 def quantized_embeddings(model: nn.Module) -> dict[str, QuantizedEmbedding]:

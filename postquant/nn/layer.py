@@ -14,7 +14,7 @@ from torch.func import functional_call
 
 from postquant.grids import Grid, grid_from_state, grid_state
 from postquant.grids.pack import pack_codes, unpack_codes
-from postquant.nn.act import ActQuantizer
+from postquant.nn.act import ActQuantizer, DynamicActQuantizer
 
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 HALF = (torch.bfloat16, torch.float16)
@@ -51,6 +51,9 @@ def _same_stamp(a: Stamp, b: Stamp) -> bool:
 class QuantizedLayer(nn.Module):
     """A Conv1d/Conv2d/Linear (or a subclass, e.g. TF-"same"-padded convs) with quantized weights.
 
+    The input quantizer ``act_quant`` is a static per-tensor `ActQuantizer`, a dynamic per-token
+    `DynamicActQuantizer` (recipe ``act_ranges: dynamic``) or None (float input).
+
     It keeps the float module without its weight (`inner`), the weight's integer codes packed densely
     (``packed``: ``b``-bit codes take ``b`` bits, `postquant.grids.pack`) and the grid's tensors (``grid_*``;
     integer-valued zero points as int8/int16). Each forward dequantizes the codes and runs the float module
@@ -64,7 +67,11 @@ class QuantizedLayer(nn.Module):
     """
 
     def __init__(
-        self, layer: nn.Module, grid: Grid, codes: torch.Tensor, act_quant: ActQuantizer | None = None
+        self,
+        layer: nn.Module,
+        grid: Grid,
+        codes: torch.Tensor,
+        act_quant: ActQuantizer | DynamicActQuantizer | None = None,
     ) -> None:
         super().__init__()
         inner = copy.deepcopy(layer, memo={id(layer.weight): None})  # without copying the float weight

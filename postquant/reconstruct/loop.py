@@ -27,7 +27,7 @@ from postquant.calib.data import Batch, batch_size_of, model_placement, run_mode
 from postquant.distributed import Ranks, shard_bounds
 from postquant.grids import Grid
 from postquant.model.blocks import Unit
-from postquant.nn import QuantizedLayer
+from postquant.nn import ActQuantizer, QuantizedLayer
 from postquant.progress import progress_bar
 from postquant.reconstruct.cache import Record, UnitData, rows, to_device
 from postquant.reconstruct.capture import Captured, unit_forward
@@ -189,7 +189,7 @@ def snapshot(qmodel: nn.Module, unit: Unit) -> dict[str, torch.Tensor]:
         state[f"{name}.grid_inv_scale"] = layer.grid_inv_scale.detach().clone()
         if getattr(layer.inner, "bias", None) is not None:
             state[f"{name}.inner.bias"] = layer.inner.bias.detach().clone()
-        if layer.act_quant is not None:
+        if isinstance(layer.act_quant, ActQuantizer):  # a dynamic quantizer has no step
             state[f"{name}.act_quant.scale"] = layer.act_quant.scale.detach().clone()
     return state
 
@@ -480,7 +480,11 @@ def reconstruct_unit(
             result = optimise(step_loss, _merge_groups(groups), act_params, cfg, desc, reduce=reduce)
             if shards is not None and result.status == "ok":
                 shards.share()  # every layer's variables from its owner: every rank installs the same codes
-        learned_scales = {n: q.scale.detach().abs().clone() for n, q in act_q.items() if n in learn_act}
+        learned_scales = {
+            n: q.scale.detach().abs().clone()
+            for n, q in act_q.items()
+            if n in learn_act and q.scale is not None
+        }
 
     if result is not None and result.status == "nan":
         restore(qmodel, before)

@@ -23,7 +23,7 @@ from torch import nn
 
 from postquant.grids import Grid
 from postquant.grids.uniform import as_float
-from postquant.nn import ActQuantizer, QuantizedLayer
+from postquant.nn import ActQuantizer, DynamicActQuantizer, QuantizedLayer, quantize_tokens
 from postquant.reconstruct.config import AUTO_RANDOM_MAX_BITS, CodeRange, LearnedConfig, Selection, Variable
 
 ZETA, GAMMA = 1.1, -0.1
@@ -198,6 +198,28 @@ class TrainableActQuant(nn.Module):
         return xq
 
 
+class SteDynamicActQuant(nn.Module):
+    """A dynamic per-token input quantizer for training: `quantize_tokens` with straight-through rounding
+    (each token's step is recomputed from the input, without gradient: it has no step to learn), and QDrop's
+    random float elements as `TrainableActQuant`."""
+
+    scale = None  # nothing to learn or write back
+
+    def __init__(self, source: DynamicActQuantizer, drop_prob: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.bits = source.bits
+        self.drop_prob = drop_prob
+        self.generator = generator
+        self.window: Rows | None = None  # data-parallel steps: this rank's rows of the batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = quantize_tokens(x, self.bits, round_ste)
+        if self.drop_prob > 0:
+            keep_float = (uniform_rows(x.shape, self.generator, self.window) < self.drop_prob).to(x.device)
+            xq = torch.where(keep_float, x, xq)
+        return xq
+
+
 Rows = tuple[int, int, int] | tuple[torch.Tensor, int]
 """This rank's rows of a batch of ``total`` rows: ``(start, stop, total)`` for rows [start, stop), or
 ``(positions, total)`` for the rows at `positions` (a rank holding a shard of the data, `postquant.blockwise`)."""
@@ -252,15 +274,19 @@ def ste_act_quantizers(
     drop: set[str],
     drop_prob: float,
     generator: torch.Generator,
-) -> Iterator[dict[str, TrainableActQuant]]:
+) -> Iterator[dict[str, TrainableActQuant | SteDynamicActQuant]]:
     """Swap the input quantizers of `layers` for straight-through ones, so that gradients pass them.
 
     Steps of the layers in `learn` are trainable; those in `drop` keep elements float w.p. `drop_prob`
-    (QDrop). The original quantizers always come back; the caller writes learned steps back on success.
+    (QDrop). Dynamic per-token quantizers become `SteDynamicActQuant`s (their ``scale`` is None: no step to
+    learn, whatever `learn` says). The original quantizers always come back; the caller writes learned steps
+    back on success.
     """
     saved = {n: layer.act_quant for n, layer in layers.items() if layer.act_quant is not None}
-    swapped = {
-        n: TrainableActQuant(aq, n in learn, drop_prob if n in drop else 0.0, generator)
+    swapped: dict[str, TrainableActQuant | SteDynamicActQuant] = {
+        n: SteDynamicActQuant(aq, drop_prob if n in drop else 0.0, generator)
+        if isinstance(aq, DynamicActQuantizer)
+        else TrainableActQuant(aq, n in learn, drop_prob if n in drop else 0.0, generator)
         for n, aq in saved.items()
     }
     try:

@@ -229,6 +229,49 @@ def test_input_quantizers_are_static_input_activations(ct, llama, ids, tmp_path)
     assert result.check is not None and result.check.rel_max_diff < 1e-5
 
 
+DYNAMIC = {"w_bits": 4, "symmetric": True, "granularity": "group", "group_size": 32, "ignore": ["lm_head"]}
+
+
+@pytest.mark.parametrize("a_bits", [8, 6])
+def test_dynamic_inputs_are_token_input_activations_verified_per_layer(ct, llama, ids, tmp_path, a_bits):
+    recipe = {**DYNAMIC, "a_bits": a_bits, "act_ranges": "dynamic", "overrides": {}}  # every input quantized
+    qmodel = postquant.quantize(llama, recipe)  # no calibration data
+    result = export_compressed_tensors(qmodel, tmp_path / "dyn", verify_inputs=ids)
+    groups = list(_config(tmp_path / "dyn")["quantization_config"]["config_groups"].values())
+    assert len(groups) == 1 and groups[0]["targets"] == ["Linear"]
+    assert groups[0]["input_activations"] == {
+        "num_bits": a_bits,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "token",
+        "group_size": None,
+        "dynamic": True,
+    }
+    assert not [k for k in _tensors(tmp_path / "dyn") if k.endswith(("input_scale", "input_zero_point"))]
+    check = result.check
+    assert check is not None and check.basis == "layer outputs" and check.rel_max_diff < 1e-5
+    assert (
+        check.sqnr_db > 20
+    )  # the logits against postquant's own grid (absmax/127 vs 127.5): close, not equal
+
+
+def test_a_consumer_that_skips_dynamic_input_quantization_is_caught(ct, llama, ids, tmp_path, monkeypatch):
+    from compressed_tensors.quantization.lifecycle import forward as ct_forward
+
+    qmodel = postquant.quantize(llama, {**DYNAMIC, "a_bits": 8, "act_ranges": "dynamic"})
+    original = ct_forward.forward_quantize
+    monkeypatch.setattr(
+        ct_forward,
+        "forward_quantize",
+        lambda module, value, base_name, args: (
+            value if base_name == "input" else original(module, value, base_name, args)
+        ),
+    )
+    with pytest.raises(ExportMismatchError, match="disagrees"):
+        export_compressed_tensors(qmodel, tmp_path / "dyn", verify_inputs=ids)
+    assert not (tmp_path / "dyn").exists()
+
+
 def test_bfloat16_model_agrees_within_its_rounding(ct, ids, tmp_path):
     """The consumer holds bfloat16 scales: weights agree to bfloat16 rounding, logits within the bf16 tolerance."""
     qmodel = postquant.quantize(tiny_llama().to(torch.bfloat16), W8_CHANNEL_SYM)

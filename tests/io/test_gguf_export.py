@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import postquant
-from postquant.errors import OutputError, UnsupportedModelError
+from postquant.errors import ExportError, OutputError, UnsupportedModelError
 from postquant.grids.gguf import FORMATS
 from postquant.io.gguf_blocks import unpack_blocks
 from postquant.model import quantized_layers
@@ -190,6 +190,14 @@ def test_input_quantizers_are_refused(llama, tokens, tmp_path):
     qmodel = postquant.quantize(llama, recipe, calib=[tokens])
     with pytest.raises(UnsupportedModelError, match="a_bits: null"):
         export_gguf(qmodel, tmp_path / "x.gguf")
+
+
+def test_dynamic_per_token_inputs_are_refused_by_name(llama, tmp_path):
+    recipe = {"grid": "gguf-q4_0", "a_bits": 8, "act_ranges": "dynamic", "ignore": ["lm_head"]}
+    qmodel = postquant.quantize(llama, recipe)
+    with pytest.raises(ExportError, match=r"per token.*model\.layers\.0\.self_attn\.k_proj.*per block of 32"):
+        export_gguf(qmodel, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_other_models_are_refused_with_the_supported_ones(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import postquant
-from postquant.errors import OnnxMismatchError, OutputError, UnsupportedModelError
+from postquant.errors import ExportError, OnnxMismatchError, OutputError, UnsupportedModelError
 from postquant.model import quantized_layers
 
 onnx = pytest.importorskip("onnx")
@@ -240,6 +240,14 @@ def _causal_lm(kind: str) -> nn.Module:
         max_position_embeddings=32,
     )
     return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_dynamic_per_token_inputs_are_refused_by_name(tmp_path):
+    qmodel = postquant.quantize(_causal_lm("llama"), {"w_bits": 8, "a_bits": 8, "act_ranges": "dynamic"})
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ExportError, match=r"per token.*model\.layers\.0\.self_attn\.k_proj.*static scale"):
+        export_onnx(qmodel, ids, tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

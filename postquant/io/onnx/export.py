@@ -50,7 +50,7 @@ from postquant.io.onnx.verify import (
     ort_feed,
     verify_onnx,
 )
-from postquant.model import quantized_embeddings, quantized_layers, set_module
+from postquant.model import dynamic_input_layers, quantized_embeddings, quantized_layers, set_module
 from postquant.model.hf import no_kv_cache
 from postquant.nn.layer import HALF, upcast_half
 from postquant.nn.residual import ResidualQuant, remove_points, residual_points
@@ -362,6 +362,20 @@ def _integerize(
     return integerize(model, lambda tensors: Ranges(tensor_ranges(model, tensors, feeds) if tensors else {}))
 
 
+def _refuse_dynamic_inputs(qmodel: nn.Module) -> None:
+    """`ExportError` naming the layers with dynamic per-token input quantizers: QDQ cannot express them."""
+    layers = dynamic_input_layers(qmodel)
+    if layers:
+        names = ", ".join(list(layers)[:4]) + (", ..." if len(layers) > 4 else "")
+        raise ExportError(
+            f"{len(layers)} layers quantize their inputs per token at run time (act_ranges: dynamic): {names}. "
+            "The ONNX export writes QuantizeLinear with a static scale per tensor; a scale per row computed in "
+            "the graph from each token is not written (the export would drop the activation quantization). "
+            "Quantize with a static act_ranges (calib) or a_bits: null for ONNX, or export with "
+            "export_compressed_tensors (vLLM runs per-token int8 inputs)"
+        )
+
+
 def export_onnx(
     qmodel: nn.Module,
     example_inputs: Any,
@@ -426,7 +440,8 @@ def export_onnx(
     Raises:
         UnsupportedModelError: a layer QDQ cannot express (the message names it), or the exporter failed;
             `ExportError` (a subclass) for a model with integer residuals exported without `full_integer`,
-            or whose points do not match the full-integer graph's (the message names the point).
+            or whose points do not match the full-integer graph's (the message names the point), and for
+            dynamic per-token input quantizers (recipe ``act_ranges: dynamic``; the message names the layers).
         OutputError: `path` cannot be written, or exists (or its data file does) without `overwrite`.
         OnnxMismatchError: onnxruntime disagrees with the simulation on `verify_batches` (nothing is written
             at `path`; the graph is kept beside it as ``<stem>.rejected.onnx``, with external data as the
@@ -452,6 +467,7 @@ def export_onnx(
             f"exporter='dynamo' writes opset {DYNAMO_MIN_OPSET} or more, not {opset}; pass opset=None or "
             f">= {DYNAMO_MIN_OPSET}, or exporter='torchscript'"
         )
+    _refuse_dynamic_inputs(qmodel)
     plans, tables, opset = _plan(qmodel, opset, _choice(Int4Weights, int4, "int4"))
     if exporter is Exporter.DYNAMO:
         opset = max(opset, DYNAMO_MIN_OPSET)
