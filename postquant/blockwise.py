@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from postquant.calib import as_calibration
-from postquant.calib.act_ranges import check_dynamic_layers, install_dynamic
+from postquant.calib.act_ranges import check_dynamic_layers, dynamic_input_bits, install_dynamic
 from postquant.calib.data import batch_size_of, run_model, spread_batches
 from postquant.choices import ActRanges, GridKind, Method, PowerSearch
 from postquant.distributed import Ranks, current, shard, shard_bounds
@@ -444,7 +444,7 @@ def quantize_blocks(
     recipe, _ = prepare(model, recipe, None, None)  # learned presets' first/last-layer policy
     plan = make_plan(model, recipe)
     check_finite(model, list(plan))
-    check_dynamic_layers({n: model.get_submodule(n) for n in _input_bits(plan, recipe)})
+    check_dynamic_layers({n: model.get_submodule(n) for n in dynamic_input_bits(recipe, plan)})
     ranks = current()
     mixed = None
     if recipe.mixed is not None:  # bits per layer first, from the whole float model (as `quantize`)
@@ -516,7 +516,9 @@ def quantize_checkpoint(
     recipe, _ = prepare(model, recipe, None, None)
     plan = make_plan(model, recipe)
     check_finite(model, [n for n in plan if not n.startswith(container + ".")])  # the rest as they load
-    check_dynamic_layers({n: model.get_submodule(n) for n in _input_bits(plan, recipe)})  # meta modules
+    check_dynamic_layers(
+        {n: model.get_submodule(n) for n in dynamic_input_bits(recipe, plan)}
+    )  # meta modules
     source = _Source(
         model,
         model,
@@ -692,7 +694,7 @@ def _walk(
             {"blocks": report.seconds},
             mixed,
             report if learned else None,
-            act_ranges=ActRanges.DYNAMIC if _input_bits(plan, recipe) else None,
+            act_ranges=ActRanges.DYNAMIC if dynamic_input_bits(recipe, plan) else None,
         ),
     )
     if ranks is not None:
@@ -712,17 +714,10 @@ def _return_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def _input_bits(plan: Plan, recipe: Recipe) -> dict[str, int]:
-    """Layer name -> input bits of the planned layers with dynamic per-token input quantizers."""
-    if recipe.act_ranges is not ActRanges.DYNAMIC:
-        return {}
-    return {n: lp.a_bits for n, lp in plan.items() if lp.w_bits is not None and lp.a_bits is not None}
-
-
 def _quantize_block(qmodel: nn.Module, plan: Plan, recipe: Recipe, ranks: Ranks | None) -> None:
     """The planned layers of `qmodel` to the recipe's data-free codes, with their dynamic input quantizers."""
     done = quantize_weights(qmodel, plan, recipe, ranks=ranks)
-    install_dynamic(done, _input_bits(plan, recipe))
+    install_dynamic(done, dynamic_input_bits(recipe, plan))
 
 
 def _sub_plan(plan: Plan, names: tuple[str, ...]) -> Plan:

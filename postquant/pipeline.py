@@ -32,7 +32,12 @@ import torch
 from torch import nn
 
 from postquant.calib import ActRanges, as_calibration, calibrate_from_data, calibrate_reference_noise
-from postquant.calib.act_ranges import bn_noise_ranges, check_dynamic_layers, install_dynamic
+from postquant.calib.act_ranges import (
+    bn_noise_ranges,
+    check_dynamic_layers,
+    dynamic_input_bits,
+    install_dynamic,
+)
 from postquant.calib.data import model_placement
 from postquant.calib.moments import input_moments
 from postquant.calib.observers import Observer
@@ -153,7 +158,7 @@ def _convert(state: PipelineState) -> None:
     state.plan = make_plan(state.model, state.recipe)  # validates the layer set before any work
     _warn_unmatched_patterns(state.model, state.recipe)
     check_finite(state.model, list(state.plan))
-    dynamic = _dynamic_inputs(state.recipe, state.plan)
+    dynamic = dynamic_input_bits(state.recipe, state.plan)
     check_dynamic_layers({name: state.model.get_submodule(name) for name in dynamic})  # before any work
     if state.recipe.embeddings is not None:  # tied tables are refused before any work
         check_untied(state.model, embedding_tables(state.model, state.recipe.ignore))
@@ -234,7 +239,7 @@ def _weights(state: PipelineState) -> None:
             state.batches,
             state.search,
             ranks=state.ranks,
-            dynamic_inputs=_dynamic_inputs(state.recipe, state.current_plan()),
+            dynamic_inputs=dynamic_input_bits(state.recipe, state.current_plan()),
         )
         return
     state.layers = quantize_weights(
@@ -271,13 +276,6 @@ def _reconstruct(state: PipelineState) -> None:
         state.working_model(), state.teacher, state.batches, state.recipe, ranks=state.ranks
     )
     state.teacher = None  # the float copy is not needed any longer
-
-
-def _dynamic_inputs(recipe: Recipe, plan: Plan) -> dict[str, int]:
-    """Layer name -> input bits of the layers quantized per token at run time (``act_ranges: dynamic``)."""
-    if recipe.act_ranges is not ActRanges.DYNAMIC:
-        return {}
-    return {name: lp.a_bits for name, lp in plan.items() if lp.w_bits is not None and lp.a_bits is not None}
 
 
 def _activation_needs(recipe: Recipe) -> Needs:

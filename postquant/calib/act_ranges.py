@@ -7,7 +7,7 @@ import contextlib
 import copy
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,12 +20,16 @@ from postquant.calib.observers import (  # noqa: F401 (NOISE_STD_MULTIPLIER, ref
     make_observer,
     reference_noise_range,
 )
-from postquant.choices import ActRanges  # noqa: F401 (re-exported; defined there, torch-free)
+from postquant.choices import ActRanges  # defined there, torch-free; re-exported
 from postquant.distributed import Ranks, shard
 from postquant.errors import RecipeError
 from postquant.nn import DynamicActQuantizer, QuantizedLayer, cached_weights
 from postquant.nn.residual import INPUT, OUTPUT, POINT_BITS, ResidualQuant, install_points, tracking
 from postquant.progress import progress_bar
+
+if TYPE_CHECKING:
+    from postquant.plan import Plan
+    from postquant.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +159,14 @@ def check_dynamic_layers(layers: dict[str, nn.Module]) -> None:
             + (", ..." if len(not_linear) > 4 else "")
             + ". Keep their inputs float (overrides: {'<name>': {a_bits: null}}) or use a static act_ranges"
         )
+
+
+def dynamic_input_bits(recipe: Recipe, plan: Plan) -> dict[str, int]:
+    """Layer name -> input bits of the planned layers quantized per token at run time (``act_ranges:
+    dynamic``); empty for every other rule."""
+    if recipe.act_ranges is not ActRanges.DYNAMIC:
+        return {}
+    return {name: lp.a_bits for name, lp in plan.items() if lp.w_bits is not None and lp.a_bits is not None}
 
 
 def install_dynamic(layers: dict[str, QuantizedLayer], a_bits: dict[str, int]) -> None:
