@@ -152,7 +152,8 @@ def quantize(
         typer.Option(
             help="activation ranges: auto (calib with calibration data, else data-free: bn-noise for models "
             "with BatchNorm, squant-noise otherwise), calib (observers over calibration data), squant-noise "
-            "(SQuant's uniform-noise rule), bn-noise (noise matched to the BatchNorm statistics)"
+            "(SQuant's uniform-noise rule), bn-noise (noise matched to the BatchNorm statistics), dynamic (no ranges: "
+            "each token of a Linear's input quantized at run time with its own step, as LLM runtimes do)"
         ),
     ] = None,
     grid: Annotated[GridKind | None, typer.Option(help="weight grid (power: non-uniform)")] = None,
