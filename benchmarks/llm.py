@@ -317,6 +317,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, cache: Path) -> None:
         "Linear (layer 0's q_proj, the recipe's `@first` default) keeps a float input.",
         "`*-mixed3` rows: 2, 3, 4 or 8 bits per Linear at an average of 3 (diagonal-Fisher importance on the",
         "calibration windows, allocated before the block walk); compare them with the uniform W3 rows.",
+        "`*-mse` rows: data-free, each group's range shrunk to the least squared weight error under nearest",
+        "rounding (`w_range: mse`) instead of min/max: the data-free setting of the HQQ rows.",
         "",
         "Peak RSS: the row's own process, after loading, quantizing and evaluating. The weights come from a",
         "Q4_1 GGUF (4-bit groups of 32): W4 g32 would be lossless, g64 is not. **Times are from a shared,",
