@@ -72,6 +72,13 @@ ROWS: dict[str, dict[str, Any] | None] = {
     # the same with dynamic per-token 8-bit inputs (each token's step absmax/127 at run time, as vLLM's int8
     # W8A8): no ranges to calibrate, so they run on the block path
     **{f"{m}-w4a8dyn": _row(m, 4, a_bits=8, act_ranges="dynamic") for m in ("rtn", "learned-fast", "gptq")},
+    # learned-fast with AutoRound light's budget (50 signed-gradient steps per layer, batches of 8 windows):
+    # is the gap to autoround-light-w4 the step budget, or AutoRound's learned weight ranges?
+    "learned-fast-w4-50x8": {
+        "method": "learned-fast",
+        "w_bits": 4,
+        "learned": {"iters": 50, "batch_size": 8, "progress": False},
+    },
     # gptq-w4 again with the same windows fed one at a time: only the order of float sums changes (noise).
     "gptq-w4-b1": _row("gptq", 4),
 }
