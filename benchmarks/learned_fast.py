@@ -158,16 +158,38 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def _timing_ratios(rows: dict[str, Any]) -> dict[tuple[str, str, str, int], tuple[float, float, list[float]]]:
-    """Per (model, bits, variant, iters) of the `--timing` rows: (mean time, mean ratio to the default run
-    next to it, loads)."""
+# A timing repetition with a load average above this at any of its rows' start or end ran beside another
+# busy process on this 2-core machine (each row is one thread): it is listed but not counted.
+LOADED = 2.0
+
+
+def _timing_runs(rows: dict[str, Any]) -> dict[tuple[str, str, int], dict[tuple[str, int], dict[str, Any]]]:
+    """The `--timing` rows by (model, bits, repetition), then (variant, iters)."""
     runs: dict[tuple[str, str, int], dict[tuple[str, int], dict[str, Any]]] = {}
     for key, row in rows.items():
         if key.startswith("timing|"):
             _, model, bits, _variant, _iters, _seed, rep = key.split("|")
             runs.setdefault((model, bits, int(rep)), {})[(row["variant"], row["iters"])] = row
+    return runs
+
+
+def _loaded_reps(rows: dict[str, Any]) -> dict[tuple[str, str], list[int]]:
+    """Per (model, bits): the `--timing` repetitions left out of the ratios (a load above `LOADED`)."""
+    out: dict[tuple[str, str], list[int]] = {}
+    for (model, bits, rep), cells in sorted(_timing_runs(rows).items()):
+        if max(x for row in cells.values() for x in row["load"]) > LOADED:
+            out.setdefault((model, bits), []).append(rep)
+    return out
+
+
+def _timing_ratios(rows: dict[str, Any]) -> dict[tuple[str, str, str, int], tuple[float, float, list[float]]]:
+    """Per (model, bits, variant, iters) of the `--timing` rows: (mean time, mean ratio to the default run
+    next to it, loads), over the repetitions not left out by `_loaded_reps`."""
+    loaded = _loaded_reps(rows)
     out: dict[tuple[str, str, str, int], list[tuple[float, float, float]]] = {}
-    for (model, bits, _rep), cells in runs.items():
+    for (model, bits, rep), cells in _timing_runs(rows).items():
+        if rep in loaded.get((model, bits), []):
+            continue
         ref = cells.get(("default", DEFAULT_ITERS))
         for (variant, iters), row in cells.items():
             if ref is None:
@@ -229,6 +251,13 @@ def write_markdown(rows: dict[str, Any], path: Path) -> None:
         timed = {k[2:]: v for k, v in timing.items() if k[:2] == (model, bits)}
         if timed:
             lines += ["Times in one run (`--timing`: default and each variant alternating, seed 0):", ""]
+            skipped = _loaded_reps(rows).get((model, bits))
+            if skipped:
+                lines += [
+                    f"Not counted: repetition(s) {', '.join(map(str, skipped))}, run at a load average above "
+                    f"{LOADED} (another busy process on the 2 cores).",
+                    "",
+                ]
             for (variant, iters), (secs, ratio, loads) in sorted(timed.items()):
                 load_text = ", ".join(f"{x:.1f}" for x in loads)
                 lines.append(
