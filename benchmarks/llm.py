@@ -79,6 +79,13 @@ ROWS: dict[str, dict[str, Any] | None] = {
         "w_bits": 4,
         "learned": {"iters": 50, "batch_size": 8, "progress": False},
     },
+    # learned-fast also learning each group's step (`learn_weight_scales`, signed steps of 5e-3 on its log, as
+    # AutoRound's light preset tunes its min/max): does a learned range close the gap to autoround-light-w4?
+    "learned-fast-w4-scales": {
+        "method": "learned-fast",
+        "w_bits": 4,
+        "learned": {"batch_size": 4, "learn_weight_scales": True, "scale_lr": 5e-3, "progress": False},
+    },
     # gptq-w4 again with the same windows fed one at a time: only the order of float sums changes (noise).
     "gptq-w4-b1": _row("gptq", 4),
 }
