@@ -86,6 +86,18 @@ ROWS: dict[str, dict[str, Any] | None] = {
         "w_bits": 4,
         "learned": {"batch_size": 4, "learn_weight_scales": True, "scale_lr": 5e-3, "progress": False},
     },
+    # both: AutoRound light's step budget and learned steps
+    "learned-fast-w4-scales-50x8": {
+        "method": "learned-fast",
+        "w_bits": 4,
+        "learned": {
+            "iters": 50,
+            "batch_size": 8,
+            "learn_weight_scales": True,
+            "scale_lr": 5e-3,
+            "progress": False,
+        },
+    },
     # gptq-w4 again with the same windows fed one at a time: only the order of float sums changes (noise).
     "gptq-w4-b1": _row("gptq", 4),
 }
