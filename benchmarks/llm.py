@@ -98,6 +98,16 @@ ROWS: dict[str, dict[str, Any] | None] = {
             "progress": False,
         },
     },
+    # learned-fast also learning each group's range (`learn_weight_range`: multipliers on its two ends, step
+    # and integer zero point following, AutoRound's min/max tuning), at the rounding offsets' learning rate
+    **{
+        f"learned-fast-w{b}-range": {
+            "method": "learned-fast",
+            "w_bits": b,
+            "learned": {"batch_size": 4, "learn_weight_range": True, "progress": False},
+        }
+        for b in (4, 3, 2)
+    },
     # gptq-w4 again with the same windows fed one at a time: only the order of float sums changes (noise).
     "gptq-w4-b1": _row("gptq", 4),
 }

@@ -656,7 +656,9 @@ def _walk(
                             cfg,
                             generator,
                             desc=f"[{k + 1}/{len(names)}] {unit.name}",
+                            squant_mode=recipe.squant_mode,
                             ranks=ranks,
+                            symmetric=recipe.symmetric,
                         )
                         del data
                         report.units.append(outcome)

@@ -4,7 +4,7 @@ from postquant.nn.act import ActQuantizer, DynamicActQuantizer, act_qparams, qua
 from postquant.nn.attention import LinearAttention
 from postquant.nn.embedding import QuantizedEmbedding
 from postquant.nn.int4 import Int4Linear
-from postquant.nn.layer import QUANTIZABLE, QuantizedLayer, cached_weights
+from postquant.nn.layer import QUANTIZABLE, QuantizedLayer, cached_weights, compact_grid_tensor
 
 __all__ = [
     "QUANTIZABLE",
@@ -16,6 +16,7 @@ __all__ = [
     "QuantizedLayer",
     "act_qparams",
     "cached_weights",
+    "compact_grid_tensor",
     "quantize_tokens",
     "token_codes",
 ]

@@ -94,7 +94,16 @@ class CalibSource(enum.StrEnum):
 
 
 # LearnedConfig fields added later, with the default at which they are left out of dumps (and so of keys).
-_LATER_FIELDS: dict[str, Any] = {"max_samples": None, "check_samples": None}
+_LATER_FIELDS: dict[str, Any] = {
+    "max_samples": None,
+    "check_samples": None,
+    "learn_weight_range": False,
+    "range_lr": None,
+}
+
+# Bounds of the learned range multipliers (`learn_weight_range`): a row's range can shrink to a quarter of
+# its start, never grow past it.
+RANGE_BOUNDS = (0.25, 1.0)
 
 # LearnedConfig fields that do not change the result: left out of checkpoint keys.
 BOOKKEEPING = frozenset({"checkpoint_dir", "progress", "chain_inputs"})
@@ -116,6 +125,12 @@ class LearnedConfig(BaseModel):
     variable: Variable = Variable.ADAROUND
     codes: CodeRange = CodeRange.ROUNDING
     learn_weight_scales: bool = Field(default=False, description="also learn one weight step per grid row")
+    learn_weight_range: bool = Field(
+        default=False,
+        description="also learn each uniform grid row's range: multipliers in [0.25, 1] on its lower and "
+        "upper end, the step and the integer zero point following them (AutoRound's min/max tuning; "
+        "variable='ste'; a symmetric grid learns one multiplier and keeps zero points at 0)",
+    )
     learn_act_scales: bool = Field(default=True, description="learn activation step sizes (LSQ) if quantized")
     learn_bias: bool = False
     # loss
@@ -127,6 +142,9 @@ class LearnedConfig(BaseModel):
     momentum: float = Field(default=0.9, ge=0, lt=1, description="for optimizer='sgd'")
     lr_schedule: Schedule = Schedule.CONSTANT
     scale_lr: float = Field(default=1e-4, gt=0, description="learning rate of weight scales and biases")
+    range_lr: float | None = Field(
+        default=None, gt=0, description="learning rate of the range multipliers (None: `lr`, as AutoRound)"
+    )
     act_lr: float = Field(default=4e-5, gt=0, description="learning rate of activation step sizes (cosine)")
     iters: int = Field(default=20000, ge=0, description="optimisation steps per unit")
     batch_size: int = Field(default=32, ge=1)
@@ -196,6 +214,16 @@ class LearnedConfig(BaseModel):
             raise ValueError(
                 f"codes='grid' needs variable='ste' (variable='{self.variable.value}' can only choose "
                 "between floor and floor+1); use codes='rounding'"
+            )
+        if self.learn_weight_range and self.variable is not Variable.STE:
+            raise ValueError(
+                f"learn_weight_range needs variable='ste' (the code follows the moving grid; variable="
+                f"'{self.variable.value}' rounds from the starting grid's floor); or use learn_weight_scales"
+            )
+        if self.learn_weight_range and self.learn_weight_scales:
+            raise ValueError(
+                "learn_weight_range already learns each row's step (with its zero point); "
+                "set only one of learn_weight_range and learn_weight_scales"
             )
         return self
 

@@ -174,6 +174,7 @@ def learned_rounding(
             seed=recipe.seed,
             key_fields=fields,
             squant_mode=recipe.squant_mode,
+            symmetric=recipe.symmetric,
             ranks=ranks,
         )
 
@@ -237,6 +238,7 @@ def reconstruct_model(
     key_fields: dict[str, Any] | None = None,
     on_unit_end: OnUnitEnd | None = None,
     squant_mode: SquantMode = SquantMode.EKC,
+    symmetric: bool = False,
     ranks: Ranks | None = None,
 ) -> ReconstructionReport:
     """Learn the rounding of every unit of `qmodel`, in order, in place.
@@ -251,6 +253,7 @@ def reconstruct_model(
         on_unit_end: called as ``on_unit_end(k, unit, outcome)`` after each unit is installed and saved.
         squant_mode: the SQuant variant of the starting codes when ``cfg.init`` is ``squant`` (`quantize`
             passes the recipe's ``squant_mode``).
+        symmetric: the grids are symmetric (the recipe's ``symmetric``; a learned range keeps them so).
         ranks: a process group (`postquant.distributed`): every rank caches all the data and each step's
             batch is split across the ranks, gradients summed (`reconstruct_unit`). A checkpoint directory
             is written by rank 0 alone.
@@ -337,6 +340,7 @@ def reconstruct_model(
             desc=f"[{k + 1}/{len(units)}] {unit.name}",
             squant_mode=squant_mode,
             ranks=ranks,
+            symmetric=symmetric,
         )
         if cfg.chain_inputs and cfg.loss is Loss.MSE and k + 1 < len(units) and k + 1 not in done:
             carried = carry_outputs(qmodel, unit, data)

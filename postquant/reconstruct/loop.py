@@ -27,7 +27,7 @@ from postquant.calib.data import Batch, batch_size_of, model_placement, run_mode
 from postquant.distributed import Ranks, shard_bounds
 from postquant.grids import Grid
 from postquant.model.blocks import Unit
-from postquant.nn import ActQuantizer, QuantizedLayer
+from postquant.nn import ActQuantizer, QuantizedLayer, compact_grid_tensor
 from postquant.progress import progress_bar
 from postquant.reconstruct.cache import Record, UnitData, rows, to_device
 from postquant.reconstruct.capture import Captured, unit_forward
@@ -187,6 +187,7 @@ def snapshot(qmodel: nn.Module, unit: Unit) -> dict[str, torch.Tensor]:
         layer: QuantizedLayer = qmodel.get_submodule(name)
         state[f"{name}.codes"] = layer.codes.detach().clone()
         state[f"{name}.grid_inv_scale"] = layer.grid_inv_scale.detach().clone()
+        state[f"{name}.grid_zero_point"] = layer.grid_zero_point.detach().clone()
         if getattr(layer.inner, "bias", None) is not None:
             state[f"{name}.inner.bias"] = layer.inner.bias.detach().clone()
         if isinstance(layer.act_quant, ActQuantizer):  # a dynamic quantizer has no step
@@ -194,7 +195,7 @@ def snapshot(qmodel: nn.Module, unit: Unit) -> dict[str, torch.Tensor]:
     return state
 
 
-_STATE_KEYS = ("codes", "grid_inv_scale", "inner.bias", "act_quant.scale")
+_STATE_KEYS = ("codes", "grid_inv_scale", "grid_zero_point", "inner.bias", "act_quant.scale")
 
 
 @torch.no_grad()
@@ -205,8 +206,8 @@ def restore(qmodel: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if what is None:
             raise KeyError(f"unknown unit state {key!r}")
         layer: QuantizedLayer = qmodel.get_submodule(key[: -len(what) - 1])
-        if what == "grid_inv_scale":  # a checkpointed state comes from the CPU
-            layer.grid_inv_scale = value.to(layer.grid_inv_scale.device, copy=True)
+        if what in ("grid_inv_scale", "grid_zero_point"):  # a checkpointed state comes from the CPU
+            setattr(layer, what, value.to(layer.grid_inv_scale.device, copy=True))
         elif what == "inner.bias":
             layer.inner.bias.copy_(value)
         elif what == "act_quant.scale":
@@ -264,6 +265,7 @@ def _make_rounding(
     squant_mode: SquantMode,
     ranks: Ranks | None = None,
     owners: dict[str, int] | None = None,
+    symmetric: bool = False,
 ) -> dict[str, LayerRounding]:
     """The rounding variables of the unit's layers, from their starting codes (`cfg.init`).
 
@@ -287,7 +289,7 @@ def _make_rounding(
     for name in unit.layers:  # in order: a random selection draws from `generator` alike on every rank
         layer: QuantizedLayer = qmodel.get_submodule(name)
         bias = getattr(layer.inner, "bias", None)
-        out[name] = LayerRounding(xs[name], inits[name], layer.grid, bias, cfg, generator)
+        out[name] = LayerRounding(xs[name], inits[name], layer.grid, bias, cfg, generator, symmetric)
     return out
 
 
@@ -387,12 +389,14 @@ def reconstruct_unit(
     desc: str,
     squant_mode: SquantMode = SquantMode.EKC,
     ranks: Ranks | None = None,
+    symmetric: bool = False,
 ) -> UnitOutcome:
     """Learn the rounding of one unit on its cached data and install the result in `qmodel`.
 
     On a non-finite loss the unit keeps the codes it had before and a warning is logged; if the learned
     codes reconstruct worse than the starting codes on the cached data, the starting codes are kept.
-    `squant_mode` is the SQuant variant of the starting codes when ``cfg.init`` is ``squant`` (the recipe's).
+    `squant_mode` is the SQuant variant of the starting codes when ``cfg.init`` is ``squant`` (the recipe's);
+    `symmetric` says the grids are symmetric (the recipe's), which a learned range keeps.
 
     With `ranks` (a process group, every rank holding the same cache and generator), each step draws the
     same batch on every rank, each rank computes the loss of its contiguous share of the batch's rows
@@ -413,7 +417,7 @@ def reconstruct_unit(
     layers = {n: qmodel.get_submodule(n) for n in unit.layers}
     before = snapshot(qmodel, unit)
     owners = layer_owners({n: layers[n].weight_shape for n in unit.layers}, ranks) if ranks else None
-    roundings = _make_rounding(qmodel, teacher, unit, cfg, generator, squant_mode, ranks, owners)
+    roundings = _make_rounding(qmodel, teacher, unit, cfg, generator, squant_mode, ranks, owners, symmetric)
     _install(qmodel, roundings, {})  # the starting codes (nearest or SQuant)
     error_before = evaluate_unit(qmodel, unit, data, cfg, ranks=ranks)
 
@@ -529,7 +533,10 @@ def _install(
     """Write hard codes, learned weight steps, biases and activation steps into the quantized layers."""
     for name, r in roundings.items():
         layer: QuantizedLayer = qmodel.get_submodule(name)
-        layer.grid_inv_scale = r.current_grid().inv_scale.detach().clone()
+        grid = r.current_grid()
+        layer.grid_inv_scale = grid.inv_scale.detach().clone()
+        if r.range_hi is not None:  # a learned range moves the zero points too
+            layer.grid_zero_point = compact_grid_tensor(grid.zero_point.detach().clone())
         layer.set_codes(r.hard_codes())
         if r.bias is not None:
             layer.inner.bias.copy_(r.bias)

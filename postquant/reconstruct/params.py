@@ -10,6 +10,14 @@ the code of a weight is ``floor(x) + h`` with ``h`` in [0, 1]. Three variables:
   (Bengio et al. 2013); codes in {floor, floor+1} (``codes='rounding'``) or anywhere on the grid.
 
 Weights not selected for learning keep their initial code.
+
+Learned ranges (``learn_weight_range``, AutoRound's min/max tuning, Cheng et al. 2023): each row of a uniform
+grid covers ``[lo, hi] = [(qmin + Z)/S, (qmax + Z)/S]``; two multipliers ``a, b`` in `RANGE_BOUNDS` move it to
+``[a*lo, b*hi]``, and the step and the integer zero point follow as the grid fit computes them,
+``S' = levels / (b*hi - a*lo)``, ``Z' = round(S' * a*lo) - qmin`` (straight-through rounding). In the integer
+domain that is ``x' = r*x + (r*Z - Z')`` with ``r = S'/S``: exactly ``x`` at the start (``a = b = 1``), so the
+starting codes are kept bit for bit. The rounding offset then acts on ``x'``. A symmetric grid (every zero
+point 0, the recipe's ``symmetric``) learns one multiplier ``b`` on its largest magnitude and keeps ``Z = 0``.
 """
 
 from __future__ import annotations
@@ -21,10 +29,18 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from postquant.errors import RecipeError
 from postquant.grids import Grid
-from postquant.grids.uniform import as_float
+from postquant.grids.uniform import UniformGrid, as_float, grouped
 from postquant.nn import ActQuantizer, DynamicActQuantizer, QuantizedLayer, quantize_tokens
-from postquant.reconstruct.config import AUTO_RANDOM_MAX_BITS, CodeRange, LearnedConfig, Selection, Variable
+from postquant.reconstruct.config import (
+    AUTO_RANDOM_MAX_BITS,
+    RANGE_BOUNDS,
+    CodeRange,
+    LearnedConfig,
+    Selection,
+    Variable,
+)
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -69,6 +85,7 @@ class LayerRounding(nn.Module):
         bias: the layer's float bias or None.
         cfg: the learned config.
         generator: seeded RNG for ``selection='random'``.
+        symmetric: the grid is symmetric (the recipe's ``symmetric``): a learned range keeps its zero points 0.
     """
 
     def __init__(
@@ -79,9 +96,11 @@ class LayerRounding(nn.Module):
         bias: torch.Tensor | None,
         cfg: LearnedConfig,
         generator: torch.Generator,
+        symmetric: bool = False,
     ) -> None:
         super().__init__()
         self.grid = grid
+        self.symmetric = symmetric
         self.variable = cfg.variable
         self.code_range = cfg.codes
         x = as_float(x.detach())  # float32 (float64 for a float64 model)
@@ -108,7 +127,46 @@ class LayerRounding(nn.Module):
             )
             self.v = nn.Parameter(v0)
         self.log_scale = nn.Parameter(torch.zeros_like(grid.inv_scale)) if cfg.learn_weight_scales else None
+        self.range_lo: nn.Parameter | None = None  # multipliers on each row's lower and upper end
+        self.range_hi: nn.Parameter | None = None
+        if cfg.learn_weight_range:
+            self._init_range(grid)
+        self.range_lr = cfg.range_lr if cfg.range_lr is not None else cfg.lr
         self.bias = nn.Parameter(bias.detach().clone()) if (cfg.learn_bias and bias is not None) else None
+
+    def _init_range(self, grid: Grid) -> None:
+        if not isinstance(grid, UniformGrid):
+            raise RecipeError(
+                f"learn_weight_range needs the uniform grid (got {type(grid).__name__}): the power and GGUF "
+                "grids fix their range's form; use learn_weight_scales there"
+            )
+        self.range_hi = nn.Parameter(torch.ones_like(grid.inv_scale))
+        if not self.symmetric:
+            self.range_lo = nn.Parameter(torch.ones_like(grid.inv_scale))
+
+    def _range_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(r, Z')`` of the learned range (module docstring): the step ratio ``S'/S`` and the zero point,
+        (G, 1) each, differentiable in the multipliers."""
+        grid = self.grid
+        assert self.range_hi is not None
+        b = self.range_hi.clamp(*RANGE_BOUNDS)  # `weight` keeps the variables in bounds; this is exact
+        if self.symmetric:
+            return 1 / b, grid.zero_point
+        assert self.range_lo is not None
+        a = self.range_lo.clamp(*RANGE_BOUNDS)
+        z = grid.zero_point
+        lo, hi = grid.qmin + z, grid.qmax + z  # the row's ends times S
+        r = (grid.qmax - grid.qmin) / (b * hi - a * lo)
+        return r, round_ste(r * a * lo) - grid.qmin
+
+    def _domain(self) -> torch.Tensor:
+        """The integer-domain weights on the current grid: ``x`` itself, or ``r*x + r*Z - Z'`` with a learned
+        range."""
+        if self.range_hi is None:
+            return self.x
+        r, z = self._range_grid()
+        rows = grouped(self.x, self.grid.granularity, self.grid.group_size)
+        return (r * rows + (r * self.grid.zero_point - z)).reshape(self.x.shape)
 
     # ---- codes --------------------------------------------------------------------------------------
     def _h(self) -> torch.Tensor:
@@ -117,9 +175,11 @@ class LayerRounding(nn.Module):
     def int_weight(self) -> torch.Tensor:
         """Integer-domain weights used in training (soft for adaround/sigmoid, rounded for ste)."""
         if self.variable is Variable.STE:
-            w = self.x + self.offset
+            x = self._domain()
+            w = x + self.offset
             if self.code_range is CodeRange.ROUNDING:
-                w = torch.minimum(torch.maximum(w, self.floor), self.floor + 1)
+                floor = self.floor if self.range_hi is None else torch.floor(x.detach())
+                w = torch.minimum(torch.maximum(w, floor), floor + 1)
             w = round_ste(w)
         else:
             w = self.floor + self._h()
@@ -137,13 +197,23 @@ class LayerRounding(nn.Module):
 
     # ---- weights ------------------------------------------------------------------------------------
     def current_grid(self) -> Grid:
-        """The grid with the learned step sizes (``S / exp(log_scale)``; the zero point stays)."""
+        """The grid with the learned step sizes (``S / exp(log_scale)``; the zero point stays) or the learned
+        range (step and zero point)."""
+        if self.range_hi is not None:
+            r, z = self._range_grid()
+            return UniformGrid(
+                r * self.grid.inv_scale, z, self.grid.bits, self.grid.granularity, self.grid.group_size
+            )
         if self.log_scale is None:
             return self.grid
         return self.grid.with_inv_scale(self.grid.inv_scale * torch.exp(-self.log_scale))
 
     def weight(self) -> torch.Tensor:
         """The float weight of the forward pass, the grid's dequantization of the (soft) codes."""
+        if self.range_hi is not None:  # once per step, before its graph: a multiplier the last step moved
+            with torch.no_grad():  # out of bounds comes back (a clamp alone would stop its gradient there)
+                for p in self.range_params():
+                    p.clamp_(*RANGE_BOUNDS)
         return self.current_grid().dequantize(self.int_weight())
 
     def regulariser(self, beta: float) -> torch.Tensor:
@@ -163,7 +233,14 @@ class LayerRounding(nn.Module):
         extra = [p for p in (self.log_scale, self.bias) if p is not None]
         if extra:
             out.append({"params": extra, "lr": cfg.scale_lr})
+        ranges = self.range_params()
+        if ranges:
+            out.append({"params": ranges, "lr": self.range_lr})
         return out
+
+    def range_params(self) -> list[nn.Parameter]:
+        """The learned range multipliers (none unless ``learn_weight_range``)."""
+        return [p for p in (self.range_lo, self.range_hi) if p is not None]
 
 
 class TrainableActQuant(nn.Module):

@@ -188,7 +188,7 @@ def _grad(leaf: torch.Tensor) -> torch.Tensor:
 def _variables(r: LayerRounding) -> list[torch.Tensor]:
     """The tensors of a layer that only its owner trains."""
     main = r.offset if r.variable is Variable.STE else r.v
-    return [main] + ([r.log_scale] if r.log_scale is not None else [])
+    return [main] + ([r.log_scale] if r.log_scale is not None else []) + r.range_params()
 
 
 # ----------------------------------------------------------------------------- balancing a batch's rows

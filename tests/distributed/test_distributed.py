@@ -324,6 +324,7 @@ BLOCKS = [
     "block_qdrop",
     "block_ckpt",
     "block_spill",
+    "block_range",
 ]
 
 
@@ -370,7 +371,7 @@ def test_block_path_per_layer_methods_split_over_ranks_equal_one_process(
 
 
 @pytest.mark.parametrize(
-    "scenario", ["block_gptq", "block_learned", "block_qdrop", "block_ckpt", "block_spill"]
+    "scenario", ["block_gptq", "block_learned", "block_qdrop", "block_ckpt", "block_spill", "block_range"]
 )
 def test_block_path_data_parallel_gives_the_codes_of_one_process(block_run: Path, scenario: str) -> None:
     """Both chains sharded (batches 0-3 and 4-6): GPTQ sums the Hessians and splits the solves; learned
@@ -385,7 +386,7 @@ def test_block_path_data_parallel_gives_the_codes_of_one_process(block_run: Path
     with worker.counting_weight_side() as weight_side:
         want = quantize_blocks_one_thread(scenario)
     got = [outcome(block_run, scenario, rank) for rank in range(2)]
-    if scenario in ("block_learned", "block_qdrop", "block_spill"):
+    if scenario in ("block_learned", "block_qdrop", "block_spill", "block_range"):
         sides = [g["weight_side"] for g in got]
         assert sum(sides) == weight_side[0] and all(0 < side < weight_side[0] for side in sides), sides
     assert_same_state(got[1]["state"], got[0]["state"])

@@ -80,6 +80,13 @@ BLOCKS: dict[str, dict[str, Any]] = {
     "block_qdrop": {"method": "qdrop", "w_bits": 3, "learned": BLOCK_LEARNED},  # QDrop's draws on a shard
     "block_ckpt": {"method": "brecq", "w_bits": 3, "learned": BLOCK_LEARNED},  # + learned.checkpoint_dir
     "block_spill": {"method": "learned", "w_bits": 3, "learned": BLOCK_LEARNED},  # chains in mapped files
+    "block_range": {  # learned ranges: each layer's multipliers trained by its owner, then broadcast
+        "method": "learned-fast",
+        "w_bits": 3,
+        "granularity": "group",
+        "group_size": 16,
+        "learned": {"iters": 12, "batch_size": 4, "progress": False, "learn_weight_range": True},
+    },
 }
 
 

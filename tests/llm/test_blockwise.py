@@ -170,6 +170,41 @@ def test_a_killed_run_resumes_with_identical_codes(tmp_path) -> None:
     assert len(list(tmp_path.rglob("chains_*.safetensors"))) == 1  # only the last layer's chains are kept
 
 
+def grids(model: nn.Module) -> dict[str, tuple[torch.Tensor, ...]]:
+    return {
+        name: (layer.codes, layer.grid_inv_scale, layer.grid_zero_point)
+        for name, layer in quantized_layers(model).items()
+    }
+
+
+def test_learned_ranges_and_squant_modes_on_the_block_path_match_and_resume(tmp_path) -> None:
+    """Learned ranges (steps and zero points) and a non-default SQuant start: the block path gives the whole
+    model path's codes and grids, and a killed run resumes to them bit for bit."""
+    model = tiny_llama(layers=2)
+    fields = {"iters": 6, "progress": False, "learn_weight_range": True}
+    recipe = grid_recipe("learned-fast", learned=fields, calib_size=8, squant_mode="ek")
+    whole = grids(postquant.quantize(model, recipe, calib()))
+    start = grids(quantize_blocks(model, {**recipe, "learned": {**fields, "iters": 0}}, calib()))
+    blocks = grids(quantize_blocks(model, recipe, calib()))
+    other_start = grids(quantize_blocks(model, {**recipe, "squant_mode": "ekc"}, calib()))
+    assert any(not torch.equal(blocks[n][0], other_start[n][0]) for n in blocks)  # the mode is used
+    assert any(not torch.equal(blocks[n][1], start[n][1]) for n in blocks)  # steps moved
+    for name, parts in whole.items():
+        for a, b in zip(parts, blocks[name], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    def kill_after_first(k: int, _name: str) -> None:
+        if k == 0:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        quantize_blocks(model, recipe, calib(), checkpoint_dir=tmp_path, on_block_end=kill_after_first)
+    resumed = grids(quantize_blocks(model, recipe, calib(), checkpoint_dir=tmp_path))
+    for name, parts in blocks.items():
+        for a, b in zip(parts, resumed[name], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 _KILLED_RUN = """
 import os, signal, sys
 sys.path.insert(0, sys.argv[2])

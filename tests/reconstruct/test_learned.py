@@ -315,6 +315,9 @@ def test_presets_and_recipe_round_trip(tmp_path):
         ({"iters": -1}, "learned.iters"),
         ({"variable": "adaround", "codes": "grid"}, "learned"),
         ({"bogus": 1}, "learned.bogus"),
+        ({"variable": "adaround", "learn_weight_range": True}, "learned"),
+        ({"variable": "ste", "learn_weight_range": True, "learn_weight_scales": True}, "learned"),
+        ({"variable": "ste", "learn_weight_range": True, "range_lr": 0}, "learned.range_lr"),
     ],
 )
 def test_bad_learned_fields_name_the_field(learned_fields, field):
@@ -568,3 +571,96 @@ def test_regulariser_and_soft_weights_match_the_boolean_indexed_formula(
     soft = r.int_weight()
     want_soft = torch.where(r.mask, torch.clamp(r.floor + r._h(), grid.qmin, grid.qmax), r.init_codes)
     torch.testing.assert_close(soft, want_soft, rtol=0, atol=0)
+
+
+# -------------------------------------------------------------------------------------- learned ranges
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    bits=st.integers(2, 8),
+    group=st.sampled_from([0, 8, 16]),
+    symmetric=st.booleans(),
+)
+def test_a_learned_range_starts_exactly_on_the_starting_grid(seed, bits, group, symmetric):
+    """At multipliers 1 the learned range is the grid itself, bit for bit: codes, step, zero point, weight."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 32, generator=gen) * torch.rand(6, 1, generator=gen) * 3
+    kind = ("group", group) if group else ("channel", 128)
+    grid = fit_uniform_grid(w, bits, kind[0], group_size=kind[1], symmetric=symmetric)
+    cfg = LearnedConfig(variable="ste", learn_weight_range=True)
+    init = grid.nearest(w)
+    r = LayerRounding(grid.to_int(w), init, grid, None, cfg, gen, symmetric=symmetric)
+    assert len(r.range_params()) == (1 if symmetric else 2)
+    current = r.current_grid()
+    assert torch.equal(current.inv_scale, grid.inv_scale) and torch.equal(current.zero_point, grid.zero_point)
+    assert torch.equal(r.hard_codes(), init)
+    assert torch.equal(r.weight(), grid.dequantize(init))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.integers(2, 6), lo=st.floats(0.25, 1), hi=st.floats(0.25, 1))
+def test_a_moved_range_is_the_grid_fit_of_the_shrunk_range(seed, bits, lo, hi):
+    """Multipliers a, b give the grid `fit_uniform_grid`'s formula makes for [a*lo, b*hi]: integer zero points,
+    codes in range, and the forward weight is that grid's dequantization of the codes."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(4, 32, generator=gen)
+    grid = fit_uniform_grid(w, bits, "group", group_size=16)
+    r = LayerRounding(
+        grid.to_int(w),
+        grid.nearest(w),
+        grid,
+        None,
+        LearnedConfig(variable="ste", learn_weight_range=True),
+        gen,
+    )
+    with torch.no_grad():
+        r.range_lo.fill_(lo)
+        r.range_hi.fill_(hi)
+    current = r.current_grid()
+    ends = (grid.qmin + grid.zero_point) / grid.inv_scale, (grid.qmax + grid.zero_point) / grid.inv_scale
+    expected_s = (2**bits - 1) / (hi * ends[1] - lo * ends[0])
+    torch.testing.assert_close(current.inv_scale, expected_s, rtol=1e-5, atol=0)
+    assert torch.equal(current.zero_point, current.zero_point.round())
+    assert (current.zero_point - torch.round(expected_s * lo * ends[0]) + grid.qmin).abs().max() <= 1
+    codes_ = r.hard_codes()
+    assert codes_.min() >= grid.qmin and codes_.max() <= grid.qmax
+    torch.testing.assert_close(r.weight(), current.dequantize(codes_), rtol=0, atol=0)
+
+
+def test_learned_ranges_need_a_uniform_grid():
+    w = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
+    grid = postquant.grids.fit_power_grid(w, 3, exponent=0.5)
+    cfg = LearnedConfig(variable="ste", learn_weight_range=True)
+    with pytest.raises(RecipeError, match="learn_weight_range needs the uniform grid"):
+        LayerRounding(grid.to_int(w), grid.nearest(w), grid, None, cfg, torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asymmetric", "symmetric"])
+def test_learned_ranges_move_steps_and_zero_points_and_save_exactly(net, calib, tmp_path, symmetric):
+    fields = {"iters": 40, "max_samples": None, "check_samples": None}
+    base = {**learned("learned-fast", w_bits=3, **fields), "symmetric": symmetric}
+    start = postquant.quantize(net, {**base, "learned": {**base["learned"], "iters": 0}}, calib=calib)
+    q = postquant.quantize(
+        net, {**base, "learned": {**base["learned"], "learn_weight_range": True}}, calib=calib
+    )
+    moved = False
+    for name, layer in codes(q).items():
+        qlayer, slayer = q.get_submodule(name), start.get_submodule(name)
+        grid = qlayer.grid
+        assert layer.min() >= grid.qmin and layer.max() <= grid.qmax
+        assert torch.equal(grid.zero_point, grid.zero_point.round())
+        assert torch.equal(qlayer.weight, grid.dequantize(layer.to(torch.int32)))
+        moved |= not torch.equal(qlayer.grid_inv_scale, slayer.grid_inv_scale)
+        if symmetric:
+            assert not grid.zero_point.any()
+        else:  # ranges only shrink: the step never grows past the start's (S' >= S)
+            assert (qlayer.grid_inv_scale >= slayer.grid_inv_scale * (1 - 1e-6)).all()
+    assert moved  # (zero points move only where a row's two ends move far apart: rarely at 3-bit channels)
+    for u in postquant.result(q).learned.units:
+        assert u.error_after <= u.error_before, u
+    postquant.save(q, tmp_path / "q")
+    back = postquant.load(tmp_path / "q", net)
+    x = calib[:8]
+    torch.testing.assert_close(back(x), q(x), rtol=0, atol=0)
