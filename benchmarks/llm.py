@@ -108,6 +108,29 @@ ROWS: dict[str, dict[str, Any] | None] = {
         }
         for b in (4, 3, 2)
     },
+    # the same, ending each layer on its lowest-loss step (`keep_best_step`, as AutoRound keeps its best iterate)
+    **{
+        f"learned-fast-w{b}-range-best": {
+            "method": "learned-fast",
+            "w_bits": b,
+            "learned": {
+                "batch_size": 4,
+                "learn_weight_range": True,
+                "keep_best_step": True,
+                "progress": False,
+            },
+        }
+        for b in (4, 3)
+    },
+    # learned ranges with AutoRound light's budget (50 signed-gradient steps per layer, batches of 8 windows)
+    **{
+        f"learned-fast-w{b}-range-50x8": {
+            "method": "learned-fast",
+            "w_bits": b,
+            "learned": {"iters": 50, "batch_size": 8, "learn_weight_range": True, "progress": False},
+        }
+        for b in (4, 3)
+    },
     # gptq-w4 again with the same windows fed one at a time: only the order of float sums changes (noise).
     "gptq-w4-b1": _row("gptq", 4),
 }

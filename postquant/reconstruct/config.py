@@ -99,6 +99,7 @@ _LATER_FIELDS: dict[str, Any] = {
     "check_samples": None,
     "learn_weight_range": False,
     "range_lr": None,
+    "keep_best_step": False,
 }
 
 # Bounds of the learned range multipliers (`learn_weight_range`): a row's range can shrink to a quarter of
@@ -165,6 +166,12 @@ class LearnedConfig(BaseModel):
         description="keep a unit's starting codes when the learned ones reconstruct its cached data worse "
         "(measured on quantized inputs, without QDrop's float mixing)",
     )
+    keep_best_step: bool = Field(
+        default=False,
+        description="end a unit's steps on the variables of the step with the lowest loss (on its own batch), "
+        "not the last one's (AutoRound keeps its best iterate so); variable='ste', whose step loss is the loss "
+        "of the hard codes",
+    )
     check_samples: int | None = Field(
         default=None,
         ge=1,
@@ -219,6 +226,11 @@ class LearnedConfig(BaseModel):
             raise ValueError(
                 f"learn_weight_range needs variable='ste' (the code follows the moving grid; variable="
                 f"'{self.variable.value}' rounds from the starting grid's floor); or use learn_weight_scales"
+            )
+        if self.keep_best_step and self.variable is not Variable.STE:
+            raise ValueError(
+                f"keep_best_step needs variable='ste': a step of variable='{self.variable.value}' runs soft "
+                "weights, so its loss is not the loss of the codes it would keep"
             )
         if self.learn_weight_range and self.learn_weight_scales:
             raise ValueError(

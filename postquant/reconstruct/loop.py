@@ -129,7 +129,8 @@ def optimise(
     """Run `cfg.iters` steps of ``rec + reg = step_loss(step)``.
 
     Weight groups follow `cfg.lr_schedule`; activation steps use Adam at `cfg.act_lr` with a cosine
-    schedule to 0 (BRECQ's code). Stops at the first non-finite loss (status ``"nan"``).
+    schedule to 0 (BRECQ's code). Stops at the first non-finite loss (status ``"nan"``). With
+    `cfg.keep_best_step` the variables end as they were at the step of the lowest loss.
 
     `reduce` (data-parallel steps, `postquant.reconstruct.shards.WeightShards.reduce`): `step_loss` is this
     rank's part of the step's loss; ``reduce(rec, reg)`` backpropagates it, sums the gradients over the ranks
@@ -151,6 +152,8 @@ def optimise(
     if act_params:
         schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[-1], T_max=max(cfg.iters, 1)))
     first = last = None
+    params = [p for g in weight_groups for p in g["params"]] + list(act_params)
+    best: tuple[float, list[torch.Tensor]] | None = None  # cfg.keep_best_step: (loss, variables)
     bar = progress_bar(range(cfg.iters), enabled=cfg.progress, desc=desc, leave=False, dynamic_ncols=True)
     for step in bar:
         if signed is not None:
@@ -165,6 +168,8 @@ def optimise(
             return LoopResult("nan", step, first, last)
         first = value if first is None else first
         last = value
+        if cfg.keep_best_step and (best is None or value < best[0]):  # the variables this loss was made with
+            best = (value, [p.detach().clone() for p in params])
         if reduce is None:
             total.backward()
         for opt in optimizers:
@@ -174,6 +179,10 @@ def optimise(
         if step % 50 == 0 or step == cfg.iters - 1:
             bar.set_postfix(rec=f"{float(rec.detach()):.4g}", reg=f"{float(reg.detach()):.4g}", refresh=False)
     bar.close()
+    if best is not None:
+        with torch.no_grad():
+            for p, kept in zip(params, best[1], strict=True):
+                p.copy_(kept)
     return LoopResult("ok", cfg.iters, first, last)
 
 

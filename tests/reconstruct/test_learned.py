@@ -22,6 +22,7 @@ from postquant.nn import QuantizedLayer
 from postquant.recipe import Recipe
 from postquant.reconstruct import LearnedConfig, preset
 from postquant.reconstruct.checkpoint import CheckpointStore
+from postquant.reconstruct.loop import optimise
 from postquant.reconstruct.params import LayerRounding
 from tests.conftest import TinyResNet
 
@@ -318,6 +319,7 @@ def test_presets_and_recipe_round_trip(tmp_path):
         ({"variable": "adaround", "learn_weight_range": True}, "learned"),
         ({"variable": "ste", "learn_weight_range": True, "learn_weight_scales": True}, "learned"),
         ({"variable": "ste", "learn_weight_range": True, "range_lr": 0}, "learned.range_lr"),
+        ({"variable": "adaround", "keep_best_step": True}, "learned"),
     ],
 )
 def test_bad_learned_fields_name_the_field(learned_fields, field):
@@ -664,3 +666,20 @@ def test_learned_ranges_move_steps_and_zero_points_and_save_exactly(net, calib, 
     back = postquant.load(tmp_path / "q", net)
     x = calib[:8]
     torch.testing.assert_close(back(x), q(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_keep_best_step_ends_on_the_variables_of_the_lowest_loss(keep_best):
+    """A variable pushed up by 1 per step (signed gradient) through losses 4, 0, -2, -2, 0, 4: kept at the
+    first lowest (p = 2), else where the last step left it (p = 6)."""
+    p = nn.Parameter(torch.zeros(()))
+    cfg = LearnedConfig(
+        variable="ste", optimizer="signsgd", lr=1.0, iters=6, progress=False, keep_best_step=keep_best
+    )
+
+    def step_loss(_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return -p + (p.detach() - 2) ** 2, torch.zeros(())
+
+    result = optimise(step_loss, [{"params": [p], "lr": 1.0}], [], cfg, "test")
+    assert result.steps == 6 and result.last_loss == 4.0
+    assert p.item() == (2.0 if keep_best else 6.0)
