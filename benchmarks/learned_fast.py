@@ -58,6 +58,22 @@ VARIANTS: dict[str, tuple[str, Any, int | None]] = {
         lambda n: {"drop_prob": 0.5},
         None,
     ),
+    "learned-fast-best": (
+        "the `learned-fast` preset ending each unit on its lowest-loss step (`keep_best_step`)",
+        lambda n: {"keep_best_step": True},
+        None,
+    ),
+    "learned-fast-range": (
+        "the `learned-fast` preset also learning each grid row's range (`learn_weight_range`, AutoRound's "
+        "min/max tuning)",
+        lambda n: {"learn_weight_range": True},
+        None,
+    ),
+    "learned-fast-range-best": (
+        "learned-fast-range ending each unit on its lowest-loss step (`keep_best_step`)",
+        lambda n: {"learn_weight_range": True, "keep_best_step": True},
+        None,
+    ),
     "learned-fast-v1": (
         "the `learned-fast` preset as first shipped: QDrop mixing 0.5, the unit check on every cached sample, "
         "2^20 observer values",
