@@ -255,6 +255,15 @@ class Recipe(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _learned_ranges_need_a_uniform_grid(self) -> Recipe:
+        if self.learned is not None and self.learned.learn_weight_range and self.grid is not GridKind.UNIFORM:
+            raise ValueError(
+                f"learned.learn_weight_range moves a uniform grid's ends; grid {self.grid.value} fixes its range's "
+                "form: use grid uniform, or learned.learn_weight_scales"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _residual_needs_calibrated_activations(self) -> Recipe:
         if not self.a_residual:
             return self

@@ -631,6 +631,12 @@ def test_a_moved_range_is_the_grid_fit_of_the_shrunk_range(seed, bits, lo, hi):
     torch.testing.assert_close(r.weight(), current.dequantize(codes_), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("grid", ["power", "gguf-q4_0"])
+def test_a_recipe_with_learned_ranges_on_another_grid_is_refused(grid):
+    with pytest.raises(RecipeError, match="learn_weight_range moves a uniform grid"):
+        Recipe.coerce({**learned("learned-fast", w_bits=4, learn_weight_range=True), "grid": grid})
+
+
 def test_learned_ranges_need_a_uniform_grid():
     w = torch.randn(6, 10, generator=torch.Generator().manual_seed(0))
     grid = postquant.grids.fit_power_grid(w, 3, exponent=0.5)
