@@ -170,6 +170,26 @@ def test_w4_group_asymmetric_loads_in_transformers(ct, w4_group, ids, tmp_path):
     assert _siblings(tmp_path) == ["w4"]  # no temporary directory left
 
 
+def test_learned_ranges_export_their_zero_points_and_load_in_transformers(ct, llama, ids, tmp_path):
+    """Learned rounding that moves each group's range (step and integer zero point) exports as any grid:
+    transformers computes postquant's logits."""
+    learned = {"iters": 8, "batch_size": 2, "progress": False, "learn_weight_range": True}
+    calib = list(torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(2)).split(2))
+    recipe = {**W4_GROUP, "method": "learned-fast", "learned": learned}
+    qmodel = postquant.quantize(llama, recipe, calib=calib)
+    start = postquant.quantize(llama, {**recipe, "learned": {**learned, "iters": 0}}, calib=calib)
+    moved = [
+        name
+        for name, layer in quantized_layers(qmodel).items()
+        if not torch.equal(layer.grid_zero_point, start.get_submodule(name).grid_zero_point)
+    ]
+    assert moved, postquant.result(qmodel).learned.units  # the ranges moved, zero points with them
+    result = export_compressed_tensors(qmodel, tmp_path / "ranges", verify_inputs=ids)
+    check = result.check
+    assert check is not None and check.rel_max_diff < 1e-5 and check.top1_agreement == 100.0
+    assert f"{moved[0]}.weight_zero_point" in _tensors(tmp_path / "ranges")  # packed, as transformers read it
+
+
 def test_weights_in_transformers_within_one_ulp(ct, w4_group, tmp_path):
     """Every dequantized weight transformers computes is postquant's, or its float32 neighbour."""
     out = tmp_path / "w4"
