@@ -62,6 +62,9 @@ ROWS: dict[str, dict[str, Any] | None] = {
     **{f"{m}-w2": _row(m, 2) for m in ("rtn", "squant", "gptq", "learned", "learned-fast")},
     # data-free, as HQQ: each group's range searched for the least squared weight error instead of min/max
     **{f"{m}-w{b}-mse": _row(m, b, w_range="mse") for b in (4, 3) for m in ("rtn", "squant")},
+    # data-free: each group's step and integer zero point searched around min/max's for the least l8 norm of
+    # the weight error (a soft maximum: `w_range: lp`), the grid that SQuant then rounds on
+    **{f"{m}-w{b}-lp": _row(m, b, w_range="lp") for b in (4, 3) for m in ("rtn", "squant")},
     # mixed precision at an average of 3 weight bits, allocated before the block walk: against the W3 rows
     "rtn-mixed3": _row("rtn", 3, mixed=MIXED3),
     "learned-fast-mixed3": _row("learned-fast", 3, mixed=MIXED3),

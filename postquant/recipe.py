@@ -75,7 +75,7 @@ class EmbeddingConfig(BaseModel):
     )
     symmetric: bool = Field(default=False, description="zero point 0 (else the affine grid, as the recipe's)")
     w_range: RangeMethod = Field(
-        default=RangeMethod.MINMAX, description="range per row or group: minmax or mse"
+        default=RangeMethod.MINMAX, description="range per row or group: minmax, mse or lp"
     )
 
     @property
@@ -113,7 +113,9 @@ class Recipe(BaseModel):
     granularity: Granularity = Granularity.CHANNEL
     group_size: int = Field(default=128, ge=1, description="inputs per group for granularity 'group'")
     symmetric: bool = False
-    w_range: RangeMethod = Field(default=RangeMethod.MINMAX, description="weight range: minmax or mse search")
+    w_range: RangeMethod = Field(
+        default=RangeMethod.MINMAX, description="weight range: minmax, mse or lp search"
+    )
     grid: GridKind = Field(
         default=GridKind.UNIFORM,
         description="weight grid: uniform, power (docs/algorithms.md 1.2), or one of llama.cpp's block formats "

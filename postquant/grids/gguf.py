@@ -228,6 +228,11 @@ def fit_gguf_grid(
     """
     fmt = block_format(kind)
     range_method = RangeMethod(range_method)
+    if range_method is RangeMethod.LP:
+        raise RecipeError(
+            f"w_range 'lp' searches integer zero points, which llama.cpp's {fmt.ggml_name} does not have; "
+            "use w_range 'minmax' or 'mse' with a GGUF grid"
+        )
     inputs = w[0].numel() if w.dim() else 0
     if w.dim() < 2 or inputs % BLOCK:
         raise RecipeError(

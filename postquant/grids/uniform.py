@@ -32,6 +32,7 @@ class RangeMethod(enum.StrEnum):
 
     MINMAX = "minmax"
     MSE = "mse"
+    LP = "lp"
 
 
 def check_bits(bits: int) -> int:
@@ -153,6 +154,109 @@ def _grid_error(rows: torch.Tensor, grid: UniformGrid, p: float) -> torch.Tensor
     return ((q + grid.zero_point) / grid.inv_scale - rows).abs().pow(p).sum(dim=1, keepdim=True)
 
 
+LP_P = 8
+"""The ``lp`` range's default exponent: a soft maximum of each row's errors (docs/algorithms.md 1.1)."""
+LP_RATIOS = (0.84, 1.12, 15)
+"""The ``lp`` range's first pass: step ratios ``linspace(lo, hi, n)`` of min/max's step."""
+_LP_CHUNK = 1 << 15  # rows per pass of the lp search (a few MiB of temporaries, cache-sized)
+
+
+def _lp_cost(
+    rows: torch.Tensor, ratio: torch.Tensor, s0: torch.Tensor, z: torch.Tensor, qmin: int, qmax: int, p: int
+) -> torch.Tensor:
+    """``sum |w - w_hat|^p`` per row (R, 1) of nearest rounding with step ``ratio / s0`` and offset `z`, the
+    error measured in min/max steps ``1/s0`` (so that ``|e|^p`` neither overflows nor underflows)."""
+    x = rows * (s0 / ratio) - z  # (R, n)
+    e = (torch.round(x).clamp_(qmin, qmax) - x).abs_().mul_(ratio)  # (R, n) in steps 1/s0
+    return e.pow_(p).sum(dim=1, keepdim=True)
+
+
+def fit_lp_grid(
+    rows: torch.Tensor,
+    s0: torch.Tensor,
+    z0: torch.Tensor,
+    bits: int,
+    symmetric: bool = False,
+    p: int = LP_P,
+    ratios: tuple[float, float, int] = LP_RATIOS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse steps and integer zero points (G, 1) that lower each row's ``sum |w - w_hat|^p``.
+
+    The step is searched around min/max's (``1/s0``, `z0` its zero point): first ``ratio/s0`` for the ratios
+    ``linspace(*ratios)``, each with the zero point that centres the row's range on the codes
+    (``round(S*(lo+hi)/2 - (qmin+qmax)/2)``; 0 on a symmetric grid); then, around each row's best ratio, the
+    ratios half a first-pass step either side and the zero points one above and one below. Min/max's own
+    grid is a candidate, so the error never exceeds its. A large `p` (8) makes the cost a soft maximum: the
+    largest errors of a row count most, and unlike a squared error it does not trade large weights' accuracy
+    for the many small ones. Rows are processed in chunks; deterministic (fixed candidates, first best kept).
+
+    Args:
+        rows: weights (G, n), float32 or float64.
+        s0, z0: min/max's inverse steps and zero points (G, 1).
+        bits: 2..8; codes lie in the signed range `signed_range(bits)`.
+        symmetric: keep ``Z = 0`` (search the step only).
+        p: a positive even integer exponent of the error.
+        ratios: (first, last, count) of the first pass's step ratios.
+    """
+    if isinstance(p, bool) or not isinstance(p, int) or p < 2 or p % 2:
+        raise RecipeError(f"lp_p must be an even integer >= 2, got {p!r}")
+    r_first, r_last, count = ratios
+    if not (0 < r_first <= r_last) or count < 1:
+        raise RecipeError(f"lp_ratios must be (first, last, count) with 0 < first <= last, got {ratios!r}")
+    qmin, qmax = signed_range(bits)
+    first = torch.linspace(r_first, r_last, count, dtype=rows.dtype).tolist()
+    half = (r_last - r_first) / max(count - 1, 1) / 2
+    inv, zero = torch.empty_like(s0), torch.empty_like(z0)
+    for a in range(0, rows.shape[0], _LP_CHUNK):
+        part = slice(a, a + _LP_CHUNK)
+        search = _LpSearch(rows[part], s0[part], z0[part], qmin, qmax, p, symmetric)
+        for r in first:
+            search.keep(torch.full_like(search.s0, r))
+        r1 = search.ratio
+        for r in (r1 - half, r1 + half):
+            search.keep(r)
+        if not symmetric:
+            r2, z2 = search.ratio, search.zero
+            for dz in (-1.0, 1.0):
+                search.keep(r2, z2 + dz)
+        inv[part] = search.s0 / search.ratio
+        zero[part] = search.zero
+    return inv, zero
+
+
+class _LpSearch:
+    """The best (ratio, zero point) so far of each row of one chunk of `fit_lp_grid`, min/max's at the start."""
+
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        s0: torch.Tensor,
+        z0: torch.Tensor,
+        qmin: int,
+        qmax: int,
+        p: int,
+        symmetric: bool,
+    ) -> None:
+        self.rows, self.s0, self.qmin, self.qmax, self.p, self.symmetric = rows, s0, qmin, qmax, p, symmetric
+        self.mid = (rows.amin(dim=1, keepdim=True) + rows.amax(dim=1, keepdim=True)) / 2  # (R, 1)
+        self.ratio, self.zero = torch.ones_like(s0), z0
+        self.cost = _lp_cost(rows, self.ratio, s0, z0, qmin, qmax, p)
+
+    def keep(self, ratio: torch.Tensor, zero: torch.Tensor | None = None) -> None:
+        """Try step ``ratio/s0`` with zero point `zero` (None: the one centring the row's range on the codes)."""
+        if zero is None:
+            zero = (
+                torch.zeros_like(self.mid)
+                if self.symmetric
+                else torch.round(self.mid * (self.s0 / ratio) - (self.qmin + self.qmax) / 2)
+            )
+        cost = _lp_cost(self.rows, ratio, self.s0, zero, self.qmin, self.qmax, self.p)
+        better = cost < self.cost  # (R, 1)
+        self.cost = torch.where(better, cost, self.cost)
+        self.ratio = torch.where(better, ratio, self.ratio)
+        self.zero = torch.where(better, zero, self.zero)
+
+
 def fit_uniform_grid(
     w: torch.Tensor,
     bits: int,
@@ -164,6 +268,8 @@ def fit_uniform_grid(
     mse_candidates: int = 80,
     mse_min_ratio: float = 0.2,
     mse_p: float = 2.0,
+    lp_p: int = LP_P,
+    lp_ratios: tuple[float, float, int] = LP_RATIOS,
 ) -> UniformGrid:
     """Fit a uniform grid to weight `w`.
 
@@ -172,10 +278,12 @@ def fit_uniform_grid(
         bits: 2..8.
         granularity: channel, tensor or group (group size along the flattened input dimension).
         symmetric: ``Z = 0`` and ``S = (2^(b-1)-1)/max|w|``; otherwise the reference affine grid.
-        range_method: ``minmax`` (exact reference convention, docs/algorithms.md 1.1) or ``mse``: shrink the
+        range_method: ``minmax`` (exact reference convention, docs/algorithms.md 1.1); ``mse``: shrink the
             range by a ratio in ``[mse_min_ratio, 1]`` per row and keep the ratio with the lowest
-            ``sum |w - w_hat|^mse_p`` under nearest rounding.
+            ``sum |w - w_hat|^mse_p`` under nearest rounding; ``lp``: search the step and the integer zero
+            point around min/max's per row for the lowest ``sum |w - w_hat|^lp_p`` (`fit_lp_grid`).
         group_size: inputs per group for ``granularity="group"``.
+        lp_p, lp_ratios: the ``lp`` search's exponent and its first-pass step ratios (`fit_lp_grid`).
     """
     check_bits(bits)
     granularity = Granularity(granularity)
@@ -193,6 +301,9 @@ def fit_uniform_grid(
     best = grid_for(1.0)
     if range_method is RangeMethod.MINMAX:
         return best
+    if range_method is RangeMethod.LP:
+        s, z = fit_lp_grid(rows, best.inv_scale, best.zero_point, bits, symmetric, lp_p, lp_ratios)
+        return UniformGrid(s, z, bits, granularity, gsize)
     best_err = _grid_error(rows, best, mse_p)
     for ratio in torch.linspace(1.0, mse_min_ratio, mse_candidates)[1:].tolist():
         cand = grid_for(ratio)

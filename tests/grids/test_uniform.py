@@ -6,9 +6,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import postquant
 from postquant.errors import NonFiniteWeightError, RecipeError
-from postquant.grids import Granularity, fit_uniform_grid
-from tests.conftest import require_shared
+from postquant.grids import Granularity, fit_grid, fit_uniform_grid
+from postquant.model import quantized_layers
+from tests.conftest import make_tiny_llama, require_shared
 
 
 def _golden_tensors():
@@ -120,3 +122,115 @@ def test_codes_in_range_and_dequantize_inverts_to_int(bits, oc, n, seed, symmetr
     # dequantize inverts to_int on grid points (constant channels, n=1, have S = (2^b-1)/1e-8: excluded)
     back = grid.to_int(grid.dequantize(q))
     assert torch.allclose(back, q.float(), atol=1e-3)
+
+
+def _lp_error(w: torch.Tensor, grid, p: int) -> torch.Tensor:
+    """Each row's ``sum |w - w_hat|^p`` under nearest rounding, in float64."""
+    rows = w.reshape(grid.inv_scale.shape[0], -1)
+    err = (grid.dequantize(grid.nearest(w)).reshape(rows.shape) - rows).double()
+    return err.abs().pow(p).sum(dim=1)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["affine", "symmetric"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_lp_range_error_per_group_at_most_minmax_and_zero_points_integer(bits, symmetric):
+    torch.manual_seed(bits)
+    w = torch.randn(16, 256) * torch.rand(16, 1) + 0.3 * torch.randn(16, 1)
+    w[:, 7] = 6.0  # an outlier in one group of every row
+    minmax = fit_uniform_grid(w, bits, "group", group_size=64, symmetric=symmetric)
+    lp = fit_uniform_grid(w, bits, "group", group_size=64, symmetric=symmetric, range_method="lp")
+    assert lp.inv_scale.shape == minmax.inv_scale.shape == (64, 1)
+    assert torch.equal(lp.zero_point, torch.round(lp.zero_point))
+    if symmetric:
+        assert (lp.zero_point == 0).all()
+    q = lp.nearest(w)
+    assert q.min() >= lp.qmin and q.max() <= lp.qmax
+    err_lp, err_mm = _lp_error(w, lp, 8), _lp_error(w, minmax, 8)
+    assert (err_lp <= err_mm * (1 + 1e-4)).all()
+    assert err_lp.sum() < 0.9 * err_mm.sum()  # the search finds better grids, not only min/max's
+
+
+def test_lp_range_is_deterministic_and_keeps_large_weights():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    a = fit_uniform_grid(w, 3, "group", group_size=64, range_method="lp")
+    b = fit_uniform_grid(w.clone(), 3, "group", group_size=64, range_method="lp")
+    assert torch.equal(a.inv_scale, b.inv_scale) and torch.equal(a.zero_point, b.zero_point)
+    # a soft maximum: unlike the squared error's range, it does not clip each group's largest weights far
+    rows = w.reshape(-1, 64)
+    peak = rows.abs().argmax(dim=1, keepdim=True)
+    for method, bound in (("lp", 1.0), ("mse", None)):
+        g = fit_uniform_grid(w, 3, "group", group_size=64, range_method=method)
+        err = (g.dequantize(g.nearest(w)).reshape(rows.shape) - rows).gather(1, peak).abs()
+        step = 1 / g.inv_scale
+        if bound is not None:
+            assert (err <= bound * step + 1e-6).all()
+        else:
+            assert (err > step).any()  # the squared error's range clips some peaks by more than a step
+
+
+def test_lp_range_arguments_are_checked():
+    w = torch.randn(4, 64)
+    with pytest.raises(RecipeError, match="even integer"):
+        fit_uniform_grid(w, 4, range_method="lp", lp_p=3)
+    with pytest.raises(RecipeError, match="lp_ratios"):
+        fit_uniform_grid(w, 4, range_method="lp", lp_ratios=(1.1, 0.9, 5))
+
+
+def test_lp_range_constant_and_zero_groups_are_exact():
+    w = torch.zeros(3, 64)
+    w[1] = 0.25
+    w[2, :32] = torch.linspace(-1, 1, 32)
+    g = fit_uniform_grid(w, 4, "group", group_size=32, range_method="lp")
+    w_hat = g.dequantize(g.nearest(w))
+    assert torch.isfinite(w_hat).all()
+    assert torch.equal(w_hat[0], w[0])
+    assert torch.allclose(w_hat[1], w[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.integers(2, 8),
+    groups=st.integers(1, 8),
+    n=st.integers(2, 40),
+    seed=st.integers(0, 2**31 - 1),
+    symmetric=st.booleans(),
+    p=st.sampled_from([2, 4, 8]),
+)
+def test_lp_range_never_worse_than_minmax_in_its_own_norm(bits, groups, n, seed, symmetric, p):
+    g_ = torch.Generator().manual_seed(seed)
+    w = torch.randn(groups, n, generator=g_) * torch.rand(groups, 1, generator=g_) * 3
+    w = w + torch.randn(groups, 1, generator=g_)  # groups off centre: the zero point matters
+    minmax = fit_uniform_grid(w, bits, symmetric=symmetric)
+    lp = fit_uniform_grid(w, bits, symmetric=symmetric, range_method="lp", lp_p=p)
+    assert torch.equal(lp.zero_point, torch.round(lp.zero_point))
+    q = lp.nearest(w)
+    assert int(q.min()) >= lp.qmin and int(q.max()) <= lp.qmax
+    assert (_lp_error(w, lp, p) <= _lp_error(w, minmax, p) * (1 + 1e-4) + 1e-30).all()
+
+
+def test_lp_range_is_refused_on_gguf_grids():
+    with pytest.raises(RecipeError, match="integer zero points"):
+        fit_grid(torch.randn(4, 64), 4, "gguf-q4_1", range_method="lp")
+
+
+@pytest.mark.parametrize("method", ["rtn", "squant"])
+def test_tiny_llama_quantizes_end_to_end_with_lp_range(method):
+    pytest.importorskip("transformers")
+    model = make_tiny_llama(layers=2)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    recipe = {"method": method, "w_bits": 4, "granularity": "group", "group_size": 16, "ignore": ["lm_head"]}
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = {r: postquant.quantize(model, {**recipe, "w_range": r}) for r in ("minmax", "lp")}
+    layers = quantized_layers(out["lp"])
+    assert len(layers) == 14  # 7 Linears per decoder layer
+    for name, layer in layers.items():
+        w = model.get_submodule(name).weight.detach()
+        expect = fit_uniform_grid(w, 4, "group", group_size=16, range_method="lp")
+        assert torch.equal(layer.grid.inv_scale, expect.inv_scale)
+        assert torch.equal(layer.grid.zero_point, torch.round(layer.grid.zero_point))
+        assert layer.codes.min() >= -8 and layer.codes.max() <= 7
+    with torch.no_grad():
+        err = {r: (m(ids).logits - ref).pow(2).mean() for r, m in out.items()}
+    assert err["lp"] < 2 * err["minmax"]  # a working model, not a broken one
