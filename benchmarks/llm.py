@@ -125,6 +125,16 @@ ROWS: dict[str, dict[str, Any] | None] = {
         }
         for b in (4, 3)
     },
+    # learned ranges started from the data-free `lp` grid instead of min/max
+    **{
+        f"learned-fast-w{b}-range-lp": {
+            "method": "learned-fast",
+            "w_bits": b,
+            "w_range": "lp",
+            "learned": {"batch_size": 4, "learn_weight_range": True, "progress": False},
+        }
+        for b in (4, 3)
+    },
     # learned ranges with AutoRound light's budget (50 signed-gradient steps per layer, batches of 8 windows)
     **{
         f"learned-fast-w{b}-range-50x8": {
