@@ -309,7 +309,13 @@ def llm(results: Path) -> str:
         return f"{n / 1e6:.0f} MB"
 
     learned = {
-        label: sim[row] for row, label in (("learned-w4", ""), ("learned-fast-w4", " (fast)")) if sim.get(row)
+        label: sim[row]
+        for row, label in (
+            ("learned-w4", ""),
+            ("learned-fast-w4", " (fast)"),
+            ("learned-fast-w4-range", " (fast, ranges)"),
+        )
+        if sim.get(row)
     }
     best = min(learned, key=learned.__getitem__) if learned else None
     rows = [
