@@ -146,17 +146,20 @@ ROWS: dict[str, dict[str, Any] | None] = {
     },
     # AutoRound light's recipe in postquant's loop: nearest-rounding start, 50 signed-gradient steps of 5e-3 on the
     # offsets and the range multipliers, batches of 8 windows
-    "learned-fast-w4-range-ar": {
-        "method": "learned-fast",
-        "w_bits": 4,
-        "learned": {
-            "iters": 50,
-            "batch_size": 8,
-            "lr": 5e-3,
-            "init": "nearest",
-            "learn_weight_range": True,
-            "progress": False,
-        },
+    **{
+        f"learned-fast-w{b}-range-ar": {
+            "method": "learned-fast",
+            "w_bits": b,
+            "learned": {
+                "iters": 50,
+                "batch_size": 8,
+                "lr": 5e-3,
+                "init": "nearest",
+                "learn_weight_range": True,
+                "progress": False,
+            },
+        }
+        for b in (4, 3)
     },
     # gptq-w4 again with the same windows fed one at a time: only the order of float sums changes (noise).
     "gptq-w4-b1": _row("gptq", 4),
