@@ -161,6 +161,12 @@ ROWS: dict[str, dict[str, Any] | None] = {
         }
         for b in (4, 3)
     },
+    # the same from SQuant's codes (postquant's start) instead of nearest rounding
+    "learned-fast-w4-range-ar-squant": {
+        "method": "learned-fast",
+        "w_bits": 4,
+        "learned": {"iters": 50, "batch_size": 8, "lr": 5e-3, "learn_weight_range": True, "progress": False},
+    },
     # gptq-w4 again with the same windows fed one at a time: only the order of float sums changes (noise).
     "gptq-w4-b1": _row("gptq", 4),
 }
