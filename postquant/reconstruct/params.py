@@ -16,8 +16,8 @@ grid covers ``[lo, hi] = [(qmin + Z)/S, (qmax + Z)/S]``; two multipliers ``a, b`
 ``[a*lo, b*hi]``, and the step and the integer zero point follow as the grid fit computes them,
 ``S' = levels / (b*hi - a*lo)``, ``Z' = round(S' * a*lo) - qmin`` (straight-through rounding). In the integer
 domain that is ``x' = r*x + (r*Z - Z')`` with ``r = S'/S``: exactly ``x`` at the start (``a = b = 1``), so the
-starting codes are kept bit for bit. The rounding offset then acts on ``x'``. A symmetric grid (every zero
-point 0, the recipe's ``symmetric``) learns one multiplier ``b`` on its largest magnitude and keeps ``Z = 0``.
+starting codes are kept bit for bit. The rounding offset then acts on ``x'``. The grid of a symmetric recipe
+(``symmetric=True``) learns one multiplier ``b`` on its largest magnitude and keeps ``Z = 0``.
 """
 
 from __future__ import annotations
