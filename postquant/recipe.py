@@ -257,6 +257,15 @@ class Recipe(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _lp_range_needs_integer_zero_points(self) -> Recipe:
+        if self.w_range is RangeMethod.LP and self.grid.is_gguf:
+            raise ValueError(
+                f"w_range 'lp' searches integer zero points, which grid {self.grid.value} does not have: use "
+                "w_range 'minmax' or 'mse' with a GGUF grid"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _learned_ranges_need_a_uniform_grid(self) -> Recipe:
         if self.learned is not None and self.learned.learn_weight_range and self.grid is not GridKind.UNIFORM:
             raise ValueError(

@@ -631,6 +631,11 @@ def test_a_moved_range_is_the_grid_fit_of_the_shrunk_range(seed, bits, lo, hi):
     torch.testing.assert_close(r.weight(), current.dequantize(codes_), rtol=0, atol=0)
 
 
+def test_a_recipe_with_the_lp_range_on_a_gguf_grid_is_refused():
+    with pytest.raises(RecipeError, match="w_range 'lp' searches integer zero points"):
+        Recipe.coerce({"method": "rtn", "w_bits": 4, "grid": "gguf-q4_1", "w_range": "lp"})
+
+
 @pytest.mark.parametrize("grid", ["power", "gguf-q4_0"])
 def test_a_recipe_with_learned_ranges_on_another_grid_is_refused(grid):
     with pytest.raises(RecipeError, match="learn_weight_range moves a uniform grid"):
