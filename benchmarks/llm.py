@@ -184,6 +184,7 @@ PEERS: dict[str, dict[str, Any]] = {
     "llmc-gptq-w2": {"peer": "llmc-gptq", "w_bits": 2, "actorder": None},
     "autoround-light-w3": {"peer": "autoround", "w_bits": 3, "preset": "light"},
     "autoround-light-w4": {"peer": "autoround", "w_bits": 4, "preset": "light"},
+    "autoround-light-w2": {"peer": "autoround", "w_bits": 2, "preset": "light"},
     "autoround-w3": {"peer": "autoround", "w_bits": 3, "preset": "default"},
     "autoround-w4": {"peer": "autoround", "w_bits": 4, "preset": "default"},
 }
