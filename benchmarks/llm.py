@@ -42,18 +42,25 @@ GPTQ = {"damp": 0.01, "act_order": False, "block_size": 128}
 MIXED3 = {"w_bits_budget": 3.0, "importance": "fisher", "bit_choices": [2, 3, 4, 8], "calib_size": 32}
 
 
-def _row(method: str, bits: int, **extra: Any) -> dict[str, Any]:
+def _row(method: str, bits: int, learned: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     """A postquant row's recipe fields: `learned` with LEARNED_ITERS steps per decoder layer, both learned
-    presets on batches of 4 windows, GPTQ with `GPTQ`."""
+    presets on batches of 4 windows (`learned`: fields on top), GPTQ with `GPTQ`."""
     spec: dict[str, Any] = {"method": method, "w_bits": bits, **extra}
     if method == "learned":
-        spec["learned"] = {"iters": LEARNED_ITERS, "batch_size": 4, "progress": False}
+        spec["learned"] = {"iters": LEARNED_ITERS, "batch_size": 4, "progress": False, **(learned or {})}
     elif method == "learned-fast":  # the fastest preset (signed gradient, 25 steps, no QDrop mixing)
-        spec["learned"] = {"batch_size": 4, "progress": False}
+        spec["learned"] = {"batch_size": 4, "progress": False, **(learned or {})}
     elif method == "gptq":
         spec["gptq"] = dict(GPTQ)
     return spec
 
+
+# learned-fast fields of the rows measured against AutoRound light: its budget (50 steps of 8 windows), that budget
+# at its step size (5e-3 on offsets and range multipliers), learned group steps, learned group ranges
+AR_BUDGET = {"iters": 50, "batch_size": 8}
+AR_LIGHT = {**AR_BUDGET, "lr": 5e-3}
+SCALES = {"learn_weight_scales": True, "scale_lr": 5e-3}
+RANGES = {"learn_weight_range": True}
 
 ROWS: dict[str, dict[str, Any] | None] = {
     "fp32": None,
@@ -77,96 +84,32 @@ ROWS: dict[str, dict[str, Any] | None] = {
     **{f"{m}-w4a8dyn": _row(m, 4, a_bits=8, act_ranges="dynamic") for m in ("rtn", "learned-fast", "gptq")},
     # learned-fast with AutoRound light's budget (50 signed-gradient steps per layer, batches of 8 windows):
     # is the gap to autoround-light-w4 the step budget, or AutoRound's learned weight ranges?
-    "learned-fast-w4-50x8": {
-        "method": "learned-fast",
-        "w_bits": 4,
-        "learned": {"iters": 50, "batch_size": 8, "progress": False},
-    },
+    "learned-fast-w4-50x8": _row("learned-fast", 4, AR_BUDGET),
     # learned-fast also learning each group's step (`learn_weight_scales`, signed steps of 5e-3 on its log, as
     # AutoRound's light preset tunes its min/max): does a learned range close the gap to autoround-light-w4?
-    "learned-fast-w4-scales": {
-        "method": "learned-fast",
-        "w_bits": 4,
-        "learned": {"batch_size": 4, "learn_weight_scales": True, "scale_lr": 5e-3, "progress": False},
-    },
+    "learned-fast-w4-scales": _row("learned-fast", 4, SCALES),
     # both: AutoRound light's step budget and learned steps
-    "learned-fast-w4-scales-50x8": {
-        "method": "learned-fast",
-        "w_bits": 4,
-        "learned": {
-            "iters": 50,
-            "batch_size": 8,
-            "learn_weight_scales": True,
-            "scale_lr": 5e-3,
-            "progress": False,
-        },
-    },
+    "learned-fast-w4-scales-50x8": _row("learned-fast", 4, {**AR_BUDGET, **SCALES}),
     # learned-fast also learning each group's range (`learn_weight_range`: multipliers on its two ends, step
     # and integer zero point following, AutoRound's min/max tuning), at the rounding offsets' learning rate
-    **{
-        f"learned-fast-w{b}-range": {
-            "method": "learned-fast",
-            "w_bits": b,
-            "learned": {"batch_size": 4, "learn_weight_range": True, "progress": False},
-        }
-        for b in (4, 3, 2)
-    },
+    **{f"learned-fast-w{b}-range": _row("learned-fast", b, RANGES) for b in (4, 3, 2)},
     # the same, ending each layer on its lowest-loss step (`keep_best_step`, as AutoRound keeps its best iterate)
     **{
-        f"learned-fast-w{b}-range-best": {
-            "method": "learned-fast",
-            "w_bits": b,
-            "learned": {
-                "batch_size": 4,
-                "learn_weight_range": True,
-                "keep_best_step": True,
-                "progress": False,
-            },
-        }
+        f"learned-fast-w{b}-range-best": _row("learned-fast", b, {**RANGES, "keep_best_step": True})
         for b in (4, 3)
     },
     # learned ranges started from the data-free `lp` grid instead of min/max
-    **{
-        f"learned-fast-w{b}-range-lp": {
-            "method": "learned-fast",
-            "w_bits": b,
-            "w_range": "lp",
-            "learned": {"batch_size": 4, "learn_weight_range": True, "progress": False},
-        }
-        for b in (4, 3)
-    },
+    **{f"learned-fast-w{b}-range-lp": _row("learned-fast", b, RANGES, w_range="lp") for b in (4, 3)},
     # learned ranges with AutoRound light's budget (50 signed-gradient steps per layer, batches of 8 windows)
-    **{
-        f"learned-fast-w{b}-range-50x8": {
-            "method": "learned-fast",
-            "w_bits": b,
-            "learned": {"iters": 50, "batch_size": 8, "learn_weight_range": True, "progress": False},
-        }
-        for b in (4, 3)
-    },
+    **{f"learned-fast-w{b}-range-50x8": _row("learned-fast", b, {**AR_BUDGET, **RANGES}) for b in (4, 3)},
     # AutoRound light's recipe in postquant's loop: nearest-rounding start, 50 signed-gradient steps of 5e-3 on the
     # offsets and the range multipliers, batches of 8 windows
     **{
-        f"learned-fast-w{b}-range-ar": {
-            "method": "learned-fast",
-            "w_bits": b,
-            "learned": {
-                "iters": 50,
-                "batch_size": 8,
-                "lr": 5e-3,
-                "init": "nearest",
-                "learn_weight_range": True,
-                "progress": False,
-            },
-        }
+        f"learned-fast-w{b}-range-ar": _row("learned-fast", b, {**AR_LIGHT, **RANGES, "init": "nearest"})
         for b in (4, 3)
     },
     # the same from SQuant's codes (postquant's start) instead of nearest rounding
-    "learned-fast-w4-range-ar-squant": {
-        "method": "learned-fast",
-        "w_bits": 4,
-        "learned": {"iters": 50, "batch_size": 8, "lr": 5e-3, "learn_weight_range": True, "progress": False},
-    },
+    "learned-fast-w4-range-ar-squant": _row("learned-fast", 4, {**AR_LIGHT, **RANGES}),
     # gptq-w4 again with the same windows fed one at a time: only the order of float sums changes (noise).
     "gptq-w4-b1": _row("gptq", 4),
 }
