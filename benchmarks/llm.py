@@ -180,7 +180,10 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
     text = shared_path("data", "text")
     windows = eval_windows(tokenize_file(text / "handbook-eval.txt", tokenizer), 512, 16)
     calib = random_windows(
-        tokenize_file(text / "pydocs-calib.txt", tokenizer), args.calib_size, args.seqlen, seed=0
+        tokenize_file(text / "pydocs-calib.txt", tokenizer),
+        args.calib_size,
+        args.seqlen,
+        seed=args.calib_seed,
     )
     seconds = 0.0
     spec = ROWS.get(row) or {}
@@ -211,7 +214,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     return {
-        "row": row,
+        "row": row_key(row, args.calib_seed),
+        "calib_seed": args.calib_seed,
         "recipe": recipe_for(row, args.calib_size) if ROWS.get(row) is not None else None,
         **extra,
         "ppl": ppl.value,
@@ -325,6 +329,49 @@ def _by_decoder_layer(layers: dict[str, dict[str, Any]]) -> dict[int, float]:
     return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
 
 
+def row_key(row: str, calib_seed: int) -> str:
+    """The row's key in llm.json: its name, and ``@calib<seed>`` for calibration windows drawn with another
+    seed than the tables' 0."""
+    return row if calib_seed == 0 else f"{row}@calib{calib_seed}"
+
+
+def _base(key: str) -> str:
+    return key.split("@calib")[0]
+
+
+def seed_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """A table of the rows also run on other calibration seeds: each seed's perplexity, mean and spread."""
+    by_base: dict[str, dict[int, float]] = {}
+    for r in rows:
+        if "@calib" in r["row"] and r.get("ppl") is not None:
+            by_base.setdefault(_base(r["row"]), {})[r["calib_seed"]] = r["ppl"]
+    for r in rows:
+        if r["row"] in by_base and r.get("ppl") is not None:
+            by_base[r["row"]][r.get("calib_seed", 0)] = r["ppl"]
+    if not by_base:
+        return []
+    seeds = sorted({s for v in by_base.values() for s in v})
+    lines = [
+        "",
+        "## Calibration seeds",
+        "",
+        "The same rows on calibration windows drawn with other seeds (`--calib-seed N`, keys `<row>@calib<N>`;",
+        "seed 0 is the table above). Only the windows change: each method's own seed stays fixed. Mean and",
+        "spread (max - min) over the seeds run.",
+        "",
+        "| row | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread |",
+        "|---|" + "---|" * (len(seeds) + 2),
+    ]
+    for base, ppl in by_base.items():
+        cells = [f"{ppl[s]:.2f}" if s in ppl else "-" for s in seeds]
+        values = list(ppl.values())
+        mean = sum(values) / len(values)
+        lines.append(
+            f"| {base} | " + " | ".join(cells) + f" | {mean:.2f} | {max(values) - min(values):.2f} |"
+        )
+    return lines
+
+
 def write_markdown(rows: list[dict[str, Any]], path: Path, cache: Path) -> None:
     lines = [
         "# SmolLM2-135M-Instruct, quantized block by block (`benchmarks/llm.py`)",
@@ -371,7 +418,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, cache: Path) -> None:
         " | calibration | tf |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in [r for r in rows if "@calib" not in r["row"]]:
         if r.get("ppl") is None:
             tool = PEERS[r["row"]]["peer"] if r["row"] in PEERS else "postquant"
             lines.append(f"| {r['row']} | {tool} | not measured: {r.get('error', '?')} |"
@@ -417,6 +464,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, cache: Path) -> None:
                 f"| {pair} | {ag['codes']:,} | {ag['differ']:.4%} | {profile} | {worst} | "
                 f"{ag['layers'][worst]['differ']:.4%} | {step:.2e} | {zero:.2e} |"
             )
+    lines += seed_lines(rows)
     missing = [name for name in [*ROWS, *PEERS] if not any(r["row"] == name for r in rows)]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)} (rerun the command: finished rows are skipped)."]
@@ -474,6 +522,12 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--calib-seed",
+        type=int,
+        default=0,
+        help="seed of the calibration windows (0: the tables'); other seeds are stored as <row>@calib<N>",
+    )
+    parser.add_argument(
         "--cache", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "postquant-smollm2"
     )
     parser.add_argument(
@@ -497,23 +551,31 @@ def main() -> None:
             if args.row not in PEERS:
                 raise
             log.exception("%s failed", args.row)
-            result = {"row": args.row, "error": f"{type(exc).__name__}: {exc}"[:500], "ppl": None}
+            result = {
+                "row": row_key(args.row, args.calib_seed),
+                "error": f"{type(exc).__name__}: {exc}"[:500],
+                "ppl": None,
+            }
         print(json.dumps(result))
         return
     json_path = args.out / "llm.json"
     for row in args.rows:
         rows = json.loads(json_path.read_text()) if json_path.is_file() else []
-        if any(r["row"] == row and r.get("ppl") is not None for r in rows):
-            log.info("%s: already in %s, skipped", row, json_path)
+        key = row_key(row, args.calib_seed)
+        if any(r["row"] == key and r.get("ppl") is not None for r in rows):
+            log.info("%s: already in %s, skipped", key, json_path)
             continue
         python = args.peer_python if row in PEERS else sys.executable
         cmd = [python, __file__, "--row", row, "--calib-size", str(args.calib_size),
-               "--seqlen", str(args.seqlen), "--threads", str(args.threads), "--cache", str(args.cache)]  # fmt: skip
+               "--seqlen", str(args.seqlen), "--threads", str(args.threads), "--cache", str(args.cache),
+               "--calib-seed", str(args.calib_seed)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         log.info("running %s with %s", row, python)
         result = _run_subprocess(row, cmd, env, args.timeout)
+        result["row"] = key  # an error record too
+        result.setdefault("calib_seed", args.calib_seed)
         rows = json.loads(json_path.read_text()) if json_path.is_file() else []  # other runs may have added
-        rows = [r for r in rows if r["row"] != row] + [result]  # a failed try is replaced
+        rows = [r for r in rows if r["row"] != key] + [result]  # a failed try is replaced
         write_text_atomic(json_path, json.dumps(rows, indent=1))
         write_markdown(rows, args.out / "llm.md", args.cache)
         log.info("%s: %s", row, result)
