@@ -106,7 +106,7 @@ ROWS: dict[str, dict[str, Any] | None] = {
     # offsets and the range multipliers, batches of 8 windows
     **{
         f"learned-fast-w{b}-range-ar": _row("learned-fast", b, {**AR_LIGHT, **RANGES, "init": "nearest"})
-        for b in (4, 3)
+        for b in (4, 3, 2)
     },
     # the same from SQuant's codes (postquant's start) instead of nearest rounding
     "learned-fast-w4-range-ar-squant": _row("learned-fast", 4, {**AR_LIGHT, **RANGES}),
