@@ -354,6 +354,41 @@ def llm(results: Path) -> str:
     )
 
 
+LLM_AUTOROUND_COLUMNS = (
+    ("learned-fast", "learned-fast-w{b}"),
+    ("+ learned ranges", "learned-fast-w{b}-range"),
+    ("+ ranges, 50 steps x 8 windows", "learned-fast-w{b}-range-50x8"),
+    ("+ ranges, AutoRound light's recipe", "learned-fast-w{b}-range-ar"),
+    ("AutoRound light", "autoround-light-w{b}"),
+    ("AutoRound default", "autoround-w{b}"),
+)
+
+
+def llm_autoround(results: Path) -> str:
+    """SmolLM2-135M perplexity (quantize time) of learned-fast with learned ranges against AutoRound's presets;
+    the lowest perplexity of each setting in bold."""
+    rows = {r["row"]: r for r in _json(results / "llm.json") if r.get("ppl") is not None}
+    table = []
+    for bits in (4, 3, 2):
+        cells = {label: rows.get(row.format(b=bits)) for label, row in LLM_AUTOROUND_COLUMNS}
+        best = min((r["ppl"] for r in cells.values() if r is not None), default=None)
+
+        def cell(r: dict[str, Any] | None, best: float | None = best) -> str:
+            if r is None:
+                return "-"
+            text = f"{r['ppl']:.2f}" if r["ppl"] < 1000 else f"{r['ppl']:.3g}"
+            load = f", load {r['load']:.1f}" if r.get("load") is not None else ""
+            return f"{f'**{text}**' if r['ppl'] == best else text} ({r['quantize_s']:.0f} s{load})"
+
+        table.append((f"W{bits} g64", *(cell(r) for r in cells.values())))
+    return _table(
+        ("setting", *(label for label, _ in LLM_AUTOROUND_COLUMNS)),
+        table,
+        "`benchmarks/results/llm.json` (perplexity, lower is better; quantize time on 1 thread of a shared 2-core "
+        "CPU at the 1-minute load average given: compare times only roughly)",
+    )
+
+
 SUMMARIES: dict[str, Callable[[Path], str]] = {
     "squant": squant,
     "learned": learned,
@@ -363,4 +398,5 @@ SUMMARIES: dict[str, Callable[[Path], str]] = {
     "export": export,
     "gpu": gpu,
     "llm": llm,
+    "llm_autoround": llm_autoround,
 }
