@@ -14,6 +14,7 @@ The dequantized float model is cached once as safetensors in `--cache` (loading 
 Example:
     python benchmarks/llm.py                      # every row
     python benchmarks/llm.py --rows fp32 rtn-w4   # some rows
+    python benchmarks/llm.py --rows autoround-light-w4 --calib-seed 1   # other calibration windows
 """
 
 from __future__ import annotations
