@@ -364,6 +364,15 @@ LLM_AUTOROUND_COLUMNS = (
 )
 
 
+def _ppl_cell(r: dict[str, Any] | None, best: float | None) -> str:
+    """An llm.json row as "perplexity (time, load)", bold when it is the `best` perplexity; "-" when absent."""
+    if r is None:
+        return "-"
+    text = f"{r['ppl']:.2f}" if r["ppl"] < 1000 else f"{r['ppl']:.3g}"
+    load = f", load {r['load']:.1f}" if r.get("load") is not None else ""
+    return f"{f'**{text}**' if r['ppl'] == best else text} ({r['quantize_s']:.0f} s{load})"
+
+
 def llm_autoround(results: Path) -> str:
     """SmolLM2-135M perplexity (quantize time) of learned-fast with learned ranges against AutoRound's presets;
     the lowest perplexity of each setting in bold."""
@@ -372,15 +381,7 @@ def llm_autoround(results: Path) -> str:
     for bits in (4, 3, 2):
         cells = {label: rows.get(row.format(b=bits)) for label, row in LLM_AUTOROUND_COLUMNS}
         best = min((r["ppl"] for r in cells.values() if r is not None), default=None)
-
-        def cell(r: dict[str, Any] | None, best: float | None = best) -> str:
-            if r is None:
-                return "-"
-            text = f"{r['ppl']:.2f}" if r["ppl"] < 1000 else f"{r['ppl']:.3g}"
-            load = f", load {r['load']:.1f}" if r.get("load") is not None else ""
-            return f"{f'**{text}**' if r['ppl'] == best else text} ({r['quantize_s']:.0f} s{load})"
-
-        table.append((f"W{bits} g64", *(cell(r) for r in cells.values())))
+        table.append((f"W{bits} g64", *(_ppl_cell(r, best) for r in cells.values())))
     return _table(
         ("setting", *(label for label, _ in LLM_AUTOROUND_COLUMNS)),
         table,
