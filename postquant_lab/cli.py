@@ -581,6 +581,13 @@ def export_onnx_cmd(
             "quantizer), all, none"
         ),
     ] = "weight-only",
+    int8_weights: Annotated[
+        str,
+        typer.Option(
+            help="8-bit codes outside [-64, 63]: portable (uint8, exact on every CPU) or signed (int8, the fast "
+            "u8 x s8 kernels, for a CPU with VNNI; docs/export.md)"
+        ),
+    ] = "portable",
     exporter: Annotated[
         str, typer.Option(help="torch's ONNX exporter: torchscript or dynamo")
     ] = "torchscript",
@@ -589,7 +596,17 @@ def export_onnx_cmd(
     """Export a saved quantized model to ONNX (QuantizeLinear/DequantizeLinear), checked in onnxruntime."""
     _setup_logging(verbose)
     options = OnnxExportOptions(
-        run_dir, output, verify, trust_code, full_integer, external_data, overwrite, opset, int4, exporter
+        run_dir,
+        output,
+        verify,
+        trust_code,
+        full_integer,
+        external_data,
+        overwrite,
+        opset,
+        int4,
+        exporter,
+        int8_weights,
     )
     try:
         _export_onnx(options)
@@ -602,11 +619,12 @@ def _export_onnx(options: OnnxExportOptions) -> None:
     from postquant.io import export_onnx
     from postquant.io.onnx.export import Exporter
     from postquant.io.onnx.files import check_target
-    from postquant.io.onnx.params import Int4Weights
+    from postquant.io.onnx.params import Int4Weights, Int8Weights
     from postquant_lab.zoo.datasets import SentencePair
 
     for flag, value, kind in (
         ("--int4", options.int4, Int4Weights),
+        ("--int8-weights", options.int8_weights, Int8Weights),
         ("--exporter", options.exporter, Exporter),
     ):
         if value not in {m.value for m in kind}:
@@ -639,6 +657,7 @@ def _export_onnx(options: OnnxExportOptions) -> None:
         overwrite=options.overwrite,
         opset=options.opset,
         int4=options.int4,
+        int8_weights=options.int8_weights,
         exporter=options.exporter,
     )
     top1, sqnr, diff = info.get("top1_agreement"), info.get("sqnr_db"), info.get("max_abs_diff")

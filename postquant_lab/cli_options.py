@@ -266,6 +266,7 @@ class OnnxExportOptions:
     opset: int | None = None  # None: 21 with int4 weights, else 17
     int4: str = "weight-only"
     exporter: str = "torchscript"
+    int8_weights: str = "portable"  # or "signed": int8 codes for a CPU with VNNI
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,13 @@ def test_export_onnx_full_integer_runs_residual_adds_as_integer_kernels(tmp_path
     assert runner.invoke(app, ["export", "onnx", str(run), "-o", str(plain), "--verify", "0"]).exit_code == 0
     count = lambda path: sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)  # noqa: E731
     assert count(out) > count(plain)  # the adds' inputs and outputs are quantized too
+    signed = tmp_path / "signed.onnx"  # not verified: this CPU may lack the VNNI the file is meant for
+    cmd = ["export", "onnx", str(run), "-o", str(signed), "--verify", "0", "--int8-weights", "signed"]
+    assert runner.invoke(app, cmd).exit_code == 0
+    weights = lambda path: {  # noqa: E731
+        i.data_type for i in onnx.load(str(path)).graph.initializer if i.name.endswith(".weight_quantized")
+    }
+    assert weights(signed) == {onnx.TensorProto.INT8} and weights(plain) == {onnx.TensorProto.UINT8}
 
 
 def test_export_onnx_int4_with_external_data_and_the_overwrite_rule(tmp_path):
@@ -201,3 +208,5 @@ def test_export_onnx_int4_with_external_data_and_the_overwrite_rule(tmp_path):
     assert runner.invoke(app, [*export, "--overwrite"]).exit_code == 0
     result = runner.invoke(app, [*export, "--overwrite", "--int4", "some"])
     assert result.exit_code != 0 and "weight-only, all, none" in " ".join(result.output.split())
+    result = runner.invoke(app, [*export, "--overwrite", "--int8-weights", "int8"])
+    assert result.exit_code != 0 and "portable, signed" in " ".join(result.output.split())

@@ -441,3 +441,77 @@ def test_a_gguf_grid_is_refused_with_the_gguf_export_named(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"'0'.*llama.cpp's block format.*export gguf"):
         export_onnx(qmodel, torch.randn(2, 64), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "recipe", [{"w_bits": 8, "a_bits": 8}, {"w_bits": 8, "a_bits": 8, "symmetric": True}], ids=["asym", "sym"]
+)
+def test_signed_int8_weights_store_full_range_codes_as_int8(recipe, small_net, batches, tmp_path):
+    """int8_weights='signed': every 8-bit layer stores its own codes and zero points -Z as int8 (the fast
+    u8 x s8 kernels, for CPUs with VNNI); the graph dequantizes to the simulation's weights exactly, and on
+    such a CPU (this one, if it has VNNI) onnxruntime computes what the simulation computes."""
+    from postquant.io.onnx.params import cpu_has_vnni
+
+    qmodel = postquant.quantize(small_net, recipe, calib=batches)
+    layers = quantized_layers(qmodel)
+    assert any(int(q.codes.min()) < -64 or int(q.codes.max()) > 63 for q in layers.values())  # full range
+    vnni = cpu_has_vnni() is not False
+    path = tmp_path / "m.onnx"
+    result = export_onnx(
+        qmodel, batches[0], path, int8_weights="signed", verify_batches=batches if vnni else None
+    )
+    assert result["uint8_weight_layers"] == 0 and set(result["weight_dtypes"].values()) == {"int8"}
+    for name, (codes, zp) in _stored_weights(path).items():
+        assert codes.dtype == torch.int8
+        assert torch.equal(codes.reshape(layers[name].codes.shape), layers[name].codes.to(torch.int8)), name
+        if zp is not None:
+            z = layers[name].grid_zero_point.reshape(-1).to(torch.int16)
+            assert torch.equal(zp.to(torch.int16).reshape(-1), -z.expand(zp.numel())), name
+    if vnni:
+        assert result["top1_agreement"] >= 99.0 and result["sqnr_db"] > 30
+    # the default keeps the portable storage
+    assert export_onnx(qmodel, batches[0], tmp_path / "p.onnx")["uint8_weight_layers"] == len(layers)
+
+
+def test_signed_int8_weights_warn_and_explain_on_a_cpu_without_vnni(
+    small_net, batches, tmp_path, monkeypatch, caplog
+):
+    """Exported on an x86 CPU without VNNI, full-range int8 weights are for another CPU: a warning says so,
+    and a failed verification names the storage and what to do."""
+    import logging
+
+    from postquant.io.onnx import export as export_module
+    from postquant.io.onnx import params
+
+    qmodel = postquant.quantize(small_net, {"w_bits": 8, "a_bits": 8}, calib=batches)
+    for module in (params, export_module):
+        monkeypatch.setattr(module, "cpu_has_vnni", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="postquant.io.onnx.params"):
+        export_onnx(qmodel, batches[0], tmp_path / "a.onnx", int8_weights="signed")
+    assert "such as this one" in caplog.text and "int8_weights='portable'" in caplog.text
+    with pytest.raises(OnnxMismatchError, match=r"saturate on this CPU .*int8_weights='portable'"):
+        export_onnx(qmodel, batches[0], tmp_path / "b.onnx", int8_weights="signed", verify_batches=batches,
+                    min_sqnr_db=1000)  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="postquant.io.onnx.params"):  # 7-bit codes cannot saturate
+        qmodel7 = postquant.quantize(small_net, {"w_bits": 7, "a_bits": 8}, calib=batches)
+        export_onnx(qmodel7, batches[0], tmp_path / "c.onnx", int8_weights="signed")
+    assert "such as this one" not in caplog.text
+    for module in (params, export_module):
+        monkeypatch.setattr(module, "cpu_has_vnni", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="postquant.io.onnx.params"):
+        export_onnx(qmodel, batches[0], tmp_path / "d.onnx", int8_weights="signed")
+    assert "such as this one" not in caplog.text
+    with pytest.raises(ValueError, match=r"int8_weights must be one of 'portable', 'signed'"):
+        export_onnx(qmodel, batches[0], tmp_path / "e.onnx", int8_weights="int8")
+
+
+def test_cpu_vnni_detection_reads_the_flags():
+    from postquant.io.onnx.params import cpu_has_vnni
+
+    assert cpu_has_vnni("flags\t: fpu avx2 avx512f avx512_vnni\n", "x86_64") is True
+    assert cpu_has_vnni("flags\t: fpu avx2 avx_vnni\n", "x86_64") is True
+    assert cpu_has_vnni("processor : 0\nflags\t: fpu avx2 fma\n", "x86_64") is False
+    assert cpu_has_vnni("no flags line\n", "x86_64") is None
+    assert cpu_has_vnni("flags : avx2\n", "aarch64") is None  # not x86: no vpmaddubsw to saturate
+    assert cpu_has_vnni() in (True, False, None)

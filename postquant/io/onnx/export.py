@@ -38,7 +38,16 @@ from postquant.errors import ExportError, OnnxMismatchError, UnsupportedModelErr
 from postquant.eval.run import move_batch
 from postquant.io.onnx.files import StagedOnnx, check_target, data_path, needs_external_data
 from postquant.io.onnx.integer import Ranges, integerize, tensor_ranges
-from postquant.io.onnx.params import Int4Weights, LayerQDQ, WeightQDQ, plan_embeddings, plan_layers
+from postquant.io.onnx.params import (
+    INT8_SAFE_CODES,
+    Int4Weights,
+    Int8Weights,
+    LayerQDQ,
+    WeightQDQ,
+    cpu_has_vnni,
+    plan_embeddings,
+    plan_layers,
+)
 from postquant.io.onnx.points import ModelPoints
 from postquant.io.onnx.rewrite import drop_zero_gemm_biases, rewrite
 from postquant.io.onnx.verify import (
@@ -284,6 +293,18 @@ def _exported(
     return result
 
 
+def _saturates_here(plans: dict[str, LayerQDQ]) -> bool:
+    """Whether a layer stores int8 codes outside `INT8_SAFE_CODES` and this CPU is x86 without VNNI."""
+    lo, hi = INT8_SAFE_CODES
+    wide = any(
+        p.weight.dtype == "int8"
+        and p.weight.codes.size
+        and (p.weight.codes.min() < lo or p.weight.codes.max() > hi)
+        for p in plans.values()
+    )
+    return wide and cpu_has_vnni() is False
+
+
 def _choice(kind: type[enum.StrEnum], value: Any, argument: str) -> Any:
     """`value` as a member of `kind`, or a ValueError that lists the accepted values."""
     try:
@@ -294,11 +315,11 @@ def _choice(kind: type[enum.StrEnum], value: Any, argument: str) -> Any:
 
 
 def _plan(
-    qmodel: nn.Module, opset: int | None, int4: Int4Weights
+    qmodel: nn.Module, opset: int | None, int4: Int4Weights, int8: Int8Weights = Int8Weights.PORTABLE
 ) -> tuple[dict[str, LayerQDQ], dict[str, WeightQDQ], int]:
     """The layers' and embedding tables' ONNX parameters and the opset: int4 weights (`int4`) where they fit
-    and the opset allows them (`INT4_OPSET`); ``opset=None`` picks `INT4_OPSET` when a layer or table stores
-    int4, else `DEFAULT_OPSET`."""
+    and the opset allows them (`INT4_OPSET`), full-range 8-bit codes as `int8` says; ``opset=None`` picks
+    `INT4_OPSET` when a layer or table stores int4, else `DEFAULT_OPSET`."""
     if opset is not None and opset < 13:
         raise UnsupportedModelError(f"opset {opset} has no per-channel DequantizeLinear; use opset >= 13")
     if opset is not None and opset < INT4_OPSET:
@@ -317,8 +338,8 @@ def _plan(
         )
     if why:
         log.warning("4-bit weights stored as int8 (opset %d): int4 ONNX unavailable: %s", DEFAULT_OPSET, why)
-    plans = plan_layers(qmodel, int4=Int4Weights.NONE if why else int4)
-    tables = plan_embeddings(qmodel, int4=Int4Weights.NONE if why else int4)
+    plans = plan_layers(qmodel, int4=Int4Weights.NONE if why else int4, int8=int8)
+    tables = plan_embeddings(qmodel, int4=Int4Weights.NONE if why else int4, int8=int8)
     if opset is None:
         int4_used = any(p.weight.int4 for p in plans.values()) or any(w.int4 for w in tables.values())
         opset = INT4_OPSET if int4_used else DEFAULT_OPSET
@@ -384,6 +405,7 @@ def export_onnx(
     verify_batches: Iterable[Any] | None = None,
     opset: int | None = None,
     int4: Int4Weights | str = Int4Weights.WEIGHT_ONLY,
+    int8_weights: Int8Weights | str = Int8Weights.PORTABLE,
     min_sqnr_db: float | None = MIN_SQNR_DB,
     min_top1_agreement: float | None = MIN_TOP1_AGREEMENT,
     progress: bool = True,
@@ -409,6 +431,10 @@ def export_onnx(
             (`Int4Weights`): ``"weight-only"`` (default: layers without an input quantizer, which run in float
             in onnxruntime whatever the storage), ``"all"`` (W4A8 layers too: smaller, but onnxruntime fuses
             no int4 weight into an integer kernel), ``"none"``.
+        int8_weights: how 8-bit layers whose codes leave [-64, 63] store them (`Int8Weights`): ``"portable"``
+            (default: uint8 ``q + 128``, exact on every CPU, on onnxruntime's slower u8 x u8 kernels) or
+            ``"signed"`` (int8: the fast u8 x s8 kernels, for a CPU with VNNI: AVX-512 VNNI, AVX-VNNI or AMX;
+            on x86 without VNNI they can saturate, and the export warns when its own CPU lacks VNNI).
         min_sqnr_db, min_top1_agreement: the floors of the verification (see `verify_onnx`).
         progress: show a bar over the export's steps, then one over the verification batches.
         full_integer: also quantize the tensors between quantized ops (conv outputs before residual adds,
@@ -446,7 +472,7 @@ def export_onnx(
         OnnxMismatchError: onnxruntime disagrees with the simulation on `verify_batches` (nothing is written
             at `path`; the graph is kept beside it as ``<stem>.rejected.onnx``, with external data as the
             directory ``<stem>.rejected`` holding both files, for inspection).
-        ValueError: `int4` or `exporter` is not one of its values, or ``int4="all"`` with an opset below 21.
+        ValueError: `int4`, `int8_weights` or `exporter` is not one of its values, or ``int4="all"`` with an opset below 21.
     """
     import onnx  # optional dependency (extra: onnx)
     from onnx import version_converter  # optional dependency (extra: onnx)
@@ -468,7 +494,9 @@ def export_onnx(
             f">= {DYNAMO_MIN_OPSET}, or exporter='torchscript'"
         )
     _refuse_dynamic_inputs(qmodel)
-    plans, tables, opset = _plan(qmodel, opset, _choice(Int4Weights, int4, "int4"))
+    plans, tables, opset = _plan(
+        qmodel, opset, _choice(Int4Weights, int4, "int4"), _choice(Int8Weights, int8_weights, "int8_weights")
+    )
     if exporter is Exporter.DYNAMO:
         opset = max(opset, DYNAMO_MIN_OPSET)
     points = residual_points(qmodel)
@@ -542,8 +570,15 @@ def export_onnx(
             )
     except OnnxMismatchError as exc:
         rejected = staged.reject()
+        hint = ""
+        if _saturates_here(plans):
+            hint = (
+                " int8_weights='signed' stores full-range int8 codes, which onnxruntime's u8 x s8 kernels can "
+                "saturate on this CPU (x86 without VNNI): export with int8_weights='portable', or verify on "
+                "the CPU with VNNI that will run the file."
+            )
         raise OnnxMismatchError(
-            f"{exc} Nothing was written to {path}; the rejected graph is kept at {rejected} for inspection.",
+            f"{exc}{hint} Nothing was written to {path}; the rejected graph is kept at {rejected} for inspection.",
             exc.metrics,
         ) from None
     except BaseException:

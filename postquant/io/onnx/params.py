@@ -18,7 +18,11 @@ with the simulation on an AVX2 CPU for a small W8A8 CNN, uint8 ones 100 % (98 dB
 kernels. The alternatives were rejected: 7-bit weights for every layer (onnxruntime's ``reduce_range``)
 change the quantized model; uint8 for every layer would move 4- to 7-bit layers off the faster u8 x s8
 kernels (VNNI's ``vpdpbusd``) for no gain; choosing by the exporting CPU gives graphs that break on another.
-The export result's ``weight_dtypes`` says which storage each layer got.
+The export result's ``weight_dtypes`` says which storage each layer got. For a known deployment CPU with VNNI
+(x86 with AVX-512 VNNI, AVX-VNNI or AMX), ``int8_weights="signed"`` (`Int8Weights`) stores every 8-bit layer
+int8: the fast u8 x s8 kernels for full-range W8A8 too, which that CPU computes exactly (``vpdpbusd`` sums
+u8*s8 products into int32); on an x86 CPU without VNNI the same file can saturate, so the export warns when
+its own CPU lacks VNNI, and its verification (``verify_batches``) measures what that CPU computes.
 
 Grids DequantizeLinear (opset < 21) cannot express directly, per-group grids and zero points outside int8,
 are dequantized as rows (one scale per row, an ``Add`` of ``Z/S`` when needed) and reshaped: exact, but the
@@ -47,7 +51,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -81,6 +87,32 @@ INT4_WHY_FLOAT = (
     "int4 weights: onnxruntime fuses no int4 DequantizeLinear into an integer kernel (int4='weight-only' keeps "
     "int8 codes, and the integer kernel, for layers with an input quantizer)"
 )
+
+
+class Int8Weights(enum.StrEnum):
+    """How 8-bit layers whose codes leave [-64, 63] store them (the module docstring says why)."""
+
+    PORTABLE = "portable"  # uint8 q + 128: exact on every CPU, on onnxruntime's slower u8 x u8 kernels
+    SIGNED = (
+        "signed"  # int8: the fast u8 x s8 kernels, exact only on CPUs with VNNI (x86) or without vpmaddubsw
+    )
+
+
+def cpu_has_vnni(cpuinfo: str | None = None, machine: str | None = None) -> bool | None:
+    """Whether this CPU has VNNI (AVX-512 VNNI, AVX-VNNI or AMX-INT8): True / False on x86 Linux, from the
+    flags of ``/proc/cpuinfo`` (or the text `cpuinfo`); None where unknown, or not x86 (`machine`, default
+    ``platform.machine()``: Arm has no ``vpmaddubsw`` to saturate)."""
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return None
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(line.split(":", 1)[-1].split()))
+    return None
 
 
 class Int4Weights(enum.StrEnum):
@@ -158,18 +190,24 @@ class LayerQDQ:
     act: ActQDQ | None
 
 
-def weight_qdq(name: str, layer: QuantizedLayer | QuantizedEmbedding, *, int4: bool = False) -> WeightQDQ:
+def weight_qdq(
+    name: str,
+    layer: QuantizedLayer | QuantizedEmbedding,
+    *,
+    int4: bool = False,
+    int8: Int8Weights = Int8Weights.PORTABLE,
+) -> WeightQDQ:
     """ONNX parameters for a layer's codes: ``w_hat = (q + Z)/S = (q - zp) * scale``, ``scale = 1/S``, ``zp = -Z``.
 
     With `int4`, stored as int4 when codes and zero points lie in `INT4_CODES` (`_int4_weight_qdq`); else as
-    int8 when every code lies in `INT8_SAFE_CODES`, else as uint8 (`_as_uint8`).
+    int8 when every code lies in `INT8_SAFE_CODES` or `int8` is ``"signed"``, else as uint8 (`_as_uint8`).
     """
     w = _int8_weight_qdq(name, layer)  # first: refuses grids ONNX cannot express
     if int4:
         packed = _int4_weight_qdq(layer)
         if packed is not None:
             return packed
-    return w if _fits_int8_safely(layer.codes) else _as_uint8(w)
+    return w if int8 is Int8Weights.SIGNED or _fits_int8_safely(layer.codes) else _as_uint8(w)
 
 
 def _int4_weight_qdq(layer: QuantizedLayer | QuantizedEmbedding) -> WeightQDQ | None:
@@ -251,17 +289,22 @@ def _int8_weight_qdq(name: str, layer: QuantizedLayer | QuantizedEmbedding) -> W
     )
 
 
-def plan_embeddings(qmodel: nn.Module, *, int4: Int4Weights | str = Int4Weights.NONE) -> dict[str, WeightQDQ]:
+def plan_embeddings(
+    qmodel: nn.Module,
+    *,
+    int4: Int4Weights | str = Int4Weights.NONE,
+    int8: Int8Weights | str = Int8Weights.PORTABLE,
+) -> dict[str, WeightQDQ]:
     """The ONNX parameters of every quantized embedding table of `qmodel`, by name.
 
     A table stores int4 codes (opset 21) when they and its zero points fit [-8, 7], unless `int4` is
-    ``"none"``; else int8, or uint8 for codes outside [-64, 63] (the rule of `weight_qdq`, kept for one rule
-    although a lookup feeds no integer kernel).
+    ``"none"``; else int8, or uint8 for codes outside [-64, 63] unless `int8` is ``"signed"`` (the rule of
+    `weight_qdq`, kept for one rule although a lookup feeds no integer kernel).
     """
-    int4 = Int4Weights(int4)
+    int4, int8 = Int4Weights(int4), Int8Weights(int8)
     tables = {}
     for name, table in quantized_embeddings(qmodel).items():
-        tables[name] = weight_qdq(name, table, int4=int4 is not Int4Weights.NONE)
+        tables[name] = weight_qdq(name, table, int4=int4 is not Int4Weights.NONE, int8=int8)
         tables[name].why_float = ""  # a lookup runs no Conv/Gemm: nothing to say about integer kernels
         log.info(
             "embedding %s: %d-bit codes stored as %s (DequantizeLinear -> Gather)",
@@ -286,18 +329,27 @@ def act_qdq(layer: QuantizedLayer) -> ActQDQ | None:
     return ActQDQ(np.array(scale, dtype=np.float32), np.array(zp, dtype=dtype), clip)
 
 
-def plan_layers(qmodel: nn.Module, *, int4: Int4Weights | str = Int4Weights.NONE) -> dict[str, LayerQDQ]:
+def plan_layers(
+    qmodel: nn.Module,
+    *,
+    int4: Int4Weights | str = Int4Weights.NONE,
+    int8: Int8Weights | str = Int8Weights.PORTABLE,
+) -> dict[str, LayerQDQ]:
     """The ONNX parameters of every quantized layer of `qmodel`, by name (what the export will say, logged).
 
     Args:
         qmodel: the quantized model.
         int4: which layers whose codes and zero points fit [-8, 7] store int4 codes (opset 21, `Int4Weights`).
+        int8: how 8-bit layers with codes outside [-64, 63] store them (`Int8Weights`).
     """
-    int4 = Int4Weights(int4)
+    int4, int8 = Int4Weights(int4), Int8Weights(int8)
     plans = {}
+    full_range = []  # int8_weights="signed": layers storing int8 codes outside INT8_SAFE_CODES
     for name, layer in quantized_layers(qmodel).items():
         packed = int4 is Int4Weights.ALL or (int4 is Int4Weights.WEIGHT_ONLY and layer.act_quant is None)
-        weight = weight_qdq(name, layer, int4=packed)
+        weight = weight_qdq(name, layer, int4=packed, int8=int8)
+        if weight.dtype == "int8" and not _fits_int8_safely(layer.codes):
+            full_range.append(name)
         if weight.int4 and layer.act_quant is not None:
             weight.why_float = INT4_WHY_FLOAT
         plans[name] = LayerQDQ(name, weight, act_qdq(layer))
@@ -323,6 +375,14 @@ def plan_layers(qmodel: nn.Module, *, int4: Int4Weights | str = Int4Weights.NONE
             *INT8_SAFE_CODES,
         )
         log.debug("layers with uint8 weights: %s", ", ".join(wide))
+    if full_range and cpu_has_vnni() is False:
+        log.warning(
+            "int8_weights='signed': %d layers store int8 codes outside [%d, %d], on which onnxruntime's u8 x s8 "
+            "kernels can saturate on x86 CPUs without VNNI, such as this one: the file is meant for a CPU with "
+            "VNNI (AVX-512 VNNI, AVX-VNNI, AMX); use int8_weights='portable' for any CPU",
+            len(full_range),
+            *INT8_SAFE_CODES,
+        )
     asymmetric = [
         n
         for n, p in plans.items()
