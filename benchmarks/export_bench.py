@@ -51,23 +51,38 @@ from postquant_lab.zoo import ZooModel, load_model
 
 log = logging.getLogger("export_bench")
 
-# postquant variants: (weight bits, full_integer, integer residuals in the simulation: recipe a_residual)
+# postquant variants: (weight bits, full_integer, integer residuals in the simulation: recipe a_residual,
+# int8_weights, the first layer's input quantized to 8 bits)
 OURS = {
-    "qdq": (8, False, False),
-    "full": (8, True, False),
-    "full-w7": (7, True, False),
-    "full-sim": (8, True, True),
-    "full-sim-w7": (7, True, True),
+    "qdq": (8, False, False, "portable", False),
+    "full": (8, True, False, "portable", False),
+    "full-w7": (7, True, False, "portable", False),
+    "full-sim": (8, True, True, "portable", False),
+    "full-sim-w7": (7, True, True, "portable", False),
+    "full-sim-s8": (8, True, True, "signed", False),
+    "full-sim-s8-in8": (8, True, True, "signed", True),
+    "full-sim-w7-in8": (7, True, True, "portable", True),
 }
 PEERS = {"ort-s8": False, "ort-s7": True}  # quantize_static, reduce_range
 KERNELS = ("QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm")
 FLOAT_OPS = ("Conv", "FusedConv", "Add", "GlobalAveragePool", "Gemm", "FusedGemm")
 
 
-def quantize(zoo: ZooModel, bits: int, calib: list[Any], residual: bool = False) -> torch.nn.Module:
+def quantize(
+    zoo: ZooModel, bits: int, calib: list[Any], residual: bool = False, first_input: bool = False
+) -> torch.nn.Module:
     """W`bits`A8: RTN, symmetric per-channel weights, per-tensor activations from `calib`; `residual`: with
-    integer residuals (``a_residual``: the full-integer graph's points in the simulation)."""
-    recipe = {"method": "rtn", "w_bits": bits, "a_bits": 8, "symmetric": True, "a_residual": residual}
+    integer residuals (``a_residual``: the full-integer graph's points in the simulation); `first_input`: the
+    first layer's input quantized to 8 bits too (by default it stays float)."""
+    recipe: dict[str, Any] = {
+        "method": "rtn",
+        "w_bits": bits,
+        "a_bits": 8,
+        "symmetric": True,
+        "a_residual": residual,
+    }
+    if first_input:
+        recipe["overrides"] = {"@first": {"a_bits": 8}, "@last": {"a_bits": 8}}
     return postquant.quantize(zoo.model, recipe, calib=calib)
 
 
@@ -165,19 +180,23 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
     paths = {"fp32": str(tmp / f"{name}-fp32.onnx")}
     exports = {"fp32": export_onnx(zoo.model, zoo.example_inputs, paths["fp32"], progress=False)}
     models: dict[str, Any] = {"torch:fp32": zoo.model}
-    sims: dict[tuple[int, bool], torch.nn.Module] = {}
-    for variant, (bits, full, residual) in OURS.items():
-        log.info("%s: %s (W%dA8, full_integer=%s, a_residual=%s)", name, variant, bits, full, residual)
-        if (bits, residual) not in sims:
-            sims[bits, residual] = quantize(zoo, bits, calib, residual)
-        models[f"torch:{variant}"] = sims[bits, residual]
+    sims: dict[tuple[int, bool, bool], torch.nn.Module] = {}
+    for variant, (bits, full, residual, int8_weights, first) in OURS.items():
+        log.info(
+            "%s: %s (W%dA8, full_integer=%s, a_residual=%s, int8_weights=%s, first input 8-bit: %s)",
+            *(name, variant, bits, full, residual, int8_weights, first),
+        )
+        if (bits, residual, first) not in sims:
+            sims[bits, residual, first] = quantize(zoo, bits, calib, residual, first)
+        models[f"torch:{variant}"] = sims[bits, residual, first]
         paths[variant] = str(tmp / f"{name}-{variant}.onnx")
         exports[variant] = export_onnx(
-            sims[bits, residual],
+            sims[bits, residual, first],
             zoo.example_inputs,
             paths[variant],
             full_integer=full,
             calib_batches=calib if full and not residual else None,
+            int8_weights=int8_weights,
             progress=False,
         )
     for variant, reduce_range in PEERS.items():
@@ -251,11 +270,13 @@ def _header(args: argparse.Namespace, seconds: float, load_start: str) -> list[s
         f"`uptime` at the start `{load_start}`, at the end `{_uptime()}`.",
         "",
         f"postquant: `rtn` with {args.calib} calibration images, symmetric per-channel weights, per-tensor "
-        "activations, the first layer's input float. `qdq`: W8A8, the simulation's quantization points only; "
+        "activations, the first layer's input float (but in `-in8`). `qdq`: W8A8, the simulation's quantization points only; "
         "`full`: W8A8 with `full_integer=True` (the new points calibrated in onnxruntime, not in the simulation); "
         "`full-w7`: W7A8 likewise; `full-sim`, `full-sim-w7`: the same graphs of models quantized with integer "
         "residuals (`a_residual: true`: the points in the simulation, calibrated with its activation ranges, "
-        "their scales taken from the model by the export). Peer: onnxruntime's "
+        "their scales taken from the model by the export); `-s8`: every 8-bit weight stored int8 "
+        "(`int8_weights='signed'`, for CPUs with VNNI; otherwise full-range codes are stored uint8, exact on every "
+        "CPU but on slower kernels); `-in8`: the first layer's input quantized to 8 bits too. Peer: onnxruntime's "
         "`quantize_static` on the same FP32 ONNX graph (QDQ, per-channel, uint8 activations, MinMax on the same "
         "calibration images; it also quantizes the first layer's input): `ort-s8` int8 weights (its default), "
         "`ort-s7` `reduce_range=True` (7-bit weights). onnxruntime: CPUExecutionProvider, all graph "
