@@ -109,6 +109,14 @@ ROWS: dict[str, dict[str, Any] | None] = {
         f"learned-fast-w{b}-range-ar": _row("learned-fast", b, {**AR_LIGHT, **RANGES, "init": "nearest"})
         for b in (4, 3, 2)
     },
+    # the same with each step's forward in bfloat16 autocast (`autocast: bfloat16`), as AutoRound runs by default:
+    # matmuls in bf16 with float32 sums, the loss and the before/after check in float32
+    **{
+        f"learned-fast-w{b}-range-ar-bf16": _row(
+            "learned-fast", b, {**AR_LIGHT, **RANGES, "init": "nearest", "autocast": "bfloat16"}
+        )
+        for b in (4, 3, 2)
+    },
     # the same from SQuant's codes (postquant's start) instead of nearest rounding
     "learned-fast-w4-range-ar-squant": _row("learned-fast", 4, {**AR_LIGHT, **RANGES}),
     # gptq-w4 again with the same windows fed one at a time: only the order of float sums changes (noise).

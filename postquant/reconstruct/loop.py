@@ -12,6 +12,7 @@ non-finite loss stops the unit and keeps the codes it had before (logged as a wa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -154,13 +155,16 @@ def optimise(
     first = last = None
     params = [p for g in weight_groups for p in g["params"]] + list(act_params)
     best: tuple[float, list[torch.Tensor]] | None = None  # cfg.keep_best_step: (loss, variables)
+    amp = _step_autocast(cfg, params)
     bar = progress_bar(range(cfg.iters), enabled=cfg.progress, desc=desc, leave=False, dynamic_ncols=True)
     for step in bar:
         if signed is not None:
             signed.scale_lr(schedule_factor(cfg.lr_schedule, step, cfg.iters))
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        rec, reg = step_loss(step)
+        with amp:
+            rec, reg = step_loss(step)
+        rec, reg = rec.float(), reg.float()
         total = rec + reg if reduce is None else reduce(rec, reg)
         value = float(total.detach())
         if not torch.isfinite(total.detach()):
@@ -184,6 +188,15 @@ def optimise(
             for p, kept in zip(params, best[1], strict=True):
                 p.copy_(kept)
     return LoopResult("ok", cfg.iters, first, last)
+
+
+def _step_autocast(cfg: LearnedConfig, params: list[torch.Tensor]) -> Any:
+    """The context each step's forward runs in: `torch.autocast` on the variables' device in `cfg.autocast`'s
+    dtype, or a no-op."""
+    if cfg.autocast is None:
+        return contextlib.nullcontext()
+    device = params[0].device.type if params else "cpu"
+    return torch.autocast(device_type=device, dtype=getattr(torch, cfg.autocast))
 
 
 # ------------------------------------------------------------------------------- unit state and forward
