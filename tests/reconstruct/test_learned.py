@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -320,6 +321,7 @@ def test_presets_and_recipe_round_trip(tmp_path):
         ({"variable": "ste", "learn_weight_range": True, "learn_weight_scales": True}, "learned"),
         ({"variable": "ste", "learn_weight_range": True, "range_lr": 0}, "learned.range_lr"),
         ({"variable": "adaround", "keep_best_step": True}, "learned"),
+        ({"autocast": "float16"}, "learned.autocast"),
     ],
 )
 def test_bad_learned_fields_name_the_field(learned_fields, field):
@@ -694,3 +696,46 @@ def test_keep_best_step_ends_on_the_variables_of_the_lowest_loss(keep_best):
     result = optimise(step_loss, [{"params": [p], "lr": 1.0}], [], cfg, "test")
     assert result.steps == 6 and result.last_loss == 4.0
     assert p.item() == (2.0 if keep_best else 6.0)
+
+
+def test_autocast_runs_the_steps_in_bfloat16_and_the_check_in_float32():
+    """`autocast: bfloat16`: each step's matmul runs in bfloat16 (seen by the layer's forward hook), the loss
+    the optimiser gets is float32, and the unit check's forwards outside the steps stay float32."""
+    layer = nn.Linear(8, 4)
+    p = nn.Parameter(torch.zeros(4, 8))
+    seen: list[torch.dtype] = []
+    layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    x = torch.randn(16, 8)
+
+    def step_loss(_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = nn.functional.linear(x, layer.weight + p, layer.bias)
+        layer(x)  # a module's forward under the same context
+        return (out - 1).pow(2).mean(), torch.zeros(())
+
+    for amp, dtype in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
+        cfg = LearnedConfig(variable="ste", optimizer="adam", lr=1e-2, iters=3, progress=False, autocast=amp)
+        seen.clear()
+        result = optimise(step_loss, [{"params": [p], "lr": 1e-2}], [], cfg, "test")
+        assert result.status == "ok" and seen == [dtype] * 3
+        assert isinstance(result.last_loss, float) and math.isfinite(result.last_loss)
+    layer(x)
+    assert seen[-1] == torch.float32  # outside the steps: float32 again
+
+
+def test_autocast_learned_rounding_stays_close_to_float32(net, calib):
+    """bfloat16 steps learn (other codes than float32 steps, as good a reconstruction: the check and the
+    reported unit errors are float32), and the setting enters the checkpoint key only when set."""
+    errors, chosen = {}, {}
+    for amp in (None, "bfloat16"):
+        recipe = {
+            "method": "learned-fast",
+            "w_bits": 3,
+            "learned": {"iters": 40, "progress": False, "autocast": amp},
+        }
+        q = postquant.quantize(net, recipe, calib=calib)
+        units = postquant.result(q).learned.units
+        assert any(u.error_after < u.error_before for u in units)
+        errors[amp], chosen[amp] = sum(u.error_after for u in units), codes(q)
+    assert any(not torch.equal(chosen[None][n], chosen["bfloat16"][n]) for n in chosen[None])
+    assert errors["bfloat16"] <= 1.1 * errors[None]
+    assert "autocast" not in LearnedConfig().model_dump() and LearnedConfig(autocast="bfloat16").autocast
