@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from host import cpu_model  # the sibling module (benchmarks/ is on sys.path when run)
 
 import postquant
 from postquant.io import checkpoint_size, export_onnx, float_size, save
@@ -248,14 +249,7 @@ def _uptime() -> str:
 
 
 def _cpu() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line), "?")
-    flags = set(next((line for line in info.splitlines() if line.startswith("flags")), "").split())
-    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{model} ({', '.join(simd) or 'no AVX2'}; {'no ' if not {'avx512_vnni', 'avx_vnni'} & flags else ''}VNNI)"
+    return cpu_model()
 
 
 def _header(args: argparse.Namespace, seconds: float, load_start: str) -> list[str]:

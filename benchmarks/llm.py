@@ -23,7 +23,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -241,20 +240,15 @@ def run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "load": os.getloadavg()[0],
-        "cpu": cpu_model(),
+        "cpu": _cpu(),
     }
 
 
-def cpu_model() -> str:
-    """The CPU's model name and whether it has VNNI / AMX (times depend on them: AutoRound's bf16 steps)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if "model name" in line), "?")
-    flags = set(next((line for line in info.splitlines() if line.startswith("flags")), "").split())
-    extra = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({', '.join(extra) or 'no bf16 matmul instructions'})"
+def _cpu() -> str:
+    sys.path.insert(0, str(Path(__file__).parent))  # the sibling module benchmarks/host.py
+    from host import cpu_model
+
+    return cpu_model(("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
 
 
 def _run_peer(
