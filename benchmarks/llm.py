@@ -389,6 +389,19 @@ def seed_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def cpu_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Which rows ran on which recorded CPU (times, and AutoRound's precision, depend on it)."""
+    by_cpu: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("cpu"):
+            by_cpu.setdefault(r["cpu"], []).append(r["row"])
+    if not by_cpu:
+        return []
+    lines = ["", "CPUs (recorded since 2026-12-05; rows not listed predate the record):", ""]
+    lines += [f"- {cpu}: {', '.join(names)}" for cpu, names in by_cpu.items()]
+    return lines
+
+
 def write_markdown(rows: list[dict[str, Any]], path: Path, cache: Path) -> None:
     lines = [
         "# SmolLM2-135M-Instruct, quantized block by block (`benchmarks/llm.py`)",
@@ -411,7 +424,8 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, cache: Path) -> None:
         "keeps a float, unrounded zero point (`round_zero=False`), so it is not the integer-offset grid of the",
         "other rows. AutoRound: its CLI presets (`default` 200 iterations lr 1/200, `light` 50 iterations",
         "lr 5e-3), batch 8, asymmetric (`sym=False`; its default scheme W4A16 is symmetric), on the same",
-        "token windows, CPU; `amp` left at its default, which this CPU (no bf16) turns into float32.",
+        "token windows, CPU; `amp` left at its default: float32 on a CPU without bf16 instructions,",
+        "bfloat16 autocast (and `torch.compile`) on one with AMX or AVX-512 BF16 (see CPUs below).",
         "`*-w4a8` rows: 8-bit inputs to every quantized Linear, one static range per Linear from the",
         "calibration windows (min/max for RTN, MSE search for learned-fast); the block path takes no static",
         "ranges, so they run `postquant.quantize` on the whole model (learned-fast: one unit per decoder layer).",
@@ -482,6 +496,7 @@ def write_markdown(rows: list[dict[str, Any]], path: Path, cache: Path) -> None:
                 f"{ag['layers'][worst]['differ']:.4%} | {step:.2e} | {zero:.2e} |"
             )
     lines += seed_lines(rows)
+    lines += cpu_lines(rows)
     missing = [name for name in [*ROWS, *PEERS] if not any(r["row"] == name for r in rows)]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)} (rerun the command: finished rows are skipped)."]
