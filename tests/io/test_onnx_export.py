@@ -473,11 +473,10 @@ def test_signed_int8_weights_store_full_range_codes_as_int8(recipe, small_net, b
     assert export_onnx(qmodel, batches[0], tmp_path / "p.onnx")["uint8_weight_layers"] == len(layers)
 
 
-def test_signed_int8_weights_warn_and_explain_on_a_cpu_without_vnni(
-    small_net, batches, tmp_path, monkeypatch, caplog
-):
+def test_int8_weight_storage_warnings_follow_the_cpu(small_net, batches, tmp_path, monkeypatch, caplog):
     """Exported on an x86 CPU without VNNI, full-range int8 weights are for another CPU: a warning says so,
-    and a failed verification names the storage and what to do."""
+    and a failed verification names the storage and what to do; on a CPU with VNNI the portable uint8
+    storage gets a warning that names the faster choice."""
     import logging
 
     from postquant.io.onnx import export as export_module
@@ -501,7 +500,10 @@ def test_signed_int8_weights_warn_and_explain_on_a_cpu_without_vnni(
         monkeypatch.setattr(module, "cpu_has_vnni", lambda: True)
     with caplog.at_level(logging.WARNING, logger="postquant.io.onnx.params"):
         export_onnx(qmodel, batches[0], tmp_path / "d.onnx", int8_weights="signed")
-    assert "such as this one" not in caplog.text
+    assert "such as this one" not in caplog.text and "this CPU has VNNI" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="postquant.io.onnx.params"):  # the portable default on VNNI
+        export_onnx(qmodel, batches[0], tmp_path / "f.onnx")
+    assert "this CPU has VNNI" in caplog.text and "int8_weights='signed'" in caplog.text
     with pytest.raises(ValueError, match=r"int8_weights must be one of 'portable', 'signed'"):
         export_onnx(qmodel, batches[0], tmp_path / "e.onnx", int8_weights="int8")
 

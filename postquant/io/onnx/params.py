@@ -375,6 +375,13 @@ def plan_layers(
             *INT8_SAFE_CODES,
         )
         log.debug("layers with uint8 weights: %s", ", ".join(wide))
+        if cpu_has_vnni():
+            log.warning(
+                "%d layers store uint8 weights, which onnxruntime runs on its slow u8 x u8 kernels; this CPU has "
+                "VNNI: for CPUs with VNNI export with int8_weights='signed' (CLI --int8-weights signed; ResNet-56 "
+                "W8A8 2.14x the float speed instead of 0.78x, docs/export.md)",
+                len(wide),
+            )
     if full_range and cpu_has_vnni() is False:
         log.warning(
             "int8_weights='signed': %d layers store int8 codes outside [%d, %d], on which onnxruntime's u8 x s8 "
