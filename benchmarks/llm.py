@@ -139,6 +139,8 @@ PEERS: dict[str, dict[str, Any]] = {
     "autoround-light-w2": {"peer": "autoround", "w_bits": 2, "preset": "light"},
     "autoround-w3": {"peer": "autoround", "w_bits": 3, "preset": "default"},
     "autoround-w4": {"peer": "autoround", "w_bits": 4, "preset": "default"},
+    # AutoRound light with `amp=False`: float32 steps on a CPU where its default runs bfloat16 (AMX, AVX-512 BF16)
+    "autoround-light-w4-fp32": {"peer": "autoround", "w_bits": 4, "preset": "light", "amp": False},
 }
 # Pairs of GPTQ rows whose codes are compared: postquant against llm-compressor with the same settings, and
 # postquant against itself with only the batching of the same windows changed (the noise floor).
@@ -275,7 +277,13 @@ def _run_peer(
         return model, {"peer": f"hqq {md.version('hqq')}", "settings": settings}
     if kind == "autoround":
         model, settings = llm_peers.autoround(
-            model, tokenizer, calib, spec["w_bits"], preset=spec["preset"], sym=False
+            model,
+            tokenizer,
+            calib,
+            spec["w_bits"],
+            preset=spec["preset"],
+            sym=False,
+            amp=spec.get("amp", True),
         )
         return model, {"peer": f"auto-round {md.version('auto-round')}", "settings": settings}
     raise ValueError(f"unknown peer {kind}")

@@ -114,11 +114,19 @@ def hqq(model: nn.Module, bits: int) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def autoround(
-    model: nn.Module, tokenizer: Any, calib: torch.Tensor, bits: int, *, preset: str, sym: bool
+    model: nn.Module,
+    tokenizer: Any,
+    calib: torch.Tensor,
+    bits: int,
+    *,
+    preset: str,
+    sym: bool,
+    amp: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """AutoRound (signed-gradient rounding and range tuning per decoder layer) with its `preset` (its CLI's
     ``default``: 200 iterations, lr 1/iters; ``light``: 50 iterations, lr 5e-3), batch 8, on the same
-    calibration windows; the fake-quantized model kept in memory for evaluation."""
+    calibration windows; the fake-quantized model kept in memory for evaluation. `amp`: its mixed precision
+    (its default True: bfloat16 steps where the CPU has bf16 instructions, else float32)."""
     from auto_round import AutoRound
 
     presets = {"default": {"iters": 200, "lr": None}, "light": {"iters": 50, "lr": 5e-3}}
@@ -133,6 +141,7 @@ def autoround(
         "nsamples": calib.shape[0],
         "seqlen": calib.shape[1],
         "device": "cpu",
+        "amp": amp,
     }
     ar = AutoRound(
         model,
@@ -147,6 +156,7 @@ def autoround(
         seqlen=calib.shape[1],
         dataset=[row.unsqueeze(0) for row in calib],  # the same token windows, not re-tokenized text
         device_map="cpu",
+        amp=amp,
     )
     model, _ = ar.quantize()
     settings["amp_dtype"] = str(getattr(getattr(ar, "model_context", None), "amp_dtype", "?"))
