@@ -14,7 +14,7 @@ onnx and onnxruntime are optional dependencies (``postquant[onnx]``), imported w
 """
 
 from postquant.io.onnx.export import Exporter, export_onnx, float_twin
-from postquant.io.onnx.params import Int4Weights
+from postquant.io.onnx.params import Int4Weights, Int8Weights, cpu_has_vnni
 from postquant.io.onnx.verify import MIN_SQNR_DB, MIN_TOP1_AGREEMENT, count_kernels, verify_onnx
 
 __all__ = [
@@ -22,7 +22,9 @@ __all__ = [
     "MIN_TOP1_AGREEMENT",
     "Exporter",
     "Int4Weights",
+    "Int8Weights",
     "count_kernels",
+    "cpu_has_vnni",
     "export_onnx",
     "float_twin",
     "verify_onnx",

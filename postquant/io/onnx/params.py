@@ -93,9 +93,8 @@ class Int8Weights(enum.StrEnum):
     """How 8-bit layers whose codes leave [-64, 63] store them (the module docstring says why)."""
 
     PORTABLE = "portable"  # uint8 q + 128: exact on every CPU, on onnxruntime's slower u8 x u8 kernels
-    SIGNED = (
-        "signed"  # int8: the fast u8 x s8 kernels, exact only on CPUs with VNNI (x86) or without vpmaddubsw
-    )
+    # int8: the fast u8 x s8 kernels, exact on x86 CPUs with VNNI (and CPUs without vpmaddubsw)
+    SIGNED = "signed"
 
 
 def cpu_has_vnni(cpuinfo: str | None = None, machine: str | None = None) -> bool | None:
