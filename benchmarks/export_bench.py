@@ -248,10 +248,6 @@ def _uptime() -> str:
         return f"load average: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}"
 
 
-def _cpu() -> str:
-    return cpu_model()
-
-
 def _header(args: argparse.Namespace, seconds: float, load_start: str) -> list[str]:
     import onnxruntime as ort
 
@@ -259,7 +255,7 @@ def _header(args: argparse.Namespace, seconds: float, load_start: str) -> list[s
         "# Export and deployment benchmark",
         "",
         f"`python benchmarks/export_bench.py {' '.join(args.argv)}` on {datetime.date.today()}, "
-        f"{platform.machine()}, {os.cpu_count()} CPUs: {_cpu()}, torch {torch.__version__}, onnxruntime "
+        f"{platform.machine()}, {os.cpu_count()} CPUs: {cpu_model()}, torch {torch.__version__}, onnxruntime "
         f"{ort.__version__}, postquant {postquant.__version__}; {seconds / 60:.1f} min. The machine is shared: "
         f"`uptime` at the start `{load_start}`, at the end `{_uptime()}`.",
         "",

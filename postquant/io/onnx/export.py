@@ -39,7 +39,6 @@ from postquant.eval.run import move_batch
 from postquant.io.onnx.files import StagedOnnx, check_target, data_path, needs_external_data
 from postquant.io.onnx.integer import Ranges, integerize, tensor_ranges
 from postquant.io.onnx.params import (
-    INT8_SAFE_CODES,
     Int4Weights,
     Int8Weights,
     LayerQDQ,
@@ -47,6 +46,7 @@ from postquant.io.onnx.params import (
     cpu_has_vnni,
     plan_embeddings,
     plan_layers,
+    saturating_int8_layers,
 )
 from postquant.io.onnx.points import ModelPoints
 from postquant.io.onnx.rewrite import drop_zero_gemm_biases, rewrite
@@ -291,18 +291,6 @@ def _exported(
         result["integer_kernels"],
     )
     return result
-
-
-def _saturates_here(plans: dict[str, LayerQDQ]) -> bool:
-    """Whether a layer stores int8 codes outside `INT8_SAFE_CODES` and this CPU is x86 without VNNI."""
-    lo, hi = INT8_SAFE_CODES
-    wide = any(
-        p.weight.dtype == "int8"
-        and p.weight.codes.size
-        and (p.weight.codes.min() < lo or p.weight.codes.max() > hi)
-        for p in plans.values()
-    )
-    return wide and cpu_has_vnni() is False
 
 
 def _choice(kind: type[enum.StrEnum], value: Any, argument: str) -> Any:
@@ -571,7 +559,7 @@ def export_onnx(
     except OnnxMismatchError as exc:
         rejected = staged.reject()
         hint = ""
-        if _saturates_here(plans):
+        if saturating_int8_layers(plans) and cpu_has_vnni() is False:
             hint = (
                 " int8_weights='signed' stores full-range int8 codes, which onnxruntime's u8 x s8 kernels can "
                 "saturate on this CPU (x86 without VNNI): export with int8_weights='portable', or verify on "

@@ -50,6 +50,7 @@ fit and ``int4`` is not ``"none"``.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import platform
 from dataclasses import dataclass
@@ -97,17 +98,22 @@ class Int8Weights(enum.StrEnum):
     SIGNED = "signed"
 
 
+@functools.cache
+def _proc_cpuinfo() -> str:
+    """``/proc/cpuinfo``, read once per process ("" where it cannot be read)."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_has_vnni(cpuinfo: str | None = None, machine: str | None = None) -> bool | None:
     """Whether this CPU has VNNI (AVX-512 VNNI, AVX-VNNI or AMX-INT8): True / False on x86 Linux, from the
     flags of ``/proc/cpuinfo`` (or the text `cpuinfo`); None where unknown, or not x86 (`machine`, default
     ``platform.machine()``: Arm has no ``vpmaddubsw`` to saturate)."""
     if (machine or platform.machine()).lower() not in ("x86_64", "amd64", "i686", "x86"):
         return None
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
+    cpuinfo = _proc_cpuinfo() if cpuinfo is None else cpuinfo
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
             return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(line.split(":", 1)[-1].split()))
@@ -168,6 +174,19 @@ def _as_uint8(w: WeightQDQ) -> WeightQDQ:
         shape=w.shape,
         why_float=w.why_float,
     )
+
+
+def saturating_int8_layers(plans: dict[str, LayerQDQ]) -> list[str]:
+    """The layers of `plans` that store int8 codes outside `INT8_SAFE_CODES` (``int8_weights="signed"``),
+    on which onnxruntime's u8 x s8 kernels can saturate on x86 CPUs without VNNI."""
+    lo, hi = INT8_SAFE_CODES
+    return [
+        name
+        for name, p in plans.items()
+        if p.weight.dtype == "int8"
+        and p.weight.codes.size
+        and (p.weight.codes.min() < lo or p.weight.codes.max() > hi)
+    ]
 
 
 def _fits_int8_safely(codes: torch.Tensor) -> bool:
@@ -343,12 +362,9 @@ def plan_layers(
     """
     int4, int8 = Int4Weights(int4), Int8Weights(int8)
     plans = {}
-    full_range = []  # int8_weights="signed": layers storing int8 codes outside INT8_SAFE_CODES
     for name, layer in quantized_layers(qmodel).items():
         packed = int4 is Int4Weights.ALL or (int4 is Int4Weights.WEIGHT_ONLY and layer.act_quant is None)
         weight = weight_qdq(name, layer, int4=packed, int8=int8)
-        if weight.dtype == "int8" and not _fits_int8_safely(layer.codes):
-            full_range.append(name)
         if weight.int4 and layer.act_quant is not None:
             weight.why_float = INT4_WHY_FLOAT
         plans[name] = LayerQDQ(name, weight, act_qdq(layer))
@@ -381,6 +397,7 @@ def plan_layers(
                 "W8A8 2.14x the float speed instead of 0.78x, docs/export.md)",
                 len(wide),
             )
+    full_range = saturating_int8_layers(plans)
     if full_range and cpu_has_vnni() is False:
         log.warning(
             "int8_weights='signed': %d layers store int8 codes outside [%d, %d], on which onnxruntime's u8 x s8 "
